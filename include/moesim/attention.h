@@ -1,0 +1,22 @@
+/* attention: causal multi-head self-attention over a packed qkv tensor
+ * (q, k, v side by side in each row, heads as column blocks), one sgemm pair
+ * per (sequence, head). */
+#ifndef MOESIM_ATTENTION_H
+#define MOESIM_ATTENTION_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* out[B*T, C] from qkv[B*T, 3C]; att[B, NH, T, T] keeps the softmax
+ * probabilities (zero above the diagonal) for the backward pass. */
+void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH);
+
+/* dqkv[B*T, 3C] (overwritten) from dout[B*T, C]; scratch is [T, T]. */
+void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
+                        const float *att, int B, int T, int C, int NH);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

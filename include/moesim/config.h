@@ -1,0 +1,90 @@
+/* config: every run setting in one struct — defaults, INI files (libinih),
+ * --flag overrides (getopt_long), and validation with messages that name the
+ * key, the value and the fix. Every key is both an INI key and a --flag. */
+#ifndef MOESIM_CONFIG_H
+#define MOESIM_CONFIG_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOESIM_PATH_MAX 4096
+#define MOESIM_ERR_MAX 1024
+
+typedef struct Config {
+    /* model */
+    int num_layers;
+    int hidden_size;
+    int num_attention_heads;
+    int ffn_hidden_size;
+    int seq_length;
+    int untie_embeddings_and_output_weights; /* 0: LM head shares the token embedding */
+    /* mixture of experts */
+    int num_experts;
+    int moe_router_topk;
+    int moe_layer_freq;        /* every n-th FFN is an MoE layer (1 = all) */
+    int moe_ffn_hidden_size;
+    int moe_group_size;        /* tokens per routing group; 0 = one micro-batch */
+    int moe_router_norm_topk_prob; /* renormalise the k selected probabilities */
+    double moe_expert_capacity_factor;
+    double moe_aux_loss_coeff;
+    double moe_z_loss_coeff;
+    char moe_token_drop_policy[16]; /* "position" */
+    /* training */
+    int micro_batch_size;
+    int train_iters;
+    int lr_warmup_iters;
+    int eval_interval;
+    int eval_iters;
+    int log_interval;
+    int progress_interval;
+    double lr;
+    double min_lr;
+    double weight_decay;
+    double clip_grad;          /* 0 disables clipping */
+    double adam_beta1;
+    double adam_beta2;
+    double adam_eps;
+    long seed;
+    /* data */
+    char data_path[MOESIM_PATH_MAX];
+    char data_format[16];      /* auto | text | tokens | synthetic */
+    double val_fraction;
+    int synthetic_clusters;
+    long synthetic_tokens;
+    /* output */
+    char out[MOESIM_PATH_MAX];
+} Config;
+
+/* Fills every field with its default. */
+void config_defaults(Config *cfg);
+
+/* Applies one key=value (INI spelling with '-' or '_', or flag name without
+ * "--"). Returns 0, or -1 with a message in err naming key, value and fix. */
+int config_set(Config *cfg, const char *key, const char *value, char *err, size_t errlen);
+
+/* Parses `train` arguments: --config FILE first (INI), then every other
+ * --flag value on top. Returns 0, or -1 with a message in err. */
+int config_parse_args(Config *cfg, int argc, char **argv, char *err, size_t errlen);
+
+/* Checks cross-key constraints, the data path and the output directory.
+ * Touches nothing on disk. Returns 0, or -1 with a message in err. */
+int config_validate(const Config *cfg, char *err, size_t errlen);
+
+/* The fully resolved config as INI text (every key). Caller frees. */
+char *config_to_ini(const Config *cfg);
+
+/* Derived quantities used across modules. */
+int config_is_moe_layer(const Config *cfg, int layer);
+int config_num_moe_layers(const Config *cfg);
+int config_group_size(const Config *cfg);   /* resolves the 0 default */
+
+/* Prints the flag reference (used by `moesim --help`). */
+void config_print_help(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

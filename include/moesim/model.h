@@ -1,0 +1,110 @@
+/* model: the decoder-only MoE transformer. Parameters, gradients and both
+ * Adam moments each live in one buffer with the same layout (dense tensors
+ * first, then expert tensors, so expert gradients are one contiguous tail);
+ * named views point into them. Forward and backward for one micro-batch. */
+#ifndef MOESIM_MODEL_H
+#define MOESIM_MODEL_H
+
+#include <stddef.h>
+
+#include "moesim/config.h"
+#include "moesim/moe.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct ModelShape {
+    int V, T, C, NH, L, F;  /* vocab, seq length, hidden, heads, layers, dense FFN */
+    int E, K, Fe, G;        /* experts, top-k, expert FFN, routing group */
+    int B;                  /* sequences per micro-batch */
+    int moe_layer_freq;
+    int tied;               /* LM head shares the token embedding */
+    int norm_topk_prob;
+    double capacity_factor, aux_loss_coeff, z_loss_coeff;
+} ModelShape;
+
+void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size);
+int model_is_moe_layer(const ModelShape *s, int layer);
+
+typedef struct LayerWeights {
+    float *ln1_w;        /* [C] */
+    float *qkv_w;        /* [3C, C] */
+    float *proj_w;       /* [C, C] */
+    float *ln2_w;        /* [C] */
+    float *fc1_w;        /* [F, C]   dense layers */
+    float *fc2_w;        /* [C, F]   dense layers */
+    float *router_w;     /* [E, C]   MoE layers */
+    float *expert_fc1_w; /* [E, Fe, C] MoE layers */
+    float *expert_fc2_w; /* [E, C, Fe] MoE layers */
+} LayerWeights;
+
+typedef struct Weights {
+    float *wte;          /* [V, C] */
+    float *wpe;          /* [T, C] */
+    float *lnf_w;        /* [C] */
+    float *lm_head_w;    /* [V, C], the same memory as wte when tied */
+    LayerWeights *layers; /* [L] */
+} Weights;
+
+typedef struct ParamTensor {
+    char name[48];
+    size_t offset, numel;
+    int ndim, shape[3];
+    int is_expert;
+    int decay;           /* weight decay applies (matrices, not norms) */
+    double init_std;     /* 0: initialised to ones (norm weights) */
+} ParamTensor;
+
+typedef struct LayerActs {
+    float *resid_in;     /* [N, C] */
+    float *ln1, *ln1_rstd; /* [N, C], [N] */
+    float *qkv;          /* [N, 3C] */
+    float *att;          /* [B, NH, T, T] */
+    float *att_out;      /* [N, C] */
+    float *resid_mid;    /* [N, C] */
+    float *ln2, *ln2_rstd;
+    float *h_pre, *h_act; /* [N, F] dense layers */
+} LayerActs;
+
+typedef struct Model {
+    ModelShape shape;
+    size_t num_params, num_dense_params;
+    float *params, *grads, *adam_m, *adam_v;
+    Weights w, dw;
+    ParamTensor *tensors;
+    int num_tensors;
+    /* activations for one micro-batch of N = B*T tokens */
+    LayerActs *acts;
+    MoeLayer *moe;       /* [L], initialised for MoE layers only */
+    MoeShape moe_shape;
+    MoeScratch moe_scratch;
+    float *resid_out, *lnf, *lnf_rstd, *probs; /* [N,C], [N,C], [N], [N,V] */
+    float *tmp;          /* [N, C] */
+    int *inputs, *targets; /* [N] copies of the current batch */
+    /* backward scratch */
+    float *dresid, *dln, *dtmp, *dqkv, *datt, *dh; /* [N,C] x3, [N,3C], [T,T], [N,F] */
+    /* results of the last forward */
+    double ce_loss, aux_loss, z_loss;
+} Model;
+
+/* Allocates everything and initialises the weights from seed. Returns 0, or
+ * -1 when memory runs out. */
+int model_init(Model *m, const ModelShape *s, long seed);
+void model_free(Model *m);
+
+/* Runs the forward pass on inputs/targets [B*T]; returns the total loss
+ * (cross-entropy + auxiliary + z-loss) and sets ce_loss, aux_loss, z_loss. */
+double model_forward(Model *m, const int *inputs, const int *targets);
+/* Accumulates the gradient of the last forward's total loss into grads. */
+void model_backward(Model *m);
+void model_zero_grad(Model *m);
+
+/* Matmul FLOPs of the last forward + backward (6 per multiply-add pair over
+ * forward and backward), counting only the expert rows actually processed. */
+double model_step_flops(const Model *m);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,59 @@
+/* record: the HDF5 run record. Rank 0 writes alone (statistics are reduced to
+ * it first), so no collective HDF5 call can hang a run. Time series are
+ * extendible chunked datasets appended per logged step and flushed, so a run
+ * that dies keeps everything up to its last flush. The root attribute
+ * `status` reads "running" until the run completes ("complete") or fails
+ * ("failed"). Also: a small tensor-file API for exporting weights. */
+#ifndef MOESIM_RECORD_H
+#define MOESIM_RECORD_H
+
+#include <stddef.h>
+
+#include "moesim/config.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOESIM_VERSION "0.1.0"
+#define MOESIM_SCHEMA_VERSION 1
+
+typedef struct TrainRow {
+    long step;
+    double loss, aux_loss, z_loss, lr, grad_norm, tokens_per_s;
+} TrainRow;
+
+typedef struct Record {
+    long file; /* hid_t, kept opaque so users of this header need no HDF5 */
+    long train_step, train_loss, train_aux, train_z, train_lr, train_grad_norm, train_tps;
+    long eval_step, eval_loss;
+    long tokens_per_expert, dropped_per_expert;
+    long train_rows, eval_rows;
+    int moe_layers, experts;
+} Record;
+
+/* Creates the file (truncating), writes the root attributes and creates every
+ * dataset. Returns 0, or -1 with a message naming the path. */
+int record_open(Record *r, const char *path, const Config *cfg, int world_size, int moe_layers,
+                int experts, char *err, size_t errlen);
+/* tokens/dropped: [moe_layers * experts]. */
+int record_append_train(Record *r, const TrainRow *row, const long *tokens_per_expert,
+                        const long *dropped_per_expert);
+int record_append_eval(Record *r, long step, double loss);
+int record_flush(Record *r);
+/* Sets status to "complete" (complete=1) or "failed" and closes. */
+int record_close(Record *r, int complete);
+
+/* Tensor files: flat float32/int32 datasets by name, for reference exports. */
+long tensor_file_create(const char *path);
+int tensor_file_write_f32(long file, const char *name, const float *data, int ndim,
+                          const long *dims);
+int tensor_file_write_i32(long file, const char *name, const int *data, int ndim,
+                          const long *dims);
+int tensor_file_write_scalar(long file, const char *name, double value);
+int tensor_file_close(long file);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,53 @@
+/* train: the training loop — one step reads like the list in ARCHITECTURE.md
+ * (batch, forward, backward, gradient all-reduce, clip, AdamW, record) —
+ * plus evaluation, the progress line and the final summary. */
+#ifndef MOESIM_TRAIN_H
+#define MOESIM_TRAIN_H
+
+#include "moesim/comm.h"
+#include "moesim/config.h"
+#include "moesim/data.h"
+#include "moesim/model.h"
+#include "moesim/optim.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct StepStats {
+    double loss, ce_loss, aux_loss, z_loss; /* means over ranks */
+    double lr, grad_norm, seconds, flops;   /* flops: summed over ranks */
+    long tokens, dropped, assignments;      /* global */
+} StepStats;
+
+typedef struct Trainer {
+    const Config *cfg;
+    const Dataset *ds;
+    const Comm *comm;
+    Model model;
+    AdamW opt;
+    int *inputs, *targets, *categories;      /* [B*T] */
+    long *tokens_per_expert, *dropped_per_expert; /* [moe layers * E], global */
+    int moe_layers;
+} Trainer;
+
+int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
+                 size_t errlen);
+void trainer_free(Trainer *t);
+/* One optimisation step on global batch `step`. */
+void trainer_step(Trainer *t, long step, StepStats *stats);
+/* Mean validation cross-entropy over eval_iters batches and all ranks. */
+double trainer_evaluate(Trainer *t);
+
+/* The whole run: training, evals, progress, the HDF5 record at cfg->out.
+ * Returns 0, or -1 with err (the same on every rank). */
+int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err, size_t errlen);
+
+/* `moesim bench`: tokens/s and model-FLOP utilisation against the sgemm rate
+ * measured in the same run. */
+int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,412 @@
+#include "moesim/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moesim/attention.h"
+#include "moesim/ffn.h"
+#include "moesim/ops.h"
+#include "moesim/rng.h"
+
+#define INIT_STD 0.02
+
+void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size) {
+    memset(s, 0, sizeof *s);
+    s->V = vocab_size;
+    s->T = cfg->seq_length;
+    s->C = cfg->hidden_size;
+    s->NH = cfg->num_attention_heads;
+    s->L = cfg->num_layers;
+    s->F = cfg->ffn_hidden_size;
+    s->E = cfg->num_experts;
+    s->K = cfg->moe_router_topk;
+    s->Fe = cfg->moe_ffn_hidden_size;
+    s->B = cfg->micro_batch_size;
+    s->G = cfg->moe_group_size > 0 ? cfg->moe_group_size : cfg->micro_batch_size * cfg->seq_length;
+    s->moe_layer_freq = cfg->moe_layer_freq;
+    s->tied = !cfg->untie_embeddings_and_output_weights;
+    s->norm_topk_prob = cfg->moe_router_norm_topk_prob;
+    s->capacity_factor = cfg->moe_expert_capacity_factor;
+    s->aux_loss_coeff = cfg->moe_aux_loss_coeff;
+    s->z_loss_coeff = cfg->moe_z_loss_coeff;
+}
+
+int model_is_moe_layer(const ModelShape *s, int layer) {
+    return (layer + 1) % s->moe_layer_freq == 0;
+}
+
+/* ---- parameter layout ---------------------------------------------------- */
+
+enum ParamField {
+    FIELD_WTE, FIELD_WPE, FIELD_LNF, FIELD_LM_HEAD, FIELD_LN1, FIELD_QKV, FIELD_PROJ, FIELD_LN2,
+    FIELD_FC1, FIELD_FC2, FIELD_ROUTER, FIELD_EXPERT_FC1, FIELD_EXPERT_FC2
+};
+
+typedef struct LayoutEntry {
+    enum ParamField field;
+    int layer;
+} LayoutEntry;
+
+typedef struct Layout {
+    ParamTensor *tensors;
+    LayoutEntry *entries;
+    int count;
+    size_t offset;
+} Layout;
+
+static void add_tensor(Layout *lay, enum ParamField field, int layer, const char *name, int ndim,
+                       int d0, int d1, int d2, int is_expert, double init_std) {
+    ParamTensor *t = &lay->tensors[lay->count];
+    memset(t, 0, sizeof *t);
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->ndim = ndim;
+    t->shape[0] = d0;
+    t->shape[1] = d1;
+    t->shape[2] = d2;
+    t->numel = (size_t)d0 * (ndim > 1 ? d1 : 1) * (ndim > 2 ? d2 : 1);
+    t->offset = lay->offset;
+    t->is_expert = is_expert;
+    t->decay = ndim > 1;
+    t->init_std = init_std;
+    lay->entries[lay->count] = (LayoutEntry){field, layer};
+    lay->offset += t->numel;
+    lay->count++;
+}
+
+/* Dense tensors first, expert tensors last: the expert gradients then form
+ * one contiguous tail that a single all-reduce over the expert group covers. */
+static void describe_layout(Layout *lay, const ModelShape *s) {
+    int C = s->C;
+    double proj_std = INIT_STD / sqrt(2.0 * s->L); /* GPT-2: residual projections scaled */
+    char name[48];
+    add_tensor(lay, FIELD_WTE, -1, "wte", 2, s->V, C, 0, 0, INIT_STD);
+    add_tensor(lay, FIELD_WPE, -1, "wpe", 2, s->T, C, 0, 0, INIT_STD);
+    for (int l = 0; l < s->L; l++) {
+#define LAYER_NAME(suffix) (snprintf(name, sizeof name, "layers.%d.%s", l, suffix), name)
+        add_tensor(lay, FIELD_LN1, l, LAYER_NAME("ln1_w"), 1, C, 0, 0, 0, 0.0);
+        add_tensor(lay, FIELD_QKV, l, LAYER_NAME("qkv_w"), 2, 3 * C, C, 0, 0, INIT_STD);
+        add_tensor(lay, FIELD_PROJ, l, LAYER_NAME("proj_w"), 2, C, C, 0, 0, proj_std);
+        add_tensor(lay, FIELD_LN2, l, LAYER_NAME("ln2_w"), 1, C, 0, 0, 0, 0.0);
+        if (model_is_moe_layer(s, l)) {
+            add_tensor(lay, FIELD_ROUTER, l, LAYER_NAME("router_w"), 2, s->E, C, 0, 0, INIT_STD);
+        } else {
+            add_tensor(lay, FIELD_FC1, l, LAYER_NAME("fc1_w"), 2, s->F, C, 0, 0, INIT_STD);
+            add_tensor(lay, FIELD_FC2, l, LAYER_NAME("fc2_w"), 2, C, s->F, 0, 0, proj_std);
+        }
+    }
+    add_tensor(lay, FIELD_LNF, -1, "lnf_w", 1, C, 0, 0, 0, 0.0);
+    if (!s->tied) add_tensor(lay, FIELD_LM_HEAD, -1, "lm_head_w", 2, s->V, C, 0, 0, INIT_STD);
+    for (int l = 0; l < s->L; l++) {
+        if (!model_is_moe_layer(s, l)) continue;
+        add_tensor(lay, FIELD_EXPERT_FC1, l, LAYER_NAME("experts.fc1_w"), 3, s->E, s->Fe, C, 1,
+                   INIT_STD);
+        add_tensor(lay, FIELD_EXPERT_FC2, l, LAYER_NAME("experts.fc2_w"), 3, s->E, C, s->Fe, 1,
+                   proj_std);
+#undef LAYER_NAME
+    }
+}
+
+static void bind_views(Weights *w, float *base, const Layout *lay, int tied) {
+    for (int i = 0; i < lay->count; i++) {
+        float *p = base + lay->tensors[i].offset;
+        LayerWeights *lw = lay->entries[i].layer >= 0 ? &w->layers[lay->entries[i].layer] : NULL;
+        switch (lay->entries[i].field) {
+        case FIELD_WTE: w->wte = p; break;
+        case FIELD_WPE: w->wpe = p; break;
+        case FIELD_LNF: w->lnf_w = p; break;
+        case FIELD_LM_HEAD: w->lm_head_w = p; break;
+        case FIELD_LN1: lw->ln1_w = p; break;
+        case FIELD_QKV: lw->qkv_w = p; break;
+        case FIELD_PROJ: lw->proj_w = p; break;
+        case FIELD_LN2: lw->ln2_w = p; break;
+        case FIELD_FC1: lw->fc1_w = p; break;
+        case FIELD_FC2: lw->fc2_w = p; break;
+        case FIELD_ROUTER: lw->router_w = p; break;
+        case FIELD_EXPERT_FC1: lw->expert_fc1_w = p; break;
+        case FIELD_EXPERT_FC2: lw->expert_fc2_w = p; break;
+        }
+    }
+    if (tied) w->lm_head_w = w->wte;
+}
+
+/* Each tensor (and each expert's slice) draws from its own stream keyed by
+ * name and global expert index, so a rank holding experts r*E/EP.. gets the
+ * same weights as the 1-rank model. */
+static void init_weights(Model *m, long seed) {
+    for (int i = 0; i < m->num_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        float *p = m->params + t->offset;
+        int slices = t->is_expert ? t->shape[0] : 1;
+        size_t slice_numel = t->numel / slices;
+        for (int sl = 0; sl < slices; sl++) {
+            Rng rng = {rng_hash3(rng_hash_string((uint64_t)seed, t->name), (uint64_t)sl, 0)};
+            for (size_t j = 0; j < slice_numel; j++)
+                p[sl * slice_numel + j] =
+                    t->init_std > 0 ? (float)(t->init_std * rng_normal(&rng)) : 1.0f;
+        }
+    }
+}
+
+/* ---- allocation ---------------------------------------------------------- */
+
+static float *alloc_floats(size_t n, int *failed) {
+    float *p = calloc(n ? n : 1, sizeof(float));
+    if (!p) *failed = 1;
+    return p;
+}
+
+static void alloc_layer_acts(LayerActs *a, const ModelShape *s, int is_moe, int *failed) {
+    size_t N = (size_t)s->B * s->T, C = s->C;
+    a->resid_in = alloc_floats(N * C, failed);
+    a->ln1 = alloc_floats(N * C, failed);
+    a->ln1_rstd = alloc_floats(N, failed);
+    a->qkv = alloc_floats(N * 3 * C, failed);
+    a->att = alloc_floats((size_t)s->B * s->NH * s->T * s->T, failed);
+    a->att_out = alloc_floats(N * C, failed);
+    a->resid_mid = alloc_floats(N * C, failed);
+    a->ln2 = alloc_floats(N * C, failed);
+    a->ln2_rstd = alloc_floats(N, failed);
+    if (!is_moe) {
+        a->h_pre = alloc_floats(N * s->F, failed);
+        a->h_act = alloc_floats(N * s->F, failed);
+    }
+}
+
+static void free_layer_acts(LayerActs *a) {
+    free(a->resid_in);
+    free(a->ln1);
+    free(a->ln1_rstd);
+    free(a->qkv);
+    free(a->att);
+    free(a->att_out);
+    free(a->resid_mid);
+    free(a->ln2);
+    free(a->ln2_rstd);
+    free(a->h_pre);
+    free(a->h_act);
+}
+
+static int max_tensors(const ModelShape *s) { return 4 + 7 * s->L; }
+
+int model_init(Model *m, const ModelShape *s, long seed) {
+    memset(m, 0, sizeof *m);
+    m->shape = *s;
+    int failed = 0;
+    Layout lay = {0};
+    lay.tensors = calloc((size_t)max_tensors(s), sizeof(ParamTensor));
+    lay.entries = calloc((size_t)max_tensors(s), sizeof(LayoutEntry));
+    m->w.layers = calloc((size_t)s->L, sizeof(LayerWeights));
+    m->dw.layers = calloc((size_t)s->L, sizeof(LayerWeights));
+    m->acts = calloc((size_t)s->L, sizeof(LayerActs));
+    m->moe = calloc((size_t)s->L, sizeof(MoeLayer));
+    if (!lay.tensors || !lay.entries || !m->w.layers || !m->dw.layers || !m->acts || !m->moe) {
+        free(lay.tensors);
+        free(lay.entries);
+        model_free(m);
+        return -1;
+    }
+    describe_layout(&lay, s);
+    m->tensors = lay.tensors;
+    m->num_tensors = lay.count;
+    m->num_params = lay.offset;
+    m->num_dense_params = m->num_params;
+    for (int i = 0; i < lay.count; i++)
+        if (lay.tensors[i].is_expert && lay.tensors[i].offset < m->num_dense_params)
+            m->num_dense_params = lay.tensors[i].offset;
+    m->params = alloc_floats(m->num_params, &failed);
+    m->grads = alloc_floats(m->num_params, &failed);
+    m->adam_m = alloc_floats(m->num_params, &failed);
+    m->adam_v = alloc_floats(m->num_params, &failed);
+    if (!failed) {
+        bind_views(&m->w, m->params, &lay, s->tied);
+        bind_views(&m->dw, m->grads, &lay, s->tied);
+        init_weights(m, seed);
+    }
+    free(lay.entries);
+
+    size_t N = (size_t)s->B * s->T, C = s->C;
+    m->moe_shape = (MoeShape){
+        .router = {.N = (int)N, .C = s->C, .E = s->E, .K = s->K, .G = s->G,
+                   .norm_topk_prob = s->norm_topk_prob, .capacity_factor = s->capacity_factor,
+                   .aux_loss_coeff = s->aux_loss_coeff, .z_loss_coeff = s->z_loss_coeff},
+        .F = s->Fe};
+    int any_moe = 0;
+    for (int l = 0; l < s->L; l++) {
+        int is_moe = model_is_moe_layer(s, l);
+        any_moe |= is_moe;
+        alloc_layer_acts(&m->acts[l], s, is_moe, &failed);
+        if (is_moe && moe_layer_init(&m->moe[l], &m->moe_shape) != 0) failed = 1;
+    }
+    if (any_moe && moe_scratch_init(&m->moe_scratch, &m->moe_shape) != 0) failed = 1;
+    m->resid_out = alloc_floats(N * C, &failed);
+    m->lnf = alloc_floats(N * C, &failed);
+    m->lnf_rstd = alloc_floats(N, &failed);
+    m->probs = alloc_floats(N * s->V, &failed);
+    m->tmp = alloc_floats(N * C, &failed);
+    m->dresid = alloc_floats(N * C, &failed);
+    m->dln = alloc_floats(N * C, &failed);
+    m->dtmp = alloc_floats(N * C, &failed);
+    m->dqkv = alloc_floats(N * 3 * C, &failed);
+    m->datt = alloc_floats((size_t)s->T * s->T, &failed);
+    m->dh = alloc_floats(N * (size_t)s->F, &failed);
+    m->inputs = calloc(N, sizeof(int));
+    m->targets = calloc(N, sizeof(int));
+    if (!m->inputs || !m->targets) failed = 1;
+    if (failed) {
+        model_free(m);
+        return -1;
+    }
+    return 0;
+}
+
+void model_free(Model *m) {
+    if (m->acts)
+        for (int l = 0; l < m->shape.L; l++) free_layer_acts(&m->acts[l]);
+    if (m->moe)
+        for (int l = 0; l < m->shape.L; l++)
+            if (model_is_moe_layer(&m->shape, l)) moe_layer_free(&m->moe[l]);
+    moe_scratch_free(&m->moe_scratch);
+    free(m->acts);
+    free(m->moe);
+    free(m->tensors);
+    free(m->params);
+    free(m->grads);
+    free(m->adam_m);
+    free(m->adam_v);
+    free(m->w.layers);
+    free(m->dw.layers);
+    free(m->resid_out);
+    free(m->lnf);
+    free(m->lnf_rstd);
+    free(m->probs);
+    free(m->tmp);
+    free(m->dresid);
+    free(m->dln);
+    free(m->dtmp);
+    free(m->dqkv);
+    free(m->datt);
+    free(m->dh);
+    free(m->inputs);
+    free(m->targets);
+    memset(m, 0, sizeof *m);
+}
+
+void model_zero_grad(Model *m) { memset(m->grads, 0, sizeof(float) * m->num_params); }
+
+/* ---- forward / backward -------------------------------------------------- */
+
+static void embed_forward(float *out, const int *inputs, const float *wte, const float *wpe,
+                          int B, int T, int C) {
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            float *o = out + ((long)b * T + t) * C;
+            const float *tok = wte + (long)inputs[b * T + t] * C, *pos = wpe + (long)t * C;
+            for (int c = 0; c < C; c++) o[c] = tok[c] + pos[c];
+        }
+}
+
+static void embed_backward(float *dwte, float *dwpe, const float *dout, const int *inputs, int B,
+                           int T, int C) {
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const float *d = dout + ((long)b * T + t) * C;
+            float *dtok = dwte + (long)inputs[b * T + t] * C, *dpos = dwpe + (long)t * C;
+            for (int c = 0; c < C; c++) {
+                dtok[c] += d[c];
+                dpos[c] += d[c];
+            }
+        }
+}
+
+static void add_into(float *out, const float *a, const float *b, long n) {
+    for (long i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+static void layer_forward(Model *m, int l, float *resid_next) {
+    const ModelShape *s = &m->shape;
+    const LayerWeights *w = &m->w.layers[l];
+    LayerActs *a = &m->acts[l];
+    int N = s->B * s->T, C = s->C;
+    rmsnorm_forward(a->ln1, a->ln1_rstd, a->resid_in, w->ln1_w, N, C);
+    matmul_forward(a->qkv, a->ln1, w->qkv_w, N, C, 3 * C);
+    attention_forward(a->att_out, a->att, a->qkv, s->B, s->T, C, s->NH);
+    matmul_forward(m->tmp, a->att_out, w->proj_w, N, C, C);
+    add_into(a->resid_mid, a->resid_in, m->tmp, (long)N * C);
+    rmsnorm_forward(a->ln2, a->ln2_rstd, a->resid_mid, w->ln2_w, N, C);
+    if (model_is_moe_layer(s, l))
+        moe_forward(m->tmp, &m->moe[l], a->ln2, w->router_w, w->expert_fc1_w, w->expert_fc2_w,
+                    &m->moe_shape);
+    else
+        ffn_forward(m->tmp, a->h_pre, a->h_act, a->ln2, w->fc1_w, w->fc2_w, N, C, s->F);
+    add_into(resid_next, a->resid_mid, m->tmp, (long)N * C);
+}
+
+double model_forward(Model *m, const int *inputs, const int *targets) {
+    const ModelShape *s = &m->shape;
+    int N = s->B * s->T, C = s->C;
+    memcpy(m->inputs, inputs, sizeof(int) * N);
+    memcpy(m->targets, targets, sizeof(int) * N);
+    embed_forward(m->acts[0].resid_in, inputs, m->w.wte, m->w.wpe, s->B, s->T, C);
+    m->aux_loss = m->z_loss = 0.0;
+    for (int l = 0; l < s->L; l++) {
+        float *resid_next = l + 1 < s->L ? m->acts[l + 1].resid_in : m->resid_out;
+        layer_forward(m, l, resid_next);
+        if (model_is_moe_layer(s, l)) {
+            m->aux_loss += m->moe[l].routing.aux_loss;
+            m->z_loss += m->moe[l].routing.z_loss;
+        }
+    }
+    rmsnorm_forward(m->lnf, m->lnf_rstd, m->resid_out, m->w.lnf_w, N, C);
+    matmul_forward(m->probs, m->lnf, m->w.lm_head_w, N, C, s->V);
+    m->ce_loss = softmax_cross_entropy_forward(m->probs, targets, N, s->V);
+    return m->ce_loss + m->aux_loss + m->z_loss;
+}
+
+/* On entry m->dresid holds dLoss/d(resid_next); on exit dLoss/d(resid_in). */
+static void layer_backward(Model *m, int l) {
+    const ModelShape *s = &m->shape;
+    const LayerWeights *w = &m->w.layers[l];
+    LayerWeights *dw = &m->dw.layers[l];
+    LayerActs *a = &m->acts[l];
+    int N = s->B * s->T, C = s->C;
+    if (model_is_moe_layer(s, l))
+        moe_backward(m->dln, dw->router_w, dw->expert_fc1_w, dw->expert_fc2_w, m->dresid, a->ln2,
+                     w->router_w, w->expert_fc1_w, w->expert_fc2_w, &m->moe[l], &m->moe_scratch,
+                     &m->moe_shape);
+    else
+        ffn_backward(m->dln, dw->fc1_w, dw->fc2_w, m->dh, m->dresid, a->ln2, a->h_pre, a->h_act,
+                     w->fc1_w, w->fc2_w, N, C, s->F);
+    rmsnorm_backward(m->dresid, dw->ln2_w, m->dln, a->resid_mid, w->ln2_w, a->ln2_rstd, N, C);
+    matmul_backward(m->dtmp, dw->proj_w, m->dresid, a->att_out, w->proj_w, N, C, C);
+    attention_backward(m->dqkv, m->datt, m->dtmp, a->qkv, a->att, s->B, s->T, C, s->NH);
+    matmul_backward(m->dln, dw->qkv_w, m->dqkv, a->ln1, w->qkv_w, N, C, 3 * C);
+    rmsnorm_backward(m->dresid, dw->ln1_w, m->dln, a->resid_in, w->ln1_w, a->ln1_rstd, N, C);
+}
+
+void model_backward(Model *m) {
+    const ModelShape *s = &m->shape;
+    int N = s->B * s->T, C = s->C;
+    softmax_cross_entropy_backward(m->probs, m->targets, N, s->V);
+    matmul_backward(m->dln, m->dw.lm_head_w, m->probs, m->lnf, m->w.lm_head_w, N, C, s->V);
+    memset(m->dresid, 0, sizeof(float) * (size_t)N * C);
+    rmsnorm_backward(m->dresid, m->dw.lnf_w, m->dln, m->resid_out, m->w.lnf_w, m->lnf_rstd, N, C);
+    for (int l = s->L - 1; l >= 0; l--) layer_backward(m, l);
+    embed_backward(m->dw.wte, m->dw.wpe, m->dresid, m->inputs, s->B, s->T, C);
+}
+
+double model_step_flops(const Model *m) {
+    const ModelShape *s = &m->shape;
+    double N = (double)s->B * s->T, C = s->C, T = s->T;
+    double macs = N * C * s->V; /* LM head */
+    for (int l = 0; l < s->L; l++) {
+        macs += N * (3 * C * C + C * C); /* qkv and output projection */
+        macs += 2.0 * N * T * C;         /* scores and weighted values */
+        if (model_is_moe_layer(s, l))
+            macs += N * C * s->E + 2.0 * m->moe[l].num_rows * C * s->Fe;
+        else
+            macs += 2.0 * N * C * s->F;
+    }
+    return 6.0 * macs; /* 2 FLOPs per MAC, forward + 2x backward */
+}

@@ -1,0 +1,195 @@
+/* export_reference: writes everything tests/python/test_reference.py needs to
+ * check the C model against an independent PyTorch implementation — the
+ * initial weights, training batch 0, the logits, the losses, every routing
+ * decision and every gradient of one forward + backward — into one HDF5
+ * tensor file.
+ *
+ * usage: export_reference OUT.h5 [--config FILE.ini] [--key value ...]
+ * (the same flags as `moesim train`; --out is ignored: OUT.h5 is the output).
+ * Runs on one rank. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moesim/comm.h"
+#include "moesim/config.h"
+#include "moesim/data.h"
+#include "moesim/model.h"
+#include "moesim/ops.h"
+#include "moesim/record.h"
+
+typedef struct Export {
+    long file;
+    int failed;
+    char first_failure[160];
+} Export;
+
+/* Write helpers remember the first failure, so the export code below reads
+ * as a plain list of what goes into the file. */
+static void note(Export *ex, int rc, const char *name) {
+    if (rc == 0 || ex->failed) return;
+    ex->failed = 1;
+    snprintf(ex->first_failure, sizeof ex->first_failure, "%s", name);
+}
+
+static void put_f32(Export *ex, const char *name, const float *data, int ndim, const long *dims) {
+    note(ex, tensor_file_write_f32(ex->file, name, data, ndim, dims), name);
+}
+
+static void put_i32(Export *ex, const char *name, const int *data, int ndim, const long *dims) {
+    note(ex, tensor_file_write_i32(ex->file, name, data, ndim, dims), name);
+}
+
+static void put_scalar(Export *ex, const char *name, double value) {
+    note(ex, tensor_file_write_scalar(ex->file, name, value), name);
+}
+
+static void put_config(Export *ex, const ModelShape *s) {
+    put_scalar(ex, "config/V", s->V);
+    put_scalar(ex, "config/T", s->T);
+    put_scalar(ex, "config/C", s->C);
+    put_scalar(ex, "config/NH", s->NH);
+    put_scalar(ex, "config/L", s->L);
+    put_scalar(ex, "config/F", s->F);
+    put_scalar(ex, "config/E", s->E);
+    put_scalar(ex, "config/K", s->K);
+    put_scalar(ex, "config/Fe", s->Fe);
+    put_scalar(ex, "config/G", s->G);
+    put_scalar(ex, "config/B", s->B);
+    put_scalar(ex, "config/moe_layer_freq", s->moe_layer_freq);
+    put_scalar(ex, "config/tied", s->tied);
+    put_scalar(ex, "config/norm_topk_prob", s->norm_topk_prob);
+    put_scalar(ex, "config/capacity_factor", s->capacity_factor);
+    put_scalar(ex, "config/aux_loss_coeff", s->aux_loss_coeff);
+    put_scalar(ex, "config/z_loss_coeff", s->z_loss_coeff);
+}
+
+/* One group per tensor-table entry; when tied, lm_head_w is no entry of the
+ * table, so its gradient is (correctly) part of grads/wte. */
+static void put_tensors(Export *ex, const Model *m, const char *group, const float *base) {
+    for (int i = 0; i < m->num_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        char name[96];
+        long dims[3];
+        for (int d = 0; d < t->ndim; d++) dims[d] = t->shape[d];
+        snprintf(name, sizeof name, "%s/%s", group, t->name);
+        put_f32(ex, name, base + t->offset, t->ndim, dims);
+    }
+}
+
+/* choice_kept is unsigned char in the router; int32 is what h5py and the
+ * test compare most simply. */
+static void put_routing(Export *ex, const Model *m, int *kept_scratch) {
+    const ModelShape *s = &m->shape;
+    long N = (long)s->B * s->T;
+    long dims[2] = {N, s->K};
+    for (int l = 0; l < s->L; l++) {
+        if (!model_is_moe_layer(s, l)) continue;
+        const Routing *r = &m->moe[l].routing;
+        char name[96];
+        for (long a = 0; a < N * s->K; a++) kept_scratch[a] = r->choice_kept[a];
+        snprintf(name, sizeof name, "routing/%d/choice_expert", l);
+        put_i32(ex, name, r->choice_expert, 2, dims);
+        snprintf(name, sizeof name, "routing/%d/choice_kept", l);
+        put_i32(ex, name, kept_scratch, 2, dims);
+        snprintf(name, sizeof name, "routing/%d/capacity", l);
+        put_scalar(ex, name, r->capacity);
+    }
+}
+
+static int run(const char *out_path, int argc, char **argv, char *err, size_t errlen) {
+    Config cfg;
+    config_defaults(&cfg);
+    if (config_parse_args(&cfg, argc, argv, err, errlen) != 0) return -1;
+    /* Validation checks cfg.out's directory; make that the file we write. */
+    if (snprintf(cfg.out, sizeof cfg.out, "%s", out_path) >= (int)sizeof cfg.out) {
+        snprintf(err, errlen, "output path %s is too long; use a shorter path", out_path);
+        return -1;
+    }
+    if (config_validate(&cfg, err, errlen) != 0) return -1;
+    Dataset ds;
+    if (dataset_load(&ds, &cfg, err, errlen) != 0) return -1;
+
+    ModelShape shape;
+    model_shape_from_config(&shape, &cfg, ds.vocab_size);
+    Model model;
+    if (model_init(&model, &shape, cfg.seed) != 0) {
+        dataset_free(&ds);
+        snprintf(err, errlen, "out of memory building the model; use a smaller config");
+        return -1;
+    }
+    long N = (long)shape.B * shape.T;
+    int *inputs = malloc(sizeof(int) * N);
+    int *targets = malloc(sizeof(int) * N);
+    int *categories = malloc(sizeof(int) * N);
+    int *kept = malloc(sizeof(int) * N * shape.K);
+    float *logits = malloc(sizeof(float) * N * shape.V);
+    int rc = -1;
+    if (!inputs || !targets || !categories || !kept || !logits) {
+        snprintf(err, errlen, "out of memory for the batch buffers; use a smaller config");
+        goto done;
+    }
+
+    dataset_train_batch(&ds, cfg.seed, 0, 0, shape.B, shape.T, inputs, targets, categories);
+    double loss = model_forward(&model, inputs, targets);
+    /* model->probs already holds probabilities and backward overwrites it
+     * with dlogits, so the logits are recomputed from the final norm. */
+    matmul_forward(logits, model.lnf, model.w.lm_head_w, (int)N, shape.C, shape.V);
+    model_zero_grad(&model);
+    model_backward(&model);
+
+    Export ex = {.file = tensor_file_create(out_path)};
+    if (ex.file < 0) {
+        snprintf(err, errlen, "cannot create %s; check that its directory exists and is writable",
+                 out_path);
+        goto done;
+    }
+    long batch_dims[2] = {shape.B, shape.T}, logits_dims[2] = {N, shape.V};
+    put_config(&ex, &shape);
+    put_tensors(&ex, &model, "params", model.params);
+    put_tensors(&ex, &model, "grads", model.grads);
+    put_i32(&ex, "inputs", inputs, 2, batch_dims);
+    put_i32(&ex, "targets", targets, 2, batch_dims);
+    put_f32(&ex, "logits", logits, 2, logits_dims);
+    put_scalar(&ex, "loss", loss);
+    put_scalar(&ex, "ce_loss", model.ce_loss);
+    put_scalar(&ex, "aux_loss", model.aux_loss);
+    put_scalar(&ex, "z_loss", model.z_loss);
+    put_routing(&ex, &model, kept);
+    note(&ex, tensor_file_close(ex.file), "(closing the file)");
+    if (ex.failed) {
+        snprintf(err, errlen, "writing %s failed at %s; check free disk space and permissions",
+                 out_path, ex.first_failure);
+        goto done;
+    }
+    rc = 0;
+done:
+    free(inputs);
+    free(targets);
+    free(categories);
+    free(kept);
+    free(logits);
+    model_free(&model);
+    dataset_free(&ds);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    Comm comm;
+    comm_init(&comm, &argc, &argv);
+    int status = 2;
+    char err[MOESIM_ERR_MAX] = "";
+    if (argc < 2 || strncmp(argv[1], "--", 2) == 0) {
+        fprintf(stderr, "usage: export_reference OUT.h5 [--config FILE.ini] [--key value ...]\n");
+    } else if (comm.world_size != 1) {
+        fprintf(stderr, "export_reference: error: run it on one rank (no mpirun -n %d)\n",
+                comm.world_size);
+    } else {
+        /* config_parse_args expects argv[0] to be the subcommand name; OUT.h5
+         * takes that slot. */
+        status = run(argv[1], argc - 1, argv + 1, err, sizeof err) == 0 ? 0 : 1;
+        if (status != 0) fprintf(stderr, "export_reference: error: %s\n", err);
+    }
+    comm_finalize(&comm);
+    return status;
+}

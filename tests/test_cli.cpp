@@ -1,0 +1,235 @@
+// Runs the real program ($MOESIM) and pins down what a user sees when the
+// configuration is wrong: exit status 2, one "moesim: error:" line naming the
+// key and the value, and no run record created. No MPI here: the child is an
+// MPI singleton started without mpirun.
+#include <gtest/gtest.h>
+
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+extern char **environ;
+
+namespace {
+
+struct RunResult {
+    int status;          // exit status, or -1 if the child did not exit normally
+    std::string output;  // stdout and stderr interleaved
+};
+
+// An OMPI_*/PMIX_* variable inherited from a surrounding mpirun would make the
+// child believe it is a rank of that job and try to join it.
+void ForgetParentMpiJob() {
+    std::vector<std::string> names;
+    for (char **entry = environ; *entry; entry++) {
+        std::string text(*entry);
+        if (text.rfind("OMPI_", 0) == 0 || text.rfind("PMIX_", 0) == 0)
+            names.push_back(text.substr(0, text.find('=')));
+    }
+    for (const std::string &name : names)
+        unsetenv(name.c_str());
+}
+
+std::string ShellQuote(const std::string &arg) {
+    std::string quoted = "'";
+    for (char c : arg)
+        quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    return quoted + "'";
+}
+
+RunResult RunMoesim(const std::vector<std::string> &args) {
+    const char *moesim = getenv("MOESIM");
+    if (!moesim || !*moesim) {
+        ADD_FAILURE() << "set MOESIM to the moesim binary, e.g. MOESIM=build/moesim";
+        return {-1, ""};
+    }
+    ForgetParentMpiJob();
+    std::string command = ShellQuote(moesim);
+    for (const std::string &arg : args)
+        command += " " + ShellQuote(arg);
+    command += " 2>&1";
+    FILE *pipe = popen(command.c_str(), "r");
+    if (!pipe) {
+        ADD_FAILURE() << "popen(" << command << ") failed: " << strerror(errno);
+        return {-1, ""};
+    }
+    std::string output;
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0)
+        output.append(buf, n);
+    int wait_status = pclose(pipe);
+    int status = wait_status != -1 && WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : -1;
+    return {status, output};
+}
+
+size_t CountOccurrences(const std::string &text, const std::string &needle) {
+    size_t count = 0;
+    for (size_t at = text.find(needle); at != std::string::npos;
+         at = text.find(needle, at + needle.size()))
+        count++;
+    return count;
+}
+
+bool PathExists(const std::string &path) {
+    struct stat st;
+    return stat(path.c_str(), &st) == 0;
+}
+
+// Each test gets a fresh directory; --out points inside it, and the run
+// record must not appear there when the configuration is rejected.
+class CliConfigError : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        char name[] = "/tmp/moesim_cli_XXXXXX";
+        ASSERT_NE(mkdtemp(name), nullptr) << strerror(errno);
+        dir_ = name;
+        out_ = dir_ + "/run.h5";
+    }
+    void TearDown() override {
+        for (const std::string &file : files_)
+            unlink(file.c_str());
+        EXPECT_FALSE(PathExists(out_)) << "a rejected run created " << out_;
+        unlink(out_.c_str());
+        EXPECT_EQ(rmdir(dir_.c_str()), 0) << dir_ << " is not empty: " << strerror(errno);
+    }
+
+    // Synthetic data and one step keep a wrongly accepted run short and
+    // independent of the machine's files.
+    std::vector<std::string> TrainArgs(std::initializer_list<std::string> extra) const {
+        std::vector<std::string> args = {"train", "--data-format", "synthetic",
+                                         "--train-iters", "1", "--out", out_};
+        args.insert(args.end(), extra.begin(), extra.end());
+        return args;
+    }
+
+    std::string WriteFile(const std::string &name, const std::string &text) {
+        std::string path = dir_ + "/" + name;
+        FILE *f = fopen(path.c_str(), "w");
+        EXPECT_NE(f, nullptr) << path << ": " << strerror(errno);
+        if (f) {
+            fputs(text.c_str(), f);
+            fclose(f);
+        }
+        files_.push_back(path);
+        return path;
+    }
+
+    // Exit status 2, exactly one error line, and every part mentioned in it.
+    void ExpectUsageError(const std::vector<std::string> &args,
+                          std::initializer_list<std::string> parts) {
+        RunResult r = RunMoesim(args);
+        EXPECT_EQ(r.status, 2) << r.output;
+        EXPECT_EQ(CountOccurrences(r.output, "moesim: error:"), 1u) << r.output;
+        size_t at = r.output.find("moesim: error:");
+        std::string line = at == std::string::npos
+                               ? r.output
+                               : r.output.substr(at, r.output.find('\n', at) - at);
+        for (const std::string &part : parts)
+            EXPECT_NE(line.find(part), std::string::npos)
+                << "error line should mention '" << part << "':\n" << r.output;
+    }
+
+    std::string dir_;
+    std::string out_;
+    std::vector<std::string> files_;
+};
+
+TEST_F(CliConfigError, UnknownFlagSuggestsTheNearestOne) {
+    ExpectUsageError(TrainArgs({"--hiden-size", "64"}),
+                     {"unknown flag \"--hiden-size\"", "did you mean \"--hidden-size\""});
+}
+
+TEST_F(CliConfigError, NonNumericValue) {
+    ExpectUsageError(TrainArgs({"--hidden-size", "12x"}),
+                     {"--hidden-size", "\"12x\"", "whole number"});
+}
+
+TEST_F(CliConfigError, OutOfRangeValue) {
+    ExpectUsageError(TrainArgs({"--lr", "-1"}), {"--lr", "-1", "out of range", "> 0"});
+}
+
+TEST_F(CliConfigError, FlagWithoutValue) {
+    ExpectUsageError(TrainArgs({"--lr"}), {"--lr needs a value"});
+}
+
+TEST_F(CliConfigError, PositionalArgument) {
+    ExpectUsageError(TrainArgs({"stray"}), {"unexpected argument \"stray\""});
+}
+
+TEST_F(CliConfigError, TopkLargerThanExperts) {
+    ExpectUsageError(TrainArgs({"--num-experts", "2", "--moe-router-topk", "4"}),
+                     {"--moe-router-topk 4", "--num-experts 2"});
+}
+
+TEST_F(CliConfigError, HiddenSizeNotDivisibleByHeads) {
+    ExpectUsageError(TrainArgs({"--hidden-size", "130", "--num-attention-heads", "4"}),
+                     {"--hidden-size 130", "--num-attention-heads 4"});
+}
+
+TEST_F(CliConfigError, ZeroCapacityFactorExplainsDropless) {
+    ExpectUsageError(TrainArgs({"--moe-expert-capacity-factor", "0"}),
+                     {"--moe-expert-capacity-factor 0", "dropless", "not implemented", "1.25"});
+}
+
+TEST_F(CliConfigError, NegativeCapacityFactorExplainsDropless) {
+    ExpectUsageError(TrainArgs({"--moe-expert-capacity-factor", "-1"}),
+                     {"--moe-expert-capacity-factor -1", "dropless", "not implemented", "1.25"});
+}
+
+TEST_F(CliConfigError, MissingDataPath) {
+    std::string missing = dir_ + "/no-such-corpus.txt";
+    ExpectUsageError({"train", "--data-path", missing, "--train-iters", "1", "--out", out_},
+                     {"--data-path", missing, "No such file or directory", "point it at"});
+}
+
+TEST_F(CliConfigError, UnwritableOutputDirectory) {
+    ExpectUsageError(TrainArgs({"--out", "/nonexistent-dir/x.h5"}),
+                     {"--out /nonexistent-dir/x.h5", "mkdir -p /nonexistent-dir"});
+    EXPECT_FALSE(PathExists("/nonexistent-dir"));
+}
+
+TEST_F(CliConfigError, OutputIsADirectory) {
+    ExpectUsageError(TrainArgs({"--out", dir_}), {"--out " + dir_, "is a directory"});
+}
+
+TEST_F(CliConfigError, MissingConfigFile) {
+    std::string missing = dir_ + "/missing.ini";
+    ExpectUsageError(TrainArgs({"--config", missing}),
+                     {"cannot read config file " + missing, "No such file or directory"});
+}
+
+TEST_F(CliConfigError, BadValueInConfigFileNamesFileAndLine) {
+    std::string ini = WriteFile("bad.ini", "[model]\nnum-layers = 2\nhidden_size = 12x\n");
+    ExpectUsageError(TrainArgs({"--config", ini}), {ini + ":3:", "hidden-size", "\"12x\""});
+}
+
+TEST_F(CliConfigError, SyntaxErrorInConfigFileNamesFileAndLine) {
+    std::string ini = WriteFile("syntax.ini", "num-layers = 2\nnot a key value pair\n");
+    ExpectUsageError(TrainArgs({"--config", ini}), {ini + ":2:", "syntax error"});
+}
+
+TEST(CliInfo, HelpListsEveryGroupOfFlags) {
+    RunResult r = RunMoesim({"--help"});
+    EXPECT_EQ(r.status, 0) << r.output;
+    for (const char *part : {"moesim train", "--config FILE", "--num-experts", "--hidden-size",
+                             "--moe-expert-capacity-factor", "--data-path", "--out"})
+        EXPECT_NE(r.output.find(part), std::string::npos) << part << "\n" << r.output;
+    EXPECT_EQ(r.output.find("error"), std::string::npos) << r.output;
+}
+
+TEST(CliInfo, VersionNamesTheProgram) {
+    RunResult r = RunMoesim({"--version"});
+    EXPECT_EQ(r.status, 0) << r.output;
+    EXPECT_EQ(r.output.rfind("moesim ", 0), 0u) << r.output;
+}
+
+}  // namespace

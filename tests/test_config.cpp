@@ -1,0 +1,893 @@
+// Pins down src/config.c: defaults, config_set, --flags, INI files,
+// config_to_ini, derived quantities and config_validate, including that every
+// error message names the key, the value and the fix.
+#include <gtest/gtest.h>
+
+#include <dirent.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <initializer_list>
+#include <string>
+#include <vector>
+
+#include "moesim/config.h"
+
+namespace {
+
+void ExpectMentions(const std::string &message, std::initializer_list<const char *> parts) {
+    for (const char *part : parts)
+        EXPECT_NE(message.find(part), std::string::npos)
+            << "message should mention '" << part << "':\n  " << message;
+}
+
+// Owns argv strings for config_parse_args; argv[0] is the subcommand.
+class Argv {
+  public:
+    Argv(std::initializer_list<std::string> args) : strings_(args) {
+        for (std::string &s : strings_)
+            pointers_.push_back(&s[0]);
+        pointers_.push_back(nullptr);
+    }
+    int argc() const { return static_cast<int>(strings_.size()); }
+    char **argv() { return pointers_.data(); }
+
+  private:
+    std::vector<std::string> strings_;
+    std::vector<char *> pointers_;
+};
+
+// A uniquely named file under /tmp, removed when the test ends.
+class TempIni {
+  public:
+    explicit TempIni(const std::string &text) {
+        char name[] = "/tmp/moesim_test_config_XXXXXX.ini";
+        int fd = mkstemps(name, 4);
+        if (fd < 0) {
+            ADD_FAILURE() << "mkstemps failed: " << strerror(errno);
+            return;
+        }
+        path_ = name;
+        ssize_t written = write(fd, text.data(), text.size());
+        EXPECT_EQ(written, static_cast<ssize_t>(text.size())) << strerror(errno);
+        EXPECT_EQ(close(fd), 0);
+    }
+    ~TempIni() {
+        if (!path_.empty())
+            unlink(path_.c_str());
+    }
+    const std::string &path() const { return path_; }
+
+  private:
+    std::string path_;
+};
+
+// A fresh empty directory under /tmp, removed (with its files) at the end.
+class TempDir {
+  public:
+    TempDir() {
+        char name[] = "/tmp/moesim_test_dir_XXXXXX";
+        if (!mkdtemp(name)) {
+            ADD_FAILURE() << "mkdtemp failed: " << strerror(errno);
+            return;
+        }
+        path_ = name;
+    }
+    ~TempDir() {
+        for (const std::string &entry : Entries())
+            unlink((path_ + "/" + entry).c_str());
+        rmdir(path_.c_str());
+    }
+    const std::string &path() const { return path_; }
+    std::vector<std::string> Entries() const {
+        std::vector<std::string> names;
+        DIR *dir = opendir(path_.c_str());
+        if (!dir)
+            return names;
+        while (struct dirent *entry = readdir(dir))
+            if (strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, "..") != 0)
+                names.push_back(entry->d_name);
+        closedir(dir);
+        return names;
+    }
+
+  private:
+    std::string path_;
+};
+
+bool PathExists(const std::string &path) {
+    struct stat st;
+    return stat(path.c_str(), &st) == 0;
+}
+
+// Defaults plus settings that let config_validate pass on any machine.
+Config ValidConfig(const std::string &out) {
+    Config cfg;
+    config_defaults(&cfg);
+    char err[MOESIM_ERR_MAX] = "";
+    EXPECT_EQ(config_set(&cfg, "data-format", "synthetic", err, sizeof(err)), 0) << err;
+    EXPECT_EQ(config_set(&cfg, "out", out.c_str(), err, sizeof(err)), 0) << err;
+    return cfg;
+}
+
+struct SetResult {
+    int rc;
+    std::string err;
+};
+
+SetResult Set(Config *cfg, const char *key, const char *value) {
+    char err[MOESIM_ERR_MAX] = "";
+    int rc = config_set(cfg, key, value, err, sizeof(err));
+    return {rc, err};
+}
+
+SetResult Parse(Config *cfg, Argv args) {
+    char err[MOESIM_ERR_MAX] = "";
+    int rc = config_parse_args(cfg, args.argc(), args.argv(), err, sizeof(err));
+    return {rc, err};
+}
+
+SetResult Validate(const Config &cfg) {
+    char err[MOESIM_ERR_MAX] = "";
+    int rc = config_validate(&cfg, err, sizeof(err));
+    return {rc, err};
+}
+
+// Every "key = value" line of config_to_ini, in order.
+std::vector<std::string> IniKeys(const Config &cfg) {
+    char *text = config_to_ini(&cfg);
+    EXPECT_NE(text, nullptr);
+    std::vector<std::string> keys;
+    if (!text)
+        return keys;
+    std::string ini(text);
+    free(text);
+    size_t start = 0;
+    while (start < ini.size()) {
+        size_t end = ini.find('\n', start);
+        std::string line = ini.substr(start, end - start);
+        size_t eq = line.find(" = ");
+        EXPECT_NE(eq, std::string::npos) << "not a key = value line: " << line;
+        keys.push_back(line.substr(0, eq));
+        start = end == std::string::npos ? ini.size() : end + 1;
+    }
+    return keys;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Defaults
+
+TEST(ConfigDefaults, MatchTheDocumentedSmallModel) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_EQ(cfg.num_layers, 4);
+    EXPECT_EQ(cfg.hidden_size, 128);
+    EXPECT_EQ(cfg.num_attention_heads, 4);
+    EXPECT_EQ(cfg.ffn_hidden_size, 512);
+    EXPECT_EQ(cfg.seq_length, 128);
+    EXPECT_EQ(cfg.untie_embeddings_and_output_weights, 0);
+    EXPECT_EQ(cfg.num_experts, 8);
+    EXPECT_EQ(cfg.moe_router_topk, 2);
+    EXPECT_EQ(cfg.moe_layer_freq, 1);
+    EXPECT_EQ(cfg.moe_ffn_hidden_size, 256);
+    EXPECT_EQ(cfg.moe_group_size, 0);
+    EXPECT_EQ(cfg.moe_router_norm_topk_prob, 1);
+    EXPECT_DOUBLE_EQ(cfg.moe_expert_capacity_factor, 1.25);
+    EXPECT_DOUBLE_EQ(cfg.moe_aux_loss_coeff, 0.01);
+    EXPECT_DOUBLE_EQ(cfg.moe_z_loss_coeff, 0.001);
+    EXPECT_STREQ(cfg.moe_token_drop_policy, "position");
+    EXPECT_EQ(cfg.micro_batch_size, 16);
+    EXPECT_EQ(cfg.train_iters, 500);
+    EXPECT_EQ(cfg.lr_warmup_iters, 50);
+    EXPECT_EQ(cfg.eval_interval, 100);
+    EXPECT_EQ(cfg.eval_iters, 8);
+    EXPECT_EQ(cfg.log_interval, 1);
+    EXPECT_EQ(cfg.progress_interval, 10);
+    EXPECT_DOUBLE_EQ(cfg.lr, 3e-3);
+    EXPECT_DOUBLE_EQ(cfg.min_lr, 3e-4);
+    EXPECT_DOUBLE_EQ(cfg.weight_decay, 0.1);
+    EXPECT_DOUBLE_EQ(cfg.clip_grad, 1.0);
+    EXPECT_DOUBLE_EQ(cfg.adam_beta1, 0.9);
+    EXPECT_DOUBLE_EQ(cfg.adam_beta2, 0.95);
+    EXPECT_DOUBLE_EQ(cfg.adam_eps, 1e-8);
+    EXPECT_EQ(cfg.seed, 1234);
+    EXPECT_STREQ(cfg.data_path, "/usr/share/games/fortunes");
+    EXPECT_STREQ(cfg.data_format, "auto");
+    EXPECT_DOUBLE_EQ(cfg.val_fraction, 0.1);
+    EXPECT_EQ(cfg.synthetic_clusters, 8);
+    EXPECT_EQ(cfg.synthetic_tokens, 1000000);
+    EXPECT_STREQ(cfg.out, "runs/moesim.h5");
+}
+
+TEST(ConfigDefaults, PassValidation) {
+    TempDir dir;
+    Config cfg = ValidConfig(dir.path() + "/run.h5");
+    SetResult r = Validate(cfg);
+    EXPECT_EQ(r.rc, 0) << r.err;
+}
+
+// ---------------------------------------------------------------------------
+// config_set
+
+TEST(ConfigSet, AcceptsDashAndUnderscoreSpellings) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_EQ(Set(&cfg, "hidden-size", "256").rc, 0);
+    EXPECT_EQ(cfg.hidden_size, 256);
+    EXPECT_EQ(Set(&cfg, "hidden_size", "64").rc, 0);
+    EXPECT_EQ(cfg.hidden_size, 64);
+    EXPECT_EQ(Set(&cfg, "moe_expert-capacity_factor", "2.5").rc, 0);
+    EXPECT_DOUBLE_EQ(cfg.moe_expert_capacity_factor, 2.5);
+}
+
+TEST(ConfigSet, ParsesEveryType) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_EQ(Set(&cfg, "seed", "4000000000").rc, 0);
+    EXPECT_EQ(cfg.seed, 4000000000L);
+    EXPECT_EQ(Set(&cfg, "lr", "1.5e-4").rc, 0);
+    EXPECT_DOUBLE_EQ(cfg.lr, 1.5e-4);
+    EXPECT_EQ(Set(&cfg, "data-path", "/some/where.tok").rc, 0);
+    EXPECT_STREQ(cfg.data_path, "/some/where.tok");
+    EXPECT_EQ(Set(&cfg, "data-format", "tokens").rc, 0);
+    EXPECT_STREQ(cfg.data_format, "tokens");
+    EXPECT_EQ(Set(&cfg, "moe-group-size", "0").rc, 0);
+    EXPECT_EQ(cfg.moe_group_size, 0);
+    EXPECT_EQ(Set(&cfg, "lr-warmup-iters", "0").rc, 0);
+    EXPECT_EQ(cfg.lr_warmup_iters, 0);
+}
+
+TEST(ConfigSet, AcceptsEveryBooleanSpelling) {
+    Config cfg;
+    config_defaults(&cfg);
+    const char *truthy[] = {"1", "true", "TRUE", "yes", "on", "On"};
+    const char *falsy[] = {"0", "false", "no", "off", "OFF"};
+    for (const char *text : truthy) {
+        cfg.untie_embeddings_and_output_weights = 0;
+        EXPECT_EQ(Set(&cfg, "untie-embeddings-and-output-weights", text).rc, 0) << text;
+        EXPECT_EQ(cfg.untie_embeddings_and_output_weights, 1) << text;
+    }
+    for (const char *text : falsy) {
+        cfg.moe_router_norm_topk_prob = 1;
+        EXPECT_EQ(Set(&cfg, "moe-router-norm-topk-prob", text).rc, 0) << text;
+        EXPECT_EQ(cfg.moe_router_norm_topk_prob, 0) << text;
+    }
+}
+
+TEST(ConfigSet, RejectsNonIntegerAndKeepsTheOldValue) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Set(&cfg, "hidden-size", "12x");
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--hidden-size", "\"12x\"", "not an integer", "whole number"});
+    EXPECT_EQ(cfg.hidden_size, 128);
+    for (const char *bad : {"", "1.5", "1e3", "0x10", "twelve"})
+        EXPECT_EQ(Set(&cfg, "num-layers", bad).rc, -1) << bad;
+    EXPECT_EQ(cfg.num_layers, 4);
+}
+
+TEST(ConfigSet, RejectsNonNumber) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Set(&cfg, "lr", "fast");
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--lr", "\"fast\"", "not a finite number", "such as"});
+    EXPECT_EQ(Set(&cfg, "lr", "nan").rc, -1);
+    EXPECT_EQ(Set(&cfg, "lr", "inf").rc, -1);
+    EXPECT_EQ(Set(&cfg, "lr", "1e999").rc, -1);
+    EXPECT_DOUBLE_EQ(cfg.lr, 3e-3);
+}
+
+TEST(ConfigSet, RejectsOutOfRangeNamingTheBound) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Set(&cfg, "lr", "-1");
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err, "--lr: -1 is out of range; it must be > 0");
+    ExpectMentions(Set(&cfg, "lr", "0").err, {"--lr", "0", "> 0"});
+    ExpectMentions(Set(&cfg, "adam-beta2", "1").err, {"--adam-beta2", "1", "< 1"});
+    ExpectMentions(Set(&cfg, "adam-beta1", "-0.1").err, {"--adam-beta1", "-0.1", ">= 0"});
+    ExpectMentions(Set(&cfg, "hidden-size", "1000000").err,
+                   {"--hidden-size", "1000000", "<= 65536"});
+    ExpectMentions(Set(&cfg, "num-experts", "0").err, {"--num-experts", "0", ">= 1"});
+    ExpectMentions(Set(&cfg, "moe-group-size", "-1").err, {"--moe-group-size", ">= 0"});
+    ExpectMentions(Set(&cfg, "val-fraction", "0").err, {"--val-fraction", "> 0"});
+    ExpectMentions(Set(&cfg, "val-fraction", "0.6").err, {"--val-fraction", "0.6", "<= 0.5"});
+    ExpectMentions(Set(&cfg, "synthetic-clusters", "257").err, {"257", "<= 256"});
+    ExpectMentions(Set(&cfg, "synthetic-tokens", "999").err, {"999", ">= 1000"});
+    ExpectMentions(Set(&cfg, "adam-eps", "0").err, {"--adam-eps", "> 0"});
+    ExpectMentions(Set(&cfg, "weight-decay", "-0.5").err, {"--weight-decay", ">= 0"});
+    ExpectMentions(Set(&cfg, "seq-length", "99999999999999999999999").err,
+                   {"--seq-length", "99999999999999999999999", "out of range"});
+    EXPECT_DOUBLE_EQ(cfg.lr, 3e-3);
+    EXPECT_EQ(cfg.hidden_size, 128);
+    EXPECT_DOUBLE_EQ(cfg.val_fraction, 0.1);
+    EXPECT_EQ(Set(&cfg, "val-fraction", "0.5").rc, 0);
+    EXPECT_EQ(Set(&cfg, "adam-beta1", "0").rc, 0);
+}
+
+TEST(ConfigSet, RejectsBadBoolean) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Set(&cfg, "moe-router-norm-topk-prob", "maybe");
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-norm-topk-prob", "\"maybe\"", "true/false"});
+    EXPECT_EQ(cfg.moe_router_norm_topk_prob, 1);
+}
+
+TEST(ConfigSet, RejectsUnknownChoices) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Set(&cfg, "data-format", "csv");
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--data-format", "\"csv\"", "auto", "text", "tokens", "synthetic"});
+    r = Set(&cfg, "moe-token-drop-policy", "probs");
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-token-drop-policy", "\"probs\"", "position", "routing issue"});
+    EXPECT_STREQ(cfg.data_format, "auto");
+    EXPECT_STREQ(cfg.moe_token_drop_policy, "position");
+}
+
+TEST(ConfigSet, RejectsEmptyAndOverlongStrings) {
+    Config cfg;
+    config_defaults(&cfg);
+    ExpectMentions(Set(&cfg, "out", "").err, {"--out", "empty", "runs/moesim.h5"});
+    std::string long_path(MOESIM_PATH_MAX, 'a');
+    SetResult r = Set(&cfg, "data-path", long_path.c_str());
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--data-path", "4096 characters", "limit is 4095"});
+    EXPECT_STREQ(cfg.data_path, "/usr/share/games/fortunes");
+    std::string longest(MOESIM_PATH_MAX - 1, 'b');
+    EXPECT_EQ(Set(&cfg, "data-path", longest.c_str()).rc, 0);
+    EXPECT_EQ(std::string(cfg.data_path), longest);
+}
+
+TEST(ConfigSet, UnknownKeySuggestsTheNearestName) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Set(&cfg, "hiden-size", "64");
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err,
+              "unknown key \"hiden-size\"; did you mean \"hidden-size\"? "
+              "(moesim --help lists every key)");
+    ExpectMentions(Set(&cfg, "num_expert", "4").err, {"\"num_expert\"", "\"num-experts\""});
+    ExpectMentions(Set(&cfg, "layers", "4").err, {"\"num-layers\""});
+    ExpectMentions(Set(&cfg, "moe-router-top-k", "1").err, {"\"moe-router-topk\""});
+    r = Set(&cfg, "xyz", "1");
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err.find("did you mean"), std::string::npos) << r.err;
+    ExpectMentions(r.err, {"\"xyz\"", "moesim --help"});
+}
+
+// ---------------------------------------------------------------------------
+// Command line
+
+TEST(ConfigArgs, AcceptsSpaceAndEqualsForms) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--num-layers", "2", "--lr=1e-3", "--data-path=a=b",
+                               "--untie-embeddings-and-output-weights", "yes", "--seed", "-0"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(cfg.num_layers, 2);
+    EXPECT_DOUBLE_EQ(cfg.lr, 1e-3);
+    EXPECT_STREQ(cfg.data_path, "a=b");
+    EXPECT_EQ(cfg.untie_embeddings_and_output_weights, 1);
+    EXPECT_EQ(cfg.seed, 0);
+}
+
+TEST(ConfigArgs, NoFlagsKeepsDefaults) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train"});
+    EXPECT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(cfg.num_layers, 4);
+}
+
+TEST(ConfigArgs, ReportsBadValuesWithTheFlagName) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--hidden-size", "12x"});
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err, "--hidden-size: \"12x\" is not an integer; give a whole number such as 128");
+    r = Parse(&cfg, {"train", "--lr=-1"});
+    EXPECT_EQ(r.err, "--lr: -1 is out of range; it must be > 0");
+}
+
+TEST(ConfigArgs, UnknownFlagSuggestsTheNearestFlag) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--hiden-size", "64"});
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err,
+              "unknown flag \"--hiden-size\"; did you mean \"--hidden-size\"? "
+              "(moesim --help lists every key)");
+    ExpectMentions(Parse(&cfg, {"train", "--num-expert=4"}).err,
+                   {"\"--num-expert\"", "\"--num-experts\""});
+    ExpectMentions(Parse(&cfg, {"train", "--confg", "x.ini"}).err, {"\"--config\""});
+    ExpectMentions(Parse(&cfg, {"train", "-h"}).err, {"unknown flag \"-h\""});
+    EXPECT_EQ(cfg.hidden_size, 128);
+}
+
+// getopt_long would take "--hidden" as "--hidden-size"; a key added later
+// could silently change such a command line, so only full names count.
+TEST(ConfigArgs, RejectsAbbreviatedFlags) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--hidden", "64"});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"unknown flag \"--hidden\"", "did you mean \"--hidden-size\""});
+    EXPECT_EQ(cfg.hidden_size, 128);
+}
+
+TEST(ConfigArgs, FlagWithoutValueIsAnError) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--num-layers", "2", "--lr"});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--lr needs a value", "--lr 3e-3"});
+    r = Parse(&cfg, {"train", "--untie-embeddings-and-output-weights", "--num-layers", "2"});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--untie-embeddings-and-output-weights needs a value",
+                           "--num-layers", "every flag takes one"});
+}
+
+TEST(ConfigArgs, PositionalArgumentIsAnError) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--num-layers", "2", "extra"});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"unexpected argument \"extra\"", "--key value"});
+    EXPECT_EQ(Parse(&cfg, {"train", "--", "x"}).rc, -1);
+}
+
+// GNU getopt permutes argv by default; the caller's argv must stay as given.
+TEST(ConfigArgs, LeavesArgvInItsOriginalOrder) {
+    Config cfg;
+    config_defaults(&cfg);
+    Argv args{"train", "extra", "--num-layers", "2"};
+    char err[MOESIM_ERR_MAX] = "";
+    EXPECT_EQ(config_parse_args(&cfg, args.argc(), args.argv(), err, sizeof(err)), -1);
+    ExpectMentions(err, {"unexpected argument \"extra\""});
+    EXPECT_STREQ(args.argv()[1], "extra");
+    EXPECT_STREQ(args.argv()[2], "--num-layers");
+}
+
+// getopt keeps state between calls; an error in the middle of "-ab" leaves it
+// pointing into an argv that no longer exists unless parsing resets it.
+TEST(ConfigArgs, CanParseRepeatedlyInOneProcess) {
+    for (int round = 0; round < 3; round++) {
+        Config cfg;
+        config_defaults(&cfg);
+        SetResult bad = Parse(&cfg, {"train", "--num-layers", "2", "--bogus", "1"});
+        EXPECT_EQ(bad.rc, -1);
+        EXPECT_EQ(Parse(&cfg, {"train", "-ab"}).rc, -1);
+        Config fresh;
+        config_defaults(&fresh);
+        SetResult good = Parse(&fresh, {"train", "--num-layers", "3", "--seed", "7"});
+        ASSERT_EQ(good.rc, 0) << "round " << round << ": " << good.err;
+        EXPECT_EQ(fresh.num_layers, 3);
+        EXPECT_EQ(fresh.seed, 7);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// INI files
+
+TEST(ConfigIni, AppliesKeysFromEverySectionInBothSpellings) {
+    TempIni ini(
+        "; a comment\n"
+        "# another comment\n"
+        "num-layers = 2\n"
+        "[model]\n"
+        "hidden_size = 64   ; inline comment\n"
+        "[moe]\n"
+        "num-experts=4\n"
+        "moe_router_topk = 1\n"
+        "\n"
+        "[data]\n"
+        "data-path = /tmp/some corpus.txt\n");
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--config", ini.path()});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(cfg.num_layers, 2);
+    EXPECT_EQ(cfg.hidden_size, 64);
+    EXPECT_EQ(cfg.num_experts, 4);
+    EXPECT_EQ(cfg.moe_router_topk, 1);
+    EXPECT_STREQ(cfg.data_path, "/tmp/some corpus.txt");
+    EXPECT_EQ(cfg.seq_length, 128);
+}
+
+TEST(ConfigIni, FlagsOverrideTheFileRegardlessOfOrder) {
+    TempIni ini("[model]\nnum-layers = 2\nhidden-size = 64\n");
+    Config before;
+    config_defaults(&before);
+    SetResult r = Parse(&before, {"train", "--num-layers", "6", "--config", ini.path()});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(before.num_layers, 6);
+    EXPECT_EQ(before.hidden_size, 64);
+
+    Config after;
+    config_defaults(&after);
+    r = Parse(&after, {"train", "--config=" + ini.path(), "--num-layers=6"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(after.num_layers, 6);
+    EXPECT_EQ(after.hidden_size, 64);
+}
+
+TEST(ConfigIni, MissingFileNamesThePathAndReason) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--config", "/nonexistent-moesim/run.ini"});
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err,
+              "cannot read config file /nonexistent-moesim/run.ini: No such file or directory; "
+              "check the path");
+}
+
+TEST(ConfigIni, DirectoryInsteadOfFileIsUnreadable) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--config", "/tmp"});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"cannot read config file /tmp", "Is a directory"});
+}
+
+TEST(ConfigIni, SyntaxErrorReportsFileAndLine) {
+    TempIni ini("num-layers = 2\n[model]\nthis line has no equals sign\nhidden-size = 64\n");
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--config", ini.path()});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {(ini.path() + ":3:").c_str(), "syntax error", "key = value"});
+}
+
+TEST(ConfigIni, BadValueReportsFileLineKeyAndValue) {
+    TempIni ini("[model]\nnum-layers = 2\n\nhidden_size = 12x\n");
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--config", ini.path()});
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err, ini.path() +
+                         ":4: hidden-size: \"12x\" is not an integer; give a whole number "
+                         "such as 128");
+}
+
+TEST(ConfigIni, UnknownKeyReportsFileLineAndSuggestion) {
+    TempIni ini("num-layers = 2\nnum_expert = 4\n");
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--config", ini.path()});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {(ini.path() + ":2:").c_str(), "unknown key \"num_expert\"",
+                           "did you mean \"num-experts\""});
+}
+
+TEST(ConfigIni, FirstErrorWinsWhenSeveralLinesAreBad) {
+    TempIni ini("num-layers = 2\nlr = -5\nnot a pair\nhidden-size = x\n");
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--config", ini.path()});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {(ini.path() + ":2: lr: -5").c_str(), "> 0"});
+
+    TempIni syntax_first("[model\nlr = -5\n");
+    r = Parse(&cfg, {"train", "--config", syntax_first.path()});
+    ExpectMentions(r.err, {(syntax_first.path() + ":1:").c_str(), "syntax error"});
+}
+
+TEST(ConfigIni, OverlongLineIsAnErrorNotATruncatedValue) {
+    TempIni ini("num-layers = 2\ndata-path = /" + std::string(300, 'x') + "\n");
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--config", ini.path()});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {(ini.path() + ":2:").c_str(), "longer than", "--flag"});
+}
+
+TEST(ConfigIni, ConfigGivenTwiceIsAnError) {
+    TempIni a("num-layers = 2\n");
+    TempIni b("num-layers = 3\n");
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--config", a.path(), "--config", b.path()});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--config given twice", a.path().c_str(), b.path().c_str()});
+}
+
+// ---------------------------------------------------------------------------
+// config_to_ini
+
+TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
+    Config cfg;
+    config_defaults(&cfg);
+    std::vector<std::string> keys = IniKeys(cfg);
+    ASSERT_EQ(keys.size(), 37u);
+    EXPECT_EQ(keys.front(), "num-layers");
+    EXPECT_EQ(keys.back(), "out");
+    char *text = config_to_ini(&cfg);
+    ASSERT_NE(text, nullptr);
+    std::string ini(text);
+    free(text);
+    ExpectMentions(ini, {"num-layers = 4\n", "lr = 0.003\n", "adam-eps = 1e-08\n",
+                         "seed = 1234\n", "data-format = auto\n", "out = runs/moesim.h5\n",
+                         "moe-router-norm-topk-prob = 1\n"});
+}
+
+TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
+    Config cfg;
+    config_defaults(&cfg);
+    const char *changes[][2] = {
+        {"num-layers", "6"}, {"hidden-size", "96"}, {"num-attention-heads", "3"},
+        {"ffn-hidden-size", "384"}, {"seq-length", "64"},
+        {"untie-embeddings-and-output-weights", "on"}, {"num-experts", "16"},
+        {"moe-router-topk", "4"}, {"moe-layer-freq", "2"}, {"moe-ffn-hidden-size", "192"},
+        {"moe-group-size", "256"}, {"moe-router-norm-topk-prob", "off"},
+        {"moe-expert-capacity-factor", "1.3333333333333333"}, {"moe-aux-loss-coeff", "0.1"},
+        {"moe-z-loss-coeff", "1e-5"}, {"micro-batch-size", "8"}, {"train-iters", "1234"},
+        {"lr-warmup-iters", "7"}, {"eval-interval", "33"}, {"eval-iters", "3"},
+        {"log-interval", "5"}, {"progress-interval", "11"}, {"lr", "0.00123456789012345678"},
+        {"min-lr", "0"}, {"weight-decay", "0.30000000000000004"}, {"clip-grad", "0.5"},
+        {"adam-beta1", "0.85"}, {"adam-beta2", "0.999"}, {"adam-eps", "2.5e-9"},
+        {"seed", "4294967295"}, {"data-path", "/data/my corpus"}, {"data-format", "text"},
+        {"val-fraction", "0.25"}, {"synthetic-clusters", "17"},
+        {"synthetic-tokens", "123456"}, {"out", "/tmp/round/trip.h5"},
+    };
+    for (auto &change : changes) {
+        SetResult r = Set(&cfg, change[0], change[1]);
+        ASSERT_EQ(r.rc, 0) << r.err;
+    }
+    char *text = config_to_ini(&cfg);
+    ASSERT_NE(text, nullptr);
+    TempIni ini(text);
+    free(text);
+
+    Config back;
+    config_defaults(&back);
+    SetResult r = Parse(&back, {"train", "--config", ini.path()});
+    ASSERT_EQ(r.rc, 0) << r.err;
+#define EXPECT_SAME(field) EXPECT_EQ(back.field, cfg.field) << #field
+#define EXPECT_SAME_STR(field) EXPECT_STREQ(back.field, cfg.field) << #field
+    EXPECT_SAME(num_layers);
+    EXPECT_SAME(hidden_size);
+    EXPECT_SAME(num_attention_heads);
+    EXPECT_SAME(ffn_hidden_size);
+    EXPECT_SAME(seq_length);
+    EXPECT_SAME(untie_embeddings_and_output_weights);
+    EXPECT_SAME(num_experts);
+    EXPECT_SAME(moe_router_topk);
+    EXPECT_SAME(moe_layer_freq);
+    EXPECT_SAME(moe_ffn_hidden_size);
+    EXPECT_SAME(moe_group_size);
+    EXPECT_SAME(moe_router_norm_topk_prob);
+    EXPECT_SAME(moe_expert_capacity_factor);
+    EXPECT_SAME(moe_aux_loss_coeff);
+    EXPECT_SAME(moe_z_loss_coeff);
+    EXPECT_SAME_STR(moe_token_drop_policy);
+    EXPECT_SAME(micro_batch_size);
+    EXPECT_SAME(train_iters);
+    EXPECT_SAME(lr_warmup_iters);
+    EXPECT_SAME(eval_interval);
+    EXPECT_SAME(eval_iters);
+    EXPECT_SAME(log_interval);
+    EXPECT_SAME(progress_interval);
+    EXPECT_SAME(lr);
+    EXPECT_SAME(min_lr);
+    EXPECT_SAME(weight_decay);
+    EXPECT_SAME(clip_grad);
+    EXPECT_SAME(adam_beta1);
+    EXPECT_SAME(adam_beta2);
+    EXPECT_SAME(adam_eps);
+    EXPECT_SAME(seed);
+    EXPECT_SAME_STR(data_path);
+    EXPECT_SAME_STR(data_format);
+    EXPECT_SAME(val_fraction);
+    EXPECT_SAME(synthetic_clusters);
+    EXPECT_SAME(synthetic_tokens);
+    EXPECT_SAME_STR(out);
+#undef EXPECT_SAME
+#undef EXPECT_SAME_STR
+}
+
+// ---------------------------------------------------------------------------
+// Derived quantities
+
+TEST(ConfigDerived, MoeLayerFrequencyCountsFromTheFirstLayer) {
+    Config cfg;
+    config_defaults(&cfg);
+    cfg.num_layers = 4;
+    cfg.moe_layer_freq = 1;
+    for (int layer = 0; layer < 4; layer++)
+        EXPECT_TRUE(config_is_moe_layer(&cfg, layer)) << layer;
+    EXPECT_EQ(config_num_moe_layers(&cfg), 4);
+
+    cfg.moe_layer_freq = 2;
+    EXPECT_FALSE(config_is_moe_layer(&cfg, 0));
+    EXPECT_TRUE(config_is_moe_layer(&cfg, 1));
+    EXPECT_FALSE(config_is_moe_layer(&cfg, 2));
+    EXPECT_TRUE(config_is_moe_layer(&cfg, 3));
+    EXPECT_EQ(config_num_moe_layers(&cfg), 2);
+
+    cfg.moe_layer_freq = 3;
+    EXPECT_TRUE(config_is_moe_layer(&cfg, 2));
+    EXPECT_EQ(config_num_moe_layers(&cfg), 1);
+
+    cfg.moe_layer_freq = 5;
+    EXPECT_EQ(config_num_moe_layers(&cfg), 0);
+}
+
+TEST(ConfigDerived, GroupSizeZeroMeansOneMicroBatch) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_EQ(config_group_size(&cfg), 16 * 128);
+    cfg.micro_batch_size = 3;
+    cfg.seq_length = 10;
+    EXPECT_EQ(config_group_size(&cfg), 30);
+    cfg.moe_group_size = 15;
+    EXPECT_EQ(config_group_size(&cfg), 15);
+}
+
+// ---------------------------------------------------------------------------
+// config_validate
+
+class ConfigValidate : public ::testing::Test {
+  protected:
+    void SetUp() override { cfg_ = ValidConfig(dir_.path() + "/run.h5"); }
+    void TearDown() override {
+        EXPECT_TRUE(dir_.Entries().empty()) << "config_validate must not create files";
+    }
+    TempDir dir_;
+    Config cfg_;
+};
+
+TEST_F(ConfigValidate, TopkLargerThanExperts) {
+    cfg_.num_experts = 2;
+    cfg_.moe_router_topk = 4;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-topk 4", "--num-experts 2", "lower", "raise"});
+    cfg_.moe_router_topk = 2;
+    EXPECT_EQ(Validate(cfg_).rc, 0);
+}
+
+TEST_F(ConfigValidate, HiddenSizeNotDivisibleByHeads) {
+    cfg_.hidden_size = 130;
+    cfg_.num_attention_heads = 4;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--hidden-size 130", "--num-attention-heads 4", "--hidden-size 128"});
+    cfg_.hidden_size = 3;
+    ExpectMentions(Validate(cfg_).err, {"--hidden-size 4"});
+}
+
+TEST_F(ConfigValidate, NonPositiveCapacityFactorExplainsDropless) {
+    for (double factor : {0.0, -1.0}) {
+        cfg_.moe_expert_capacity_factor = factor;
+        SetResult r = Validate(cfg_);
+        EXPECT_EQ(r.rc, -1) << factor;
+        ExpectMentions(r.err, {"--moe-expert-capacity-factor", "dropless", "not implemented",
+                               "positive factor such as 1.25"});
+    }
+    ExpectMentions(Validate(cfg_).err, {"--moe-expert-capacity-factor -1"});
+}
+
+TEST_F(ConfigValidate, GroupSizeMustDivideTheMicroBatch) {
+    cfg_.micro_batch_size = 4;
+    cfg_.seq_length = 32;
+    cfg_.moe_group_size = 48;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-group-size 48", "128 tokens", "--micro-batch-size 4",
+                           "--seq-length 32", "divisor"});
+    cfg_.moe_group_size = 64;
+    EXPECT_EQ(Validate(cfg_).rc, 0);
+    cfg_.moe_group_size = 256;
+    EXPECT_EQ(Validate(cfg_).rc, -1);
+}
+
+TEST_F(ConfigValidate, MissingDataPathNamesPathAndReason) {
+    strcpy(cfg_.data_format, "auto");
+    strcpy(cfg_.data_path, "/nonexistent-moesim/corpus.txt");
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err,
+              "--data-path /nonexistent-moesim/corpus.txt: No such file or directory; point it "
+              "at a text file, a directory of text files, or a .tok token file (or use "
+              "--data-format synthetic)");
+    strcpy(cfg_.data_format, "text");
+    EXPECT_EQ(Validate(cfg_).rc, -1);
+}
+
+TEST_F(ConfigValidate, SyntheticDataNeedsNoPath) {
+    strcpy(cfg_.data_path, "/nonexistent-moesim/corpus.txt");
+    strcpy(cfg_.data_format, "synthetic");
+    EXPECT_EQ(Validate(cfg_).rc, 0);
+    strcpy(cfg_.data_path, "synthetic");
+    strcpy(cfg_.data_format, "auto");
+    EXPECT_EQ(Validate(cfg_).rc, 0);
+    strcpy(cfg_.data_format, "tokens");
+    EXPECT_EQ(Validate(cfg_).rc, -1);
+}
+
+TEST_F(ConfigValidate, ExistingDataFileAndDirectoryPass) {
+    TempIni file("hello\n");
+    strcpy(cfg_.data_format, "auto");
+    strcpy(cfg_.data_path, file.path().c_str());
+    EXPECT_EQ(Validate(cfg_).rc, 0);
+    strcpy(cfg_.data_path, "/tmp");
+    EXPECT_EQ(Validate(cfg_).rc, 0);
+}
+
+TEST_F(ConfigValidate, OutputDirectoryMustExist) {
+    strcpy(cfg_.out, "/nonexistent-moesim-dir/x.h5");
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--out /nonexistent-moesim-dir/x.h5", "No such file or directory",
+                           "mkdir -p /nonexistent-moesim-dir"});
+    EXPECT_FALSE(PathExists("/nonexistent-moesim-dir"));
+}
+
+TEST_F(ConfigValidate, OutputParentMustBeADirectory) {
+    TempIni file("not a directory\n");
+    strcpy(cfg_.out, (file.path() + "/x.h5").c_str());
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {file.path().c_str(), "--out"});
+}
+
+TEST_F(ConfigValidate, OutputMustNotBeADirectory) {
+    strcpy(cfg_.out, "/tmp");
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err, "--out /tmp is a directory; give a file path such as /tmp/moesim.h5");
+    strcpy(cfg_.out, (dir_.path() + "/new-subdir/").c_str());
+    ExpectMentions(Validate(cfg_).err, {"names a directory", "new-subdir/moesim.h5"});
+}
+
+TEST_F(ConfigValidate, RelativeOutputInTheWorkingDirectoryPasses) {
+    char cwd[MOESIM_PATH_MAX];
+    ASSERT_NE(getcwd(cwd, sizeof(cwd)), nullptr);
+    ASSERT_EQ(chdir(dir_.path().c_str()), 0);
+    strcpy(cfg_.out, "run.h5");
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(chdir(cwd), 0);
+    EXPECT_EQ(r.rc, 0) << r.err;
+}
+
+TEST_F(ConfigValidate, ExistingOutputFileIsLeftAlone) {
+    std::string out = dir_.path() + "/run.h5";
+    FILE *f = fopen(out.c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    fputs("previous run", f);
+    fclose(f);
+    strcpy(cfg_.out, out.c_str());
+    EXPECT_EQ(Validate(cfg_).rc, 0);
+    f = fopen(out.c_str(), "r");
+    ASSERT_NE(f, nullptr);
+    char content[64] = "";
+    ASSERT_NE(fgets(content, sizeof(content), f), nullptr);
+    fclose(f);
+    EXPECT_STREQ(content, "previous run");
+    unlink(out.c_str());
+}
+
+// ---------------------------------------------------------------------------
+// Help
+
+TEST(ConfigHelp, ListsEveryKeyWithItsDefault) {
+    Config cfg;
+    config_defaults(&cfg);
+    testing::internal::CaptureStdout();
+    config_print_help();
+    std::string help = testing::internal::GetCapturedStdout();
+    for (const std::string &key : IniKeys(cfg))
+        EXPECT_NE(help.find("--" + key + " "), std::string::npos) << key;
+    ExpectMentions(help, {"--config FILE", "--num-experts N", "(default 8)", "model:",
+                          "mixture of experts:", "auto|text|tokens|synthetic",
+                          "(default runs/moesim.h5)"});
+}

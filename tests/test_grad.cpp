@@ -1,0 +1,286 @@
+// Finite-difference checks of every backward pass: ops, attention, FFN,
+// router (with aux and z losses), the MoE layer with drops, the whole model.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <vector>
+
+#include "gradcheck.h"
+#include "moesim/attention.h"
+#include "moesim/ffn.h"
+#include "moesim/model.h"
+#include "moesim/moe.h"
+#include "moesim/ops.h"
+#include "moesim/router.h"
+
+namespace {
+
+// Float32 forward passes with central differences at eps ~1e-2..1e-3 leave
+// about 1e-3 relative noise; a wrong gradient term shows up at O(1).
+constexpr double kTolerance = 1e-2;
+
+TEST(GradMatmul, InputAndWeight) {
+    const int N = 5, I = 7, O = 3;
+    auto x = random_vector(N * I, 1), w = random_vector(O * I, 2), r = random_vector(N * O, 3);
+    std::vector<float> out(N * O), dx(N * I), dw(O * I, 0.0f);
+    auto loss = [&] {
+        matmul_forward(out.data(), x.data(), w.data(), N, I, O);
+        return weighted_sum(out.data(), r);
+    };
+    matmul_backward(dx.data(), dw.data(), r.data(), x.data(), w.data(), N, I, O);
+    auto gx = check_gradient(x.data(), x.size(), dx.data(), loss, 100, 1e-2f, 4);
+    auto gw = check_gradient(w.data(), w.size(), dw.data(), loss, 100, 1e-2f, 5);
+    EXPECT_LT(gx.max_error, kTolerance) << describe(gx);
+    EXPECT_LT(gw.max_error, kTolerance) << describe(gw);
+}
+
+TEST(GradRmsnorm, InputAndWeight) {
+    const int N = 4, C = 16;
+    auto x = random_vector(N * C, 6, 2.0), w = random_vector(N * C, 7), r = random_vector(N * C, 8);
+    w.resize(C);
+    for (auto &v : w) v += 1.0f;
+    std::vector<float> out(N * C), rstd(N), dx(N * C, 0.0f), dw(C, 0.0f);
+    auto loss = [&] {
+        rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), N, C);
+        return weighted_sum(out.data(), r);
+    };
+    loss();
+    rmsnorm_backward(dx.data(), dw.data(), r.data(), x.data(), w.data(), rstd.data(), N, C);
+    auto gx = check_gradient(x.data(), x.size(), dx.data(), loss, 100, 1e-2f, 9);
+    auto gw = check_gradient(w.data(), w.size(), dw.data(), loss, 100, 1e-2f, 10);
+    EXPECT_LT(gx.max_error, kTolerance) << describe(gx);
+    EXPECT_LT(gw.max_error, kTolerance) << describe(gw);
+}
+
+TEST(GradGelu, Elementwise) {
+    const int n = 64;
+    auto x = random_vector(n, 11, 4.0), r = random_vector(n, 12);
+    std::vector<float> out(n), dx(n);
+    auto loss = [&] {
+        gelu_forward(out.data(), x.data(), n);
+        return weighted_sum(out.data(), r);
+    };
+    gelu_backward(dx.data(), x.data(), r.data(), n);
+    auto g = check_gradient(x.data(), n, dx.data(), loss, n, 1e-2f, 13);
+    EXPECT_LT(g.max_error, kTolerance) << describe(g);
+}
+
+TEST(GradGelu, MatchesTanhFormulaAtKnownPoints) {
+    const float x[4] = {-3.0f, -0.5f, 0.0f, 2.0f};
+    float y[4];
+    gelu_forward(y, x, 4);
+    for (int i = 0; i < 4; i++) {
+        double u = std::sqrt(2.0 / M_PI) * (x[i] + 0.044715 * std::pow(x[i], 3));
+        EXPECT_NEAR(y[i], 0.5 * x[i] * (1.0 + std::tanh(u)), 1e-6) << "x = " << x[i];
+    }
+}
+
+TEST(GradSoftmaxCrossEntropy, Logits) {
+    const int N = 6, V = 11;
+    auto logits = random_vector(N * V, 14, 3.0);
+    std::vector<int> targets = {0, 3, 10, 5, 5, 7};
+    std::vector<float> work(N * V);
+    auto loss = [&] {
+        work = logits;
+        return softmax_cross_entropy_forward(work.data(), targets.data(), N, V);
+    };
+    loss();
+    std::vector<float> dlogits = work;
+    softmax_cross_entropy_backward(dlogits.data(), targets.data(), N, V);
+    auto g = check_gradient(logits.data(), logits.size(), dlogits.data(), loss, 200, 1e-2f, 15);
+    EXPECT_LT(g.max_error, kTolerance) << describe(g);
+}
+
+TEST(GradSoftmaxCrossEntropy, KnownValue) {
+    float logits[3] = {0.0f, 0.0f, 0.0f};
+    int target = 1;
+    EXPECT_NEAR(softmax_cross_entropy_forward(logits, &target, 1, 3), std::log(3.0), 1e-6);
+}
+
+TEST(GradAttention, Qkv) {
+    const int B = 2, T = 5, C = 8, NH = 2;
+    auto qkv = random_vector(B * T * 3 * C, 16, 1.5), r = random_vector(B * T * C, 17);
+    std::vector<float> out(B * T * C), att(B * NH * T * T), dqkv(qkv.size()), scratch(T * T);
+    auto loss = [&] {
+        attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
+        return weighted_sum(out.data(), r);
+    };
+    loss();
+    attention_backward(dqkv.data(), scratch.data(), r.data(), qkv.data(), att.data(), B, T, C, NH);
+    auto g = check_gradient(qkv.data(), qkv.size(), dqkv.data(), loss, 240, 1e-2f, 18);
+    EXPECT_LT(g.max_error, kTolerance) << describe(g);
+}
+
+TEST(GradAttention, IsCausal) {
+    const int B = 1, T = 4, C = 4, NH = 1;
+    auto qkv = random_vector(B * T * 3 * C, 19);
+    std::vector<float> out(T * C), out2(T * C), att(T * T);
+    attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
+    for (int c = 0; c < 3 * C; c++) qkv[(T - 1) * 3 * C + c] += 1.0f;  // change the last token
+    attention_forward(out2.data(), att.data(), qkv.data(), B, T, C, NH);
+    for (int i = 0; i < (T - 1) * C; i++) EXPECT_EQ(out[i], out2[i]) << "earlier rows saw the future";
+    for (int t = 0; t < T; t++)
+        for (int j = t + 1; j < T; j++) EXPECT_EQ(att[t * T + j], 0.0f);
+}
+
+TEST(GradFfn, InputAndWeights) {
+    const int n = 6, C = 8, F = 12;
+    auto x = random_vector(n * C, 20), w1 = random_vector(F * C, 21, 0.5),
+         w2 = random_vector(C * F, 22, 0.5), r = random_vector(n * C, 23);
+    std::vector<float> out(n * C), h_pre(n * F), h_act(n * F), dh(n * F), dx(n * C);
+    std::vector<float> dw1(F * C, 0.0f), dw2(C * F, 0.0f);
+    auto loss = [&] {
+        ffn_forward(out.data(), h_pre.data(), h_act.data(), x.data(), w1.data(), w2.data(), n, C, F);
+        return weighted_sum(out.data(), r);
+    };
+    loss();
+    ffn_backward(dx.data(), dw1.data(), dw2.data(), dh.data(), r.data(), x.data(), h_pre.data(),
+                 h_act.data(), w1.data(), w2.data(), n, C, F);
+    for (auto [p, g, name] : {std::tuple{&x, &dx, "x"}, {&w1, &dw1, "w1"}, {&w2, &dw2, "w2"}}) {
+        auto res = check_gradient(p->data(), p->size(), g->data(), loss, 150, 1e-2f, 24);
+        EXPECT_LT(res.max_error, kTolerance) << name << ": " << describe(res);
+    }
+}
+
+// Router and MoE tests share a small layer where capacity really drops.
+struct MoeFixture {
+    MoeShape shape{};
+    MoeLayer layer{};
+    MoeScratch scratch{};
+    std::vector<float> x, router_w, w1, w2, r, out;
+    std::vector<int> base_experts;
+    std::vector<unsigned char> base_kept;
+
+    MoeFixture(int norm_topk_prob, double capacity_factor) {
+        const int N = 12, C = 6, E = 4, K = 2, G = 6, F = 5;
+        shape.router = {N, C, E, K, G, norm_topk_prob, capacity_factor, 0.3, 0.05};
+        shape.F = F;
+        EXPECT_EQ(moe_layer_init(&layer, &shape), 0);
+        EXPECT_EQ(moe_scratch_init(&scratch, &shape), 0);
+        x = random_vector(N * C, 30);
+        router_w = random_vector(E * C, 31, 1.5);
+        w1 = random_vector(E * F * C, 32, 0.7);
+        w2 = random_vector(E * C * F, 33, 0.7);
+        r = random_vector(N * C, 34);
+        out.resize(N * C);
+        loss();
+        const Routing &rt = layer.routing;
+        base_experts.assign(rt.choice_expert, rt.choice_expert + N * K);
+        base_kept.assign(rt.choice_kept, rt.choice_kept + N * K);
+    }
+    ~MoeFixture() {
+        moe_layer_free(&layer);
+        moe_scratch_free(&scratch);
+    }
+    double loss() {
+        moe_forward(out.data(), &layer, x.data(), router_w.data(), w1.data(), w2.data(), &shape);
+        return weighted_sum(out.data(), r) + layer.routing.aux_loss + layer.routing.z_loss;
+    }
+    bool routing_unchanged() const {
+        const Routing &rt = layer.routing;
+        size_t n = base_experts.size();
+        return std::equal(base_experts.begin(), base_experts.end(), rt.choice_expert) &&
+               std::equal(base_kept.begin(), base_kept.end(), rt.choice_kept, rt.choice_kept + n);
+    }
+    long dropped() const {
+        long d = 0;
+        for (int e = 0; e < shape.router.E; e++) d += layer.routing.dropped_per_expert[e];
+        return d;
+    }
+};
+
+class GradMoe : public ::testing::TestWithParam<int> {};
+
+TEST_P(GradMoe, LayerWithDropsAndAuxLosses) {
+    MoeFixture f(GetParam(), 0.5);
+    ASSERT_GT(f.dropped(), 0) << "the fixture must exercise capacity drops";
+    const RouterShape &rs = f.shape.router;
+    std::vector<float> dx(rs.N * rs.C), drw(f.router_w.size(), 0.0f), dw1(f.w1.size(), 0.0f),
+        dw2(f.w2.size(), 0.0f);
+    f.loss();
+    moe_backward(dx.data(), drw.data(), dw1.data(), dw2.data(), f.r.data(), f.x.data(),
+                 f.router_w.data(), f.w1.data(), f.w2.data(), &f.layer, &f.scratch, &f.shape);
+    auto loss = [&] { return f.loss(); };
+    auto stable = [&] { return f.routing_unchanged(); };
+    struct Case { std::vector<float> *p; std::vector<float> *g; const char *name; };
+    for (auto c : {Case{&f.x, &dx, "x"}, Case{&f.router_w, &drw, "router_w"},
+                   Case{&f.w1, &dw1, "w1"}, Case{&f.w2, &dw2, "w2"}}) {
+        auto res = check_gradient(c.p->data(), c.p->size(), c.g->data(), loss, 200, 2e-3f, 35,
+                                  stable);
+        EXPECT_LT(res.max_error, kTolerance) << c.name << ": " << describe(res);
+        EXPECT_GT(res.checked, res.skipped * 10) << c.name << ": too many routing flips";
+    }
+}
+
+TEST_P(GradMoe, RouterAloneThroughGatesAuxAndZ) {
+    MoeFixture f(GetParam(), 1.0);
+    const RouterShape &rs = f.shape.router;
+    auto gate_weights = random_vector(rs.N * rs.K, 36);
+    auto loss = [&] {
+        router_forward(&f.layer.routing, f.x.data(), f.router_w.data(), &rs);
+        double s = f.layer.routing.aux_loss + f.layer.routing.z_loss;
+        for (int a = 0; a < rs.N * rs.K; a++)
+            if (f.layer.routing.choice_kept[a])
+                s += (double)gate_weights[a] * f.layer.routing.choice_gate[a];
+        return s;
+    };
+    loss();
+    std::vector<float> dgate(rs.N * rs.K), dx(rs.N * rs.C, 0.0f), dw(f.router_w.size(), 0.0f);
+    for (int a = 0; a < rs.N * rs.K; a++)
+        dgate[a] = f.layer.routing.choice_kept[a] ? gate_weights[a] : 0.0f;
+    router_backward(dx.data(), dw.data(), dgate.data(), f.x.data(), f.router_w.data(),
+                    &f.layer.routing, &rs);
+    auto stable = [&] { return f.routing_unchanged(); };
+    auto gx = check_gradient(f.x.data(), f.x.size(), dx.data(), loss, 200, 2e-3f, 37, stable);
+    auto gw = check_gradient(f.router_w.data(), f.router_w.size(), dw.data(), loss, 200, 2e-3f, 38,
+                             stable);
+    EXPECT_LT(gx.max_error, kTolerance) << describe(gx);
+    EXPECT_LT(gw.max_error, kTolerance) << describe(gw);
+}
+
+INSTANTIATE_TEST_SUITE_P(GradNormTopkProb, GradMoe, ::testing::Values(0, 1));
+
+// The whole model: every tensor of a small MoE transformer with a dense layer,
+// drops, and both auxiliary losses. Per-coordinate differences drown in the
+// float32 rounding of a loss of ~3 nats, so this checks directional
+// derivatives of each tensor (the layer tests above check coordinates).
+TEST(GradModel, EveryTensor) {
+    ModelShape s{};
+    s.V = 13; s.T = 6; s.C = 8; s.NH = 2; s.L = 2; s.F = 10;
+    s.E = 4; s.K = 2; s.Fe = 6; s.B = 2; s.G = 6;
+    s.moe_layer_freq = 2; s.tied = 1; s.norm_topk_prob = 1;
+    s.capacity_factor = 0.75; s.aux_loss_coeff = 0.1; s.z_loss_coeff = 0.01;
+    Model m;
+    ASSERT_EQ(model_init(&m, &s, 7), 0);
+    // Larger weights than the 0.02 init so every path carries signal.
+    for (size_t i = 0; i < m.num_params; i++)
+        if (m.params[i] != 1.0f) m.params[i] *= 20.0f;
+    int N = s.B * s.T;
+    std::vector<int> inputs(N), targets(N);
+    for (int i = 0; i < N; i++) inputs[i] = (i * 5 + 1) % s.V, targets[i] = (i * 3 + 2) % s.V;
+    model_zero_grad(&m);
+    model_forward(&m, inputs.data(), targets.data());
+    const Routing &rt = m.moe[1].routing;
+    std::vector<int> base_experts(rt.choice_expert, rt.choice_expert + N * s.K);
+    std::vector<unsigned char> base_kept(rt.choice_kept, rt.choice_kept + N * s.K);
+    long dropped = 0;
+    for (int e = 0; e < s.E; e++) dropped += rt.dropped_per_expert[e];
+    EXPECT_GT(dropped, 0) << "the test must exercise capacity drops";
+    model_backward(&m);
+    std::vector<float> grads(m.grads, m.grads + m.num_params);
+    auto loss = [&] { return model_forward(&m, inputs.data(), targets.data()); };
+    auto stable = [&] {
+        return std::equal(base_experts.begin(), base_experts.end(), rt.choice_expert) &&
+               std::equal(base_kept.begin(), base_kept.end(), rt.choice_kept);
+    };
+    for (int i = 0; i < m.num_tensors; i++) {
+        const ParamTensor &t = m.tensors[i];
+        auto res = check_directions(m.params + t.offset, t.numel, grads.data() + t.offset, loss,
+                                    16, 1e-2f, 40 + i, stable);
+        EXPECT_LT(res.max_error, kTolerance) << t.name << ": " << describe(res);
+        EXPECT_GE(res.checked, 6) << t.name << ": too many routing flips";
+    }
+    model_free(&m);
+}
+
+}  // namespace
