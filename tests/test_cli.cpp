@@ -116,7 +116,7 @@ class CliConfigError : public ::testing::Test {
         FILE *f = fopen(path.c_str(), "w");
         EXPECT_NE(f, nullptr) << path << ": " << strerror(errno);
         if (f) {
-            fputs(text.c_str(), f);
+            fwrite(text.data(), 1, text.size(), f);
             fclose(f);
         }
         files_.push_back(path);
@@ -215,6 +215,28 @@ TEST_F(CliConfigError, BadValueInConfigFileNamesFileAndLine) {
 TEST_F(CliConfigError, SyntaxErrorInConfigFileNamesFileAndLine) {
     std::string ini = WriteFile("syntax.ini", "num-layers = 2\nnot a key value pair\n");
     ExpectUsageError(TrainArgs({"--config", ini}), {ini + ":2:", "syntax error"});
+}
+
+TEST_F(CliConfigError, SeqLengthLargerThanTheData) {
+    std::string text = WriteFile("tiny.txt", std::string(300, 'a'));
+    ExpectUsageError({"train", "--data-path", text, "--seq-length", "128", "--out", out_},
+                     {"--seq-length 128", "larger than the data", "lower --seq-length"});
+}
+
+TEST_F(CliConfigError, TokenFileWithWrongMagic) {
+    std::string tok = WriteFile("wrong.tok", "this is plain text, not a token file at all.....");
+    ExpectUsageError({"train", "--data-path", tok, "--out", out_},
+                     {tok, "MOESIMTK", "--data-format text"});
+}
+
+TEST_F(CliConfigError, TruncatedTokenFile) {
+    // Header promising 1000 tokens, followed by only 3 of them.
+    std::string header("MOESIMTK", 8);
+    const unsigned char rest[24] = {1, 0, 0, 0, 0, 1, 0, 0, 0xe8, 0x03};
+    header.append(reinterpret_cast<const char *>(rest), sizeof rest);
+    header.append(std::string(6, '\x01'));
+    std::string tok = WriteFile("short.tok", header);
+    ExpectUsageError({"train", "--data-path", tok, "--out", out_}, {tok, "truncated"});
 }
 
 TEST(CliInfo, HelpListsEveryGroupOfFlags) {

@@ -59,6 +59,11 @@ CONFIGS = {
     "fortunes-top2-norm-tied-groups32-drop": (
         {"moe-router-topk": 2, "moe-router-norm-topk-prob": 1, "moe-group-size": 32,
          "moe-expert-capacity-factor": 0.5}, True),
+    # 10x the init: FFN pre-activations of a few units, where tanh-GELU and exact
+    # GELU (and other near-linear slips) differ far beyond the tolerance.
+    "large-weights-top2-norm-tied-drop": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-router-topk": 2, "moe-router-norm-topk-prob": 1,
+         "moe-expert-capacity-factor": 0.75}, True),
 }
 
 
@@ -75,7 +80,10 @@ def run_export(out_path, flags):
     if not EXPORT.is_file():
         pytest.fail(f"{EXPORT} not found; build it with `make build/export_reference` "
                     f"or point MOESIM_BUILD at the build directory")
+    flags = dict(flags)
     argv = [str(EXPORT), str(out_path)]
+    if "weight-scale" in flags:
+        argv += ["--weight-scale", str(flags.pop("weight-scale"))]
     for key, value in flags.items():
         argv += [f"--{key}", str(value)]
     return subprocess.run(argv, cwd=out_path.parent, env=mpi_singleton_env(),
