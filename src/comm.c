@@ -1,7 +1,6 @@
 #include "moesim/comm.h"
 
 #include <limits.h>
-#include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -10,58 +9,115 @@ void comm_init(Comm *c, int *argc, char ***argv) {
         fprintf(stderr, "moesim: error: MPI_Init failed; run under mpirun or srun --mpi=pmix\n");
         exit(1);
     }
-    MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
-    MPI_Comm_size(MPI_COMM_WORLD, &c->world_size);
+    comm_attach_world(c);
+}
+
+static void attach(Comm *c, MPI_Comm world) {
+    c->world = world;
+    MPI_Comm_rank(world, &c->rank);
+    MPI_Comm_size(world, &c->world_size);
+    c->ep_size = 1;
+    c->ep_rank = 0;
+    c->edp_size = c->world_size;
+    c->ep = MPI_COMM_SELF;
+    c->edp = world;
+}
+
+void comm_attach_world(Comm *c) { attach(c, MPI_COMM_WORLD); }
+
+void comm_attach_self(Comm *c) { attach(c, MPI_COMM_SELF); }
+
+void comm_split_groups(Comm *c, int ep_size) {
+    c->ep_size = ep_size;
+    c->ep_rank = c->rank % ep_size;
+    c->edp_size = c->world_size / ep_size;
+    MPI_Comm_split(c->world, c->rank / ep_size, c->ep_rank, &c->ep);
+    MPI_Comm_split(c->world, c->ep_rank, c->rank, &c->edp);
+}
+
+void comm_free_groups(Comm *c) {
+    if (c->ep != MPI_COMM_SELF) MPI_Comm_free(&c->ep);
+    if (c->edp != c->world) MPI_Comm_free(&c->edp);
+    attach(c, c->world);
 }
 
 void comm_finalize(Comm *c) {
-    (void)c;
+    comm_free_groups(c);
     MPI_Finalize();
 }
 
 int comm_all_ok(const Comm *c, int ok) {
-    (void)c;
     int all = 0;
-    MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, c->world);
     return all;
 }
 
 int comm_first_failed_rank(const Comm *c, int ok) {
     int mine = ok ? INT_MAX : c->rank, first = INT_MAX;
-    MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, c->world);
     return first == INT_MAX ? -1 : first;
 }
 
 void comm_share_error(const Comm *c, int root, char *err, size_t errlen) {
-    (void)c;
-    MPI_Bcast(err, (int)errlen, MPI_CHAR, root, MPI_COMM_WORLD);
+    MPI_Bcast(err, (int)errlen, MPI_CHAR, root, c->world);
     err[errlen - 1] = '\0';
 }
 
 void comm_sum_doubles(const Comm *c, double *values, int n) {
-    if (c->world_size == 1) return;
-    MPI_Allreduce(MPI_IN_PLACE, values, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    if (c->world_size > 1) MPI_Allreduce(MPI_IN_PLACE, values, n, MPI_DOUBLE, MPI_SUM, c->world);
 }
 
 void comm_sum_longs(const Comm *c, long *values, int n) {
-    if (c->world_size == 1) return;
-    MPI_Allreduce(MPI_IN_PLACE, values, n, MPI_LONG, MPI_SUM, MPI_COMM_WORLD);
+    if (c->world_size > 1) MPI_Allreduce(MPI_IN_PLACE, values, n, MPI_LONG, MPI_SUM, c->world);
 }
 
-void comm_average_floats(const Comm *c, float *values, size_t n) {
-    if (c->world_size == 1) return;
-    const size_t chunk = (size_t)INT_MAX / 2; /* MPI counts are int */
+void comm_ep_sum_doubles(const Comm *c, double *values, int n) {
+    if (c->ep_size > 1) MPI_Allreduce(MPI_IN_PLACE, values, n, MPI_DOUBLE, MPI_SUM, c->ep);
+}
+
+/* MPI counts are int: large buffers go in chunks. */
+static void sum_floats_in_place(float *values, size_t n, MPI_Comm comm) {
+    const size_t chunk = (size_t)INT_MAX / 2;
     for (size_t off = 0; off < n; off += chunk) {
         int count = (int)(n - off < chunk ? n - off : chunk);
-        MPI_Allreduce(MPI_IN_PLACE, values + off, count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+        MPI_Allreduce(MPI_IN_PLACE, values + off, count, MPI_FLOAT, MPI_SUM, comm);
     }
-    float inv = 1.0f / c->world_size;
-    for (size_t i = 0; i < n; i++) values[i] *= inv;
 }
 
-void comm_barrier(const Comm *c) {
-    (void)c;
-    MPI_Barrier(MPI_COMM_WORLD);
+void comm_reduce_gradients(const Comm *c, float *dense, size_t dense_n, float *expert,
+                           size_t expert_n) {
+    if (c->world_size == 1) return;
+    sum_floats_in_place(dense, dense_n, c->world);
+    if (c->edp_size > 1) sum_floats_in_place(expert, expert_n, c->edp);
+    float inv = 1.0f / c->world_size;
+    for (size_t i = 0; i < dense_n; i++) dense[i] *= inv;
+    for (size_t i = 0; i < expert_n; i++) expert[i] *= inv;
 }
+
+void comm_gather_doubles(const Comm *c, const double *mine, double *all, int n) {
+    MPI_Gather(mine, n, MPI_DOUBLE, all, n, MPI_DOUBLE, 0, c->world);
+}
+
+void comm_gather_longs(const Comm *c, const long *mine, long *all, int n) {
+    MPI_Gather(mine, n, MPI_LONG, all, n, MPI_LONG, 0, c->world);
+}
+
+void comm_gather_expert_shards(const Comm *c, const float *mine, float *all, size_t n) {
+    if (c->rank / c->ep_size != 0) return; /* only EP group 0 takes part */
+    MPI_Gather(mine, (int)n, MPI_FLOAT, all, (int)n, MPI_FLOAT, 0, c->ep);
+}
+
+void comm_ep_alltoall_ints(const Comm *c, const int *send, int *recv, int per_rank) {
+    MPI_Alltoall(send, per_rank, MPI_INT, recv, per_rank, MPI_INT, c->ep);
+}
+
+void comm_ep_alltoallv_floats(const Comm *c, const float *send, const int *send_counts,
+                              const int *send_displs, float *recv, const int *recv_counts,
+                              const int *recv_displs) {
+    MPI_Alltoallv(send, send_counts, send_displs, MPI_FLOAT, recv, recv_counts, recv_displs,
+                  MPI_FLOAT, c->ep);
+}
+
+void comm_barrier(const Comm *c) { MPI_Barrier(c->world); }
 
 double comm_wtime(void) { return MPI_Wtime(); }

@@ -30,6 +30,7 @@ typedef struct Option {
     const char *choices;       /* strings only: "a|b|c", NULL for free text */
     const char *choices_note;  /* why an expected choice is not there yet */
     const char *metavar;       /* --help placeholder when the type's is vague */
+    int optional;              /* strings only: empty means "not used" */
     const char *help;
 } Option;
 
@@ -71,6 +72,9 @@ static const Option OPTIONS[] = {
     {.name = "moe-ffn-hidden-size", .group = G_MOE, .type = OPT_INT,
      FIELD(moe_ffn_hidden_size), .min = 1, .max = 1 << 20, .default_text = "256",
      .help = "hidden width of each expert"},
+    {.name = "expert-model-parallel-size", .group = G_MOE, .type = OPT_INT,
+     FIELD(expert_model_parallel_size), .min = 0, .max = 1 << 20, .default_text = "0",
+     .help = "ranks that share one copy of the experts (EP); 0 = all ranks"},
     {.name = "moe-group-size", .group = G_MOE, .type = OPT_INT, FIELD(moe_group_size),
      .min = 0, .max = 1 << 30, .default_text = "0",
      .help = "tokens per routing group; 0 = one micro-batch"},
@@ -144,6 +148,9 @@ static const Option OPTIONS[] = {
     {.name = "out", .group = G_OUT, .type = OPT_STRING, FIELD(out),
      .default_text = "runs/moesim.h5", .metavar = "PATH",
      .help = "HDF5 file for stats and the resolved config"},
+    {.name = "save", .group = G_OUT, .type = OPT_STRING, FIELD(save),
+     .default_text = "", .metavar = "PATH", .optional = 1,
+     .help = "HDF5 file for the final parameters, all experts in global order; empty = none"},
 };
 
 #define NUM_OPTIONS (sizeof(OPTIONS) / sizeof(OPTIONS[0]))
@@ -341,7 +348,7 @@ static int is_choice(const char *choices, const char *text) {
 
 static int parse_string(const Option *opt, const char *text, const char *prefix, char *out,
                         char *err, size_t errlen) {
-    if (text[0] == '\0')
+    if (text[0] == '\0' && !opt->optional)
         return fail(err, errlen, "%s%s: the value is empty; give one such as %s", prefix,
                     opt->name, opt->default_text);
     if (opt->choices && !is_choice(opt->choices, text))
@@ -683,40 +690,41 @@ static int validate_data_path(const Config *cfg, char *err, size_t errlen) {
     return 0;
 }
 
-static int validate_output_dir(const Config *cfg, char *err, size_t errlen) {
-    size_t len = strlen(cfg->out);
-    if (len > 0 && cfg->out[len - 1] == '/')
+/* `path` (the value of --key) must name a file we may create. */
+static int validate_output_path(const char *key, const char *path, char *err, size_t errlen) {
+    size_t len = strlen(path);
+    if (len > 0 && path[len - 1] == '/')
         return fail(err, errlen,
-                    "--out %s names a directory; give a file path such as %smoesim.h5",
-                    cfg->out, cfg->out);
+                    "--%s %s names a directory; give a file path such as %smoesim.h5",
+                    key, path, path);
     struct stat st;
-    if (stat(cfg->out, &st) == 0) {
+    if (stat(path, &st) == 0) {
         if (S_ISDIR(st.st_mode))
             return fail(err, errlen,
-                        "--out %s is a directory; give a file path such as %s/moesim.h5",
-                        cfg->out, cfg->out);
-        if (access(cfg->out, W_OK) != 0)
+                        "--%s %s is a directory; give a file path such as %s/moesim.h5",
+                        key, path, path);
+        if (access(path, W_OK) != 0)
             return fail(err, errlen,
-                        "--out %s exists and cannot be overwritten (%s); remove it or choose "
-                        "another --out",
-                        cfg->out, strerror(errno));
+                        "--%s %s exists and cannot be overwritten (%s); remove it or choose "
+                        "another --%s",
+                        key, path, strerror(errno), key);
     }
     char dir[MOESIM_PATH_MAX];
-    memcpy(dir, cfg->out, len + 1);
+    memcpy(dir, path, len + 1);
     const char *parent = dirname(dir);
     if (stat(parent, &st) != 0)
         return fail(err, errlen,
-                    "--out %s: directory %s cannot be used (%s); create it first "
-                    "(mkdir -p %s) or choose another --out",
-                    cfg->out, parent, strerror(errno), parent);
+                    "--%s %s: directory %s cannot be used (%s); create it first "
+                    "(mkdir -p %s) or choose another --%s",
+                    key, path, parent, strerror(errno), parent, key);
     if (!S_ISDIR(st.st_mode))
-        return fail(err, errlen, "--out %s: %s is not a directory; choose another --out",
-                    cfg->out, parent);
+        return fail(err, errlen, "--%s %s: %s is not a directory; choose another --%s",
+                    key, path, parent, key);
     if (access(parent, W_OK | X_OK) != 0)
         return fail(err, errlen,
-                    "--out %s: directory %s is not writable (%s); choose a writable "
-                    "location for --out",
-                    cfg->out, parent, strerror(errno));
+                    "--%s %s: directory %s is not writable (%s); choose a writable "
+                    "location for --%s",
+                    key, path, parent, strerror(errno), key);
     return 0;
 }
 
@@ -727,7 +735,35 @@ int config_validate(const Config *cfg, char *err, size_t errlen) {
         return -1;
     if (validate_data_path(cfg, err, errlen) != 0)
         return -1;
-    return validate_output_dir(cfg, err, errlen);
+    if (validate_output_path("out", cfg->out, err, errlen) != 0)
+        return -1;
+    return cfg->save[0] ? validate_output_path("save", cfg->save, err, errlen) : 0;
+}
+
+int config_validate_layout(const Config *cfg, int world_size, char *err, size_t errlen) {
+    int ep = config_ep_size(cfg, world_size);
+    if (ep > cfg->num_experts)
+        return fail(err, errlen,
+                    "--expert-model-parallel-size %d is larger than --num-experts %d: every "
+                    "rank of an expert-parallel group must own at least one expert; lower "
+                    "--expert-model-parallel-size or raise --num-experts",
+                    ep, cfg->num_experts);
+    if (world_size % ep != 0)
+        return fail(err, errlen,
+                    "--expert-model-parallel-size %d does not divide the %d ranks of this run; "
+                    "use a divisor of %d (or launch a multiple of %d ranks)",
+                    ep, world_size, world_size, ep);
+    if (cfg->num_experts % ep != 0)
+        return fail(err, errlen,
+                    "--num-experts %d is not divisible by --expert-model-parallel-size %d; each "
+                    "rank must own the same number of experts, so make the experts a multiple "
+                    "of %d or pick a parallel size that divides %d",
+                    cfg->num_experts, ep, ep, cfg->num_experts);
+    return 0;
+}
+
+int config_ep_size(const Config *cfg, int world_size) {
+    return cfg->expert_model_parallel_size > 0 ? cfg->expert_model_parallel_size : world_size;
 }
 
 /* --------------------------------------------------------------------------

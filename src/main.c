@@ -23,11 +23,13 @@ static void print_usage(void) {
 
 /* Every rank parses and validates the same arguments, so every rank reaches
  * the same verdict; rank 0 alone prints it. */
-static int load_run_inputs(Config *cfg, Dataset *ds, const Comm *comm, int argc, char **argv,
+static int load_run_inputs(Config *cfg, Dataset *ds, Comm *comm, int argc, char **argv,
                            char *err, size_t errlen) {
     config_defaults(cfg);
     if (config_parse_args(cfg, argc, argv, err, errlen) != 0) return -1;
     if (config_validate(cfg, err, errlen) != 0) return -1;
+    if (config_validate_layout(cfg, comm->world_size, err, errlen) != 0) return -1;
+    comm_split_groups(comm, config_ep_size(cfg, comm->world_size));
     int ok = dataset_load(ds, cfg, err, errlen) == 0;
     int failed_rank = comm_first_failed_rank(comm, ok);
     if (failed_rank >= 0) {
@@ -38,7 +40,7 @@ static int load_run_inputs(Config *cfg, Dataset *ds, const Comm *comm, int argc,
     return 0;
 }
 
-static int run_subcommand(const char *name, int argc, char **argv, const Comm *comm) {
+static int run_subcommand(const char *name, int argc, char **argv, Comm *comm) {
     Config cfg;
     Dataset ds = {0};
     char err[MOESIM_ERR_MAX] = "";

@@ -12,8 +12,11 @@
 
 #define INIT_STD 0.02
 
-void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size) {
+void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, int ep_size,
+                             int ep_rank) {
     memset(s, 0, sizeof *s);
+    s->ep_size = ep_size;
+    s->ep_rank = ep_rank;
     s->V = vocab_size;
     s->T = cfg->seq_length;
     s->C = cfg->hidden_size;
@@ -36,6 +39,8 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size) {
 int model_is_moe_layer(const ModelShape *s, int layer) {
     return (layer + 1) % s->moe_layer_freq == 0;
 }
+
+int model_local_experts(const ModelShape *s) { return s->E / s->ep_size; }
 
 /* ---- parameter layout ---------------------------------------------------- */
 
@@ -100,10 +105,11 @@ static void describe_layout(Layout *lay, const ModelShape *s) {
     if (!s->tied) add_tensor(lay, FIELD_LM_HEAD, -1, "lm_head_w", 2, s->V, C, 0, 0, INIT_STD);
     for (int l = 0; l < s->L; l++) {
         if (!model_is_moe_layer(s, l)) continue;
-        add_tensor(lay, FIELD_EXPERT_FC1, l, LAYER_NAME("experts.fc1_w"), 3, s->E, s->Fe, C, 1,
-                   INIT_STD);
-        add_tensor(lay, FIELD_EXPERT_FC2, l, LAYER_NAME("experts.fc2_w"), 3, s->E, C, s->Fe, 1,
-                   proj_std);
+        int E_local = model_local_experts(s);
+        add_tensor(lay, FIELD_EXPERT_FC1, l, LAYER_NAME("experts.fc1_w"), 3, E_local, s->Fe, C,
+                   1, INIT_STD);
+        add_tensor(lay, FIELD_EXPERT_FC2, l, LAYER_NAME("experts.fc2_w"), 3, E_local, C, s->Fe,
+                   1, proj_std);
 #undef LAYER_NAME
     }
 }
@@ -135,13 +141,15 @@ static void bind_views(Weights *w, float *base, const Layout *lay, int tied) {
  * name and global expert index, so a rank holding experts r*E/EP.. gets the
  * same weights as the 1-rank model. */
 static void init_weights(Model *m, long seed) {
+    int first_expert = m->shape.ep_rank * model_local_experts(&m->shape);
     for (int i = 0; i < m->num_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
         float *p = m->params + t->offset;
         int slices = t->is_expert ? t->shape[0] : 1;
         size_t slice_numel = t->numel / slices;
         for (int sl = 0; sl < slices; sl++) {
-            Rng rng = {rng_hash3(rng_hash_string((uint64_t)seed, t->name), (uint64_t)sl, 0)};
+            uint64_t stream = t->is_expert ? (uint64_t)(first_expert + sl) : 0;
+            Rng rng = {rng_hash3(rng_hash_string((uint64_t)seed, t->name), stream, 0)};
             for (size_t j = 0; j < slice_numel; j++)
                 p[sl * slice_numel + j] =
                     t->init_std > 0 ? (float)(t->init_std * rng_normal(&rng)) : 1.0f;
@@ -190,9 +198,10 @@ static void free_layer_acts(LayerActs *a) {
 
 static int max_tensors(const ModelShape *s) { return 4 + 7 * s->L; }
 
-int model_init(Model *m, const ModelShape *s, long seed) {
+int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
     memset(m, 0, sizeof *m);
     m->shape = *s;
+    m->comm = comm;
     int failed = 0;
     Layout lay = {0};
     lay.tensors = calloc((size_t)max_tensors(s), sizeof(ParamTensor));
@@ -231,7 +240,9 @@ int model_init(Model *m, const ModelShape *s, long seed) {
         .router = {.N = (int)N, .C = s->C, .E = s->E, .K = s->K, .G = s->G,
                    .norm_topk_prob = s->norm_topk_prob, .capacity_factor = s->capacity_factor,
                    .aux_loss_coeff = s->aux_loss_coeff, .z_loss_coeff = s->z_loss_coeff},
-        .F = s->Fe};
+        .F = s->Fe,
+        .ep_size = s->ep_size,
+        .E_local = model_local_experts(s)};
     int any_moe = 0;
     for (int l = 0; l < s->L; l++) {
         int is_moe = model_is_moe_layer(s, l);
@@ -324,31 +335,43 @@ static void add_into(float *out, const float *a, const float *b, long n) {
     for (long i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
+static MoeWeights moe_weights(const LayerWeights *w) {
+    return (MoeWeights){w->router_w, w->expert_fc1_w, w->expert_fc2_w};
+}
+
 static void layer_forward(Model *m, int l, float *resid_next) {
     const ModelShape *s = &m->shape;
     const LayerWeights *w = &m->w.layers[l];
     LayerActs *a = &m->acts[l];
     int N = s->B * s->T, C = s->C;
+    double mark = timer_now_s();
     rmsnorm_forward(a->ln1, a->ln1_rstd, a->resid_in, w->ln1_w, N, C);
     matmul_forward(a->qkv, a->ln1, w->qkv_w, N, C, 3 * C);
     attention_forward(a->att_out, a->att, a->qkv, s->B, s->T, C, s->NH);
     matmul_forward(m->tmp, a->att_out, w->proj_w, N, C, C);
     add_into(a->resid_mid, a->resid_in, m->tmp, (long)N * C);
     rmsnorm_forward(a->ln2, a->ln2_rstd, a->resid_mid, w->ln2_w, N, C);
-    if (model_is_moe_layer(s, l))
-        moe_forward(m->tmp, &m->moe[l], a->ln2, w->router_w, w->expert_fc1_w, w->expert_fc2_w,
-                    &m->moe_shape);
-    else
+    timer_charge(m->phase_s, PHASE_ATTENTION, &mark);
+    if (model_is_moe_layer(s, l)) {
+        MoeWeights mw = moe_weights(w);
+        moe_forward(m->tmp, &m->moe[l], a->ln2, &mw, &m->moe_shape, m->comm, m->phase_s);
+        mark = timer_now_s();
+    } else {
         ffn_forward(m->tmp, a->h_pre, a->h_act, a->ln2, w->fc1_w, w->fc2_w, N, C, s->F);
+        timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
+    }
     add_into(resid_next, a->resid_mid, m->tmp, (long)N * C);
+    timer_charge(m->phase_s, PHASE_OTHER, &mark);
 }
 
 double model_forward(Model *m, const int *inputs, const int *targets) {
     const ModelShape *s = &m->shape;
     int N = s->B * s->T, C = s->C;
+    double mark = timer_now_s();
     memcpy(m->inputs, inputs, sizeof(int) * N);
     memcpy(m->targets, targets, sizeof(int) * N);
     embed_forward(m->acts[0].resid_in, inputs, m->w.wte, m->w.wpe, s->B, s->T, C);
+    timer_charge(m->phase_s, PHASE_OTHER, &mark);
     m->aux_loss = m->z_loss = 0.0;
     for (int l = 0; l < s->L; l++) {
         float *resid_next = l + 1 < s->L ? m->acts[l + 1].resid_in : m->resid_out;
@@ -358,9 +381,11 @@ double model_forward(Model *m, const int *inputs, const int *targets) {
             m->z_loss += m->moe[l].routing.z_loss;
         }
     }
+    mark = timer_now_s();
     rmsnorm_forward(m->lnf, m->lnf_rstd, m->resid_out, m->w.lnf_w, N, C);
     matmul_forward(m->probs, m->lnf, m->w.lm_head_w, N, C, s->V);
     m->ce_loss = softmax_cross_entropy_forward(m->probs, targets, N, s->V);
+    timer_charge(m->phase_s, PHASE_OTHER, &mark);
     return m->ce_loss + m->aux_loss + m->z_loss;
 }
 
@@ -371,29 +396,39 @@ static void layer_backward(Model *m, int l) {
     LayerWeights *dw = &m->dw.layers[l];
     LayerActs *a = &m->acts[l];
     int N = s->B * s->T, C = s->C;
-    if (model_is_moe_layer(s, l))
-        moe_backward(m->dln, dw->router_w, dw->expert_fc1_w, dw->expert_fc2_w, m->dresid, a->ln2,
-                     w->router_w, w->expert_fc1_w, w->expert_fc2_w, &m->moe[l], &m->moe_scratch,
-                     &m->moe_shape);
-    else
+    double mark = timer_now_s();
+    if (model_is_moe_layer(s, l)) {
+        MoeWeights mw = moe_weights(w);
+        MoeGrads mg = {dw->router_w, dw->expert_fc1_w, dw->expert_fc2_w};
+        moe_backward(m->dln, &mg, m->dresid, a->ln2, &mw, &m->moe[l], &m->moe_scratch,
+                     &m->moe_shape, m->comm, m->phase_s);
+        mark = timer_now_s();
+    } else {
         ffn_backward(m->dln, dw->fc1_w, dw->fc2_w, m->dh, m->dresid, a->ln2, a->h_pre, a->h_act,
                      w->fc1_w, w->fc2_w, N, C, s->F);
+        timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
+    }
     rmsnorm_backward(m->dresid, dw->ln2_w, m->dln, a->resid_mid, w->ln2_w, a->ln2_rstd, N, C);
     matmul_backward(m->dtmp, dw->proj_w, m->dresid, a->att_out, w->proj_w, N, C, C);
     attention_backward(m->dqkv, m->datt, m->dtmp, a->qkv, a->att, s->B, s->T, C, s->NH);
     matmul_backward(m->dln, dw->qkv_w, m->dqkv, a->ln1, w->qkv_w, N, C, 3 * C);
     rmsnorm_backward(m->dresid, dw->ln1_w, m->dln, a->resid_in, w->ln1_w, a->ln1_rstd, N, C);
+    timer_charge(m->phase_s, PHASE_ATTENTION, &mark);
 }
 
 void model_backward(Model *m) {
     const ModelShape *s = &m->shape;
     int N = s->B * s->T, C = s->C;
+    double mark = timer_now_s();
     softmax_cross_entropy_backward(m->probs, m->targets, N, s->V);
     matmul_backward(m->dln, m->dw.lm_head_w, m->probs, m->lnf, m->w.lm_head_w, N, C, s->V);
     memset(m->dresid, 0, sizeof(float) * (size_t)N * C);
     rmsnorm_backward(m->dresid, m->dw.lnf_w, m->dln, m->resid_out, m->w.lnf_w, m->lnf_rstd, N, C);
+    timer_charge(m->phase_s, PHASE_OTHER, &mark);
     for (int l = s->L - 1; l >= 0; l--) layer_backward(m, l);
+    mark = timer_now_s();
     embed_backward(m->dw.wte, m->dw.wpe, m->dresid, m->inputs, s->B, s->T, C);
+    timer_charge(m->phase_s, PHASE_OTHER, &mark);
 }
 
 double model_step_flops(const Model *m) {
@@ -404,9 +439,11 @@ double model_step_flops(const Model *m) {
         macs += N * (3 * C * C + C * C); /* qkv and output projection */
         macs += 2.0 * N * T * C;         /* scores and weighted values */
         if (model_is_moe_layer(s, l))
-            macs += N * C * s->E + 2.0 * m->moe[l].num_rows * C * s->Fe;
+            macs += N * C * s->E + 2.0 * m->moe[l].dispatch.num_recv_rows * C * s->Fe;
         else
             macs += 2.0 * N * C * s->F;
     }
     return 6.0 * macs; /* 2 FLOPs per MAC, forward + 2x backward */
 }
+
+size_t model_param_bytes(const Model *m) { return m->num_params * sizeof(float); }

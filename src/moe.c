@@ -4,23 +4,45 @@
 #include <string.h>
 
 #include "moesim/ffn.h"
+#include "moesim/timing.h"
+
+static long min_long(long a, long b) { return a < b ? a : b; }
+
+long moe_max_send_rows(const MoeShape *s) {
+    const RouterShape *r = &s->router;
+    long groups = r->N / r->G;
+    long capacity = router_capacity(r->capacity_factor, r->G, r->K, r->E);
+    return min_long((long)r->N * r->K, (long)r->E * capacity * groups);
+}
+
+long moe_max_recv_rows(const MoeShape *s) {
+    const RouterShape *r = &s->router;
+    long groups = r->N / r->G;
+    long capacity = router_capacity(r->capacity_factor, r->G, r->K, r->E);
+    return s->ep_size * min_long((long)r->N * r->K, (long)s->E_local * capacity * groups);
+}
 
 int moe_layer_init(MoeLayer *m, const MoeShape *s) {
     memset(m, 0, sizeof *m);
     const RouterShape *r = &s->router;
-    long NK = (long)r->N * r->K;
-    if (routing_init(&m->routing, r) != 0) return -1;
-    m->expert_row_begin = malloc(sizeof(int) * (r->E + 1));
+    size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
+    size_t NK = (size_t)r->N * r->K, C = (size_t)r->C, F = (size_t)s->F;
+    if (routing_init(&m->routing, r) != 0 || dispatch_init(&m->dispatch, r->E, s->ep_size) != 0) {
+        moe_layer_free(m);
+        return -1;
+    }
+    m->rows_per_expert = malloc(sizeof(int) * r->E);
     m->expert_cursor = malloc(sizeof(int) * r->E);
-    m->row_token = malloc(sizeof(int) * NK);
-    m->row_choice = malloc(sizeof(int) * NK);
+    m->row_choice = malloc(sizeof(int) * (S ? S : 1));
     m->choice_row = malloc(sizeof(int) * NK);
-    m->x_rows = malloc(sizeof(float) * NK * r->C);
-    m->h_pre = malloc(sizeof(float) * NK * s->F);
-    m->h_act = malloc(sizeof(float) * NK * s->F);
-    m->y_rows = malloc(sizeof(float) * NK * r->C);
-    if (!m->expert_row_begin || !m->expert_cursor || !m->row_token || !m->row_choice || !m->choice_row ||
-        !m->x_rows || !m->h_pre || !m->h_act || !m->y_rows) {
+    m->send_x = malloc(sizeof(float) * (S * C + 1));
+    m->send_y = malloc(sizeof(float) * (S * C + 1));
+    m->expert_in = malloc(sizeof(float) * (R * C + 1));
+    m->h_pre = malloc(sizeof(float) * (R * F + 1));
+    m->h_act = malloc(sizeof(float) * (R * F + 1));
+    m->expert_out = malloc(sizeof(float) * (R * C + 1));
+    if (!m->rows_per_expert || !m->expert_cursor || !m->row_choice || !m->choice_row ||
+        !m->send_x || !m->send_y || !m->expert_in || !m->h_pre || !m->h_act || !m->expert_out) {
         moe_layer_free(m);
         return -1;
     }
@@ -29,25 +51,32 @@ int moe_layer_init(MoeLayer *m, const MoeShape *s) {
 
 void moe_layer_free(MoeLayer *m) {
     routing_free(&m->routing);
-    free(m->expert_row_begin);
+    dispatch_free(&m->dispatch);
+    free(m->rows_per_expert);
     free(m->expert_cursor);
-    free(m->row_token);
     free(m->row_choice);
     free(m->choice_row);
-    free(m->x_rows);
+    free(m->send_x);
+    free(m->send_y);
+    free(m->expert_in);
     free(m->h_pre);
     free(m->h_act);
-    free(m->y_rows);
+    free(m->expert_out);
     memset(m, 0, sizeof *m);
 }
 
 int moe_scratch_init(MoeScratch *sc, const MoeShape *s) {
-    long NK = (long)s->router.N * s->router.K;
-    sc->dy_rows = malloc(sizeof(float) * NK * s->router.C);
-    sc->dh = malloc(sizeof(float) * NK * s->F);
-    sc->dx_rows = malloc(sizeof(float) * NK * s->router.C);
-    sc->dgate = malloc(sizeof(float) * NK);
-    if (!sc->dy_rows || !sc->dh || !sc->dx_rows || !sc->dgate) {
+    memset(sc, 0, sizeof *sc);
+    size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
+    size_t C = (size_t)s->router.C, F = (size_t)s->F;
+    sc->dy_send = malloc(sizeof(float) * (S * C + 1));
+    sc->dy_expert = malloc(sizeof(float) * (R * C + 1));
+    sc->dh = malloc(sizeof(float) * (R * F + 1));
+    sc->dx_expert = malloc(sizeof(float) * (R * C + 1));
+    sc->dx_back = malloc(sizeof(float) * (S * C + 1));
+    sc->dgate = malloc(sizeof(float) * (size_t)s->router.N * s->router.K);
+    if (!sc->dy_send || !sc->dy_expert || !sc->dh || !sc->dx_expert || !sc->dx_back ||
+        !sc->dgate) {
         moe_scratch_free(sc);
         return -1;
     }
@@ -55,73 +84,93 @@ int moe_scratch_init(MoeScratch *sc, const MoeShape *s) {
 }
 
 void moe_scratch_free(MoeScratch *sc) {
-    free(sc->dy_rows);
+    free(sc->dy_send);
+    free(sc->dy_expert);
     free(sc->dh);
-    free(sc->dx_rows);
+    free(sc->dx_expert);
+    free(sc->dx_back);
     free(sc->dgate);
     memset(sc, 0, sizeof *sc);
 }
 
-/* Counting sort of the kept assignments by (expert, source token): each
- * expert's rows form one block, and the order depends only on the routing. */
-static void build_dispatch_order(MoeLayer *m, const RouterShape *s) {
+/* Counting sort of the kept assignments by (global expert, source token):
+ * the order depends only on the routing, never on timing or rank count. */
+static void build_send_order(MoeLayer *m, const RouterShape *s) {
     const Routing *r = &m->routing;
-    int N = s->N, K = s->K, E = s->E;
-    memset(m->expert_row_begin, 0, sizeof(int) * (E + 1));
-    for (int a = 0; a < N * K; a++)
-        if (r->choice_kept[a]) m->expert_row_begin[r->choice_expert[a] + 1]++;
-    for (int e = 0; e < E; e++) m->expert_row_begin[e + 1] += m->expert_row_begin[e];
-    m->num_rows = m->expert_row_begin[E];
-    int *cursor = m->expert_cursor;
-    memcpy(cursor, m->expert_row_begin, sizeof(int) * E);
-    for (int a = 0; a < N * K; a++) {
+    int NK = s->N * s->K, E = s->E;
+    memset(m->rows_per_expert, 0, sizeof(int) * E);
+    for (int a = 0; a < NK; a++)
+        if (r->choice_kept[a]) m->rows_per_expert[r->choice_expert[a]]++;
+    m->expert_cursor[0] = 0;
+    for (int e = 1; e < E; e++) m->expert_cursor[e] = m->expert_cursor[e - 1] + m->rows_per_expert[e - 1];
+    for (int a = 0; a < NK; a++) {
         if (!r->choice_kept[a]) {
             m->choice_row[a] = -1;
             continue;
         }
-        int row = cursor[r->choice_expert[a]]++;
+        int row = m->expert_cursor[r->choice_expert[a]]++;
         m->choice_row[a] = row;
         m->row_choice[row] = a;
-        m->row_token[row] = a / K;
     }
 }
 
-void moe_forward(float *out, MoeLayer *m, const float *x, const float *router_w, const float *w1,
-                 const float *w2, const MoeShape *s) {
-    const RouterShape *rs = &s->router;
-    int C = rs->C, F = s->F, K = rs->K;
-    router_forward(&m->routing, x, router_w, rs);
-    build_dispatch_order(m, rs);
-    for (int row = 0; row < m->num_rows; row++)
-        memcpy(m->x_rows + (long)row * C, x + (long)m->row_token[row] * C, sizeof(float) * C);
-    for (int e = 0; e < rs->E; e++) {
-        int begin = m->expert_row_begin[e], n = m->expert_row_begin[e + 1] - begin;
-        ffn_forward(m->y_rows + (long)begin * C, m->h_pre + (long)begin * F,
-                    m->h_act + (long)begin * F, m->x_rows + (long)begin * C,
-                    w1 + (long)e * F * C, w2 + (long)e * C * F, n, C, F);
+static void run_local_experts(MoeLayer *m, const MoeWeights *w, const MoeShape *s) {
+    int C = s->router.C, F = s->F;
+    const int *begin = m->dispatch.expert_row_begin;
+    for (int j = 0; j < s->E_local; j++) {
+        long b = begin[j];
+        ffn_forward(m->expert_out + b * C, m->h_pre + b * F, m->h_act + b * F,
+                    m->expert_in + b * C, w->w1 + (long)j * F * C, w->w2 + (long)j * C * F,
+                    begin[j + 1] - begin[j], C, F);
     }
+}
+
+void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
+                 const MoeShape *s, const Comm *comm, double *phase_s) {
+    const RouterShape *rs = &s->router;
+    int C = rs->C, K = rs->K;
+    double mark = timer_now_s();
+    router_forward(&m->routing, x, w->router_w, rs);
+    build_send_order(m, rs);
+    timer_charge(phase_s, PHASE_ROUTER, &mark);
+
+    int send_rows = 0;
+    for (int e = 0; e < rs->E; e++) send_rows += m->rows_per_expert[e];
+    for (int row = 0; row < send_rows; row++)
+        memcpy(m->send_x + (long)row * C, x + (long)(m->row_choice[row] / K) * C,
+               sizeof(float) * C);
+    dispatch_plan(&m->dispatch, m->rows_per_expert, comm);
+    dispatch_rows(&m->dispatch, m->send_x, m->expert_in, C, comm);
+    timer_charge(phase_s, PHASE_DISPATCH, &mark);
+
+    run_local_experts(m, w, s);
+    timer_charge(phase_s, PHASE_EXPERTS, &mark);
+
+    combine_rows(&m->dispatch, m->expert_out, m->send_y, C, comm);
     memset(out, 0, sizeof(float) * (size_t)rs->N * C);
     for (int a = 0; a < rs->N * K; a++) {
         int row = m->choice_row[a];
         if (row < 0) continue;
         float gate = m->routing.choice_gate[a];
         float *o = out + (long)(a / K) * C;
-        const float *y = m->y_rows + (long)row * C;
+        const float *y = m->send_y + (long)row * C;
         for (int c = 0; c < C; c++) o[c] += gate * y[c];
     }
+    timer_charge(phase_s, PHASE_COMBINE, &mark);
 }
 
-void moe_backward(float *dx, float *drouter_w, float *dw1, float *dw2, const float *dout,
-                  const float *x, const float *router_w, const float *w1, const float *w2,
-                  MoeLayer *m, MoeScratch *sc, const MoeShape *s) {
+void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *x,
+                  const MoeWeights *w, MoeLayer *m, MoeScratch *sc, const MoeShape *s,
+                  const Comm *comm, double *phase_s) {
     const RouterShape *rs = &s->router;
     int C = rs->C, F = s->F, K = rs->K;
+    double mark = timer_now_s();
     memset(sc->dgate, 0, sizeof(float) * (size_t)rs->N * K);
-    for (int row = 0; row < m->num_rows; row++) {
+    for (int row = 0; row < m->dispatch.num_send_rows; row++) {
         int a = m->row_choice[row];
         const float *dy = dout + (long)(a / K) * C;
-        const float *y = m->y_rows + (long)row * C;
-        float *dy_row = sc->dy_rows + (long)row * C;
+        const float *y = m->send_y + (long)row * C;
+        float *dy_row = sc->dy_send + (long)row * C;
         float gate = m->routing.choice_gate[a];
         float dgate = 0.0f;
         for (int c = 0; c < C; c++) {
@@ -130,19 +179,29 @@ void moe_backward(float *dx, float *drouter_w, float *dw1, float *dw2, const flo
         }
         sc->dgate[a] = dgate;
     }
-    for (int e = 0; e < rs->E; e++) {
-        int begin = m->expert_row_begin[e], n = m->expert_row_begin[e + 1] - begin;
-        ffn_backward(sc->dx_rows + (long)begin * C, dw1 + (long)e * F * C, dw2 + (long)e * C * F,
-                     sc->dh + (long)begin * F, sc->dy_rows + (long)begin * C,
-                     m->x_rows + (long)begin * C, m->h_pre + (long)begin * F,
-                     m->h_act + (long)begin * F, w1 + (long)e * F * C, w2 + (long)e * C * F, n, C,
-                     F);
+    dispatch_rows(&m->dispatch, sc->dy_send, sc->dy_expert, C, comm);
+    timer_charge(phase_s, PHASE_DISPATCH, &mark);
+
+    const int *begin = m->dispatch.expert_row_begin;
+    for (int j = 0; j < s->E_local; j++) {
+        long b = begin[j];
+        ffn_backward(sc->dx_expert + b * C, g->w1 + (long)j * F * C, g->w2 + (long)j * C * F,
+                     sc->dh + b * F, sc->dy_expert + b * C, m->expert_in + b * C,
+                     m->h_pre + b * F, m->h_act + b * F, w->w1 + (long)j * F * C,
+                     w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F);
     }
+    timer_charge(phase_s, PHASE_EXPERTS, &mark);
+
+    combine_rows(&m->dispatch, sc->dx_expert, sc->dx_back, C, comm);
+    timer_charge(phase_s, PHASE_COMBINE, &mark);
+
     memset(dx, 0, sizeof(float) * (size_t)rs->N * C);
-    router_backward(dx, drouter_w, sc->dgate, x, router_w, &m->routing, rs);
-    for (int row = 0; row < m->num_rows; row++) {
-        float *d = dx + (long)m->row_token[row] * C;
-        const float *dr = sc->dx_rows + (long)row * C;
+    router_backward(dx, g->router_w, sc->dgate, x, w->router_w, &m->routing, rs);
+    timer_charge(phase_s, PHASE_ROUTER, &mark);
+    for (int row = 0; row < m->dispatch.num_send_rows; row++) {
+        float *d = dx + (long)(m->row_choice[row] / K) * C;
+        const float *dr = sc->dx_back + (long)row * C;
         for (int c = 0; c < C; c++) d[c] += dr[c];
     }
+    timer_charge(phase_s, PHASE_COMBINE, &mark);
 }

@@ -23,6 +23,16 @@ static int write_string_attr(hid_t loc, const char *name, const char *value) {
     return st < 0 ? -1 : 0;
 }
 
+static int write_long_array_attr(hid_t loc, const char *name, const long *values, int n) {
+    hsize_t dims[1] = {(hsize_t)n};
+    hid_t space = H5Screate_simple(1, dims, NULL);
+    hid_t attr = H5Acreate2(loc, name, H5T_NATIVE_LONG, space, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t st = attr < 0 ? -1 : H5Awrite(attr, H5T_NATIVE_LONG, values);
+    if (attr >= 0) H5Aclose(attr);
+    H5Sclose(space);
+    return st < 0 ? -1 : 0;
+}
+
 static int write_long_attr(hid_t loc, const char *name, long value) {
     hid_t space = H5Screate(H5S_SCALAR);
     hid_t attr = H5Acreate2(loc, name, H5T_NATIVE_LONG, space, H5P_DEFAULT, H5P_DEFAULT);
@@ -76,7 +86,7 @@ static void iso8601_now(char *buf, size_t len) {
     strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
-static int write_root_attributes(hid_t file, const Config *cfg, int world_size) {
+static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayout *layout) {
     char *ini = config_to_ini(cfg);
     char started[32];
     iso8601_now(started, sizeof started);
@@ -84,7 +94,11 @@ static int write_root_attributes(hid_t file, const Config *cfg, int world_size) 
     st |= write_string_attr(file, "moesim_version", MOESIM_VERSION);
     st |= write_long_attr(file, "schema_version", MOESIM_SCHEMA_VERSION);
     st |= write_string_attr(file, "config", ini ? ini : "");
-    st |= write_long_attr(file, "world_size", world_size);
+    st |= write_long_attr(file, "world_size", layout->world_size);
+    st |= write_long_attr(file, "ep_size", layout->ep_size);
+    st |= write_long_attr(file, "total_params", layout->total_params);
+    st |= write_long_array_attr(file, "param_bytes_per_rank", layout->param_bytes_per_rank,
+                                layout->world_size);
     st |= write_long_attr(file, "seed", cfg->seed);
     st |= write_string_attr(file, "start_time", started);
     st |= write_string_attr(file, "status", "running");
@@ -92,20 +106,27 @@ static int write_root_attributes(hid_t file, const Config *cfg, int world_size) 
     return st;
 }
 
-int record_open(Record *r, const char *path, const Config *cfg, int world_size, int moe_layers,
-                int experts, char *err, size_t errlen) {
+int record_open(Record *r, const char *path, const Config *cfg, const RecordLayout *layout,
+                char *err, size_t errlen) {
     memset(r, 0, sizeof *r);
-    r->moe_layers = moe_layers;
-    r->experts = experts;
+    r->world_size = layout->world_size;
+    r->timing_row = malloc(sizeof(double) * layout->world_size);
+    if (!r->timing_row) {
+        snprintf(err, errlen, "out of memory opening the run record %s", path);
+        return -1;
+    }
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (file < 0) {
         snprintf(err, errlen, "cannot create the run record --out %s; check that its directory "
                  "exists and is writable", path);
+        free(r->timing_row);
+        r->timing_row = NULL;
         return -1;
     }
     r->file = file;
-    hsize_t routing_tail[2] = {(hsize_t)moe_layers, (hsize_t)experts};
+    hsize_t routing_tail[2] = {(hsize_t)layout->moe_layers, (hsize_t)layout->experts};
+    hsize_t ranks[2] = {(hsize_t)layout->world_size, (hsize_t)layout->world_size};
     hid_t d = H5T_NATIVE_DOUBLE, i64 = H5T_NATIVE_LONG;
     r->train_step = create_series(file, "/train/step", i64, 0, NULL, SERIES_CHUNK, "step");
     r->train_loss = create_series(file, "/train/loss", d, 0, NULL, SERIES_CHUNK, "nats/token");
@@ -121,10 +142,19 @@ int record_open(Record *r, const char *path, const Config *cfg, int world_size, 
                                          ROUTING_CHUNK, "assignments");
     r->dropped_per_expert = create_series(file, "/routing/dropped_per_expert", i64, 2,
                                           routing_tail, ROUTING_CHUNK, "assignments");
+    char name[64];
+    int failed = 0;
+    for (int p = 0; p < PHASE_COUNT; p++) {
+        snprintf(name, sizeof name, "/timing/%s", phase_names[p]);
+        r->timing[p] = create_series(file, name, d, 1, ranks, SERIES_CHUNK, "s");
+        failed |= r->timing[p] < 0;
+    }
+    r->dispatch_bytes = create_series(file, "/traffic/dispatch_bytes", i64, 2, ranks,
+                                      ROUTING_CHUNK, "bytes");
     long ids[] = {r->train_step, r->train_loss, r->train_aux, r->train_z, r->train_lr,
                   r->train_grad_norm, r->train_tps, r->eval_step, r->eval_loss,
-                  r->tokens_per_expert, r->dropped_per_expert};
-    int failed = write_root_attributes(file, cfg, world_size) != 0;
+                  r->tokens_per_expert, r->dropped_per_expert, r->dispatch_bytes};
+    failed |= write_root_attributes(file, cfg, layout) != 0;
     for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++) failed |= ids[i] < 0;
     if (failed || H5Fflush(file, H5F_SCOPE_GLOBAL) < 0) {
         snprintf(err, errlen, "cannot write the run record %s (HDF5 error); check free disk "
@@ -135,8 +165,7 @@ int record_open(Record *r, const char *path, const Config *cfg, int world_size, 
     return 0;
 }
 
-int record_append_train(Record *r, const TrainRow *row, const long *tokens_per_expert,
-                        const long *dropped_per_expert) {
+int record_append_train(Record *r, const TrainRow *row, const StepDetail *detail) {
     long n = r->train_rows;
     hid_t d = H5T_NATIVE_DOUBLE;
     int st = append_rows(r->train_step, H5T_NATIVE_LONG, n, &row->step);
@@ -146,8 +175,14 @@ int record_append_train(Record *r, const TrainRow *row, const long *tokens_per_e
     st |= append_rows(r->train_lr, d, n, &row->lr);
     st |= append_rows(r->train_grad_norm, d, n, &row->grad_norm);
     st |= append_rows(r->train_tps, d, n, &row->tokens_per_s);
-    st |= append_rows(r->tokens_per_expert, H5T_NATIVE_LONG, n, tokens_per_expert);
-    st |= append_rows(r->dropped_per_expert, H5T_NATIVE_LONG, n, dropped_per_expert);
+    st |= append_rows(r->tokens_per_expert, H5T_NATIVE_LONG, n, detail->tokens_per_expert);
+    st |= append_rows(r->dropped_per_expert, H5T_NATIVE_LONG, n, detail->dropped_per_expert);
+    for (int p = 0; p < PHASE_COUNT; p++) {
+        for (int rank = 0; rank < r->world_size; rank++)
+            r->timing_row[rank] = detail->phase_s[rank * PHASE_COUNT + p];
+        st |= append_rows(r->timing[p], d, n, r->timing_row);
+    }
+    st |= append_rows(r->dispatch_bytes, H5T_NATIVE_LONG, n, detail->dispatch_bytes);
     r->train_rows++;
     return st ? -1 : 0;
 }
@@ -168,9 +203,12 @@ int record_close(Record *r, int complete) {
     st |= write_string_attr(r->file, "status", complete ? "complete" : "failed");
     long ids[] = {r->train_step, r->train_loss, r->train_aux, r->train_z, r->train_lr,
                   r->train_grad_norm, r->train_tps, r->eval_step, r->eval_loss,
-                  r->tokens_per_expert, r->dropped_per_expert};
+                  r->tokens_per_expert, r->dropped_per_expert, r->dispatch_bytes};
     for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++)
         if (ids[i] > 0) H5Dclose(ids[i]);
+    for (int p = 0; p < PHASE_COUNT; p++)
+        if (r->timing[p] > 0) H5Dclose(r->timing[p]);
+    free(r->timing_row);
     if (H5Fclose(r->file) < 0) st = -1;
     r->file = 0;
     return st ? -1 : 0;

@@ -147,6 +147,7 @@ struct MoeFixture {
     MoeShape shape{};
     MoeLayer layer{};
     MoeScratch scratch{};
+    Comm comm{};
     std::vector<float> x, router_w, w1, w2, r, out;
     std::vector<int> base_experts;
     std::vector<unsigned char> base_kept;
@@ -155,6 +156,9 @@ struct MoeFixture {
         const int N = 12, C = 6, E = 4, K = 2, G = 6, F = 5;
         shape.router = {N, C, E, K, G, norm_topk_prob, capacity_factor, 0.3, 0.05};
         shape.F = F;
+        shape.ep_size = 1;
+        shape.E_local = E;
+        comm_attach_self(&comm);
         EXPECT_EQ(moe_layer_init(&layer, &shape), 0);
         EXPECT_EQ(moe_scratch_init(&scratch, &shape), 0);
         x = random_vector(N * C, 30);
@@ -173,7 +177,8 @@ struct MoeFixture {
         moe_scratch_free(&scratch);
     }
     double loss() {
-        moe_forward(out.data(), &layer, x.data(), router_w.data(), w1.data(), w2.data(), &shape);
+        MoeWeights w = {router_w.data(), w1.data(), w2.data()};
+        moe_forward(out.data(), &layer, x.data(), &w, &shape, &comm, nullptr);
         return weighted_sum(out.data(), r) + layer.routing.aux_loss + layer.routing.z_loss;
     }
     bool routing_unchanged() const {
@@ -198,8 +203,10 @@ TEST_P(GradMoe, LayerWithDropsAndAuxLosses) {
     std::vector<float> dx(rs.N * rs.C), drw(f.router_w.size(), 0.0f), dw1(f.w1.size(), 0.0f),
         dw2(f.w2.size(), 0.0f);
     f.loss();
-    moe_backward(dx.data(), drw.data(), dw1.data(), dw2.data(), f.r.data(), f.x.data(),
-                 f.router_w.data(), f.w1.data(), f.w2.data(), &f.layer, &f.scratch, &f.shape);
+    MoeWeights w = {f.router_w.data(), f.w1.data(), f.w2.data()};
+    MoeGrads g = {drw.data(), dw1.data(), dw2.data()};
+    moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape,
+                 &f.comm, nullptr);
     auto loss = [&] { return f.loss(); };
     auto stable = [&] { return f.routing_unchanged(); };
     struct Case { std::vector<float> *p; std::vector<float> *g; const char *name; };
@@ -248,10 +255,12 @@ TEST(GradModel, EveryTensor) {
     ModelShape s{};
     s.V = 13; s.T = 6; s.C = 8; s.NH = 2; s.L = 2; s.F = 10;
     s.E = 4; s.K = 2; s.Fe = 6; s.B = 2; s.G = 6;
-    s.moe_layer_freq = 2; s.tied = 1; s.norm_topk_prob = 1;
+    s.moe_layer_freq = 2; s.tied = 1; s.norm_topk_prob = 1; s.ep_size = 1;
     s.capacity_factor = 0.75; s.aux_loss_coeff = 0.1; s.z_loss_coeff = 0.01;
     Model m;
-    ASSERT_EQ(model_init(&m, &s, 7), 0);
+    Comm self;
+    comm_attach_self(&self);
+    ASSERT_EQ(model_init(&m, &s, 7, &self), 0);
     // Larger weights than the 0.02 init so every path carries signal.
     for (size_t i = 0; i < m.num_params; i++)
         if (m.params[i] != 1.0f) m.params[i] *= 20.0f;

@@ -1,8 +1,14 @@
 /* comm: the MPI context and every collective moesim makes. Nothing else
- * calls MPI, so the whole communication pattern of a run reads in one file. */
+ * calls MPI, so the whole communication pattern of a run reads in one file.
+ *
+ * Groups: ranks g*EP .. g*EP+EP-1 form expert-parallel (EP) group g and
+ * together hold every expert once; ranks at the same position of every EP
+ * group form an expert-data-parallel group (size world/EP) that holds the
+ * same experts and all-reduces their gradients. */
 #ifndef MOESIM_COMM_H
 #define MOESIM_COMM_H
 
+#include <mpi.h>
 #include <stddef.h>
 
 #ifdef __cplusplus
@@ -12,23 +18,58 @@ extern "C" {
 typedef struct Comm {
     int rank;
     int world_size;
+    int ep_size;        /* ranks per expert-parallel group */
+    int ep_rank;        /* position inside the EP group */
+    int edp_size;       /* world_size / ep_size */
+    MPI_Comm world;
+    MPI_Comm ep;        /* this rank's EP group */
+    MPI_Comm edp;       /* this rank's expert-data-parallel group */
 } Comm;
 
-/* MPI_Init; aborts the process if MPI cannot start. */
+/* MPI_Init, then comm_attach_world; aborts the process if MPI cannot start. */
 void comm_init(Comm *c, int *argc, char ***argv);
+/* A context over MPI_COMM_WORLD (MPI already initialised), every rank its own
+ * expert-parallel group until comm_split_groups. */
+void comm_attach_world(Comm *c);
+/* A one-rank context over MPI_COMM_SELF, for tools and tests. */
+void comm_attach_self(Comm *c);
+/* Builds the EP and expert-data-parallel groups; ep_size must divide the
+ * world size (validated before). Collective. */
+void comm_split_groups(Comm *c, int ep_size);
+/* Frees the groups of comm_split_groups (back to the attached layout). */
+void comm_free_groups(Comm *c);
 void comm_finalize(Comm *c);
 
 /* Collective agreement: returns 1 on every rank when every rank passes ok=1. */
 int comm_all_ok(const Comm *c, int ok);
-/* Rank `root` shares its error text, so every rank can report the same cause. */
-void comm_share_error(const Comm *c, int root, char *err, size_t errlen);
 /* The lowest rank whose ok is 0, or -1 when all are ok. */
 int comm_first_failed_rank(const Comm *c, int ok);
+/* Rank `root` shares its error text, so every rank can report the same cause. */
+void comm_share_error(const Comm *c, int root, char *err, size_t errlen);
 
 void comm_sum_doubles(const Comm *c, double *values, int n);
 void comm_sum_longs(const Comm *c, long *values, int n);
-/* Mean over ranks of replicated gradients. */
-void comm_average_floats(const Comm *c, float *values, size_t n);
+/* Sum over the EP group (for quantities split across experts). */
+void comm_ep_sum_doubles(const Comm *c, double *values, int n);
+/* Gradients: dense ones summed over the world, expert ones over the
+ * expert-data-parallel group; both then divided by the world size, because
+ * the loss is the mean of the ranks' losses. */
+void comm_reduce_gradients(const Comm *c, float *dense, size_t dense_n, float *expert,
+                           size_t expert_n);
+/* Rank 0 receives n values from every rank, rank-major ([world][n]). */
+void comm_gather_doubles(const Comm *c, const double *mine, double *all, int n);
+void comm_gather_longs(const Comm *c, const long *mine, long *all, int n);
+/* Concatenates n floats from each rank of EP group 0 onto rank 0, in rank
+ * order (expert shards back into global expert order). Collective over EP
+ * group 0; every other rank returns at once. */
+void comm_gather_expert_shards(const Comm *c, const float *mine, float *all, size_t n);
+
+/* The token exchange of expert parallelism, within the EP group. */
+void comm_ep_alltoall_ints(const Comm *c, const int *send, int *recv, int per_rank);
+void comm_ep_alltoallv_floats(const Comm *c, const float *send, const int *send_counts,
+                              const int *send_displs, float *recv, const int *recv_counts,
+                              const int *recv_displs);
+
 void comm_barrier(const Comm *c);
 double comm_wtime(void);
 

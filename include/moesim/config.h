@@ -27,6 +27,7 @@ typedef struct Config {
     int moe_layer_freq;        /* every n-th FFN is an MoE layer (1 = all) */
     int moe_ffn_hidden_size;
     int moe_group_size;        /* tokens per routing group; 0 = one micro-batch */
+    int expert_model_parallel_size; /* EP ranks; 0 = the world size */
     int moe_router_norm_topk_prob; /* renormalise the k selected probabilities */
     double moe_expert_capacity_factor;
     double moe_aux_loss_coeff;
@@ -56,6 +57,7 @@ typedef struct Config {
     long synthetic_tokens;
     /* output */
     char out[MOESIM_PATH_MAX];
+    char save[MOESIM_PATH_MAX]; /* final parameters; empty = not saved */
 } Config;
 
 /* Fills every field with its default. */
@@ -72,6 +74,12 @@ int config_parse_args(Config *cfg, int argc, char **argv, char *err, size_t errl
 /* Checks cross-key constraints, the data path and the output directory.
  * Touches nothing on disk. Returns 0, or -1 with a message in err. */
 int config_validate(const Config *cfg, char *err, size_t errlen);
+
+/* Checks the expert-parallel layout against the number of ranks: EP must
+ * divide the world size, the experts must divide over EP, and EP may not
+ * exceed the experts. Returns 0, or -1 with a message in err. */
+int config_validate_layout(const Config *cfg, int world_size, char *err, size_t errlen);
+int config_ep_size(const Config *cfg, int world_size); /* resolves the 0 default */
 
 /* The fully resolved config as INI text (every key). Caller frees. */
 char *config_to_ini(const Config *cfg);

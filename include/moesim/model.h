@@ -7,8 +7,10 @@
 
 #include <stddef.h>
 
+#include "moesim/comm.h"
 #include "moesim/config.h"
 #include "moesim/moe.h"
+#include "moesim/timing.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -18,13 +20,17 @@ typedef struct ModelShape {
     int V, T, C, NH, L, F;  /* vocab, seq length, hidden, heads, layers, dense FFN */
     int E, K, Fe, G;        /* experts, top-k, expert FFN, routing group */
     int B;                  /* sequences per micro-batch */
+    int ep_size, ep_rank;   /* this rank holds experts ep_rank*E/ep_size .. +E/ep_size-1 */
     int moe_layer_freq;
     int tied;               /* LM head shares the token embedding */
     int norm_topk_prob;
     double capacity_factor, aux_loss_coeff, z_loss_coeff;
 } ModelShape;
 
-void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size);
+/* ep_size/ep_rank place this rank's expert shard (1/0 for the whole model). */
+void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, int ep_size,
+                             int ep_rank);
+int model_local_experts(const ModelShape *s);
 int model_is_moe_layer(const ModelShape *s, int layer);
 
 typedef struct LayerWeights {
@@ -35,8 +41,8 @@ typedef struct LayerWeights {
     float *fc1_w;        /* [F, C]   dense layers */
     float *fc2_w;        /* [C, F]   dense layers */
     float *router_w;     /* [E, C]   MoE layers */
-    float *expert_fc1_w; /* [E, Fe, C] MoE layers */
-    float *expert_fc2_w; /* [E, C, Fe] MoE layers */
+    float *expert_fc1_w; /* [E_local, Fe, C] MoE layers, this rank's experts */
+    float *expert_fc2_w; /* [E_local, C, Fe] MoE layers */
 } LayerWeights;
 
 typedef struct Weights {
@@ -69,6 +75,7 @@ typedef struct LayerActs {
 
 typedef struct Model {
     ModelShape shape;
+    const Comm *comm;    /* the EP group carries the token exchange */
     size_t num_params, num_dense_params;
     float *params, *grads, *adam_m, *adam_v;
     Weights w, dw;
@@ -86,23 +93,30 @@ typedef struct Model {
     float *dresid, *dln, *dtmp, *dqkv, *datt, *dh; /* [N,C] x3, [N,3C], [T,T], [N,F] */
     /* results of the last forward */
     double ce_loss, aux_loss, z_loss;
+    double phase_s[PHASE_COUNT]; /* seconds per phase, accumulated until reset */
 } Model;
 
-/* Allocates everything and initialises the weights from seed. Returns 0, or
- * -1 when memory runs out. */
-int model_init(Model *m, const ModelShape *s, long seed);
+/* Allocates everything and initialises the weights from seed: each expert's
+ * weights depend on its global index only, so a shard equals the same
+ * experts of the 1-rank model. Returns 0, or -1 when memory runs out. */
+int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm);
 void model_free(Model *m);
 
-/* Runs the forward pass on inputs/targets [B*T]; returns the total loss
+/* Runs the forward pass on inputs/targets [B*T] (collective over the EP
+ * group when experts are sharded); returns the total loss
  * (cross-entropy + auxiliary + z-loss) and sets ce_loss, aux_loss, z_loss. */
 double model_forward(Model *m, const int *inputs, const int *targets);
 /* Accumulates the gradient of the last forward's total loss into grads. */
 void model_backward(Model *m);
 void model_zero_grad(Model *m);
 
-/* Matmul FLOPs of the last forward + backward (6 per multiply-add pair over
- * forward and backward), counting only the expert rows actually processed. */
+/* Matmul FLOPs this rank did in the last forward + backward (6 per
+ * multiply-add over forward and backward), counting the expert rows it
+ * actually processed. */
 double model_step_flops(const Model *m);
+
+/* Bytes of parameters this rank holds (its dense replica + its experts). */
+size_t model_param_bytes(const Model *m);
 
 #ifdef __cplusplus
 }

@@ -10,6 +10,7 @@
 #include <stddef.h>
 
 #include "moesim/config.h"
+#include "moesim/timing.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -23,22 +24,38 @@ typedef struct TrainRow {
     double loss, aux_loss, z_loss, lr, grad_norm, tokens_per_s;
 } TrainRow;
 
+/* What the record needs to know about the run's shape. */
+typedef struct RecordLayout {
+    int world_size, ep_size, moe_layers, experts;
+    const long *param_bytes_per_rank; /* [world_size] */
+    long total_params;                /* every expert counted once */
+} RecordLayout;
+
+/* Statistics of one logged step beyond the scalars, all gathered on rank 0. */
+typedef struct StepDetail {
+    const long *tokens_per_expert;  /* [moe_layers * experts] */
+    const long *dropped_per_expert; /* [moe_layers * experts] */
+    const double *phase_s;          /* [world_size * PHASE_COUNT], rank-major */
+    const long *dispatch_bytes;     /* [world_size * world_size], sender-major */
+} StepDetail;
+
 typedef struct Record {
     long file; /* hid_t, kept opaque so users of this header need no HDF5 */
     long train_step, train_loss, train_aux, train_z, train_lr, train_grad_norm, train_tps;
     long eval_step, eval_loss;
     long tokens_per_expert, dropped_per_expert;
+    long timing[PHASE_COUNT];
+    long dispatch_bytes;
     long train_rows, eval_rows;
-    int moe_layers, experts;
+    int world_size;
+    double *timing_row; /* [world_size] scratch */
 } Record;
 
 /* Creates the file (truncating), writes the root attributes and creates every
  * dataset. Returns 0, or -1 with a message naming the path. */
-int record_open(Record *r, const char *path, const Config *cfg, int world_size, int moe_layers,
-                int experts, char *err, size_t errlen);
-/* tokens/dropped: [moe_layers * experts]. */
-int record_append_train(Record *r, const TrainRow *row, const long *tokens_per_expert,
-                        const long *dropped_per_expert);
+int record_open(Record *r, const char *path, const Config *cfg, const RecordLayout *layout,
+                char *err, size_t errlen);
+int record_append_train(Record *r, const TrainRow *row, const StepDetail *detail);
 int record_append_eval(Record *r, long step, double loss);
 int record_flush(Record *r);
 /* Sets status to "complete" (complete=1) or "failed" and closes. */

@@ -9,6 +9,7 @@
 #include "moesim/data.h"
 #include "moesim/model.h"
 #include "moesim/optim.h"
+#include "moesim/timing.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -18,6 +19,7 @@ typedef struct StepStats {
     double loss, ce_loss, aux_loss, z_loss; /* means over ranks */
     double lr, grad_norm, seconds, flops;   /* flops: summed over ranks */
     long tokens, dropped, assignments;      /* global */
+    double phase_s[PHASE_COUNT];            /* this rank's time per phase */
 } StepStats;
 
 typedef struct Trainer {
@@ -28,6 +30,7 @@ typedef struct Trainer {
     AdamW opt;
     int *inputs, *targets, *categories;      /* [B*T] */
     long *tokens_per_expert, *dropped_per_expert; /* [moe layers * E], global */
+    long *dispatch_bytes;  /* [world] bytes this rank sent to each rank last step */
     int moe_layers;
 } Trainer;
 

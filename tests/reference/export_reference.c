@@ -123,9 +123,11 @@ static int run(const char *out_path, double weight_scale, int argc, char **argv,
     if (dataset_load(&ds, &cfg, err, errlen) != 0) return -1;
 
     ModelShape shape;
-    model_shape_from_config(&shape, &cfg, ds.vocab_size);
+    model_shape_from_config(&shape, &cfg, ds.vocab_size, 1, 0);
     Model model;
-    if (model_init(&model, &shape, cfg.seed) != 0) {
+    Comm self;
+    comm_attach_self(&self);
+    if (model_init(&model, &shape, cfg.seed, &self) != 0) {
         dataset_free(&ds);
         snprintf(err, errlen, "out of memory building the model; use a smaller config");
         return -1;

@@ -1,0 +1,48 @@
+/* dispatch: moving token rows to the ranks that own their experts and back.
+ *
+ * The sender lays its kept assignments out sorted by global expert, then
+ * source token. Because each rank of the EP group owns E/EP consecutive
+ * experts, that order is (destination rank, local expert, source token).
+ * Per-expert row counts go out with one MPI_Alltoall; the rows then travel
+ * with one MPI_Alltoallv per local expert, each receiving straight into that
+ * expert's block (sources in rank order), so no copy reorders them. Combine
+ * is the same exchange in reverse, landing rows back in the sender's order. */
+#ifndef MOESIM_DISPATCH_H
+#define MOESIM_DISPATCH_H
+
+#include "moesim/comm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct Dispatch {
+    int E, E_local, ep_size;
+    int *send_row_begin;   /* [E+1] sender layout: first row of each global expert */
+    int *recv_counts;      /* [ep_size * E_local] rows from source s for local expert j */
+    int *expert_row_begin; /* [E_local+1] owner layout: first row of each local expert */
+    int num_send_rows, num_recv_rows;
+    /* MPI argument scratch, [ep_size] each, in elements (rows x width) */
+    int *send_counts, *send_displs, *recv_counts_el, *recv_displs;
+} Dispatch;
+
+int dispatch_init(Dispatch *d, int E, int ep_size);
+void dispatch_free(Dispatch *d);
+
+/* From the sender's per-expert row counts [E]: exchanges them and fills both
+ * layouts. Collective over the EP group. */
+void dispatch_plan(Dispatch *d, const int *rows_per_expert, const Comm *comm);
+
+/* sender rows [num_send_rows, width] -> owner rows [num_recv_rows, width] */
+void dispatch_rows(Dispatch *d, const float *send, float *recv, int width, const Comm *comm);
+/* owner rows [num_recv_rows, width] -> sender rows [num_send_rows, width] */
+void combine_rows(Dispatch *d, const float *owner, float *back, int width, const Comm *comm);
+
+/* Adds the bytes of `width`-float rows this rank sends to each EP rank to
+ * bytes[ep_size]. */
+void dispatch_add_bytes_to_ranks(const Dispatch *d, int width, long *bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
