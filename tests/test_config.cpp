@@ -607,9 +607,9 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 37u);
+    ASSERT_EQ(keys.size(), 39u);
     EXPECT_EQ(keys.front(), "num-layers");
-    EXPECT_EQ(keys.back(), "out");
+    EXPECT_EQ(keys.back(), "save");
     char *text = config_to_ini(&cfg);
     ASSERT_NE(text, nullptr);
     std::string ini(text);
@@ -637,6 +637,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"seed", "4294967295"}, {"data-path", "/data/my corpus"}, {"data-format", "text"},
         {"val-fraction", "0.25"}, {"synthetic-clusters", "17"},
         {"synthetic-tokens", "123456"}, {"out", "/tmp/round/trip.h5"},
+        {"expert-model-parallel-size", "4"}, {"save", "/tmp/round/params.h5"},
     };
     for (auto &change : changes) {
         SetResult r = Set(&cfg, change[0], change[1]);
@@ -658,6 +659,8 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME(num_attention_heads);
     EXPECT_SAME(ffn_hidden_size);
     EXPECT_SAME(seq_length);
+    EXPECT_SAME(expert_model_parallel_size);
+    EXPECT_SAME_STR(save);
     EXPECT_SAME(untie_embeddings_and_output_weights);
     EXPECT_SAME(num_experts);
     EXPECT_SAME(moe_router_topk);
@@ -891,3 +894,36 @@ TEST(ConfigHelp, ListsEveryKeyWithItsDefault) {
                           "mixture of experts:", "auto|text|tokens|synthetic",
                           "(default runs/moesim.h5)"});
 }
+
+namespace {
+
+TEST(ConfigLayout, ExpertParallelSizeMustFitTheRanksAndExperts) {
+    Config cfg;
+    config_defaults(&cfg);  // 8 experts
+    char err[MOESIM_ERR_MAX] = "";
+    EXPECT_EQ(config_ep_size(&cfg, 4), 4) << "0 means the world size";
+    EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), 0) << err;
+
+    cfg.expert_model_parallel_size = 3;
+    EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);
+    EXPECT_NE(std::string(err).find("--expert-model-parallel-size 3 does not divide the 4 ranks"),
+              std::string::npos) << err;
+
+    cfg.expert_model_parallel_size = 0;
+    cfg.num_experts = 6;
+    EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);
+    EXPECT_NE(std::string(err).find("--num-experts 6 is not divisible by "
+                                    "--expert-model-parallel-size 4"),
+              std::string::npos) << err;
+
+    cfg.num_experts = 2;
+    EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);
+    EXPECT_NE(std::string(err).find("larger than --num-experts 2"), std::string::npos) << err;
+
+    cfg.num_experts = 8;
+    cfg.expert_model_parallel_size = 2;
+    EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), 0) << err;
+    EXPECT_EQ(config_ep_size(&cfg, 4), 2);
+}
+
+}  // namespace
