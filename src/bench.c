@@ -1,12 +1,19 @@
+/* `moesim bench`: throughput, model-FLOP utilisation, the cost of the token
+ * exchange, weak scaling and memory, each as a ratio to a reference measured
+ * in the same run (these machines are noisy). */
 #include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "moesim/train.h"
 
 #define BENCH_MATMUL_SIZE 2048
 #define BENCH_WARMUP_STEPS 2
 #define BENCH_STEPS 5
+#define EXCHANGE_REPS 50
 
 /* Best of a few runs of one large square sgemm: the attainable peak that the
  * model's FLOP rate is compared against, measured on this machine now. */
@@ -14,27 +21,99 @@ static double measure_sgemm_gflops(void) {
     const int n = BENCH_MATMUL_SIZE;
     float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n),
           *c = malloc(sizeof(float) * n * n);
-    if (!a || !b || !c) {
-        free(a), free(b), free(c);
-        return 0.0;
-    }
-    for (long i = 0; i < (long)n * n; i++) a[i] = b[i] = (float)(i % 7) * 0.1f;
     double best = 0.0;
-    for (int rep = 0; rep < 4; rep++) {
-        double start = comm_wtime();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f,
-                    c, n);
-        double gflops = 2.0 * n * n * n / (comm_wtime() - start) / 1e9;
-        if (rep > 0 && gflops > best) best = gflops;
+    if (a && b && c) {
+        for (long i = 0; i < (long)n * n; i++) a[i] = b[i] = (float)(i % 7) * 0.1f;
+        for (int rep = 0; rep < 4; rep++) {
+            double start = comm_wtime();
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f,
+                        c, n);
+            double gflops = 2.0 * n * n * n / (comm_wtime() - start) / 1e9;
+            if (rep > 0 && gflops > best) best = gflops;
+        }
     }
-    free(a), free(b), free(c);
+    free(a);
+    free(b);
+    free(c);
     return best;
 }
 
-int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err, size_t errlen) {
+static double current_rss_bytes(void) {
+    long pages_total = 0, pages_resident = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (f) {
+        if (fscanf(f, "%ld %ld", &pages_total, &pages_resident) != 2) pages_resident = 0;
+        fclose(f);
+    }
+    return (double)pages_resident * sysconf(_SC_PAGESIZE);
+}
+
+static double peak_rss_bytes(void) {
+    struct rusage usage;
+    getrusage(RUSAGE_SELF, &usage);
+    return usage.ru_maxrss * 1024.0;
+}
+
+typedef struct LayoutResult {
+    double tokens_per_s, model_gflops_per_rank, step_s;
+    double exchange_s, raw_alltoallv_s;        /* per dispatch + combine, mean over ranks */
+    double memory_ratio_min, memory_ratio_max; /* peak RSS growth / analytic bytes, over ranks */
+    double analytic_mb;                        /* rank 0 */
+} LayoutResult;
+
+/* Times dispatch + combine of the first MoE layer's last plan (including the
+ * count exchange) against two plain MPI_Alltoallv calls moving the same
+ * bytes between the same ranks. */
+static void measure_exchange(Trainer *t, LayoutResult *r) {
+    Model *m = &t->model;
+    const Comm *comm = t->comm;
+    MoeLayer *layer = NULL;
+    for (int l = 0; l < m->shape.L && !layer; l++)
+        if (model_is_moe_layer(&m->shape, l)) layer = &m->moe[l];
+    if (!layer || comm->ep_size == 1) return;
+    Dispatch *d = &layer->dispatch;
+    int C = m->shape.C, P = comm->ep_size, El = d->E_local;
+    int *sc = calloc((size_t)P, sizeof(int)), *sd = calloc((size_t)P, sizeof(int));
+    int *rc = calloc((size_t)P, sizeof(int)), *rd = calloc((size_t)P, sizeof(int));
+    if (!sc || !sd || !rc || !rd) goto done;
+    for (int s = 0; s < P; s++) {
+        sc[s] = (d->send_row_begin[(s + 1) * El] - d->send_row_begin[s * El]) * C;
+        sd[s] = d->send_row_begin[s * El] * C;
+        for (int j = 0; j < El; j++) rc[s] += d->recv_counts[s * El + j] * C;
+        rd[s] = s ? rd[s - 1] + rc[s - 1] : 0;
+    }
+    comm_barrier(comm);
+    double start = comm_wtime();
+    for (int rep = 0; rep < EXCHANGE_REPS; rep++) {
+        dispatch_plan(d, layer->rows_per_expert, comm);
+        dispatch_rows(d, layer->send_x, layer->expert_in, C, comm);
+        combine_rows(d, layer->expert_out, layer->send_y, C, comm);
+    }
+    double ours = (comm_wtime() - start) / EXCHANGE_REPS;
+    comm_barrier(comm);
+    start = comm_wtime();
+    for (int rep = 0; rep < EXCHANGE_REPS; rep++) {
+        comm_ep_alltoallv_floats(comm, layer->send_x, sc, sd, layer->expert_in, rc, rd);
+        comm_ep_alltoallv_floats(comm, layer->expert_out, rc, rd, layer->send_y, sc, sd);
+    }
+    double raw = (comm_wtime() - start) / EXCHANGE_REPS;
+    double sums[2] = {ours, raw};
+    comm_sum_doubles(comm, sums, 2);
+    r->exchange_s = sums[0] / comm->world_size;
+    r->raw_alltoallv_s = sums[1] / comm->world_size;
+done:
+    free(sc);
+    free(sd);
+    free(rc);
+    free(rd);
+}
+
+static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm, LayoutResult *r,
+                          char *err, size_t errlen) {
+    memset(r, 0, sizeof *r);
+    double rss_before = current_rss_bytes();
     Trainer t;
     if (!comm_all_ok(comm, trainer_init(&t, cfg, ds, comm, err, errlen) == 0)) return -1;
-    double sgemm_gflops = measure_sgemm_gflops();
     StepStats stats;
     for (int i = 0; i < BENCH_WARMUP_STEPS; i++) trainer_step(&t, i, &stats);
     double seconds = 0.0, flops = 0.0, tokens = 0.0;
@@ -44,17 +123,75 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
         flops += stats.flops;
         tokens += stats.tokens;
     }
-    double model_gflops = flops / seconds / 1e9 / comm->world_size;
-    if (comm->rank == 0) {
-        printf("bench: %d layers, hidden %d, ffn %d, %d experts top-%d, seq %d, micro-batch %d, "
-               "%d rank(s)\n", cfg->num_layers, cfg->hidden_size, cfg->moe_ffn_hidden_size,
-               cfg->num_experts, cfg->moe_router_topk, cfg->seq_length, cfg->micro_batch_size,
-               comm->world_size);
-        printf("bench: step %.3f s | %.0f tokens/s | model %.1f GFLOP/s per rank | sgemm %dx%d "
-               "%.1f GFLOP/s | MFU %.3f\n", seconds / BENCH_STEPS, tokens / seconds,
-               model_gflops, BENCH_MATMUL_SIZE, BENCH_MATMUL_SIZE, sgemm_gflops,
-               model_gflops / sgemm_gflops);
+    double analytic = (double)model_memory_bytes(&t.model);
+    double ratio = (peak_rss_bytes() - rss_before) / analytic;
+    double *ratios = calloc((size_t)comm->world_size, sizeof(double));
+    if (ratios) comm_gather_doubles(comm, &ratio, ratios, 1);
+    r->memory_ratio_min = r->memory_ratio_max = ratio;
+    for (int i = 0; ratios && comm->rank == 0 && i < comm->world_size; i++) {
+        if (ratios[i] < r->memory_ratio_min) r->memory_ratio_min = ratios[i];
+        if (ratios[i] > r->memory_ratio_max) r->memory_ratio_max = ratios[i];
     }
+    free(ratios);
+    r->analytic_mb = analytic / 1e6;
+    measure_exchange(&t, r);
+    r->tokens_per_s = tokens / seconds;
+    r->step_s = seconds / BENCH_STEPS;
+    r->model_gflops_per_rank = flops / seconds / 1e9 / comm->world_size;
     trainer_free(&t);
+    return 0;
+}
+
+int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err, size_t errlen) {
+    int is_root = comm->rank == 0, P = comm->world_size;
+    /* OpenBLAS allocates its work buffers at the first call: do that before
+     * any memory baseline is taken. */
+    double sgemm_gflops = measure_sgemm_gflops();
+    if (is_root)
+        printf(
+            "bench: %d layers, hidden %d, expert ffn %d, %d experts top-%d, seq %d, "
+            "micro-batch %d per rank, %d rank(s), expert-parallel size %d\n",
+            cfg->num_layers, cfg->hidden_size, cfg->moe_ffn_hidden_size, cfg->num_experts,
+            cfg->moe_router_topk, cfg->seq_length, cfg->micro_batch_size, P, comm->ep_size);
+
+    /* Weak-scaling reference: rank 0 alone with the experts one rank holds. */
+    LayoutResult single = {0};
+    int ok = 1;
+    if (P > 1) {
+        if (is_root) {
+            Config one = *cfg;
+            one.num_experts = cfg->num_experts / comm->ep_size;
+            Comm self;
+            comm_attach_self(&self);
+            ok = measure_layout(&one, ds, &self, &single, err, errlen) == 0;
+        }
+        if (!comm_all_ok(comm, ok)) return -1;
+    }
+    LayoutResult all;
+    if (measure_layout(cfg, ds, comm, &all, err, errlen) != 0) return -1;
+    if (is_root) {
+        printf(
+            "bench: step %.3f s | %.0f tokens/s | model %.1f GFLOP/s per rank | sgemm "
+            "%dx%d %.1f GFLOP/s | MFU %.3f\n",
+            all.step_s, all.tokens_per_s, all.model_gflops_per_rank, BENCH_MATMUL_SIZE,
+            BENCH_MATMUL_SIZE, sgemm_gflops, all.model_gflops_per_rank / sgemm_gflops);
+        printf(
+            "bench: memory per rank: peak RSS growth / analytic bytes (%.1f MB: parameters, "
+            "gradients, Adam, activations, exchange buffers) = %.3f .. %.3f over ranks\n",
+            all.analytic_mb, all.memory_ratio_min, all.memory_ratio_max);
+        if (P > 1) {
+            printf(
+                "bench: exchange: dispatch + combine %.1f us vs raw MPI_Alltoallv of the same "
+                "counts %.1f us = %.3fx\n",
+                all.exchange_s * 1e6, all.raw_alltoallv_s * 1e6,
+                all.exchange_s / all.raw_alltoallv_s);
+            printf(
+                "bench: weak scaling 1 -> %d ranks (%d experts per rank): %.0f -> %.0f "
+                "tokens/s per rank, efficiency %.3f\n",
+                P, cfg->num_experts / comm->ep_size, single.tokens_per_s, all.tokens_per_s / P,
+                all.tokens_per_s / P / single.tokens_per_s);
+        }
+        fflush(stdout);
+    }
     return 0;
 }

@@ -23,9 +23,13 @@ static void attach(Comm *c, MPI_Comm world) {
     c->edp = world;
 }
 
-void comm_attach_world(Comm *c) { attach(c, MPI_COMM_WORLD); }
+void comm_attach_world(Comm *c) {
+    attach(c, MPI_COMM_WORLD);
+}
 
-void comm_attach_self(Comm *c) { attach(c, MPI_COMM_SELF); }
+void comm_attach_self(Comm *c) {
+    attach(c, MPI_COMM_SELF);
+}
 
 void comm_split_groups(Comm *c, int ep_size) {
     c->ep_size = ep_size;
@@ -118,6 +122,10 @@ void comm_ep_alltoallv_floats(const Comm *c, const float *send, const int *send_
                   MPI_FLOAT, c->ep);
 }
 
-void comm_barrier(const Comm *c) { MPI_Barrier(c->world); }
+void comm_barrier(const Comm *c) {
+    MPI_Barrier(c->world);
+}
 
-double comm_wtime(void) { return MPI_Wtime(); }
+double comm_wtime(void) {
+    return MPI_Wtime();
+}

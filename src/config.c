@@ -19,18 +19,18 @@
 typedef enum { OPT_INT, OPT_LONG, OPT_DOUBLE, OPT_BOOL, OPT_STRING } OptionType;
 
 typedef struct Option {
-    const char *name;          /* flag spelling without "--"; INI may use '_' */
-    const char *group;         /* heading in --help */
+    const char *name;  /* flag spelling without "--"; INI may use '_' */
+    const char *group; /* heading in --help */
     OptionType type;
-    size_t offset;             /* into Config */
-    size_t size;               /* of the Config field; checked against type */
-    double min, max;           /* numeric range */
-    int min_open, max_open;    /* nonzero: the bound itself is excluded */
-    const char *default_text;  /* parsed by config_defaults like user input */
-    const char *choices;       /* strings only: "a|b|c", NULL for free text */
-    const char *choices_note;  /* why an expected choice is not there yet */
-    const char *metavar;       /* --help placeholder when the type's is vague */
-    int optional;              /* strings only: empty means "not used" */
+    size_t offset;            /* into Config */
+    size_t size;              /* of the Config field; checked against type */
+    double min, max;          /* numeric range */
+    int min_open, max_open;   /* nonzero: the bound itself is excluded */
+    const char *default_text; /* parsed by config_defaults like user input */
+    const char *choices;      /* strings only: "a|b|c", NULL for free text */
+    const char *choices_note; /* why an expected choice is not there yet */
+    const char *metavar;      /* --help placeholder when the type's is vague */
+    int optional;             /* strings only: empty means "not used" */
     const char *help;
 } Option;
 
@@ -46,110 +46,324 @@ typedef struct Option {
  * a typo (an extra zero or two) into an error instead of an allocation of
  * terabytes. */
 static const Option OPTIONS[] = {
-    {.name = "num-layers", .group = G_MODEL, .type = OPT_INT, FIELD(num_layers),
-     .min = 1, .max = 1024, .default_text = "4", .help = "transformer blocks"},
-    {.name = "hidden-size", .group = G_MODEL, .type = OPT_INT, FIELD(hidden_size),
-     .min = 1, .max = 65536, .default_text = "128", .help = "model width"},
-    {.name = "num-attention-heads", .group = G_MODEL, .type = OPT_INT,
-     FIELD(num_attention_heads), .min = 1, .max = 1024, .default_text = "4",
+    {.name = "num-layers",
+     .group = G_MODEL,
+     .type = OPT_INT,
+     FIELD(num_layers),
+     .min = 1,
+     .max = 1024,
+     .default_text = "4",
+     .help = "transformer blocks"},
+    {.name = "hidden-size",
+     .group = G_MODEL,
+     .type = OPT_INT,
+     FIELD(hidden_size),
+     .min = 1,
+     .max = 65536,
+     .default_text = "128",
+     .help = "model width"},
+    {.name = "num-attention-heads",
+     .group = G_MODEL,
+     .type = OPT_INT,
+     FIELD(num_attention_heads),
+     .min = 1,
+     .max = 1024,
+     .default_text = "4",
      .help = "attention heads; must divide hidden-size"},
-    {.name = "ffn-hidden-size", .group = G_MODEL, .type = OPT_INT, FIELD(ffn_hidden_size),
-     .min = 1, .max = 1 << 20, .default_text = "512",
+    {.name = "ffn-hidden-size",
+     .group = G_MODEL,
+     .type = OPT_INT,
+     FIELD(ffn_hidden_size),
+     .min = 1,
+     .max = 1 << 20,
+     .default_text = "512",
      .help = "hidden width of the dense FFN layers"},
-    {.name = "seq-length", .group = G_MODEL, .type = OPT_INT, FIELD(seq_length),
-     .min = 1, .max = 1 << 17, .default_text = "128", .help = "tokens per sequence"},
-    {.name = "untie-embeddings-and-output-weights", .group = G_MODEL, .type = OPT_BOOL,
-     FIELD(untie_embeddings_and_output_weights), .min = 0, .max = 1, .default_text = "0",
+    {.name = "seq-length",
+     .group = G_MODEL,
+     .type = OPT_INT,
+     FIELD(seq_length),
+     .min = 1,
+     .max = 1 << 17,
+     .default_text = "128",
+     .help = "tokens per sequence"},
+    {.name = "untie-embeddings-and-output-weights",
+     .group = G_MODEL,
+     .type = OPT_BOOL,
+     FIELD(untie_embeddings_and_output_weights),
+     .min = 0,
+     .max = 1,
+     .default_text = "0",
      .help = "give the LM head its own weights instead of the token embedding"},
 
-    {.name = "num-experts", .group = G_MOE, .type = OPT_INT, FIELD(num_experts),
-     .min = 1, .max = 1024, .default_text = "8", .help = "experts per MoE layer"},
-    {.name = "moe-router-topk", .group = G_MOE, .type = OPT_INT, FIELD(moe_router_topk),
-     .min = 1, .max = 1024, .default_text = "2", .help = "experts each token is routed to"},
-    {.name = "moe-layer-freq", .group = G_MOE, .type = OPT_INT, FIELD(moe_layer_freq),
-     .min = 1, .max = 1024, .default_text = "1",
+    {.name = "num-experts",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(num_experts),
+     .min = 1,
+     .max = 1024,
+     .default_text = "8",
+     .help = "experts per MoE layer"},
+    {.name = "moe-router-topk",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_router_topk),
+     .min = 1,
+     .max = 1024,
+     .default_text = "2",
+     .help = "experts each token is routed to"},
+    {.name = "moe-layer-freq",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_layer_freq),
+     .min = 1,
+     .max = 1024,
+     .default_text = "1",
      .help = "every n-th layer's FFN is an MoE layer (1 = all)"},
-    {.name = "moe-ffn-hidden-size", .group = G_MOE, .type = OPT_INT,
-     FIELD(moe_ffn_hidden_size), .min = 1, .max = 1 << 20, .default_text = "256",
+    {.name = "moe-ffn-hidden-size",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_ffn_hidden_size),
+     .min = 1,
+     .max = 1 << 20,
+     .default_text = "256",
      .help = "hidden width of each expert"},
-    {.name = "expert-model-parallel-size", .group = G_MOE, .type = OPT_INT,
-     FIELD(expert_model_parallel_size), .min = 0, .max = 1 << 20, .default_text = "0",
+    {.name = "expert-model-parallel-size",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(expert_model_parallel_size),
+     .min = 0,
+     .max = 1 << 20,
+     .default_text = "0",
      .help = "ranks that share one copy of the experts (EP); 0 = all ranks"},
-    {.name = "moe-group-size", .group = G_MOE, .type = OPT_INT, FIELD(moe_group_size),
-     .min = 0, .max = 1 << 30, .default_text = "0",
+    {.name = "moe-group-size",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_group_size),
+     .min = 0,
+     .max = 1 << 30,
+     .default_text = "0",
      .help = "tokens per routing group; 0 = one micro-batch"},
-    {.name = "moe-router-norm-topk-prob", .group = G_MOE, .type = OPT_BOOL,
-     FIELD(moe_router_norm_topk_prob), .min = 0, .max = 1, .default_text = "1",
+    {.name = "moe-router-norm-topk-prob",
+     .group = G_MOE,
+     .type = OPT_BOOL,
+     FIELD(moe_router_norm_topk_prob),
+     .min = 0,
+     .max = 1,
+     .default_text = "1",
      .help = "renormalise the k selected router probabilities to sum to 1"},
     /* No lower bound here: config_validate explains why <= 0 is refused. */
-    {.name = "moe-expert-capacity-factor", .group = G_MOE, .type = OPT_DOUBLE,
-     FIELD(moe_expert_capacity_factor), .min = -INFINITY, .max = 1000,
-     .default_text = "1.25", .help = "expert capacity as a multiple of an even share"},
-    {.name = "moe-aux-loss-coeff", .group = G_MOE, .type = OPT_DOUBLE,
-     FIELD(moe_aux_loss_coeff), .min = 0, .max = 100, .default_text = "0.01",
+    {.name = "moe-expert-capacity-factor",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(moe_expert_capacity_factor),
+     .min = -INFINITY,
+     .max = 1000,
+     .default_text = "1.25",
+     .help = "expert capacity as a multiple of an even share"},
+    {.name = "moe-aux-loss-coeff",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(moe_aux_loss_coeff),
+     .min = 0,
+     .max = 100,
+     .default_text = "0.01",
      .help = "weight of the load-balancing loss"},
-    {.name = "moe-z-loss-coeff", .group = G_MOE, .type = OPT_DOUBLE,
-     FIELD(moe_z_loss_coeff), .min = 0, .max = 100, .default_text = "0.001",
+    {.name = "moe-z-loss-coeff",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(moe_z_loss_coeff),
+     .min = 0,
+     .max = 100,
+     .default_text = "0.001",
      .help = "weight of the router z-loss"},
-    {.name = "moe-token-drop-policy", .group = G_MOE, .type = OPT_STRING,
-     FIELD(moe_token_drop_policy), .default_text = "position", .choices = "position",
+    {.name = "moe-token-drop-policy",
+     .group = G_MOE,
+     .type = OPT_STRING,
+     FIELD(moe_token_drop_policy),
+     .default_text = "position",
+     .choices = "position",
      .choices_note = "\"probs\" arrives with the routing issue",
      .help = "which tokens an over-full expert drops"},
 
-    {.name = "micro-batch-size", .group = G_TRAIN, .type = OPT_INT, FIELD(micro_batch_size),
-     .min = 1, .max = 65536, .default_text = "16", .help = "sequences per rank per step"},
-    {.name = "train-iters", .group = G_TRAIN, .type = OPT_INT, FIELD(train_iters),
-     .min = 1, .max = 1e9, .default_text = "500", .help = "optimizer steps"},
-    {.name = "lr-warmup-iters", .group = G_TRAIN, .type = OPT_INT, FIELD(lr_warmup_iters),
-     .min = 0, .max = 1e9, .default_text = "50", .help = "steps of linear warm-up"},
-    {.name = "eval-interval", .group = G_TRAIN, .type = OPT_INT, FIELD(eval_interval),
-     .min = 1, .max = 1e9, .default_text = "100", .help = "steps between validations"},
-    {.name = "eval-iters", .group = G_TRAIN, .type = OPT_INT, FIELD(eval_iters),
-     .min = 1, .max = 1e6, .default_text = "8", .help = "micro-batches per validation"},
-    {.name = "log-interval", .group = G_TRAIN, .type = OPT_INT, FIELD(log_interval),
-     .min = 1, .max = 1e9, .default_text = "1", .help = "steps between stats records"},
-    {.name = "progress-interval", .group = G_TRAIN, .type = OPT_INT,
-     FIELD(progress_interval), .min = 1, .max = 1e9, .default_text = "10",
+    {.name = "micro-batch-size",
+     .group = G_TRAIN,
+     .type = OPT_INT,
+     FIELD(micro_batch_size),
+     .min = 1,
+     .max = 65536,
+     .default_text = "16",
+     .help = "sequences per rank per step"},
+    {.name = "train-iters",
+     .group = G_TRAIN,
+     .type = OPT_INT,
+     FIELD(train_iters),
+     .min = 1,
+     .max = 1e9,
+     .default_text = "500",
+     .help = "optimizer steps"},
+    {.name = "lr-warmup-iters",
+     .group = G_TRAIN,
+     .type = OPT_INT,
+     FIELD(lr_warmup_iters),
+     .min = 0,
+     .max = 1e9,
+     .default_text = "50",
+     .help = "steps of linear warm-up"},
+    {.name = "eval-interval",
+     .group = G_TRAIN,
+     .type = OPT_INT,
+     FIELD(eval_interval),
+     .min = 1,
+     .max = 1e9,
+     .default_text = "100",
+     .help = "steps between validations"},
+    {.name = "eval-iters",
+     .group = G_TRAIN,
+     .type = OPT_INT,
+     FIELD(eval_iters),
+     .min = 1,
+     .max = 1e6,
+     .default_text = "8",
+     .help = "micro-batches per validation"},
+    {.name = "log-interval",
+     .group = G_TRAIN,
+     .type = OPT_INT,
+     FIELD(log_interval),
+     .min = 1,
+     .max = 1e9,
+     .default_text = "1",
+     .help = "steps between stats records"},
+    {.name = "progress-interval",
+     .group = G_TRAIN,
+     .type = OPT_INT,
+     FIELD(progress_interval),
+     .min = 1,
+     .max = 1e9,
+     .default_text = "10",
      .help = "steps between progress lines"},
-    {.name = "lr", .group = G_TRAIN, .type = OPT_DOUBLE, FIELD(lr), .min = 0, .min_open = 1,
-     .max = 10, .default_text = "3e-3", .help = "peak learning rate"},
-    {.name = "min-lr", .group = G_TRAIN, .type = OPT_DOUBLE, FIELD(min_lr), .min = 0,
-     .max = 10, .default_text = "3e-4", .help = "learning rate at the end of the decay"},
-    {.name = "weight-decay", .group = G_TRAIN, .type = OPT_DOUBLE, FIELD(weight_decay),
-     .min = 0, .max = 10, .default_text = "0.1", .help = "AdamW weight decay"},
-    {.name = "clip-grad", .group = G_TRAIN, .type = OPT_DOUBLE, FIELD(clip_grad), .min = 0,
-     .max = 1e6, .default_text = "1.0", .help = "global gradient-norm clip; 0 disables"},
-    {.name = "adam-beta1", .group = G_TRAIN, .type = OPT_DOUBLE, FIELD(adam_beta1),
-     .min = 0, .max = 1, .max_open = 1, .default_text = "0.9", .help = "Adam first-moment decay"},
-    {.name = "adam-beta2", .group = G_TRAIN, .type = OPT_DOUBLE, FIELD(adam_beta2),
-     .min = 0, .max = 1, .max_open = 1, .default_text = "0.95",
+    {.name = "lr",
+     .group = G_TRAIN,
+     .type = OPT_DOUBLE,
+     FIELD(lr),
+     .min = 0,
+     .min_open = 1,
+     .max = 10,
+     .default_text = "3e-3",
+     .help = "peak learning rate"},
+    {.name = "min-lr",
+     .group = G_TRAIN,
+     .type = OPT_DOUBLE,
+     FIELD(min_lr),
+     .min = 0,
+     .max = 10,
+     .default_text = "3e-4",
+     .help = "learning rate at the end of the decay"},
+    {.name = "weight-decay",
+     .group = G_TRAIN,
+     .type = OPT_DOUBLE,
+     FIELD(weight_decay),
+     .min = 0,
+     .max = 10,
+     .default_text = "0.1",
+     .help = "AdamW weight decay"},
+    {.name = "clip-grad",
+     .group = G_TRAIN,
+     .type = OPT_DOUBLE,
+     FIELD(clip_grad),
+     .min = 0,
+     .max = 1e6,
+     .default_text = "1.0",
+     .help = "global gradient-norm clip; 0 disables"},
+    {.name = "adam-beta1",
+     .group = G_TRAIN,
+     .type = OPT_DOUBLE,
+     FIELD(adam_beta1),
+     .min = 0,
+     .max = 1,
+     .max_open = 1,
+     .default_text = "0.9",
+     .help = "Adam first-moment decay"},
+    {.name = "adam-beta2",
+     .group = G_TRAIN,
+     .type = OPT_DOUBLE,
+     FIELD(adam_beta2),
+     .min = 0,
+     .max = 1,
+     .max_open = 1,
+     .default_text = "0.95",
      .help = "Adam second-moment decay"},
-    {.name = "adam-eps", .group = G_TRAIN, .type = OPT_DOUBLE, FIELD(adam_eps), .min = 0,
-     .min_open = 1, .max = 1, .default_text = "1e-8", .help = "Adam denominator epsilon"},
-    {.name = "seed", .group = G_TRAIN, .type = OPT_LONG, FIELD(seed), .min = 0,
-     .max = 4294967295.0, .default_text = "1234", .help = "seed for weights and data order"},
+    {.name = "adam-eps",
+     .group = G_TRAIN,
+     .type = OPT_DOUBLE,
+     FIELD(adam_eps),
+     .min = 0,
+     .min_open = 1,
+     .max = 1,
+     .default_text = "1e-8",
+     .help = "Adam denominator epsilon"},
+    {.name = "seed",
+     .group = G_TRAIN,
+     .type = OPT_LONG,
+     FIELD(seed),
+     .min = 0,
+     .max = 4294967295.0,
+     .default_text = "1234",
+     .help = "seed for weights and data order"},
 
-    {.name = "data-path", .group = G_DATA, .type = OPT_STRING, FIELD(data_path),
-     .default_text = "/usr/share/games/fortunes", .metavar = "PATH",
+    {.name = "data-path",
+     .group = G_DATA,
+     .type = OPT_STRING,
+     FIELD(data_path),
+     .default_text = "/usr/share/games/fortunes",
+     .metavar = "PATH",
      .help = "text file, directory of text files, .tok file, or \"synthetic\""},
-    {.name = "data-format", .group = G_DATA, .type = OPT_STRING, FIELD(data_format),
-     .default_text = "auto", .choices = "auto|text|tokens|synthetic",
+    {.name = "data-format",
+     .group = G_DATA,
+     .type = OPT_STRING,
+     FIELD(data_format),
+     .default_text = "auto",
+     .choices = "auto|text|tokens|synthetic",
      .help = "how to read data-path; auto guesses"},
-    {.name = "val-fraction", .group = G_DATA, .type = OPT_DOUBLE, FIELD(val_fraction),
-     .min = 0, .min_open = 1, .max = 0.5, .default_text = "0.1",
+    {.name = "val-fraction",
+     .group = G_DATA,
+     .type = OPT_DOUBLE,
+     FIELD(val_fraction),
+     .min = 0,
+     .min_open = 1,
+     .max = 0.5,
+     .default_text = "0.1",
      .help = "share of the data held out for validation"},
-    {.name = "synthetic-clusters", .group = G_DATA, .type = OPT_INT,
-     FIELD(synthetic_clusters), .min = 1, .max = 256, .default_text = "8",
+    {.name = "synthetic-clusters",
+     .group = G_DATA,
+     .type = OPT_INT,
+     FIELD(synthetic_clusters),
+     .min = 1,
+     .max = 256,
+     .default_text = "8",
      .help = "token clusters in the synthetic source"},
-    {.name = "synthetic-tokens", .group = G_DATA, .type = OPT_LONG, FIELD(synthetic_tokens),
-     .min = 1000, .max = 1e9, .default_text = "1000000",
+    {.name = "synthetic-tokens",
+     .group = G_DATA,
+     .type = OPT_LONG,
+     FIELD(synthetic_tokens),
+     .min = 1000,
+     .max = 1e9,
+     .default_text = "1000000",
      .help = "length of the synthetic source"},
 
-    {.name = "out", .group = G_OUT, .type = OPT_STRING, FIELD(out),
-     .default_text = "runs/moesim.h5", .metavar = "PATH",
+    {.name = "out",
+     .group = G_OUT,
+     .type = OPT_STRING,
+     FIELD(out),
+     .default_text = "runs/moesim.h5",
+     .metavar = "PATH",
      .help = "HDF5 file for stats and the resolved config"},
-    {.name = "save", .group = G_OUT, .type = OPT_STRING, FIELD(save),
-     .default_text = "", .metavar = "PATH", .optional = 1,
+    {.name = "save",
+     .group = G_OUT,
+     .type = OPT_STRING,
+     FIELD(save),
+     .default_text = "",
+     .metavar = "PATH",
+     .optional = 1,
      .help = "HDF5 file for the final parameters, all experts in global order; empty = none"},
 };
 
@@ -177,8 +391,7 @@ static int fail(char *err, size_t errlen, const char *fmt, ...) {
 
 static void normalise_key(char *dst, const char *key) {
     size_t i = 0;
-    for (; key[i] && i + 1 < KEY_MAX; i++)
-        dst[i] = key[i] == '_' ? '-' : key[i];
+    for (; key[i] && i + 1 < KEY_MAX; i++) dst[i] = key[i] == '_' ? '-' : key[i];
     dst[i] = '\0';
 }
 
@@ -190,10 +403,8 @@ static size_t min3(size_t a, size_t b, size_t c) {
 static size_t levenshtein(const char *a, const char *b) {
     size_t la = strlen(a), lb = strlen(b);
     size_t prev[KEY_MAX + 1], cur[KEY_MAX + 1];
-    if (la > KEY_MAX || lb > KEY_MAX)
-        return (size_t)-1;
-    for (size_t j = 0; j <= lb; j++)
-        prev[j] = j;
+    if (la > KEY_MAX || lb > KEY_MAX) return (size_t)-1;
+    for (size_t j = 0; j <= lb; j++) prev[j] = j;
     for (size_t i = 1; i <= la; i++) {
         cur[0] = i;
         for (size_t j = 1; j <= lb; j++) {
@@ -214,8 +425,7 @@ static const char *nearest_name(const char *input, const char *extra_name) {
     size_t best_distance = strlen(key);
     for (size_t i = 0; i <= NUM_OPTIONS; i++) {
         const char *candidate = i < NUM_OPTIONS ? OPTIONS[i].name : extra_name;
-        if (!candidate)
-            continue;
+        if (!candidate) continue;
         size_t distance = levenshtein(key, candidate);
         if (distance < best_distance) {
             best = candidate;
@@ -228,8 +438,7 @@ static const char *nearest_name(const char *input, const char *extra_name) {
 /* `unknown key "x"; did you mean "y"? (...)`. typed is echoed as given;
  * dash_prefix is "--" when the suggestion should be written as a flag. */
 static int fail_unknown_key(char *err, size_t errlen, const char *where, const char *what,
-                            const char *typed, const char *dash_prefix,
-                            const char *extra_name) {
+                            const char *typed, const char *dash_prefix, const char *extra_name) {
     const char *key = typed + strspn(typed, "-");
     const char *suggestion = nearest_name(key, extra_name);
     if (suggestion)
@@ -245,12 +454,10 @@ static int fail_unknown_key(char *err, size_t errlen, const char *where, const c
 
 static const Option *find_option(const char *key) {
     char normalised[KEY_MAX];
-    if (strlen(key) >= KEY_MAX)
-        return NULL;
+    if (strlen(key) >= KEY_MAX) return NULL;
     normalise_key(normalised, key);
     for (size_t i = 0; i < NUM_OPTIONS; i++)
-        if (strcmp(OPTIONS[i].name, normalised) == 0)
-            return &OPTIONS[i];
+        if (strcmp(OPTIONS[i].name, normalised) == 0) return &OPTIONS[i];
     return NULL;
 }
 
@@ -275,19 +482,19 @@ static int check_range(const Option *opt, double value, const char *text, const 
     char bound[64];
     if (value < opt->min || (opt->min_open && value == opt->min)) {
         format_bound(bound, sizeof(bound), opt, opt->min);
-        return fail(err, errlen, "%s%s: %s is out of range; it must be %s %s", prefix,
-                    opt->name, text, opt->min_open ? ">" : ">=", bound);
+        return fail(err, errlen, "%s%s: %s is out of range; it must be %s %s", prefix, opt->name,
+                    text, opt->min_open ? ">" : ">=", bound);
     }
     if (value > opt->max || (opt->max_open && value == opt->max)) {
         format_bound(bound, sizeof(bound), opt, opt->max);
-        return fail(err, errlen, "%s%s: %s is out of range; it must be %s %s", prefix,
-                    opt->name, text, opt->max_open ? "<" : "<=", bound);
+        return fail(err, errlen, "%s%s: %s is out of range; it must be %s %s", prefix, opt->name,
+                    text, opt->max_open ? "<" : "<=", bound);
     }
     return 0;
 }
 
-static int parse_integer(const Option *opt, const char *text, const char *prefix,
-                         long long *out, char *err, size_t errlen) {
+static int parse_integer(const Option *opt, const char *text, const char *prefix, long long *out,
+                         char *err, size_t errlen) {
     char *end = NULL;
     errno = 0;
     long long value = strtoll(text, &end, 10);
@@ -295,8 +502,7 @@ static int parse_integer(const Option *opt, const char *text, const char *prefix
         return fail(err, errlen, "%s%s: \"%s\" is not an integer; give a whole number such as %s",
                     prefix, opt->name, text, opt->default_text);
     /* strtoll clamps on overflow, which the range check then reports. */
-    if (check_range(opt, (double)value, text, prefix, err, errlen) != 0)
-        return -1;
+    if (check_range(opt, (double)value, text, prefix, err, errlen) != 0) return -1;
     *out = value;
     return 0;
 }
@@ -306,17 +512,15 @@ static int parse_double(const Option *opt, const char *text, const char *prefix,
     char *end = NULL;
     double value = strtod(text, &end);
     if (end == text || *end != '\0' || !isfinite(value))
-        return fail(err, errlen,
-                    "%s%s: \"%s\" is not a finite number; give a number such as %s", prefix,
-                    opt->name, text, opt->default_text);
-    if (check_range(opt, value, text, prefix, err, errlen) != 0)
-        return -1;
+        return fail(err, errlen, "%s%s: \"%s\" is not a finite number; give a number such as %s",
+                    prefix, opt->name, text, opt->default_text);
+    if (check_range(opt, value, text, prefix, err, errlen) != 0) return -1;
     *out = value;
     return 0;
 }
 
-static int parse_bool(const Option *opt, const char *text, const char *prefix, int *out,
-                      char *err, size_t errlen) {
+static int parse_bool(const Option *opt, const char *text, const char *prefix, int *out, char *err,
+                      size_t errlen) {
     static const char *const truthy[] = {"1", "true", "yes", "on"};
     static const char *const falsy[] = {"0", "false", "no", "off"};
     for (size_t i = 0; i < 4; i++) {
@@ -339,8 +543,7 @@ static int is_choice(const char *choices, const char *text) {
     for (const char *c = choices; *c;) {
         const char *bar = strchr(c, '|');
         size_t choice_len = bar ? (size_t)(bar - c) : strlen(c);
-        if (choice_len == len && strncmp(c, text, len) == 0)
-            return 1;
+        if (choice_len == len && strncmp(c, text, len) == 0) return 1;
         c += choice_len + (bar ? 1 : 0);
     }
     return 0;
@@ -349,16 +552,16 @@ static int is_choice(const char *choices, const char *text) {
 static int parse_string(const Option *opt, const char *text, const char *prefix, char *out,
                         char *err, size_t errlen) {
     if (text[0] == '\0' && !opt->optional)
-        return fail(err, errlen, "%s%s: the value is empty; give one such as %s", prefix,
-                    opt->name, opt->default_text);
+        return fail(err, errlen, "%s%s: the value is empty; give one such as %s", prefix, opt->name,
+                    opt->default_text);
     if (opt->choices && !is_choice(opt->choices, text))
-        return fail(err, errlen, "%s%s: \"%s\" is not a valid choice; use one of %s%s%s%s",
-                    prefix, opt->name, text, opt->choices, opt->choices_note ? " (" : "",
+        return fail(err, errlen, "%s%s: \"%s\" is not a valid choice; use one of %s%s%s%s", prefix,
+                    opt->name, text, opt->choices, opt->choices_note ? " (" : "",
                     opt->choices_note ? opt->choices_note : "", opt->choices_note ? ")" : "");
     size_t len = strlen(text);
     if (len >= opt->size)
-        return fail(err, errlen, "%s%s: the value is %zu characters long; the limit is %zu",
-                    prefix, opt->name, len, opt->size - 1);
+        return fail(err, errlen, "%s%s: the value is %zu characters long; the limit is %zu", prefix,
+                    opt->name, len, opt->size - 1);
     memcpy(out, text, len + 1);
     return 0;
 }
@@ -370,30 +573,27 @@ static int apply_value(Config *cfg, const Option *opt, const char *text, const c
     void *field = field_of(cfg, opt);
     long long integer = 0;
     switch (opt->type) {
-    case OPT_INT:
-        if (parse_integer(opt, text, prefix, &integer, err, errlen) != 0)
-            return -1;
-        *(int *)field = (int)integer;
-        return 0;
-    case OPT_LONG:
-        if (parse_integer(opt, text, prefix, &integer, err, errlen) != 0)
-            return -1;
-        *(long *)field = (long)integer;
-        return 0;
-    case OPT_DOUBLE:
-        return parse_double(opt, text, prefix, (double *)field, err, errlen);
-    case OPT_BOOL:
-        return parse_bool(opt, text, prefix, (int *)field, err, errlen);
-    case OPT_STRING:
-        return parse_string(opt, text, prefix, (char *)field, err, errlen);
+        case OPT_INT:
+            if (parse_integer(opt, text, prefix, &integer, err, errlen) != 0) return -1;
+            *(int *)field = (int)integer;
+            return 0;
+        case OPT_LONG:
+            if (parse_integer(opt, text, prefix, &integer, err, errlen) != 0) return -1;
+            *(long *)field = (long)integer;
+            return 0;
+        case OPT_DOUBLE:
+            return parse_double(opt, text, prefix, (double *)field, err, errlen);
+        case OPT_BOOL:
+            return parse_bool(opt, text, prefix, (int *)field, err, errlen);
+        case OPT_STRING:
+            return parse_string(opt, text, prefix, (char *)field, err, errlen);
     }
     return fail(err, errlen, "%s%s: internal error: unknown option type", prefix, opt->name);
 }
 
 int config_set(Config *cfg, const char *key, const char *value, char *err, size_t errlen) {
     const Option *opt = find_option(key);
-    if (!opt)
-        return fail_unknown_key(err, errlen, "", "key", key, "", NULL);
+    if (!opt) return fail_unknown_key(err, errlen, "", "key", key, "", NULL);
     return apply_value(cfg, opt, value, "--", err, errlen);
 }
 
@@ -403,15 +603,15 @@ int config_set(Config *cfg, const char *key, const char *value, char *err, size_
 /* A mismatch here is a table typo that would corrupt Config silently. */
 static int field_size_matches(const Option *opt) {
     switch (opt->type) {
-    case OPT_INT:
-    case OPT_BOOL:
-        return opt->size == sizeof(int) && opt->min >= INT_MIN && opt->max <= INT_MAX;
-    case OPT_LONG:
-        return opt->size == sizeof(long);
-    case OPT_DOUBLE:
-        return opt->size == sizeof(double);
-    case OPT_STRING:
-        return opt->size > 1;
+        case OPT_INT:
+        case OPT_BOOL:
+            return opt->size == sizeof(int) && opt->min >= INT_MIN && opt->max <= INT_MAX;
+        case OPT_LONG:
+            return opt->size == sizeof(long);
+        case OPT_DOUBLE:
+            return opt->size == sizeof(double);
+        case OPT_STRING:
+            return opt->size > 1;
     }
     return 0;
 }
@@ -440,9 +640,9 @@ typedef struct IniState {
     Config *cfg;
     const char *path;
     FILE *file;
-    int line;              /* line the parser is on, counted by our reader */
-    int previous_ended;    /* the last chunk read finished its line */
-    int error_line;        /* first line with an error we reported, 0 if none */
+    int line;           /* line the parser is on, counted by our reader */
+    int previous_ended; /* the last chunk read finished its line */
+    int error_line;     /* first line with an error we reported, 0 if none */
     char *err;
     size_t errlen;
 } IniState;
@@ -453,10 +653,8 @@ typedef struct IniState {
  * than inih's buffer, which inih would otherwise split or drop. */
 static char *ini_read_line(char *buf, int size, void *stream) {
     IniState *state = stream;
-    if (!fgets(buf, size, state->file))
-        return NULL;
-    if (state->previous_ended)
-        state->line++;
+    if (!fgets(buf, size, state->file)) return NULL;
+    if (state->previous_ended) state->line++;
     size_t len = strlen(buf);
     state->previous_ended = len > 0 && buf[len - 1] == '\n';
     if (!state->previous_ended && (int)len == size - 1 && !state->error_line) {
@@ -470,14 +668,11 @@ static char *ini_read_line(char *buf, int size, void *stream) {
 }
 
 /* Sections are accepted for readability and ignored: keys are global. */
-static int ini_handle_key(void *user, const char *section, const char *name,
-                          const char *value) {
+static int ini_handle_key(void *user, const char *section, const char *name, const char *value) {
     (void)section;
     IniState *state = user;
-    if (state->error_line)
-        return 0;
-    if (!value)
-        value = "";
+    if (state->error_line) return 0;
+    if (!value) value = "";
     char where[MOESIM_PATH_MAX + 32];
     snprintf(where, sizeof(where), "%s:%d: ", state->path, state->line);
     const Option *opt = find_option(name);
@@ -491,8 +686,7 @@ static int ini_handle_key(void *user, const char *section, const char *name,
 }
 
 static int apply_ini_file(Config *cfg, const char *path, char *err, size_t errlen) {
-    IniState state = {.cfg = cfg, .path = path, .previous_ended = 1, .err = err,
-                      .errlen = errlen};
+    IniState state = {.cfg = cfg, .path = path, .previous_ended = 1, .err = err, .errlen = errlen};
     state.file = fopen(path, "r");
     if (!state.file)
         return fail(err, errlen, "cannot read config file %s: %s; check the path", path,
@@ -531,8 +725,8 @@ typedef struct FlagValue {
 
 static void build_long_options(struct option *longopts) {
     for (size_t i = 0; i < NUM_OPTIONS; i++)
-        longopts[i] = (struct option){OPTIONS[i].name, required_argument, NULL,
-                                      OPTION_VAL_BASE + (int)i};
+        longopts[i] =
+            (struct option){OPTIONS[i].name, required_argument, NULL, OPTION_VAL_BASE + (int)i};
     longopts[NUM_OPTIONS] = (struct option){"config", required_argument, NULL, CONFIG_VAL};
     longopts[NUM_OPTIONS + 1] = (struct option){NULL, 0, NULL, 0};
 }
@@ -540,8 +734,7 @@ static void build_long_options(struct option *longopts) {
 /* The flag as typed, without its value: "--hidden-size=12" -> "--hidden-size". */
 static void typed_flag(char *dst, size_t len, const char *arg) {
     size_t n = strcspn(arg, "=");
-    if (n >= len)
-        n = len - 1;
+    if (n >= len) n = len - 1;
     memcpy(dst, arg, n);
     dst[n] = '\0';
 }
@@ -574,8 +767,7 @@ static int collect_flags(int argc, char **argv, FlagValue *flags, int *num_flags
         int at = optind > 0 ? optind : 1;
         int longindex = -1;
         int val = getopt_long(argc, argv, "+:", longopts, &longindex);
-        if (val == -1)
-            break;
+        if (val == -1) break;
         char typed[KEY_MAX];
         typed_flag(typed, sizeof(typed), argv[at]);
         if (val == ':')
@@ -613,13 +805,11 @@ int config_parse_args(Config *cfg, int argc, char **argv, char *err, size_t errl
     if (argc < 1)
         return fail(err, errlen, "no subcommand given; run moesim train [--flag value ...]");
     FlagValue *flags = malloc((size_t)argc * sizeof(*flags));
-    if (!flags)
-        return fail(err, errlen, "out of memory while parsing %d arguments", argc);
+    if (!flags) return fail(err, errlen, "out of memory while parsing %d arguments", argc);
     int num_flags = 0;
     const char *config_path = NULL;
     int rc = collect_flags(argc, argv, flags, &num_flags, &config_path, err, errlen);
-    if (rc == 0 && config_path)
-        rc = apply_ini_file(cfg, config_path, err, errlen);
+    if (rc == 0 && config_path) rc = apply_ini_file(cfg, config_path, err, errlen);
     for (int i = 0; rc == 0 && i < num_flags; i++)
         rc = apply_value(cfg, flags[i].opt, flags[i].value, "--", err, errlen);
     free(flags);
@@ -676,12 +866,10 @@ static int uses_synthetic_data(const Config *cfg) {
 }
 
 static int validate_data_path(const Config *cfg, char *err, size_t errlen) {
-    if (uses_synthetic_data(cfg))
-        return 0;
+    if (uses_synthetic_data(cfg)) return 0;
     struct stat st;
     int rc = stat(cfg->data_path, &st);
-    if (rc == 0)
-        rc = access(cfg->data_path, S_ISDIR(st.st_mode) ? R_OK | X_OK : R_OK);
+    if (rc == 0) rc = access(cfg->data_path, S_ISDIR(st.st_mode) ? R_OK | X_OK : R_OK);
     if (rc != 0)
         return fail(err, errlen,
                     "--data-path %s: %s; point it at a text file, a directory of text files, "
@@ -694,15 +882,14 @@ static int validate_data_path(const Config *cfg, char *err, size_t errlen) {
 static int validate_output_path(const char *key, const char *path, char *err, size_t errlen) {
     size_t len = strlen(path);
     if (len > 0 && path[len - 1] == '/')
-        return fail(err, errlen,
-                    "--%s %s names a directory; give a file path such as %smoesim.h5",
+        return fail(err, errlen, "--%s %s names a directory; give a file path such as %smoesim.h5",
                     key, path, path);
     struct stat st;
     if (stat(path, &st) == 0) {
         if (S_ISDIR(st.st_mode))
             return fail(err, errlen,
-                        "--%s %s is a directory; give a file path such as %s/moesim.h5",
-                        key, path, path);
+                        "--%s %s is a directory; give a file path such as %s/moesim.h5", key, path,
+                        path);
         if (access(path, W_OK) != 0)
             return fail(err, errlen,
                         "--%s %s exists and cannot be overwritten (%s); remove it or choose "
@@ -718,8 +905,8 @@ static int validate_output_path(const char *key, const char *path, char *err, si
                     "(mkdir -p %s) or choose another --%s",
                     key, path, parent, strerror(errno), parent, key);
     if (!S_ISDIR(st.st_mode))
-        return fail(err, errlen, "--%s %s: %s is not a directory; choose another --%s",
-                    key, path, parent, key);
+        return fail(err, errlen, "--%s %s: %s is not a directory; choose another --%s", key, path,
+                    parent, key);
     if (access(parent, W_OK | X_OK) != 0)
         return fail(err, errlen,
                     "--%s %s: directory %s is not writable (%s); choose a writable "
@@ -729,14 +916,10 @@ static int validate_output_path(const char *key, const char *path, char *err, si
 }
 
 int config_validate(const Config *cfg, char *err, size_t errlen) {
-    if (validate_model_shape(cfg, err, errlen) != 0)
-        return -1;
-    if (validate_routing(cfg, err, errlen) != 0)
-        return -1;
-    if (validate_data_path(cfg, err, errlen) != 0)
-        return -1;
-    if (validate_output_path("out", cfg->out, err, errlen) != 0)
-        return -1;
+    if (validate_model_shape(cfg, err, errlen) != 0) return -1;
+    if (validate_routing(cfg, err, errlen) != 0) return -1;
+    if (validate_data_path(cfg, err, errlen) != 0) return -1;
+    if (validate_output_path("out", cfg->out, err, errlen) != 0) return -1;
     return cfg->save[0] ? validate_output_path("save", cfg->save, err, errlen) : 0;
 }
 
@@ -774,8 +957,7 @@ int config_ep_size(const Config *cfg, int world_size) {
 static void format_double(char *buf, size_t len, double value) {
     for (int precision = 15; precision < 17; precision++) {
         snprintf(buf, len, "%.*g", precision, value);
-        if (strtod(buf, NULL) == value)
-            return;
+        if (strtod(buf, NULL) == value) return;
     }
     snprintf(buf, len, "%.17g", value);
 }
@@ -783,19 +965,19 @@ static void format_double(char *buf, size_t len, double value) {
 static void format_value(char *buf, size_t len, const Config *cfg, const Option *opt) {
     const void *field = const_field_of(cfg, opt);
     switch (opt->type) {
-    case OPT_INT:
-    case OPT_BOOL:
-        snprintf(buf, len, "%d", *(const int *)field);
-        return;
-    case OPT_LONG:
-        snprintf(buf, len, "%ld", *(const long *)field);
-        return;
-    case OPT_DOUBLE:
-        format_double(buf, len, *(const double *)field);
-        return;
-    case OPT_STRING:
-        snprintf(buf, len, "%s", (const char *)field);
-        return;
+        case OPT_INT:
+        case OPT_BOOL:
+            snprintf(buf, len, "%d", *(const int *)field);
+            return;
+        case OPT_LONG:
+            snprintf(buf, len, "%ld", *(const long *)field);
+            return;
+        case OPT_DOUBLE:
+            format_double(buf, len, *(const double *)field);
+            return;
+        case OPT_STRING:
+            snprintf(buf, len, "%s", (const char *)field);
+            return;
     }
 }
 
@@ -803,8 +985,7 @@ char *config_to_ini(const Config *cfg) {
     char *text = NULL;
     size_t size = 0;
     FILE *stream = open_memstream(&text, &size);
-    if (!stream)
-        return NULL;
+    if (!stream) return NULL;
     for (size_t i = 0; i < NUM_OPTIONS; i++) {
         char value[MOESIM_PATH_MAX];
         format_value(value, sizeof(value), cfg, &OPTIONS[i]);
@@ -824,31 +1005,27 @@ int config_is_moe_layer(const Config *cfg, int layer) {
 
 int config_num_moe_layers(const Config *cfg) {
     int count = 0;
-    for (int layer = 0; layer < cfg->num_layers; layer++)
-        count += config_is_moe_layer(cfg, layer);
+    for (int layer = 0; layer < cfg->num_layers; layer++) count += config_is_moe_layer(cfg, layer);
     return count;
 }
 
 int config_group_size(const Config *cfg) {
-    return cfg->moe_group_size != 0 ? cfg->moe_group_size
-                                    : cfg->micro_batch_size * cfg->seq_length;
+    return cfg->moe_group_size != 0 ? cfg->moe_group_size : cfg->micro_batch_size * cfg->seq_length;
 }
 
 static const char *metavar_of(const Option *opt) {
-    if (opt->metavar)
-        return opt->metavar;
-    if (opt->choices)
-        return opt->choices;
+    if (opt->metavar) return opt->metavar;
+    if (opt->choices) return opt->choices;
     switch (opt->type) {
-    case OPT_INT:
-    case OPT_LONG:
-        return "N";
-    case OPT_DOUBLE:
-        return "X";
-    case OPT_BOOL:
-        return "0|1";
-    case OPT_STRING:
-        return "TEXT";
+        case OPT_INT:
+        case OPT_LONG:
+            return "N";
+        case OPT_DOUBLE:
+            return "X";
+        case OPT_BOOL:
+            return "0|1";
+        case OPT_STRING:
+            return "TEXT";
     }
     return "VALUE";
 }

@@ -37,20 +37,21 @@
 #define DOMAIN_SYNTH_DOCS 0x646f637300000004ull
 
 typedef struct Segment {
-    size_t start;     /* into Corpus.tokens */
+    size_t start; /* into Corpus.tokens */
     size_t len;
-    size_t val_from;  /* tokens [start, start+val_from) train, the rest validation */
+    size_t val_from; /* tokens [start, start+val_from) train, the rest validation */
     int32_t category;
 } Segment;
 
 typedef struct Corpus {
-    uint16_t *tokens;  /* [len] */
+    uint16_t *tokens; /* [len] */
     size_t len;
     Segment *segments; /* [num_segments] */
     size_t num_segments;
 } Corpus;
 
-static void fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fail(char *err, size_t errlen, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 static void fail(char *err, size_t errlen, const char *fmt, ...) {
     if (!err || errlen == 0) return;
     va_list ap;
@@ -93,7 +94,9 @@ static void rng_seed(Rng *r, uint64_t seed) {
     }
 }
 
-static uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+static uint64_t rotl(uint64_t x, int k) {
+    return (x << k) | (x >> (64 - k));
+}
 
 static uint64_t rng_next(Rng *r) {
     uint64_t *s = r->s;
@@ -194,13 +197,16 @@ static int read_file(const char *path, unsigned char **buf, size_t *len, char *e
     *len = 0;
     FILE *f = fopen(path, "rb");
     if (!f) {
-        fail(err, errlen, "cannot open data file %s: %s; check that it exists and is readable, or point --data-path elsewhere",
+        fail(err, errlen,
+             "cannot open data file %s: %s; check that it exists and is readable, or point "
+             "--data-path elsewhere",
              path, strerror(errno));
         return -1;
     }
     size_t cap = 0, n = 0;
     struct stat st;
-    if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0) cap = (size_t)st.st_size + 1;
+    if (fstat(fileno(f), &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0)
+        cap = (size_t)st.st_size + 1;
     if (cap < 4096) cap = 4096;
     unsigned char *b = malloc(cap);
     if (!b) {
@@ -229,7 +235,8 @@ static int read_file(const char *path, unsigned char **buf, size_t *len, char *e
     fclose(f);
     if (bad) {
         free(b);
-        fail(err, errlen, "cannot read data file %s: %s; check the file and its permissions", path, strerror(saved));
+        fail(err, errlen, "cannot read data file %s: %s; check the file and its permissions", path,
+             strerror(saved));
         return -1;
     }
     *buf = b;
@@ -257,7 +264,8 @@ static int list_text_dir(const char *dir, char ***out, size_t *count, char *err,
     *count = 0;
     DIR *d = opendir(dir);
     if (!d) {
-        fail(err, errlen, "cannot open data directory %s: %s; check --data-path", dir, strerror(errno));
+        fail(err, errlen, "cannot open data directory %s: %s; check --data-path", dir,
+             strerror(errno));
         return -1;
     }
     char **names = NULL;
@@ -292,7 +300,8 @@ static int list_text_dir(const char *dir, char ***out, size_t *count, char *err,
         errno = 0;
     }
     if (errno != 0) {
-        fail(err, errlen, "cannot list data directory %s: %s; check --data-path", dir, strerror(errno));
+        fail(err, errlen, "cannot list data directory %s: %s; check --data-path", dir,
+             strerror(errno));
         closedir(d);
         free_strings(names, n);
         return -1;
@@ -301,7 +310,8 @@ static int list_text_dir(const char *dir, char ***out, size_t *count, char *err,
     if (n == 0) {
         free(names);
         fail(err, errlen,
-             "data directory %s holds no usable text files (regular, non-empty, not hidden, not *.dat, not symlinks); "
+             "data directory %s holds no usable text files (regular, non-empty, not hidden, not "
+             "*.dat, not symlinks); "
              "point --data-path at a directory of text files, or a single text file",
              dir);
         return -1;
@@ -318,8 +328,8 @@ oom:
 }
 
 /* Byte-level text: one category per file. `paths` are read in order. */
-static int load_text_files(Dataset *ds, Corpus *c, char **paths, size_t n, const Config *cfg, char *err,
-                           size_t errlen) {
+static int load_text_files(Dataset *ds, Corpus *c, char **paths, size_t n, const Config *cfg,
+                           char *err, size_t errlen) {
     char **names = calloc(n, sizeof *names);
     c->segments = calloc(n, sizeof *c->segments);
     if (!names || !c->segments) {
@@ -366,7 +376,8 @@ static int load_text_files(Dataset *ds, Corpus *c, char **paths, size_t n, const
     }
     c->len = pos;
     if (ncat == 0) {
-        fail(err, errlen, "data file %s is empty; point --data-path at a non-empty text file", cfg->data_path);
+        fail(err, errlen, "data file %s is empty; point --data-path at a non-empty text file",
+             cfg->data_path);
         goto done;
     }
     ds->vocab_size = TEXT_VOCAB;
@@ -398,7 +409,9 @@ static int load_text(Dataset *ds, Corpus *c, const Config *cfg, char *err, size_
         return rc;
     }
     if (!S_ISREG(st.st_mode)) {
-        fail(err, errlen, "--data-path %s is neither a regular file nor a directory; point it at a text file or a directory of text files",
+        fail(err, errlen,
+             "--data-path %s is neither a regular file nor a directory; point it at a text file or "
+             "a directory of text files",
              path);
         return -1;
     }
@@ -412,7 +425,9 @@ static uint32_t le32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-static uint64_t le64(const unsigned char *p) { return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32; }
+static uint64_t le64(const unsigned char *p) {
+    return (uint64_t)le32(p) | (uint64_t)le32(p + 4) << 32;
+}
 
 static void put_le32(unsigned char *p, uint32_t v) {
     for (int i = 0; i < 4; i++) p[i] = (unsigned char)(v >> (8 * i));
@@ -434,14 +449,18 @@ static int load_tokens(Dataset *ds, Corpus *c, const Config *cfg, char *err, siz
     const char *path = cfg->data_path;
     FILE *f = fopen(path, "rb");
     if (!f) {
-        fail(err, errlen, "--data-path %s: cannot open token file: %s; check the path, or use --data-format text for a text file",
+        fail(err, errlen,
+             "--data-path %s: cannot open token file: %s; check the path, or use --data-format "
+             "text for a text file",
              path, strerror(errno));
         return -1;
     }
     struct stat st;
     if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
         fclose(f);
-        fail(err, errlen, "--data-path %s is not a regular file; a token file is one file written by token_file_write or tools/make_tokens.py",
+        fail(err, errlen,
+             "--data-path %s is not a regular file; a token file is one file written by "
+             "token_file_write or tools/make_tokens.py",
              path);
         return -1;
     }
@@ -453,16 +472,19 @@ static int load_tokens(Dataset *ds, Corpus *c, const Config *cfg, char *err, siz
     if (got == 0 || memcmp(h, MOESIM_TOKEN_MAGIC, cmp) != 0) {
         fclose(f);
         fail(err, errlen,
-             "%s is not a moesim token file (expected magic %s at offset 0)%s; write token files with "
+             "%s is not a moesim token file (expected magic %s at offset 0)%s; write token files "
+             "with "
              "tools/make_tokens.py or token_file_write",
              path, MOESIM_TOKEN_MAGIC,
-             looks_like_text(h, got) ? "; it looks like plain text: load it with --data-format text" : "");
+             looks_like_text(h, got) ? "; it looks like plain text: load it with --data-format text"
+                                     : "");
         return -1;
     }
     if (got < sizeof h) {
         fclose(f);
         fail(err, errlen,
-             "token file %s is truncated: it holds %llu bytes, fewer than the %d-byte header; rewrite it with tools/make_tokens.py",
+             "token file %s is truncated: it holds %llu bytes, fewer than the %d-byte header; "
+             "rewrite it with tools/make_tokens.py",
              path, (unsigned long long)file_bytes, MOESIM_TOKEN_HEADER_BYTES);
         return -1;
     }
@@ -471,13 +493,17 @@ static int load_tokens(Dataset *ds, Corpus *c, const Config *cfg, char *err, siz
     uint64_t num_tokens = le64(h + 16);
     if (version != MOESIM_TOKEN_VERSION) {
         fclose(f);
-        fail(err, errlen, "token file %s has version %u, this moesim reads version %u; rewrite it with tools/make_tokens.py",
+        fail(err, errlen,
+             "token file %s has version %u, this moesim reads version %u; rewrite it with "
+             "tools/make_tokens.py",
              path, version, MOESIM_TOKEN_VERSION);
         return -1;
     }
     if (vocab < 1 || vocab > 65536) {
         fclose(f);
-        fail(err, errlen, "token file %s declares vocab_size %u, outside 1..65536; rewrite it with a valid vocabulary size",
+        fail(err, errlen,
+             "token file %s declares vocab_size %u, outside 1..65536; rewrite it with a valid "
+             "vocabulary size",
              path, vocab);
         return -1;
     }
@@ -485,17 +511,20 @@ static int load_tokens(Dataset *ds, Corpus *c, const Config *cfg, char *err, siz
     if (num_tokens > max_tokens || file_bytes != MOESIM_TOKEN_HEADER_BYTES + 2 * num_tokens) {
         fclose(f);
         fail(err, errlen,
-             "token file %s is truncated or corrupt: its header declares %llu tokens, so it should hold %llu bytes, "
+             "token file %s is truncated or corrupt: its header declares %llu tokens, so it should "
+             "hold %llu bytes, "
              "but it holds %llu bytes; rewrite it with tools/make_tokens.py",
              path, (unsigned long long)num_tokens,
-             num_tokens > max_tokens ? (unsigned long long)UINT64_MAX
-                                     : (unsigned long long)(MOESIM_TOKEN_HEADER_BYTES + 2 * num_tokens),
+             num_tokens > max_tokens
+                 ? (unsigned long long)UINT64_MAX
+                 : (unsigned long long)(MOESIM_TOKEN_HEADER_BYTES + 2 * num_tokens),
              (unsigned long long)file_bytes);
         return -1;
     }
     if (num_tokens > SIZE_MAX / 2 - 1) {
         fclose(f);
-        fail(err, errlen, "token file %s holds %llu tokens, too many for this machine's address space", path,
+        fail(err, errlen,
+             "token file %s holds %llu tokens, too many for this machine's address space", path,
              (unsigned long long)num_tokens);
         return -1;
     }
@@ -525,7 +554,8 @@ static int load_tokens(Dataset *ds, Corpus *c, const Config *cfg, char *err, siz
     for (size_t i = 0; i < n; i++) {
         if (c->tokens[i] >= vocab) {
             fail(err, errlen,
-                 "token file %s: token %u at index %zu is not below its vocab_size %u; rewrite the file with a "
+                 "token file %s: token %u at index %zu is not below its vocab_size %u; rewrite the "
+                 "file with a "
                  "vocab_size larger than every token",
                  path, c->tokens[i], i, vocab);
             return -1;
@@ -544,20 +574,24 @@ static int load_tokens(Dataset *ds, Corpus *c, const Config *cfg, char *err, siz
 int token_file_write(const char *path, const uint16_t *tokens, size_t n, int vocab_size, char *err,
                      size_t errlen) {
     if (vocab_size < 1 || vocab_size > 65536) {
-        fail(err, errlen, "token_file_write %s: vocab_size %d is outside 1..65536", path, vocab_size);
+        fail(err, errlen, "token_file_write %s: vocab_size %d is outside 1..65536", path,
+             vocab_size);
         return -1;
     }
     for (size_t i = 0; i < n; i++) {
         if (tokens[i] >= vocab_size) {
-            fail(err, errlen, "token_file_write %s: token %u at index %zu is not below vocab_size %d; pass a larger vocab_size",
+            fail(err, errlen,
+                 "token_file_write %s: token %u at index %zu is not below vocab_size %d; pass a "
+                 "larger vocab_size",
                  path, tokens[i], i, vocab_size);
             return -1;
         }
     }
     FILE *f = fopen(path, "wb");
     if (!f) {
-        fail(err, errlen, "cannot create token file %s: %s; check that the directory exists and is writable", path,
-             strerror(errno));
+        fail(err, errlen,
+             "cannot create token file %s: %s; check that the directory exists and is writable",
+             path, strerror(errno));
         return -1;
     }
     unsigned char h[MOESIM_TOKEN_HEADER_BYTES] = {0};
@@ -581,7 +615,8 @@ int token_file_write(const char *path, const uint16_t *tokens, size_t n, int voc
         saved = errno;
     }
     if (!ok) {
-        fail(err, errlen, "cannot write token file %s: %s; check free disk space and permissions", path, strerror(saved));
+        fail(err, errlen, "cannot write token file %s: %s; check free disk space and permissions",
+             path, strerror(saved));
         remove(path);
         return -1;
     }
@@ -616,7 +651,8 @@ static void chain_build(Chain *ch, uint64_t seed, int cluster) {
         double acc = 0;
         for (int k = 0; k < SYNTH_SUCCESSORS; k++) {
             acc += w[k] / sum;
-            ch->cumulative[s][k] = k == SYNTH_SUCCESSORS - 1 ? UINT32_MAX : (uint32_t)(acc * 4294967295.0);
+            ch->cumulative[s][k] =
+                k == SYNTH_SUCCESSORS - 1 ? UINT32_MAX : (uint32_t)(acc * 4294967295.0);
         }
     }
 }
@@ -625,8 +661,9 @@ static int load_synthetic(Dataset *ds, Corpus *c, const Config *cfg, char *err, 
     int clusters = cfg->synthetic_clusters;
     long total = cfg->synthetic_tokens;
     if (clusters < 1 || clusters > SYNTH_MAX_CLUSTERS) {
-        fail(err, errlen, "--synthetic-clusters %d is outside 1..%d; choose a cluster count in that range", clusters,
-             SYNTH_MAX_CLUSTERS);
+        fail(err, errlen,
+             "--synthetic-clusters %d is outside 1..%d; choose a cluster count in that range",
+             clusters, SYNTH_MAX_CLUSTERS);
         return -1;
     }
     if (total < 1) {
@@ -675,7 +712,8 @@ static int load_synthetic(Dataset *ds, Corpus *c, const Config *cfg, char *err, 
         docs_per_cluster[k]++;
     }
     /* Hold out the last split_count documents of every cluster, whole. */
-    for (int k = 0; k < clusters; k++) docs_per_cluster[k] = split_count(docs_per_cluster[k], cfg->val_fraction);
+    for (int k = 0; k < clusters; k++)
+        docs_per_cluster[k] = split_count(docs_per_cluster[k], cfg->val_fraction);
     for (size_t d = num_docs; d-- > 0;) {
         Segment *s = &c->segments[d];
         if (docs_per_cluster[s->category] > 0) {
@@ -699,33 +737,45 @@ typedef enum { SOURCE_TEXT, SOURCE_TOKENS, SOURCE_SYNTHETIC } SourceKind;
 
 static int choose_source(const Config *cfg, SourceKind *kind, char *err, size_t errlen) {
     const char *fmt = cfg->data_format;
-    if (strcmp(fmt, "synthetic") == 0) *kind = SOURCE_SYNTHETIC;
-    else if (strcmp(fmt, "tokens") == 0) *kind = SOURCE_TOKENS;
-    else if (strcmp(fmt, "text") == 0) *kind = SOURCE_TEXT;
+    if (strcmp(fmt, "synthetic") == 0)
+        *kind = SOURCE_SYNTHETIC;
+    else if (strcmp(fmt, "tokens") == 0)
+        *kind = SOURCE_TOKENS;
+    else if (strcmp(fmt, "text") == 0)
+        *kind = SOURCE_TEXT;
     else if (strcmp(fmt, "auto") == 0 || fmt[0] == '\0') {
-        if (strcmp(cfg->data_path, "synthetic") == 0) *kind = SOURCE_SYNTHETIC;
-        else if (ends_with(cfg->data_path, ".tok")) *kind = SOURCE_TOKENS;
-        else *kind = SOURCE_TEXT;
+        if (strcmp(cfg->data_path, "synthetic") == 0)
+            *kind = SOURCE_SYNTHETIC;
+        else if (ends_with(cfg->data_path, ".tok"))
+            *kind = SOURCE_TOKENS;
+        else
+            *kind = SOURCE_TEXT;
     } else {
-        fail(err, errlen, "--data-format %s is not one of auto, text, tokens, synthetic; pick one of those", fmt);
+        fail(err, errlen,
+             "--data-format %s is not one of auto, text, tokens, synthetic; pick one of those",
+             fmt);
         return -1;
     }
     if (*kind != SOURCE_SYNTHETIC && cfg->data_path[0] == '\0') {
-        fail(err, errlen, "--data-path is empty; point it at a text file or directory (e.g. /usr/share/games/fortunes), "
-                          "a .tok token file, or use --data-format synthetic");
+        fail(err, errlen,
+             "--data-path is empty; point it at a text file or directory (e.g. "
+             "/usr/share/games/fortunes), "
+             "a .tok token file, or use --data-format synthetic");
         return -1;
     }
     return 0;
 }
 
-static int check_lengths(const Dataset *ds, const Config *cfg, SourceKind kind, char *err, size_t errlen) {
+static int check_lengths(const Dataset *ds, const Config *cfg, SourceKind kind, char *err,
+                         size_t errlen) {
     size_t need = (size_t)cfg->seq_length + 1;
     const char *what = ds->val.len < need ? "validation" : ds->train.len < need ? "training" : NULL;
     if (!what) return 0;
     size_t have = ds->val.len < need ? ds->val.len : ds->train.len;
     const char *path = kind == SOURCE_SYNTHETIC ? "the synthetic source" : cfg->data_path;
     fail(err, errlen,
-         "--seq-length %d is larger than the data: the %s split of %s holds %zu tokens; lower --seq-length or use "
+         "--seq-length %d is larger than the data: the %s split of %s holds %zu tokens; lower "
+         "--seq-length or use "
          "more data%s",
          cfg->seq_length, what, path, have,
          kind == SOURCE_SYNTHETIC ? " (raise --synthetic-tokens)" : " (or change --val-fraction)");
@@ -742,7 +792,8 @@ int dataset_load(Dataset *ds, const Config *cfg, char *err, size_t errlen) {
         return -1;
     }
     if (!(cfg->val_fraction > 0.0 && cfg->val_fraction < 1.0)) {
-        fail(err, errlen, "--val-fraction %g must be between 0 and 1 (exclusive); e.g. 0.1", cfg->val_fraction);
+        fail(err, errlen, "--val-fraction %g must be between 0 and 1 (exclusive); e.g. 0.1",
+             cfg->val_fraction);
         return -1;
     }
     Corpus c = {0};
@@ -772,15 +823,16 @@ void dataset_free(Dataset *ds) {
 
 /* Sequence b of rank `rank` is global sequence g = rank*B + b; its start is a
  * hash of (domain, seed, index, g), so it does not depend on P or B alone. */
-static void stream_batch(const TokenStream *s, uint64_t domain, long seed, long index, int rank, int B, int T,
-                         int *inputs, int *targets, int *categories) {
+static void stream_batch(const TokenStream *s, uint64_t domain, long seed, long index, int rank,
+                         int B, int T, int *inputs, int *targets, int *categories) {
     uint64_t span = (uint64_t)(s->len - (size_t)T); /* dataset_load guarantees len >= T+1 */
     for (int b = 0; b < B; b++) {
         uint64_t g = (uint64_t)rank * (uint64_t)B + (uint64_t)b;
         size_t start = (size_t)(hash4(domain, (uint64_t)seed, (uint64_t)index, g) % span);
         const uint16_t *tok = s->tokens + start;
         const int32_t *cat = s->categories + start;
-        int *in = inputs + (size_t)b * T, *tg = targets + (size_t)b * T, *ct = categories + (size_t)b * T;
+        int *in = inputs + (size_t)b * T, *tg = targets + (size_t)b * T,
+            *ct = categories + (size_t)b * T;
         for (int t = 0; t < T; t++) {
             in[t] = tok[t];
             tg[t] = tok[t + 1];
@@ -789,12 +841,12 @@ static void stream_batch(const TokenStream *s, uint64_t domain, long seed, long 
     }
 }
 
-void dataset_train_batch(const Dataset *ds, long seed, long step, int rank, int B, int T, int *inputs,
-                         int *targets, int *categories) {
+void dataset_train_batch(const Dataset *ds, long seed, long step, int rank, int B, int T,
+                         int *inputs, int *targets, int *categories) {
     stream_batch(&ds->train, DOMAIN_TRAIN, seed, step, rank, B, T, inputs, targets, categories);
 }
 
-void dataset_val_batch(const Dataset *ds, long seed, long eval_batch, int rank, int B, int T, int *inputs,
-                       int *targets, int *categories) {
+void dataset_val_batch(const Dataset *ds, long seed, long eval_batch, int rank, int B, int T,
+                       int *inputs, int *targets, int *categories) {
     stream_batch(&ds->val, DOMAIN_VAL, seed, eval_batch, rank, B, T, inputs, targets, categories);
 }

@@ -36,7 +36,8 @@ void dispatch_free(Dispatch *d) {
 
 void dispatch_plan(Dispatch *d, const int *rows_per_expert, const Comm *comm) {
     d->send_row_begin[0] = 0;
-    for (int e = 0; e < d->E; e++) d->send_row_begin[e + 1] = d->send_row_begin[e] + rows_per_expert[e];
+    for (int e = 0; e < d->E; e++)
+        d->send_row_begin[e + 1] = d->send_row_begin[e] + rows_per_expert[e];
     d->num_send_rows = d->send_row_begin[d->E];
     if (d->ep_size == 1)
         memcpy(d->recv_counts, rows_per_expert, sizeof(int) * d->E);

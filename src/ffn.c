@@ -10,9 +10,9 @@ void ffn_forward(float *out, float *h_pre, float *h_act, const float *x, const f
     matmul_forward(out, h_act, w2, n, F, C);
 }
 
-void ffn_backward(float *dx, float *dw1, float *dw2, float *dh, const float *dout,
-                  const float *x, const float *h_pre, const float *h_act, const float *w1,
-                  const float *w2, int n, int C, int F) {
+void ffn_backward(float *dx, float *dw1, float *dw2, float *dh, const float *dout, const float *x,
+                  const float *h_pre, const float *h_act, const float *w1, const float *w2, int n,
+                  int C, int F) {
     if (n == 0) return;
     matmul_backward(dh, dw2, dout, h_act, w2, n, F, C);
     gelu_backward(dh, h_pre, dh, (long)n * F);

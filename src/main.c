@@ -12,19 +12,20 @@
 #define EXIT_USAGE 2
 
 static void print_usage(void) {
-    printf("usage: moesim train [--config FILE.ini] [--key value ...]\n"
-           "       moesim bench [--config FILE.ini] [--key value ...]\n"
-           "       moesim --help | --version\n\n"
-           "Trains a decoder-only Mixture-of-Experts transformer and writes an HDF5 run record.\n"
-           "Every key below is both a --flag and an INI key (INI files may use '_' or '-').\n"
-           "Flags override the config file. Run under mpirun or srun for several ranks.\n\n");
+    printf(
+        "usage: moesim train [--config FILE.ini] [--key value ...]\n"
+        "       moesim bench [--config FILE.ini] [--key value ...]\n"
+        "       moesim --help | --version\n\n"
+        "Trains a decoder-only Mixture-of-Experts transformer and writes an HDF5 run record.\n"
+        "Every key below is both a --flag and an INI key (INI files may use '_' or '-').\n"
+        "Flags override the config file. Run under mpirun or srun for several ranks.\n\n");
     config_print_help();
 }
 
 /* Every rank parses and validates the same arguments, so every rank reaches
  * the same verdict; rank 0 alone prints it. */
-static int load_run_inputs(Config *cfg, Dataset *ds, Comm *comm, int argc, char **argv,
-                           char *err, size_t errlen) {
+static int load_run_inputs(Config *cfg, Dataset *ds, Comm *comm, int argc, char **argv, char *err,
+                           size_t errlen) {
     config_defaults(cfg);
     if (config_parse_args(cfg, argc, argv, err, errlen) != 0) return -1;
     if (config_validate(cfg, err, errlen) != 0) return -1;
@@ -66,15 +67,17 @@ int main(int argc, char **argv) {
         if (comm.rank == 0) print_usage();
         status = 0;
     } else if (strcmp(cmd, "--version") == 0) {
-        if (comm.rank == 0) printf("moesim %s (run record schema %d)\n", MOESIM_VERSION,
-                                   MOESIM_SCHEMA_VERSION);
+        if (comm.rank == 0)
+            printf("moesim %s (run record schema %d)\n", MOESIM_VERSION, MOESIM_SCHEMA_VERSION);
         status = 0;
     } else if (strcmp(cmd, "train") == 0 || strcmp(cmd, "bench") == 0) {
         status = run_subcommand(cmd, argc - 1, argv + 1, &comm);
     } else {
         if (comm.rank == 0)
-            fprintf(stderr, "moesim: error: unknown command \"%s\"; use \"moesim train\", "
-                    "\"moesim bench\" or \"moesim --help\"\n", cmd);
+            fprintf(stderr,
+                    "moesim: error: unknown command \"%s\"; use \"moesim train\", "
+                    "\"moesim bench\" or \"moesim --help\"\n",
+                    cmd);
         status = EXIT_USAGE;
     }
     comm_finalize(&comm);

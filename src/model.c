@@ -40,13 +40,26 @@ int model_is_moe_layer(const ModelShape *s, int layer) {
     return (layer + 1) % s->moe_layer_freq == 0;
 }
 
-int model_local_experts(const ModelShape *s) { return s->E / s->ep_size; }
+int model_local_experts(const ModelShape *s) {
+    return s->E / s->ep_size;
+}
 
 /* ---- parameter layout ---------------------------------------------------- */
 
 enum ParamField {
-    FIELD_WTE, FIELD_WPE, FIELD_LNF, FIELD_LM_HEAD, FIELD_LN1, FIELD_QKV, FIELD_PROJ, FIELD_LN2,
-    FIELD_FC1, FIELD_FC2, FIELD_ROUTER, FIELD_EXPERT_FC1, FIELD_EXPERT_FC2
+    FIELD_WTE,
+    FIELD_WPE,
+    FIELD_LNF,
+    FIELD_LM_HEAD,
+    FIELD_LN1,
+    FIELD_QKV,
+    FIELD_PROJ,
+    FIELD_LN2,
+    FIELD_FC1,
+    FIELD_FC2,
+    FIELD_ROUTER,
+    FIELD_EXPERT_FC1,
+    FIELD_EXPERT_FC2
 };
 
 typedef struct LayoutEntry {
@@ -106,10 +119,10 @@ static void describe_layout(Layout *lay, const ModelShape *s) {
     for (int l = 0; l < s->L; l++) {
         if (!model_is_moe_layer(s, l)) continue;
         int E_local = model_local_experts(s);
-        add_tensor(lay, FIELD_EXPERT_FC1, l, LAYER_NAME("experts.fc1_w"), 3, E_local, s->Fe, C,
-                   1, INIT_STD);
-        add_tensor(lay, FIELD_EXPERT_FC2, l, LAYER_NAME("experts.fc2_w"), 3, E_local, C, s->Fe,
-                   1, proj_std);
+        add_tensor(lay, FIELD_EXPERT_FC1, l, LAYER_NAME("experts.fc1_w"), 3, E_local, s->Fe, C, 1,
+                   INIT_STD);
+        add_tensor(lay, FIELD_EXPERT_FC2, l, LAYER_NAME("experts.fc2_w"), 3, E_local, C, s->Fe, 1,
+                   proj_std);
 #undef LAYER_NAME
     }
 }
@@ -119,19 +132,45 @@ static void bind_views(Weights *w, float *base, const Layout *lay, int tied) {
         float *p = base + lay->tensors[i].offset;
         LayerWeights *lw = lay->entries[i].layer >= 0 ? &w->layers[lay->entries[i].layer] : NULL;
         switch (lay->entries[i].field) {
-        case FIELD_WTE: w->wte = p; break;
-        case FIELD_WPE: w->wpe = p; break;
-        case FIELD_LNF: w->lnf_w = p; break;
-        case FIELD_LM_HEAD: w->lm_head_w = p; break;
-        case FIELD_LN1: lw->ln1_w = p; break;
-        case FIELD_QKV: lw->qkv_w = p; break;
-        case FIELD_PROJ: lw->proj_w = p; break;
-        case FIELD_LN2: lw->ln2_w = p; break;
-        case FIELD_FC1: lw->fc1_w = p; break;
-        case FIELD_FC2: lw->fc2_w = p; break;
-        case FIELD_ROUTER: lw->router_w = p; break;
-        case FIELD_EXPERT_FC1: lw->expert_fc1_w = p; break;
-        case FIELD_EXPERT_FC2: lw->expert_fc2_w = p; break;
+            case FIELD_WTE:
+                w->wte = p;
+                break;
+            case FIELD_WPE:
+                w->wpe = p;
+                break;
+            case FIELD_LNF:
+                w->lnf_w = p;
+                break;
+            case FIELD_LM_HEAD:
+                w->lm_head_w = p;
+                break;
+            case FIELD_LN1:
+                lw->ln1_w = p;
+                break;
+            case FIELD_QKV:
+                lw->qkv_w = p;
+                break;
+            case FIELD_PROJ:
+                lw->proj_w = p;
+                break;
+            case FIELD_LN2:
+                lw->ln2_w = p;
+                break;
+            case FIELD_FC1:
+                lw->fc1_w = p;
+                break;
+            case FIELD_FC2:
+                lw->fc2_w = p;
+                break;
+            case FIELD_ROUTER:
+                lw->router_w = p;
+                break;
+            case FIELD_EXPERT_FC1:
+                lw->expert_fc1_w = p;
+                break;
+            case FIELD_EXPERT_FC2:
+                lw->expert_fc2_w = p;
+                break;
         }
     }
     if (tied) w->lm_head_w = w->wte;
@@ -196,7 +235,9 @@ static void free_layer_acts(LayerActs *a) {
     free(a->h_act);
 }
 
-static int max_tensors(const ModelShape *s) { return 4 + 7 * s->L; }
+static int max_tensors(const ModelShape *s) {
+    return 4 + 7 * s->L;
+}
 
 int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
     memset(m, 0, sizeof *m);
@@ -236,13 +277,18 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
     free(lay.entries);
 
     size_t N = (size_t)s->B * s->T, C = s->C;
-    m->moe_shape = (MoeShape){
-        .router = {.N = (int)N, .C = s->C, .E = s->E, .K = s->K, .G = s->G,
-                   .norm_topk_prob = s->norm_topk_prob, .capacity_factor = s->capacity_factor,
-                   .aux_loss_coeff = s->aux_loss_coeff, .z_loss_coeff = s->z_loss_coeff},
-        .F = s->Fe,
-        .ep_size = s->ep_size,
-        .E_local = model_local_experts(s)};
+    m->moe_shape = (MoeShape){.router = {.N = (int)N,
+                                         .C = s->C,
+                                         .E = s->E,
+                                         .K = s->K,
+                                         .G = s->G,
+                                         .norm_topk_prob = s->norm_topk_prob,
+                                         .capacity_factor = s->capacity_factor,
+                                         .aux_loss_coeff = s->aux_loss_coeff,
+                                         .z_loss_coeff = s->z_loss_coeff},
+                              .F = s->Fe,
+                              .ep_size = s->ep_size,
+                              .E_local = model_local_experts(s)};
     int any_moe = 0;
     for (int l = 0; l < s->L; l++) {
         int is_moe = model_is_moe_layer(s, l);
@@ -304,12 +350,14 @@ void model_free(Model *m) {
     memset(m, 0, sizeof *m);
 }
 
-void model_zero_grad(Model *m) { memset(m->grads, 0, sizeof(float) * m->num_params); }
+void model_zero_grad(Model *m) {
+    memset(m->grads, 0, sizeof(float) * m->num_params);
+}
 
 /* ---- forward / backward -------------------------------------------------- */
 
-static void embed_forward(float *out, const int *inputs, const float *wte, const float *wpe,
-                          int B, int T, int C) {
+static void embed_forward(float *out, const int *inputs, const float *wte, const float *wpe, int B,
+                          int T, int C) {
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             float *o = out + ((long)b * T + t) * C;
@@ -446,4 +494,30 @@ double model_step_flops(const Model *m) {
     return 6.0 * macs; /* 2 FLOPs per MAC, forward + 2x backward */
 }
 
-size_t model_param_bytes(const Model *m) { return m->num_params * sizeof(float); }
+size_t model_param_bytes(const Model *m) {
+    return m->num_params * sizeof(float);
+}
+
+static size_t layer_activation_bytes(const ModelShape *s, int is_moe) {
+    size_t N = (size_t)s->B * s->T, C = (size_t)s->C;
+    size_t floats = 8 * N * C + 2 * N + (size_t)s->B * s->NH * s->T * s->T;
+    if (!is_moe) floats += 2 * N * s->F;
+    return sizeof(float) * floats;
+}
+
+size_t model_memory_bytes(const Model *m) {
+    const ModelShape *s = &m->shape;
+    size_t N = (size_t)s->B * s->T, C = (size_t)s->C;
+    size_t bytes = 4 * model_param_bytes(m);
+    int any_moe = 0;
+    for (int l = 0; l < s->L; l++) {
+        int is_moe = model_is_moe_layer(s, l);
+        any_moe |= is_moe;
+        bytes += layer_activation_bytes(s, is_moe);
+        if (is_moe) bytes += moe_layer_bytes(&m->moe_shape);
+    }
+    if (any_moe) bytes += moe_scratch_bytes(&m->moe_shape);
+    bytes +=
+        sizeof(float) * (6 * N * C + N + N * s->V + 3 * N * C + (size_t)s->T * s->T + N * s->F);
+    return bytes + 2 * sizeof(int) * N;
+}

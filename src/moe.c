@@ -6,7 +6,9 @@
 #include "moesim/ffn.h"
 #include "moesim/timing.h"
 
-static long min_long(long a, long b) { return a < b ? a : b; }
+static long min_long(long a, long b) {
+    return a < b ? a : b;
+}
 
 long moe_max_send_rows(const MoeShape *s) {
     const RouterShape *r = &s->router;
@@ -49,6 +51,21 @@ int moe_layer_init(MoeLayer *m, const MoeShape *s) {
     return 0;
 }
 
+size_t moe_layer_bytes(const MoeShape *s) {
+    const RouterShape *r = &s->router;
+    size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
+    size_t NK = (size_t)r->N * r->K;
+    size_t dispatch = sizeof(int) * (2 * (size_t)r->E + s->E_local + 2 + 4 * (size_t)s->ep_size);
+    return routing_bytes(r) + dispatch + sizeof(int) * (2 * (size_t)r->E + S + NK) +
+           sizeof(float) * (2 * S * r->C + 2 * R * r->C + 2 * R * s->F);
+}
+
+size_t moe_scratch_bytes(const MoeShape *s) {
+    size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
+    size_t C = (size_t)s->router.C;
+    return sizeof(float) * (2 * S * C + 2 * R * C + R * s->F + (size_t)s->router.N * s->router.K);
+}
+
 void moe_layer_free(MoeLayer *m) {
     routing_free(&m->routing);
     dispatch_free(&m->dispatch);
@@ -75,8 +92,7 @@ int moe_scratch_init(MoeScratch *sc, const MoeShape *s) {
     sc->dx_expert = malloc(sizeof(float) * (R * C + 1));
     sc->dx_back = malloc(sizeof(float) * (S * C + 1));
     sc->dgate = malloc(sizeof(float) * (size_t)s->router.N * s->router.K);
-    if (!sc->dy_send || !sc->dy_expert || !sc->dh || !sc->dx_expert || !sc->dx_back ||
-        !sc->dgate) {
+    if (!sc->dy_send || !sc->dy_expert || !sc->dh || !sc->dx_expert || !sc->dx_back || !sc->dgate) {
         moe_scratch_free(sc);
         return -1;
     }
@@ -102,7 +118,8 @@ static void build_send_order(MoeLayer *m, const RouterShape *s) {
     for (int a = 0; a < NK; a++)
         if (r->choice_kept[a]) m->rows_per_expert[r->choice_expert[a]]++;
     m->expert_cursor[0] = 0;
-    for (int e = 1; e < E; e++) m->expert_cursor[e] = m->expert_cursor[e - 1] + m->rows_per_expert[e - 1];
+    for (int e = 1; e < E; e++)
+        m->expert_cursor[e] = m->expert_cursor[e - 1] + m->rows_per_expert[e - 1];
     for (int a = 0; a < NK; a++) {
         if (!r->choice_kept[a]) {
             m->choice_row[a] = -1;
@@ -119,14 +136,14 @@ static void run_local_experts(MoeLayer *m, const MoeWeights *w, const MoeShape *
     const int *begin = m->dispatch.expert_row_begin;
     for (int j = 0; j < s->E_local; j++) {
         long b = begin[j];
-        ffn_forward(m->expert_out + b * C, m->h_pre + b * F, m->h_act + b * F,
-                    m->expert_in + b * C, w->w1 + (long)j * F * C, w->w2 + (long)j * C * F,
-                    begin[j + 1] - begin[j], C, F);
+        ffn_forward(m->expert_out + b * C, m->h_pre + b * F, m->h_act + b * F, m->expert_in + b * C,
+                    w->w1 + (long)j * F * C, w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C,
+                    F);
     }
 }
 
-void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
-                 const MoeShape *s, const Comm *comm, double *phase_s) {
+void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w, const MoeShape *s,
+                 const Comm *comm, double *phase_s) {
     const RouterShape *rs = &s->router;
     int C = rs->C, K = rs->K;
     double mark = timer_now_s();
@@ -186,9 +203,9 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
     for (int j = 0; j < s->E_local; j++) {
         long b = begin[j];
         ffn_backward(sc->dx_expert + b * C, g->w1 + (long)j * F * C, g->w2 + (long)j * C * F,
-                     sc->dh + b * F, sc->dy_expert + b * C, m->expert_in + b * C,
-                     m->h_pre + b * F, m->h_act + b * F, w->w1 + (long)j * F * C,
-                     w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F);
+                     sc->dh + b * F, sc->dy_expert + b * C, m->expert_in + b * C, m->h_pre + b * F,
+                     m->h_act + b * F, w->w1 + (long)j * F * C, w->w2 + (long)j * C * F,
+                     begin[j + 1] - begin[j], C, F);
     }
     timer_charge(phase_s, PHASE_EXPERTS, &mark);
 

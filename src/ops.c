@@ -4,18 +4,18 @@
 #include <math.h>
 
 void matmul_forward(float *out, const float *inp, const float *w, int N, int in_dim, int out_dim) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, out_dim, in_dim, 1.0f, inp, in_dim, w, in_dim, 0.0f,
-                out, out_dim);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, out_dim, in_dim, 1.0f, inp, in_dim, w,
+                in_dim, 0.0f, out, out_dim);
 }
 
-void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
-                     const float *w, int N, int in_dim, int out_dim) {
+void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                     int N, int in_dim, int out_dim) {
     if (N == 0) return;
     if (dinp)
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in_dim, out_dim, 1.0f, dout, out_dim,
-                    w, in_dim, 0.0f, dinp, in_dim);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out_dim, in_dim, N, 1.0f, dout, out_dim, inp,
-                in_dim, 1.0f, dw, in_dim);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in_dim, out_dim, 1.0f, dout,
+                    out_dim, w, in_dim, 0.0f, dinp, in_dim);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out_dim, in_dim, N, 1.0f, dout, out_dim,
+                inp, in_dim, 1.0f, dw, in_dim);
 }
 
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int C) {
@@ -30,8 +30,8 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, 
     }
 }
 
-void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp,
-                      const float *w, const float *rstd, int N, int C) {
+void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                      const float *rstd, int N, int C) {
     for (int n = 0; n < N; n++) {
         const float *x = inp + (long)n * C;
         const float *dy = dout + (long)n * C;

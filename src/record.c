@@ -118,8 +118,10 @@ int record_open(Record *r, const char *path, const Config *cfg, const RecordLayo
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (file < 0) {
-        snprintf(err, errlen, "cannot create the run record --out %s; check that its directory "
-                 "exists and is writable", path);
+        snprintf(err, errlen,
+                 "cannot create the run record --out %s; check that its directory "
+                 "exists and is writable",
+                 path);
         free(r->timing_row);
         r->timing_row = NULL;
         return -1;
@@ -134,14 +136,13 @@ int record_open(Record *r, const char *path, const Config *cfg, const RecordLayo
     r->train_z = create_series(file, "/train/z_loss", d, 0, NULL, SERIES_CHUNK, "loss");
     r->train_lr = create_series(file, "/train/lr", d, 0, NULL, SERIES_CHUNK, "1");
     r->train_grad_norm = create_series(file, "/train/grad_norm", d, 0, NULL, SERIES_CHUNK, "1");
-    r->train_tps = create_series(file, "/train/tokens_per_s", d, 0, NULL, SERIES_CHUNK,
-                                 "tokens/s");
+    r->train_tps = create_series(file, "/train/tokens_per_s", d, 0, NULL, SERIES_CHUNK, "tokens/s");
     r->eval_step = create_series(file, "/eval/step", i64, 0, NULL, SERIES_CHUNK, "step");
     r->eval_loss = create_series(file, "/eval/loss", d, 0, NULL, SERIES_CHUNK, "nats/token");
     r->tokens_per_expert = create_series(file, "/routing/tokens_per_expert", i64, 2, routing_tail,
                                          ROUTING_CHUNK, "assignments");
-    r->dropped_per_expert = create_series(file, "/routing/dropped_per_expert", i64, 2,
-                                          routing_tail, ROUTING_CHUNK, "assignments");
+    r->dropped_per_expert = create_series(file, "/routing/dropped_per_expert", i64, 2, routing_tail,
+                                          ROUTING_CHUNK, "assignments");
     char name[64];
     int failed = 0;
     for (int p = 0; p < PHASE_COUNT; p++) {
@@ -149,16 +150,18 @@ int record_open(Record *r, const char *path, const Config *cfg, const RecordLayo
         r->timing[p] = create_series(file, name, d, 1, ranks, SERIES_CHUNK, "s");
         failed |= r->timing[p] < 0;
     }
-    r->dispatch_bytes = create_series(file, "/traffic/dispatch_bytes", i64, 2, ranks,
-                                      ROUTING_CHUNK, "bytes");
-    long ids[] = {r->train_step, r->train_loss, r->train_aux, r->train_z, r->train_lr,
-                  r->train_grad_norm, r->train_tps, r->eval_step, r->eval_loss,
-                  r->tokens_per_expert, r->dropped_per_expert, r->dispatch_bytes};
+    r->dispatch_bytes =
+        create_series(file, "/traffic/dispatch_bytes", i64, 2, ranks, ROUTING_CHUNK, "bytes");
+    long ids[] = {r->train_step, r->train_loss,        r->train_aux,          r->train_z,
+                  r->train_lr,   r->train_grad_norm,   r->train_tps,          r->eval_step,
+                  r->eval_loss,  r->tokens_per_expert, r->dropped_per_expert, r->dispatch_bytes};
     failed |= write_root_attributes(file, cfg, layout) != 0;
     for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++) failed |= ids[i] < 0;
     if (failed || H5Fflush(file, H5F_SCOPE_GLOBAL) < 0) {
-        snprintf(err, errlen, "cannot write the run record %s (HDF5 error); check free disk "
-                 "space and permissions", path);
+        snprintf(err, errlen,
+                 "cannot write the run record %s (HDF5 error); check free disk "
+                 "space and permissions",
+                 path);
         record_close(r, 0);
         return -1;
     }
@@ -194,16 +197,18 @@ int record_append_eval(Record *r, long step, double loss) {
     return st ? -1 : 0;
 }
 
-int record_flush(Record *r) { return H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0 ? -1 : 0; }
+int record_flush(Record *r) {
+    return H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0 ? -1 : 0;
+}
 
 int record_close(Record *r, int complete) {
     if (r->file <= 0) return 0;
     int st = 0;
     if (H5Aexists(r->file, "status") > 0) H5Adelete(r->file, "status");
     st |= write_string_attr(r->file, "status", complete ? "complete" : "failed");
-    long ids[] = {r->train_step, r->train_loss, r->train_aux, r->train_z, r->train_lr,
-                  r->train_grad_norm, r->train_tps, r->eval_step, r->eval_loss,
-                  r->tokens_per_expert, r->dropped_per_expert, r->dispatch_bytes};
+    long ids[] = {r->train_step, r->train_loss,        r->train_aux,          r->train_z,
+                  r->train_lr,   r->train_grad_norm,   r->train_tps,          r->eval_step,
+                  r->eval_loss,  r->tokens_per_expert, r->dropped_per_expert, r->dispatch_bytes};
     for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++)
         if (ids[i] > 0) H5Dclose(ids[i]);
     for (int p = 0; p < PHASE_COUNT; p++)
@@ -248,4 +253,6 @@ int tensor_file_write_scalar(long file, const char *name, double value) {
     return write_array(file, name, H5T_NATIVE_DOUBLE, &value, 0, NULL);
 }
 
-int tensor_file_close(long file) { return H5Fclose(file) < 0 ? -1 : 0; }
+int tensor_file_close(long file) {
+    return H5Fclose(file) < 0 ? -1 : 0;
+}

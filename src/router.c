@@ -29,13 +29,19 @@ int routing_init(Routing *r, const RouterShape *s) {
     r->tokens_per_expert = malloc(sizeof(long) * s->E);
     r->dropped_per_expert = malloc(sizeof(long) * s->E);
     r->group_load = malloc(sizeof(int) * s->E);
-    if (!r->logits || !r->probs || !r->dprobs || !r->lse || !r->choice_expert ||
-        !r->choice_gate || !r->choice_kept || !r->group_fraction || !r->tokens_per_expert ||
-        !r->dropped_per_expert || !r->group_load) {
+    if (!r->logits || !r->probs || !r->dprobs || !r->lse || !r->choice_expert || !r->choice_gate ||
+        !r->choice_kept || !r->group_fraction || !r->tokens_per_expert || !r->dropped_per_expert ||
+        !r->group_load) {
         routing_free(r);
         return -1;
     }
     return 0;
+}
+
+size_t routing_bytes(const RouterShape *s) {
+    size_t NE = (size_t)s->N * s->E, NK = (size_t)s->N * s->K;
+    return sizeof(float) * (3 * NE + s->N + NK + (size_t)(s->N / s->G) * s->E) +
+           sizeof(int) * (NK + s->E) + NK + 2 * sizeof(long) * s->E;
 }
 
 void routing_free(Routing *r) {
@@ -71,7 +77,8 @@ static void compute_gates(float *gate, const int *chosen, const float *probs, in
                           int norm_topk_prob) {
     float sum = 0.0f;
     for (int k = 0; k < K; k++) sum += probs[chosen[k]];
-    for (int k = 0; k < K; k++) gate[k] = norm_topk_prob ? probs[chosen[k]] / sum : probs[chosen[k]];
+    for (int k = 0; k < K; k++)
+        gate[k] = norm_topk_prob ? probs[chosen[k]] / sum : probs[chosen[k]];
 }
 
 /* First come, first served: within a group each expert keeps the earliest
@@ -171,8 +178,8 @@ void router_backward(float *dx, float *dw, const float *dgate, const float *x, c
         for (int e = 0; e < E; e++)
             dp[e] = p[e] * (dp[e] - (float)dot) + z_scale * r->lse[t] * p[e];
     }
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, s->C, N, 1.0f, d, E, x, s->C, 1.0f,
-                dw, s->C);
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, s->C, N, 1.0f, d, E, x, s->C, 1.0f, dw,
+                s->C);
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, s->C, E, 1.0f, d, E, w, s->C, 1.0f,
                 dx, s->C);
 }

@@ -30,13 +30,16 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     if (!t->inputs || !t->targets || !t->categories || !t->tokens_per_expert ||
         !t->dropped_per_expert || !t->dispatch_bytes ||
         model_init(&t->model, &shape, cfg->seed, comm) != 0) {
-        snprintf(err, errlen, "out of memory building the model (%d layers, hidden %d, %d "
+        snprintf(err, errlen,
+                 "out of memory building the model (%d layers, hidden %d, %d "
                  "experts, micro-batch %d x %d); make the model or the micro-batch smaller",
                  shape.L, shape.C, shape.E, shape.B, shape.T);
         trainer_free(t);
         return -1;
     }
-    t->opt = (AdamW){.beta1 = cfg->adam_beta1, .beta2 = cfg->adam_beta2, .eps = cfg->adam_eps,
+    t->opt = (AdamW){.beta1 = cfg->adam_beta1,
+                     .beta2 = cfg->adam_beta2,
+                     .eps = cfg->adam_eps,
                      .weight_decay = cfg->weight_decay};
     return 0;
 }
@@ -84,8 +87,8 @@ static void gather_routing_counts(Trainer *t, StepStats *stats) {
  * after the all-reduce; each expert's lives on one rank of every EP group. */
 static double global_grad_norm(const Model *m, const Comm *comm) {
     double dense = grad_sum_squares(m->grads, m->num_dense_params);
-    double expert = grad_sum_squares(m->grads + m->num_dense_params,
-                                     m->num_params - m->num_dense_params);
+    double expert =
+        grad_sum_squares(m->grads + m->num_dense_params, m->num_params - m->num_dense_params);
     comm_ep_sum_doubles(comm, &expert, 1);
     return sqrt(dense + expert);
 }
@@ -146,9 +149,12 @@ double trainer_evaluate(Trainer *t) {
 /* ---- the run --------------------------------------------------------------- */
 
 static void format_seconds(char *buf, size_t len, double s) {
-    if (s < 60) snprintf(buf, len, "%.1fs", s);
-    else if (s < 3600) snprintf(buf, len, "%dm%02ds", (int)s / 60, (int)s % 60);
-    else snprintf(buf, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
+    if (s < 60)
+        snprintf(buf, len, "%.1fs", s);
+    else if (s < 3600)
+        snprintf(buf, len, "%dm%02ds", (int)s / 60, (int)s % 60);
+    else
+        snprintf(buf, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
 }
 
 static void print_progress(long step, long total, const StepStats *s, double val_loss,
@@ -157,8 +163,10 @@ static void print_progress(long step, long total, const StepStats *s, double val
     format_seconds(el, sizeof el, elapsed);
     format_seconds(eta, sizeof eta, elapsed / step * (total - step));
     double drop = s->assignments ? 100.0 * s->dropped / s->assignments : 0.0;
-    printf("step %5ld/%ld | loss %.4f | val %.4f | %8.0f tok/s | drop %5.2f%% | elapsed %s | "
-           "ETA %s\n", step, total, s->ce_loss, val_loss, tokens_per_s, drop, el, eta);
+    printf(
+        "step %5ld/%ld | loss %.4f | val %.4f | %8.0f tok/s | drop %5.2f%% | elapsed %s | "
+        "ETA %s\n",
+        step, total, s->ce_loss, val_loss, tokens_per_s, drop, el, eta);
     fflush(stdout);
 }
 
@@ -166,16 +174,18 @@ static void print_header(const Trainer *t, const RecordLayout *layout) {
     const Config *cfg = t->cfg;
     const Model *m = &t->model;
     size_t expert_bytes = (m->num_params - m->num_dense_params) * sizeof(float);
-    printf("moesim %s | %d rank(s), expert-parallel size %d | %ld parameters | %d layers (%d MoE, "
-           "%d experts, top-%d) | %d tokens/step | record %s\n", MOESIM_VERSION,
-           layout->world_size, layout->ep_size, layout->total_params, cfg->num_layers,
-           t->moe_layers, cfg->num_experts, cfg->moe_router_topk,
-           cfg->micro_batch_size * cfg->seq_length * layout->world_size, cfg->out);
-    printf("parameters per rank: %.2f MB (dense replica %.2f MB + %d of %d experts per MoE layer "
-           "%.2f MB); with gradients and Adam state %.2f MB\n",
-           model_param_bytes(m) / 1e6, m->num_dense_params * sizeof(float) / 1e6,
-           model_local_experts(&m->shape), cfg->num_experts, expert_bytes / 1e6,
-           4.0 * model_param_bytes(m) / 1e6);
+    printf(
+        "moesim %s | %d rank(s), expert-parallel size %d | %ld parameters | %d layers (%d MoE, "
+        "%d experts, top-%d) | %d tokens/step | record %s\n",
+        MOESIM_VERSION, layout->world_size, layout->ep_size, layout->total_params, cfg->num_layers,
+        t->moe_layers, cfg->num_experts, cfg->moe_router_topk,
+        cfg->micro_batch_size * cfg->seq_length * layout->world_size, cfg->out);
+    printf(
+        "parameters per rank: %.2f MB (dense replica %.2f MB + %d of %d experts per MoE layer "
+        "%.2f MB); with gradients and Adam state %.2f MB\n",
+        model_param_bytes(m) / 1e6, m->num_dense_params * sizeof(float) / 1e6,
+        model_local_experts(&m->shape), cfg->num_experts, expert_bytes / 1e6,
+        4.0 * model_param_bytes(m) / 1e6);
     fflush(stdout);
 }
 
@@ -217,17 +227,20 @@ static int save_parameters(const Trainer *t, const char *path, char *err, size_t
     }
     if (is_root && file > 0) ok = tensor_file_close(file) == 0 && ok;
     free(gathered);
-    if (!ok) snprintf(err, errlen, "writing the parameters to --save %s failed; check free disk "
-                      "space and that the directory is writable", path);
+    if (!ok)
+        snprintf(err, errlen,
+                 "writing the parameters to --save %s failed; check free disk "
+                 "space and that the directory is writable",
+                 path);
     return all_ok_or_share(comm, ok, err, errlen) ? 0 : -1;
 }
 
 typedef struct RunState {
     Record rec;
     RecordLayout layout;
-    long *param_bytes;  /* [world] */
-    double *phase_all;  /* [world * PHASE_COUNT], rank 0 */
-    long *bytes_all;    /* [world * world], rank 0 */
+    long *param_bytes; /* [world] */
+    double *phase_all; /* [world * PHASE_COUNT], rank 0 */
+    long *bytes_all;   /* [world * world], rank 0 */
 } RunState;
 
 static int run_state_init(RunState *rs, const Trainer *t, char *err, size_t errlen) {
@@ -243,11 +256,13 @@ static int run_state_init(RunState *rs, const Trainer *t, char *err, size_t errl
     long mine = (long)model_param_bytes(m);
     if (ok) comm_gather_longs(comm, &mine, rs->param_bytes, 1);
     size_t expert_params = m->num_params - m->num_dense_params;
-    rs->layout = (RecordLayout){.world_size = P, .ep_size = comm->ep_size,
-                                .moe_layers = t->moe_layers, .experts = t->cfg->num_experts,
-                                .param_bytes_per_rank = rs->param_bytes,
-                                .total_params = (long)(m->num_dense_params +
-                                                       expert_params * comm->ep_size)};
+    rs->layout =
+        (RecordLayout){.world_size = P,
+                       .ep_size = comm->ep_size,
+                       .moe_layers = t->moe_layers,
+                       .experts = t->cfg->num_experts,
+                       .param_bytes_per_rank = rs->param_bytes,
+                       .total_params = (long)(m->num_dense_params + expert_params * comm->ep_size)};
     if (ok && comm->rank == 0)
         ok = record_open(&rs->rec, t->cfg->out, t->cfg, &rs->layout, err, errlen) == 0;
     return all_ok_or_share(comm, ok, err, errlen) ? 0 : -1;
@@ -265,10 +280,14 @@ static int record_step(RunState *rs, const Trainer *t, long done, const StepStat
     comm_gather_doubles(comm, stats->phase_s, rs->phase_all, PHASE_COUNT);
     comm_gather_longs(comm, t->dispatch_bytes, rs->bytes_all, comm->world_size);
     if (comm->rank != 0) return 1;
-    TrainRow row = {done, stats->ce_loss, stats->aux_loss, stats->z_loss, stats->lr,
-                    stats->grad_norm, stats->tokens / stats->seconds};
-    StepDetail detail = {t->tokens_per_expert, t->dropped_per_expert, rs->phase_all,
-                         rs->bytes_all};
+    TrainRow row = {done,
+                    stats->ce_loss,
+                    stats->aux_loss,
+                    stats->z_loss,
+                    stats->lr,
+                    stats->grad_norm,
+                    stats->tokens / stats->seconds};
+    StepDetail detail = {t->tokens_per_expert, t->dropped_per_expert, rs->phase_all, rs->bytes_all};
     int ok = record_append_train(&rs->rec, &row, &detail) == 0;
     return ok && (done % RECORD_FLUSH_STEPS != 0 || record_flush(&rs->rec) == 0);
 }
@@ -303,8 +322,11 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
             ok = ok && (!is_root || record_append_eval(&rs.rec, done, val_loss) == 0);
         }
         if (done % cfg->log_interval == 0 || last) ok = record_step(&rs, &t, done, &stats) && ok;
-        if (!ok) snprintf(err, errlen, "writing step %ld to the run record %s failed; check free "
-                          "disk space and that nothing removed the file", done, cfg->out);
+        if (!ok)
+            snprintf(err, errlen,
+                     "writing step %ld to the run record %s failed; check free "
+                     "disk space and that nothing removed the file",
+                     done, cfg->out);
         if (!all_ok_or_share(comm, ok, err, errlen)) break;
         double elapsed = comm_wtime() - run_start;
         if (is_root && (done % cfg->progress_interval == 0 || last))
@@ -319,9 +341,10 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
         if (ok && !closed) snprintf(err, errlen, "closing the run record %s failed", cfg->out);
         ok = ok && closed;
         if (ok)
-            printf("done: %ld steps in %.1fs | final train loss %.4f | val loss %.4f | "
-                   "%.0f tok/s | record %s\n", step, elapsed, stats.ce_loss, val_loss,
-                   tokens_total / elapsed, cfg->out);
+            printf(
+                "done: %ld steps in %.1fs | final train loss %.4f | val loss %.4f | "
+                "%.0f tok/s | record %s\n",
+                step, elapsed, stats.ce_loss, val_loss, tokens_total / elapsed, cfg->out);
     }
     ok = all_ok_or_share(comm, ok, err, errlen);
     run_state_free(&rs);

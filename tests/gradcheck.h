@@ -32,8 +32,7 @@ inline std::vector<float> random_vector(size_t n, uint64_t seed, double scale = 
 // dominating: it is 1e-3 of the largest analytic component.
 inline GradCheck check_gradient(float *x, size_t n, const float *grad,
                                 const std::function<double()> &loss, int samples, float eps,
-                                uint64_t seed,
-                                const std::function<bool()> &stable = nullptr) {
+                                uint64_t seed, const std::function<bool()> &stable = nullptr) {
     GradCheck r;
     double max_grad = 0.0;
     for (size_t i = 0; i < n; i++) max_grad = std::fmax(max_grad, std::fabs(grad[i]));

@@ -34,14 +34,12 @@ void ForgetParentMpiJob() {
         if (text.rfind("OMPI_", 0) == 0 || text.rfind("PMIX_", 0) == 0)
             names.push_back(text.substr(0, text.find('=')));
     }
-    for (const std::string &name : names)
-        unsetenv(name.c_str());
+    for (const std::string &name : names) unsetenv(name.c_str());
 }
 
 std::string ShellQuote(const std::string &arg) {
     std::string quoted = "'";
-    for (char c : arg)
-        quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    for (char c : arg) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
     return quoted + "'";
 }
 
@@ -53,8 +51,7 @@ RunResult RunMoesim(const std::vector<std::string> &args) {
     }
     ForgetParentMpiJob();
     std::string command = ShellQuote(moesim);
-    for (const std::string &arg : args)
-        command += " " + ShellQuote(arg);
+    for (const std::string &arg : args) command += " " + ShellQuote(arg);
     command += " 2>&1";
     FILE *pipe = popen(command.c_str(), "r");
     if (!pipe) {
@@ -64,8 +61,7 @@ RunResult RunMoesim(const std::vector<std::string> &args) {
     std::string output;
     char buf[4096];
     size_t n;
-    while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0)
-        output.append(buf, n);
+    while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) output.append(buf, n);
     int wait_status = pclose(pipe);
     int status = wait_status != -1 && WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : -1;
     return {status, output};
@@ -95,8 +91,7 @@ class CliConfigError : public ::testing::Test {
         out_ = dir_ + "/run.h5";
     }
     void TearDown() override {
-        for (const std::string &file : files_)
-            unlink(file.c_str());
+        for (const std::string &file : files_) unlink(file.c_str());
         EXPECT_FALSE(PathExists(out_)) << "a rejected run created " << out_;
         unlink(out_.c_str());
         EXPECT_EQ(rmdir(dir_.c_str()), 0) << dir_ << " is not empty: " << strerror(errno);
@@ -105,8 +100,8 @@ class CliConfigError : public ::testing::Test {
     // Synthetic data and one step keep a wrongly accepted run short and
     // independent of the machine's files.
     std::vector<std::string> TrainArgs(std::initializer_list<std::string> extra) const {
-        std::vector<std::string> args = {"train", "--data-format", "synthetic",
-                                         "--train-iters", "1", "--out", out_};
+        std::vector<std::string> args = {"train", "--data-format", "synthetic", "--train-iters",
+                                         "1",     "--out",         out_};
         args.insert(args.end(), extra.begin(), extra.end());
         return args;
     }
@@ -130,12 +125,12 @@ class CliConfigError : public ::testing::Test {
         EXPECT_EQ(r.status, 2) << r.output;
         EXPECT_EQ(CountOccurrences(r.output, "moesim: error:"), 1u) << r.output;
         size_t at = r.output.find("moesim: error:");
-        std::string line = at == std::string::npos
-                               ? r.output
-                               : r.output.substr(at, r.output.find('\n', at) - at);
+        std::string line =
+            at == std::string::npos ? r.output : r.output.substr(at, r.output.find('\n', at) - at);
         for (const std::string &part : parts)
             EXPECT_NE(line.find(part), std::string::npos)
-                << "error line should mention '" << part << "':\n" << r.output;
+                << "error line should mention '" << part << "':\n"
+                << r.output;
     }
 
     std::string dir_;

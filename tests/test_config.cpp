@@ -28,8 +28,7 @@ void ExpectMentions(const std::string &message, std::initializer_list<const char
 class Argv {
   public:
     Argv(std::initializer_list<std::string> args) : strings_(args) {
-        for (std::string &s : strings_)
-            pointers_.push_back(&s[0]);
+        for (std::string &s : strings_) pointers_.push_back(&s[0]);
         pointers_.push_back(nullptr);
     }
     int argc() const { return static_cast<int>(strings_.size()); }
@@ -56,8 +55,7 @@ class TempIni {
         EXPECT_EQ(close(fd), 0);
     }
     ~TempIni() {
-        if (!path_.empty())
-            unlink(path_.c_str());
+        if (!path_.empty()) unlink(path_.c_str());
     }
     const std::string &path() const { return path_; }
 
@@ -77,16 +75,14 @@ class TempDir {
         path_ = name;
     }
     ~TempDir() {
-        for (const std::string &entry : Entries())
-            unlink((path_ + "/" + entry).c_str());
+        for (const std::string &entry : Entries()) unlink((path_ + "/" + entry).c_str());
         rmdir(path_.c_str());
     }
     const std::string &path() const { return path_; }
     std::vector<std::string> Entries() const {
         std::vector<std::string> names;
         DIR *dir = opendir(path_.c_str());
-        if (!dir)
-            return names;
+        if (!dir) return names;
         while (struct dirent *entry = readdir(dir))
             if (strcmp(entry->d_name, ".") != 0 && strcmp(entry->d_name, "..") != 0)
                 names.push_back(entry->d_name);
@@ -141,8 +137,7 @@ std::vector<std::string> IniKeys(const Config &cfg) {
     char *text = config_to_ini(&cfg);
     EXPECT_NE(text, nullptr);
     std::vector<std::string> keys;
-    if (!text)
-        return keys;
+    if (!text) return keys;
     std::string ini(text);
     free(text);
     size_t start = 0;
@@ -432,8 +427,8 @@ TEST(ConfigArgs, FlagWithoutValueIsAnError) {
     ExpectMentions(r.err, {"--lr needs a value", "--lr 3e-3"});
     r = Parse(&cfg, {"train", "--untie-embeddings-and-output-weights", "--num-layers", "2"});
     EXPECT_EQ(r.rc, -1);
-    ExpectMentions(r.err, {"--untie-embeddings-and-output-weights needs a value",
-                           "--num-layers", "every flag takes one"});
+    ExpectMentions(r.err, {"--untie-embeddings-and-output-weights needs a value", "--num-layers",
+                           "every flag takes one"});
 }
 
 TEST(ConfigArgs, PositionalArgumentIsAnError) {
@@ -614,30 +609,53 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     ASSERT_NE(text, nullptr);
     std::string ini(text);
     free(text);
-    ExpectMentions(ini, {"num-layers = 4\n", "lr = 0.003\n", "adam-eps = 1e-08\n",
-                         "seed = 1234\n", "data-format = auto\n", "out = runs/moesim.h5\n",
-                         "moe-router-norm-topk-prob = 1\n"});
+    ExpectMentions(
+        ini, {"num-layers = 4\n", "lr = 0.003\n", "adam-eps = 1e-08\n", "seed = 1234\n",
+              "data-format = auto\n", "out = runs/moesim.h5\n", "moe-router-norm-topk-prob = 1\n"});
 }
 
 TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     Config cfg;
     config_defaults(&cfg);
     const char *changes[][2] = {
-        {"num-layers", "6"}, {"hidden-size", "96"}, {"num-attention-heads", "3"},
-        {"ffn-hidden-size", "384"}, {"seq-length", "64"},
-        {"untie-embeddings-and-output-weights", "on"}, {"num-experts", "16"},
-        {"moe-router-topk", "4"}, {"moe-layer-freq", "2"}, {"moe-ffn-hidden-size", "192"},
-        {"moe-group-size", "256"}, {"moe-router-norm-topk-prob", "off"},
-        {"moe-expert-capacity-factor", "1.3333333333333333"}, {"moe-aux-loss-coeff", "0.1"},
-        {"moe-z-loss-coeff", "1e-5"}, {"micro-batch-size", "8"}, {"train-iters", "1234"},
-        {"lr-warmup-iters", "7"}, {"eval-interval", "33"}, {"eval-iters", "3"},
-        {"log-interval", "5"}, {"progress-interval", "11"}, {"lr", "0.00123456789012345678"},
-        {"min-lr", "0"}, {"weight-decay", "0.30000000000000004"}, {"clip-grad", "0.5"},
-        {"adam-beta1", "0.85"}, {"adam-beta2", "0.999"}, {"adam-eps", "2.5e-9"},
-        {"seed", "4294967295"}, {"data-path", "/data/my corpus"}, {"data-format", "text"},
-        {"val-fraction", "0.25"}, {"synthetic-clusters", "17"},
-        {"synthetic-tokens", "123456"}, {"out", "/tmp/round/trip.h5"},
-        {"expert-model-parallel-size", "4"}, {"save", "/tmp/round/params.h5"},
+        {"num-layers", "6"},
+        {"hidden-size", "96"},
+        {"num-attention-heads", "3"},
+        {"ffn-hidden-size", "384"},
+        {"seq-length", "64"},
+        {"untie-embeddings-and-output-weights", "on"},
+        {"num-experts", "16"},
+        {"moe-router-topk", "4"},
+        {"moe-layer-freq", "2"},
+        {"moe-ffn-hidden-size", "192"},
+        {"moe-group-size", "256"},
+        {"moe-router-norm-topk-prob", "off"},
+        {"moe-expert-capacity-factor", "1.3333333333333333"},
+        {"moe-aux-loss-coeff", "0.1"},
+        {"moe-z-loss-coeff", "1e-5"},
+        {"micro-batch-size", "8"},
+        {"train-iters", "1234"},
+        {"lr-warmup-iters", "7"},
+        {"eval-interval", "33"},
+        {"eval-iters", "3"},
+        {"log-interval", "5"},
+        {"progress-interval", "11"},
+        {"lr", "0.00123456789012345678"},
+        {"min-lr", "0"},
+        {"weight-decay", "0.30000000000000004"},
+        {"clip-grad", "0.5"},
+        {"adam-beta1", "0.85"},
+        {"adam-beta2", "0.999"},
+        {"adam-eps", "2.5e-9"},
+        {"seed", "4294967295"},
+        {"data-path", "/data/my corpus"},
+        {"data-format", "text"},
+        {"val-fraction", "0.25"},
+        {"synthetic-clusters", "17"},
+        {"synthetic-tokens", "123456"},
+        {"out", "/tmp/round/trip.h5"},
+        {"expert-model-parallel-size", "4"},
+        {"save", "/tmp/round/params.h5"},
     };
     for (auto &change : changes) {
         SetResult r = Set(&cfg, change[0], change[1]);
@@ -705,8 +723,7 @@ TEST(ConfigDerived, MoeLayerFrequencyCountsFromTheFirstLayer) {
     config_defaults(&cfg);
     cfg.num_layers = 4;
     cfg.moe_layer_freq = 1;
-    for (int layer = 0; layer < 4; layer++)
-        EXPECT_TRUE(config_is_moe_layer(&cfg, layer)) << layer;
+    for (int layer = 0; layer < 4; layer++) EXPECT_TRUE(config_is_moe_layer(&cfg, layer)) << layer;
     EXPECT_EQ(config_num_moe_layers(&cfg), 4);
 
     cfg.moe_layer_freq = 2;
@@ -890,8 +907,8 @@ TEST(ConfigHelp, ListsEveryKeyWithItsDefault) {
     std::string help = testing::internal::GetCapturedStdout();
     for (const std::string &key : IniKeys(cfg))
         EXPECT_NE(help.find("--" + key + " "), std::string::npos) << key;
-    ExpectMentions(help, {"--config FILE", "--num-experts N", "(default 8)", "model:",
-                          "mixture of experts:", "auto|text|tokens|synthetic",
+    ExpectMentions(help, {"--config FILE", "--num-experts N", "(default 8)",
+                          "model:", "mixture of experts:", "auto|text|tokens|synthetic",
                           "(default runs/moesim.h5)"});
 }
 
@@ -907,14 +924,16 @@ TEST(ConfigLayout, ExpertParallelSizeMustFitTheRanksAndExperts) {
     cfg.expert_model_parallel_size = 3;
     EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);
     EXPECT_NE(std::string(err).find("--expert-model-parallel-size 3 does not divide the 4 ranks"),
-              std::string::npos) << err;
+              std::string::npos)
+        << err;
 
     cfg.expert_model_parallel_size = 0;
     cfg.num_experts = 6;
     EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);
     EXPECT_NE(std::string(err).find("--num-experts 6 is not divisible by "
                                     "--expert-model-parallel-size 4"),
-              std::string::npos) << err;
+              std::string::npos)
+        << err;
 
     cfg.num_experts = 2;
     EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);

@@ -76,7 +76,9 @@ std::string file_bytes(const std::string &path) {
     return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
-std::vector<uint16_t> stream_tokens(const TokenStream &s) { return std::vector<uint16_t>(s.tokens, s.tokens + s.len); }
+std::vector<uint16_t> stream_tokens(const TokenStream &s) {
+    return std::vector<uint16_t>(s.tokens, s.tokens + s.len);
+}
 std::vector<int32_t> stream_categories(const TokenStream &s) {
     return std::vector<int32_t>(s.categories, s.categories + s.len);
 }
@@ -97,7 +99,8 @@ std::string load_error(const Config &cfg) {
 // ------------------------------------------------------------------ text
 
 TEST(DataText, FortunesDirectoryLoadsEveryTopicIntoBothSplits) {
-    ASSERT_TRUE(fs::is_directory(kFortunes)) << kFortunes << " is missing: apt-get install fortunes-min fortunes";
+    ASSERT_TRUE(fs::is_directory(kFortunes))
+        << kFortunes << " is missing: apt-get install fortunes-min fortunes";
     std::vector<std::string> names;
     size_t total_bytes = 0;
     for (const auto &e : fs::directory_iterator(kFortunes)) {
@@ -117,14 +120,17 @@ TEST(DataText, FortunesDirectoryLoadsEveryTopicIntoBothSplits) {
     char err[MOESIM_ERR_MAX] = {0};
     auto t0 = std::chrono::steady_clock::now();
     ASSERT_EQ(dataset_load(&ds, &cfg, err, sizeof err), 0) << err;
-    double load_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    double load_ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     RecordProperty("fortunes_load_ms", std::to_string(load_ms));
-    printf("[ info ] fortunes: %zu files, %zu bytes, loaded in %.1f ms\n", names.size(), total_bytes, load_ms);
+    printf("[ info ] fortunes: %zu files, %zu bytes, loaded in %.1f ms\n", names.size(),
+           total_bytes, load_ms);
     EXPECT_LT(load_ms, 100.0);
 
     EXPECT_EQ(ds.vocab_size, 256);
     ASSERT_EQ(ds.num_categories, (int)names.size());
-    for (int c = 0; c < ds.num_categories; c++) EXPECT_EQ(std::string(ds.category_names[c]), names[c]);
+    for (int c = 0; c < ds.num_categories; c++)
+        EXPECT_EQ(std::string(ds.category_names[c]), names[c]);
     EXPECT_EQ(ds.train.len + ds.val.len, total_bytes);
 
     std::vector<size_t> train_count(names.size()), val_count(names.size());
@@ -140,7 +146,8 @@ TEST(DataText, FortunesDirectoryLoadsEveryTopicIntoBothSplits) {
     // The validation stream starts with the tail of the first file.
     std::string first = file_bytes(std::string(kFortunes) + "/" + names[0]);
     std::string tail = first.substr(first.size() - val_count[0]);
-    for (size_t i = 0; i < tail.size(); i++) ASSERT_EQ(ds.val.tokens[i], (unsigned char)tail[i]) << i;
+    for (size_t i = 0; i < tail.size(); i++)
+        ASSERT_EQ(ds.val.tokens[i], (unsigned char)tail[i]) << i;
     dataset_free(&ds);
 }
 
@@ -150,7 +157,8 @@ TEST(DataText, SingleFileHasExactContentsAndSplit) {
     text[7] = (char)0xe9;                                        // a high byte stays one token
     TempFile f(text);
     Config cfg = base_config(f.path, "text");
-    cfg.val_fraction = 0.29;  // 100 * 0.29 is 28.999999999999996 in doubles; the split still holds out 29
+    cfg.val_fraction =
+        0.29;  // 100 * 0.29 is 28.999999999999996 in doubles; the split still holds out 29
     cfg.seq_length = 8;
     Dataset ds;
     char err[MOESIM_ERR_MAX] = {0};
@@ -260,8 +268,8 @@ TEST(DataErrors, SeqLengthLargerThanDataNamesTheFlag) {
     Config cfg = base_config(f.path, "text");
     cfg.seq_length = 20;  // needs 21 tokens in each split
     std::string msg = load_error(cfg);
-    EXPECT_NE(msg.find("--seq-length 20 is larger than the data: the validation split of " + f.path +
-                       " holds 20 tokens; lower --seq-length or use more data"),
+    EXPECT_NE(msg.find("--seq-length 20 is larger than the data: the validation split of " +
+                       f.path + " holds 20 tokens; lower --seq-length or use more data"),
               std::string::npos)
         << msg;
     cfg.seq_length = 19;
@@ -272,7 +280,8 @@ TEST(DataErrors, SeqLengthLargerThanDataNamesTheFlag) {
 
     cfg.val_fraction = 0.95;  // 10 train, 190 validation
     msg = load_error(cfg);
-    EXPECT_NE(msg.find("the training split of " + f.path + " holds 10 tokens"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("the training split of " + f.path + " holds 10 tokens"), std::string::npos)
+        << msg;
 
     Config syn = base_config("synthetic", "auto");
     syn.synthetic_tokens = 1000;
@@ -293,7 +302,8 @@ TEST(DataTokens, RoundTripThroughTokenFile) {
     for (size_t i = 0; i < toks.size(); i++) toks[i] = (uint16_t)((i * 7919u) % 50000u);
     TempFile f("", ".tok");
     char err[MOESIM_ERR_MAX] = {0};
-    ASSERT_EQ(token_file_write(f.path.c_str(), toks.data(), toks.size(), 50000, err, sizeof err), 0) << err;
+    ASSERT_EQ(token_file_write(f.path.c_str(), toks.data(), toks.size(), 50000, err, sizeof err), 0)
+        << err;
     std::string raw = file_bytes(f.path);
     ASSERT_EQ(raw.size(), 32u + 2 * toks.size());
     EXPECT_EQ(raw.substr(0, 8), "MOESIMTK");
@@ -320,7 +330,8 @@ TEST(DataTokens, FullVocabularyOf65536) {
     for (size_t i = 0; i < toks.size(); i++) toks[i] = (uint16_t)(65535 - i);
     TempFile f("", ".bin");
     char err[MOESIM_ERR_MAX] = {0};
-    ASSERT_EQ(token_file_write(f.path.c_str(), toks.data(), toks.size(), 65536, err, sizeof err), 0) << err;
+    ASSERT_EQ(token_file_write(f.path.c_str(), toks.data(), toks.size(), 65536, err, sizeof err), 0)
+        << err;
     Config cfg = base_config(f.path, "tokens");
     Dataset ds;
     ASSERT_EQ(dataset_load(&ds, &cfg, err, sizeof err), 0) << err;
@@ -342,7 +353,8 @@ TEST(DataTokens, TruncatedFileReportsExpectedAndActualBytes) {
     std::vector<uint16_t> toks(100, 3);
     TempFile f("", ".tok");
     char err[MOESIM_ERR_MAX] = {0};
-    ASSERT_EQ(token_file_write(f.path.c_str(), toks.data(), toks.size(), 16, err, sizeof err), 0) << err;
+    ASSERT_EQ(token_file_write(f.path.c_str(), toks.data(), toks.size(), 16, err, sizeof err), 0)
+        << err;
     ASSERT_EQ(truncate(f.path.c_str(), 32 + 200 - 7), 0);
     std::string msg = load_error(base_config(f.path, "tokens"));
     EXPECT_NE(msg.find(f.path), std::string::npos) << msg;
@@ -360,7 +372,8 @@ TEST(DataTokens, TokenOutsideVocabularyNamesItsIndex) {
     std::vector<uint16_t> toks(300, 5);
     TempFile f("", ".tok");
     char err[MOESIM_ERR_MAX] = {0};
-    ASSERT_EQ(token_file_write(f.path.c_str(), toks.data(), toks.size(), 10, err, sizeof err), 0) << err;
+    ASSERT_EQ(token_file_write(f.path.c_str(), toks.data(), toks.size(), 10, err, sizeof err), 0)
+        << err;
     // Patch token 123 to 10 (== vocab_size) behind the writer's back.
     {
         std::fstream io(f.path, std::ios::in | std::ios::out | std::ios::binary);
@@ -383,7 +396,8 @@ TEST(DataTokens, BadVersionAndVocabAreRejected) {
     std::vector<uint16_t> toks(100, 1);
     TempFile f("", ".tok");
     char err[MOESIM_ERR_MAX] = {0};
-    ASSERT_EQ(token_file_write(f.path.c_str(), toks.data(), toks.size(), 4, err, sizeof err), 0) << err;
+    ASSERT_EQ(token_file_write(f.path.c_str(), toks.data(), toks.size(), 4, err, sizeof err), 0)
+        << err;
     std::string raw = file_bytes(f.path);
     std::string v2 = raw;
     v2[8] = 2;
@@ -418,7 +432,8 @@ TEST(DataSynthetic, SameSeedSameStreamDifferentSeedDifferent) {
 
     EXPECT_EQ(a.vocab_size, 256);
     ASSERT_EQ(a.num_categories, 4);
-    for (int k = 0; k < 4; k++) EXPECT_EQ(std::string(a.category_names[k]), "cluster" + std::to_string(k));
+    for (int k = 0; k < 4; k++)
+        EXPECT_EQ(std::string(a.category_names[k]), "cluster" + std::to_string(k));
     EXPECT_EQ(a.train.len + a.val.len, (size_t)cfg.synthetic_tokens);
     EXPECT_EQ(stream_tokens(a.train), stream_tokens(b.train));
     EXPECT_EQ(stream_tokens(a.val), stream_tokens(b.val));
@@ -512,7 +527,8 @@ namespace {
 
 struct Batch {
     std::vector<int> inputs, targets, categories;
-    Batch(int B, int T) : inputs((size_t)B * T), targets((size_t)B * T), categories((size_t)B * T) {}
+    Batch(int B, int T)
+        : inputs((size_t)B * T), targets((size_t)B * T), categories((size_t)B * T) {}
     bool operator==(const Batch &o) const {
         return inputs == o.inputs && targets == o.targets && categories == o.categories;
     }
@@ -520,13 +536,15 @@ struct Batch {
 
 Batch train_batch(const Dataset &ds, long seed, long step, int rank, int B, int T) {
     Batch b(B, T);
-    dataset_train_batch(&ds, seed, step, rank, B, T, b.inputs.data(), b.targets.data(), b.categories.data());
+    dataset_train_batch(&ds, seed, step, rank, B, T, b.inputs.data(), b.targets.data(),
+                        b.categories.data());
     return b;
 }
 
 Batch val_batch(const Dataset &ds, long seed, long i, int rank, int B, int T) {
     Batch b(B, T);
-    dataset_val_batch(&ds, seed, i, rank, B, T, b.inputs.data(), b.targets.data(), b.categories.data());
+    dataset_val_batch(&ds, seed, i, rank, B, T, b.inputs.data(), b.targets.data(),
+                      b.categories.data());
     return b;
 }
 
@@ -563,10 +581,14 @@ TEST(DataBatch, RanksTogetherSeeTheOneRankBatch) {
                 Batch part = train_batch(ds, 42, step, r, B, T);
                 Batch vpart = val_batch(ds, 42, step, r, B, T);
                 joined.inputs.insert(joined.inputs.end(), part.inputs.begin(), part.inputs.end());
-                joined.targets.insert(joined.targets.end(), part.targets.begin(), part.targets.end());
-                joined.categories.insert(joined.categories.end(), part.categories.begin(), part.categories.end());
-                vjoined.inputs.insert(vjoined.inputs.end(), vpart.inputs.begin(), vpart.inputs.end());
-                vjoined.targets.insert(vjoined.targets.end(), vpart.targets.begin(), vpart.targets.end());
+                joined.targets.insert(joined.targets.end(), part.targets.begin(),
+                                      part.targets.end());
+                joined.categories.insert(joined.categories.end(), part.categories.begin(),
+                                         part.categories.end());
+                vjoined.inputs.insert(vjoined.inputs.end(), vpart.inputs.begin(),
+                                      vpart.inputs.end());
+                vjoined.targets.insert(vjoined.targets.end(), vpart.targets.begin(),
+                                       vpart.targets.end());
                 vjoined.categories.insert(vjoined.categories.end(), vpart.categories.begin(),
                                           vpart.categories.end());
             }

@@ -46,7 +46,7 @@ struct ShardedMoe {
         shape.E_local = E / c->ep_size;
         EXPECT_EQ(moe_layer_init(&layer, &shape), 0);
         EXPECT_EQ(moe_scratch_init(&scratch, &shape), 0);
-        x = random_vector(N * C, 100 + c->rank);  // different tokens per rank
+        x = random_vector(N * C, 100 + c->rank);   // different tokens per rank
         router_w = random_vector(E * C, 31, 1.5);  // replicated
         auto all_w1 = random_vector(E * F * C, 32, 0.7), all_w2 = random_vector(E * C * F, 33, 0.7);
         size_t shard = (size_t)shape.E_local * F * C, first = (size_t)c->ep_rank * shard;
@@ -71,9 +71,9 @@ struct ShardedMoe {
         return loss;
     }
     bool routing_unchanged_everywhere() const {
-        bool same = std::equal(base_experts.begin(), base_experts.end(),
-                               layer.routing.choice_expert) &&
-                    std::equal(base_kept.begin(), base_kept.end(), layer.routing.choice_kept);
+        bool same =
+            std::equal(base_experts.begin(), base_experts.end(), layer.routing.choice_expert) &&
+            std::equal(base_kept.begin(), base_kept.end(), layer.routing.choice_kept);
         return comm_all_ok(comm, same);
     }
     long dropped_everywhere() const {
@@ -140,9 +140,14 @@ TEST_F(Distributed, MoeGradientsThroughTheExchange) {
     f.global_loss();
     MoeWeights w = {f.router_w.data(), f.w1.data(), f.w2.data()};
     MoeGrads g = {drw.data(), dw1.data(), dw2.data()};
-    moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape,
-                 &comm, nullptr);
-    struct Case { std::vector<float> *p; std::vector<float> *g; int owner; const char *name; };
+    moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape, &comm,
+                 nullptr);
+    struct Case {
+        std::vector<float> *p;
+        std::vector<float> *g;
+        int owner;
+        const char *name;
+    };
     for (auto c : {Case{&f.x, &dx, 0, "x on rank 0"}, Case{&f.x, &dx, 1, "x on rank 1"},
                    Case{&f.router_w, &drw, -1, "router_w (replicated)"},
                    Case{&f.w1, &dw1, 0, "w1 of rank 0's experts"},
@@ -157,9 +162,21 @@ TEST_F(Distributed, MoeGradientsThroughTheExchange) {
 
 TEST_F(Distributed, EachRankHoldsExactlyItsExperts) {
     ModelShape s{};
-    s.V = 17; s.T = 4; s.C = 8; s.NH = 2; s.L = 2; s.F = 12;
-    s.E = 4; s.K = 2; s.Fe = 6; s.B = 2; s.G = 8;
-    s.moe_layer_freq = 1; s.tied = 1; s.norm_topk_prob = 1; s.capacity_factor = 1.0;
+    s.V = 17;
+    s.T = 4;
+    s.C = 8;
+    s.NH = 2;
+    s.L = 2;
+    s.F = 12;
+    s.E = 4;
+    s.K = 2;
+    s.Fe = 6;
+    s.B = 2;
+    s.G = 8;
+    s.moe_layer_freq = 1;
+    s.tied = 1;
+    s.norm_topk_prob = 1;
+    s.capacity_factor = 1.0;
     s.ep_size = 1;
     Comm self;
     comm_attach_self(&self);

@@ -118,7 +118,8 @@ TEST(GradAttention, IsCausal) {
     attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
     for (int c = 0; c < 3 * C; c++) qkv[(T - 1) * 3 * C + c] += 1.0f;  // change the last token
     attention_forward(out2.data(), att.data(), qkv.data(), B, T, C, NH);
-    for (int i = 0; i < (T - 1) * C; i++) EXPECT_EQ(out[i], out2[i]) << "earlier rows saw the future";
+    for (int i = 0; i < (T - 1) * C; i++)
+        EXPECT_EQ(out[i], out2[i]) << "earlier rows saw the future";
     for (int t = 0; t < T; t++)
         for (int j = t + 1; j < T; j++) EXPECT_EQ(att[t * T + j], 0.0f);
 }
@@ -130,7 +131,8 @@ TEST(GradFfn, InputAndWeights) {
     std::vector<float> out(n * C), h_pre(n * F), h_act(n * F), dh(n * F), dx(n * C);
     std::vector<float> dw1(F * C, 0.0f), dw2(C * F, 0.0f);
     auto loss = [&] {
-        ffn_forward(out.data(), h_pre.data(), h_act.data(), x.data(), w1.data(), w2.data(), n, C, F);
+        ffn_forward(out.data(), h_pre.data(), h_act.data(), x.data(), w1.data(), w2.data(), n, C,
+                    F);
         return weighted_sum(out.data(), r);
     };
     loss();
@@ -205,15 +207,19 @@ TEST_P(GradMoe, LayerWithDropsAndAuxLosses) {
     f.loss();
     MoeWeights w = {f.router_w.data(), f.w1.data(), f.w2.data()};
     MoeGrads g = {drw.data(), dw1.data(), dw2.data()};
-    moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape,
-                 &f.comm, nullptr);
+    moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape, &f.comm,
+                 nullptr);
     auto loss = [&] { return f.loss(); };
     auto stable = [&] { return f.routing_unchanged(); };
-    struct Case { std::vector<float> *p; std::vector<float> *g; const char *name; };
+    struct Case {
+        std::vector<float> *p;
+        std::vector<float> *g;
+        const char *name;
+    };
     for (auto c : {Case{&f.x, &dx, "x"}, Case{&f.router_w, &drw, "router_w"},
                    Case{&f.w1, &dw1, "w1"}, Case{&f.w2, &dw2, "w2"}}) {
-        auto res = check_gradient(c.p->data(), c.p->size(), c.g->data(), loss, 200, 2e-3f, 35,
-                                  stable);
+        auto res =
+            check_gradient(c.p->data(), c.p->size(), c.g->data(), loss, 200, 2e-3f, 35, stable);
         EXPECT_LT(res.max_error, kTolerance) << c.name << ": " << describe(res);
         EXPECT_GT(res.checked, res.skipped * 10) << c.name << ": too many routing flips";
     }
@@ -253,10 +259,24 @@ INSTANTIATE_TEST_SUITE_P(GradNormTopkProb, GradMoe, ::testing::Values(0, 1));
 // derivatives of each tensor (the layer tests above check coordinates).
 TEST(GradModel, EveryTensor) {
     ModelShape s{};
-    s.V = 13; s.T = 6; s.C = 8; s.NH = 2; s.L = 2; s.F = 10;
-    s.E = 4; s.K = 2; s.Fe = 6; s.B = 2; s.G = 6;
-    s.moe_layer_freq = 2; s.tied = 1; s.norm_topk_prob = 1; s.ep_size = 1;
-    s.capacity_factor = 0.75; s.aux_loss_coeff = 0.1; s.z_loss_coeff = 0.01;
+    s.V = 13;
+    s.T = 6;
+    s.C = 8;
+    s.NH = 2;
+    s.L = 2;
+    s.F = 10;
+    s.E = 4;
+    s.K = 2;
+    s.Fe = 6;
+    s.B = 2;
+    s.G = 6;
+    s.moe_layer_freq = 2;
+    s.tied = 1;
+    s.norm_topk_prob = 1;
+    s.ep_size = 1;
+    s.capacity_factor = 0.75;
+    s.aux_loss_coeff = 0.1;
+    s.z_loss_coeff = 0.01;
     Model m;
     Comm self;
     comm_attach_self(&self);
@@ -284,8 +304,8 @@ TEST(GradModel, EveryTensor) {
     };
     for (int i = 0; i < m.num_tensors; i++) {
         const ParamTensor &t = m.tensors[i];
-        auto res = check_directions(m.params + t.offset, t.numel, grads.data() + t.offset, loss,
-                                    16, 1e-2f, 40 + i, stable);
+        auto res = check_directions(m.params + t.offset, t.numel, grads.data() + t.offset, loss, 16,
+                                    1e-2f, 40 + i, stable);
         EXPECT_LT(res.max_error, kTolerance) << t.name << ": " << describe(res);
         EXPECT_GE(res.checked, 6) << t.name << ": too many routing flips";
     }

@@ -18,12 +18,12 @@ extern "C" {
 typedef struct Comm {
     int rank;
     int world_size;
-    int ep_size;        /* ranks per expert-parallel group */
-    int ep_rank;        /* position inside the EP group */
-    int edp_size;       /* world_size / ep_size */
+    int ep_size;  /* ranks per expert-parallel group */
+    int ep_rank;  /* position inside the EP group */
+    int edp_size; /* world_size / ep_size */
     MPI_Comm world;
-    MPI_Comm ep;        /* this rank's EP group */
-    MPI_Comm edp;       /* this rank's expert-data-parallel group */
+    MPI_Comm ep;  /* this rank's EP group */
+    MPI_Comm edp; /* this rank's expert-data-parallel group */
 } Comm;
 
 /* MPI_Init, then comm_attach_world; aborts the process if MPI cannot start. */

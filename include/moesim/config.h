@@ -24,11 +24,11 @@ typedef struct Config {
     /* mixture of experts */
     int num_experts;
     int moe_router_topk;
-    int moe_layer_freq;        /* every n-th FFN is an MoE layer (1 = all) */
+    int moe_layer_freq; /* every n-th FFN is an MoE layer (1 = all) */
     int moe_ffn_hidden_size;
-    int moe_group_size;        /* tokens per routing group; 0 = one micro-batch */
+    int moe_group_size;             /* tokens per routing group; 0 = one micro-batch */
     int expert_model_parallel_size; /* EP ranks; 0 = the world size */
-    int moe_router_norm_topk_prob; /* renormalise the k selected probabilities */
+    int moe_router_norm_topk_prob;  /* renormalise the k selected probabilities */
     double moe_expert_capacity_factor;
     double moe_aux_loss_coeff;
     double moe_z_loss_coeff;
@@ -44,14 +44,14 @@ typedef struct Config {
     double lr;
     double min_lr;
     double weight_decay;
-    double clip_grad;          /* 0 disables clipping */
+    double clip_grad; /* 0 disables clipping */
     double adam_beta1;
     double adam_beta2;
     double adam_eps;
     long seed;
     /* data */
     char data_path[MOESIM_PATH_MAX];
-    char data_format[16];      /* auto | text | tokens | synthetic */
+    char data_format[16]; /* auto | text | tokens | synthetic */
     double val_fraction;
     int synthetic_clusters;
     long synthetic_tokens;
@@ -87,7 +87,7 @@ char *config_to_ini(const Config *cfg);
 /* Derived quantities used across modules. */
 int config_is_moe_layer(const Config *cfg, int layer);
 int config_num_moe_layers(const Config *cfg);
-int config_group_size(const Config *cfg);   /* resolves the 0 default */
+int config_group_size(const Config *cfg); /* resolves the 0 default */
 
 /* Prints the flag reference (used by `moesim --help`). */
 void config_print_help(void);

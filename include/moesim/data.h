@@ -27,8 +27,8 @@ extern "C" {
 #define MOESIM_TOKEN_HEADER_BYTES 32
 
 typedef struct TokenStream {
-    uint16_t *tokens;      /* [len] */
-    int32_t *categories;   /* [len] category id of each token */
+    uint16_t *tokens;    /* [len] */
+    int32_t *categories; /* [len] category id of each token */
     size_t len;
 } TokenStream;
 
@@ -56,8 +56,8 @@ void dataset_val_batch(const Dataset *ds, long seed, long eval_batch, int rank, 
                        int *inputs, int *targets, int *categories);
 
 /* Writes tokens in the token-file format. Returns 0, or -1 with err. */
-int token_file_write(const char *path, const uint16_t *tokens, size_t n, int vocab_size,
-                     char *err, size_t errlen);
+int token_file_write(const char *path, const uint16_t *tokens, size_t n, int vocab_size, char *err,
+                     size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -12,9 +12,9 @@ void ffn_forward(float *out, float *h_pre, float *h_act, const float *x, const f
                  const float *w2, int n, int C, int F);
 
 /* dx[n,C] overwritten; dw1, dw2 accumulated; dh[n,F] is scratch. */
-void ffn_backward(float *dx, float *dw1, float *dw2, float *dh, const float *dout,
-                  const float *x, const float *h_pre, const float *h_act, const float *w1,
-                  const float *w2, int n, int C, int F);
+void ffn_backward(float *dx, float *dw1, float *dw2, float *dh, const float *dout, const float *x,
+                  const float *h_pre, const float *h_act, const float *w1, const float *w2, int n,
+                  int C, int F);
 
 #ifdef __cplusplus
 }

@@ -17,12 +17,12 @@ extern "C" {
 #endif
 
 typedef struct ModelShape {
-    int V, T, C, NH, L, F;  /* vocab, seq length, hidden, heads, layers, dense FFN */
-    int E, K, Fe, G;        /* experts, top-k, expert FFN, routing group */
-    int B;                  /* sequences per micro-batch */
-    int ep_size, ep_rank;   /* this rank holds experts ep_rank*E/ep_size .. +E/ep_size-1 */
+    int V, T, C, NH, L, F; /* vocab, seq length, hidden, heads, layers, dense FFN */
+    int E, K, Fe, G;       /* experts, top-k, expert FFN, routing group */
+    int B;                 /* sequences per micro-batch */
+    int ep_size, ep_rank;  /* this rank holds experts ep_rank*E/ep_size .. +E/ep_size-1 */
     int moe_layer_freq;
-    int tied;               /* LM head shares the token embedding */
+    int tied; /* LM head shares the token embedding */
     int norm_topk_prob;
     double capacity_factor, aux_loss_coeff, z_loss_coeff;
 } ModelShape;
@@ -46,10 +46,10 @@ typedef struct LayerWeights {
 } LayerWeights;
 
 typedef struct Weights {
-    float *wte;          /* [V, C] */
-    float *wpe;          /* [T, C] */
-    float *lnf_w;        /* [C] */
-    float *lm_head_w;    /* [V, C], the same memory as wte when tied */
+    float *wte;           /* [V, C] */
+    float *wpe;           /* [T, C] */
+    float *lnf_w;         /* [C] */
+    float *lm_head_w;     /* [V, C], the same memory as wte when tied */
     LayerWeights *layers; /* [L] */
 } Weights;
 
@@ -58,24 +58,24 @@ typedef struct ParamTensor {
     size_t offset, numel;
     int ndim, shape[3];
     int is_expert;
-    int decay;           /* weight decay applies (matrices, not norms) */
-    double init_std;     /* 0: initialised to ones (norm weights) */
+    int decay;       /* weight decay applies (matrices, not norms) */
+    double init_std; /* 0: initialised to ones (norm weights) */
 } ParamTensor;
 
 typedef struct LayerActs {
-    float *resid_in;     /* [N, C] */
+    float *resid_in;       /* [N, C] */
     float *ln1, *ln1_rstd; /* [N, C], [N] */
-    float *qkv;          /* [N, 3C] */
-    float *att;          /* [B, NH, T, T] */
-    float *att_out;      /* [N, C] */
-    float *resid_mid;    /* [N, C] */
+    float *qkv;            /* [N, 3C] */
+    float *att;            /* [B, NH, T, T] */
+    float *att_out;        /* [N, C] */
+    float *resid_mid;      /* [N, C] */
     float *ln2, *ln2_rstd;
     float *h_pre, *h_act; /* [N, F] dense layers */
 } LayerActs;
 
 typedef struct Model {
     ModelShape shape;
-    const Comm *comm;    /* the EP group carries the token exchange */
+    const Comm *comm; /* the EP group carries the token exchange */
     size_t num_params, num_dense_params;
     float *params, *grads, *adam_m, *adam_v;
     Weights w, dw;
@@ -83,12 +83,12 @@ typedef struct Model {
     int num_tensors;
     /* activations for one micro-batch of N = B*T tokens */
     LayerActs *acts;
-    MoeLayer *moe;       /* [L], initialised for MoE layers only */
+    MoeLayer *moe; /* [L], initialised for MoE layers only */
     MoeShape moe_shape;
     MoeScratch moe_scratch;
     float *resid_out, *lnf, *lnf_rstd, *probs; /* [N,C], [N,C], [N], [N,V] */
-    float *tmp;          /* [N, C] */
-    int *inputs, *targets; /* [N] copies of the current batch */
+    float *tmp;                                /* [N, C] */
+    int *inputs, *targets;                     /* [N] copies of the current batch */
     /* backward scratch */
     float *dresid, *dln, *dtmp, *dqkv, *datt, *dh; /* [N,C] x3, [N,3C], [T,T], [N,F] */
     /* results of the last forward */
@@ -117,6 +117,9 @@ double model_step_flops(const Model *m);
 
 /* Bytes of parameters this rank holds (its dense replica + its experts). */
 size_t model_param_bytes(const Model *m);
+/* Every byte model_init allocates: parameters, gradients, both Adam moments,
+ * activations, MoE exchange buffers and backward scratch. */
+size_t model_memory_bytes(const Model *m);
 
 #ifdef __cplusplus
 }

@@ -17,9 +17,9 @@ extern "C" {
 
 typedef struct MoeShape {
     RouterShape router;
-    int F;         /* expert FFN hidden size */
-    int ep_size;   /* ranks sharing the experts */
-    int E_local;   /* experts held by this rank: router.E / ep_size */
+    int F;       /* expert FFN hidden size */
+    int ep_size; /* ranks sharing the experts */
+    int E_local; /* experts held by this rank: router.E / ep_size */
 } MoeShape;
 
 /* Most rows a rank sends and most it receives in one layer, from capacity. */
@@ -30,15 +30,15 @@ long moe_max_recv_rows(const MoeShape *s);
 typedef struct MoeLayer {
     Routing routing;
     Dispatch dispatch;
-    int *rows_per_expert;  /* [E] kept assignments per global expert */
-    int *expert_cursor;    /* [E] scratch for filling the sender layout */
-    int *row_choice;       /* [send rows] assignment t*K+k of each sender row */
-    int *choice_row;       /* [N*K] sender row of each assignment, -1 when dropped */
-    float *send_x;         /* [send rows, C] inputs, sender layout */
-    float *send_y;         /* [send rows, C] expert outputs back, sender layout */
-    float *expert_in;      /* [recv rows, C] owner layout */
-    float *h_pre, *h_act;  /* [recv rows, F] */
-    float *expert_out;     /* [recv rows, C] */
+    int *rows_per_expert; /* [E] kept assignments per global expert */
+    int *expert_cursor;   /* [E] scratch for filling the sender layout */
+    int *row_choice;      /* [send rows] assignment t*K+k of each sender row */
+    int *choice_row;      /* [N*K] sender row of each assignment, -1 when dropped */
+    float *send_x;        /* [send rows, C] inputs, sender layout */
+    float *send_y;        /* [send rows, C] expert outputs back, sender layout */
+    float *expert_in;     /* [recv rows, C] owner layout */
+    float *h_pre, *h_act; /* [recv rows, F] */
+    float *expert_out;    /* [recv rows, C] */
 } MoeLayer;
 
 /* Backward scratch shared by every MoE layer. */
@@ -52,6 +52,9 @@ typedef struct MoeScratch {
 } MoeScratch;
 
 int moe_layer_init(MoeLayer *m, const MoeShape *s);
+/* Bytes moe_layer_init and moe_scratch_init allocate. */
+size_t moe_layer_bytes(const MoeShape *s);
+size_t moe_scratch_bytes(const MoeShape *s);
 void moe_layer_free(MoeLayer *m);
 int moe_scratch_init(MoeScratch *sc, const MoeShape *s);
 void moe_scratch_free(MoeScratch *sc);
@@ -68,8 +71,8 @@ typedef struct MoeGrads {
 
 /* out[N,C] from x[N,C]. Collective over the EP group. phase_s (may be NULL)
  * accumulates seconds per timing phase. */
-void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
-                 const MoeShape *s, const Comm *comm, double *phase_s);
+void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w, const MoeShape *s,
+                 const Comm *comm, double *phase_s);
 
 /* dx[N,C] overwritten; weight gradients accumulated. Collective. */
 void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *x,

@@ -16,14 +16,14 @@ extern "C" {
 void matmul_forward(float *out, const float *inp, const float *w, int N, int in_dim, int out_dim);
 /* dinp[N,in_dim] = dout·w (overwritten, skipped when dinp is NULL);
  * dw[out_dim,in_dim] += dout^T·inp */
-void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp,
-                     const float *w, int N, int in_dim, int out_dim);
+void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                     int N, int in_dim, int out_dim);
 
 /* out[N,C] = inp * rstd * w with rstd[N] = 1/sqrt(mean(inp^2) + eps) */
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int C);
 /* dinp[N,C] += ...; dw[C] += ... */
-void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp,
-                      const float *w, const float *rstd, int N, int C);
+void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
+                      const float *rstd, int N, int C);
 
 /* GPT-2's tanh approximation of GELU, elementwise over n values. */
 void gelu_forward(float *out, const float *inp, long n);

@@ -65,8 +65,7 @@ int record_close(Record *r, int complete);
 long tensor_file_create(const char *path);
 int tensor_file_write_f32(long file, const char *name, const float *data, int ndim,
                           const long *dims);
-int tensor_file_write_i32(long file, const char *name, const int *data, int ndim,
-                          const long *dims);
+int tensor_file_write_i32(long file, const char *name, const int *data, int ndim, const long *dims);
 int tensor_file_write_scalar(long file, const char *name, double value);
 int tensor_file_close(long file);
 

@@ -5,16 +5,18 @@
 #ifndef MOESIM_ROUTER_H
 #define MOESIM_ROUTER_H
 
+#include <stddef.h>
+
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 typedef struct RouterShape {
-    int N;                  /* tokens in this micro-batch */
-    int C;                  /* hidden size */
-    int E;                  /* experts (all of them: routing is replicated) */
-    int K;                  /* top-k */
-    int G;                  /* tokens per routing group; divides N */
+    int N; /* tokens in this micro-batch */
+    int C; /* hidden size */
+    int E; /* experts (all of them: routing is replicated) */
+    int K; /* top-k */
+    int G; /* tokens per routing group; divides N */
     int norm_topk_prob;
     double capacity_factor;
     double aux_loss_coeff;
@@ -24,25 +26,27 @@ typedef struct RouterShape {
 /* Everything one MoE layer's router decides for one micro-batch. Buffers are
  * sized once for N tokens and reused every step. */
 typedef struct Routing {
-    float *logits;          /* [N,E] */
-    float *probs;           /* [N,E] softmax over all experts */
-    float *lse;             /* [N] log-sum-exp of the logits, for the z-loss */
-    int *choice_expert;     /* [N,K] selected experts, best first */
-    float *choice_gate;     /* [N,K] combine weights */
+    float *logits;              /* [N,E] */
+    float *probs;               /* [N,E] softmax over all experts */
+    float *lse;                 /* [N] log-sum-exp of the logits, for the z-loss */
+    int *choice_expert;         /* [N,K] selected experts, best first */
+    float *choice_gate;         /* [N,K] combine weights */
     unsigned char *choice_kept; /* [N,K] 0 when capacity dropped the assignment */
-    float *group_fraction;  /* [N/G, E] share of the group's N*K assignments per expert */
-    long *tokens_per_expert;   /* [E] assignments chosen, before capacity */
-    long *dropped_per_expert;  /* [E] assignments dropped by capacity */
-    float *dprobs;          /* [N,E] backward scratch */
-    int *group_load;        /* [E] scratch: kept assignments so far in a group */
-    int capacity;           /* per expert per group */
-    double aux_loss;        /* with its coefficient, as added to the loss */
-    double z_loss;          /* with its coefficient */
+    float *group_fraction;      /* [N/G, E] share of the group's N*K assignments per expert */
+    long *tokens_per_expert;    /* [E] assignments chosen, before capacity */
+    long *dropped_per_expert;   /* [E] assignments dropped by capacity */
+    float *dprobs;              /* [N,E] backward scratch */
+    int *group_load;            /* [E] scratch: kept assignments so far in a group */
+    int capacity;               /* per expert per group */
+    double aux_loss;            /* with its coefficient, as added to the loss */
+    double z_loss;              /* with its coefficient */
 } Routing;
 
 int router_capacity(double capacity_factor, int G, int K, int E);
 
 int routing_init(Routing *r, const RouterShape *s);
+/* Bytes routing_init allocates. */
+size_t routing_bytes(const RouterShape *s);
 void routing_free(Routing *r);
 
 /* x[N,C], w[E,C]. Fills every field of r. */

@@ -28,9 +28,9 @@ typedef struct Trainer {
     const Comm *comm;
     Model model;
     AdamW opt;
-    int *inputs, *targets, *categories;      /* [B*T] */
+    int *inputs, *targets, *categories;           /* [B*T] */
     long *tokens_per_expert, *dropped_per_expert; /* [moe layers * E], global */
-    long *dispatch_bytes;  /* [world] bytes this rank sent to each rank last step */
+    long *dispatch_bytes; /* [world] bytes this rank sent to each rank last step */
     int moe_layers;
 } Trainer;
 

@@ -195,7 +195,9 @@ int main(int argc, char **argv) {
     int status = 2;
     char err[MOESIM_ERR_MAX] = "";
     if (argc < 2 || strncmp(argv[1], "--", 2) == 0) {
-        fprintf(stderr, "usage: export_reference OUT.h5 [--weight-scale S] [--config FILE.ini] [--key value ...]\n");
+        fprintf(stderr,
+                "usage: export_reference OUT.h5 [--weight-scale S] [--config FILE.ini] [--key "
+                "value ...]\n");
     } else if (comm.world_size != 1) {
         fprintf(stderr, "export_reference: error: run it on one rank (no mpirun -n %d)\n",
                 comm.world_size);
