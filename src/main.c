@@ -59,6 +59,7 @@ static int run_subcommand(const char *name, int argc, char **argv, Comm *comm) {
 }
 
 int main(int argc, char **argv) {
+    record_library_open();
     Comm comm;
     comm_init(&comm, &argc, &argv);
     int status;
@@ -81,5 +82,6 @@ int main(int argc, char **argv) {
         status = EXIT_USAGE;
     }
     comm_finalize(&comm);
+    record_library_close();
     return status;
 }

@@ -106,6 +106,16 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     return st;
 }
 
+void record_library_open(void) {
+    H5dont_atexit();
+    H5open();
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+}
+
+void record_library_close(void) {
+    if (H5Fget_obj_count(H5F_OBJ_ALL, H5F_OBJ_ALL) == 0) H5close();
+}
+
 int record_open(Record *r, const char *path, const Config *cfg, const RecordLayout *layout,
                 char *err, size_t errlen) {
     memset(r, 0, sizeof *r);

@@ -51,6 +51,13 @@ typedef struct Record {
     double *timing_row; /* [world_size] scratch */
 } Record;
 
+/* Starts the HDF5 library before MPI_Init, with no shutdown hooks: HDF5 1.10
+ * otherwise closes leftover files inside MPI_Finalize, and a file whose
+ * close already failed (disk full) crashes it there. */
+void record_library_open(void);
+/* Shuts HDF5 down unless a file is still open because its close failed. */
+void record_library_close(void);
+
 /* Creates the file (truncating), writes the root attributes and creates every
  * dataset. Returns 0, or -1 with a message naming the path. */
 int record_open(Record *r, const char *path, const Config *cfg, const RecordLayout *layout,
