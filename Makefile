@@ -19,6 +19,8 @@ CFLAGS    = -std=c11 -D_GNU_SOURCE $(OPT) -g $(WARN) -Iinclude $(PKG_CFLAGS) $(S
 CXXFLAGS  = -std=c++17 -DOMPI_SKIP_MPICXX=1 $(OPT) -g $(WARN) -Iinclude $(PKG_CFLAGS) $(SAN)
 LDLIBS    = $(PKG_LIBS)
 
+GIT_REVISION := $(shell git describe --always --dirty 2>/dev/null || echo unknown)
+
 LIB_SRC  := $(filter-out src/main.c,$(wildcard src/*.c))
 TEST_SRC := $(filter-out tests/test_cli.cpp,$(wildcard tests/*.cpp))
 
@@ -40,6 +42,11 @@ $(2)/cli_tests: $(2)/obj/tests/test_cli.o
 	$$(CXX) $$(CXXFLAGS) $$^ -o $$@ $$(shell pkg-config --libs gtest) -lgtest_main
 $(2)/export_reference: tests/reference/export_reference.c $(2)/libmoesim.a | $(2)/obj
 	$$(CC) $$(CFLAGS) $$^ -o $$@ $$(LDLIBS)
+# The record names the build's git revision; record.o is rebuilt when it changes.
+$(2)/obj/record.o: $(2)/revision
+$(2)/obj/record.o: CFLAGS += -DMOESIM_GIT_REVISION='"$$(GIT_REVISION)"'
+$(2)/revision: FORCE | $(2)/obj
+	@echo '$$(GIT_REVISION)' | cmp -s - $$@ || echo '$$(GIT_REVISION)' > $$@
 $(2)/obj $(2)/obj/tests:
 	mkdir -p $$@
 endef
@@ -56,7 +63,7 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 
            LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
-.PHONY: all deps run test unit cli pytest sanitize bench clean
+.PHONY: all deps run test unit cli pytest sanitize bench clean FORCE
 all: $(BUILD)/moesim
 
 deps:

@@ -106,6 +106,13 @@ void comm_gather_longs(const Comm *c, const long *mine, long *all, int n) {
     MPI_Gather(mine, n, MPI_LONG, all, n, MPI_LONG, 0, c->world);
 }
 
+void comm_gather_hostnames(const Comm *c, char *all) {
+    char mine[MOESIM_HOSTNAME_MAX] = "";
+    int len = 0;
+    MPI_Get_processor_name(mine, &len);
+    MPI_Gather(mine, MOESIM_HOSTNAME_MAX, MPI_CHAR, all, MOESIM_HOSTNAME_MAX, MPI_CHAR, 0, c->world);
+}
+
 void comm_gather_expert_shards(const Comm *c, const float *mine, float *all, size_t n) {
     if (c->rank / c->ep_size != 0) return; /* only EP group 0 takes part */
     MPI_Gather(mine, (int)n, MPI_FLOAT, all, (int)n, MPI_FLOAT, 0, c->ep);

@@ -357,6 +357,14 @@ static const Option OPTIONS[] = {
      .default_text = "runs/moesim.h5",
      .metavar = "PATH",
      .help = "HDF5 file for stats and the resolved config"},
+    {.name = "record-flush-interval",
+     .group = G_OUT,
+     .type = OPT_INT,
+     FIELD(record_flush_interval),
+     .min = 1,
+     .max = 1 << 30,
+     .default_text = "10",
+     .help = "steps between writes of the buffered record to disk (a killed run keeps these)"},
     {.name = "save",
      .group = G_OUT,
      .type = OPT_STRING,
@@ -997,6 +1005,34 @@ char *config_to_ini(const Config *cfg) {
         return NULL;
     }
     return text;
+}
+
+int config_entry_count(void) { return (int)NUM_OPTIONS; }
+
+void config_entry(const Config *cfg, int index, ConfigEntry *entry) {
+    const Option *opt = &OPTIONS[index];
+    const char *field = (const char *)cfg + opt->offset;
+    memset(entry, 0, sizeof *entry);
+    entry->key = opt->name;
+    switch (opt->type) {
+        case OPT_INT:
+        case OPT_BOOL:
+            entry->type = CONFIG_VALUE_INT;
+            entry->int_value = *(const int *)field;
+            break;
+        case OPT_LONG:
+            entry->type = CONFIG_VALUE_INT;
+            entry->int_value = *(const long *)field;
+            break;
+        case OPT_DOUBLE:
+            entry->type = CONFIG_VALUE_DOUBLE;
+            entry->double_value = *(const double *)field;
+            break;
+        case OPT_STRING:
+            entry->type = CONFIG_VALUE_STRING;
+            entry->string_value = field;
+            break;
+    }
 }
 
 int config_is_moe_layer(const Config *cfg, int layer) {

@@ -1,5 +1,6 @@
 /* moesim: command-line entry. `moesim train` trains and records a run;
- * `moesim bench` measures throughput; --help and --version. */
+ * `moesim bench` measures throughput; `moesim info` summarises a record;
+ * --help and --version. */
 #include <stdio.h>
 #include <string.h>
 
@@ -15,6 +16,7 @@ static void print_usage(void) {
     printf(
         "usage: moesim train [--config FILE.ini] [--key value ...]\n"
         "       moesim bench [--config FILE.ini] [--key value ...]\n"
+        "       moesim info RUN.h5\n"
         "       moesim --help | --version\n\n"
         "Trains a decoder-only Mixture-of-Experts transformer and writes an HDF5 run record.\n"
         "Every key below is both a --flag and an INI key (INI files may use '_' or '-').\n"
@@ -58,6 +60,20 @@ static int run_subcommand(const char *name, int argc, char **argv, Comm *comm) {
     return status;
 }
 
+/* `moesim info RUN.h5`: only rank 0 reads and prints. */
+static int print_info(int argc, char **argv, const Comm *comm) {
+    char err[MOESIM_ERR_MAX] = "";
+    int status = 0;
+    if (argc != 1) {
+        snprintf(err, sizeof err, "moesim info takes one run record: moesim info RUN.h5");
+        status = EXIT_USAGE;
+    } else if (comm->rank == 0 && record_print_info(argv[0], err, sizeof err) != 0) {
+        status = 1;
+    }
+    if (status != 0 && comm->rank == 0) fprintf(stderr, "moesim: error: %s\n", err);
+    return status;
+}
+
 int main(int argc, char **argv) {
     record_library_open();
     Comm comm;
@@ -71,13 +87,15 @@ int main(int argc, char **argv) {
         if (comm.rank == 0)
             printf("moesim %s (run record schema %d)\n", MOESIM_VERSION, MOESIM_SCHEMA_VERSION);
         status = 0;
+    } else if (strcmp(cmd, "info") == 0) {
+        status = print_info(argc - 2, argv + 2, &comm);
     } else if (strcmp(cmd, "train") == 0 || strcmp(cmd, "bench") == 0) {
         status = run_subcommand(cmd, argc - 1, argv + 1, &comm);
     } else {
         if (comm.rank == 0)
             fprintf(stderr,
                     "moesim: error: unknown command \"%s\"; use \"moesim train\", "
-                    "\"moesim bench\" or \"moesim --help\"\n",
+                    "\"moesim bench\", \"moesim info\" or \"moesim --help\"\n",
                     cmd);
         status = EXIT_USAGE;
     }

@@ -1,82 +1,73 @@
 #include "moesim/record.h"
 
 #include <hdf5.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
-#define SERIES_CHUNK 256
-#define ROUTING_CHUNK 16
+#ifndef MOESIM_GIT_REVISION
+#define MOESIM_GIT_REVISION "unknown"
+#endif
 
-static int write_string_attr(hid_t loc, const char *name, const char *value) {
-    /* Variable-length UTF-8, so h5py hands Python users a str, not bytes. */
+#define CHUNK_BYTES (64 * 1024)
+
+/* ---- attributes ------------------------------------------------------------ */
+
+/* Variable-length UTF-8, so h5py hands Python users a str, not bytes. */
+static hid_t utf8_string_type(void) {
     hid_t type = H5Tcopy(H5T_C_S1);
     H5Tset_size(type, H5T_VARIABLE);
     H5Tset_cset(type, H5T_CSET_UTF8);
-    hid_t space = H5Screate(H5S_SCALAR);
+    return type;
+}
+
+static int write_attr(hid_t loc, const char *name, hid_t type, hid_t space, const void *data) {
+    if (H5Aexists(loc, name) > 0 && H5Adelete(loc, name) < 0) return -1;
     hid_t attr = H5Acreate2(loc, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = attr < 0 ? -1 : H5Awrite(attr, type, &value);
+    herr_t st = attr < 0 ? -1 : H5Awrite(attr, type, data);
     if (attr >= 0) H5Aclose(attr);
+    return st < 0 ? -1 : 0;
+}
+
+static int set_string_attr(hid_t loc, const char *name, const char *value) {
+    hid_t type = utf8_string_type(), space = H5Screate(H5S_SCALAR);
+    int st = write_attr(loc, name, type, space, &value);
     H5Sclose(space);
     H5Tclose(type);
-    return st < 0 ? -1 : 0;
+    return st;
 }
 
-static int write_long_array_attr(hid_t loc, const char *name, const long *values, int n) {
+static int set_string_array_attr(hid_t loc, const char *name, const char *const *values, int n) {
+    hsize_t dims[1] = {(hsize_t)n};
+    hid_t type = utf8_string_type(), space = H5Screate_simple(1, dims, NULL);
+    int st = write_attr(loc, name, type, space, values);
+    H5Sclose(space);
+    H5Tclose(type);
+    return st;
+}
+
+static int set_long_attr(hid_t loc, const char *name, long value) {
+    hid_t space = H5Screate(H5S_SCALAR);
+    int st = write_attr(loc, name, H5T_NATIVE_LONG, space, &value);
+    H5Sclose(space);
+    return st;
+}
+
+static int set_double_attr(hid_t loc, const char *name, double value) {
+    hid_t space = H5Screate(H5S_SCALAR);
+    int st = write_attr(loc, name, H5T_NATIVE_DOUBLE, space, &value);
+    H5Sclose(space);
+    return st;
+}
+
+static int set_long_array_attr(hid_t loc, const char *name, const long *values, int n) {
     hsize_t dims[1] = {(hsize_t)n};
     hid_t space = H5Screate_simple(1, dims, NULL);
-    hid_t attr = H5Acreate2(loc, name, H5T_NATIVE_LONG, space, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = attr < 0 ? -1 : H5Awrite(attr, H5T_NATIVE_LONG, values);
-    if (attr >= 0) H5Aclose(attr);
+    int st = write_attr(loc, name, H5T_NATIVE_LONG, space, values);
     H5Sclose(space);
-    return st < 0 ? -1 : 0;
-}
-
-static int write_long_attr(hid_t loc, const char *name, long value) {
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t attr = H5Acreate2(loc, name, H5T_NATIVE_LONG, space, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = attr < 0 ? -1 : H5Awrite(attr, H5T_NATIVE_LONG, &value);
-    if (attr >= 0) H5Aclose(attr);
-    H5Sclose(space);
-    return st < 0 ? -1 : 0;
-}
-
-/* An extendible dataset of rows shaped [unlimited, tail...]. */
-static hid_t create_series(hid_t file, const char *path, hid_t type, int tail_ndim,
-                           const hsize_t *tail, hsize_t chunk_rows, const char *units) {
-    hsize_t dims[3] = {0}, maxdims[3] = {H5S_UNLIMITED}, chunk[3] = {chunk_rows};
-    for (int i = 0; i < tail_ndim; i++) dims[i + 1] = maxdims[i + 1] = chunk[i + 1] = tail[i];
-    hid_t space = H5Screate_simple(1 + tail_ndim, dims, maxdims);
-    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
-    H5Pset_chunk(dcpl, 1 + tail_ndim, chunk);
-    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
-    H5Pset_create_intermediate_group(lcpl, 1);
-    hid_t dset = H5Dcreate2(file, path, type, space, lcpl, dcpl, H5P_DEFAULT);
-    if (dset >= 0 && units) write_string_attr(dset, "units", units);
-    H5Pclose(lcpl);
-    H5Pclose(dcpl);
-    H5Sclose(space);
-    return dset;
-}
-
-static int append_rows(hid_t dset, hid_t type, long row, const void *data) {
-    hid_t space = H5Dget_space(dset);
-    int ndim = H5Sget_simple_extent_ndims(space);
-    hsize_t dims[3], start[3] = {0}, count[3];
-    H5Sget_simple_extent_dims(space, dims, NULL);
-    H5Sclose(space);
-    dims[0] = (hsize_t)row + 1;
-    if (H5Dset_extent(dset, dims) < 0) return -1;
-    space = H5Dget_space(dset);
-    start[0] = (hsize_t)row;
-    for (int i = 0; i < ndim; i++) count[i] = i == 0 ? 1 : dims[i];
-    H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL);
-    hid_t mem = H5Screate_simple(ndim, count, NULL);
-    herr_t st = H5Dwrite(dset, type, mem, space, H5P_DEFAULT, data);
-    H5Sclose(mem);
-    H5Sclose(space);
-    return st < 0 ? -1 : 0;
+    return st;
 }
 
 static void iso8601_now(char *buf, size_t len) {
@@ -86,25 +77,193 @@ static void iso8601_now(char *buf, size_t len) {
     strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
-static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayout *layout) {
-    char *ini = config_to_ini(cfg);
-    char started[32];
-    iso8601_now(started, sizeof started);
-    int st = 0;
-    st |= write_string_attr(file, "moesim_version", MOESIM_VERSION);
-    st |= write_long_attr(file, "schema_version", MOESIM_SCHEMA_VERSION);
-    st |= write_string_attr(file, "config", ini ? ini : "");
-    st |= write_long_attr(file, "world_size", layout->world_size);
-    st |= write_long_attr(file, "ep_size", layout->ep_size);
-    st |= write_long_attr(file, "total_params", layout->total_params);
-    st |= write_long_array_attr(file, "param_bytes_per_rank", layout->param_bytes_per_rank,
-                                layout->world_size);
-    st |= write_long_attr(file, "seed", cfg->seed);
-    st |= write_string_attr(file, "start_time", started);
-    st |= write_string_attr(file, "status", "running");
-    free(ini);
+/* ---- buffered time series --------------------------------------------------- */
+
+/* One extendible dataset [rows, tail...] with rows buffered until a flush. */
+typedef struct Series {
+    hid_t dset;
+    hid_t mem_type;
+    size_t row_bytes;
+    char *buffer;
+    long buffered, capacity, written;
+} Series;
+
+enum SeriesId {
+    TRAIN_STEP,
+    TRAIN_LOSS,
+    TRAIN_AUX,
+    TRAIN_Z,
+    TRAIN_LR,
+    TRAIN_GRAD_NORM,
+    TRAIN_TOKENS_PER_S,
+    TRAIN_STEP_TIME,
+    ROUTING_TOKENS,
+    ROUTING_PROCESSED,
+    ROUTING_DROPPED,
+    ROUTING_IMPORTANCE,
+    ROUTING_MEAN_PROB,
+    ROUTING_ENTROPY,
+    ROUTING_LOAD_CV,
+    ROUTING_MAX_OVER_MEAN,
+    ROUTING_UNUSED,
+    ROUTING_AUX,
+    ROUTING_Z,
+    TRAFFIC_DISPATCH,
+    EVAL_STEP,
+    EVAL_LOSS,
+    SPEC_STEP,
+    SPEC_COUNTS,
+    SPEC_MUTUAL_INFORMATION,
+    TIMING_FIRST,
+    SERIES_COUNT = TIMING_FIRST + PHASE_COUNT
+};
+
+/* The shape that follows the row dimension. */
+enum Tail { TAIL_NONE, TAIL_LAYER, TAIL_LAYER_EXPERT, TAIL_RANK, TAIL_RANK_RANK, TAIL_SPEC };
+
+typedef struct SeriesSpec {
+    enum SeriesId id;
+    const char *path;
+    int is_long; /* int64, else float64 */
+    enum Tail tail;
+    const char *units;
+} SeriesSpec;
+
+static const SeriesSpec SERIES[] = {
+    {TRAIN_STEP, "/train/step", 1, TAIL_NONE, "step"},
+    {TRAIN_LOSS, "/train/loss", 0, TAIL_NONE, "nats/token"},
+    {TRAIN_AUX, "/train/aux_loss", 0, TAIL_NONE, "loss"},
+    {TRAIN_Z, "/train/z_loss", 0, TAIL_NONE, "loss"},
+    {TRAIN_LR, "/train/lr", 0, TAIL_NONE, "1"},
+    {TRAIN_GRAD_NORM, "/train/grad_norm", 0, TAIL_NONE, "1"},
+    {TRAIN_TOKENS_PER_S, "/train/tokens_per_s", 0, TAIL_NONE, "tokens/s"},
+    {TRAIN_STEP_TIME, "/train/step_time_s", 0, TAIL_NONE, "s"},
+    {ROUTING_TOKENS, "/routing/tokens_per_expert", 1, TAIL_LAYER_EXPERT, "assignments"},
+    {ROUTING_PROCESSED, "/routing/processed_per_expert", 1, TAIL_LAYER_EXPERT, "assignments"},
+    {ROUTING_DROPPED, "/routing/dropped_per_expert", 1, TAIL_LAYER_EXPERT, "assignments"},
+    {ROUTING_IMPORTANCE, "/routing/importance", 0, TAIL_LAYER_EXPERT, "1"},
+    {ROUTING_MEAN_PROB, "/routing/mean_prob", 0, TAIL_LAYER_EXPERT, "1"},
+    {ROUTING_ENTROPY, "/routing/entropy", 0, TAIL_LAYER, "nats"},
+    {ROUTING_LOAD_CV, "/routing/load_cv", 0, TAIL_LAYER, "1"},
+    {ROUTING_MAX_OVER_MEAN, "/routing/max_over_mean_load", 0, TAIL_LAYER, "1"},
+    {ROUTING_UNUSED, "/routing/unused_experts", 1, TAIL_LAYER, "experts"},
+    {ROUTING_AUX, "/routing/aux_loss", 0, TAIL_LAYER, "loss"},
+    {ROUTING_Z, "/routing/z_loss", 0, TAIL_LAYER, "loss"},
+    {TRAFFIC_DISPATCH, "/traffic/dispatch_bytes", 1, TAIL_RANK_RANK, "bytes"},
+    {EVAL_STEP, "/eval/step", 1, TAIL_NONE, "step"},
+    {EVAL_LOSS, "/eval/loss", 0, TAIL_NONE, "nats/token"},
+    {SPEC_STEP, "/specialization/step", 1, TAIL_NONE, "step"},
+    {SPEC_COUNTS, "/specialization/counts", 1, TAIL_SPEC, "assignments"},
+    {SPEC_MUTUAL_INFORMATION, "/specialization/mutual_information", 0, TAIL_LAYER, "bits"},
+};
+
+struct Record {
+    hid_t file;
+    Series series[SERIES_COUNT];
+    RecordLayout layout;
+    /* derived-statistics scratch */
+    long *processed;      /* [L*E] */
+    double *per_layer;    /* [2*L] */
+    long *per_layer_long; /* [L] */
+    double *timing_row;   /* [P] */
+};
+
+static int tail_dims(const RecordLayout *lay, enum Tail tail, hsize_t *dims) {
+    switch (tail) {
+        case TAIL_NONE:
+            return 0;
+        case TAIL_LAYER:
+            dims[0] = (hsize_t)lay->moe_layers;
+            return 1;
+        case TAIL_LAYER_EXPERT:
+            dims[0] = (hsize_t)lay->moe_layers;
+            dims[1] = (hsize_t)lay->experts;
+            return 2;
+        case TAIL_RANK:
+            dims[0] = (hsize_t)lay->world_size;
+            return 1;
+        case TAIL_RANK_RANK:
+            dims[0] = dims[1] = (hsize_t)lay->world_size;
+            return 2;
+        case TAIL_SPEC:
+            dims[0] = (hsize_t)lay->moe_layers;
+            dims[1] = (hsize_t)lay->experts;
+            dims[2] = (hsize_t)lay->num_categories;
+            return 3;
+    }
+    return 0;
+}
+
+static int series_create(Series *s, hid_t file, const char *path, int is_long, int tail_ndim,
+                         const hsize_t *tail, const char *units) {
+    memset(s, 0, sizeof *s);
+    s->mem_type = is_long ? H5T_NATIVE_LONG : H5T_NATIVE_DOUBLE;
+    hid_t file_type = is_long ? H5T_STD_I64LE : H5T_IEEE_F64LE;
+    hsize_t dims[4] = {0}, maxdims[4] = {H5S_UNLIMITED}, chunk[4];
+    size_t row_elems = 1;
+    for (int i = 0; i < tail_ndim; i++) {
+        dims[i + 1] = maxdims[i + 1] = chunk[i + 1] = tail[i] ? tail[i] : 1;
+        row_elems *= tail[i];
+    }
+    s->row_bytes = row_elems * 8;
+    size_t rows = s->row_bytes ? CHUNK_BYTES / s->row_bytes : 1024;
+    chunk[0] = rows < 1 ? 1 : rows > 1024 ? 1024 : rows;
+    hid_t space = H5Screate_simple(1 + tail_ndim, dims, maxdims);
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(dcpl, 1 + tail_ndim, chunk);
+    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
+    H5Pset_create_intermediate_group(lcpl, 1);
+    s->dset = H5Dcreate2(file, path, file_type, space, lcpl, dcpl, H5P_DEFAULT);
+    int st = s->dset < 0 ? -1 : set_string_attr(s->dset, "units", units);
+    H5Pclose(lcpl);
+    H5Pclose(dcpl);
+    H5Sclose(space);
     return st;
 }
+
+static int series_push(Series *s, const void *row) {
+    if (s->buffered == s->capacity) {
+        long capacity = s->capacity ? 2 * s->capacity : 16;
+        char *grown = realloc(s->buffer, (size_t)capacity * s->row_bytes);
+        if (!grown) return -1;
+        s->buffer = grown;
+        s->capacity = capacity;
+    }
+    memcpy(s->buffer + (size_t)s->buffered * s->row_bytes, row, s->row_bytes);
+    s->buffered++;
+    return 0;
+}
+
+static int series_flush(Series *s) {
+    if (s->buffered == 0) return 0;
+    hid_t space = H5Dget_space(s->dset);
+    int ndim = H5Sget_simple_extent_ndims(space);
+    hsize_t dims[4], start[4] = {0}, count[4];
+    H5Sget_simple_extent_dims(space, dims, NULL);
+    H5Sclose(space);
+    dims[0] = (hsize_t)(s->written + s->buffered);
+    if (H5Dset_extent(s->dset, dims) < 0) return -1;
+    space = H5Dget_space(s->dset);
+    start[0] = (hsize_t)s->written;
+    for (int i = 0; i < ndim; i++) count[i] = i == 0 ? (hsize_t)s->buffered : dims[i];
+    H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL);
+    hid_t mem = H5Screate_simple(ndim, count, NULL);
+    herr_t st = H5Dwrite(s->dset, s->mem_type, mem, space, H5P_DEFAULT, s->buffer);
+    H5Sclose(mem);
+    H5Sclose(space);
+    if (st < 0) return -1;
+    s->written += s->buffered;
+    s->buffered = 0;
+    return 0;
+}
+
+static void series_close(Series *s) {
+    if (s->dset > 0) H5Dclose(s->dset);
+    free(s->buffer);
+    memset(s, 0, sizeof *s);
+}
+
+/* ---- opening ---------------------------------------------------------------- */
 
 void record_library_open(void) {
     H5dont_atexit();
@@ -116,118 +275,453 @@ void record_library_close(void) {
     if (H5Fget_obj_count(H5F_OBJ_ALL, H5F_OBJ_ALL) == 0) H5close();
 }
 
-int record_open(Record *r, const char *path, const Config *cfg, const RecordLayout *layout,
-                char *err, size_t errlen) {
-    memset(r, 0, sizeof *r);
-    r->world_size = layout->world_size;
-    r->timing_row = malloc(sizeof(double) * layout->world_size);
-    if (!r->timing_row) {
-        snprintf(err, errlen, "out of memory opening the run record %s", path);
-        return -1;
+/* "config.<key>" attributes, '-' written as '_', typed. */
+static int write_config_attributes(hid_t file, const Config *cfg) {
+    int st = 0;
+    for (int i = 0; i < config_entry_count(); i++) {
+        ConfigEntry e;
+        config_entry(cfg, i, &e);
+        char name[96];
+        snprintf(name, sizeof name, "config.%s", e.key);
+        for (char *c = name; *c; c++)
+            if (*c == '-') *c = '_';
+        if (e.type == CONFIG_VALUE_INT)
+            st |= set_long_attr(file, name, e.int_value);
+        else if (e.type == CONFIG_VALUE_DOUBLE)
+            st |= set_double_attr(file, name, e.double_value);
+        else
+            st |= set_string_attr(file, name, e.string_value);
     }
-    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
-    hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    if (file < 0) {
+    return st;
+}
+
+static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayout *lay) {
+    char *ini = config_to_ini(cfg);
+    char started[32];
+    iso8601_now(started, sizeof started);
+    const char **hosts = malloc(sizeof(char *) * lay->world_size);
+    int st = !ini || !hosts;
+    for (int r = 0; hosts && r < lay->world_size; r++)
+        hosts[r] = lay->hostnames + (size_t)r * lay->hostname_len;
+    st |= set_long_attr(file, "schema_version", MOESIM_SCHEMA_VERSION);
+    st |= set_string_attr(file, "moesim_version", MOESIM_VERSION);
+    st |= set_string_attr(file, "git_revision", MOESIM_GIT_REVISION);
+    st |= set_string_attr(file, "status", "running");
+    st |= set_string_attr(file, "start_time", started);
+    st |= set_string_attr(file, "end_time", "");
+    st |= set_long_attr(file, "steps_done", 0);
+    st |= set_long_attr(file, "world_size", lay->world_size);
+    st |= set_long_attr(file, "ep_size", lay->ep_size);
+    st |= set_long_attr(file, "seed", cfg->seed);
+    if (hosts) st |= set_string_array_attr(file, "hostnames", hosts, lay->world_size);
+    st |= set_long_attr(file, "params_total", lay->params_total);
+    st |= set_long_attr(file, "params_active_per_token", lay->params_active_per_token);
+    st |= set_long_array_attr(file, "param_bytes_per_rank", lay->param_bytes_per_rank,
+                              lay->world_size);
+    st |= set_long_attr(file, "record_flush_interval", cfg->record_flush_interval);
+    st |= set_string_attr(file, "config", ini ? ini : "");
+    st |= write_config_attributes(file, cfg);
+    st |= set_string_array_attr(file, "category_names", (const char *const *)lay->category_names,
+                                lay->num_categories);
+    free(hosts);
+    free(ini);
+    return st;
+}
+
+static void record_free(Record *r) {
+    for (int i = 0; i < SERIES_COUNT; i++) series_close(&r->series[i]);
+    if (r->file > 0) H5Fclose(r->file);
+    free(r->processed);
+    free(r->per_layer);
+    free(r->per_layer_long);
+    free(r->timing_row);
+    free(r);
+}
+
+Record *record_open(const char *path, const Config *cfg, const RecordLayout *layout, char *err,
+                    size_t errlen) {
+    Record *r = calloc(1, sizeof *r);
+    int L = layout->moe_layers > 0 ? layout->moe_layers : 1;
+    if (r) {
+        r->layout = *layout;
+        r->processed = calloc((size_t)L * layout->experts, sizeof(long));
+        r->per_layer = calloc(2 * (size_t)L, sizeof(double));
+        r->per_layer_long = calloc((size_t)L, sizeof(long));
+        r->timing_row = calloc((size_t)layout->world_size, sizeof(double));
+    }
+    if (!r || !r->processed || !r->per_layer || !r->per_layer_long || !r->timing_row) {
+        snprintf(err, errlen, "out of memory opening the run record %s", path);
+        if (r) record_free(r);
+        return NULL;
+    }
+    r->file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (r->file < 0) {
         snprintf(err, errlen,
                  "cannot create the run record --out %s; check that its directory "
                  "exists and is writable",
                  path);
-        free(r->timing_row);
-        r->timing_row = NULL;
-        return -1;
+        record_free(r);
+        return NULL;
     }
-    r->file = file;
-    hsize_t routing_tail[2] = {(hsize_t)layout->moe_layers, (hsize_t)layout->experts};
-    hsize_t ranks[2] = {(hsize_t)layout->world_size, (hsize_t)layout->world_size};
-    hid_t d = H5T_NATIVE_DOUBLE, i64 = H5T_NATIVE_LONG;
-    r->train_step = create_series(file, "/train/step", i64, 0, NULL, SERIES_CHUNK, "step");
-    r->train_loss = create_series(file, "/train/loss", d, 0, NULL, SERIES_CHUNK, "nats/token");
-    r->train_aux = create_series(file, "/train/aux_loss", d, 0, NULL, SERIES_CHUNK, "loss");
-    r->train_z = create_series(file, "/train/z_loss", d, 0, NULL, SERIES_CHUNK, "loss");
-    r->train_lr = create_series(file, "/train/lr", d, 0, NULL, SERIES_CHUNK, "1");
-    r->train_grad_norm = create_series(file, "/train/grad_norm", d, 0, NULL, SERIES_CHUNK, "1");
-    r->train_tps = create_series(file, "/train/tokens_per_s", d, 0, NULL, SERIES_CHUNK, "tokens/s");
-    r->eval_step = create_series(file, "/eval/step", i64, 0, NULL, SERIES_CHUNK, "step");
-    r->eval_loss = create_series(file, "/eval/loss", d, 0, NULL, SERIES_CHUNK, "nats/token");
-    r->tokens_per_expert = create_series(file, "/routing/tokens_per_expert", i64, 2, routing_tail,
-                                         ROUTING_CHUNK, "assignments");
-    r->dropped_per_expert = create_series(file, "/routing/dropped_per_expert", i64, 2, routing_tail,
-                                          ROUTING_CHUNK, "assignments");
-    char name[64];
-    int failed = 0;
+    int st = write_root_attributes(r->file, cfg, layout);
+    hsize_t tail[3];
+    for (size_t i = 0; i < sizeof SERIES / sizeof SERIES[0]; i++) {
+        const SeriesSpec *spec = &SERIES[i];
+        int ndim = tail_dims(layout, spec->tail, tail);
+        st |= series_create(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
+                            spec->units);
+    }
     for (int p = 0; p < PHASE_COUNT; p++) {
+        char name[64];
         snprintf(name, sizeof name, "/timing/%s", phase_names[p]);
-        r->timing[p] = create_series(file, name, d, 1, ranks, SERIES_CHUNK, "s");
-        failed |= r->timing[p] < 0;
+        int ndim = tail_dims(layout, TAIL_RANK, tail);
+        st |= series_create(&r->series[TIMING_FIRST + p], r->file, name, 0, ndim, tail, "s");
     }
-    r->dispatch_bytes =
-        create_series(file, "/traffic/dispatch_bytes", i64, 2, ranks, ROUTING_CHUNK, "bytes");
-    long ids[] = {r->train_step, r->train_loss,        r->train_aux,          r->train_z,
-                  r->train_lr,   r->train_grad_norm,   r->train_tps,          r->eval_step,
-                  r->eval_loss,  r->tokens_per_expert, r->dropped_per_expert, r->dispatch_bytes};
-    failed |= write_root_attributes(file, cfg, layout) != 0;
-    for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++) failed |= ids[i] < 0;
-    if (failed || H5Fflush(file, H5F_SCOPE_GLOBAL) < 0) {
+    if (st != 0 || H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0) {
         snprintf(err, errlen,
                  "cannot write the run record %s (HDF5 error); check free disk "
                  "space and permissions",
                  path);
-        record_close(r, 0);
+        record_free(r);
+        return NULL;
+    }
+    return r;
+}
+
+/* ---- appending ---------------------------------------------------------------- */
+
+/* Load statistics of one layer's router demand across experts. */
+static void load_statistics(const long *tokens, int E, double *cv, double *max_over_mean) {
+    double sum = 0.0, max = 0.0;
+    for (int e = 0; e < E; e++) {
+        sum += (double)tokens[e];
+        if (tokens[e] > max) max = (double)tokens[e];
+    }
+    double mean = sum / E, var = 0.0;
+    for (int e = 0; e < E; e++) var += ((double)tokens[e] - mean) * ((double)tokens[e] - mean);
+    *cv = mean > 0 ? sqrt(var / E) / mean : 0.0;
+    *max_over_mean = mean > 0 ? max / mean : 0.0;
+}
+
+static int push_layer_statistics(Record *r, const StepDetail *d) {
+    int L = r->layout.moe_layers, E = r->layout.experts, st = 0;
+    double *cv = r->per_layer, *max_over_mean = r->per_layer + L;
+    for (int l = 0; l < L; l++) {
+        load_statistics(d->tokens_per_expert + (long)l * E, E, &cv[l], &max_over_mean[l]);
+        r->per_layer_long[l] = 0;
+        for (int e = 0; e < E; e++) r->per_layer_long[l] += r->processed[(long)l * E + e] == 0;
+    }
+    st |= series_push(&r->series[ROUTING_LOAD_CV], cv);
+    st |= series_push(&r->series[ROUTING_MAX_OVER_MEAN], max_over_mean);
+    st |= series_push(&r->series[ROUTING_UNUSED], r->per_layer_long);
+    return st;
+}
+
+int record_append_train(Record *r, const TrainRow *row, const StepDetail *d) {
+    int L = r->layout.moe_layers, E = r->layout.experts, P = r->layout.world_size, st = 0;
+    Series *s = r->series;
+    st |= series_push(&s[TRAIN_STEP], &row->step);
+    st |= series_push(&s[TRAIN_LOSS], &row->loss);
+    st |= series_push(&s[TRAIN_AUX], &row->aux_loss);
+    st |= series_push(&s[TRAIN_Z], &row->z_loss);
+    st |= series_push(&s[TRAIN_LR], &row->lr);
+    st |= series_push(&s[TRAIN_GRAD_NORM], &row->grad_norm);
+    st |= series_push(&s[TRAIN_TOKENS_PER_S], &row->tokens_per_s);
+    st |= series_push(&s[TRAIN_STEP_TIME], &row->step_time_s);
+    for (long i = 0; i < (long)L * E; i++)
+        r->processed[i] = d->tokens_per_expert[i] - d->dropped_per_expert[i];
+    st |= series_push(&s[ROUTING_TOKENS], d->tokens_per_expert);
+    st |= series_push(&s[ROUTING_PROCESSED], r->processed);
+    st |= series_push(&s[ROUTING_DROPPED], d->dropped_per_expert);
+    st |= series_push(&s[ROUTING_IMPORTANCE], d->importance);
+    st |= series_push(&s[ROUTING_MEAN_PROB], d->mean_prob);
+    st |= series_push(&s[ROUTING_ENTROPY], d->entropy);
+    st |= series_push(&s[ROUTING_AUX], d->aux_loss);
+    st |= series_push(&s[ROUTING_Z], d->z_loss);
+    st |= push_layer_statistics(r, d);
+    for (int p = 0; p < PHASE_COUNT; p++) {
+        for (int rank = 0; rank < P; rank++)
+            r->timing_row[rank] = d->phase_s[rank * PHASE_COUNT + p];
+        st |= series_push(&s[TIMING_FIRST + p], r->timing_row);
+    }
+    st |= series_push(&s[TRAFFIC_DISPATCH], d->dispatch_bytes);
+    return st ? -1 : 0;
+}
+
+/* I(expert; category) in bits under the joint distribution counts / total. */
+static double mutual_information_bits(const long *counts, int E, int categories) {
+    double total = 0.0;
+    for (long i = 0; i < (long)E * categories; i++) total += (double)counts[i];
+    if (total <= 0) return 0.0;
+    double mi = 0.0;
+    for (int e = 0; e < E; e++) {
+        double p_expert = 0.0;
+        for (int c = 0; c < categories; c++) p_expert += counts[(long)e * categories + c] / total;
+        for (int c = 0; c < categories; c++) {
+            double p_joint = counts[(long)e * categories + c] / total;
+            if (p_joint <= 0) continue;
+            double p_category = 0.0;
+            for (int f = 0; f < E; f++) p_category += counts[(long)f * categories + c] / total;
+            mi += p_joint * log2(p_joint / (p_expert * p_category));
+        }
+    }
+    return mi;
+}
+
+int record_append_eval(Record *r, const EvalRow *row) {
+    int L = r->layout.moe_layers, E = r->layout.experts, Cat = r->layout.num_categories, st = 0;
+    st |= series_push(&r->series[EVAL_STEP], &row->step);
+    st |= series_push(&r->series[EVAL_LOSS], &row->loss);
+    st |= series_push(&r->series[SPEC_STEP], &row->step);
+    st |= series_push(&r->series[SPEC_COUNTS], row->specialization);
+    for (int l = 0; l < L; l++)
+        r->per_layer[l] = mutual_information_bits(row->specialization + (long)l * E * Cat, E, Cat);
+    st |= series_push(&r->series[SPEC_MUTUAL_INFORMATION], r->per_layer);
+    return st ? -1 : 0;
+}
+
+int record_flush(Record *r, long steps_done) {
+    int st = 0;
+    for (int i = 0; i < SERIES_COUNT; i++) st |= series_flush(&r->series[i]);
+    st |= set_long_attr(r->file, "steps_done", steps_done);
+    if (H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0) st = -1;
+    return st ? -1 : 0;
+}
+
+int record_close(Record *r, int complete, long steps_done) {
+    char ended[32];
+    iso8601_now(ended, sizeof ended);
+    int st = record_flush(r, steps_done);
+    complete = complete && st == 0;
+    st |= set_string_attr(r->file, "status", complete ? "complete" : "failed");
+    st |= set_string_attr(r->file, "end_time", ended);
+    for (int i = 0; i < SERIES_COUNT; i++) series_close(&r->series[i]);
+    if (H5Fclose(r->file) < 0) st = -1;
+    r->file = 0;
+    record_free(r);
+    return st ? -1 : 0;
+}
+
+/* ---- moesim info ------------------------------------------------------------- */
+
+static int read_long_attr(hid_t loc, const char *name, long *value) {
+    if (H5Aexists(loc, name) <= 0) return -1;
+    hid_t attr = H5Aopen(loc, name, H5P_DEFAULT);
+    herr_t st = attr < 0 ? -1 : H5Aread(attr, H5T_NATIVE_LONG, value);
+    if (attr >= 0) H5Aclose(attr);
+    return st < 0 ? -1 : 0;
+}
+
+static double double_attr_or(hid_t loc, const char *name, double fallback) {
+    double value = fallback;
+    if (H5Aexists(loc, name) <= 0) return fallback;
+    hid_t attr = H5Aopen(loc, name, H5P_DEFAULT);
+    if (attr < 0 || H5Aread(attr, H5T_NATIVE_DOUBLE, &value) < 0) value = fallback;
+    if (attr >= 0) H5Aclose(attr);
+    return value;
+}
+
+static long long_attr_or(hid_t loc, const char *name, long fallback) {
+    long value;
+    return read_long_attr(loc, name, &value) == 0 ? value : fallback;
+}
+
+/* A scalar variable-length string attribute into buf ("?" when absent). */
+static void string_attr(hid_t loc, const char *name, char *buf, size_t len) {
+    snprintf(buf, len, "?");
+    if (H5Aexists(loc, name) <= 0) return;
+    hid_t attr = H5Aopen(loc, name, H5P_DEFAULT);
+    hid_t type = utf8_string_type();
+    char *value = NULL;
+    if (attr >= 0 && H5Aread(attr, type, &value) >= 0 && value) {
+        snprintf(buf, len, "%s", value);
+        H5free_memory(value);
+    }
+    H5Tclose(type);
+    if (attr >= 0) H5Aclose(attr);
+}
+
+/* A whole dataset as doubles; *n gets its element count, *rows its first
+ * dimension. NULL when absent or empty. */
+static double *read_dataset(hid_t file, const char *path, size_t *n, size_t *rows) {
+    *n = *rows = 0;
+    if (H5Lexists(file, path, H5P_DEFAULT) <= 0) return NULL;
+    hid_t dset = H5Dopen2(file, path, H5P_DEFAULT);
+    if (dset < 0) return NULL;
+    hid_t space = H5Dget_space(dset);
+    hsize_t dims[4] = {0};
+    int ndim = H5Sget_simple_extent_dims(space, dims, NULL);
+    size_t count = ndim > 0 ? 1 : 0;
+    for (int i = 0; i < ndim; i++) count *= dims[i];
+    double *data = count ? malloc(sizeof(double) * count) : NULL;
+    if (data && H5Dread(dset, H5T_NATIVE_DOUBLE, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
+        free(data);
+        data = NULL;
+    }
+    if (data) {
+        *n = count;
+        *rows = dims[0];
+    }
+    H5Sclose(space);
+    H5Dclose(dset);
+    return data;
+}
+
+static double last_value(hid_t file, const char *path) {
+    size_t n, rows;
+    double *v = read_dataset(file, path, &n, &rows);
+    double last = v ? v[n - 1] : NAN;
+    free(v);
+    return last;
+}
+
+static hid_t open_record_for_reading(const char *path, char *err, size_t errlen) {
+    FILE *probe = fopen(path, "rb");
+    if (!probe) {
+        snprintf(err, errlen,
+                 "cannot open %s: no such file or not readable; give the path of a "
+                 "run record written by moesim train --out",
+                 path);
         return -1;
     }
+    fclose(probe);
+    if (H5Fis_hdf5(path) <= 0) {
+        snprintf(err, errlen,
+                 "%s is not an HDF5 file, so not a moesim run record; give the "
+                 "file written by moesim train --out",
+                 path);
+        return -1;
+    }
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) {
+        snprintf(err, errlen,
+                 "%s is an HDF5 file that HDF5 cannot open (truncated or "
+                 "corrupt?)",
+                 path);
+        return -1;
+    }
+    long schema;
+    if (H5Aexists(file, "moesim_version") <= 0 ||
+        read_long_attr(file, "schema_version", &schema) != 0) {
+        snprintf(err, errlen,
+                 "%s is an HDF5 file but not a moesim run record (it has no "
+                 "moesim_version and schema_version attributes)",
+                 path);
+        H5Fclose(file);
+        return -1;
+    }
+    if (schema != MOESIM_SCHEMA_VERSION) {
+        snprintf(
+            err, errlen, "%s uses run-record schema %ld; this moesim reads schema %d: %s", path,
+            schema, MOESIM_SCHEMA_VERSION,
+            schema > MOESIM_SCHEMA_VERSION ? "use a newer moesim" : "re-run it with this moesim");
+        H5Fclose(file);
+        return -1;
+    }
+    return file;
+}
+
+static void print_load_cv(hid_t file) {
+    size_t n, rows;
+    double *cv = read_dataset(file, "/routing/load_cv", &n, &rows);
+    if (!cv) return;
+    size_t layers = n / rows, from = rows - (rows + 9) / 10;
+    printf("  load CV per MoE layer (mean over the last 10%% of logged steps):");
+    for (size_t l = 0; l < layers; l++) {
+        double sum = 0.0;
+        for (size_t s = from; s < rows; s++) sum += cv[s * layers + l];
+        printf(" %.3f", sum / (double)(rows - from));
+    }
+    printf("\n");
+    free(cv);
+}
+
+static void print_phase_breakdown(hid_t file) {
+    double mean_ms[PHASE_COUNT], total = 0.0;
+    for (int p = 0; p < PHASE_COUNT; p++) {
+        char path[64];
+        snprintf(path, sizeof path, "/timing/%s", phase_names[p]);
+        size_t n, rows;
+        double *t = read_dataset(file, path, &n, &rows);
+        double sum = 0.0;
+        for (size_t i = 0; i < n; i++) sum += t[i];
+        mean_ms[p] = n ? 1e3 * sum / (double)n : 0.0;
+        total += mean_ms[p];
+        free(t);
+    }
+    if (total <= 0) return;
+    printf("  time per step by phase (mean over logged steps and ranks), %.2f ms in all:\n", total);
+    for (int p = 0; p < PHASE_COUNT; p++)
+        printf("    %-15s %9.3f ms %6.1f%%\n", phase_names[p], mean_ms[p],
+               100.0 * mean_ms[p] / total);
+}
+
+static double overall_drop_percent(hid_t file) {
+    size_t n, rows, n2, rows2;
+    double *tokens = read_dataset(file, "/routing/tokens_per_expert", &n, &rows);
+    double *dropped = read_dataset(file, "/routing/dropped_per_expert", &n2, &rows2);
+    double t = 0.0, d = 0.0;
+    for (size_t i = 0; tokens && dropped && i < n && i < n2; i++) {
+        t += tokens[i];
+        d += dropped[i];
+    }
+    free(tokens);
+    free(dropped);
+    return t > 0 ? 100.0 * d / t : 0.0;
+}
+
+static double mean_of(hid_t file, const char *path) {
+    size_t n, rows;
+    double *v = read_dataset(file, path, &n, &rows), sum = 0.0;
+    for (size_t i = 0; i < n; i++) sum += v[i];
+    free(v);
+    return n ? sum / (double)n : NAN;
+}
+
+int record_print_info(const char *path, char *err, size_t errlen) {
+    hid_t file = open_record_for_reading(path, err, errlen);
+    if (file < 0) return -1;
+    char version[64], revision[64], status[32], started[32], ended[32], data[MOESIM_PATH_MAX];
+    string_attr(file, "moesim_version", version, sizeof version);
+    string_attr(file, "git_revision", revision, sizeof revision);
+    string_attr(file, "status", status, sizeof status);
+    string_attr(file, "start_time", started, sizeof started);
+    string_attr(file, "end_time", ended, sizeof ended);
+    string_attr(file, "config.data_path", data, sizeof data);
+    long layers = long_attr_or(file, "config.num_layers", 0);
+    long moe_freq = long_attr_or(file, "config.moe_layer_freq", 1);
+    printf("moesim run record %s\n", path);
+    printf("  written by moesim %s (git %s), schema %d | status %s | started %s | ended %s\n",
+           version, revision, MOESIM_SCHEMA_VERSION, status, started, ended[0] ? ended : "-");
+    printf(
+        "  model: %ld layers (%ld MoE), hidden %ld, %ld experts top-%ld, capacity factor "
+        "%.3g, expert ffn %ld | %ld parameters, %ld active per token\n",
+        layers, moe_freq > 0 ? layers / moe_freq : 0, long_attr_or(file, "config.hidden_size", 0),
+        long_attr_or(file, "config.num_experts", 0),
+        long_attr_or(file, "config.moe_router_topk", 0),
+        double_attr_or(file, "config.moe_expert_capacity_factor", NAN),
+        long_attr_or(file, "config.moe_ffn_hidden_size", 0), long_attr_or(file, "params_total", 0),
+        long_attr_or(file, "params_active_per_token", 0));
+    printf(
+        "  run: %ld ranks, expert-parallel size %ld | data %s | seq %ld x micro-batch %ld per "
+        "rank | seed %ld\n",
+        long_attr_or(file, "world_size", 0), long_attr_or(file, "ep_size", 0), data,
+        long_attr_or(file, "config.seq_length", 0),
+        long_attr_or(file, "config.micro_batch_size", 0), long_attr_or(file, "seed", 0));
+    printf("  steps: %ld of %ld\n", long_attr_or(file, "steps_done", 0),
+           long_attr_or(file, "config.train_iters", 0));
+    printf("  loss: final train %.4f | final validation %.4f (step %.0f)\n",
+           last_value(file, "/train/loss"), last_value(file, "/eval/loss"),
+           last_value(file, "/eval/step"));
+    printf("  throughput: %.0f tokens/s (mean over logged steps) | drop %.2f%% of assignments\n",
+           mean_of(file, "/train/tokens_per_s"), overall_drop_percent(file));
+    print_load_cv(file);
+    print_phase_breakdown(file);
+    H5Fclose(file);
     return 0;
 }
 
-int record_append_train(Record *r, const TrainRow *row, const StepDetail *detail) {
-    long n = r->train_rows;
-    hid_t d = H5T_NATIVE_DOUBLE;
-    int st = append_rows(r->train_step, H5T_NATIVE_LONG, n, &row->step);
-    st |= append_rows(r->train_loss, d, n, &row->loss);
-    st |= append_rows(r->train_aux, d, n, &row->aux_loss);
-    st |= append_rows(r->train_z, d, n, &row->z_loss);
-    st |= append_rows(r->train_lr, d, n, &row->lr);
-    st |= append_rows(r->train_grad_norm, d, n, &row->grad_norm);
-    st |= append_rows(r->train_tps, d, n, &row->tokens_per_s);
-    st |= append_rows(r->tokens_per_expert, H5T_NATIVE_LONG, n, detail->tokens_per_expert);
-    st |= append_rows(r->dropped_per_expert, H5T_NATIVE_LONG, n, detail->dropped_per_expert);
-    for (int p = 0; p < PHASE_COUNT; p++) {
-        for (int rank = 0; rank < r->world_size; rank++)
-            r->timing_row[rank] = detail->phase_s[rank * PHASE_COUNT + p];
-        st |= append_rows(r->timing[p], d, n, r->timing_row);
-    }
-    st |= append_rows(r->dispatch_bytes, H5T_NATIVE_LONG, n, detail->dispatch_bytes);
-    r->train_rows++;
-    return st ? -1 : 0;
-}
-
-int record_append_eval(Record *r, long step, double loss) {
-    int st = append_rows(r->eval_step, H5T_NATIVE_LONG, r->eval_rows, &step);
-    st |= append_rows(r->eval_loss, H5T_NATIVE_DOUBLE, r->eval_rows, &loss);
-    r->eval_rows++;
-    return st ? -1 : 0;
-}
-
-int record_flush(Record *r) {
-    return H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0 ? -1 : 0;
-}
-
-int record_close(Record *r, int complete) {
-    if (r->file <= 0) return 0;
-    int st = 0;
-    if (H5Aexists(r->file, "status") > 0) H5Adelete(r->file, "status");
-    st |= write_string_attr(r->file, "status", complete ? "complete" : "failed");
-    long ids[] = {r->train_step, r->train_loss,        r->train_aux,          r->train_z,
-                  r->train_lr,   r->train_grad_norm,   r->train_tps,          r->eval_step,
-                  r->eval_loss,  r->tokens_per_expert, r->dropped_per_expert, r->dispatch_bytes};
-    for (size_t i = 0; i < sizeof ids / sizeof ids[0]; i++)
-        if (ids[i] > 0) H5Dclose(ids[i]);
-    for (int p = 0; p < PHASE_COUNT; p++)
-        if (r->timing[p] > 0) H5Dclose(r->timing[p]);
-    free(r->timing_row);
-    if (H5Fclose(r->file) < 0) st = -1;
-    r->file = 0;
-    return st ? -1 : 0;
-}
+/* ---- tensor files -------------------------------------------------------------- */
 
 long tensor_file_create(const char *path) {
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);

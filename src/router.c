@@ -29,9 +29,11 @@ int routing_init(Routing *r, const RouterShape *s) {
     r->tokens_per_expert = malloc(sizeof(long) * s->E);
     r->dropped_per_expert = malloc(sizeof(long) * s->E);
     r->group_load = malloc(sizeof(int) * s->E);
+    r->gate_sum = malloc(sizeof(double) * s->E);
+    r->prob_sum = malloc(sizeof(double) * s->E);
     if (!r->logits || !r->probs || !r->dprobs || !r->lse || !r->choice_expert || !r->choice_gate ||
         !r->choice_kept || !r->group_fraction || !r->tokens_per_expert || !r->dropped_per_expert ||
-        !r->group_load) {
+        !r->group_load || !r->gate_sum || !r->prob_sum) {
         routing_free(r);
         return -1;
     }
@@ -41,7 +43,7 @@ int routing_init(Routing *r, const RouterShape *s) {
 size_t routing_bytes(const RouterShape *s) {
     size_t NE = (size_t)s->N * s->E, NK = (size_t)s->N * s->K;
     return sizeof(float) * (3 * NE + s->N + NK + (size_t)(s->N / s->G) * s->E) +
-           sizeof(int) * (NK + s->E) + NK + 2 * sizeof(long) * s->E;
+           sizeof(int) * (NK + s->E) + NK + 2 * sizeof(long) * s->E + 2 * sizeof(double) * s->E;
 }
 
 void routing_free(Routing *r) {
@@ -56,6 +58,8 @@ void routing_free(Routing *r) {
     free(r->tokens_per_expert);
     free(r->dropped_per_expert);
     free(r->group_load);
+    free(r->gate_sum);
+    free(r->prob_sum);
     memset(r, 0, sizeof *r);
 }
 
@@ -126,6 +130,22 @@ static double z_loss(const Routing *r, const RouterShape *s) {
     return s->z_loss_coeff * sum_sq / s->N;
 }
 
+static void accumulate_statistics(Routing *r, const RouterShape *s) {
+    int E = s->E, K = s->K;
+    memset(r->gate_sum, 0, sizeof(double) * E);
+    memset(r->prob_sum, 0, sizeof(double) * E);
+    r->entropy_sum = 0.0;
+    for (int t = 0; t < s->N; t++) {
+        const float *p = r->probs + (long)t * E;
+        for (int e = 0; e < E; e++) {
+            r->prob_sum[e] += p[e];
+            if (p[e] > 0.0f) r->entropy_sum -= (double)p[e] * log((double)p[e]);
+        }
+        for (int k = 0; k < K; k++)
+            r->gate_sum[r->choice_expert[(long)t * K + k]] += r->choice_gate[(long)t * K + k];
+    }
+}
+
 void router_forward(Routing *r, const float *x, const float *w, const RouterShape *s) {
     int N = s->N, E = s->E, K = s->K;
     matmul_forward(r->logits, x, w, N, s->C, E);
@@ -143,6 +163,7 @@ void router_forward(Routing *r, const float *x, const float *w, const RouterShap
     apply_capacity(r, s);
     r->aux_loss = load_balancing_loss(r, s);
     r->z_loss = z_loss(r, s);
+    accumulate_statistics(r, s);
 }
 
 /* dprobs[t] from the combine weights of token t. */

@@ -7,8 +7,30 @@
 
 #include "moesim/record.h"
 
-/* A run killed between flushes loses at most this many steps of record. */
-#define RECORD_FLUSH_STEPS 50
+static int routing_stats_init(RoutingStats *r, int layers, int experts, int categories) {
+    size_t L = (size_t)(layers ? layers : 1), LE = L * experts;
+    memset(r, 0, sizeof *r);
+    r->tokens_per_expert = calloc(LE, sizeof(long));
+    r->dropped_per_expert = calloc(LE, sizeof(long));
+    r->sums = calloc(2 * LE + 3 * L, sizeof(double));
+    r->specialization = calloc(LE * categories, sizeof(long));
+    if (!r->tokens_per_expert || !r->dropped_per_expert || !r->sums || !r->specialization)
+        return -1;
+    r->importance = r->sums;
+    r->mean_prob = r->importance + LE;
+    r->entropy = r->mean_prob + LE;
+    r->aux_loss = r->entropy + L;
+    r->z_loss = r->aux_loss + L;
+    return 0;
+}
+
+static void routing_stats_free(RoutingStats *r) {
+    free(r->tokens_per_expert);
+    free(r->dropped_per_expert);
+    free(r->sums);
+    free(r->specialization);
+    memset(r, 0, sizeof *r);
+}
 
 int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
                  size_t errlen) {
@@ -20,15 +42,12 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     model_shape_from_config(&shape, cfg, ds->vocab_size, comm->ep_size, comm->ep_rank);
     size_t N = (size_t)shape.B * shape.T;
     t->moe_layers = config_num_moe_layers(cfg);
-    size_t stats = (size_t)(t->moe_layers ? t->moe_layers : 1) * shape.E;
     t->inputs = malloc(sizeof(int) * N);
     t->targets = malloc(sizeof(int) * N);
     t->categories = malloc(sizeof(int) * N);
-    t->tokens_per_expert = calloc(stats, sizeof(long));
-    t->dropped_per_expert = calloc(stats, sizeof(long));
     t->dispatch_bytes = calloc((size_t)comm->world_size, sizeof(long));
-    if (!t->inputs || !t->targets || !t->categories || !t->tokens_per_expert ||
-        !t->dropped_per_expert || !t->dispatch_bytes ||
+    int stats_ok = routing_stats_init(&t->routing, t->moe_layers, shape.E, ds->num_categories) == 0;
+    if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !stats_ok ||
         model_init(&t->model, &shape, cfg->seed, comm) != 0) {
         snprintf(err, errlen,
                  "out of memory building the model (%d layers, hidden %d, %d "
@@ -49,37 +68,47 @@ void trainer_free(Trainer *t) {
     free(t->inputs);
     free(t->targets);
     free(t->categories);
-    free(t->tokens_per_expert);
-    free(t->dropped_per_expert);
+    routing_stats_free(&t->routing);
     free(t->dispatch_bytes);
     memset(t, 0, sizeof *t);
 }
 
-/* Per-expert routing counts of every MoE layer summed over ranks, and the
- * bytes of token rows this rank dispatched to each rank. */
-static void gather_routing_counts(Trainer *t, StepStats *stats) {
+/* Routing statistics of every MoE layer summed over ranks, and the bytes of
+ * token rows this rank dispatched to each rank. */
+static void gather_routing_stats(Trainer *t, StepStats *stats) {
     const Model *m = &t->model;
     const Comm *comm = t->comm;
-    int E = m->shape.E, i = 0;
+    RoutingStats *rs = &t->routing;
+    int E = m->shape.E, L = t->moe_layers, i = 0;
     long *to_my_ep_group = t->dispatch_bytes + (comm->rank - comm->ep_rank);
     memset(t->dispatch_bytes, 0, sizeof(long) * comm->world_size);
     for (int l = 0; l < m->shape.L; l++) {
         if (!model_is_moe_layer(&m->shape, l)) continue;
-        const MoeLayer *layer = &m->moe[l];
-        memcpy(t->tokens_per_expert + (long)i * E, layer->routing.tokens_per_expert,
-               sizeof(long) * E);
-        memcpy(t->dropped_per_expert + (long)i * E, layer->routing.dropped_per_expert,
-               sizeof(long) * E);
-        dispatch_add_bytes_to_ranks(&layer->dispatch, m->shape.C, to_my_ep_group);
+        const Routing *r = &m->moe[l].routing;
+        memcpy(rs->tokens_per_expert + (long)i * E, r->tokens_per_expert, sizeof(long) * E);
+        memcpy(rs->dropped_per_expert + (long)i * E, r->dropped_per_expert, sizeof(long) * E);
+        memcpy(rs->importance + (long)i * E, r->gate_sum, sizeof(double) * E);
+        memcpy(rs->mean_prob + (long)i * E, r->prob_sum, sizeof(double) * E);
+        rs->entropy[i] = r->entropy_sum;
+        rs->aux_loss[i] = r->aux_loss;
+        rs->z_loss[i] = r->z_loss;
+        dispatch_add_bytes_to_ranks(&m->moe[l].dispatch, m->shape.C, to_my_ep_group);
         i++;
     }
-    int n = t->moe_layers * E;
-    comm_sum_longs(comm, t->tokens_per_expert, n);
-    comm_sum_longs(comm, t->dropped_per_expert, n);
+    comm_sum_longs(comm, rs->tokens_per_expert, L * E);
+    comm_sum_longs(comm, rs->dropped_per_expert, L * E);
+    comm_sum_doubles(comm, rs->sums, 2 * L * E + 3 * L);
+    double tokens = (double)m->shape.B * m->shape.T * comm->world_size;
+    for (int j = 0; j < L * E; j++) rs->mean_prob[j] /= tokens;
+    for (int l = 0; l < L; l++) {
+        rs->entropy[l] /= tokens;
+        rs->aux_loss[l] /= comm->world_size; /* losses are means over ranks */
+        rs->z_loss[l] /= comm->world_size;
+    }
     stats->assignments = stats->dropped = 0;
-    for (int j = 0; j < n; j++) {
-        stats->assignments += t->tokens_per_expert[j];
-        stats->dropped += t->dropped_per_expert[j];
+    for (int j = 0; j < L * E; j++) {
+        stats->assignments += rs->tokens_per_expert[j];
+        stats->dropped += rs->dropped_per_expert[j];
     }
 }
 
@@ -117,7 +146,7 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     double sums[5] = {m->ce_loss + m->aux_loss + m->z_loss, m->ce_loss, m->aux_loss, m->z_loss,
                       model_step_flops(m)};
     comm_sum_doubles(t->comm, sums, 5);
-    gather_routing_counts(t, stats);
+    gather_routing_stats(t, stats);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
     int P = t->comm->world_size;
     stats->loss = sums[0] / P;
@@ -132,17 +161,37 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     memcpy(stats->phase_s, m->phase_s, sizeof m->phase_s);
 }
 
+/* Router assignments (before capacity) of this batch's tokens, by MoE
+ * layer, expert and the tokens' category. */
+static void count_specialization(Trainer *t) {
+    const Model *m = &t->model;
+    int E = m->shape.E, K = m->shape.K, N = m->shape.B * m->shape.T, i = 0;
+    int categories = t->ds->num_categories;
+    for (int l = 0; l < m->shape.L; l++) {
+        if (!model_is_moe_layer(&m->shape, l)) continue;
+        const int *chosen = m->moe[l].routing.choice_expert;
+        long *counts = t->routing.specialization + (long)i * E * categories;
+        for (int n = 0; n < N; n++)
+            for (int k = 0; k < K; k++) counts[(long)chosen[n * K + k] * categories + t->categories[n]]++;
+        i++;
+    }
+}
+
 double trainer_evaluate(Trainer *t) {
     Model *m = &t->model;
     int B = m->shape.B, T = m->shape.T;
+    int spec_len = t->moe_layers * m->shape.E * t->ds->num_categories;
+    memset(t->routing.specialization, 0, sizeof(long) * spec_len);
     double sum = 0.0;
     for (int i = 0; i < t->cfg->eval_iters; i++) {
         dataset_val_batch(t->ds, t->cfg->seed, i, t->comm->rank, B, T, t->inputs, t->targets,
                           t->categories);
         model_forward(m, t->inputs, t->targets);
+        count_specialization(t);
         sum += m->ce_loss;
     }
     comm_sum_doubles(t->comm, &sum, 1);
+    comm_sum_longs(t->comm, t->routing.specialization, spec_len);
     return sum / ((double)t->cfg->eval_iters * t->comm->world_size);
 }
 
@@ -177,7 +226,7 @@ static void print_header(const Trainer *t, const RecordLayout *layout) {
     printf(
         "moesim %s | %d rank(s), expert-parallel size %d | %ld parameters | %d layers (%d MoE, "
         "%d experts, top-%d) | %d tokens/step | record %s\n",
-        MOESIM_VERSION, layout->world_size, layout->ep_size, layout->total_params, cfg->num_layers,
+        MOESIM_VERSION, layout->world_size, layout->ep_size, layout->params_total, cfg->num_layers,
         t->moe_layers, cfg->num_experts, cfg->moe_router_topk,
         cfg->micro_batch_size * cfg->seq_length * layout->world_size, cfg->out);
     printf(
@@ -236,12 +285,19 @@ static int save_parameters(const Trainer *t, const char *path, char *err, size_t
 }
 
 typedef struct RunState {
-    Record rec;
+    Record *rec;        /* rank 0 */
     RecordLayout layout;
-    long *param_bytes; /* [world] */
-    double *phase_all; /* [world * PHASE_COUNT], rank 0 */
-    long *bytes_all;   /* [world * world], rank 0 */
+    long *param_bytes;  /* [world] */
+    char *hostnames;    /* [world][MOESIM_HOSTNAME_MAX] */
+    double *phase_all;  /* [world * PHASE_COUNT], rank 0 */
+    long *bytes_all;    /* [world * world], rank 0 */
 } RunState;
+
+static long params_active_per_token(const Trainer *t) {
+    const ModelShape *s = &t->model.shape;
+    long per_expert = 2L * s->C * s->Fe;
+    return (long)t->model.num_dense_params + (long)t->moe_layers * s->K * per_expert;
+}
 
 static int run_state_init(RunState *rs, const Trainer *t, char *err, size_t errlen) {
     const Comm *comm = t->comm;
@@ -249,47 +305,64 @@ static int run_state_init(RunState *rs, const Trainer *t, char *err, size_t errl
     int P = comm->world_size;
     memset(rs, 0, sizeof *rs);
     rs->param_bytes = calloc((size_t)P, sizeof(long));
+    rs->hostnames = calloc((size_t)P * MOESIM_HOSTNAME_MAX, 1);
     rs->phase_all = calloc((size_t)P * PHASE_COUNT, sizeof(double));
     rs->bytes_all = calloc((size_t)P * P, sizeof(long));
-    int ok = rs->param_bytes && rs->phase_all && rs->bytes_all;
+    int ok = rs->param_bytes && rs->hostnames && rs->phase_all && rs->bytes_all;
     if (!ok) snprintf(err, errlen, "out of memory for the run statistics");
     long mine = (long)model_param_bytes(m);
-    if (ok) comm_gather_longs(comm, &mine, rs->param_bytes, 1);
+    if (comm_all_ok(comm, ok)) {
+        comm_gather_longs(comm, &mine, rs->param_bytes, 1);
+        comm_gather_hostnames(comm, rs->hostnames);
+    }
     size_t expert_params = m->num_params - m->num_dense_params;
-    rs->layout =
-        (RecordLayout){.world_size = P,
-                       .ep_size = comm->ep_size,
-                       .moe_layers = t->moe_layers,
-                       .experts = t->cfg->num_experts,
-                       .param_bytes_per_rank = rs->param_bytes,
-                       .total_params = (long)(m->num_dense_params + expert_params * comm->ep_size)};
-    if (ok && comm->rank == 0)
-        ok = record_open(&rs->rec, t->cfg->out, t->cfg, &rs->layout, err, errlen) == 0;
+    rs->layout = (RecordLayout){
+        .world_size = P,
+        .ep_size = comm->ep_size,
+        .moe_layers = t->moe_layers,
+        .experts = t->cfg->num_experts,
+        .top_k = t->cfg->moe_router_topk,
+        .num_categories = t->ds->num_categories,
+        .category_names = t->ds->category_names,
+        .hostnames = rs->hostnames,
+        .hostname_len = MOESIM_HOSTNAME_MAX,
+        .param_bytes_per_rank = rs->param_bytes,
+        .params_total = (long)(m->num_dense_params + expert_params * comm->ep_size),
+        .params_active_per_token = params_active_per_token(t)};
+    if (ok && comm->rank == 0) {
+        rs->rec = record_open(t->cfg->out, t->cfg, &rs->layout, err, errlen);
+        ok = rs->rec != NULL;
+    }
     return all_ok_or_share(comm, ok, err, errlen) ? 0 : -1;
 }
 
 static void run_state_free(RunState *rs) {
     free(rs->param_bytes);
+    free(rs->hostnames);
     free(rs->phase_all);
     free(rs->bytes_all);
 }
 
-/* Gathers the per-rank details of a logged step and appends it (rank 0). */
+/* Gathers the per-rank details of a logged step and buffers it (rank 0). */
 static int record_step(RunState *rs, const Trainer *t, long done, const StepStats *stats) {
     const Comm *comm = t->comm;
     comm_gather_doubles(comm, stats->phase_s, rs->phase_all, PHASE_COUNT);
     comm_gather_longs(comm, t->dispatch_bytes, rs->bytes_all, comm->world_size);
     if (comm->rank != 0) return 1;
-    TrainRow row = {done,
-                    stats->ce_loss,
-                    stats->aux_loss,
-                    stats->z_loss,
-                    stats->lr,
-                    stats->grad_norm,
-                    stats->tokens / stats->seconds};
-    StepDetail detail = {t->tokens_per_expert, t->dropped_per_expert, rs->phase_all, rs->bytes_all};
-    int ok = record_append_train(&rs->rec, &row, &detail) == 0;
-    return ok && (done % RECORD_FLUSH_STEPS != 0 || record_flush(&rs->rec) == 0);
+    const RoutingStats *r = &t->routing;
+    TrainRow row = {done,      stats->ce_loss,   stats->aux_loss,
+                    stats->z_loss, stats->lr, stats->grad_norm,
+                    stats->tokens / stats->seconds, stats->seconds};
+    StepDetail detail = {r->tokens_per_expert, r->dropped_per_expert, r->importance,
+                         r->mean_prob,         r->entropy,            r->aux_loss,
+                         r->z_loss,            rs->phase_all,         rs->bytes_all};
+    return record_append_train(rs->rec, &row, &detail) == 0;
+}
+
+static int record_eval(RunState *rs, const Trainer *t, long done, double val_loss) {
+    if (t->comm->rank != 0) return 1;
+    EvalRow row = {done, val_loss, t->routing.specialization};
+    return record_append_eval(rs->rec, &row) == 0;
 }
 
 int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err, size_t errlen) {
@@ -308,7 +381,7 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
     int is_root = comm->rank == 0;
     if (is_root) print_header(&t, &rs.layout);
     double val_loss = trainer_evaluate(&t);
-    ok = !is_root || record_append_eval(&rs.rec, 0, val_loss) == 0;
+    ok = record_eval(&rs, &t, 0, val_loss);
     double run_start = comm_wtime(), tokens_total = 0.0;
     StepStats stats = {0};
     long step = 0;
@@ -319,9 +392,11 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
         int last = done == cfg->train_iters;
         if (done % cfg->eval_interval == 0 || last) {
             val_loss = trainer_evaluate(&t);
-            ok = ok && (!is_root || record_append_eval(&rs.rec, done, val_loss) == 0);
+            ok = record_eval(&rs, &t, done, val_loss) && ok;
         }
         if (done % cfg->log_interval == 0 || last) ok = record_step(&rs, &t, done, &stats) && ok;
+        if (is_root && ok && done % cfg->record_flush_interval == 0)
+            ok = record_flush(rs.rec, done) == 0;
         if (!ok)
             snprintf(err, errlen,
                      "writing step %ld to the run record %s failed; check free "
@@ -337,7 +412,7 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
     if (ok && cfg->save[0]) ok = save_parameters(&t, cfg->save, err, errlen) == 0;
     double elapsed = comm_wtime() - run_start;
     if (is_root) {
-        int closed = record_close(&rs.rec, ok) == 0;
+        int closed = record_close(rs.rec, ok, step) == 0;
         if (ok && !closed) snprintf(err, errlen, "closing the run record %s failed", cfg->out);
         ok = ok && closed;
         if (ok)

@@ -602,7 +602,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 39u);
+    ASSERT_EQ(keys.size(), 40u);
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "save");
     char *text = config_to_ini(&cfg);
@@ -656,6 +656,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"out", "/tmp/round/trip.h5"},
         {"expert-model-parallel-size", "4"},
         {"save", "/tmp/round/params.h5"},
+        {"record-flush-interval", "7"},
     };
     for (auto &change : changes) {
         SetResult r = Set(&cfg, change[0], change[1]);
@@ -679,6 +680,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME(seq_length);
     EXPECT_SAME(expert_model_parallel_size);
     EXPECT_SAME_STR(save);
+    EXPECT_SAME(record_flush_interval);
     EXPECT_SAME(untie_embeddings_and_output_weights);
     EXPECT_SAME(num_experts);
     EXPECT_SAME(moe_router_topk);

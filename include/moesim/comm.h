@@ -59,6 +59,9 @@ void comm_reduce_gradients(const Comm *c, float *dense, size_t dense_n, float *e
 /* Rank 0 receives n values from every rank, rank-major ([world][n]). */
 void comm_gather_doubles(const Comm *c, const double *mine, double *all, int n);
 void comm_gather_longs(const Comm *c, const long *mine, long *all, int n);
+#define MOESIM_HOSTNAME_MAX MPI_MAX_PROCESSOR_NAME
+/* Rank 0 receives every rank's host name, [world][MOESIM_HOSTNAME_MAX]. */
+void comm_gather_hostnames(const Comm *c, char *all);
 /* Concatenates n floats from each rank of EP group 0 onto rank 0, in rank
  * order (expert shards back into global expert order). Collective over EP
  * group 0; every other rank returns at once. */

@@ -58,6 +58,7 @@ typedef struct Config {
     /* output */
     char out[MOESIM_PATH_MAX];
     char save[MOESIM_PATH_MAX]; /* final parameters; empty = not saved */
+    int record_flush_interval;  /* steps between record flushes */
 } Config;
 
 /* Fills every field with its default. */
@@ -80,6 +81,19 @@ int config_validate(const Config *cfg, char *err, size_t errlen);
  * exceed the experts. Returns 0, or -1 with a message in err. */
 int config_validate_layout(const Config *cfg, int world_size, char *err, size_t errlen);
 int config_ep_size(const Config *cfg, int world_size); /* resolves the 0 default */
+
+/* One key's resolved value, typed, for writing the config as attributes. */
+typedef enum { CONFIG_VALUE_INT, CONFIG_VALUE_DOUBLE, CONFIG_VALUE_STRING } ConfigValueType;
+typedef struct ConfigEntry {
+    const char *key; /* flag spelling, e.g. "num-experts" */
+    ConfigValueType type;
+    long int_value;  /* ints, longs and booleans */
+    double double_value;
+    const char *string_value; /* points into the Config */
+} ConfigEntry;
+
+int config_entry_count(void);
+void config_entry(const Config *cfg, int index, ConfigEntry *entry);
 
 /* The fully resolved config as INI text (every key). Caller frees. */
 char *config_to_ini(const Config *cfg);

@@ -1,9 +1,9 @@
-/* record: the HDF5 run record. Rank 0 writes alone (statistics are reduced to
- * it first), so no collective HDF5 call can hang a run. Time series are
- * extendible chunked datasets appended per logged step and flushed, so a run
- * that dies keeps everything up to its last flush. The root attribute
- * `status` reads "running" until the run completes ("complete") or fails
- * ("failed"). Also: a small tensor-file API for exporting weights. */
+/* record: the HDF5 run record (schema in docs/run-record.md). Rank 0 writes
+ * alone: statistics are reduced to it first, so no collective HDF5 call can
+ * hang a run. Rows are buffered in memory and appended to extendible chunked
+ * datasets at each flush, so between flushes the file is not touched and a
+ * killed run keeps everything up to its last flush. Also `moesim info` and a
+ * small tensor-file API for exporting weights. All HDF5 lives in this module. */
 #ifndef MOESIM_RECORD_H
 #define MOESIM_RECORD_H
 
@@ -17,39 +17,46 @@ extern "C" {
 #endif
 
 #define MOESIM_VERSION "0.1.0"
-#define MOESIM_SCHEMA_VERSION 1
-
-typedef struct TrainRow {
-    long step;
-    double loss, aux_loss, z_loss, lr, grad_norm, tokens_per_s;
-} TrainRow;
+#define MOESIM_SCHEMA_VERSION 2
 
 /* What the record needs to know about the run's shape. */
 typedef struct RecordLayout {
-    int world_size, ep_size, moe_layers, experts;
+    int world_size, ep_size, moe_layers, experts, top_k;
+    int num_categories;
+    char *const *category_names;      /* [num_categories] */
+    const char *hostnames;            /* [world_size][hostname_len], NUL-padded */
+    int hostname_len;
     const long *param_bytes_per_rank; /* [world_size] */
-    long total_params;                /* every expert counted once */
+    long params_total;                /* every expert counted once */
+    long params_active_per_token;     /* dense + top_k experts per MoE layer */
 } RecordLayout;
 
-/* Statistics of one logged step beyond the scalars, all gathered on rank 0. */
+typedef struct TrainRow {
+    long step;
+    double loss, aux_loss, z_loss, lr, grad_norm, tokens_per_s, step_time_s;
+} TrainRow;
+
+/* Statistics of one logged step beyond the scalars, all summed or gathered
+ * on rank 0. L = MoE layers, E = experts, P = ranks. */
 typedef struct StepDetail {
-    const long *tokens_per_expert;  /* [moe_layers * experts] */
-    const long *dropped_per_expert; /* [moe_layers * experts] */
-    const double *phase_s;          /* [world_size * PHASE_COUNT], rank-major */
-    const long *dispatch_bytes;     /* [world_size * world_size], sender-major */
+    const long *tokens_per_expert;  /* [L*E] router demand */
+    const long *dropped_per_expert; /* [L*E] */
+    const double *importance;       /* [L*E] sum of combine gates */
+    const double *mean_prob;        /* [L*E] mean router probability */
+    const double *entropy;          /* [L] mean router entropy, nats */
+    const double *aux_loss;         /* [L] */
+    const double *z_loss;           /* [L] */
+    const double *phase_s;          /* [P*PHASE_COUNT], rank-major */
+    const long *dispatch_bytes;     /* [P*P], sender-major */
 } StepDetail;
 
-typedef struct Record {
-    long file; /* hid_t, kept opaque so users of this header need no HDF5 */
-    long train_step, train_loss, train_aux, train_z, train_lr, train_grad_norm, train_tps;
-    long eval_step, eval_loss;
-    long tokens_per_expert, dropped_per_expert;
-    long timing[PHASE_COUNT];
-    long dispatch_bytes;
-    long train_rows, eval_rows;
-    int world_size;
-    double *timing_row; /* [world_size] scratch */
-} Record;
+typedef struct EvalRow {
+    long step;
+    double loss;
+    const long *specialization; /* [L*E*categories] assignments by expert and category */
+} EvalRow;
+
+typedef struct Record Record; /* opaque: its HDF5 handles stay in record.c */
 
 /* Starts the HDF5 library before MPI_Init, with no shutdown hooks: HDF5 1.10
  * otherwise closes leftover files inside MPI_Finalize, and a file whose
@@ -59,20 +66,28 @@ void record_library_open(void);
 void record_library_close(void);
 
 /* Creates the file (truncating), writes the root attributes and creates every
- * dataset. Returns 0, or -1 with a message naming the path. */
-int record_open(Record *r, const char *path, const Config *cfg, const RecordLayout *layout,
-                char *err, size_t errlen);
+ * dataset, status "running". Returns NULL with a message naming the path. */
+Record *record_open(const char *path, const Config *cfg, const RecordLayout *layout, char *err,
+                    size_t errlen);
+/* Buffer one row (no I/O). Return 0, or -1 when memory runs out. */
 int record_append_train(Record *r, const TrainRow *row, const StepDetail *detail);
-int record_append_eval(Record *r, long step, double loss);
-int record_flush(Record *r);
-/* Sets status to "complete" (complete=1) or "failed" and closes. */
-int record_close(Record *r, int complete);
+int record_append_eval(Record *r, const EvalRow *row);
+/* Appends every buffered row, updates steps_done and flushes the file. */
+int record_flush(Record *r, long steps_done);
+/* Flushes, sets status "complete" (complete=1) or "failed", end_time, and
+ * closes; frees r. Returns 0, or -1 if any of it failed. */
+int record_close(Record *r, int complete, long steps_done);
+
+/* `moesim info`: a human summary of a run record on stdout. Returns 0, or -1
+ * with a message (missing file, not HDF5, not a moesim record, newer schema). */
+int record_print_info(const char *path, char *err, size_t errlen);
 
 /* Tensor files: flat float32/int32 datasets by name, for reference exports. */
 long tensor_file_create(const char *path);
 int tensor_file_write_f32(long file, const char *name, const float *data, int ndim,
                           const long *dims);
-int tensor_file_write_i32(long file, const char *name, const int *data, int ndim, const long *dims);
+int tensor_file_write_i32(long file, const char *name, const int *data, int ndim,
+                          const long *dims);
 int tensor_file_write_scalar(long file, const char *name, double value);
 int tensor_file_close(long file);
 

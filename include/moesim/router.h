@@ -40,6 +40,10 @@ typedef struct Routing {
     int capacity;               /* per expert per group */
     double aux_loss;            /* with its coefficient, as added to the loss */
     double z_loss;              /* with its coefficient */
+    /* statistics for the record, summed over this micro-batch's tokens */
+    double *gate_sum;           /* [E] combine gates of the assignments to each expert */
+    double *prob_sum;           /* [E] router probabilities */
+    double entropy_sum;         /* router entropy, nats */
 } Routing;
 
 int router_capacity(double capacity_factor, int G, int K, int E);

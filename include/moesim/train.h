@@ -22,14 +22,24 @@ typedef struct StepStats {
     double phase_s[PHASE_COUNT];            /* this rank's time per phase */
 } StepStats;
 
+/* Routing statistics of the last step (or evaluation), global: summed over
+ * ranks. L = MoE layers, E = experts. */
+typedef struct RoutingStats {
+    long *tokens_per_expert, *dropped_per_expert; /* [L*E] */
+    double *importance, *mean_prob;               /* [L*E] */
+    double *entropy, *aux_loss, *z_loss;          /* [L]; entropy in nats per token */
+    double *sums;                                 /* one block behind the five above */
+    long *specialization; /* [L*E*categories] assignments at the last evaluation */
+} RoutingStats;
+
 typedef struct Trainer {
     const Config *cfg;
     const Dataset *ds;
     const Comm *comm;
     Model model;
     AdamW opt;
-    int *inputs, *targets, *categories;           /* [B*T] */
-    long *tokens_per_expert, *dropped_per_expert; /* [moe layers * E], global */
+    int *inputs, *targets, *categories; /* [B*T] */
+    RoutingStats routing;
     long *dispatch_bytes; /* [world] bytes this rank sent to each rank last step */
     int moe_layers;
 } Trainer;

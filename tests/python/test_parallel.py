@@ -213,8 +213,10 @@ def test_each_rank_holds_only_its_experts(runs, world, ep):
     assert list(attrs["param_bytes_per_rank"]) == [want] * world, (
         f"param_bytes_per_rank {list(attrs['param_bytes_per_rank'])}, expected {want} each "
         f"({dense} dense + {experts // ep} of {experts} experts x {per_expert} params)")
-    assert attrs["total_params"] == dense + experts * per_expert
-    assert attrs["total_params"] == sum(a.size for a in par["params"].values())
+    assert attrs["params_total"] == dense + experts * per_expert
+    assert attrs["params_total"] == sum(a.size for a in par["params"].values())
+    # per_expert sums one expert's parameters over the MoE layers; top-2 routing
+    assert attrs["params_active_per_token"] == dense + 2 * per_expert
     header = [line for line in par["stdout"].splitlines()
               if line.startswith("parameters per rank:")]
     assert len(header) == 1, par["stdout"]

@@ -1,0 +1,125 @@
+"""The run record on disk: crash safety under SIGKILL, and `moesim info`."""
+import os
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from moesim_run import BUILD, clean_env, flags, run_moesim
+
+SMALL = {
+    "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16,
+    "num-experts": 4, "moe-ffn-hidden-size": 32, "ffn-hidden-size": 64, "eval-iters": 1,
+    "data-format": "synthetic", "synthetic-tokens": 20000, "micro-batch-size": 2,
+}
+FLUSH = 5
+
+
+def step_series(f):
+    """Every per-step dataset (first dimension = logged steps)."""
+    names = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) and (
+        name.startswith(("train/", "routing/", "timing/", "traffic/"))) else None)
+    return names
+
+
+def test_sigkill_mid_training_leaves_a_readable_record_up_to_the_last_flush(tmp_path):
+    out = tmp_path / "killed.h5"
+    options = {**SMALL, "train-iters": 100000, "eval-interval": 7, "progress-interval": 1,
+               "record-flush-interval": FLUSH, "out": out}
+    cmd = ["mpirun", "-n", "2", "--oversubscribe", str(BUILD / "moesim"), "train",
+           *flags(options)]
+    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:
+            if line.startswith("step") and int(line.split()[1].split("/")[0]) >= 23:
+                break
+            assert time.monotonic() < deadline, "the run never reached step 23"
+    finally:
+        # SIGKILL the training ranks themselves (found by their unique --out),
+        # then mpirun; wait until no rank holds the file any more.
+        subprocess.run(["pkill", "-KILL", "-f", str(out)], check=False)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while subprocess.run(["pgrep", "-f", str(out)], capture_output=True).returncode == 0:
+            assert time.monotonic() < deadline, "killed ranks did not go away"
+            time.sleep(0.1)
+    assert proc.returncode != 0
+
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "running"
+        steps_done = int(f.attrs["steps_done"])
+        assert steps_done >= 20 and steps_done % FLUSH == 0, steps_done
+        assert list(f["train/step"][:]) == list(range(1, steps_done + 1))
+        for name in step_series(f):
+            assert f[name].shape[0] == steps_done, (name, f[name].shape)
+        assert np.isfinite(f["train/loss"][:]).all()
+        evals = list(f["eval/step"][:])
+        assert evals == [s for s in range(0, steps_done + 1, 7)], evals
+        assert f["specialization/counts"].shape[0] == len(evals)
+
+
+@pytest.fixture(scope="module")
+def complete_record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("info") / "run.h5"
+    result = run_moesim("train", {**SMALL, "train-iters": 12, "eval-interval": 6, "out": out})
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def moesim_info(path):
+    return subprocess.run([str(BUILD / "moesim"), "info", str(path)], env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_info_summarises_a_run(complete_record):
+    result = moesim_info(complete_record)
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    with h5py.File(complete_record, "r") as f:
+        final_train = f["train/loss"][-1]
+        final_val = f["eval/loss"][-1]
+    for part in ("status complete", "2 layers (2 MoE), hidden 32, 4 experts top-2",
+                 "steps: 12 of 12", f"final train {final_train:.4f}",
+                 f"final validation {final_val:.4f} (step 12)", "tokens/s", "% of assignments",
+                 "load CV per MoE layer", "attention", "dispatch", "grad_allreduce"):
+        assert part in text, f"{part!r} missing from:\n{text}"
+
+
+def write_foreign_hdf5(path, **attrs):
+    with h5py.File(path, "w") as f:
+        f["data"] = np.arange(3)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-hdf5", "foreign-hdf5", "newer-schema",
+                                  "older-schema"])
+def test_info_rejects_what_is_not_a_readable_record(tmp_path, kind):
+    path = tmp_path / "input.h5"
+    expected = {
+        "missing": "no such file",
+        "not-hdf5": "is not an HDF5 file",
+        "foreign-hdf5": "not a moesim run record",
+        "newer-schema": "use a newer moesim",
+        "older-schema": "re-run it with this moesim",
+    }[kind]
+    if kind == "not-hdf5":
+        path.write_text("step,loss\n1,2.0\n")
+    elif kind == "foreign-hdf5":
+        write_foreign_hdf5(path)
+    elif kind == "newer-schema":
+        write_foreign_hdf5(path, moesim_version="9.0", schema_version=99)
+    elif kind == "older-schema":
+        write_foreign_hdf5(path, moesim_version="0.0.1", schema_version=1)
+    result = moesim_info(path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("moesim: error:")]
+    assert len(errors) == 1, result.stderr
+    assert str(path) in errors[0] and expected in errors[0], errors[0]
