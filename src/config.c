@@ -18,6 +18,15 @@
 
 typedef enum { OPT_INT, OPT_LONG, OPT_DOUBLE, OPT_BOOL, OPT_STRING } OptionType;
 
+/* A number accepted outside an option's range because it means something
+ * else, e.g. a capacity factor of 0 for dropless routing. */
+typedef struct SpecialValue {
+    double value;
+    const char *meaning; /* completes "or 0 ...", e.g. "for dropless"; NULL ends the list */
+} SpecialValue;
+
+#define MAX_SPECIAL_VALUES 2
+
 typedef struct Option {
     const char *name;  /* flag spelling without "--"; INI may use '_' */
     const char *group; /* heading in --help */
@@ -26,9 +35,9 @@ typedef struct Option {
     size_t size;              /* of the Config field; checked against type */
     double min, max;          /* numeric range */
     int min_open, max_open;   /* nonzero: the bound itself is excluded */
+    SpecialValue special[MAX_SPECIAL_VALUES]; /* also accepted, outside the range */
     const char *default_text; /* parsed by config_defaults like user input */
     const char *choices;      /* strings only: "a|b|c", NULL for free text */
-    const char *choices_note; /* why an expected choice is not there yet */
     const char *metavar;      /* --help placeholder when the type's is vague */
     int optional;             /* strings only: empty means "not used" */
     const char *help;
@@ -151,15 +160,16 @@ static const Option OPTIONS[] = {
      .max = 1,
      .default_text = "1",
      .help = "renormalise the k selected router probabilities to sum to 1"},
-    /* No lower bound here: config_validate explains why <= 0 is refused. */
     {.name = "moe-expert-capacity-factor",
      .group = G_MOE,
      .type = OPT_DOUBLE,
      FIELD(moe_expert_capacity_factor),
-     .min = -INFINITY,
+     .min = 0,
+     .min_open = 1,
      .max = 1000,
+     .special = {{0, "for dropless (no capacity, nothing dropped)"}},
      .default_text = "1.25",
-     .help = "expert capacity as a multiple of an even share"},
+     .help = "expert capacity as a multiple of an even share; 0 = dropless (MegaBlocks)"},
     {.name = "moe-aux-loss-coeff",
      .group = G_MOE,
      .type = OPT_DOUBLE,
@@ -181,9 +191,126 @@ static const Option OPTIONS[] = {
      .type = OPT_STRING,
      FIELD(moe_token_drop_policy),
      .default_text = "position",
-     .choices = "position",
-     .choices_note = "\"probs\" arrives with the routing issue",
-     .help = "which tokens an over-full expert drops"},
+     .choices = "position|probs",
+     .help = "which tokens an over-full expert drops: the latest in the group (position) or "
+             "those with the lowest router probability (probs)"},
+    {.name = "moe-router-type",
+     .group = G_MOE,
+     .type = OPT_STRING,
+     FIELD(moe_router_type),
+     .default_text = "topk",
+     .choices = "topk|switch|noisy_topk|gshard_top2|expert_choice|sinkhorn|soft",
+     .metavar = "TYPE",
+     .help = "topk (softmax, top-k) | switch (Switch Transformer: top-1 scaled by its "
+             "probability) | noisy_topk (Shazeer 2017 noisy top-k gating) | gshard_top2 "
+             "(GShard: random second expert) | expert_choice (Zhou 2022: experts pick tokens) | "
+             "sinkhorn (Megatron: Sinkhorn-balanced selection in training) | soft (every token "
+             "to every expert, weighted)"},
+    {.name = "moe-router-pre-softmax",
+     .group = G_MOE,
+     .type = OPT_BOOL,
+     FIELD(moe_router_pre_softmax),
+     .min = 0,
+     .max = 1,
+     .default_text = "1",
+     .help = "1: softmax over all experts, then top-k (renormalised by "
+             "--moe-router-norm-topk-prob); 0: softmax over the k selected logits (Mixtral)"},
+    {.name = "moe-router-score-function",
+     .group = G_MOE,
+     .type = OPT_STRING,
+     FIELD(moe_router_score_function),
+     .default_text = "softmax",
+     .choices = "softmax|sigmoid",
+     .help = "router scores: softmax over the experts, or an independent sigmoid per expert "
+             "(DeepSeek-V3; topk router only)"},
+    {.name = "moe-router-enable-expert-bias",
+     .group = G_MOE,
+     .type = OPT_BOOL,
+     FIELD(moe_router_enable_expert_bias),
+     .min = 0,
+     .max = 1,
+     .default_text = "0",
+     .help = "DeepSeek-V3 aux-loss-free balancing: a per-expert bias used for selection only "
+             "(topk router)"},
+    {.name = "moe-router-bias-update-rate",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(moe_router_bias_update_rate),
+     .min = 0,
+     .max = 1,
+     .default_text = "0",
+     .help = "step of the expert-bias update towards even load; 0 = not given (DeepSeek-V3 "
+             "uses 1e-3)"},
+    {.name = "moe-input-jitter-eps",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(moe_input_jitter_eps),
+     .min = 0,
+     .max = 1,
+     .max_open = 1,
+     .default_text = "0",
+     .help = "ST-MoE jitter: the router input is multiplied by U(1-eps, 1+eps) in training; "
+             "0 = none"},
+    {.name = "moe-eval-capacity-factor",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(moe_eval_capacity_factor),
+     .min = 0,
+     .min_open = 1,
+     .max = 1000,
+     .special = {{-1, "for the training factor"}, {0, "for dropless"}},
+     .default_text = "-1",
+     .help = "expert capacity factor at evaluation; -1 = the training factor, 0 = dropless"},
+    {.name = "moe-min-capacity",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_min_capacity),
+     .min = 0,
+     .max = 1 << 30,
+     .default_text = "4",
+     .help = "floor on each expert's capacity per routing group (DeepSpeed's min_capacity)"},
+    {.name = "moe-router-load-balancing-type",
+     .group = G_MOE,
+     .type = OPT_STRING,
+     FIELD(moe_router_load_balancing_type),
+     .default_text = "aux_loss",
+     .choices = "aux_loss|seq_aux_loss|global_aux_loss|none",
+     .metavar = "TYPE",
+     .help = "what --moe-aux-loss-coeff balances: aux_loss (each routing group, Switch) | "
+             "seq_aux_loss (each sequence) | global_aux_loss (the global batch) | none (no "
+             "balancing loss)"},
+    {.name = "moe-importance-loss-coeff",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(moe_importance_loss_coeff),
+     .min = 0,
+     .max = 100,
+     .default_text = "0",
+     .help = "weight of Shazeer 2017's importance loss (CV^2 of each expert's summed gates)"},
+    {.name = "moe-load-loss-coeff",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(moe_load_loss_coeff),
+     .min = 0,
+     .max = 100,
+     .default_text = "0",
+     .help = "weight of Shazeer 2017's load loss (CV^2 of the smooth load estimate; "
+             "noisy_topk only)"},
+    {.name = "moe-expert-activation",
+     .group = G_MOE,
+     .type = OPT_STRING,
+     FIELD(moe_expert_activation),
+     .default_text = "gelu",
+     .choices = "gelu|swiglu",
+     .help = "activation inside each expert; swiglu adds a gate projection"},
+    {.name = "moe-shared-expert-intermediate-size",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_shared_expert_intermediate_size),
+     .min = 0,
+     .max = 1 << 20,
+     .default_text = "0",
+     .help = "hidden width of a shared expert every token also passes through; 0 = none"},
 
     {.name = "micro-batch-size",
      .group = G_TRAIN,
@@ -424,22 +551,27 @@ static size_t levenshtein(const char *a, const char *b) {
     return prev[lb];
 }
 
-/* The nearest key, or NULL when even the nearest shares nothing with the
- * input (a suggestion that rewrites every character only confuses). */
+/* Keeps candidate as *best when it is nearer to key than any before it.
+ * Start *best_distance at strlen(key): a suggestion that rewrites every
+ * character shares nothing with the input and only confuses. */
+static void keep_nearer(const char *key, const char *candidate, const char **best,
+                        size_t *best_distance) {
+    size_t distance = levenshtein(key, candidate);
+    if (distance < *best_distance) {
+        *best = candidate;
+        *best_distance = distance;
+    }
+}
+
+/* The nearest key, or NULL when none is near. */
 static const char *nearest_name(const char *input, const char *extra_name) {
     char key[KEY_MAX];
     normalise_key(key, input);
     const char *best = NULL;
     size_t best_distance = strlen(key);
-    for (size_t i = 0; i <= NUM_OPTIONS; i++) {
-        const char *candidate = i < NUM_OPTIONS ? OPTIONS[i].name : extra_name;
-        if (!candidate) continue;
-        size_t distance = levenshtein(key, candidate);
-        if (distance < best_distance) {
-            best = candidate;
-            best_distance = distance;
-        }
-    }
+    for (size_t i = 0; i < NUM_OPTIONS; i++)
+        keep_nearer(key, OPTIONS[i].name, &best, &best_distance);
+    if (extra_name) keep_nearer(key, extra_name, &best, &best_distance);
     return best;
 }
 
@@ -484,21 +616,34 @@ static void format_bound(char *buf, size_t len, const Option *opt, double bound)
         snprintf(buf, len, "%.0f", bound);
 }
 
+static int is_special_value(const Option *opt, double value) {
+    for (size_t i = 0; i < MAX_SPECIAL_VALUES && opt->special[i].meaning; i++)
+        if (value == opt->special[i].value) return 1;
+    return 0;
+}
+
+/* ", or 0 for dropless" for each special value; "" when there are none. */
+static void format_special_values(char *buf, size_t len, const Option *opt) {
+    size_t used = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < MAX_SPECIAL_VALUES && opt->special[i].meaning && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, ", or %g %s", opt->special[i].value,
+                                 opt->special[i].meaning);
+}
+
 /* Names only the violated bound: "must be > 0" says exactly what to change. */
 static int check_range(const Option *opt, double value, const char *text, const char *prefix,
                        char *err, size_t errlen) {
-    char bound[64];
-    if (value < opt->min || (opt->min_open && value == opt->min)) {
-        format_bound(bound, sizeof(bound), opt, opt->min);
-        return fail(err, errlen, "%s%s: %s is out of range; it must be %s %s", prefix, opt->name,
-                    text, opt->min_open ? ">" : ">=", bound);
-    }
-    if (value > opt->max || (opt->max_open && value == opt->max)) {
-        format_bound(bound, sizeof(bound), opt, opt->max);
-        return fail(err, errlen, "%s%s: %s is out of range; it must be %s %s", prefix, opt->name,
-                    text, opt->max_open ? "<" : "<=", bound);
-    }
-    return 0;
+    if (is_special_value(opt, value)) return 0;
+    int below = value < opt->min || (opt->min_open && value == opt->min);
+    int above = value > opt->max || (opt->max_open && value == opt->max);
+    if (!below && !above) return 0;
+    char bound[64], special[256];
+    format_bound(bound, sizeof(bound), opt, below ? opt->min : opt->max);
+    format_special_values(special, sizeof(special), opt);
+    const char *relation = below ? (opt->min_open ? ">" : ">=") : (opt->max_open ? "<" : "<=");
+    return fail(err, errlen, "%s%s: %s is out of range; it must be %s %s%s", prefix, opt->name,
+                text, relation, bound, special);
 }
 
 static int parse_integer(const Option *opt, const char *text, const char *prefix, long long *out,
@@ -546,15 +691,36 @@ static int parse_bool(const Option *opt, const char *text, const char *prefix, i
                 opt->name, text);
 }
 
+/* Copies the next choice of "a|b|c" at *cursor into choice and steps past
+ * it; returns 0 at the end of the list. */
+static int next_choice(const char **cursor, char choice[KEY_MAX]) {
+    if (**cursor == '\0') return 0;
+    size_t len = strcspn(*cursor, "|");
+    size_t kept = len < KEY_MAX ? len : KEY_MAX - 1;
+    memcpy(choice, *cursor, kept);
+    choice[kept] = '\0';
+    *cursor += len + ((*cursor)[len] == '|');
+    return 1;
+}
+
 static int is_choice(const char *choices, const char *text) {
-    size_t len = strlen(text);
-    for (const char *c = choices; *c;) {
-        const char *bar = strchr(c, '|');
-        size_t choice_len = bar ? (size_t)(bar - c) : strlen(c);
-        if (choice_len == len && strncmp(c, text, len) == 0) return 1;
-        c += choice_len + (bar ? 1 : 0);
-    }
+    char choice[KEY_MAX];
+    for (const char *c = choices; next_choice(&c, choice);)
+        if (strcmp(choice, text) == 0) return 1;
     return 0;
+}
+
+/* The choice nearest to text, copied into best; 0 when none is near. */
+static int nearest_choice(const char *choices, const char *text, char best[KEY_MAX]) {
+    char choice[KEY_MAX];
+    size_t best_distance = strlen(text);
+    best[0] = '\0';
+    for (const char *c = choices; next_choice(&c, choice);) {
+        const char *nearer = NULL;
+        keep_nearer(text, choice, &nearer, &best_distance);
+        if (nearer) memcpy(best, choice, KEY_MAX);
+    }
+    return best[0] != '\0';
 }
 
 static int parse_string(const Option *opt, const char *text, const char *prefix, char *out,
@@ -562,10 +728,15 @@ static int parse_string(const Option *opt, const char *text, const char *prefix,
     if (text[0] == '\0' && !opt->optional)
         return fail(err, errlen, "%s%s: the value is empty; give one such as %s", prefix, opt->name,
                     opt->default_text);
-    if (opt->choices && !is_choice(opt->choices, text))
-        return fail(err, errlen, "%s%s: \"%s\" is not a valid choice; use one of %s%s%s%s", prefix,
-                    opt->name, text, opt->choices, opt->choices_note ? " (" : "",
-                    opt->choices_note ? opt->choices_note : "", opt->choices_note ? ")" : "");
+    if (opt->choices && !is_choice(opt->choices, text)) {
+        char nearest[KEY_MAX];
+        if (nearest_choice(opt->choices, text, nearest))
+            return fail(err, errlen,
+                        "%s%s: \"%s\" is not a valid choice; did you mean \"%s\"? (one of %s)",
+                        prefix, opt->name, text, nearest, opt->choices);
+        return fail(err, errlen, "%s%s: \"%s\" is not a valid choice; use one of %s", prefix,
+                    opt->name, text, opt->choices);
+    }
     size_t len = strlen(text);
     if (len >= opt->size)
         return fail(err, errlen, "%s%s: the value is %zu characters long; the limit is %zu", prefix,
@@ -597,6 +768,35 @@ static int apply_value(Config *cfg, const Option *opt, const char *text, const c
             return parse_string(opt, text, prefix, (char *)field, err, errlen);
     }
     return fail(err, errlen, "%s%s: internal error: unknown option type", prefix, opt->name);
+}
+
+/* Shortest text that parses back to the same double: "0.1" rather than
+ * "0.10000000000000001", while %.17g guarantees the round trip at worst. */
+static void format_double(char *buf, size_t len, double value) {
+    for (int precision = 15; precision < 17; precision++) {
+        snprintf(buf, len, "%.*g", precision, value);
+        if (strtod(buf, NULL) == value) return;
+    }
+    snprintf(buf, len, "%.17g", value);
+}
+
+static void format_value(char *buf, size_t len, const Config *cfg, const Option *opt) {
+    const void *field = const_field_of(cfg, opt);
+    switch (opt->type) {
+        case OPT_INT:
+        case OPT_BOOL:
+            snprintf(buf, len, "%d", *(const int *)field);
+            return;
+        case OPT_LONG:
+            snprintf(buf, len, "%ld", *(const long *)field);
+            return;
+        case OPT_DOUBLE:
+            format_double(buf, len, *(const double *)field);
+            return;
+        case OPT_STRING:
+            snprintf(buf, len, "%s", (const char *)field);
+            return;
+    }
 }
 
 int config_set(Config *cfg, const char *key, const char *value, char *err, size_t errlen) {
@@ -827,8 +1027,44 @@ int config_parse_args(Config *cfg, int argc, char **argv, char *err, size_t errl
 /* --------------------------------------------------------------------------
  * Validation */
 
+/* A Config filled in by code rather than parsed has skipped the table's
+ * checks; running each value back through its parser applies them. */
+static int validate_values(const Config *cfg, char *err, size_t errlen) {
+    Config scratch = *cfg;
+    for (size_t i = 0; i < NUM_OPTIONS; i++) {
+        char value[MOESIM_PATH_MAX];
+        format_value(value, sizeof(value), cfg, &OPTIONS[i]);
+        if (apply_value(&scratch, &OPTIONS[i], value, "--", err, errlen) != 0) return -1;
+    }
+    return 0;
+}
+
+static int router_is(const Config *cfg, const char *type) {
+    return strcmp(cfg->moe_router_type, type) == 0;
+}
+
+/* The k a router type fixes whatever --moe-router-topk says, or 0 when it
+ * uses --moe-router-topk. */
+static int implied_topk(const Config *cfg) {
+    if (router_is(cfg, "switch")) return 1;
+    if (router_is(cfg, "gshard_top2")) return 2;
+    if (router_is(cfg, "soft")) return cfg->num_experts;
+    return 0;
+}
+
+/* Switch and soft weight each expert's output by its plain probability. */
+static int uses_raw_probabilities(const Config *cfg) {
+    return router_is(cfg, "switch") || router_is(cfg, "soft");
+}
+
 static int validate_model_shape(const Config *cfg, char *err, size_t errlen) {
-    if (cfg->moe_router_topk > cfg->num_experts)
+    int implied = implied_topk(cfg);
+    if (implied > cfg->num_experts)
+        return fail(err, errlen,
+                    "--moe-router-type %s routes each token to %d experts but --num-experts is "
+                    "%d; raise --num-experts to at least %d or choose another router type",
+                    cfg->moe_router_type, implied, cfg->num_experts, implied);
+    if (!implied && cfg->moe_router_topk > cfg->num_experts)
         return fail(err, errlen,
                     "--moe-router-topk %d is larger than --num-experts %d; each token picks k "
                     "distinct experts, so lower --moe-router-topk or raise --num-experts",
@@ -845,13 +1081,76 @@ static int validate_model_shape(const Config *cfg, char *err, size_t errlen) {
     return 0;
 }
 
-static int validate_routing(const Config *cfg, char *err, size_t errlen) {
-    if (cfg->moe_expert_capacity_factor <= 0)
+/* Settings that each work alone but contradict the router type or each
+ * other. Defaults never trip these, so every message names a flag the user
+ * gave. */
+static int validate_router_type(const Config *cfg, char *err, size_t errlen) {
+    const char *type = cfg->moe_router_type;
+    if (strcmp(cfg->moe_router_score_function, "sigmoid") == 0 && !router_is(cfg, "topk"))
         return fail(err, errlen,
-                    "--moe-expert-capacity-factor %g: a factor <= 0 (or unset) will mean "
-                    "dropless routing with no expert capacity, but dropless is not "
-                    "implemented yet; give a positive factor such as 1.25",
-                    cfg->moe_expert_capacity_factor);
+                    "--moe-router-score-function sigmoid works only with --moe-router-type topk, "
+                    "not %s: independent per-expert scores need a plain top-k selection; use "
+                    "--moe-router-type topk or --moe-router-score-function softmax",
+                    type);
+    if (cfg->moe_router_enable_expert_bias && !router_is(cfg, "topk"))
+        return fail(err, errlen,
+                    "--moe-router-enable-expert-bias 1 works only with --moe-router-type topk, "
+                    "not %s: the bias shifts which k experts a token selects; use "
+                    "--moe-router-type topk or --moe-router-enable-expert-bias 0",
+                    type);
+    if (cfg->moe_router_enable_expert_bias && cfg->moe_router_bias_update_rate == 0)
+        return fail(err, errlen,
+                    "--moe-router-enable-expert-bias 1 with --moe-router-bias-update-rate 0 "
+                    "never moves the bias; give a rate such as --moe-router-bias-update-rate "
+                    "1e-3 (DeepSeek-V3's)");
+    if (!cfg->moe_router_enable_expert_bias && cfg->moe_router_bias_update_rate > 0)
+        return fail(err, errlen,
+                    "--moe-router-bias-update-rate %g does nothing with "
+                    "--moe-router-enable-expert-bias 0; add --moe-router-enable-expert-bias 1 "
+                    "or leave the rate at 0",
+                    cfg->moe_router_bias_update_rate);
+    if (cfg->moe_load_loss_coeff > 0 && !router_is(cfg, "noisy_topk"))
+        return fail(err, errlen,
+                    "--moe-load-loss-coeff %g needs --moe-router-type noisy_topk, not %s: the "
+                    "smooth load estimate is the chance of staying in the top k under the "
+                    "router noise; use --moe-router-type noisy_topk or --moe-load-loss-coeff 0",
+                    cfg->moe_load_loss_coeff, type);
+    if (router_is(cfg, "expert_choice")) {
+        if (strcmp(cfg->moe_token_drop_policy, "probs") == 0)
+            return fail(err, errlen,
+                        "--moe-token-drop-policy probs does not apply to --moe-router-type "
+                        "expert_choice: experts pick their own tokens, so no expert overflows "
+                        "and there is nothing to drop; leave --moe-token-drop-policy at position");
+        if (cfg->moe_expert_capacity_factor == 0)
+            return fail(err, errlen,
+                        "--moe-router-type expert_choice with --moe-expert-capacity-factor 0: "
+                        "each expert picks C = factor x group size x k / experts tokens, so it "
+                        "needs a capacity; give a factor such as 1.25");
+        if (cfg->moe_eval_capacity_factor == 0)
+            return fail(err, errlen,
+                        "--moe-router-type expert_choice with --moe-eval-capacity-factor 0: "
+                        "each expert picks C = factor x group size x k / experts tokens, so it "
+                        "needs a capacity; give -1 (the training factor) or a factor such as "
+                        "1.25");
+    }
+    if (router_is(cfg, "soft")) {
+        if (cfg->moe_expert_capacity_factor != 0)
+            return fail(err, errlen,
+                        "--moe-router-type soft with --moe-expert-capacity-factor %g: soft "
+                        "routing sends every token to every expert and has no capacity: pass "
+                        "--moe-expert-capacity-factor 0",
+                        cfg->moe_expert_capacity_factor);
+        if (cfg->moe_eval_capacity_factor > 0)
+            return fail(err, errlen,
+                        "--moe-router-type soft with --moe-eval-capacity-factor %g: soft "
+                        "routing sends every token to every expert and has no capacity: pass "
+                        "--moe-eval-capacity-factor 0 or -1",
+                        cfg->moe_eval_capacity_factor);
+    }
+    return 0;
+}
+
+static int validate_routing(const Config *cfg, char *err, size_t errlen) {
     long long tokens = (long long)cfg->micro_batch_size * cfg->seq_length;
     if (tokens > INT_MAX)
         return fail(err, errlen,
@@ -924,7 +1223,9 @@ static int validate_output_path(const char *key, const char *path, char *err, si
 }
 
 int config_validate(const Config *cfg, char *err, size_t errlen) {
+    if (validate_values(cfg, err, errlen) != 0) return -1;
     if (validate_model_shape(cfg, err, errlen) != 0) return -1;
+    if (validate_router_type(cfg, err, errlen) != 0) return -1;
     if (validate_routing(cfg, err, errlen) != 0) return -1;
     if (validate_data_path(cfg, err, errlen) != 0) return -1;
     if (validate_output_path("out", cfg->out, err, errlen) != 0) return -1;
@@ -957,37 +1258,17 @@ int config_ep_size(const Config *cfg, int world_size) {
     return cfg->expert_model_parallel_size > 0 ? cfg->expert_model_parallel_size : world_size;
 }
 
+void config_resolve(Config *cfg) {
+    int implied = implied_topk(cfg);
+    if (implied) cfg->moe_router_topk = implied;
+    if (uses_raw_probabilities(cfg)) {
+        cfg->moe_router_norm_topk_prob = 0;
+        cfg->moe_router_pre_softmax = 1;
+    }
+}
+
 /* --------------------------------------------------------------------------
  * Output */
-
-/* Shortest text that parses back to the same double: "0.1" rather than
- * "0.10000000000000001", while %.17g guarantees the round trip at worst. */
-static void format_double(char *buf, size_t len, double value) {
-    for (int precision = 15; precision < 17; precision++) {
-        snprintf(buf, len, "%.*g", precision, value);
-        if (strtod(buf, NULL) == value) return;
-    }
-    snprintf(buf, len, "%.17g", value);
-}
-
-static void format_value(char *buf, size_t len, const Config *cfg, const Option *opt) {
-    const void *field = const_field_of(cfg, opt);
-    switch (opt->type) {
-        case OPT_INT:
-        case OPT_BOOL:
-            snprintf(buf, len, "%d", *(const int *)field);
-            return;
-        case OPT_LONG:
-            snprintf(buf, len, "%ld", *(const long *)field);
-            return;
-        case OPT_DOUBLE:
-            format_double(buf, len, *(const double *)field);
-            return;
-        case OPT_STRING:
-            snprintf(buf, len, "%s", (const char *)field);
-            return;
-    }
-}
 
 char *config_to_ini(const Config *cfg) {
     char *text = NULL;

@@ -11,6 +11,7 @@
 #include "moesim/rng.h"
 
 #define INIT_STD 0.02
+#define ZEROS (-1.0) /* add_tensor's init_std for tensors that start at zero */
 
 void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, int ep_size,
                              int ep_rank) {
@@ -34,6 +35,19 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->capacity_factor = cfg->moe_expert_capacity_factor;
     s->aux_loss_coeff = cfg->moe_aux_loss_coeff;
     s->z_loss_coeff = cfg->moe_z_loss_coeff;
+    s->eval_capacity_factor = cfg->moe_eval_capacity_factor < 0 ? cfg->moe_expert_capacity_factor
+                                                                : cfg->moe_eval_capacity_factor;
+    s->router_type = router_type_from_name(cfg->moe_router_type);
+    s->sigmoid_scores = strcmp(cfg->moe_router_score_function, "sigmoid") == 0;
+    s->drop_by_prob = strcmp(cfg->moe_token_drop_policy, "probs") == 0;
+    s->min_capacity = cfg->moe_min_capacity;
+    s->balancing = balancing_type_from_name(cfg->moe_router_load_balancing_type);
+    s->importance_loss_coeff = cfg->moe_importance_loss_coeff;
+    s->load_loss_coeff = cfg->moe_load_loss_coeff;
+    s->jitter_eps = cfg->moe_input_jitter_eps;
+    s->expert_bias = cfg->moe_router_enable_expert_bias;
+    s->expert_activation = strcmp(cfg->moe_expert_activation, "swiglu") == 0 ? FFN_SWIGLU : FFN_GELU;
+    s->shared_F = cfg->moe_shared_expert_intermediate_size;
 }
 
 int model_is_moe_layer(const ModelShape *s, int layer) {
@@ -47,6 +61,9 @@ int model_local_experts(const ModelShape *s) {
 /* ---- parameter layout ---------------------------------------------------- */
 
 enum ParamField {
+    FIELD_NOISE,
+    FIELD_SHARED_FC1,
+    FIELD_SHARED_FC2,
     FIELD_WTE,
     FIELD_WPE,
     FIELD_LNF,
@@ -76,6 +93,8 @@ typedef struct Layout {
 
 static void add_tensor(Layout *lay, enum ParamField field, int layer, const char *name, int ndim,
                        int d0, int d1, int d2, int is_expert, double init_std) {
+    ParamInit init = init_std > 0 ? PARAM_INIT_NORMAL : init_std < 0 ? PARAM_INIT_ZEROS
+                                                                      : PARAM_INIT_ONES;
     ParamTensor *t = &lay->tensors[lay->count];
     memset(t, 0, sizeof *t);
     snprintf(t->name, sizeof t->name, "%s", name);
@@ -87,7 +106,8 @@ static void add_tensor(Layout *lay, enum ParamField field, int layer, const char
     t->offset = lay->offset;
     t->is_expert = is_expert;
     t->decay = ndim > 1;
-    t->init_std = init_std;
+    t->init = init;
+    t->init_std = init_std > 0 ? init_std : 0.0;
     lay->entries[lay->count] = (LayoutEntry){field, layer};
     lay->offset += t->numel;
     lay->count++;
@@ -109,6 +129,16 @@ static void describe_layout(Layout *lay, const ModelShape *s) {
         add_tensor(lay, FIELD_LN2, l, LAYER_NAME("ln2_w"), 1, C, 0, 0, 0, 0.0);
         if (model_is_moe_layer(s, l)) {
             add_tensor(lay, FIELD_ROUTER, l, LAYER_NAME("router_w"), 2, s->E, C, 0, 0, INIT_STD);
+            /* Shazeer 2017 starts the noise weights at zero: softplus(0) noise. */
+            if (s->router_type == ROUTER_NOISY_TOPK)
+                add_tensor(lay, FIELD_NOISE, l, LAYER_NAME("noise_w"), 2, s->E, C, 0, 0, ZEROS);
+            if (s->shared_F > 0) {
+                add_tensor(lay, FIELD_SHARED_FC1, l, LAYER_NAME("shared_fc1_w"), 2,
+                           s->shared_F * ffn_w1_rows_per_unit(s->expert_activation), C, 0, 0,
+                           INIT_STD);
+                add_tensor(lay, FIELD_SHARED_FC2, l, LAYER_NAME("shared_fc2_w"), 2, C, s->shared_F,
+                           0, 0, proj_std);
+            }
         } else {
             add_tensor(lay, FIELD_FC1, l, LAYER_NAME("fc1_w"), 2, s->F, C, 0, 0, INIT_STD);
             add_tensor(lay, FIELD_FC2, l, LAYER_NAME("fc2_w"), 2, C, s->F, 0, 0, proj_std);
@@ -119,8 +149,8 @@ static void describe_layout(Layout *lay, const ModelShape *s) {
     for (int l = 0; l < s->L; l++) {
         if (!model_is_moe_layer(s, l)) continue;
         int E_local = model_local_experts(s);
-        add_tensor(lay, FIELD_EXPERT_FC1, l, LAYER_NAME("experts.fc1_w"), 3, E_local, s->Fe, C, 1,
-                   INIT_STD);
+        add_tensor(lay, FIELD_EXPERT_FC1, l, LAYER_NAME("experts.fc1_w"), 3, E_local,
+                   s->Fe * ffn_w1_rows_per_unit(s->expert_activation), C, 1, INIT_STD);
         add_tensor(lay, FIELD_EXPERT_FC2, l, LAYER_NAME("experts.fc2_w"), 3, E_local, C, s->Fe, 1,
                    proj_std);
 #undef LAYER_NAME
@@ -162,6 +192,15 @@ static void bind_views(Weights *w, float *base, const Layout *lay, int tied) {
             case FIELD_FC2:
                 lw->fc2_w = p;
                 break;
+            case FIELD_NOISE:
+                lw->noise_w = p;
+                break;
+            case FIELD_SHARED_FC1:
+                lw->shared_fc1_w = p;
+                break;
+            case FIELD_SHARED_FC2:
+                lw->shared_fc2_w = p;
+                break;
             case FIELD_ROUTER:
                 lw->router_w = p;
                 break;
@@ -190,8 +229,9 @@ static void init_weights(Model *m, long seed) {
             uint64_t stream = t->is_expert ? (uint64_t)(first_expert + sl) : 0;
             Rng rng = {rng_hash3(rng_hash_string((uint64_t)seed, t->name), stream, 0)};
             for (size_t j = 0; j < slice_numel; j++)
-                p[sl * slice_numel + j] =
-                    t->init_std > 0 ? (float)(t->init_std * rng_normal(&rng)) : 1.0f;
+                p[sl * slice_numel + j] = t->init == PARAM_INIT_NORMAL
+                                              ? (float)(t->init_std * rng_normal(&rng))
+                                              : t->init == PARAM_INIT_ONES ? 1.0f : 0.0f;
         }
     }
 }
@@ -202,6 +242,10 @@ static float *alloc_floats(size_t n, int *failed) {
     float *p = calloc(n ? n : 1, sizeof(float));
     if (!p) *failed = 1;
     return p;
+}
+
+static size_t shared_w1_rows(const ModelShape *s) {
+    return (size_t)s->shared_F * ffn_w1_rows_per_unit(s->expert_activation);
 }
 
 static void alloc_layer_acts(LayerActs *a, const ModelShape *s, int is_moe, int *failed) {
@@ -218,6 +262,9 @@ static void alloc_layer_acts(LayerActs *a, const ModelShape *s, int is_moe, int 
     if (!is_moe) {
         a->h_pre = alloc_floats(N * s->F, failed);
         a->h_act = alloc_floats(N * s->F, failed);
+    } else if (s->shared_F > 0) {
+        a->shared_h_pre = alloc_floats(N * shared_w1_rows(s), failed);
+        a->shared_h_act = alloc_floats(N * s->shared_F, failed);
     }
 }
 
@@ -233,10 +280,12 @@ static void free_layer_acts(LayerActs *a) {
     free(a->ln2_rstd);
     free(a->h_pre);
     free(a->h_act);
+    free(a->shared_h_pre);
+    free(a->shared_h_act);
 }
 
 static int max_tensors(const ModelShape *s) {
-    return 4 + 7 * s->L;
+    return 4 + 10 * s->L;
 }
 
 int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
@@ -277,24 +326,42 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
     free(lay.entries);
 
     size_t N = (size_t)s->B * s->T, C = s->C;
+    /* Exchange buffers fit the larger of the training and evaluation
+     * capacities, or every slot when either is dropless. */
+    double cf = s->capacity_factor, eval_cf = s->eval_capacity_factor;
+    double sizing_cf = cf <= 0 || eval_cf <= 0 ? 0.0 : cf > eval_cf ? cf : eval_cf;
     m->moe_shape = (MoeShape){.router = {.N = (int)N,
                                          .C = s->C,
                                          .E = s->E,
                                          .K = s->K,
                                          .G = s->G,
                                          .norm_topk_prob = s->norm_topk_prob,
-                                         .capacity_factor = s->capacity_factor,
+                                         .capacity_factor = sizing_cf,
                                          .aux_loss_coeff = s->aux_loss_coeff,
-                                         .z_loss_coeff = s->z_loss_coeff},
+                                         .z_loss_coeff = s->z_loss_coeff,
+                                         .type = s->router_type,
+                                         .sigmoid_scores = s->sigmoid_scores,
+                                         .drop_by_prob = s->drop_by_prob,
+                                         .min_capacity = s->min_capacity,
+                                         .balancing = s->balancing,
+                                         .T = s->T,
+                                         .importance_loss_coeff = s->importance_loss_coeff,
+                                         .load_loss_coeff = s->load_loss_coeff,
+                                         .jitter_eps = s->jitter_eps},
                               .F = s->Fe,
                               .ep_size = s->ep_size,
-                              .E_local = model_local_experts(s)};
+                              .E_local = model_local_experts(s),
+                              .activation = s->expert_activation};
+    m->expert_bias = calloc((size_t)s->L, sizeof(float *));
+    if (!m->expert_bias) failed = 1;
     int any_moe = 0;
     for (int l = 0; l < s->L; l++) {
         int is_moe = model_is_moe_layer(s, l);
         any_moe |= is_moe;
         alloc_layer_acts(&m->acts[l], s, is_moe, &failed);
         if (is_moe && moe_layer_init(&m->moe[l], &m->moe_shape) != 0) failed = 1;
+        if (is_moe && s->expert_bias && m->expert_bias)
+            m->expert_bias[l] = alloc_floats((size_t)s->E, &failed);
     }
     if (any_moe && moe_scratch_init(&m->moe_scratch, &m->moe_shape) != 0) failed = 1;
     m->resid_out = alloc_floats(N * C, &failed);
@@ -308,6 +375,7 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
     m->dqkv = alloc_floats(N * 3 * C, &failed);
     m->datt = alloc_floats((size_t)s->T * s->T, &failed);
     m->dh = alloc_floats(N * (size_t)s->F, &failed);
+    if (s->shared_F > 0) m->shared_dh = alloc_floats(N * shared_w1_rows(s), &failed);
     m->inputs = calloc(N, sizeof(int));
     m->targets = calloc(N, sizeof(int));
     if (!m->inputs || !m->targets) failed = 1;
@@ -325,6 +393,10 @@ void model_free(Model *m) {
         for (int l = 0; l < m->shape.L; l++)
             if (model_is_moe_layer(&m->shape, l)) moe_layer_free(&m->moe[l]);
     moe_scratch_free(&m->moe_scratch);
+    if (m->expert_bias)
+        for (int l = 0; l < m->shape.L; l++) free(m->expert_bias[l]);
+    free(m->expert_bias);
+    free(m->shared_dh);
     free(m->acts);
     free(m->moe);
     free(m->tensors);
@@ -384,7 +456,17 @@ static void add_into(float *out, const float *a, const float *b, long n) {
 }
 
 static MoeWeights moe_weights(const LayerWeights *w) {
-    return (MoeWeights){w->router_w, w->expert_fc1_w, w->expert_fc2_w};
+    return (MoeWeights){{w->router_w, w->noise_w}, w->expert_fc1_w, w->expert_fc2_w};
+}
+
+/* The routing context of layer l: the trainer's, plus this layer's bias
+ * and the capacity factor of training or evaluation. */
+static RouterContext layer_router_context(const Model *m, int l) {
+    RouterContext ctx = m->router_ctx;
+    ctx.layer = l;
+    ctx.expert_bias = m->expert_bias ? m->expert_bias[l] : NULL;
+    ctx.capacity_factor = ctx.training ? m->shape.capacity_factor : m->shape.eval_capacity_factor;
+    return ctx;
 }
 
 static void layer_forward(Model *m, int l, float *resid_next) {
@@ -402,10 +484,18 @@ static void layer_forward(Model *m, int l, float *resid_next) {
     timer_charge(m->phase_s, PHASE_ATTENTION, &mark);
     if (model_is_moe_layer(s, l)) {
         MoeWeights mw = moe_weights(w);
-        moe_forward(m->tmp, &m->moe[l], a->ln2, &mw, &m->moe_shape, m->comm, m->phase_s);
+        RouterContext ctx = layer_router_context(m, l);
+        moe_forward(m->tmp, &m->moe[l], a->ln2, &mw, &m->moe_shape, &ctx, m->comm, m->phase_s);
         mark = timer_now_s();
+        if (s->shared_F > 0) {
+            /* the shared expert sees every token; its output adds to the routed one */
+            ffn_forward(m->dtmp, a->shared_h_pre, a->shared_h_act, a->ln2, w->shared_fc1_w,
+                        w->shared_fc2_w, N, C, s->shared_F, s->expert_activation);
+            add_into(m->tmp, m->tmp, m->dtmp, (long)N * C);
+            timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
+        }
     } else {
-        ffn_forward(m->tmp, a->h_pre, a->h_act, a->ln2, w->fc1_w, w->fc2_w, N, C, s->F);
+        ffn_forward(m->tmp, a->h_pre, a->h_act, a->ln2, w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU);
         timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
     }
     add_into(resid_next, a->resid_mid, m->tmp, (long)N * C);
@@ -420,13 +510,16 @@ double model_forward(Model *m, const int *inputs, const int *targets) {
     memcpy(m->targets, targets, sizeof(int) * N);
     embed_forward(m->acts[0].resid_in, inputs, m->w.wte, m->w.wpe, s->B, s->T, C);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
-    m->aux_loss = m->z_loss = 0.0;
+    m->aux_loss = m->z_loss = m->importance_loss = m->load_loss = 0.0;
     for (int l = 0; l < s->L; l++) {
         float *resid_next = l + 1 < s->L ? m->acts[l + 1].resid_in : m->resid_out;
         layer_forward(m, l, resid_next);
         if (model_is_moe_layer(s, l)) {
-            m->aux_loss += m->moe[l].routing.aux_loss;
-            m->z_loss += m->moe[l].routing.z_loss;
+            const Routing *r = &m->moe[l].routing;
+            m->aux_loss += r->aux_loss;
+            m->z_loss += r->z_loss;
+            m->importance_loss += r->importance_loss;
+            m->load_loss += r->load_loss;
         }
     }
     mark = timer_now_s();
@@ -434,7 +527,7 @@ double model_forward(Model *m, const int *inputs, const int *targets) {
     matmul_forward(m->probs, m->lnf, m->w.lm_head_w, N, C, s->V);
     m->ce_loss = softmax_cross_entropy_forward(m->probs, targets, N, s->V);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
-    return m->ce_loss + m->aux_loss + m->z_loss;
+    return m->ce_loss + m->aux_loss + m->z_loss + m->importance_loss + m->load_loss;
 }
 
 /* On entry m->dresid holds dLoss/d(resid_next); on exit dLoss/d(resid_in). */
@@ -447,13 +540,20 @@ static void layer_backward(Model *m, int l) {
     double mark = timer_now_s();
     if (model_is_moe_layer(s, l)) {
         MoeWeights mw = moe_weights(w);
-        MoeGrads mg = {dw->router_w, dw->expert_fc1_w, dw->expert_fc2_w};
+        MoeGrads mg = {{dw->router_w, dw->noise_w}, dw->expert_fc1_w, dw->expert_fc2_w};
         moe_backward(m->dln, &mg, m->dresid, a->ln2, &mw, &m->moe[l], &m->moe_scratch,
                      &m->moe_shape, m->comm, m->phase_s);
         mark = timer_now_s();
+        if (s->shared_F > 0) {
+            ffn_backward(m->dtmp, dw->shared_fc1_w, dw->shared_fc2_w, m->shared_dh, m->dresid,
+                         a->ln2, a->shared_h_pre, a->shared_h_act, w->shared_fc1_w,
+                         w->shared_fc2_w, N, C, s->shared_F, s->expert_activation);
+            add_into(m->dln, m->dln, m->dtmp, (long)N * C);
+            timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
+        }
     } else {
         ffn_backward(m->dln, dw->fc1_w, dw->fc2_w, m->dh, m->dresid, a->ln2, a->h_pre, a->h_act,
-                     w->fc1_w, w->fc2_w, N, C, s->F);
+                     w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU);
         timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
     }
     rmsnorm_backward(m->dresid, dw->ln2_w, m->dln, a->resid_mid, w->ln2_w, a->ln2_rstd, N, C);
@@ -486,9 +586,11 @@ double model_step_flops(const Model *m) {
     for (int l = 0; l < s->L; l++) {
         macs += N * (3 * C * C + C * C); /* qkv and output projection */
         macs += 2.0 * N * T * C;         /* scores and weighted values */
-        if (model_is_moe_layer(s, l))
-            macs += N * C * s->E + 2.0 * m->moe[l].dispatch.num_recv_rows * C * s->Fe;
-        else
+        if (model_is_moe_layer(s, l)) {
+            double expert_macs = (1.0 + ffn_w1_rows_per_unit(s->expert_activation)) * C;
+            macs += N * C * s->E + m->moe[l].dispatch.num_recv_rows * expert_macs * s->Fe;
+            macs += N * expert_macs * s->shared_F;
+        } else
             macs += 2.0 * N * C * s->F;
     }
     return 6.0 * macs; /* 2 FLOPs per MAC, forward + 2x backward */
@@ -502,6 +604,7 @@ static size_t layer_activation_bytes(const ModelShape *s, int is_moe) {
     size_t N = (size_t)s->B * s->T, C = (size_t)s->C;
     size_t floats = 8 * N * C + 2 * N + (size_t)s->B * s->NH * s->T * s->T;
     if (!is_moe) floats += 2 * N * s->F;
+    else floats += N * (shared_w1_rows(s) + s->shared_F);
     return sizeof(float) * floats;
 }
 
@@ -517,6 +620,8 @@ size_t model_memory_bytes(const Model *m) {
         if (is_moe) bytes += moe_layer_bytes(&m->moe_shape);
     }
     if (any_moe) bytes += moe_scratch_bytes(&m->moe_shape);
+    if (s->expert_bias) bytes += sizeof(float) * (size_t)s->E * s->L / s->moe_layer_freq;
+    bytes += sizeof(float) * N * shared_w1_rows(s) + sizeof(float *) * s->L;
     bytes +=
         sizeof(float) * (6 * N * C + N + N * s->V + 3 * N * C + (size_t)s->T * s->T + N * s->F);
     return bytes + 2 * sizeof(int) * N;

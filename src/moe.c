@@ -6,29 +6,36 @@
 #include "moesim/ffn.h"
 #include "moesim/timing.h"
 
-static long min_long(long a, long b) {
-    return a < b ? a : b;
+static long min_long(long a, long b) { return a < b ? a : b; }
+
+/* Kept rows per expert and group at most, or -1 when nothing bounds them. */
+static long capacity_bound(const RouterShape *r) {
+    if (r->type == ROUTER_SOFT || r->capacity_factor <= 0) return -1;
+    long capacity = router_capacity(r->capacity_factor, r->G, r->K, r->E);
+    if (r->type != ROUTER_EXPERT_CHOICE && capacity < r->min_capacity) capacity = r->min_capacity;
+    return capacity;
 }
 
 long moe_max_send_rows(const MoeShape *s) {
     const RouterShape *r = &s->router;
-    long groups = r->N / r->G;
-    long capacity = router_capacity(r->capacity_factor, r->G, r->K, r->E);
-    return min_long((long)r->N * r->K, (long)r->E * capacity * groups);
+    long slots = (long)r->N * router_slots(r), capacity = capacity_bound(r);
+    return capacity < 0 ? slots : min_long(slots, (long)r->E * capacity * (r->N / r->G));
 }
 
 long moe_max_recv_rows(const MoeShape *s) {
     const RouterShape *r = &s->router;
-    long groups = r->N / r->G;
-    long capacity = router_capacity(r->capacity_factor, r->G, r->K, r->E);
-    return s->ep_size * min_long((long)r->N * r->K, (long)s->E_local * capacity * groups);
+    long slots = (long)r->N * router_slots(r), capacity = capacity_bound(r);
+    long per_source =
+        capacity < 0 ? slots : min_long(slots, (long)s->E_local * capacity * (r->N / r->G));
+    return s->ep_size * per_source;
 }
 
 int moe_layer_init(MoeLayer *m, const MoeShape *s) {
     memset(m, 0, sizeof *m);
     const RouterShape *r = &s->router;
     size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
-    size_t NK = (size_t)r->N * r->K, C = (size_t)r->C, F = (size_t)s->F;
+    size_t NK = (size_t)r->N * router_slots(r), C = (size_t)r->C;
+    size_t F = (size_t)s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
     if (routing_init(&m->routing, r) != 0 || dispatch_init(&m->dispatch, r->E, s->ep_size) != 0) {
         moe_layer_free(m);
         return -1;
@@ -40,11 +47,13 @@ int moe_layer_init(MoeLayer *m, const MoeShape *s) {
     m->send_x = malloc(sizeof(float) * (S * C + 1));
     m->send_y = malloc(sizeof(float) * (S * C + 1));
     m->expert_in = malloc(sizeof(float) * (R * C + 1));
-    m->h_pre = malloc(sizeof(float) * (R * F + 1));
+    m->global_demand = calloc((size_t)r->E, sizeof(long));
+    m->h_pre = malloc(sizeof(float) * (R * FW + 1));
     m->h_act = malloc(sizeof(float) * (R * F + 1));
     m->expert_out = malloc(sizeof(float) * (R * C + 1));
     if (!m->rows_per_expert || !m->expert_cursor || !m->row_choice || !m->choice_row ||
-        !m->send_x || !m->send_y || !m->expert_in || !m->h_pre || !m->h_act || !m->expert_out) {
+        !m->send_x || !m->send_y || !m->expert_in || !m->h_pre || !m->h_act || !m->expert_out ||
+        !m->global_demand) {
         moe_layer_free(m);
         return -1;
     }
@@ -54,21 +63,24 @@ int moe_layer_init(MoeLayer *m, const MoeShape *s) {
 size_t moe_layer_bytes(const MoeShape *s) {
     const RouterShape *r = &s->router;
     size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
-    size_t NK = (size_t)r->N * r->K;
-    size_t dispatch = sizeof(int) * (2 * (size_t)r->E + s->E_local + 2 + 4 * (size_t)s->ep_size);
-    return routing_bytes(r) + dispatch + sizeof(int) * (2 * (size_t)r->E + S + NK) +
-           sizeof(float) * (2 * S * r->C + 2 * R * r->C + 2 * R * s->F);
+    size_t NK = (size_t)r->N * router_slots(r), E = (size_t)r->E;
+    size_t FW = (size_t)s->F * ffn_w1_rows_per_unit(s->activation);
+    size_t dispatch = sizeof(int) * (2 * E + s->E_local + 2 + 4 * (size_t)s->ep_size);
+    return routing_bytes(r) + dispatch + sizeof(int) * (2 * E + S + NK) + sizeof(long) * E +
+           sizeof(float) * (2 * S * r->C + 2 * R * r->C + R * FW + R * s->F);
 }
 
 size_t moe_scratch_bytes(const MoeShape *s) {
     size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
-    size_t C = (size_t)s->router.C;
-    return sizeof(float) * (2 * S * C + 2 * R * C + R * s->F + (size_t)s->router.N * s->router.K);
+    size_t C = (size_t)s->router.C, FW = (size_t)s->F * ffn_w1_rows_per_unit(s->activation);
+    return sizeof(float) *
+           (2 * S * C + 2 * R * C + R * FW + (size_t)s->router.N * router_slots(&s->router));
 }
 
 void moe_layer_free(MoeLayer *m) {
     routing_free(&m->routing);
     dispatch_free(&m->dispatch);
+    free(m->global_demand);
     free(m->rows_per_expert);
     free(m->expert_cursor);
     free(m->row_choice);
@@ -85,14 +97,15 @@ void moe_layer_free(MoeLayer *m) {
 int moe_scratch_init(MoeScratch *sc, const MoeShape *s) {
     memset(sc, 0, sizeof *sc);
     size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
-    size_t C = (size_t)s->router.C, F = (size_t)s->F;
+    size_t C = (size_t)s->router.C, FW = (size_t)s->F * ffn_w1_rows_per_unit(s->activation);
     sc->dy_send = malloc(sizeof(float) * (S * C + 1));
     sc->dy_expert = malloc(sizeof(float) * (R * C + 1));
-    sc->dh = malloc(sizeof(float) * (R * F + 1));
+    sc->dh = malloc(sizeof(float) * (R * FW + 1));
     sc->dx_expert = malloc(sizeof(float) * (R * C + 1));
     sc->dx_back = malloc(sizeof(float) * (S * C + 1));
-    sc->dgate = malloc(sizeof(float) * (size_t)s->router.N * s->router.K);
-    if (!sc->dy_send || !sc->dy_expert || !sc->dh || !sc->dx_expert || !sc->dx_back || !sc->dgate) {
+    sc->dgate = malloc(sizeof(float) * (size_t)s->router.N * router_slots(&s->router));
+    if (!sc->dy_send || !sc->dy_expert || !sc->dh || !sc->dx_expert || !sc->dx_back ||
+        !sc->dgate) {
         moe_scratch_free(sc);
         return -1;
     }
@@ -109,52 +122,68 @@ void moe_scratch_free(MoeScratch *sc) {
     memset(sc, 0, sizeof *sc);
 }
 
-/* Counting sort of the kept assignments by (global expert, source token):
- * the order depends only on the routing, never on timing or rank count. */
+/* Counting sort of the kept slots by (global expert, source token): the
+ * order depends only on the routing, never on timing or rank count. */
 static void build_send_order(MoeLayer *m, const RouterShape *s) {
     const Routing *r = &m->routing;
-    int NK = s->N * s->K, E = s->E;
+    long slots = (long)s->N * r->slots;
+    int E = s->E;
     memset(m->rows_per_expert, 0, sizeof(int) * E);
-    for (int a = 0; a < NK; a++)
+    for (long a = 0; a < slots; a++)
         if (r->choice_kept[a]) m->rows_per_expert[r->choice_expert[a]]++;
     m->expert_cursor[0] = 0;
     for (int e = 1; e < E; e++)
         m->expert_cursor[e] = m->expert_cursor[e - 1] + m->rows_per_expert[e - 1];
-    for (int a = 0; a < NK; a++) {
+    for (long a = 0; a < slots; a++) {
         if (!r->choice_kept[a]) {
             m->choice_row[a] = -1;
             continue;
         }
         int row = m->expert_cursor[r->choice_expert[a]]++;
         m->choice_row[a] = row;
-        m->row_choice[row] = a;
+        m->row_choice[row] = (int)a;
     }
 }
 
 static void run_local_experts(MoeLayer *m, const MoeWeights *w, const MoeShape *s) {
-    int C = s->router.C, F = s->F;
+    int C = s->router.C, F = s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
     const int *begin = m->dispatch.expert_row_begin;
     for (int j = 0; j < s->E_local; j++) {
         long b = begin[j];
-        ffn_forward(m->expert_out + b * C, m->h_pre + b * F, m->h_act + b * F, m->expert_in + b * C,
-                    w->w1 + (long)j * F * C, w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C,
-                    F);
+        ffn_forward(m->expert_out + b * C, m->h_pre + b * FW, m->h_act + b * F,
+                    m->expert_in + b * C, w->w1 + (long)j * FW * C, w->w2 + (long)j * C * F,
+                    begin[j + 1] - begin[j], C, F, s->activation);
     }
 }
 
-void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w, const MoeShape *s,
-                 const Comm *comm, double *phase_s) {
+/* Losses need the router demand of the whole global batch for
+ * global_aux_loss: one small all-reduce. */
+static void router_losses_with_counts(MoeLayer *m, const RouterShape *rs, const Comm *comm) {
+    if (rs->balancing != BALANCE_GLOBAL_AUX_LOSS) {
+        router_losses(&m->routing, rs, &m->ctx, NULL, 0);
+        return;
+    }
+    memcpy(m->global_demand, m->routing.tokens_per_expert, sizeof(long) * rs->E);
+    comm_sum_longs(comm, m->global_demand, rs->E);
+    router_losses(&m->routing, rs, &m->ctx, m->global_demand, (long)rs->N * comm->world_size);
+}
+
+void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
+                 const MoeShape *s, const RouterContext *ctx, const Comm *comm,
+                 double *phase_s) {
     const RouterShape *rs = &s->router;
-    int C = rs->C, K = rs->K;
+    int C = rs->C, S = m->routing.slots;
     double mark = timer_now_s();
-    router_forward(&m->routing, x, w->router_w, rs);
+    m->ctx = *ctx;
+    router_route(&m->routing, x, &w->router, rs, ctx);
+    router_losses_with_counts(m, rs, comm);
     build_send_order(m, rs);
     timer_charge(phase_s, PHASE_ROUTER, &mark);
 
     int send_rows = 0;
     for (int e = 0; e < rs->E; e++) send_rows += m->rows_per_expert[e];
     for (int row = 0; row < send_rows; row++)
-        memcpy(m->send_x + (long)row * C, x + (long)(m->row_choice[row] / K) * C,
+        memcpy(m->send_x + (long)row * C, x + (long)(m->row_choice[row] / S) * C,
                sizeof(float) * C);
     dispatch_plan(&m->dispatch, m->rows_per_expert, comm);
     dispatch_rows(&m->dispatch, m->send_x, m->expert_in, C, comm);
@@ -165,11 +194,11 @@ void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w, c
 
     combine_rows(&m->dispatch, m->expert_out, m->send_y, C, comm);
     memset(out, 0, sizeof(float) * (size_t)rs->N * C);
-    for (int a = 0; a < rs->N * K; a++) {
+    for (long a = 0; a < (long)rs->N * S; a++) {
         int row = m->choice_row[a];
         if (row < 0) continue;
         float gate = m->routing.choice_gate[a];
-        float *o = out + (long)(a / K) * C;
+        float *o = out + (a / S) * C;
         const float *y = m->send_y + (long)row * C;
         for (int c = 0; c < C; c++) o[c] += gate * y[c];
     }
@@ -180,12 +209,13 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
                   const MoeWeights *w, MoeLayer *m, MoeScratch *sc, const MoeShape *s,
                   const Comm *comm, double *phase_s) {
     const RouterShape *rs = &s->router;
-    int C = rs->C, F = s->F, K = rs->K;
+    int C = rs->C, F = s->F, S = m->routing.slots;
+    int FW = F * ffn_w1_rows_per_unit(s->activation);
     double mark = timer_now_s();
-    memset(sc->dgate, 0, sizeof(float) * (size_t)rs->N * K);
+    memset(sc->dgate, 0, sizeof(float) * (size_t)rs->N * S);
     for (int row = 0; row < m->dispatch.num_send_rows; row++) {
         int a = m->row_choice[row];
-        const float *dy = dout + (long)(a / K) * C;
+        const float *dy = dout + (long)(a / S) * C;
         const float *y = m->send_y + (long)row * C;
         float *dy_row = sc->dy_send + (long)row * C;
         float gate = m->routing.choice_gate[a];
@@ -202,10 +232,10 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
     const int *begin = m->dispatch.expert_row_begin;
     for (int j = 0; j < s->E_local; j++) {
         long b = begin[j];
-        ffn_backward(sc->dx_expert + b * C, g->w1 + (long)j * F * C, g->w2 + (long)j * C * F,
-                     sc->dh + b * F, sc->dy_expert + b * C, m->expert_in + b * C, m->h_pre + b * F,
-                     m->h_act + b * F, w->w1 + (long)j * F * C, w->w2 + (long)j * C * F,
-                     begin[j + 1] - begin[j], C, F);
+        ffn_backward(sc->dx_expert + b * C, g->w1 + (long)j * FW * C, g->w2 + (long)j * C * F,
+                     sc->dh + b * FW, sc->dy_expert + b * C, m->expert_in + b * C,
+                     m->h_pre + b * FW, m->h_act + b * F, w->w1 + (long)j * FW * C,
+                     w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F, s->activation);
     }
     timer_charge(phase_s, PHASE_EXPERTS, &mark);
 
@@ -213,10 +243,10 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
     timer_charge(phase_s, PHASE_COMBINE, &mark);
 
     memset(dx, 0, sizeof(float) * (size_t)rs->N * C);
-    router_backward(dx, g->router_w, sc->dgate, x, w->router_w, &m->routing, rs);
+    router_backward(dx, &g->router, sc->dgate, x, &w->router, &m->routing, rs, &m->ctx);
     timer_charge(phase_s, PHASE_ROUTER, &mark);
     for (int row = 0; row < m->dispatch.num_send_rows; row++) {
-        float *d = dx + (long)(m->row_choice[row] / K) * C;
+        float *d = dx + (long)(m->row_choice[row] / S) * C;
         const float *dr = sc->dx_back + (long)row * C;
         for (int c = 0; c < C; c++) d[c] += dr[c];
     }

@@ -93,6 +93,8 @@ enum SeriesId {
     TRAIN_LOSS,
     TRAIN_AUX,
     TRAIN_Z,
+    TRAIN_IMPORTANCE,
+    TRAIN_LOAD,
     TRAIN_LR,
     TRAIN_GRAD_NORM,
     TRAIN_TOKENS_PER_S,
@@ -108,6 +110,8 @@ enum SeriesId {
     ROUTING_UNUSED,
     ROUTING_AUX,
     ROUTING_Z,
+    ROUTING_IMPORTANCE_LOSS,
+    ROUTING_LOAD_LOSS,
     TRAFFIC_DISPATCH,
     EVAL_STEP,
     EVAL_LOSS,
@@ -134,6 +138,8 @@ static const SeriesSpec SERIES[] = {
     {TRAIN_LOSS, "/train/loss", 0, TAIL_NONE, "nats/token"},
     {TRAIN_AUX, "/train/aux_loss", 0, TAIL_NONE, "loss"},
     {TRAIN_Z, "/train/z_loss", 0, TAIL_NONE, "loss"},
+    {TRAIN_IMPORTANCE, "/train/importance_loss", 0, TAIL_NONE, "loss"},
+    {TRAIN_LOAD, "/train/load_loss", 0, TAIL_NONE, "loss"},
     {TRAIN_LR, "/train/lr", 0, TAIL_NONE, "1"},
     {TRAIN_GRAD_NORM, "/train/grad_norm", 0, TAIL_NONE, "1"},
     {TRAIN_TOKENS_PER_S, "/train/tokens_per_s", 0, TAIL_NONE, "tokens/s"},
@@ -149,6 +155,8 @@ static const SeriesSpec SERIES[] = {
     {ROUTING_UNUSED, "/routing/unused_experts", 1, TAIL_LAYER, "experts"},
     {ROUTING_AUX, "/routing/aux_loss", 0, TAIL_LAYER, "loss"},
     {ROUTING_Z, "/routing/z_loss", 0, TAIL_LAYER, "loss"},
+    {ROUTING_IMPORTANCE_LOSS, "/routing/importance_loss", 0, TAIL_LAYER, "loss"},
+    {ROUTING_LOAD_LOSS, "/routing/load_loss", 0, TAIL_LAYER, "loss"},
     {TRAFFIC_DISPATCH, "/traffic/dispatch_bytes", 1, TAIL_RANK_RANK, "bytes"},
     {EVAL_STEP, "/eval/step", 1, TAIL_NONE, "step"},
     {EVAL_LOSS, "/eval/loss", 0, TAIL_NONE, "nats/token"},
@@ -424,6 +432,8 @@ int record_append_train(Record *r, const TrainRow *row, const StepDetail *d) {
     st |= series_push(&s[TRAIN_LOSS], &row->loss);
     st |= series_push(&s[TRAIN_AUX], &row->aux_loss);
     st |= series_push(&s[TRAIN_Z], &row->z_loss);
+    st |= series_push(&s[TRAIN_IMPORTANCE], &row->importance_loss);
+    st |= series_push(&s[TRAIN_LOAD], &row->load_loss);
     st |= series_push(&s[TRAIN_LR], &row->lr);
     st |= series_push(&s[TRAIN_GRAD_NORM], &row->grad_norm);
     st |= series_push(&s[TRAIN_TOKENS_PER_S], &row->tokens_per_s);
@@ -438,6 +448,8 @@ int record_append_train(Record *r, const TrainRow *row, const StepDetail *d) {
     st |= series_push(&s[ROUTING_ENTROPY], d->entropy);
     st |= series_push(&s[ROUTING_AUX], d->aux_loss);
     st |= series_push(&s[ROUTING_Z], d->z_loss);
+    st |= series_push(&s[ROUTING_IMPORTANCE_LOSS], d->importance_loss);
+    st |= series_push(&s[ROUTING_LOAD_LOSS], d->load_loss);
     st |= push_layer_statistics(r, d);
     for (int p = 0; p < PHASE_COUNT; p++) {
         for (int rank = 0; rank < P; rank++)

@@ -6,6 +6,34 @@
 #include <string.h>
 
 #include "moesim/ops.h"
+#include "moesim/rng.h"
+
+/* Independent random streams, so noise, jitter and routing draws never
+ * share values. */
+#define DOMAIN_NOISE 0x6e6f697365ull
+#define DOMAIN_JITTER 0x6a6974746572ull
+#define DOMAIN_SECOND_EXPERT 0x67736861726dull
+#define SINKHORN_TOLERANCE 1e-4
+#define SINKHORN_MAX_ITERATIONS 200
+
+RouterType router_type_from_name(const char *name) {
+    static const char *const names[] = {"topk",          "switch",   "noisy_topk", "gshard_top2",
+                                        "expert_choice", "sinkhorn", "soft"};
+    for (int i = 0; i < (int)(sizeof names / sizeof names[0]); i++)
+        if (strcmp(name, names[i]) == 0) return (RouterType)i;
+    return ROUTER_TOPK;
+}
+
+BalancingType balancing_type_from_name(const char *name) {
+    static const char *const names[] = {"aux_loss", "seq_aux_loss", "global_aux_loss", "none"};
+    for (int i = 0; i < (int)(sizeof names / sizeof names[0]); i++)
+        if (strcmp(name, names[i]) == 0) return (BalancingType)i;
+    return BALANCE_AUX_LOSS;
+}
+
+int router_slots(const RouterShape *s) {
+    return s->type == ROUTER_EXPERT_CHOICE || s->type == ROUTER_SOFT ? s->E : s->K;
+}
 
 int router_capacity(double capacity_factor, int G, int K, int E) {
     /* The tolerance keeps exact products (1.1 * 100 * 1 / 10 = 11) from
@@ -15,25 +43,63 @@ int router_capacity(double capacity_factor, int G, int K, int E) {
     return capacity < 1 ? 1 : capacity;
 }
 
+static int balancing_units(const RouterShape *s) {
+    switch (s->balancing) {
+        case BALANCE_SEQ_AUX_LOSS:
+            return s->N / s->T;
+        case BALANCE_GLOBAL_AUX_LOSS:
+            return 1;
+        default:
+            return s->N / s->G;
+    }
+}
+
 int routing_init(Routing *r, const RouterShape *s) {
     memset(r, 0, sizeof *r);
-    long NE = (long)s->N * s->E, NK = (long)s->N * s->K;
-    r->logits = malloc(sizeof(float) * NE);
-    r->probs = malloc(sizeof(float) * NE);
-    r->dprobs = malloc(sizeof(float) * NE);
-    r->lse = malloc(sizeof(float) * s->N);
-    r->choice_expert = malloc(sizeof(int) * NK);
-    r->choice_gate = malloc(sizeof(float) * NK);
-    r->choice_kept = malloc(NK);
-    r->group_fraction = malloc(sizeof(float) * (s->N / s->G) * s->E);
-    r->tokens_per_expert = malloc(sizeof(long) * s->E);
-    r->dropped_per_expert = malloc(sizeof(long) * s->E);
-    r->group_load = malloc(sizeof(int) * s->E);
-    r->gate_sum = malloc(sizeof(double) * s->E);
-    r->prob_sum = malloc(sizeof(double) * s->E);
-    if (!r->logits || !r->probs || !r->dprobs || !r->lse || !r->choice_expert || !r->choice_gate ||
-        !r->choice_kept || !r->group_fraction || !r->tokens_per_expert || !r->dropped_per_expert ||
-        !r->group_load || !r->gate_sum || !r->prob_sum) {
+    r->slots = router_slots(s);
+    size_t N = (size_t)s->N, E = (size_t)s->E, C = (size_t)s->C, NE = N * E;
+    size_t NS = N * r->slots, groups = (size_t)(s->N / s->G), units = (size_t)balancing_units(s);
+    int noisy = s->type == ROUTER_NOISY_TOPK, jitter = s->jitter_eps > 0;
+    int failed = 0;
+#define ALLOC(ptr, count) failed |= !((ptr) = calloc((count) + 1, sizeof *(ptr)))
+    if (jitter) {
+        ALLOC(r->x_in, N * C);
+        ALLOC(r->jitter, N * C);
+        ALLOC(r->dx_in, N * C);
+    }
+    ALLOC(r->logits, NE);
+    if (noisy) {
+        ALLOC(r->noise_pre, NE);
+        ALLOC(r->noise_std, NE);
+        ALLOC(r->noise, NE);
+        ALLOC(r->dnoise, NE);
+        ALLOC(r->load, groups * E);
+        ALLOC(r->load_z, NE);
+        ALLOC(r->load_threshold, NE);
+    }
+    ALLOC(r->h, NE);
+    ALLOC(r->probs, NE);
+    ALLOC(r->lse, N);
+    ALLOC(r->select_scores, NE);
+    ALLOC(r->choice_expert, NS);
+    ALLOC(r->choice_gate, NS);
+    ALLOC(r->choice_routed, NS);
+    ALLOC(r->choice_kept, NS);
+    ALLOC(r->unit_fraction, units * E);
+    ALLOC(r->unit_prob, units * E);
+    ALLOC(r->importance, groups * E);
+    ALLOC(r->tokens_per_expert, E);
+    ALLOC(r->dropped_per_expert, E);
+    ALLOC(r->dprobs, NE);
+    ALLOC(r->dh, NE);
+    ALLOC(r->group_load, E);
+    ALLOC(r->order, NS > E ? NS : E);
+    ALLOC(r->slot_scratch, (size_t)r->slots);
+    ALLOC(r->sinkhorn_d, (size_t)s->G + E);
+    ALLOC(r->gate_sum, E);
+    ALLOC(r->prob_sum, E);
+#undef ALLOC
+    if (failed) {
         routing_free(r);
         return -1;
     }
@@ -41,87 +107,429 @@ int routing_init(Routing *r, const RouterShape *s) {
 }
 
 size_t routing_bytes(const RouterShape *s) {
-    size_t NE = (size_t)s->N * s->E, NK = (size_t)s->N * s->K;
-    return sizeof(float) * (3 * NE + s->N + NK + (size_t)(s->N / s->G) * s->E) +
-           sizeof(int) * (NK + s->E) + NK + 2 * sizeof(long) * s->E + 2 * sizeof(double) * s->E;
+    size_t N = (size_t)s->N, E = (size_t)s->E, C = (size_t)s->C, NE = N * E;
+    size_t NS = N * router_slots(s), groups = (size_t)(s->N / s->G);
+    size_t units = (size_t)balancing_units(s);
+    size_t order = NS > E ? NS : E;
+    size_t bytes = sizeof(float) * (6 * NE + N + NS) + sizeof(int) * (NS + E + order) + 2 * NS +
+                   sizeof(float) * (size_t)router_slots(s) + sizeof(float) * units * E +
+                   sizeof(double) * (units * E + groups * E) + 2 * sizeof(long) * E +
+                   sizeof(double) * ((size_t)s->G + E + 2 * E);
+    if (s->jitter_eps > 0) bytes += 3 * sizeof(float) * N * C;
+    if (s->type == ROUTER_NOISY_TOPK)
+        bytes += sizeof(float) * 5 * NE + sizeof(double) * groups * E + sizeof(int) * NE;
+    return bytes;
 }
 
 void routing_free(Routing *r) {
-    free(r->logits);
-    free(r->probs);
-    free(r->dprobs);
-    free(r->lse);
-    free(r->choice_expert);
-    free(r->choice_gate);
-    free(r->choice_kept);
-    free(r->group_fraction);
-    free(r->tokens_per_expert);
-    free(r->dropped_per_expert);
-    free(r->group_load);
-    free(r->gate_sum);
-    free(r->prob_sum);
+    void *owned[] = {r->x_in,
+                     r->jitter,
+                     r->logits,
+                     r->noise_pre,
+                     r->noise_std,
+                     r->noise,
+                     r->h,
+                     r->probs,
+                     r->lse,
+                     r->select_scores,
+                     r->choice_expert,
+                     r->choice_gate,
+                     r->choice_routed,
+                     r->choice_kept,
+                     r->unit_fraction,
+                     r->unit_prob,
+                     r->importance,
+                     r->load,
+                     r->load_z,
+                     r->load_threshold,
+                     r->tokens_per_expert,
+                     r->dropped_per_expert,
+                     r->dprobs,
+                     r->dh,
+                     r->dnoise,
+                     r->dx_in,
+                     r->group_load,
+                     r->order,
+                     r->slot_scratch,
+                     r->sinkhorn_d,
+                     r->gate_sum,
+                     r->prob_sum};
+    for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     memset(r, 0, sizeof *r);
 }
 
-/* The K largest of probs[E], best first; ties go to the lower expert index so
+/* ---- randomness keyed by what is being drawn, not by the order of draws ---- */
+
+static uint64_t draw_key(uint64_t domain, const RouterContext *ctx, uint64_t index) {
+    return rng_hash3(rng_hash3(domain, ctx->seed, (uint64_t)ctx->step), (uint64_t)ctx->layer,
+                     index);
+}
+
+static double uniform_at(uint64_t domain, const RouterContext *ctx, uint64_t index) {
+    return (double)(rng_mix64(draw_key(domain, ctx, index)) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static double normal_at(uint64_t domain, const RouterContext *ctx, uint64_t index) {
+    Rng rng = {draw_key(domain, ctx, index)};
+    return rng_normal(&rng);
+}
+
+/* ---- scores -------------------------------------------------------------- */
+
+static const float *jitter_input(Routing *r, const float *x, const RouterShape *s,
+                                 const RouterContext *ctx) {
+    long n = (long)s->N * s->C;
+    for (long i = 0; i < n; i++) {
+        uint64_t index = (uint64_t)(ctx->first_token * s->C + i);
+        float u = (float)(1.0 - s->jitter_eps +
+                          2.0 * s->jitter_eps * uniform_at(DOMAIN_JITTER, ctx, index));
+        r->jitter[i] = u;
+        r->x_in[i] = x[i] * u;
+    }
+    return r->x_in;
+}
+
+static float softplus(float v) {
+    return v > 20.0f ? v : log1pf(expf(v));
+}
+static float sigmoid(float v) {
+    return 1.0f / (1.0f + expf(-v));
+}
+
+/* h = logits + noise * softplus(x·Wnoise^T), noise only in training. */
+static void add_gating_noise(Routing *r, const float *x_in, const RouterWeights *w,
+                             const RouterShape *s, const RouterContext *ctx) {
+    int N = s->N, E = s->E;
+    matmul_forward(r->noise_pre, x_in, w->noise_w, N, s->C, E);
+    for (long i = 0; i < (long)N * E; i++) {
+        r->noise_std[i] = softplus(r->noise_pre[i]);
+        uint64_t index = (uint64_t)(ctx->first_token * E + i);
+        r->noise[i] = ctx->training ? (float)normal_at(DOMAIN_NOISE, ctx, index) : 0.0f;
+        r->h[i] += r->noise[i] * r->noise_std[i];
+    }
+}
+
+static void compute_scores(Routing *r, const RouterShape *s) {
+    int E = s->E;
+    for (int t = 0; t < s->N; t++) {
+        const float *h = r->h + (long)t * E;
+        float *p = r->probs + (long)t * E;
+        memcpy(p, h, sizeof(float) * E);
+        r->lse[t] = softmax_row(p, E);
+        if (s->sigmoid_scores)
+            for (int e = 0; e < E; e++) p[e] = sigmoid(h[e]);
+    }
+}
+
+/* ---- selection ------------------------------------------------------------ */
+
+/* The K largest of scores[E], best first; ties go to the lower expert index so
  * routing never depends on anything but the scores. */
-static void select_top_k(int *chosen, const float *probs, int E, int K) {
+static void select_top_k(int *chosen, const float *scores, int E, int K) {
     for (int k = 0; k < K; k++) {
         int best = -1;
         for (int e = 0; e < E; e++) {
             int taken = 0;
             for (int j = 0; j < k; j++) taken |= chosen[j] == e;
-            if (!taken && (best < 0 || probs[e] > probs[best])) best = e;
+            if (!taken && (best < 0 || scores[e] > scores[best])) best = e;
         }
         chosen[k] = best;
     }
 }
 
-static void compute_gates(float *gate, const int *chosen, const float *probs, int K,
-                          int norm_topk_prob) {
-    float sum = 0.0f;
-    for (int k = 0; k < K; k++) sum += probs[chosen[k]];
-    for (int k = 0; k < K; k++)
-        gate[k] = norm_topk_prob ? probs[chosen[k]] / sum : probs[chosen[k]];
+/* Megatron's Sinkhorn: rescale exp(h) of one routing group until every
+ * token's row and every expert's column carry equal mass. */
+static void sinkhorn_group(float *out, const float *h, int G, int E, double *d) {
+    double *d0 = d, *d1 = d + G;
+    float max = h[0];
+    for (long i = 0; i < (long)G * E; i++) max = h[i] > max ? h[i] : max;
+    for (long i = 0; i < (long)G * E; i++) out[i] = expf(h[i] - max);
+    for (int e = 0; e < E; e++) d1[e] = 1.0;
+    for (int it = 0; it < SINKHORN_MAX_ITERATIONS; it++) {
+        for (int t = 0; t < G; t++) {
+            double sum = 0.0;
+            for (int e = 0; e < E; e++) sum += d1[e] * out[(long)t * E + e];
+            d0[t] = 1.0 / G / (sum + 1e-8);
+        }
+        double error = 0.0;
+        for (int e = 0; e < E; e++) {
+            double sum = 0.0;
+            for (int t = 0; t < G; t++) sum += d0[t] * out[(long)t * E + e];
+            double next = 1.0 / E / (sum + 1e-8);
+            error += fabs(next - d1[e]);
+            d1[e] = next;
+        }
+        if (error / E < SINKHORN_TOLERANCE) break;
+    }
+    for (int t = 0; t < G; t++)
+        for (int e = 0; e < E; e++) out[(long)t * E + e] *= (float)(d0[t] * d1[e]);
 }
 
-/* First come, first served: within a group each expert keeps the earliest
- * tokens that chose it, up to its capacity. */
-static void apply_capacity(Routing *r, const RouterShape *s) {
-    int E = s->E, K = s->K, G = s->G;
-    int *load = r->group_load;
+static void fill_selection_scores(Routing *r, const RouterShape *s, const RouterContext *ctx) {
+    int N = s->N, E = s->E;
+    if (s->type == ROUTER_SINKHORN && ctx->training) {
+        for (int g = 0; g < N / s->G; g++)
+            sinkhorn_group(r->select_scores + (long)g * s->G * E, r->h + (long)g * s->G * E, s->G,
+                           E, r->sinkhorn_d);
+        return;
+    }
+    memcpy(r->select_scores, r->probs, sizeof(float) * (size_t)N * E);
+    if (ctx->expert_bias)
+        for (int t = 0; t < N; t++)
+            for (int e = 0; e < E; e++) r->select_scores[(long)t * E + e] += ctx->expert_bias[e];
+}
+
+static int renormalises(const RouterShape *s) {
+    return s->norm_topk_prob || s->type == ROUTER_NOISY_TOPK || s->type == ROUTER_GSHARD_TOP2;
+}
+
+/* Top-k family: k slots per token, gates from the scores of the selected. */
+static void select_top_k_slots(Routing *r, const RouterShape *s, const RouterContext *ctx) {
+    int E = s->E, K = s->K;
+    for (int t = 0; t < s->N; t++) {
+        int *chosen = r->choice_expert + (long)t * K;
+        float *gate = r->choice_gate + (long)t * K;
+        const float *p = r->probs + (long)t * E;
+        select_top_k(chosen, r->select_scores + (long)t * E, E, K);
+        float sum = 0.0f;
+        for (int k = 0; k < K; k++) sum += p[chosen[k]];
+        for (int k = 0; k < K; k++) {
+            gate[k] = renormalises(s) ? p[chosen[k]] / sum : p[chosen[k]];
+            r->choice_routed[(long)t * K + k] = 1;
+        }
+        /* GShard: the second expert gets the token with probability 2*g2. */
+        if (s->type == ROUTER_GSHARD_TOP2 && ctx->training && K == 2) {
+            double u = uniform_at(DOMAIN_SECOND_EXPERT, ctx, (uint64_t)(ctx->first_token + t));
+            r->choice_routed[(long)t * K + 1] = u < 2.0 * gate[1];
+        }
+    }
+}
+
+typedef struct SortContext {
+    const int *expert;
+    const float *gate;
+} SortContext;
+
+/* Within a group: by expert, then highest gate, then earliest slot. */
+static int by_expert_then_gate(const void *a, const void *b, void *arg) {
+    const SortContext *c = arg;
+    int i = *(const int *)a, j = *(const int *)b;
+    if (c->expert[i] != c->expert[j]) return c->expert[i] < c->expert[j] ? -1 : 1;
+    if (c->gate[i] != c->gate[j]) return c->gate[i] > c->gate[j] ? -1 : 1;
+    return i < j ? -1 : i > j;
+}
+
+/* Expert choice: in each group, every expert takes its top-C tokens. */
+static void select_expert_choice(Routing *r, const RouterShape *s, int capacity) {
+    int E = s->E, G = s->G;
+    for (long a = 0; a < (long)s->N * E; a++) {
+        r->choice_expert[a] = (int)(a % E);
+        r->choice_gate[a] = r->probs[a];
+        r->choice_routed[a] = 0;
+    }
     for (int g = 0; g < s->N / G; g++) {
-        memset(load, 0, sizeof(int) * E);
-        float *fraction = r->group_fraction + (long)g * E;
-        memset(fraction, 0, sizeof(float) * E);
-        for (int t = g * G; t < (g + 1) * G; t++) {
-            for (int k = 0; k < K; k++) {
-                int e = r->choice_expert[t * K + k];
-                int kept = load[e] < r->capacity;
-                load[e] += kept;
-                r->choice_kept[t * K + k] = (unsigned char)kept;
-                r->tokens_per_expert[e]++;
-                r->dropped_per_expert[e] += !kept;
-                fraction[e] += 1.0f;
+        for (int e = 0; e < E; e++) {
+            /* selection sort of the top-C tokens: C and G are small */
+            for (int c = 0; c < capacity && c < G; c++) {
+                int best = -1;
+                for (int t = g * G; t < (g + 1) * G; t++) {
+                    long a = (long)t * E + e;
+                    if (r->choice_routed[a]) continue;
+                    if (best < 0 || r->probs[a] > r->probs[(long)best * E + e]) best = t;
+                }
+                r->choice_routed[(long)best * E + e] = 1;
             }
         }
-        for (int e = 0; e < E; e++) fraction[e] /= (float)G * K;
+    }
+    memcpy(r->choice_kept, r->choice_routed, (size_t)s->N * E);
+}
+
+static void select_soft(Routing *r, const RouterShape *s) {
+    for (long a = 0; a < (long)s->N * s->E; a++) {
+        r->choice_expert[a] = (int)(a % s->E);
+        r->choice_gate[a] = r->probs[a];
+        r->choice_routed[a] = r->choice_kept[a] = 1;
     }
 }
 
-/* Switch: coeff * E * sum_e f_e * P_e per group, averaged over groups, where
- * f_e is the share of assignments and P_e the mean router probability. */
-static double load_balancing_loss(const Routing *r, const RouterShape *s) {
-    int E = s->E, G = s->G, groups = s->N / s->G;
-    double total = 0.0;
-    for (int g = 0; g < groups; g++) {
+/* ---- capacity -------------------------------------------------------------- */
+
+/* First come, first served: within a group each expert keeps the earliest
+ * routed slots, up to its capacity. */
+static void keep_by_position(Routing *r, const RouterShape *s, int g, int capacity) {
+    int S = r->slots;
+    memset(r->group_load, 0, sizeof(int) * s->E);
+    for (long a = (long)g * s->G * S; a < (long)(g + 1) * s->G * S; a++) {
+        if (!r->choice_routed[a]) continue;
+        int e = r->choice_expert[a];
+        r->choice_kept[a] = r->group_load[e] < capacity;
+        r->group_load[e] += r->choice_kept[a];
+    }
+}
+
+/* On overflow the highest gates stay, ties to the earlier slot. */
+static void keep_by_probability(Routing *r, const RouterShape *s, int g, int capacity) {
+    int S = r->slots, n = 0;
+    for (long a = (long)g * s->G * S; a < (long)(g + 1) * s->G * S; a++)
+        if (r->choice_routed[a]) r->order[n++] = (int)a;
+    SortContext sc = {r->choice_expert, r->choice_gate};
+    qsort_r(r->order, (size_t)n, sizeof(int), by_expert_then_gate, &sc);
+    for (int i = 0, rank = 0; i < n; i++) {
+        rank = i > 0 && r->choice_expert[r->order[i]] == r->choice_expert[r->order[i - 1]]
+                   ? rank + 1
+                   : 0;
+        r->choice_kept[r->order[i]] = rank < capacity;
+    }
+}
+
+static void apply_capacity(Routing *r, const RouterShape *s, const RouterContext *ctx) {
+    long NS = (long)s->N * r->slots;
+    memset(r->choice_kept, 0, (size_t)NS);
+    if (ctx->capacity_factor <= 0) {
+        r->capacity = 0;
+        memcpy(r->choice_kept, r->choice_routed, (size_t)NS);
+        return;
+    }
+    int capacity = router_capacity(ctx->capacity_factor, s->G, s->K, s->E);
+    r->capacity = capacity > s->min_capacity ? capacity : s->min_capacity;
+    for (int g = 0; g < s->N / s->G; g++) {
+        if (s->drop_by_prob)
+            keep_by_probability(r, s, g, r->capacity);
+        else
+            keep_by_position(r, s, g, r->capacity);
+    }
+}
+
+static void count_assignments(Routing *r, const RouterShape *s) {
+    int E = s->E;
+    memset(r->tokens_per_expert, 0, sizeof(long) * E);
+    memset(r->dropped_per_expert, 0, sizeof(long) * E);
+    memset(r->gate_sum, 0, sizeof(double) * E);
+    memset(r->prob_sum, 0, sizeof(double) * E);
+    r->entropy_sum = 0.0;
+    for (long a = 0; a < (long)s->N * r->slots; a++) {
+        if (!r->choice_routed[a]) continue;
+        int e = r->choice_expert[a];
+        r->tokens_per_expert[e]++;
+        r->dropped_per_expert[e] += !r->choice_kept[a];
+        r->gate_sum[e] += r->choice_gate[a];
+    }
+    for (int t = 0; t < s->N; t++) {
+        const float *p = r->probs + (long)t * E, *h = r->h + (long)t * E;
         for (int e = 0; e < E; e++) {
-            double mean_prob = 0.0;
-            for (int t = g * G; t < (g + 1) * G; t++) mean_prob += r->probs[(long)t * E + e];
-            total += r->group_fraction[(long)g * E + e] * mean_prob / G;
+            r->prob_sum[e] += p[e];
+            double q = exp((double)h[e] - r->lse[t]); /* the softmax, whatever the scores */
+            if (q > 0) r->entropy_sum -= q * log(q);
         }
     }
-    return s->aux_loss_coeff * E * total / groups;
+}
+
+void router_route(Routing *r, const float *x, const RouterWeights *w, const RouterShape *s,
+                  const RouterContext *ctx) {
+    int N = s->N, E = s->E;
+    const float *x_in = ctx->training && s->jitter_eps > 0 ? jitter_input(r, x, s, ctx) : x;
+    matmul_forward(r->logits, x_in, w->router_w, N, s->C, E);
+    memcpy(r->h, r->logits, sizeof(float) * (size_t)N * E);
+    if (s->type == ROUTER_NOISY_TOPK) add_gating_noise(r, x_in, w, s, ctx);
+    compute_scores(r, s);
+    if (s->type == ROUTER_EXPERT_CHOICE) {
+        r->capacity = router_capacity(ctx->capacity_factor, s->G, s->K, E);
+        select_expert_choice(r, s, r->capacity);
+    } else if (s->type == ROUTER_SOFT) {
+        r->capacity = 0;
+        select_soft(r, s);
+    } else {
+        fill_selection_scores(r, s, ctx);
+        select_top_k_slots(r, s, ctx);
+        apply_capacity(r, s, ctx);
+    }
+    count_assignments(r, s);
+}
+
+/* ---- losses ------------------------------------------------------------------ */
+
+/* Squared coefficient of variation of v[E] (population variance). */
+static double cv_squared(const double *v, int E) {
+    double mean = 0.0, var = 0.0;
+    for (int e = 0; e < E; e++) mean += v[e] / E;
+    for (int e = 0; e < E; e++) var += (v[e] - mean) * (v[e] - mean) / E;
+    return mean > 0 ? var / (mean * mean) : 0.0;
+}
+
+/* d CV^2 / d v_e */
+static double cv_squared_grad(const double *v, int E, int e) {
+    double mean = 0.0, var = 0.0;
+    for (int f = 0; f < E; f++) mean += v[f] / E;
+    for (int f = 0; f < E; f++) var += (v[f] - mean) * (v[f] - mean) / E;
+    if (mean <= 0) return 0.0;
+    return 2.0 / (E * mean * mean) * (v[e] - mean - var / mean);
+}
+
+/* Switch: coeff * E * sum_e f_e * P_e per balancing unit (group or sequence),
+ * averaged over units; or with f from the global batch's counts. */
+static double load_balancing_loss(Routing *r, const RouterShape *s,
+                                  const long *global_tokens_per_expert, long global_tokens) {
+    int E = s->E, K = s->K, units = balancing_units(s);
+    int unit_tokens = s->N / units;
+    memset(r->unit_fraction, 0, sizeof(float) * units * E);
+    memset(r->unit_prob, 0, sizeof(double) * units * E);
+    for (int t = 0; t < s->N; t++) {
+        int u = t / unit_tokens;
+        for (int e = 0; e < E; e++) r->unit_prob[(long)u * E + e] += r->probs[(long)t * E + e];
+        for (int k = 0; k < r->slots; k++) {
+            long a = (long)t * r->slots + k;
+            if (r->choice_routed[a]) r->unit_fraction[(long)u * E + r->choice_expert[a]] += 1.0f;
+        }
+    }
+    if (s->balancing == BALANCE_GLOBAL_AUX_LOSS)
+        for (int e = 0; e < E; e++) r->unit_fraction[e] = (float)global_tokens_per_expert[e];
+    double denominator = s->balancing == BALANCE_GLOBAL_AUX_LOSS ? (double)global_tokens * K
+                                                                 : (double)unit_tokens * K;
+    double total = 0.0;
+    for (long i = 0; i < (long)units * E; i++) {
+        r->unit_fraction[i] /= (float)denominator;
+        r->unit_prob[i] /= unit_tokens;
+        total += r->unit_fraction[i] * r->unit_prob[i];
+    }
+    return s->aux_loss_coeff * E * total / units;
+}
+
+static double importance_loss(Routing *r, const RouterShape *s) {
+    int E = s->E, G = s->G, groups = s->N / G;
+    memset(r->importance, 0, sizeof(double) * groups * E);
+    for (long a = 0; a < (long)s->N * r->slots; a++)
+        if (r->choice_routed[a])
+            r->importance[(a / r->slots / G) * E + r->choice_expert[a]] += r->choice_gate[a];
+    double total = 0.0;
+    for (int g = 0; g < groups; g++) total += cv_squared(r->importance + (long)g * E, E);
+    return s->importance_loss_coeff * total / groups;
+}
+
+/* Shazeer's smooth load: P(token t picks e) = Phi((logit - threshold) / std),
+ * the threshold being the k-th largest noisy logit among the other experts. */
+static double load_loss(Routing *r, const RouterShape *s) {
+    int E = s->E, K = s->K, G = s->G, groups = s->N / G;
+    memset(r->load, 0, sizeof(double) * groups * E);
+    if (K >= E) return 0.0;
+    for (int t = 0; t < s->N; t++) {
+        const float *h = r->h + (long)t * E;
+        const int *chosen = r->choice_expert + (long)t * K;
+        int *order = r->order; /* K+1 <= E entries of scratch */
+        select_top_k(order, h, E, K + 1);
+        for (int e = 0; e < E; e++) {
+            int selected = 0;
+            for (int k = 0; k < K; k++) selected |= chosen[k] == e;
+            int threshold = selected ? order[K] : order[K - 1];
+            long i = (long)t * E + e;
+            float z = (r->logits[i] - h[threshold]) / r->noise_std[i];
+            r->load_z[i] = z;
+            r->load_threshold[i] = threshold;
+            r->load[(long)(t / G) * E + e] += 0.5 * erfc(-z / sqrt(2.0));
+        }
+    }
+    double total = 0.0;
+    for (int g = 0; g < groups; g++) total += cv_squared(r->load + (long)g * E, E);
+    return s->load_loss_coeff * total / groups;
 }
 
 static double z_loss(const Routing *r, const RouterShape *s) {
@@ -130,77 +538,136 @@ static double z_loss(const Routing *r, const RouterShape *s) {
     return s->z_loss_coeff * sum_sq / s->N;
 }
 
-static void accumulate_statistics(Routing *r, const RouterShape *s) {
-    int E = s->E, K = s->K;
-    memset(r->gate_sum, 0, sizeof(double) * E);
-    memset(r->prob_sum, 0, sizeof(double) * E);
-    r->entropy_sum = 0.0;
-    for (int t = 0; t < s->N; t++) {
-        const float *p = r->probs + (long)t * E;
-        for (int e = 0; e < E; e++) {
-            r->prob_sum[e] += p[e];
-            if (p[e] > 0.0f) r->entropy_sum -= (double)p[e] * log((double)p[e]);
-        }
-        for (int k = 0; k < K; k++)
-            r->gate_sum[r->choice_expert[(long)t * K + k]] += r->choice_gate[(long)t * K + k];
-    }
-}
-
-void router_forward(Routing *r, const float *x, const float *w, const RouterShape *s) {
-    int N = s->N, E = s->E, K = s->K;
-    matmul_forward(r->logits, x, w, N, s->C, E);
-    memcpy(r->probs, r->logits, sizeof(float) * (size_t)N * E);
-    for (int t = 0; t < N; t++) {
-        float *p = r->probs + (long)t * E;
-        r->lse[t] = softmax_row(p, E);
-        select_top_k(r->choice_expert + (long)t * K, p, E, K);
-        compute_gates(r->choice_gate + (long)t * K, r->choice_expert + (long)t * K, p, K,
-                      s->norm_topk_prob);
-    }
-    r->capacity = router_capacity(s->capacity_factor, s->G, K, E);
-    memset(r->tokens_per_expert, 0, sizeof(long) * E);
-    memset(r->dropped_per_expert, 0, sizeof(long) * E);
-    apply_capacity(r, s);
-    r->aux_loss = load_balancing_loss(r, s);
+void router_losses(Routing *r, const RouterShape *s, const RouterContext *ctx,
+                   const long *global_tokens_per_expert, long global_tokens) {
+    r->aux_loss = s->balancing == BALANCE_NONE
+                      ? 0.0
+                      : load_balancing_loss(r, s, global_tokens_per_expert, global_tokens);
     r->z_loss = z_loss(r, s);
-    accumulate_statistics(r, s);
+    r->importance_loss = s->importance_loss_coeff > 0 ? importance_loss(r, s) : 0.0;
+    r->load_loss = s->load_loss_coeff > 0 && s->type == ROUTER_NOISY_TOPK && ctx->training
+                       ? load_loss(r, s)
+                       : 0.0;
 }
 
-/* dprobs[t] from the combine weights of token t. */
-static void gate_backward(float *dprobs, const float *dgate, const int *chosen, const float *gate,
-                          const float *probs, int K, int norm_topk_prob) {
-    if (!norm_topk_prob) {
-        for (int k = 0; k < K; k++) dprobs[chosen[k]] += dgate[k];
+void router_forward(Routing *r, const float *x, const RouterWeights *w, const RouterShape *s,
+                    const RouterContext *ctx) {
+    router_route(r, x, w, s, ctx);
+    router_losses(r, s, ctx, r->tokens_per_expert, s->N);
+}
+
+/* ---- backward ------------------------------------------------------------------ */
+
+/* d score[e] from the combine gates of token t (slots [S]) and the
+ * importance loss. */
+static void gate_backward(Routing *r, const RouterShape *s, const float *dgate_row, int t,
+                          float *dscore) {
+    int S = r->slots, E = s->E, G = s->G, groups = s->N / G;
+    const int *expert = r->choice_expert + (long)t * S;
+    const float *gate = r->choice_gate + (long)t * S;
+    const unsigned char *routed = r->choice_routed + (long)t * S;
+    const float *p = r->probs + (long)t * E;
+    float *dgate = r->slot_scratch;
+    for (int k = 0; k < S; k++) {
+        dgate[k] = dgate_row[k];
+        if (s->importance_loss_coeff > 0 && routed[k])
+            dgate[k] += (float)(s->importance_loss_coeff / groups *
+                                cv_squared_grad(r->importance + (long)(t / G) * E, E, expert[k]));
+    }
+    int normalised = s->type != ROUTER_EXPERT_CHOICE && s->type != ROUTER_SOFT && renormalises(s);
+    if (!normalised) {
+        for (int k = 0; k < S; k++) dscore[expert[k]] += dgate[k];
         return;
     }
     float sum = 0.0f, weighted = 0.0f;
-    for (int k = 0; k < K; k++) {
-        sum += probs[chosen[k]];
+    for (int k = 0; k < S; k++) {
+        sum += p[expert[k]];
         weighted += dgate[k] * gate[k];
     }
-    for (int k = 0; k < K; k++) dprobs[chosen[k]] += (dgate[k] - weighted) / sum;
+    for (int k = 0; k < S; k++) dscore[expert[k]] += (dgate[k] - weighted) / sum;
 }
 
-void router_backward(float *dx, float *dw, const float *dgate, const float *x, const float *w,
-                     Routing *r, const RouterShape *s) {
-    int N = s->N, E = s->E, K = s->K, G = s->G, groups = N / G;
-    float *d = r->dprobs; /* dprobs, then in place dlogits */
-    float aux_scale = (float)(s->aux_loss_coeff * E / ((double)groups * G));
-    float z_scale = (float)(2.0 * s->z_loss_coeff / N);
-    for (int t = 0; t < N; t++) {
-        float *dp = d + (long)t * E;
-        const float *p = r->probs + (long)t * E;
-        const float *fraction = r->group_fraction + (long)(t / G) * E;
-        for (int e = 0; e < E; e++) dp[e] = aux_scale * fraction[e];
-        gate_backward(dp, dgate + (long)t * K, r->choice_expert + (long)t * K,
-                      r->choice_gate + (long)t * K, p, K, s->norm_topk_prob);
-        double dot = 0.0;
-        for (int e = 0; e < E; e++) dot += (double)p[e] * dp[e];
-        for (int e = 0; e < E; e++)
-            dp[e] = p[e] * (dp[e] - (float)dot) + z_scale * r->lse[t] * p[e];
+/* Gradient of the Switch loss w.r.t. the scores of token t. */
+static void balancing_backward(const Routing *r, const RouterShape *s, int t, float *dscore) {
+    if (s->balancing == BALANCE_NONE || s->aux_loss_coeff == 0) return;
+    int E = s->E, units = balancing_units(s), unit_tokens = s->N / units;
+    const float *fraction = r->unit_fraction + (long)(t / unit_tokens) * E;
+    float scale = (float)(s->aux_loss_coeff * E / ((double)units * unit_tokens));
+    for (int e = 0; e < E; e++) dscore[e] += scale * fraction[e];
+}
+
+/* Load loss: gradients into clean logits, noise std and the threshold's
+ * noisy logit, for every (token, expert). */
+static void load_backward(Routing *r, const RouterShape *s, float *dlogits) {
+    int E = s->E, G = s->G, groups = s->N / G;
+    for (int t = 0; t < s->N; t++) {
+        for (int e = 0; e < E; e++) {
+            long i = (long)t * E + e;
+            double dload =
+                s->load_loss_coeff / groups * cv_squared_grad(r->load + (long)(t / G) * E, E, e);
+            float z = r->load_z[i], std = r->noise_std[i];
+            float dz = (float)(dload * exp(-0.5 * z * z) / sqrt(2.0 * M_PI));
+            long threshold = (long)t * E + r->load_threshold[i];
+            dlogits[i] += dz / std;
+            r->dnoise[i] -= dz * z / std; /* d std */
+            /* the threshold is a noisy logit: logit + noise * std */
+            dlogits[threshold] -= dz / std;
+            r->dnoise[threshold] -= dz / std * r->noise[threshold];
+        }
     }
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, s->C, N, 1.0f, d, E, x, s->C, 1.0f, dw,
-                s->C);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, s->C, E, 1.0f, d, E, w, s->C, 1.0f,
-                dx, s->C);
+}
+
+void router_backward(float *dx, const RouterGrads *g, const float *dgate, const float *x,
+                     const RouterWeights *w, Routing *r, const RouterShape *s,
+                     const RouterContext *ctx) {
+    int N = s->N, E = s->E, C = s->C;
+    float z_scale = (float)(2.0 * s->z_loss_coeff / N);
+    float *dscore = r->dprobs, *dh = r->dh;
+    memset(dscore, 0, sizeof(float) * (size_t)N * E);
+    for (int t = 0; t < N; t++) {
+        float *ds = dscore + (long)t * E, *dht = dh + (long)t * E;
+        const float *p = r->probs + (long)t * E, *h = r->h + (long)t * E;
+        gate_backward(r, s, dgate + (long)t * r->slots, t, ds);
+        balancing_backward(r, s, t, ds);
+        if (s->sigmoid_scores) {
+            for (int e = 0; e < E; e++) dht[e] = ds[e] * p[e] * (1.0f - p[e]);
+        } else {
+            double dot = 0.0;
+            for (int e = 0; e < E; e++) dot += (double)p[e] * ds[e];
+            for (int e = 0; e < E; e++) dht[e] = p[e] * (ds[e] - (float)dot);
+        }
+        for (int e = 0; e < E; e++) dht[e] += z_scale * r->lse[t] * expf(h[e] - r->lse[t]);
+    }
+    /* h = logits (+ noise * std): dh flows to the clean logits unchanged. */
+    float *dlogits = dh;
+    int noisy = s->type == ROUTER_NOISY_TOPK;
+    if (noisy) {
+        for (long i = 0; i < (long)N * E; i++) r->dnoise[i] = dh[i] * r->noise[i];
+        if (s->load_loss_coeff > 0 && ctx->training) load_backward(r, s, dlogits);
+        for (long i = 0; i < (long)N * E; i++) r->dnoise[i] *= sigmoid(r->noise_pre[i]);
+    }
+    const float *x_in = ctx->training && s->jitter_eps > 0 ? r->x_in : x;
+    float *dx_in = ctx->training && s->jitter_eps > 0 ? r->dx_in : dx;
+    float beta = dx_in == dx ? 1.0f : 0.0f;
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, C, N, 1.0f, dlogits, E, x_in, C, 1.0f,
+                g->router_w, C);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, E, 1.0f, dlogits, E, w->router_w,
+                C, beta, dx_in, C);
+    if (noisy) {
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, C, N, 1.0f, r->dnoise, E, x_in, C,
+                    1.0f, g->noise_w, C);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, E, 1.0f, r->dnoise, E,
+                    w->noise_w, C, 1.0f, dx_in, C);
+    }
+    if (dx_in != dx)
+        for (long i = 0; i < (long)N * C; i++) dx[i] += dx_in[i] * r->jitter[i];
+}
+
+void router_update_expert_bias(float *bias, const long *tokens_per_expert, int E, double rate) {
+    double mean = 0.0;
+    for (int e = 0; e < E; e++) mean += (double)tokens_per_expert[e] / E;
+    for (int e = 0; e < E; e++) {
+        double error = mean - (double)tokens_per_expert[e];
+        bias[e] += (float)(rate * (error > 0 ? 1.0 : error < 0 ? -1.0 : 0.0));
+    }
 }

@@ -12,7 +12,7 @@ static int routing_stats_init(RoutingStats *r, int layers, int experts, int cate
     memset(r, 0, sizeof *r);
     r->tokens_per_expert = calloc(LE, sizeof(long));
     r->dropped_per_expert = calloc(LE, sizeof(long));
-    r->sums = calloc(2 * LE + 3 * L, sizeof(double));
+    r->sums = calloc(2 * LE + 5 * L, sizeof(double));
     r->specialization = calloc(LE * categories, sizeof(long));
     if (!r->tokens_per_expert || !r->dropped_per_expert || !r->sums || !r->specialization)
         return -1;
@@ -21,6 +21,8 @@ static int routing_stats_init(RoutingStats *r, int layers, int experts, int cate
     r->entropy = r->mean_prob + LE;
     r->aux_loss = r->entropy + L;
     r->z_loss = r->aux_loss + L;
+    r->importance_loss = r->z_loss + L;
+    r->load_loss = r->importance_loss + L;
     return 0;
 }
 
@@ -92,18 +94,22 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
         rs->entropy[i] = r->entropy_sum;
         rs->aux_loss[i] = r->aux_loss;
         rs->z_loss[i] = r->z_loss;
+        rs->importance_loss[i] = r->importance_loss;
+        rs->load_loss[i] = r->load_loss;
         dispatch_add_bytes_to_ranks(&m->moe[l].dispatch, m->shape.C, to_my_ep_group);
         i++;
     }
     comm_sum_longs(comm, rs->tokens_per_expert, L * E);
     comm_sum_longs(comm, rs->dropped_per_expert, L * E);
-    comm_sum_doubles(comm, rs->sums, 2 * L * E + 3 * L);
+    comm_sum_doubles(comm, rs->sums, 2 * L * E + 5 * L);
     double tokens = (double)m->shape.B * m->shape.T * comm->world_size;
     for (int j = 0; j < L * E; j++) rs->mean_prob[j] /= tokens;
     for (int l = 0; l < L; l++) {
         rs->entropy[l] /= tokens;
         rs->aux_loss[l] /= comm->world_size; /* losses are means over ranks */
         rs->z_loss[l] /= comm->world_size;
+        rs->importance_loss[l] /= comm->world_size;
+        rs->load_loss[l] /= comm->world_size;
     }
     stats->assignments = stats->dropped = 0;
     for (int j = 0; j < L * E; j++) {
@@ -122,6 +128,20 @@ static double global_grad_norm(const Model *m, const Comm *comm) {
     return sqrt(dense + expert);
 }
 
+/* DeepSeek-V3: nudge each selection bias toward balance, by the global
+ * batch's demand, identically on every rank. */
+static void update_expert_bias(Trainer *t) {
+    const Model *m = &t->model;
+    if (!m->shape.expert_bias) return;
+    int E = m->shape.E, i = 0;
+    for (int l = 0; l < m->shape.L; l++) {
+        if (!model_is_moe_layer(&m->shape, l)) continue;
+        router_update_expert_bias(m->expert_bias[l], t->routing.tokens_per_expert + (long)i * E, E,
+                                  t->cfg->moe_router_bias_update_rate);
+        i++;
+    }
+}
+
 void trainer_step(Trainer *t, long step, StepStats *stats) {
     const Config *cfg = t->cfg;
     Model *m = &t->model;
@@ -132,6 +152,10 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
                         t->categories);
     model_zero_grad(m);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
+    m->router_ctx = (RouterContext){.training = 1,
+                                    .seed = (uint64_t)cfg->seed,
+                                    .step = step,
+                                    .first_token = (long)t->comm->rank * B * T};
     model_forward(m, t->inputs, t->targets);
     model_backward(m);
     mark = timer_now_s();
@@ -143,17 +167,21 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     double lr = lr_at_step(step, cfg->train_iters, cfg->lr_warmup_iters, cfg->lr, cfg->min_lr);
     adamw_step(&t->opt, m, lr);
     timer_charge(m->phase_s, PHASE_OPTIMIZER, &mark);
-    double sums[5] = {m->ce_loss + m->aux_loss + m->z_loss, m->ce_loss, m->aux_loss, m->z_loss,
-                      model_step_flops(m)};
-    comm_sum_doubles(t->comm, sums, 5);
+    double sums[7] = {m->ce_loss + m->aux_loss + m->z_loss + m->importance_loss + m->load_loss,
+                      m->ce_loss,         m->aux_loss,     m->z_loss,
+                      m->importance_loss, m->load_loss,    model_step_flops(m)};
+    comm_sum_doubles(t->comm, sums, 7);
     gather_routing_stats(t, stats);
+    update_expert_bias(t);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
     int P = t->comm->world_size;
     stats->loss = sums[0] / P;
     stats->ce_loss = sums[1] / P;
     stats->aux_loss = sums[2] / P;
     stats->z_loss = sums[3] / P;
-    stats->flops = sums[4];
+    stats->importance_loss = sums[4] / P;
+    stats->load_loss = sums[5] / P;
+    stats->flops = sums[6];
     stats->lr = lr;
     stats->grad_norm = grad_norm;
     stats->tokens = (long)B * T * P;
@@ -186,6 +214,9 @@ double trainer_evaluate(Trainer *t) {
     for (int i = 0; i < t->cfg->eval_iters; i++) {
         dataset_val_batch(t->ds, t->cfg->seed, i, t->comm->rank, B, T, t->inputs, t->targets,
                           t->categories);
+        m->router_ctx = (RouterContext){.training = 0,
+                                        .seed = (uint64_t)t->cfg->seed,
+                                        .first_token = (long)t->comm->rank * B * T};
         model_forward(m, t->inputs, t->targets);
         count_specialization(t);
         sum += m->ce_loss;
@@ -350,12 +381,27 @@ static int record_step(RunState *rs, const Trainer *t, long done, const StepStat
     comm_gather_longs(comm, t->dispatch_bytes, rs->bytes_all, comm->world_size);
     if (comm->rank != 0) return 1;
     const RoutingStats *r = &t->routing;
-    TrainRow row = {done,      stats->ce_loss,   stats->aux_loss,
-                    stats->z_loss, stats->lr, stats->grad_norm,
-                    stats->tokens / stats->seconds, stats->seconds};
-    StepDetail detail = {r->tokens_per_expert, r->dropped_per_expert, r->importance,
-                         r->mean_prob,         r->entropy,            r->aux_loss,
-                         r->z_loss,            rs->phase_all,         rs->bytes_all};
+    TrainRow row = {.step = done,
+                    .loss = stats->ce_loss,
+                    .aux_loss = stats->aux_loss,
+                    .z_loss = stats->z_loss,
+                    .importance_loss = stats->importance_loss,
+                    .load_loss = stats->load_loss,
+                    .lr = stats->lr,
+                    .grad_norm = stats->grad_norm,
+                    .tokens_per_s = stats->tokens / stats->seconds,
+                    .step_time_s = stats->seconds};
+    StepDetail detail = {.tokens_per_expert = r->tokens_per_expert,
+                         .dropped_per_expert = r->dropped_per_expert,
+                         .importance = r->importance,
+                         .mean_prob = r->mean_prob,
+                         .entropy = r->entropy,
+                         .aux_loss = r->aux_loss,
+                         .z_loss = r->z_loss,
+                         .importance_loss = r->importance_loss,
+                         .load_loss = r->load_loss,
+                         .phase_s = rs->phase_all,
+                         .dispatch_bytes = rs->bytes_all};
     return record_append_train(rs->rec, &row, &detail) == 0;
 }
 

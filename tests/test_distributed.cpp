@@ -11,6 +11,7 @@
 #include "moesim/comm.h"
 #include "moesim/model.h"
 #include "moesim/moe.h"
+#include "router_shapes.h"
 
 namespace {
 
@@ -40,7 +41,7 @@ struct ShardedMoe {
     std::vector<unsigned char> base_kept;
 
     explicit ShardedMoe(const Comm *c) : comm(c) {
-        shape.router = {N, C, E, K, G, 1, 0.5, 0.3, 0.05};
+        shape.router = classic_router(N, C, E, K, G, 1, 0.5, 0.3, 0.05);
         shape.F = F;
         shape.ep_size = c->ep_size;
         shape.E_local = E / c->ep_size;
@@ -64,8 +65,9 @@ struct ShardedMoe {
     }
     // Sum over ranks of each rank's weighted output plus its auxiliary losses.
     double global_loss() {
-        MoeWeights w = {router_w.data(), w1.data(), w2.data()};
-        moe_forward(out.data(), &layer, x.data(), &w, &shape, comm, nullptr);
+        MoeWeights w = {{router_w.data(), nullptr}, w1.data(), w2.data()};
+        RouterContext ctx = training_context(shape.router, 0, (long)comm->rank * N);
+        moe_forward(out.data(), &layer, x.data(), &w, &shape, &ctx, comm, nullptr);
         double loss = weighted_sum(out.data(), r) + layer.routing.aux_loss + layer.routing.z_loss;
         comm_sum_doubles(comm, &loss, 1);
         return loss;
@@ -134,12 +136,18 @@ TEST_F(Distributed, MoeGradientsThroughTheExchange) {
                      (f.layer.dispatch.send_row_begin[(comm.ep_rank + 1) * f.shape.E_local] -
                       f.layer.dispatch.send_row_begin[comm.ep_rank * f.shape.E_local]);
     EXPECT_TRUE(comm_all_ok(&comm, sent_away > 0)) << "no rows crossed ranks";
+    // The traffic this rank reports adds up to the rows it dispatched.
+    std::vector<long> bytes(comm.ep_size, 0);
+    dispatch_add_bytes_to_ranks(&f.layer.dispatch, f.C, bytes.data());
+    long total = 0;
+    for (long b : bytes) total += b;
+    EXPECT_EQ(total, (long)f.layer.dispatch.num_send_rows * f.C * (long)sizeof(float));
 
     std::vector<float> dx(f.x.size()), drw(f.router_w.size(), 0.0f), dw1(f.w1.size(), 0.0f),
         dw2(f.w2.size(), 0.0f);
     f.global_loss();
-    MoeWeights w = {f.router_w.data(), f.w1.data(), f.w2.data()};
-    MoeGrads g = {drw.data(), dw1.data(), dw2.data()};
+    MoeWeights w = {{f.router_w.data(), nullptr}, f.w1.data(), f.w2.data()};
+    MoeGrads g = {{drw.data(), nullptr}, dw1.data(), dw2.data()};
     moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape, &comm,
                  nullptr);
     struct Case {

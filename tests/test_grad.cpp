@@ -12,6 +12,7 @@
 #include "moesim/moe.h"
 #include "moesim/ops.h"
 #include "moesim/router.h"
+#include "router_shapes.h"
 
 namespace {
 
@@ -124,24 +125,40 @@ TEST(GradAttention, IsCausal) {
         for (int j = t + 1; j < T; j++) EXPECT_EQ(att[t * T + j], 0.0f);
 }
 
-TEST(GradFfn, InputAndWeights) {
-    const int n = 6, C = 8, F = 12;
-    auto x = random_vector(n * C, 20), w1 = random_vector(F * C, 21, 0.5),
+class GradFfn : public ::testing::TestWithParam<FfnActivation> {};
+
+TEST_P(GradFfn, InputAndWeights) {
+    const FfnActivation act = GetParam();
+    const int n = 6, C = 8, F = 12, W = F * ffn_w1_rows_per_unit(act);
+    auto x = random_vector(n * C, 20), w1 = random_vector(W * C, 21, 0.5),
          w2 = random_vector(C * F, 22, 0.5), r = random_vector(n * C, 23);
-    std::vector<float> out(n * C), h_pre(n * F), h_act(n * F), dh(n * F), dx(n * C);
-    std::vector<float> dw1(F * C, 0.0f), dw2(C * F, 0.0f);
+    std::vector<float> out(n * C), h_pre(n * W), h_act(n * F), dh(n * W), dx(n * C);
+    std::vector<float> dw1(W * C, 0.0f), dw2(C * F, 0.0f);
     auto loss = [&] {
         ffn_forward(out.data(), h_pre.data(), h_act.data(), x.data(), w1.data(), w2.data(), n, C,
-                    F);
+                    F, act);
         return weighted_sum(out.data(), r);
     };
     loss();
     ffn_backward(dx.data(), dw1.data(), dw2.data(), dh.data(), r.data(), x.data(), h_pre.data(),
-                 h_act.data(), w1.data(), w2.data(), n, C, F);
+                 h_act.data(), w1.data(), w2.data(), n, C, F, act);
     for (auto [p, g, name] : {std::tuple{&x, &dx, "x"}, {&w1, &dw1, "w1"}, {&w2, &dw2, "w2"}}) {
         auto res = check_gradient(p->data(), p->size(), g->data(), loss, 150, 1e-2f, 24);
         EXPECT_LT(res.max_error, kTolerance) << name << ": " << describe(res);
     }
+}
+
+INSTANTIATE_TEST_SUITE_P(GradActivation, GradFfn, ::testing::Values(FFN_GELU, FFN_SWIGLU));
+
+TEST(GradFfn, SwigluIsSiluGateTimesUp) {
+    const int C = 2, F = 1;
+    float x[2] = {1.0f, -2.0f}, w1[4] = {0.5f, 0.25f, -1.0f, 0.5f}, w2[2] = {2.0f, -1.0f};
+    float h_pre[2], h_act[1], out[2];
+    ffn_forward(out, h_pre, h_act, x, w1, w2, 1, C, F, FFN_SWIGLU);
+    double gate = 0.5 * 1 + 0.25 * -2, up = -1.0 * 1 + 0.5 * -2;
+    double act = gate / (1 + std::exp(-gate)) * up;
+    EXPECT_NEAR(out[0], 2.0 * act, 1e-6);
+    EXPECT_NEAR(out[1], -1.0 * act, 1e-6);
 }
 
 // Router and MoE tests share a small layer where capacity really drops.
@@ -156,7 +173,7 @@ struct MoeFixture {
 
     MoeFixture(int norm_topk_prob, double capacity_factor) {
         const int N = 12, C = 6, E = 4, K = 2, G = 6, F = 5;
-        shape.router = {N, C, E, K, G, norm_topk_prob, capacity_factor, 0.3, 0.05};
+        shape.router = classic_router(N, C, E, K, G, norm_topk_prob, capacity_factor, 0.3, 0.05);
         shape.F = F;
         shape.ep_size = 1;
         shape.E_local = E;
@@ -179,8 +196,9 @@ struct MoeFixture {
         moe_scratch_free(&scratch);
     }
     double loss() {
-        MoeWeights w = {router_w.data(), w1.data(), w2.data()};
-        moe_forward(out.data(), &layer, x.data(), &w, &shape, &comm, nullptr);
+        MoeWeights w = {{router_w.data(), nullptr}, w1.data(), w2.data()};
+        RouterContext ctx = training_context(shape.router);
+        moe_forward(out.data(), &layer, x.data(), &w, &shape, &ctx, &comm, nullptr);
         return weighted_sum(out.data(), r) + layer.routing.aux_loss + layer.routing.z_loss;
     }
     bool routing_unchanged() const {
@@ -205,8 +223,8 @@ TEST_P(GradMoe, LayerWithDropsAndAuxLosses) {
     std::vector<float> dx(rs.N * rs.C), drw(f.router_w.size(), 0.0f), dw1(f.w1.size(), 0.0f),
         dw2(f.w2.size(), 0.0f);
     f.loss();
-    MoeWeights w = {f.router_w.data(), f.w1.data(), f.w2.data()};
-    MoeGrads g = {drw.data(), dw1.data(), dw2.data()};
+    MoeWeights w = {{f.router_w.data(), nullptr}, f.w1.data(), f.w2.data()};
+    MoeGrads g = {{drw.data(), nullptr}, dw1.data(), dw2.data()};
     moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape, &f.comm,
                  nullptr);
     auto loss = [&] { return f.loss(); };
@@ -230,7 +248,9 @@ TEST_P(GradMoe, RouterAloneThroughGatesAuxAndZ) {
     const RouterShape &rs = f.shape.router;
     auto gate_weights = random_vector(rs.N * rs.K, 36);
     auto loss = [&] {
-        router_forward(&f.layer.routing, f.x.data(), f.router_w.data(), &rs);
+        RouterWeights w = {f.router_w.data(), nullptr};
+        RouterContext ctx = training_context(rs);
+        router_forward(&f.layer.routing, f.x.data(), &w, &rs, &ctx);
         double s = f.layer.routing.aux_loss + f.layer.routing.z_loss;
         for (int a = 0; a < rs.N * rs.K; a++)
             if (f.layer.routing.choice_kept[a])
@@ -241,8 +261,10 @@ TEST_P(GradMoe, RouterAloneThroughGatesAuxAndZ) {
     std::vector<float> dgate(rs.N * rs.K), dx(rs.N * rs.C, 0.0f), dw(f.router_w.size(), 0.0f);
     for (int a = 0; a < rs.N * rs.K; a++)
         dgate[a] = f.layer.routing.choice_kept[a] ? gate_weights[a] : 0.0f;
-    router_backward(dx.data(), dw.data(), dgate.data(), f.x.data(), f.router_w.data(),
-                    &f.layer.routing, &rs);
+    RouterWeights rw = {f.router_w.data(), nullptr};
+    RouterGrads rg = {dw.data(), nullptr};
+    RouterContext ctx = training_context(rs);
+    router_backward(dx.data(), &rg, dgate.data(), f.x.data(), &rw, &f.layer.routing, &rs, &ctx);
     auto stable = [&] { return f.routing_unchanged(); };
     auto gx = check_gradient(f.x.data(), f.x.size(), dx.data(), loss, 200, 2e-3f, 37, stable);
     auto gw = check_gradient(f.router_w.data(), f.router_w.size(), dw.data(), loss, 200, 2e-3f, 38,
@@ -281,6 +303,7 @@ TEST(GradModel, EveryTensor) {
     Comm self;
     comm_attach_self(&self);
     ASSERT_EQ(model_init(&m, &s, 7, &self), 0);
+    m.router_ctx.training = 1;
     // Larger weights than the 0.02 init so every path carries signal.
     for (size_t i = 0; i < m.num_params; i++)
         if (m.params[i] != 1.0f) m.params[i] *= 20.0f;

@@ -7,6 +7,7 @@
 
 #include "moesim/moe.h"
 #include "moesim/router.h"
+#include "router_shapes.h"
 
 namespace {
 
@@ -26,14 +27,16 @@ struct HandRouter {
     std::vector<float> w;
     HandRouter(int N, int E, int K, int G, double cf, int norm_topk_prob, double aux = 0.0,
                double z = 0.0) {
-        shape = {N, E, E, K, G, norm_topk_prob, cf, aux, z};
+        shape = classic_router(N, E, E, K, G, norm_topk_prob, cf, aux, z);
         EXPECT_EQ(routing_init(&routing, &shape), 0);
         w.assign(E * E, 0.0f);
         for (int e = 0; e < E; e++) w[e * E + e] = 1.0f;
     }
     ~HandRouter() { routing_free(&routing); }
     void route(const std::vector<float> &logits) {
-        router_forward(&routing, logits.data(), w.data(), &shape);
+        RouterWeights weights = {w.data(), nullptr};
+        RouterContext ctx = training_context(shape);
+        router_forward(&routing, logits.data(), &weights, &shape, &ctx);
     }
 };
 
@@ -120,7 +123,7 @@ TEST(RouterLosses, SwitchAuxAndZLossByHand) {
 TEST(MoeCombine, DroppedTokenOutputIsZeroAndKeptIsGateTimesExpert) {
     // 3 tokens all preferring expert 0 with capacity 1: tokens 1 and 2 drop.
     MoeShape s{};
-    s.router = {3, 2, 2, 1, 3, 0, 0.5, 0.0, 0.0};
+    s.router = classic_router(3, 2, 2, 1, 3, 0, 0.5, 0.0, 0.0);
     s.F = 2;
     s.ep_size = 1;
     s.E_local = 2;
@@ -132,8 +135,9 @@ TEST(MoeCombine, DroppedTokenOutputIsZeroAndKeptIsGateTimesExpert) {
     std::vector<float> router_w = {1.0f, 0.0f, 0.0f, 1.0f};
     std::vector<float> w1 = {1.0f, 0.0f, 0.0f, 1.0f, 1.0f, 0.0f, 0.0f, 1.0f};
     std::vector<float> w2 = w1, out(6, -1.0f);
-    MoeWeights w = {router_w.data(), w1.data(), w2.data()};
-    moe_forward(out.data(), &m, x.data(), &w, &s, &self, nullptr);
+    MoeWeights w = {{router_w.data(), nullptr}, w1.data(), w2.data()};
+    RouterContext ctx = training_context(s.router);
+    moe_forward(out.data(), &m, x.data(), &w, &s, &ctx, &self, nullptr);
     EXPECT_EQ(m.dispatch.num_send_rows, 1);
     double p0 = 1.0 / (1.0 + std::exp(-3.0));
     double gelu3 = 0.5 * 3.0 * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (3.0 + 0.044715 * 27.0)));

@@ -32,7 +32,24 @@ typedef struct Config {
     double moe_expert_capacity_factor;
     double moe_aux_loss_coeff;
     double moe_z_loss_coeff;
-    char moe_token_drop_policy[16]; /* "position" */
+    char moe_token_drop_policy[16]; /* position | probs */
+    /* routing schemes (docs in config.c's table and the README) */
+    char moe_router_type[16]; /* topk | switch | noisy_topk | gshard_top2 | expert_choice |
+                                 sinkhorn | soft */
+    int moe_router_pre_softmax;           /* 1: softmax over all experts, then top-k;
+                                             0: softmax over the k selected logits (Mixtral) */
+    char moe_router_score_function[16];   /* softmax | sigmoid */
+    int moe_router_enable_expert_bias;    /* DeepSeek-V3 aux-loss-free balancing */
+    double moe_router_bias_update_rate;   /* 0 = not given */
+    double moe_input_jitter_eps;          /* 0 = no jitter */
+    double moe_eval_capacity_factor;      /* -1 = the training factor; 0 = dropless */
+    int moe_min_capacity;                 /* capacity floor per expert and group */
+    char moe_router_load_balancing_type[16]; /* aux_loss | seq_aux_loss | global_aux_loss |
+                                                none */
+    double moe_importance_loss_coeff;     /* Shazeer 2017 CV^2 of importance */
+    double moe_load_loss_coeff;           /* Shazeer 2017 CV^2 of smooth load (noisy_topk) */
+    char moe_expert_activation[8];        /* gelu | swiglu */
+    int moe_shared_expert_intermediate_size; /* 0 = no shared expert */
     /* training */
     int micro_batch_size;
     int train_iters;
@@ -97,6 +114,11 @@ void config_entry(const Config *cfg, int index, ConfigEntry *entry);
 
 /* The fully resolved config as INI text (every key). Caller frees. */
 char *config_to_ini(const Config *cfg);
+
+/* After validation: fixes the keys a router type implies (switch routes
+ * top-1 with raw probabilities, gshard_top2 top-2, soft every expert), so the
+ * recorded config says what actually ran. */
+void config_resolve(Config *cfg);
 
 /* Derived quantities used across modules. */
 int config_is_moe_layer(const Config *cfg, int layer);

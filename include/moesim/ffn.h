@@ -1,5 +1,7 @@
-/* ffn: the GELU feed-forward block, out = gelu(x · w1^T) · w2^T, used by the
- * dense layers and by every expert over its block of rows. */
+/* ffn: the feed-forward block used by the dense layers, every expert and the
+ * shared expert: out = act(x · w1^T) · w2^T. GELU (tanh approximation) with
+ * w1 [F,C], or SwiGLU (Mixtral) with w1 [2F,C] holding the gate rows then the
+ * up rows: act = silu(x·gate^T) * (x·up^T). */
 #ifndef MOESIM_FFN_H
 #define MOESIM_FFN_H
 
@@ -7,14 +9,20 @@
 extern "C" {
 #endif
 
-/* x[n,C], w1[F,C], w2[C,F] -> h_pre[n,F], h_act[n,F] (kept for backward), out[n,C] */
-void ffn_forward(float *out, float *h_pre, float *h_act, const float *x, const float *w1,
-                 const float *w2, int n, int C, int F);
+typedef enum FfnActivation { FFN_GELU, FFN_SWIGLU } FfnActivation;
 
-/* dx[n,C] overwritten; dw1, dw2 accumulated; dh[n,F] is scratch. */
-void ffn_backward(float *dx, float *dw1, float *dw2, float *dh, const float *dout, const float *x,
-                  const float *h_pre, const float *h_act, const float *w1, const float *w2, int n,
-                  int C, int F);
+/* Rows of w1 (and columns of h_pre) per hidden unit: 1, or 2 for SwiGLU. */
+int ffn_w1_rows_per_unit(FfnActivation act);
+
+/* x[n,C], w1[F*rows,C], w2[C,F] -> h_pre[n,F*rows], h_act[n,F] (both kept
+ * for backward), out[n,C] */
+void ffn_forward(float *out, float *h_pre, float *h_act, const float *x, const float *w1,
+                 const float *w2, int n, int C, int F, FfnActivation act);
+
+/* dx[n,C] overwritten; dw1, dw2 accumulated; dh[n,F*rows] is scratch. */
+void ffn_backward(float *dx, float *dw1, float *dw2, float *dh, const float *dout,
+                  const float *x, const float *h_pre, const float *h_act, const float *w1,
+                  const float *w2, int n, int C, int F, FfnActivation act);
 
 #ifdef __cplusplus
 }

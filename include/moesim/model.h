@@ -24,7 +24,15 @@ typedef struct ModelShape {
     int moe_layer_freq;
     int tied; /* LM head shares the token embedding */
     int norm_topk_prob;
-    double capacity_factor, aux_loss_coeff, z_loss_coeff;
+    double capacity_factor, aux_loss_coeff, z_loss_coeff; /* capacity factor of training */
+    double eval_capacity_factor;
+    RouterType router_type;
+    int sigmoid_scores, drop_by_prob, min_capacity;
+    BalancingType balancing;
+    double importance_loss_coeff, load_loss_coeff, jitter_eps;
+    int expert_bias; /* DeepSeek-V3 selection bias per expert */
+    FfnActivation expert_activation;
+    int shared_F;    /* shared expert hidden size; 0 = none */
 } ModelShape;
 
 /* ep_size/ep_rank place this rank's expert shard (1/0 for the whole model). */
@@ -41,6 +49,9 @@ typedef struct LayerWeights {
     float *fc1_w;        /* [F, C]   dense layers */
     float *fc2_w;        /* [C, F]   dense layers */
     float *router_w;     /* [E, C]   MoE layers */
+    float *noise_w;      /* [E, C]   noisy_topk MoE layers */
+    float *shared_fc1_w; /* [shared_F * rows, C] MoE layers with a shared expert */
+    float *shared_fc2_w; /* [C, shared_F] */
     float *expert_fc1_w; /* [E_local, Fe, C] MoE layers, this rank's experts */
     float *expert_fc2_w; /* [E_local, C, Fe] MoE layers */
 } LayerWeights;
@@ -53,13 +64,16 @@ typedef struct Weights {
     LayerWeights *layers; /* [L] */
 } Weights;
 
+typedef enum ParamInit { PARAM_INIT_NORMAL, PARAM_INIT_ONES, PARAM_INIT_ZEROS } ParamInit;
+
 typedef struct ParamTensor {
     char name[48];
     size_t offset, numel;
     int ndim, shape[3];
     int is_expert;
     int decay;       /* weight decay applies (matrices, not norms) */
-    double init_std; /* 0: initialised to ones (norm weights) */
+    ParamInit init;
+    double init_std; /* for PARAM_INIT_NORMAL */
 } ParamTensor;
 
 typedef struct LayerActs {
@@ -71,6 +85,7 @@ typedef struct LayerActs {
     float *resid_mid;      /* [N, C] */
     float *ln2, *ln2_rstd;
     float *h_pre, *h_act; /* [N, F] dense layers */
+    float *shared_h_pre, *shared_h_act; /* [N, shared_F * rows], [N, shared_F] */
 } LayerActs;
 
 typedef struct Model {
@@ -91,8 +106,12 @@ typedef struct Model {
     int *inputs, *targets;                     /* [N] copies of the current batch */
     /* backward scratch */
     float *dresid, *dln, *dtmp, *dqkv, *datt, *dh; /* [N,C] x3, [N,3C], [T,T], [N,F] */
+    float *shared_dh;    /* [N, shared_F * rows] */
+    float **expert_bias; /* [L] -> [E], MoE layers with a selection bias */
+    RouterContext router_ctx; /* set by the trainer before each forward: training, step,
+                                 seed, first_token; layer, bias and capacity filled here */
     /* results of the last forward */
-    double ce_loss, aux_loss, z_loss;
+    double ce_loss, aux_loss, z_loss, importance_loss, load_loss;
     double phase_s[PHASE_COUNT]; /* seconds per phase, accumulated until reset */
 } Model;
 

@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 #define MOESIM_VERSION "0.1.0"
-#define MOESIM_SCHEMA_VERSION 2
+#define MOESIM_SCHEMA_VERSION 3
 
 /* What the record needs to know about the run's shape. */
 typedef struct RecordLayout {
@@ -33,7 +33,8 @@ typedef struct RecordLayout {
 
 typedef struct TrainRow {
     long step;
-    double loss, aux_loss, z_loss, lr, grad_norm, tokens_per_s, step_time_s;
+    double loss, aux_loss, z_loss, importance_loss, load_loss, lr, grad_norm, tokens_per_s;
+    double step_time_s;
 } TrainRow;
 
 /* Statistics of one logged step beyond the scalars, all summed or gathered
@@ -46,6 +47,8 @@ typedef struct StepDetail {
     const double *entropy;          /* [L] mean router entropy, nats */
     const double *aux_loss;         /* [L] */
     const double *z_loss;           /* [L] */
+    const double *importance_loss;  /* [L] */
+    const double *load_loss;        /* [L] */
     const double *phase_s;          /* [P*PHASE_COUNT], rank-major */
     const long *dispatch_bytes;     /* [P*P], sender-major */
 } StepDetail;

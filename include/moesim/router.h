@@ -1,65 +1,161 @@
-/* router: the MoE gate. Linear scores without bias, softmax over experts,
- * top-k selection, optional renormalisation of the k selected probabilities,
- * capacity per routing group with drop-by-position, and the two auxiliary
- * losses (Switch load balancing, ST-MoE z-loss) with their gradients. */
+/* router: the MoE gate and every routing scheme moesim compares.
+ *
+ * A token's assignments live in `slots` (k for the top-k family, E for
+ * expert choice and soft routing). Each slot names an expert, a combine gate,
+ * whether it is routed (counts as router demand) and whether it is kept (its
+ * expert computes it: routed and within capacity).
+ *
+ * Types: topk (softmax, or sigmoid scores with an optional selection bias),
+ * switch (top-1 scaled by its probability), noisy_topk (Shazeer 2017),
+ * gshard_top2 (random second expert), expert_choice (Zhou 2022), sinkhorn
+ * (balanced selection in training), soft (every expert, weighted).
+ * Capacity per routing group with drop by position or by probability, or
+ * dropless. Losses: Switch load balancing (per group, per sequence or with
+ * global counts), Shazeer's importance and load losses, ST-MoE's z-loss —
+ * each with its gradient. All randomness is a pure function of (seed, step,
+ * layer, global token index), so every layout routes identically. */
 #ifndef MOESIM_ROUTER_H
 #define MOESIM_ROUTER_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
+typedef enum RouterType {
+    ROUTER_TOPK,
+    ROUTER_SWITCH,
+    ROUTER_NOISY_TOPK,
+    ROUTER_GSHARD_TOP2,
+    ROUTER_EXPERT_CHOICE,
+    ROUTER_SINKHORN,
+    ROUTER_SOFT
+} RouterType;
+
+typedef enum BalancingType {
+    BALANCE_AUX_LOSS,        /* Switch loss per routing group */
+    BALANCE_SEQ_AUX_LOSS,    /* per sequence */
+    BALANCE_GLOBAL_AUX_LOSS, /* expert counts of the whole global batch */
+    BALANCE_NONE
+} BalancingType;
+
+/* Fields after z_loss_coeff default to the classic top-k router when zero. */
 typedef struct RouterShape {
-    int N; /* tokens in this micro-batch */
-    int C; /* hidden size */
-    int E; /* experts (all of them: routing is replicated) */
-    int K; /* top-k */
-    int G; /* tokens per routing group; divides N */
-    int norm_topk_prob;
-    double capacity_factor;
+    int N;                  /* tokens in this micro-batch */
+    int C;                  /* hidden size */
+    int E;                  /* experts (all of them: routing is replicated) */
+    int K;                  /* top-k; for expert_choice the k of C = cf*G*k/E */
+    int G;                  /* tokens per routing group; divides N */
+    int norm_topk_prob;     /* renormalise the selected gates to sum to 1 */
+    double capacity_factor; /* largest in use (training or eval), sizes buffers; <= 0 dropless */
     double aux_loss_coeff;
     double z_loss_coeff;
+    RouterType type;
+    int sigmoid_scores; /* sigmoid instead of softmax scores (topk only) */
+    int drop_by_prob;   /* on overflow keep the highest gates, not the earliest */
+    int min_capacity;
+    BalancingType balancing;
+    int T; /* tokens per sequence, for seq_aux_loss */
+    double importance_loss_coeff, load_loss_coeff;
+    double jitter_eps; /* multiplicative router-input jitter in training */
 } RouterShape;
 
+/* What changes from call to call. */
+typedef struct RouterContext {
+    int training;           /* noise, jitter, sinkhorn and random routing only in training */
+    double capacity_factor; /* in effect for this call; <= 0 dropless */
+    uint64_t seed;
+    long step;
+    int layer;
+    long first_token;         /* global index of this micro-batch's first token */
+    const float *expert_bias; /* [E] selection bias, or NULL */
+} RouterContext;
+
+typedef struct RouterWeights {
+    const float *router_w; /* [E, C] */
+    const float *noise_w;  /* [E, C], noisy_topk only */
+} RouterWeights;
+
+typedef struct RouterGrads {
+    float *router_w, *noise_w;
+} RouterGrads;
+
 /* Everything one MoE layer's router decides for one micro-batch. Buffers are
- * sized once for N tokens and reused every step. */
+ * sized once and reused every step. */
 typedef struct Routing {
-    float *logits;              /* [N,E] */
-    float *probs;               /* [N,E] softmax over all experts */
-    float *lse;                 /* [N] log-sum-exp of the logits, for the z-loss */
-    int *choice_expert;         /* [N,K] selected experts, best first */
-    float *choice_gate;         /* [N,K] combine weights */
-    unsigned char *choice_kept; /* [N,K] 0 when capacity dropped the assignment */
-    float *group_fraction;      /* [N/G, E] share of the group's N*K assignments per expert */
-    long *tokens_per_expert;    /* [E] assignments chosen, before capacity */
-    long *dropped_per_expert;   /* [E] assignments dropped by capacity */
-    float *dprobs;              /* [N,E] backward scratch */
-    int *group_load;            /* [E] scratch: kept assignments so far in a group */
-    int capacity;               /* per expert per group */
-    double aux_loss;            /* with its coefficient, as added to the loss */
-    double z_loss;              /* with its coefficient */
+    int slots;                    /* per token: K, or E for expert_choice and soft */
+    float *x_in;                  /* [N,C] jittered input (jitter only) */
+    float *jitter;                /* [N,C] jitter factors */
+    float *logits;                /* [N,E] x·Wg^T */
+    float *noise_pre;             /* [N,E] x·Wnoise^T (noisy_topk) */
+    float *noise_std;             /* [N,E] softplus(noise_pre) */
+    float *noise;                 /* [N,E] standard normal draws, 0 outside training */
+    float *h;                     /* [N,E] logits + noise * std: what scores are made of */
+    float *probs;                 /* [N,E] softmax(h), or sigmoid(h) for sigmoid scores */
+    float *lse;                   /* [N] log-sum-exp of h, for the z-loss */
+    float *select_scores;         /* [N,E] what selection ranks (bias, sinkhorn) */
+    int *choice_expert;           /* [N,slots] */
+    float *choice_gate;           /* [N,slots] combine weights */
+    unsigned char *choice_routed; /* [N,slots] counts as router demand */
+    unsigned char *choice_kept;   /* [N,slots] routed and within capacity */
+    float *unit_fraction;         /* [units, E] assignments share per balancing unit */
+    double *unit_prob;            /* [units, E] mean score per balancing unit */
+    double *importance;           /* [groups, E] sum of gates (importance loss) */
+    double *load;                 /* [groups, E] smooth load (load loss) */
+    float *load_z;                /* [N,E] standardised margin of the load estimator */
+    int *load_threshold;          /* [N,E] expert whose noisy logit is the threshold */
+    long *tokens_per_expert;      /* [E] routed assignments, before capacity */
+    long *dropped_per_expert;     /* [E] routed assignments dropped by capacity */
+    float *dprobs, *dh, *dnoise;  /* [N,E] backward scratch */
+    float *dx_in;                 /* [N,C] backward scratch (jitter) */
+    int *group_load;              /* [E] scratch */
+    int *order;                   /* [max(N*slots, E)] scratch for sorting */
+    float *slot_scratch;          /* [slots] */
+    double *sinkhorn_d;           /* [G+E] scratch */
+    int capacity;                 /* per expert per group; 0 when dropless */
+    double aux_loss, z_loss, importance_loss, load_loss; /* coefficients included */
     /* statistics for the record, summed over this micro-batch's tokens */
-    double *gate_sum;           /* [E] combine gates of the assignments to each expert */
-    double *prob_sum;           /* [E] router probabilities */
-    double entropy_sum;         /* router entropy, nats */
+    double *gate_sum;   /* [E] combine gates of the routed assignments */
+    double *prob_sum;   /* [E] router scores */
+    double entropy_sum; /* of the softmax over h, nats */
 } Routing;
 
+/* The names used by --moe-router-type and --moe-router-load-balancing-type
+ * (validated by config; unknown names give ROUTER_TOPK / BALANCE_AUX_LOSS). */
+RouterType router_type_from_name(const char *name);
+BalancingType balancing_type_from_name(const char *name);
+
+int router_slots(const RouterShape *s);
 int router_capacity(double capacity_factor, int G, int K, int E);
 
 int routing_init(Routing *r, const RouterShape *s);
+void routing_free(Routing *r);
 /* Bytes routing_init allocates. */
 size_t routing_bytes(const RouterShape *s);
-void routing_free(Routing *r);
 
-/* x[N,C], w[E,C]. Fills every field of r. */
-void router_forward(Routing *r, const float *x, const float *w, const RouterShape *s);
+/* Scores, selection, gates, capacity and statistics: everything but the
+ * losses. x[N,C]. */
+void router_route(Routing *r, const float *x, const RouterWeights *w, const RouterShape *s,
+                  const RouterContext *ctx);
+/* The auxiliary losses. global_tokens_per_expert/global_tokens: router demand
+ * and tokens of the whole global batch, for global_aux_loss (else NULL/0). */
+void router_losses(Routing *r, const RouterShape *s, const RouterContext *ctx,
+                   const long *global_tokens_per_expert, long global_tokens);
+/* route + losses, for a router that needs no global counts. */
+void router_forward(Routing *r, const float *x, const RouterWeights *w, const RouterShape *s,
+                    const RouterContext *ctx);
 
-/* dgate[N,K]: loss gradient w.r.t. each combine weight (0 for dropped).
- * Adds the gate, aux-loss and z-loss gradients: dw[E,C] +=, dx[N,C] +=. */
-void router_backward(float *dx, float *dw, const float *dgate, const float *x, const float *w,
-                     Routing *r, const RouterShape *s);
+/* dgate[N,slots]: loss gradient w.r.t. each kept combine weight (0 elsewhere).
+ * Adds the gate, auxiliary-loss and z-loss gradients: weights +=, dx[N,C] +=. */
+void router_backward(float *dx, const RouterGrads *g, const float *dgate, const float *x,
+                     const RouterWeights *w, Routing *r, const RouterShape *s,
+                     const RouterContext *ctx);
+
+/* DeepSeek-V3's aux-loss-free balancing: bias_e += rate * sign(mean load -
+ * load_e), from the global batch's router demand. */
+void router_update_expert_bias(float *bias, const long *tokens_per_expert, int E, double rate);
 
 #ifdef __cplusplus
 }

@@ -17,6 +17,7 @@ extern "C" {
 
 typedef struct StepStats {
     double loss, ce_loss, aux_loss, z_loss; /* means over ranks */
+    double importance_loss, load_loss;
     double lr, grad_norm, seconds, flops;   /* flops: summed over ranks */
     long tokens, dropped, assignments;      /* global */
     double phase_s[PHASE_COUNT];            /* this rank's time per phase */
@@ -28,7 +29,8 @@ typedef struct RoutingStats {
     long *tokens_per_expert, *dropped_per_expert; /* [L*E] */
     double *importance, *mean_prob;               /* [L*E] */
     double *entropy, *aux_loss, *z_loss;          /* [L]; entropy in nats per token */
-    double *sums;                                 /* one block behind the five above */
+    double *importance_loss, *load_loss;          /* [L] */
+    double *sums;                                 /* one block behind the seven above */
     long *specialization; /* [L*E*categories] assignments at the last evaluation */
 } RoutingStats;
 

@@ -133,6 +133,7 @@ static int run(const char *out_path, double weight_scale, int argc, char **argv,
         return -1;
     }
     scale_weights(&model, weight_scale);
+    model.router_ctx = (RouterContext){.training = 1, .seed = (uint64_t)cfg.seed};
     long N = (long)shape.B * shape.T;
     int *inputs = malloc(sizeof(int) * N);
     int *targets = malloc(sizeof(int) * N);
