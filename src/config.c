@@ -25,8 +25,6 @@ typedef struct SpecialValue {
     const char *meaning; /* completes "or 0 ...", e.g. "for dropless"; NULL ends the list */
 } SpecialValue;
 
-#define MAX_SPECIAL_VALUES 2
-
 typedef struct Option {
     const char *name;  /* flag spelling without "--"; INI may use '_' */
     const char *group; /* heading in --help */
@@ -35,13 +33,15 @@ typedef struct Option {
     size_t size;              /* of the Config field; checked against type */
     double min, max;          /* numeric range */
     int min_open, max_open;   /* nonzero: the bound itself is excluded */
-    SpecialValue special[MAX_SPECIAL_VALUES]; /* also accepted, outside the range */
+    SpecialValue special[2];  /* also accepted, outside the range */
     const char *default_text; /* parsed by config_defaults like user input */
     const char *choices;      /* strings only: "a|b|c", NULL for free text */
     const char *metavar;      /* --help placeholder when the type's is vague */
     int optional;             /* strings only: empty means "not used" */
     const char *help;
 } Option;
+
+#define MAX_SPECIAL (sizeof(((Option *)0)->special) / sizeof(SpecialValue))
 
 #define FIELD(f) .offset = offsetof(Config, f), .size = sizeof(((Config *)0)->f)
 
@@ -617,7 +617,7 @@ static void format_bound(char *buf, size_t len, const Option *opt, double bound)
 }
 
 static int is_special_value(const Option *opt, double value) {
-    for (size_t i = 0; i < MAX_SPECIAL_VALUES && opt->special[i].meaning; i++)
+    for (size_t i = 0; i < MAX_SPECIAL && opt->special[i].meaning; i++)
         if (value == opt->special[i].value) return 1;
     return 0;
 }
@@ -626,7 +626,7 @@ static int is_special_value(const Option *opt, double value) {
 static void format_special_values(char *buf, size_t len, const Option *opt) {
     size_t used = 0;
     buf[0] = '\0';
-    for (size_t i = 0; i < MAX_SPECIAL_VALUES && opt->special[i].meaning && used < len; i++)
+    for (size_t i = 0; i < MAX_SPECIAL && opt->special[i].meaning && used < len; i++)
         used += (size_t)snprintf(buf + used, len - used, ", or %g %s", opt->special[i].value,
                                  opt->special[i].meaning);
 }

@@ -31,6 +31,7 @@ static int load_run_inputs(Config *cfg, Dataset *ds, Comm *comm, int argc, char 
     config_defaults(cfg);
     if (config_parse_args(cfg, argc, argv, err, errlen) != 0) return -1;
     if (config_validate(cfg, err, errlen) != 0) return -1;
+    config_resolve(cfg);
     if (config_validate_layout(cfg, comm->world_size, err, errlen) != 0) return -1;
     comm_split_groups(comm, config_ep_size(cfg, comm->world_size));
     int ok = dataset_load(ds, cfg, err, errlen) == 0;

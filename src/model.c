@@ -39,6 +39,7 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
                                                                 : cfg->moe_eval_capacity_factor;
     s->router_type = router_type_from_name(cfg->moe_router_type);
     s->sigmoid_scores = strcmp(cfg->moe_router_score_function, "sigmoid") == 0;
+    s->softmax_over_selected = !cfg->moe_router_pre_softmax;
     s->drop_by_prob = strcmp(cfg->moe_token_drop_policy, "probs") == 0;
     s->min_capacity = cfg->moe_min_capacity;
     s->balancing = balancing_type_from_name(cfg->moe_router_load_balancing_type);
@@ -341,6 +342,7 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
                                          .z_loss_coeff = s->z_loss_coeff,
                                          .type = s->router_type,
                                          .sigmoid_scores = s->sigmoid_scores,
+                                         .softmax_over_selected = s->softmax_over_selected,
                                          .drop_by_prob = s->drop_by_prob,
                                          .min_capacity = s->min_capacity,
                                          .balancing = s->balancing,

@@ -279,8 +279,11 @@ static void fill_selection_scores(Routing *r, const RouterShape *s, const Router
             for (int e = 0; e < E; e++) r->select_scores[(long)t * E + e] += ctx->expert_bias[e];
 }
 
+/* A softmax over the k selected logits equals the selected probabilities
+ * renormalised, gradients included. */
 static int renormalises(const RouterShape *s) {
-    return s->norm_topk_prob || s->type == ROUTER_NOISY_TOPK || s->type == ROUTER_GSHARD_TOP2;
+    return s->norm_topk_prob || s->softmax_over_selected || s->type == ROUTER_NOISY_TOPK ||
+           s->type == ROUTER_GSHARD_TOP2;
 }
 
 /* Top-k family: k slots per token, gates from the scores of the selected. */

@@ -170,14 +170,74 @@ TEST_F(CliConfigError, HiddenSizeNotDivisibleByHeads) {
                      {"--hidden-size 130", "--num-attention-heads 4"});
 }
 
-TEST_F(CliConfigError, ZeroCapacityFactorExplainsDropless) {
-    ExpectUsageError(TrainArgs({"--moe-expert-capacity-factor", "0"}),
-                     {"--moe-expert-capacity-factor 0", "dropless", "not implemented", "1.25"});
+// 0 is dropless and passes config validation: with a missing corpus, the
+// one error is about the corpus, not the factor.
+TEST_F(CliConfigError, ZeroCapacityFactorIsDropless) {
+    std::string missing = dir_ + "/no-such-corpus.txt";
+    RunResult r = RunMoesim({"train", "--data-path", missing, "--moe-expert-capacity-factor", "0",
+                             "--train-iters", "1", "--out", out_});
+    EXPECT_EQ(r.status, 2) << r.output;
+    EXPECT_NE(r.output.find("moesim: error: --data-path " + missing), std::string::npos)
+        << r.output;
+    EXPECT_EQ(r.output.find("capacity"), std::string::npos) << r.output;
 }
 
 TEST_F(CliConfigError, NegativeCapacityFactorExplainsDropless) {
-    ExpectUsageError(TrainArgs({"--moe-expert-capacity-factor", "-1"}),
-                     {"--moe-expert-capacity-factor -1", "dropless", "not implemented", "1.25"});
+    ExpectUsageError(
+        TrainArgs({"--moe-expert-capacity-factor", "-1"}),
+        {"--moe-expert-capacity-factor: -1 is out of range", "must be > 0", "or 0 for dropless"});
+}
+
+TEST_F(CliConfigError, BadEvalCapacityFactorNamesItsSpecialValues) {
+    ExpectUsageError(
+        TrainArgs({"--moe-eval-capacity-factor", "-0.5"}),
+        {"--moe-eval-capacity-factor: -0.5", "-1 for the training factor", "0 for dropless"});
+}
+
+TEST_F(CliConfigError, UnknownRouterTypeSuggestsTheNearestChoice) {
+    ExpectUsageError(TrainArgs({"--moe-router-type", "topK"}),
+                     {"--moe-router-type", "\"topK\"", "did you mean \"topk\"",
+                      "topk|switch|noisy_topk|gshard_top2|expert_choice|sinkhorn|soft"});
+}
+
+TEST_F(CliConfigError, UnknownRouterTypeInConfigFileSuggestsTheNearestChoice) {
+    std::string ini = WriteFile("router.ini", "[moe]\nmoe_router_type = noisy-topk\n");
+    ExpectUsageError(
+        TrainArgs({"--config", ini}),
+        {ini + ":2:", "\"noisy-topk\"", "did you mean \"noisy_topk\"", "expert_choice"});
+}
+
+TEST_F(CliConfigError, ExpertChoiceWithProbsDropPolicy) {
+    ExpectUsageError(
+        TrainArgs({"--moe-router-type", "expert_choice", "--moe-token-drop-policy", "probs"}),
+        {"--moe-token-drop-policy probs", "--moe-router-type expert_choice", "position"});
+}
+
+TEST_F(CliConfigError, SoftRoutingWithoutDroplessCapacity) {
+    ExpectUsageError(TrainArgs({"--moe-router-type", "soft"}),
+                     {"--moe-router-type soft", "--moe-expert-capacity-factor 1.25",
+                      "pass --moe-expert-capacity-factor 0"});
+}
+
+TEST_F(CliConfigError, SigmoidScoresWithSwitchRouting) {
+    ExpectUsageError(
+        TrainArgs({"--moe-router-type", "switch", "--moe-router-score-function", "sigmoid"}),
+        {"--moe-router-score-function sigmoid", "not switch", "--moe-router-type topk"});
+}
+
+TEST_F(CliConfigError, BiasUpdateRateWithoutExpertBias) {
+    ExpectUsageError(TrainArgs({"--moe-router-bias-update-rate", "1e-3"}),
+                     {"--moe-router-bias-update-rate 0.001", "--moe-router-enable-expert-bias 1"});
+}
+
+TEST_F(CliConfigError, ExpertBiasWithoutUpdateRate) {
+    ExpectUsageError(TrainArgs({"--moe-router-enable-expert-bias", "1"}),
+                     {"--moe-router-enable-expert-bias 1", "--moe-router-bias-update-rate 1e-3"});
+}
+
+TEST_F(CliConfigError, LoadLossWithTopkRouting) {
+    ExpectUsageError(TrainArgs({"--moe-load-loss-coeff", "0.01"}),
+                     {"--moe-load-loss-coeff 0.01", "--moe-router-type noisy_topk", "not topk"});
 }
 
 TEST_F(CliConfigError, MissingDataPath) {
@@ -238,7 +298,8 @@ TEST(CliInfo, HelpListsEveryGroupOfFlags) {
     RunResult r = RunMoesim({"--help"});
     EXPECT_EQ(r.status, 0) << r.output;
     for (const char *part : {"moesim train", "--config FILE", "--num-experts", "--hidden-size",
-                             "--moe-expert-capacity-factor", "--data-path", "--out"})
+                             "--moe-expert-capacity-factor", "--data-path", "--out",
+                             "--moe-router-type", "--moe-eval-capacity-factor"})
         EXPECT_NE(r.output.find(part), std::string::npos) << part << "\n" << r.output;
     EXPECT_EQ(r.output.find("error"), std::string::npos) << r.output;
 }

@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <initializer_list>
@@ -199,6 +200,26 @@ TEST(ConfigDefaults, MatchTheDocumentedSmallModel) {
     EXPECT_STREQ(cfg.out, "runs/moesim.h5");
 }
 
+// The routing-scheme keys default to plain top-k softmax routing, so a
+// config written before they existed trains exactly as it did.
+TEST(ConfigDefaults, RoutingSchemeKeysMeanPlainTopk) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_STREQ(cfg.moe_router_type, "topk");
+    EXPECT_EQ(cfg.moe_router_pre_softmax, 1);
+    EXPECT_STREQ(cfg.moe_router_score_function, "softmax");
+    EXPECT_EQ(cfg.moe_router_enable_expert_bias, 0);
+    EXPECT_EQ(cfg.moe_router_bias_update_rate, 0.0);
+    EXPECT_EQ(cfg.moe_input_jitter_eps, 0.0);
+    EXPECT_EQ(cfg.moe_eval_capacity_factor, -1.0);
+    EXPECT_EQ(cfg.moe_min_capacity, 4);
+    EXPECT_STREQ(cfg.moe_router_load_balancing_type, "aux_loss");
+    EXPECT_EQ(cfg.moe_importance_loss_coeff, 0.0);
+    EXPECT_EQ(cfg.moe_load_loss_coeff, 0.0);
+    EXPECT_STREQ(cfg.moe_expert_activation, "gelu");
+    EXPECT_EQ(cfg.moe_shared_expert_intermediate_size, 0);
+}
+
 TEST(ConfigDefaults, PassValidation) {
     TempDir dir;
     Config cfg = ValidConfig(dir.path() + "/run.h5");
@@ -321,11 +342,139 @@ TEST(ConfigSet, RejectsUnknownChoices) {
     SetResult r = Set(&cfg, "data-format", "csv");
     EXPECT_EQ(r.rc, -1);
     ExpectMentions(r.err, {"--data-format", "\"csv\"", "auto", "text", "tokens", "synthetic"});
-    r = Set(&cfg, "moe-token-drop-policy", "probs");
+    EXPECT_EQ(r.err.find("did you mean"), std::string::npos) << r.err;
+    r = Set(&cfg, "moe-token-drop-policy", "random");
     EXPECT_EQ(r.rc, -1);
-    ExpectMentions(r.err, {"--moe-token-drop-policy", "\"probs\"", "position", "routing issue"});
+    ExpectMentions(r.err, {"--moe-token-drop-policy", "\"random\"", "position|probs"});
     EXPECT_STREQ(cfg.data_format, "auto");
     EXPECT_STREQ(cfg.moe_token_drop_policy, "position");
+}
+
+TEST(ConfigSet, UnknownChoiceSuggestsTheNearestChoice) {
+    Config cfg;
+    config_defaults(&cfg);
+    const char *types = "topk|switch|noisy_topk|gshard_top2|expert_choice|sinkhorn|soft";
+    SetResult r = Set(&cfg, "moe-router-type", "topK");
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err, std::string("--moe-router-type: \"topK\" is not a valid choice; did you "
+                                 "mean \"topk\"? (one of ") +
+                         types + ")");
+    ExpectMentions(Set(&cfg, "moe-router-type", "noisy-topk").err,
+                   {"\"noisy-topk\"", "did you mean \"noisy_topk\"", types});
+    ExpectMentions(Set(&cfg, "moe-router-type", "expert-choice").err,
+                   {"did you mean \"expert_choice\""});
+    ExpectMentions(Set(&cfg, "moe-router-load-balancing-type", "seq-aux-loss").err,
+                   {"--moe-router-load-balancing-type", "did you mean \"seq_aux_loss\"",
+                    "aux_loss|seq_aux_loss|global_aux_loss|none"});
+    ExpectMentions(Set(&cfg, "moe-router-score-function", "sigmod").err,
+                   {"did you mean \"sigmoid\"", "softmax|sigmoid"});
+    ExpectMentions(Set(&cfg, "moe-expert-activation", "swish").err,
+                   {"--moe-expert-activation", "\"swish\"", "gelu|swiglu"});
+    r = Set(&cfg, "moe-router-type", "hash");
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err.find("did you mean"), std::string::npos) << r.err;
+    ExpectMentions(r.err, {"\"hash\"", "use one of", types});
+    EXPECT_STREQ(cfg.moe_router_type, "topk");
+}
+
+TEST(ConfigSet, ParsesTheRoutingSchemeKeys) {
+    Config cfg;
+    config_defaults(&cfg);
+    for (const char *type :
+         {"topk", "switch", "noisy_topk", "gshard_top2", "expert_choice", "sinkhorn", "soft"}) {
+        SetResult r = Set(&cfg, "moe-router-type", type);
+        EXPECT_EQ(r.rc, 0) << r.err;
+        EXPECT_STREQ(cfg.moe_router_type, type);
+    }
+    for (const char *type : {"aux_loss", "seq_aux_loss", "global_aux_loss", "none"}) {
+        SetResult r = Set(&cfg, "moe_router_load_balancing_type", type);
+        EXPECT_EQ(r.rc, 0) << r.err;
+        EXPECT_STREQ(cfg.moe_router_load_balancing_type, type);
+    }
+    EXPECT_EQ(Set(&cfg, "moe-token-drop-policy", "probs").rc, 0);
+    EXPECT_STREQ(cfg.moe_token_drop_policy, "probs");
+    EXPECT_EQ(Set(&cfg, "moe-router-pre-softmax", "off").rc, 0);
+    EXPECT_EQ(cfg.moe_router_pre_softmax, 0);
+    EXPECT_EQ(Set(&cfg, "moe-router-score-function", "sigmoid").rc, 0);
+    EXPECT_STREQ(cfg.moe_router_score_function, "sigmoid");
+    EXPECT_EQ(Set(&cfg, "moe-router-enable-expert-bias", "yes").rc, 0);
+    EXPECT_EQ(cfg.moe_router_enable_expert_bias, 1);
+    EXPECT_EQ(Set(&cfg, "moe-router-bias-update-rate", "1e-3").rc, 0);
+    EXPECT_DOUBLE_EQ(cfg.moe_router_bias_update_rate, 1e-3);
+    EXPECT_EQ(Set(&cfg, "moe-input-jitter-eps", "0.01").rc, 0);
+    EXPECT_DOUBLE_EQ(cfg.moe_input_jitter_eps, 0.01);
+    EXPECT_EQ(Set(&cfg, "moe-min-capacity", "0").rc, 0);
+    EXPECT_EQ(cfg.moe_min_capacity, 0);
+    EXPECT_EQ(Set(&cfg, "moe-importance-loss-coeff", "0.1").rc, 0);
+    EXPECT_DOUBLE_EQ(cfg.moe_importance_loss_coeff, 0.1);
+    EXPECT_EQ(Set(&cfg, "moe-load-loss-coeff", "0.2").rc, 0);
+    EXPECT_DOUBLE_EQ(cfg.moe_load_loss_coeff, 0.2);
+    EXPECT_EQ(Set(&cfg, "moe-expert-activation", "swiglu").rc, 0);
+    EXPECT_STREQ(cfg.moe_expert_activation, "swiglu");
+    EXPECT_EQ(Set(&cfg, "moe-shared-expert-intermediate-size", "512").rc, 0);
+    EXPECT_EQ(cfg.moe_shared_expert_intermediate_size, 512);
+}
+
+// -1 (the training factor) and 0 (dropless) sit outside the (0, 1000]
+// range of an actual factor; anything else below it is a typo.
+TEST(ConfigSet, CapacityFactorsAcceptTheirSpecialValuesOnly) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_EQ(Set(&cfg, "moe-expert-capacity-factor", "0").rc, 0);
+    EXPECT_EQ(cfg.moe_expert_capacity_factor, 0.0);
+    SetResult r = Set(&cfg, "moe-expert-capacity-factor", "-1");
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err,
+              "--moe-expert-capacity-factor: -1 is out of range; it must be > 0, or 0 for "
+              "dropless (no capacity, nothing dropped)");
+    ExpectMentions(Set(&cfg, "moe-expert-capacity-factor", "-0.5").err, {"-0.5", "> 0"});
+    ExpectMentions(Set(&cfg, "moe-expert-capacity-factor", "1001").err, {"1001", "<= 1000"});
+    EXPECT_EQ(cfg.moe_expert_capacity_factor, 0.0);
+
+    for (const char *ok : {"-1", "0", "0.5", "2"}) {
+        SetResult accepted = Set(&cfg, "moe-eval-capacity-factor", ok);
+        EXPECT_EQ(accepted.rc, 0) << ok << ": " << accepted.err;
+        EXPECT_EQ(cfg.moe_eval_capacity_factor, atof(ok));
+    }
+    for (const char *bad : {"-0.5", "-2", "-1.5", "1e9"}) {
+        r = Set(&cfg, "moe-eval-capacity-factor", bad);
+        EXPECT_EQ(r.rc, -1) << bad;
+        ExpectMentions(r.err, {"--moe-eval-capacity-factor", bad, "out of range"});
+    }
+    EXPECT_EQ(Set(&cfg, "moe-eval-capacity-factor", "-0.5").err,
+              "--moe-eval-capacity-factor: -0.5 is out of range; it must be > 0, or -1 for the "
+              "training factor, or 0 for dropless");
+    EXPECT_EQ(cfg.moe_eval_capacity_factor, 2.0);
+}
+
+TEST(ConfigSet, RejectsOutOfRangeRoutingSchemeValues) {
+    Config cfg;
+    config_defaults(&cfg);
+    ExpectMentions(Set(&cfg, "moe-router-bias-update-rate", "-1e-3").err,
+                   {"--moe-router-bias-update-rate", "-1e-3", ">= 0"});
+    ExpectMentions(Set(&cfg, "moe-input-jitter-eps", "1").err,
+                   {"--moe-input-jitter-eps", "1", "< 1"});
+    ExpectMentions(Set(&cfg, "moe-input-jitter-eps", "-0.01").err,
+                   {"--moe-input-jitter-eps", "-0.01", ">= 0"});
+    ExpectMentions(Set(&cfg, "moe-min-capacity", "-1").err, {"--moe-min-capacity", "-1", ">= 0"});
+    ExpectMentions(Set(&cfg, "moe-importance-loss-coeff", "-0.1").err,
+                   {"--moe-importance-loss-coeff", "-0.1", ">= 0"});
+    ExpectMentions(Set(&cfg, "moe-load-loss-coeff", "-0.1").err,
+                   {"--moe-load-loss-coeff", "-0.1", ">= 0"});
+    ExpectMentions(Set(&cfg, "moe-shared-expert-intermediate-size", "-4").err,
+                   {"--moe-shared-expert-intermediate-size", "-4", ">= 0"});
+    ExpectMentions(Set(&cfg, "moe-router-pre-softmax", "2").err,
+                   {"--moe-router-pre-softmax", "\"2\"", "not a boolean"});
+    EXPECT_EQ(Set(&cfg, "moe-input-jitter-eps", "0.999").rc, 0);
+    Config defaults;
+    config_defaults(&defaults);
+    EXPECT_EQ(cfg.moe_router_bias_update_rate, defaults.moe_router_bias_update_rate);
+    EXPECT_EQ(cfg.moe_min_capacity, defaults.moe_min_capacity);
+    EXPECT_EQ(cfg.moe_importance_loss_coeff, defaults.moe_importance_loss_coeff);
+    EXPECT_EQ(cfg.moe_load_loss_coeff, defaults.moe_load_loss_coeff);
+    EXPECT_EQ(cfg.moe_shared_expert_intermediate_size,
+              defaults.moe_shared_expert_intermediate_size);
+    EXPECT_EQ(cfg.moe_router_pre_softmax, 1);
 }
 
 TEST(ConfigSet, RejectsEmptyAndOverlongStrings) {
@@ -602,16 +751,42 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 40u);
+    ASSERT_EQ(keys.size(), 53u);
+    ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "save");
+    for (size_t i = 0; i < keys.size(); i++)
+        for (size_t j = i + 1; j < keys.size(); j++) EXPECT_NE(keys[i], keys[j]) << "twice";
+    const std::vector<std::string> routing_keys = {
+        "moe-token-drop-policy",
+        "moe-router-type",
+        "moe-router-pre-softmax",
+        "moe-router-score-function",
+        "moe-router-enable-expert-bias",
+        "moe-router-bias-update-rate",
+        "moe-input-jitter-eps",
+        "moe-eval-capacity-factor",
+        "moe-min-capacity",
+        "moe-router-load-balancing-type",
+        "moe-importance-loss-coeff",
+        "moe-load-loss-coeff",
+        "moe-expert-activation",
+        "moe-shared-expert-intermediate-size",
+        "micro-batch-size",
+    };
+    auto at = std::find(keys.begin(), keys.end(), routing_keys.front());
+    ASSERT_NE(at, keys.end());
+    ASSERT_LE(routing_keys.size(), static_cast<size_t>(keys.end() - at));
+    EXPECT_EQ(std::vector<std::string>(at, at + routing_keys.size()), routing_keys);
     char *text = config_to_ini(&cfg);
     ASSERT_NE(text, nullptr);
     std::string ini(text);
     free(text);
     ExpectMentions(
         ini, {"num-layers = 4\n", "lr = 0.003\n", "adam-eps = 1e-08\n", "seed = 1234\n",
-              "data-format = auto\n", "out = runs/moesim.h5\n", "moe-router-norm-topk-prob = 1\n"});
+              "data-format = auto\n", "out = runs/moesim.h5\n", "moe-router-norm-topk-prob = 1\n",
+              "moe-router-type = topk\n", "moe-eval-capacity-factor = -1\n",
+              "moe-router-bias-update-rate = 0\n", "moe-expert-activation = gelu\n"});
 }
 
 TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
@@ -657,10 +832,39 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"expert-model-parallel-size", "4"},
         {"save", "/tmp/round/params.h5"},
         {"record-flush-interval", "7"},
+        {"moe-token-drop-policy", "probs"},
+        {"moe-router-type", "noisy_topk"},
+        {"moe-router-pre-softmax", "0"},
+        {"moe-router-score-function", "sigmoid"},
+        {"moe-router-enable-expert-bias", "1"},
+        {"moe-router-bias-update-rate", "0.001"},
+        {"moe-input-jitter-eps", "0.01"},
+        {"moe-eval-capacity-factor", "0"},
+        {"moe-min-capacity", "9"},
+        {"moe-router-load-balancing-type", "seq_aux_loss"},
+        {"moe-importance-loss-coeff", "0.05"},
+        {"moe-load-loss-coeff", "0.07"},
+        {"moe-expert-activation", "swiglu"},
+        {"moe-shared-expert-intermediate-size", "64"},
     };
     for (auto &change : changes) {
         SetResult r = Set(&cfg, change[0], change[1]);
         ASSERT_EQ(r.rc, 0) << r.err;
+    }
+    // Every key is changed from its default, so a key that config_to_ini
+    // drops or mangles cannot pass by coincidence.
+    Config defaults;
+    config_defaults(&defaults);
+    ASSERT_EQ(sizeof(changes) / sizeof(changes[0]), static_cast<size_t>(config_entry_count()));
+    for (int i = 0; i < config_entry_count(); i++) {
+        ConfigEntry changed, original;
+        config_entry(&cfg, i, &changed);
+        config_entry(&defaults, i, &original);
+        bool same = changed.int_value == original.int_value &&
+                    changed.double_value == original.double_value &&
+                    (changed.type != CONFIG_VALUE_STRING ||
+                     strcmp(changed.string_value, original.string_value) == 0);
+        EXPECT_FALSE(same) << changed.key << " keeps its default in this test";
     }
     char *text = config_to_ini(&cfg);
     ASSERT_NE(text, nullptr);
@@ -713,6 +917,29 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME(synthetic_clusters);
     EXPECT_SAME(synthetic_tokens);
     EXPECT_SAME_STR(out);
+    EXPECT_SAME_STR(moe_router_type);
+    EXPECT_SAME(moe_router_pre_softmax);
+    EXPECT_SAME_STR(moe_router_score_function);
+    EXPECT_SAME(moe_router_enable_expert_bias);
+    EXPECT_SAME(moe_router_bias_update_rate);
+    EXPECT_SAME(moe_input_jitter_eps);
+    EXPECT_SAME(moe_eval_capacity_factor);
+    EXPECT_SAME(moe_min_capacity);
+    EXPECT_SAME_STR(moe_router_load_balancing_type);
+    EXPECT_SAME(moe_importance_loss_coeff);
+    EXPECT_SAME(moe_load_loss_coeff);
+    EXPECT_SAME_STR(moe_expert_activation);
+    EXPECT_SAME(moe_shared_expert_intermediate_size);
+    for (int i = 0; i < config_entry_count(); i++) {
+        ConfigEntry sent, received;
+        config_entry(&cfg, i, &sent);
+        config_entry(&back, i, &received);
+        EXPECT_EQ(received.int_value, sent.int_value) << sent.key;
+        EXPECT_EQ(received.double_value, sent.double_value) << sent.key;
+        if (sent.type == CONFIG_VALUE_STRING) {
+            EXPECT_STREQ(received.string_value, sent.string_value) << sent.key;
+        }
+    }
 #undef EXPECT_SAME
 #undef EXPECT_SAME_STR
 }
@@ -787,15 +1014,193 @@ TEST_F(ConfigValidate, HiddenSizeNotDivisibleByHeads) {
     ExpectMentions(Validate(cfg_).err, {"--hidden-size 4"});
 }
 
-TEST_F(ConfigValidate, NonPositiveCapacityFactorExplainsDropless) {
-    for (double factor : {0.0, -1.0}) {
-        cfg_.moe_expert_capacity_factor = factor;
+TEST_F(ConfigValidate, ZeroCapacityFactorIsDroplessAndNegativeIsRejected) {
+    cfg_.moe_expert_capacity_factor = 0;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    cfg_.moe_expert_capacity_factor = -1;
+    r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err,
+              "--moe-expert-capacity-factor: -1 is out of range; it must be > 0, or 0 for "
+              "dropless (no capacity, nothing dropped)");
+}
+
+// config_validate re-checks every value against the table, so a Config set
+// up in code cannot bypass the checks config_set makes.
+TEST_F(ConfigValidate, RechecksValuesSetInCode) {
+    cfg_.moe_eval_capacity_factor = -0.5;
+    ExpectMentions(Validate(cfg_).err, {"--moe-eval-capacity-factor", "-0.5", "> 0", "-1", "0"});
+    cfg_.moe_eval_capacity_factor = 0;
+    EXPECT_EQ(Validate(cfg_).rc, 0);
+    cfg_.moe_load_loss_coeff = -1;
+    ExpectMentions(Validate(cfg_).err, {"--moe-load-loss-coeff", "-1", ">= 0"});
+    cfg_.moe_load_loss_coeff = 0;
+    strcpy(cfg_.moe_router_type, "hash");
+    ExpectMentions(Validate(cfg_).err, {"--moe-router-type", "\"hash\"", "expert_choice"});
+    strcpy(cfg_.moe_router_type, "topk");
+    cfg_.moe_router_enable_expert_bias = 2;
+    ExpectMentions(Validate(cfg_).err, {"--moe-router-enable-expert-bias", "\"2\""});
+    cfg_.moe_router_enable_expert_bias = 0;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+}
+
+// Switch, GShard and soft routing fix k themselves; --moe-router-topk (2 by
+// default) must not make them fail.
+TEST_F(ConfigValidate, RouterTypesThatFixKIgnoreTopk) {
+    cfg_.num_experts = 1;
+    EXPECT_EQ(Validate(cfg_).rc, -1) << "topk 2 of 1 expert";
+    strcpy(cfg_.moe_router_type, "switch");
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    cfg_.moe_router_topk = 4;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+
+    strcpy(cfg_.moe_router_type, "gshard_top2");
+    r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err,
+              "--moe-router-type gshard_top2 routes each token to 2 experts but --num-experts is "
+              "1; raise --num-experts to at least 2 or choose another router type");
+    cfg_.num_experts = 2;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+
+    strcpy(cfg_.moe_router_type, "soft");
+    cfg_.moe_expert_capacity_factor = 0;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+}
+
+TEST_F(ConfigValidate, RouterTypesThatKeepTopkStillNeedEnoughExperts) {
+    cfg_.num_experts = 4;
+    cfg_.moe_router_topk = 5;
+    for (const char *type : {"topk", "noisy_topk", "expert_choice", "sinkhorn"}) {
+        strcpy(cfg_.moe_router_type, type);
         SetResult r = Validate(cfg_);
-        EXPECT_EQ(r.rc, -1) << factor;
-        ExpectMentions(r.err, {"--moe-expert-capacity-factor", "dropless", "not implemented",
-                               "positive factor such as 1.25"});
+        EXPECT_EQ(r.rc, -1) << type;
+        ExpectMentions(r.err, {"--moe-router-topk 5", "--num-experts 4"});
     }
-    ExpectMentions(Validate(cfg_).err, {"--moe-expert-capacity-factor -1"});
+    cfg_.moe_router_topk = 4;
+    for (const char *type : {"topk", "noisy_topk", "expert_choice", "sinkhorn"}) {
+        strcpy(cfg_.moe_router_type, type);
+        EXPECT_EQ(Validate(cfg_).rc, 0) << type << ": " << Validate(cfg_).err;
+    }
+}
+
+TEST_F(ConfigValidate, ExpertChoiceHasNoDropPolicy) {
+    strcpy(cfg_.moe_router_type, "expert_choice");
+    EXPECT_EQ(Validate(cfg_).rc, 0) << "the default policy, position, is fine";
+    strcpy(cfg_.moe_token_drop_policy, "probs");
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-token-drop-policy probs", "--moe-router-type expert_choice",
+                           "nothing to drop", "position"});
+    strcpy(cfg_.moe_router_type, "topk");
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+}
+
+TEST_F(ConfigValidate, ExpertChoiceNeedsACapacity) {
+    strcpy(cfg_.moe_router_type, "expert_choice");
+    cfg_.moe_expert_capacity_factor = 0;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-type expert_choice", "--moe-expert-capacity-factor 0",
+                           "needs a capacity", "1.25"});
+    cfg_.moe_expert_capacity_factor = 1.25;
+    cfg_.moe_eval_capacity_factor = 0;
+    r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-type expert_choice", "--moe-eval-capacity-factor 0",
+                           "-1 (the training factor)"});
+    cfg_.moe_eval_capacity_factor = 2;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    strcpy(cfg_.moe_router_type, "topk");
+    cfg_.moe_expert_capacity_factor = 0;
+    cfg_.moe_eval_capacity_factor = 0;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << "dropless top-k: " << Validate(cfg_).err;
+}
+
+TEST_F(ConfigValidate, SoftRoutingNeedsDroplessCapacity) {
+    strcpy(cfg_.moe_router_type, "soft");
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err,
+              "--moe-router-type soft with --moe-expert-capacity-factor 1.25: soft routing sends "
+              "every token to every expert and has no capacity: pass "
+              "--moe-expert-capacity-factor 0");
+    cfg_.moe_expert_capacity_factor = 0;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << "eval -1 follows training: " << Validate(cfg_).err;
+    cfg_.moe_eval_capacity_factor = 1.5;
+    r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-type soft", "--moe-eval-capacity-factor 1.5",
+                           "pass --moe-eval-capacity-factor 0 or -1"});
+    cfg_.moe_eval_capacity_factor = 0;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+}
+
+TEST_F(ConfigValidate, SigmoidScoresNeedTheTopkRouter) {
+    strcpy(cfg_.moe_router_score_function, "sigmoid");
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    strcpy(cfg_.moe_router_type, "switch");
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-score-function sigmoid", "--moe-router-type topk",
+                           "not switch", "--moe-router-score-function softmax"});
+    strcpy(cfg_.moe_router_type, "sinkhorn");
+    ExpectMentions(Validate(cfg_).err, {"sigmoid", "not sinkhorn"});
+}
+
+TEST_F(ConfigValidate, ExpertBiasNeedsTheTopkRouterAndARate) {
+    cfg_.moe_router_enable_expert_bias = 1;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-enable-expert-bias 1", "--moe-router-bias-update-rate 0",
+                           "--moe-router-bias-update-rate 1e-3"});
+    cfg_.moe_router_bias_update_rate = 1e-3;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    strcpy(cfg_.moe_router_score_function, "sigmoid");
+    EXPECT_EQ(Validate(cfg_).rc, 0) << "DeepSeek-V3's combination: " << Validate(cfg_).err;
+    strcpy(cfg_.moe_router_score_function, "softmax");
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+
+    strcpy(cfg_.moe_router_type, "noisy_topk");
+    r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-enable-expert-bias 1", "--moe-router-type topk",
+                           "not noisy_topk", "--moe-router-enable-expert-bias 0"});
+}
+
+TEST_F(ConfigValidate, BiasRateWithoutTheBiasIsAnError) {
+    cfg_.moe_router_bias_update_rate = 0.01;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err,
+                   {"--moe-router-bias-update-rate 0.01", "--moe-router-enable-expert-bias 0",
+                    "add --moe-router-enable-expert-bias 1"});
+    cfg_.moe_router_enable_expert_bias = 1;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+}
+
+TEST_F(ConfigValidate, LoadLossNeedsNoisyTopk) {
+    cfg_.moe_load_loss_coeff = 0.01;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-load-loss-coeff 0.01", "--moe-router-type noisy_topk", "not topk",
+                           "noise", "--moe-load-loss-coeff 0"});
+    strcpy(cfg_.moe_router_type, "noisy_topk");
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    cfg_.moe_load_loss_coeff = 0;
+    cfg_.moe_importance_loss_coeff = 0.01;
+    strcpy(cfg_.moe_router_type, "topk");
+    EXPECT_EQ(Validate(cfg_).rc, 0) << "importance needs no noise: " << Validate(cfg_).err;
+}
+
+TEST_F(ConfigValidate, SharedExpertWithoutMoeLayersIsFine) {
+    cfg_.moe_shared_expert_intermediate_size = 64;
+    cfg_.num_layers = 1;
+    cfg_.moe_layer_freq = 2;
+    ASSERT_EQ(config_num_moe_layers(&cfg_), 0);
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
 }
 
 TEST_F(ConfigValidate, GroupSizeMustDivideTheMicroBatch) {
@@ -899,6 +1304,78 @@ TEST_F(ConfigValidate, ExistingOutputFileIsLeftAlone) {
 }
 
 // ---------------------------------------------------------------------------
+// config_resolve
+
+namespace {
+
+struct Resolved {
+    int topk, norm_topk_prob, pre_softmax;
+};
+
+// Resolves a config with 8 experts, k = 3, and both flags the opposite of
+// what switch and soft imply.
+Resolved ResolveRouter(const char *type) {
+    Config cfg;
+    config_defaults(&cfg);
+    cfg.num_experts = 8;
+    cfg.moe_router_topk = 3;
+    cfg.moe_router_norm_topk_prob = 1;
+    cfg.moe_router_pre_softmax = 0;
+    EXPECT_EQ(Set(&cfg, "moe-router-type", type).rc, 0) << type;
+    config_resolve(&cfg);
+    EXPECT_STREQ(cfg.moe_router_type, type);
+    return {cfg.moe_router_topk, cfg.moe_router_norm_topk_prob, cfg.moe_router_pre_softmax};
+}
+
+}  // namespace
+
+TEST(ConfigResolve, SwitchIsTopOneScaledByItsProbability) {
+    Resolved r = ResolveRouter("switch");
+    EXPECT_EQ(r.topk, 1);
+    EXPECT_EQ(r.norm_topk_prob, 0);
+    EXPECT_EQ(r.pre_softmax, 1);
+}
+
+TEST(ConfigResolve, GshardIsTopTwo) {
+    Resolved r = ResolveRouter("gshard_top2");
+    EXPECT_EQ(r.topk, 2);
+    EXPECT_EQ(r.norm_topk_prob, 1);
+    EXPECT_EQ(r.pre_softmax, 0);
+}
+
+TEST(ConfigResolve, SoftUsesEveryExpertWithRawProbabilities) {
+    Resolved r = ResolveRouter("soft");
+    EXPECT_EQ(r.topk, 8);
+    EXPECT_EQ(r.norm_topk_prob, 0);
+    EXPECT_EQ(r.pre_softmax, 1);
+}
+
+TEST(ConfigResolve, OtherRoutersKeepTheirSettings) {
+    for (const char *type : {"topk", "noisy_topk", "expert_choice", "sinkhorn"}) {
+        Resolved r = ResolveRouter(type);
+        EXPECT_EQ(r.topk, 3) << type;
+        EXPECT_EQ(r.norm_topk_prob, 1) << type;
+        EXPECT_EQ(r.pre_softmax, 0) << type;
+    }
+}
+
+TEST(ConfigResolve, IsIdempotentAndShowsInTheIni) {
+    Config cfg;
+    config_defaults(&cfg);
+    ASSERT_EQ(Set(&cfg, "moe-router-type", "switch").rc, 0);
+    config_resolve(&cfg);
+    Config again = cfg;
+    config_resolve(&again);
+    EXPECT_EQ(memcmp(&cfg, &again, sizeof cfg), 0);
+    char *text = config_to_ini(&cfg);
+    ASSERT_NE(text, nullptr);
+    std::string ini(text);
+    free(text);
+    ExpectMentions(ini, {"moe-router-type = switch\n", "moe-router-topk = 1\n",
+                         "moe-router-norm-topk-prob = 0\n"});
+}
+
+// ---------------------------------------------------------------------------
 // Help
 
 TEST(ConfigHelp, ListsEveryKeyWithItsDefault) {
@@ -911,7 +1388,17 @@ TEST(ConfigHelp, ListsEveryKeyWithItsDefault) {
         EXPECT_NE(help.find("--" + key + " "), std::string::npos) << key;
     ExpectMentions(help, {"--config FILE", "--num-experts N", "(default 8)",
                           "model:", "mixture of experts:", "auto|text|tokens|synthetic",
-                          "(default runs/moesim.h5)"});
+                          "(default runs/moesim.h5)", "--moe-router-type TYPE",
+                          "Switch Transformer", "Shazeer 2017", "GShard", "Zhou 2022", "Sinkhorn",
+                          "--moe-token-drop-policy position|probs", "--moe-eval-capacity-factor X",
+                          "(default -1)"});
+    EXPECT_EQ(help.find("arrives with"), std::string::npos) << "stale note:\n" << help;
+    // Every choice of a TYPE key is named in its help, since the placeholder
+    // does not list them.
+    for (const char *choice :
+         {"topk", "switch", "noisy_topk", "gshard_top2", "expert_choice", "sinkhorn", "soft",
+          "aux_loss", "seq_aux_loss", "global_aux_loss", "none"})
+        EXPECT_NE(help.find(std::string(choice) + " ("), std::string::npos) << choice;
 }
 
 namespace {

@@ -279,8 +279,23 @@ INSTANTIATE_TEST_SUITE_P(GradNormTopkProb, GradMoe, ::testing::Values(0, 1));
 // drops, and both auxiliary losses. Per-coordinate differences drown in the
 // float32 rounding of a loss of ~3 nats, so this checks directional
 // derivatives of each tensor (the layer tests above check coordinates).
-TEST(GradModel, EveryTensor) {
+struct ModelVariant {
+    const char *name;
+    FfnActivation expert_activation;
+    int shared_F;
+    RouterType router;
+};
+
+class GradModel : public ::testing::TestWithParam<ModelVariant> {};
+
+TEST_P(GradModel, EveryTensor) {
+    const ModelVariant v = GetParam();
     ModelShape s{};
+    s.expert_activation = v.expert_activation;
+    s.shared_F = v.shared_F;
+    s.router_type = v.router;
+    s.load_loss_coeff = v.router == ROUTER_NOISY_TOPK ? 0.1 : 0.0;
+    s.importance_loss_coeff = 0.1;
     s.V = 13;
     s.T = 6;
     s.C = 8;
@@ -334,5 +349,12 @@ TEST(GradModel, EveryTensor) {
     }
     model_free(&m);
 }
+
+INSTANTIATE_TEST_SUITE_P(
+    GradVariants, GradModel,
+    ::testing::Values(ModelVariant{"gelu", FFN_GELU, 0, ROUTER_TOPK},
+                      ModelVariant{"swiglu_shared", FFN_SWIGLU, 5, ROUTER_TOPK},
+                      ModelVariant{"noisy_topk", FFN_GELU, 0, ROUTER_NOISY_TOPK}),
+    [](const ::testing::TestParamInfo<ModelVariant> &info) { return info.param.name; });
 
 }  // namespace

@@ -27,7 +27,7 @@ typedef struct ModelShape {
     double capacity_factor, aux_loss_coeff, z_loss_coeff; /* capacity factor of training */
     double eval_capacity_factor;
     RouterType router_type;
-    int sigmoid_scores, drop_by_prob, min_capacity;
+    int sigmoid_scores, softmax_over_selected, drop_by_prob, min_capacity;
     BalancingType balancing;
     double importance_loss_coeff, load_loss_coeff, jitter_eps;
     int expert_bias; /* DeepSeek-V3 selection bias per expert */

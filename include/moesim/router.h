@@ -54,6 +54,7 @@ typedef struct RouterShape {
     double z_loss_coeff;
     RouterType type;
     int sigmoid_scores; /* sigmoid instead of softmax scores (topk only) */
+    int softmax_over_selected; /* Mixtral: gates are a softmax over the k selected logits */
     int drop_by_prob;   /* on overflow keep the highest gates, not the earliest */
     int min_capacity;
     BalancingType balancing;

@@ -38,6 +38,7 @@ class Shape:
     tied: bool
     norm_topk_prob: bool
     capacity_factor: float
+    min_capacity: int
     aux_loss_coeff: float
     z_loss_coeff: float
 
@@ -68,6 +69,7 @@ def load_export(path):
         shape = Shape(**{k: int(cfg[k]) for k in int_keys},
                       tied=bool(cfg["tied"]), norm_topk_prob=bool(cfg["norm_topk_prob"]),
                       capacity_factor=float(cfg["capacity_factor"]),
+                      min_capacity=int(cfg["min_capacity"]),
                       aux_loss_coeff=float(cfg["aux_loss_coeff"]),
                       z_loss_coeff=float(cfg["z_loss_coeff"]))
         routing = {}
@@ -138,7 +140,8 @@ def route(x, router_w, s):
 
     # Capacity: number the tokens that chose each expert within a group by
     # position (1, 2, ...); those numbered beyond the capacity are dropped.
-    capacity = expert_capacity(s.capacity_factor, G, K, E)
+    # DeepSpeed's floor: never fewer slots than --moe-min-capacity
+    capacity = max(expert_capacity(s.capacity_factor, G, K, E), s.min_capacity)
     chose = torch.zeros(N, E, dtype=torch.long).scatter(1, choice_expert, 1)   # [N, E]
     arrival = chose.view(N // G, G, E).cumsum(1).view(N, E)
     kept_at = chose.bool() & (arrival <= capacity)

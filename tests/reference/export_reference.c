@@ -60,6 +60,7 @@ static void put_config(Export *ex, const ModelShape *s) {
     put_scalar(ex, "config/tied", s->tied);
     put_scalar(ex, "config/norm_topk_prob", s->norm_topk_prob);
     put_scalar(ex, "config/capacity_factor", s->capacity_factor);
+    put_scalar(ex, "config/min_capacity", s->min_capacity);
     put_scalar(ex, "config/aux_loss_coeff", s->aux_loss_coeff);
     put_scalar(ex, "config/z_loss_coeff", s->z_loss_coeff);
 }
@@ -119,6 +120,7 @@ static int run(const char *out_path, double weight_scale, int argc, char **argv,
         return -1;
     }
     if (config_validate(&cfg, err, errlen) != 0) return -1;
+    config_resolve(&cfg);
     Dataset ds;
     if (dataset_load(&ds, &cfg, err, errlen) != 0) return -1;
 
