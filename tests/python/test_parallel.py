@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -357,3 +358,41 @@ def test_record_write_failure_exits_cleanly(record_fault):
     assert result.returncode == 1, output
     assert record_fault["status"] in ("running", "failed", None) or \
         str(record_fault["status"]).startswith("unreadable"), record_fault["status"]
+
+
+# ---- every router keeps the 1-rank equivalence ----------------------------------------
+
+ROUTER_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "routers")
+                        .glob("*.ini"))
+ROUTER_STEPS = 12
+ROUTER_SERIES = ["train/loss", "train/aux_loss", "train/z_loss", "train/importance_loss",
+                 "train/load_loss", "routing/tokens_per_expert", "routing/dropped_per_expert"]
+
+
+def router_run(tmp_path, config, world, micro_batch):
+    out = tmp_path / f"{config.stem}-w{world}.h5"
+    options = {"config": config, **SMALL, "train-iters": ROUTER_STEPS,
+               "eval-interval": ROUTER_STEPS, "micro-batch-size": micro_batch, "out": out}
+    # the shared expert of a config is sized for the default model; keep it small here
+    if "shared-expert" in config.read_text():
+        options["moe-shared-expert-intermediate-size"] = 16
+    result = run_mpi(world, "train", options, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["config.moe_router_type"] in config.read_text()
+        return {name: f[name][()] for name in ROUTER_SERIES}
+
+
+@pytest.mark.parametrize("config", ROUTER_CONFIGS, ids=[c.stem for c in ROUTER_CONFIGS])
+def test_every_router_matches_the_one_rank_run(tmp_path, config):
+    one = router_run(tmp_path, config, 1, 2 * B)
+    two = router_run(tmp_path, config, 2, B)
+    for name in ("routing/tokens_per_expert", "routing/dropped_per_expert"):
+        differs = np.flatnonzero((one[name] != two[name]).reshape(ROUTER_STEPS, -1).any(1))
+        assert len(differs) == 0, f"{config.stem}: {name} differs first at step {differs[0] + 1}"
+    for name in ("train/loss", "train/aux_loss", "train/z_loss", "train/importance_loss",
+                 "train/load_loss"):
+        scale = np.maximum(np.abs(one[name]), 1e-12)
+        worst = float(np.max(np.abs(one[name] - two[name]) / scale))
+        assert worst <= LOSS_REL_TOL or np.max(np.abs(one[name])) < 1e-12, (config.stem, name,
+                                                                             worst)
