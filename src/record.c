@@ -379,6 +379,9 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
         st |= series_create(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
                             spec->units);
     }
+    st |= set_string_array_attr(r->series[SPEC_COUNTS].dset, "category_names",
+                                 (const char *const *)layout->category_names,
+                                 layout->num_categories);
     for (int p = 0; p < PHASE_COUNT; p++) {
         char name[64];
         snprintf(name, sizeof name, "/timing/%s", phase_names[p]);

@@ -358,11 +358,14 @@ static void select_soft(Routing *r, const RouterShape *s) {
 /* ---- capacity -------------------------------------------------------------- */
 
 /* First come, first served: within a group each expert keeps the earliest
- * routed slots, up to its capacity. */
+ * routed slots, up to its capacity. GShard fills every token's first choice
+ * before any second choice; the others go token by token (Megatron). */
 static void keep_by_position(Routing *r, const RouterShape *s, int g, int capacity) {
-    int S = r->slots;
+    int S = r->slots, choices_first = s->type == ROUTER_GSHARD_TOP2;
+    long first = (long)g * s->G * S;
     memset(r->group_load, 0, sizeof(int) * s->E);
-    for (long a = (long)g * s->G * S; a < (long)(g + 1) * s->G * S; a++) {
+    for (long i = 0; i < (long)s->G * S; i++) {
+        long a = choices_first ? first + (i % s->G) * S + i / s->G : first + i;
         if (!r->choice_routed[a]) continue;
         int e = r->choice_expert[a];
         r->choice_kept[a] = r->group_load[e] < capacity;

@@ -148,3 +148,35 @@ TEST(MoeCombine, DroppedTokenOutputIsZeroAndKeptIsGateTimesExpert) {
 }
 
 }  // namespace
+
+namespace {
+
+// GShard gives every token's first choice priority over any second choice;
+// top-k (Megatron's position policy) goes token by token.
+TEST(RouterDrops, GshardFillsFirstChoicesBeforeSecondChoices) {
+    const int N = 4, E = 3, K = 2;
+    std::vector<float> logits = {2, 3, 0,   // token 0: expert 1, then 0
+                                 2, 3, 0,   // token 1: expert 1, then 0
+                                 3, 0, 2,   // token 2: expert 0, then 2
+                                 3, 2, 0};  // token 3: expert 0, then 1
+    std::vector<float> w(E * E, 0.0f);
+    for (int e = 0; e < E; e++) w[e * E + e] = 1.0f;
+    auto kept_for = [&](RouterType type) {
+        RouterShape s = classic_router(N, E, E, K, N, 1, 0.75, 0.0, 0.0);  // capacity 2
+        s.type = type;
+        Routing r;
+        EXPECT_EQ(routing_init(&r, &s), 0);
+        RouterContext ctx = training_context(s);
+        ctx.training = 0;  // GShard's second expert is then always dispatched
+        RouterWeights weights = {w.data(), nullptr};
+        router_forward(&r, logits.data(), &weights, &s, &ctx);
+        std::vector<int> kept(r.choice_kept, r.choice_kept + N * K);
+        EXPECT_EQ(r.capacity, 2);
+        routing_free(&r);
+        return kept;
+    };
+    EXPECT_EQ(kept_for(ROUTER_GSHARD_TOP2), (std::vector<int>{1, 0, 1, 0, 1, 1, 1, 0}));
+    EXPECT_EQ(kept_for(ROUTER_TOPK), (std::vector<int>{1, 1, 1, 1, 0, 1, 0, 0}));
+}
+
+}  // namespace

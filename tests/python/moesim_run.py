@@ -1,10 +1,16 @@
 """Launching build/moesim from tests: a plain subprocess (an MPI singleton) or
-under mpirun, with the environment of any enclosing mpirun removed."""
+under mpirun, with the environment of any enclosing mpirun removed. Also the
+record schema the binary writes, and synthetic records of the schema for tests of
+the analysis package that need no run."""
 import os
+import re
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+import h5py
+import numpy as np
 
 BUILD = Path(os.environ.get("MOESIM_BUILD", Path(__file__).resolve().parents[2] / "build"))
 
@@ -52,3 +58,104 @@ def run_mpi(ranks, subcommand, options, timeout=120):
     result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     result.elapsed = time.monotonic() - start
     return result
+
+
+def record_schema_version():
+    """The run record schema build/moesim writes (from `moesim --version`), or
+    None if the binary is missing or does not say."""
+    try:
+        out = subprocess.run([str(BUILD / "moesim"), "--version"], env=clean_env(),
+                             capture_output=True, text=True, timeout=30).stdout
+    except OSError:
+        return None
+    match = re.search(r"run record schema (\d+)", out)
+    return int(match.group(1)) if match else None
+
+
+# Units of every dataset of schema 3, as docs/run-record.md lists them.
+RECORD_UNITS = {
+    "train/step": "step", "train/loss": "nats/token", "train/aux_loss": "loss",
+    "train/z_loss": "loss", "train/importance_loss": "loss",
+    "train/load_loss": "loss", "train/lr": "1", "train/grad_norm": "1",
+    "train/tokens_per_s": "tokens/s", "train/step_time_s": "s",
+    "routing/tokens_per_expert": "assignments", "routing/processed_per_expert": "assignments",
+    "routing/dropped_per_expert": "assignments", "routing/importance": "1",
+    "routing/mean_prob": "1", "routing/entropy": "nats", "routing/load_cv": "1",
+    "routing/max_over_mean_load": "1", "routing/unused_experts": "experts",
+    "routing/aux_loss": "loss", "routing/z_loss": "loss", "routing/importance_loss": "loss",
+    "routing/load_loss": "loss", "traffic/dispatch_bytes": "bytes",
+    "eval/step": "step", "eval/loss": "nats/token", "specialization/step": "step",
+    "specialization/counts": "assignments", "specialization/mutual_information": "bits",
+    **{f"timing/{phase}": "s" for phase in ("attention", "router", "dispatch", "experts",
+                                            "combine", "grad_allreduce", "optimizer", "other")},
+}
+
+
+def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, evals=3,
+                           categories=3, config=None, status="complete", seed=0):
+    """Writes a schema-3 run record laid out as docs/run-record.md says, with
+    seeded random values that keep the documented relations (processed +
+    dropped = tokens, unused experts, steps in order), and returns what it
+    wrote: {"attrs": {name: value}, "<dataset path>": array, ...}."""
+    rng = np.random.default_rng(seed)
+    S, L, E, P, V, C = steps, moe_layers, experts, ranks, evals, categories
+    config = {"num_layers": 2 * L, "hidden_size": 32, "num_experts": E, "moe_router_topk": 2,
+              "moe_layer_freq": 2, "moe_expert_capacity_factor": 1.25, "micro_batch_size": 2,
+              "seq_length": 16, "lr": 3e-3, "data_path": "synthetic", "out": str(path),
+              **(config or {})}
+    assignments = 2 * 64 * P  # top-2 of 64 tokens per rank
+    tokens = rng.multinomial(assignments, np.full(E, 1 / E), size=(S, L))
+    processed = np.minimum(tokens, assignments // E)  # capacity of an even share: some drops
+    eval_steps = np.arange(V) * 10
+    data = {
+        "train/step": np.arange(1, S + 1), "eval/step": eval_steps,
+        "specialization/step": eval_steps,
+        "routing/tokens_per_expert": tokens, "routing/processed_per_expert": processed,
+        "routing/dropped_per_expert": tokens - processed,
+        "routing/unused_experts": (processed == 0).sum(axis=2),
+        "routing/mean_prob": rng.dirichlet(np.ones(E), size=(S, L)),
+        "traffic/dispatch_bytes": rng.integers(0, 10**6, size=(S, P, P)),
+        "specialization/counts": rng.integers(0, 50, size=(V, L, E, C)),
+    }
+    float_shapes = {"train": (S,), "eval": (V,), "routing": (S, L, E), "timing": (S, P),
+                    "specialization": (V, L)}
+    for name in ("train/loss", "train/aux_loss", "train/z_loss",
+                 "train/importance_loss", "train/load_loss", "train/lr", "train/grad_norm",
+                 "train/tokens_per_s", "train/step_time_s", "eval/loss", "routing/importance",
+                 *[name for name in RECORD_UNITS if name.startswith("timing/")],
+                 "specialization/mutual_information"):
+        data[name] = rng.random(float_shapes[name.split("/")[0]]) + 1.0
+    for name in ("entropy", "load_cv", "max_over_mean_load", "aux_loss", "z_loss",
+                 "importance_loss", "load_loss"):
+        data[f"routing/{name}"] = rng.random((S, L))
+    data = {name: np.asarray(values, dtype=np.float64 if values.dtype.kind == "f" else np.int64)
+            for name, values in data.items()}
+    attrs = {"schema_version": 3, "moesim_version": "0.1.0", "git_revision": "test",
+             "status": status, "start_time": "2026-01-01T00:00:00Z",
+             "end_time": "2026-01-01T00:01:00Z", "steps_done": S, "world_size": P,
+             "ep_size": P, "seed": seed, "hostnames": [f"host{r}" for r in range(P)],
+             "params_total": 123456, "params_active_per_token": 65432,
+             "param_bytes_per_rank": np.full(P, 4000, dtype=np.int64),
+             "record_flush_interval": 10,
+             "config": "".join(f"{k.replace('_', '-')} = {v}\n" for k, v in config.items()),
+             "category_names": [f"cluster{c}" for c in range(C)],
+             **{f"config.{key}": value for key, value in config.items()}}
+    _write_record(path, attrs, data)
+    return {"attrs": attrs, **data}
+
+
+def _write_record(path, attrs, data):
+    """As moesim does: int64 and float64 attributes, variable-length UTF-8
+    strings, extendible chunked datasets with a units attribute."""
+    with h5py.File(path, "w") as f:
+        for name, value in attrs.items():
+            if isinstance(value, list):
+                value = np.array(value, dtype=h5py.string_dtype())
+            elif isinstance(value, int):
+                value = np.int64(value)
+            f.attrs[name] = value
+        for name, values in data.items():
+            dataset = f.create_dataset(name, data=values, maxshape=(None, *values.shape[1:]),
+                                       chunks=True)
+            dataset.attrs["units"] = RECORD_UNITS[name]
+        f["specialization/counts"].attrs["category_names"] = f.attrs["category_names"]
