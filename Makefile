@@ -63,7 +63,7 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 
            LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
-.PHONY: all deps run test unit cli pytest sanitize bench clean FORCE
+.PHONY: all deps run test unit cli pytest sanitize bench sweep clean FORCE
 all: $(BUILD)/moesim
 
 deps:
@@ -105,6 +105,12 @@ bench: deps
 	@$(MAKE) --no-print-directory $(BUILD)/moesim
 	$(MPIRUN) -n 1 $(BUILD)/moesim bench --config experiments/bench.ini
 	$(MPIRUN) -n 2 $(BUILD)/moesim bench --config experiments/bench.ini
+
+# A sweep of trainings from a spec: make sweep SPEC=experiments/sweeps/two_point.ini [OUT=dir]
+SPEC ?= experiments/sweeps/two_point.ini
+sweep: deps
+	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	$(PYTHON) experiments/sweep $(SPEC) $(if $(OUT),--out $(OUT))
 
 clean:
 	rm -rf $(BUILD)
