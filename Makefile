@@ -63,7 +63,7 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 
            LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
-.PHONY: all deps run test unit cli pytest sanitize bench sweep clean FORCE
+.PHONY: all deps run test unit cli pytest sanitize bench sweep test-slurm clean FORCE
 all: $(BUILD)/moesim
 
 deps:
@@ -111,6 +111,12 @@ SPEC ?= experiments/sweeps/two_point.ini
 sweep: deps
 	@$(MAKE) --no-print-directory $(BUILD)/moesim
 	$(PYTHON) experiments/sweep $(SPEC) $(if $(OUT),--out $(OUT))
+
+# A real one-machine SLURM cluster (Debian's slurm-wlm + munge, installed if
+# missing; needs root) runs experiments/slurm/run.sbatch and sweep.sbatch.
+test-slurm: deps
+	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	bash tests/slurm/test_slurm.sh
 
 clean:
 	rm -rf $(BUILD)

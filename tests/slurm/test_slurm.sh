@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# make test-slurm: the SLURM templates on a real one-machine cluster (Debian's
+# slurm-wlm and munge, installed if missing). experiments/slurm/run.sbatch runs
+# a tiny synthetic model on 2 tasks; once experiments/sweep exists,
+# experiments/slurm/sweep.sbatch runs experiments/sweeps/two_point.ini. Each
+# job must end COMPLETED with exit code 0 and leave records whose status is
+# 'complete' at the expected world size. Needs root and build/moesim. Every
+# daemon it started is stopped by PID, and its scratch directory removed, on
+# any exit (TEST_SLURM_KEEP=1 keeps the directory: logs, records, slurm.conf).
+# Time limits (seconds): TEST_SLURM_RUN_TIMEOUT (default 120),
+# TEST_SLURM_SWEEP_TIMEOUT (default 600).
+set -Eeuo pipefail
+cd "$(dirname "$0")/../.."
+# shellcheck source=tests/slurm/cluster.sh
+source tests/slurm/cluster.sh
+
+run_timeout_s=${TEST_SLURM_RUN_TIMEOUT:-120}
+sweep_timeout_s=${TEST_SLURM_SWEEP_TIMEOUT:-600}
+spec=experiments/sweeps/two_point.ini
+python=/usr/bin/python3
+started_s=$SECONDS
+passed=0
+skipped=0
+job_id=
+job_log=
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "test-slurm: run as root: it installs packages and runs munged, slurmctld and slurmd as root"
+  exit 1
+fi
+if [ ! -x build/moesim ]; then
+  echo "test-slurm: build/moesim missing: run 'make build/moesim' first"
+  exit 1
+fi
+# A surrounding allocation's variables would leak into our jobs.
+while read -r name; do unset "$name"; done < <(compgen -e | grep '^SLURM_' || true)
+
+scratch=$(mktemp -d /tmp/moesim-slurm.XXXXXX)
+mkdir -p "$scratch/jobs" "$scratch/runs"
+
+cleanup() {
+  trap - ERR
+  set +e
+  cluster_stop
+  if [ "${TEST_SLURM_KEEP:-0}" = 1 ]; then
+    echo "test-slurm: kept $scratch (daemons stopped)"
+  else
+    rm -rf "$scratch"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+fail() {
+  trap - ERR
+  echo "test-slurm: FAILED: $*"
+  if [ -n "$job_id" ]; then
+    echo "----- scontrol show job $job_id"
+    scontrol show job "$job_id" 2>&1 || true
+  fi
+  if [ -n "$job_log" ] && [ -f "$job_log" ]; then
+    echo "----- job log $job_log"
+    cat "$job_log"
+  fi
+  cluster_logs
+  echo "test-slurm: $passed passed, 1 failed"
+  exit 1
+}
+trap 'fail "line $LINENO: $BASH_COMMAND exited with status $?"' ERR
+
+# Submits "$@" with sbatch and waits up to $1 seconds for the job to leave
+# the queue; the job must end COMPLETED with exit code 0:0.
+submit_and_wait() {
+  local timeout_s=$1 deadline state exit_code info
+  shift
+  job_id=$(sbatch --parsable "$@") || fail "sbatch $* was refused"
+  echo "test-slurm: submitted job $job_id: sbatch $*"
+  deadline=$((SECONDS + timeout_s))
+  while :; do
+    info=$(scontrol show job -o "$job_id") || fail "scontrol lost job $job_id"
+    state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$info")
+    exit_code=$(sed -n 's/.* ExitCode=\([0-9:]*\).*/\1/p' <<<"$info")
+    case $state in
+      PENDING | CONFIGURING | RUNNING | COMPLETING | SUSPENDED) ;;
+      COMPLETED)
+        [ "$exit_code" = 0:0 ] || fail "job $job_id COMPLETED with exit code $exit_code"
+        break
+        ;;
+      *) fail "job $job_id ended $state with exit code $exit_code" ;;
+    esac
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      scancel "$job_id"
+      fail "job $job_id still $state after $timeout_s s (set TEST_SLURM_RUN_TIMEOUT / TEST_SLURM_SWEEP_TIMEOUT for slower machines)"
+    fi
+    sleep 0.5
+  done
+  echo "test-slurm: job $job_id COMPLETED, exit code 0:0, in $((SECONDS + timeout_s - deadline)) s"
+}
+
+cluster_install || fail "apt-get install slurm-wlm munge failed"
+echo "test-slurm: starting munged, slurmctld, slurmd in $scratch"
+cluster_start "$scratch" || fail "the one-machine cluster did not start"
+echo "test-slurm: node $(sinfo -h -N -o '%N %T, %c CPUs, %m MB') after $((SECONDS - started_s)) s"
+
+# One run: the INI gives the model, EXTRA_FLAGS overrides its train-iters,
+# so the record's train_iters 6 shows both knobs reached moesim.
+cat >"$scratch/tiny.ini" <<'EOF'
+num-layers = 2
+hidden-size = 32
+num-attention-heads = 2
+seq-length = 16
+num-experts = 4
+moe-ffn-hidden-size = 32
+ffn-hidden-size = 64
+train-iters = 4
+eval-interval = 3
+eval-iters = 1
+data-format = synthetic
+synthetic-tokens = 20000
+micro-batch-size = 2
+EOF
+job_log=$scratch/jobs/moesim-tiny.out
+CONFIG=$scratch/tiny.ini EXTRA_FLAGS="--train-iters 6" OUT_DIR=$scratch/runs \
+  submit_and_wait "$run_timeout_s" -n 2 -J moesim-tiny -t 5 -o "$scratch/jobs/%x.out" \
+  experiments/slurm/run.sbatch
+record=$scratch/runs/moesim-tiny-$job_id.h5
+[ -f "$record" ] || fail "run.sbatch left no record at $record; $scratch/runs has: $(ls "$scratch/runs")"
+$python tests/slurm/check_record.py --world-size 2 --train-iters 6 "$record" ||
+  fail "the record of job $job_id is not a complete 2-rank run of 6 steps"
+grep -q "status complete" "$job_log" || fail "the job log does not end with moesim info of the record"
+passed=$((passed + 1))
+
+if [ -x experiments/sweep ] && [ -f "$spec" ]; then
+  # The points, with their world sizes, as the runner's own spec parser sees them.
+  mapfile -t points < <($python -B - "$spec" <<'EOF'
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "experiments")
+from sweep_lib.spec import load_spec
+
+for point in load_spec(Path(sys.argv[1])).points:
+    print(point.name, point.world_size)
+EOF
+  )
+  [ ${#points[@]} -gt 0 ] || fail "experiments/sweep_lib found no points in $spec"
+  world_size=$(printf '%s\n' "${points[@]}" | awk '$2 > max { max = $2 } END { print max }')
+  job_log=$scratch/jobs/moesim-sweep.out
+  SPEC=$spec SWEEP_OUT=$scratch/sweep \
+    submit_and_wait "$sweep_timeout_s" -n "$world_size" -J moesim-sweep -t 30 -o "$job_log" \
+    experiments/slurm/sweep.sbatch
+  for point in "${points[@]}"; do
+    read -r name point_world_size <<<"$point"
+    $python tests/slurm/check_record.py --world-size "$point_world_size" "$scratch/sweep/$name.h5" ||
+      fail "sweep point $name has no complete record of world size $point_world_size; $scratch/sweep has: $(ls "$scratch/sweep")"
+  done
+  passed=$((passed + 1))
+else
+  echo "test-slurm: sweep.sbatch not run: experiments/sweep or $spec does not exist yet"
+  skipped=$((skipped + 1))
+fi
+
+echo "test-slurm: done in $((SECONDS - started_s)) s"
+echo "test-slurm: $passed passed, 0 failed, $skipped skipped"
