@@ -63,7 +63,8 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 
            LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
-.PHONY: all deps run test unit cli pytest sanitize bench sweep test-slurm clean FORCE
+.PHONY: all deps run test unit cli pytest sanitize bench sweep test-slurm cf-sweep scaling \
+        specialization clean FORCE
 all: $(BUILD)/moesim
 
 deps:
@@ -117,6 +118,31 @@ sweep: deps
 test-slurm: deps
 	@$(MAKE) --no-print-directory $(BUILD)/moesim
 	bash tests/slurm/test_slurm.sh
+
+# Experiments: a sweep, then its notebook executed beside the records.
+# Paths are absolute because nbconvert runs a notebook from its own folder.
+EXECUTE_NOTEBOOK := PYDEVD_DISABLE_FILE_VALIDATION=1 $(PYTHON) -m jupyter nbconvert --to notebook \
+	--execute --ExecutePreprocessor.timeout=600
+
+cf-sweep: deps
+	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	$(PYTHON) experiments/sweep experiments/sweeps/cf_sweep.ini --out runs/cf_sweep
+	MOESIM_SWEEP=$(CURDIR)/runs/cf_sweep MOESIM_FIGURES=$(CURDIR)/runs/cf_sweep/figures \
+		$(EXECUTE_NOTEBOOK) analysis/notebooks/capacity_factor.ipynb --output-dir runs/cf_sweep
+
+scaling: deps
+	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	$(PYTHON) experiments/sweep experiments/sweeps/scaling_weak.ini --out runs/scaling/weak
+	$(PYTHON) experiments/sweep experiments/sweeps/scaling_strong.ini --out runs/scaling/strong
+	MOESIM_SWEEP=$(CURDIR)/runs/scaling MOESIM_FIGURES=$(CURDIR)/runs/scaling/figures \
+		$(EXECUTE_NOTEBOOK) analysis/notebooks/scaling.ipynb --output-dir runs/scaling
+
+specialization: deps
+	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	$(PYTHON) experiments/sweep experiments/sweeps/specialization.ini --out runs/specialization
+	MOESIM_SWEEP=$(CURDIR)/runs/specialization \
+		MOESIM_FIGURES=$(CURDIR)/runs/specialization/figures \
+		$(EXECUTE_NOTEBOOK) analysis/notebooks/specialization.ipynb --output-dir runs/specialization
 
 clean:
 	rm -rf $(BUILD)

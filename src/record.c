@@ -209,8 +209,12 @@ static int series_create(Series *s, hid_t file, const char *path, int is_long, i
     hid_t file_type = is_long ? H5T_STD_I64LE : H5T_IEEE_F64LE;
     hsize_t dims[4] = {0}, maxdims[4] = {H5S_UNLIMITED}, chunk[4];
     size_t row_elems = 1;
+    /* A dense model has no MoE layer: its routing rows hold zero values, and
+     * a zero-size dimension needs an unlimited maximum to take a chunk. */
     for (int i = 0; i < tail_ndim; i++) {
-        dims[i + 1] = maxdims[i + 1] = chunk[i + 1] = tail[i] ? tail[i] : 1;
+        dims[i + 1] = tail[i];
+        maxdims[i + 1] = tail[i] ? tail[i] : H5S_UNLIMITED;
+        chunk[i + 1] = tail[i] ? tail[i] : 1;
         row_elems *= tail[i];
     }
     s->row_bytes = row_elems * 8;
@@ -230,6 +234,10 @@ static int series_create(Series *s, hid_t file, const char *path, int is_long, i
 }
 
 static int series_push(Series *s, const void *row) {
+    if (s->row_bytes == 0) {
+        s->buffered++;
+        return 0;
+    }
     if (s->buffered == s->capacity) {
         long capacity = s->capacity ? 2 * s->capacity : 16;
         char *grown = realloc(s->buffer, (size_t)capacity * s->row_bytes);
@@ -251,6 +259,11 @@ static int series_flush(Series *s) {
     H5Sclose(space);
     dims[0] = (hsize_t)(s->written + s->buffered);
     if (H5Dset_extent(s->dset, dims) < 0) return -1;
+    if (s->row_bytes == 0) { /* rows without values: the extent is all there is */
+        s->written += s->buffered;
+        s->buffered = 0;
+        return 0;
+    }
     space = H5Dget_space(s->dset);
     start[0] = (hsize_t)s->written;
     for (int i = 0; i < ndim; i++) count[i] = i == 0 ? (hsize_t)s->buffered : dims[i];

@@ -123,3 +123,19 @@ def test_info_rejects_what_is_not_a_readable_record(tmp_path, kind):
     errors = [line for line in result.stderr.splitlines() if line.startswith("moesim: error:")]
     assert len(errors) == 1, result.stderr
     assert str(path) in errors[0] and expected in errors[0], errors[0]
+
+
+def test_a_dense_model_records_empty_routing(tmp_path):
+    """No MoE layer: routing and specialisation rows exist per step and eval but
+    hold zero layers (they once held memory read past their buffers)."""
+    out = tmp_path / "dense.h5"
+    result = run_moesim("train", {**SMALL, "moe-layer-freq": 1000, "train-iters": 6,
+                                  "eval-interval": 3, "out": out})
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out, "r") as f:
+        assert f["routing/tokens_per_expert"].shape == (6, 0, 4)
+        assert f["routing/load_cv"].shape == (6, 0)
+        assert f["specialization/counts"].shape[:2] == (3, 0)
+        assert f["specialization/mutual_information"].shape == (3, 0)
+        assert f["traffic/dispatch_bytes"][()].sum() == 0
+    assert moesim_info(out).returncode == 0

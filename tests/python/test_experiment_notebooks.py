@@ -1,0 +1,309 @@
+"""The experiment notebooks (analysis/notebooks/capacity_factor, scaling,
+specialization) and the functions behind them (moesim_analysis.experiments).
+
+Each notebook is executed headless with nbclient on the python3 kernel, as
+tests/python/test_notebooks.py does, against a small sweep directory of real
+build/moesim runs made here (tiny synthetic models, a few points each, laid
+out and named as experiments/sweep lays out its output; the runner itself is
+not used). A cell error fails the test, and every figure and table the
+notebook promises must appear in MOESIM_FIGURES. The committed notebooks
+carry no outputs.
+"""
+import csv
+import math
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from moesim_run import record_schema_version, run_moesim, run_mpi
+
+ANALYSIS = Path(__file__).resolve().parents[2] / "analysis"
+sys.path.insert(0, str(ANALYSIS))
+from moesim_analysis import PHASES, SCHEMA_VERSION, experiments, load_run, load_runs  # noqa: E402
+
+NOTEBOOKS = ANALYSIS / "notebooks"
+EXPERIMENT_NOTEBOOKS = ("capacity_factor.ipynb", "scaling.ipynb", "specialization.ipynb")
+CELL_TIMEOUT_S = 120
+BUILD_SCHEMA = record_schema_version()
+NEEDS_MATCHING_BUILD = pytest.mark.skipif(
+    BUILD_SCHEMA != SCHEMA_VERSION,
+    reason=f"build/moesim writes run record schema {BUILD_SCHEMA}, moesim_analysis reads "
+           f"{SCHEMA_VERSION}; `make build/moesim`")
+
+# Learns in 20 steps (validation loss falls at every evaluation), so a quality
+# threshold is crossed where the test expects it.
+TINY = {
+    "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 32,
+    "num-experts": 4, "moe-ffn-hidden-size": 32, "ffn-hidden-size": 64, "moe-router-topk": 2,
+    "train-iters": 20, "lr": 1e-2, "lr-warmup-iters": 5, "eval-interval": 5, "eval-iters": 2,
+    "data-path": "synthetic", "synthetic-tokens": 20000, "synthetic-clusters": 4,
+    "micro-batch-size": 8, "progress-interval": 100,
+}
+# Points of experiments/sweeps/cf_sweep.ini in miniature, named as the runner names them.
+CF_POINTS = {
+    "switch_ecf0.5": {"moe-router-type": "switch", "moe-expert-capacity-factor": 0.5},
+    "switch_ecf0": {"moe-router-type": "switch", "moe-expert-capacity-factor": 0},
+    "topk_ecf1.0": {"moe-router-type": "topk", "moe-expert-capacity-factor": 1.0},
+    "topk_ecf0": {"moe-router-type": "topk", "moe-expert-capacity-factor": 0},
+    "dense_top2": {"moe-layer-freq": 1000, "ffn-hidden-size": 64},
+}
+CF_FIGURES = ("eval_loss_curves", "quality_vs_capacity_factor", "drop_rate_vs_capacity_factor",
+              "tokens_per_s_vs_capacity_factor", "steps_to_threshold_vs_capacity_factor")
+# (ranks, overrides) of scaling_weak.ini and scaling_strong.ini, 1 and 2 ranks only.
+SCALING_POINTS = {
+    "weak": {"ws1_ne2": (1, {"num-experts": 2}), "ws2_ne4": (2, {"num-experts": 4})},
+    "strong": {"ws1_mbs4": (1, {"micro-batch-size": 4, "moe-group-size": 64}),
+               "ws2_mbs2": (2, {"micro-batch-size": 2, "moe-group-size": 64})},
+}
+SPEC_POINTS = {
+    "topk_synthetic": {"moe-router-type": "topk"},
+    "switch_synthetic": {"moe-router-type": "switch"},
+    "topk_fortunes": {"moe-router-type": "topk", "data-path": "/usr/share/games/fortunes"},
+}
+
+
+def train(out, options, ranks=None):
+    """One tiny build/moesim run to `out`: a plain process, or under mpirun."""
+    options = {**TINY, **options, "out": out}
+    result = (run_moesim("train", options, timeout=120) if ranks is None
+              else run_mpi(ranks, "train", options, timeout=120))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def cf_sweep(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cf_sweep")
+    for name, options in CF_POINTS.items():
+        train(directory / f"{name}.h5", options)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def scaling_sweep(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("scaling")
+    for kind, points in SCALING_POINTS.items():
+        (directory / kind).mkdir()
+        for name, (ranks, options) in points.items():
+            train(directory / kind / f"{name}.h5", {**options, "eval-interval": 1000}, ranks)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def specialization_sweep(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("specialization")
+    for name, options in SPEC_POINTS.items():
+        train(directory / f"{name}.h5", options)
+    return directory
+
+
+def execute(notebook_name, monkeypatch, **environment):
+    """Runs the notebook in its own directory (so its relative imports work)
+    with the given environment; returns the executed notebook."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    notebook = nbformat.read(NOTEBOOKS / notebook_name, as_version=4)
+    client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()
+    return notebook
+
+
+def assert_files(directory, names):
+    missing = [name for name in names if not (directory / name).is_file()]
+    assert not missing, f"not written to {directory}: {missing}; " \
+                        f"found {sorted(p.name for p in directory.iterdir())}"
+
+
+def printed(notebook) -> str:
+    return "".join(output.get("text", "") for cell in notebook.cells
+                   if cell.cell_type == "code" for output in cell.outputs)
+
+
+def read_csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- the notebooks ---------------------------------------------------------------------
+
+@NEEDS_MATCHING_BUILD
+def test_capacity_factor_notebook_writes_figures_and_table1(cf_sweep, tmp_path, monkeypatch):
+    figures = tmp_path / "figures"
+    notebook = execute("capacity_factor.ipynb", monkeypatch, MOESIM_SWEEP=cf_sweep,
+                       MOESIM_FIGURES=figures)
+    assert_files(figures, [f"{name}.png" for name in CF_FIGURES]
+                 + ["capacity_factor_table.csv", "switch_table1.csv", "switch_table1.md"])
+
+    rows = read_csv_rows(figures / "switch_table1.csv")
+    assert sorted(row["run"] for row in rows) == sorted(CF_POINTS)
+    factor = {row["run"]: row["Capacity factor"] for row in rows}
+    assert factor == {"switch_ecf0.5": "0.5", "switch_ecf0": "dropless", "topk_ecf1.0": "1",
+                      "topk_ecf0": "dropless", "dense_top2": "-"}
+    model = {row["run"]: row["Model"] for row in rows}
+    assert model["switch_ecf0"] == "switch (top-1)" and model["topk_ecf0"] == "topk (top-2)"
+    assert rows[0]["run"] == "dense_top2", "dense baseline first, as in Switch's Table 1"
+    # The default threshold is the dense baseline's final loss: it reaches it at its end.
+    dense_final = load_run(cf_sweep / "dense_top2.h5").eval["loss"].iloc[-1]
+    steps_column = next(c for c in rows[0] if c.startswith("Steps to val loss"))
+    assert steps_column == f"Steps to val loss {dense_final:.3f}"
+    assert rows[0][steps_column] == str(TINY["train-iters"])
+    assert next(r for r in rows if r["run"] == "topk_ecf0")["Drop rate"] == "0.00%"
+    assert "dropless" in printed(notebook), "the table is not printed"
+    markdown = (figures / "switch_table1.md").read_text().splitlines()
+    assert markdown[0].startswith("| Model | Capacity factor |") and len(markdown) == 2 + len(rows)
+
+
+@NEEDS_MATCHING_BUILD
+def test_scaling_notebook_writes_efficiency_and_phase_breakdown(scaling_sweep, tmp_path,
+                                                               monkeypatch):
+    figures = tmp_path / "figures"
+    execute("scaling.ipynb", monkeypatch, MOESIM_SWEEP=scaling_sweep, MOESIM_FIGURES=figures)
+    assert_files(figures, ["scaling_efficiency.png", "phase_breakdown.png", "scaling_weak.csv",
+                           "scaling_strong.csv", "phase_breakdown_weak.csv",
+                           "phase_breakdown_strong.csv"])
+    for kind in ("weak", "strong"):
+        table = pd.read_csv(figures / f"scaling_{kind}.csv")
+        assert table["world_size"].tolist() == [1, 2]
+        assert table["efficiency"].iloc[0] == pytest.approx(1.0)
+        assert (table["efficiency"] > 0).all()
+    strong = pd.read_csv(figures / "scaling_strong.csv")
+    assert strong["global_batch"].tolist() == [4, 4]
+    phases = pd.read_csv(figures / "phase_breakdown_weak.csv", index_col=0)
+    assert list(phases.columns) == [*experiments.PHASE_GROUPS, "step_s"]
+
+
+@NEEDS_MATCHING_BUILD
+def test_specialization_notebook_writes_heatmaps_and_mutual_information(
+        specialization_sweep, tmp_path, monkeypatch):
+    figures = tmp_path / "figures"
+    execute("specialization.ipynb", monkeypatch, MOESIM_SWEEP=specialization_sweep,
+            MOESIM_FIGURES=figures)
+    assert_files(figures, [f"specialization_{name}.png" for name in SPEC_POINTS]
+                 + ["mutual_information_vs_random.png", "mutual_information_vs_random.csv",
+                    "mutual_information_final.csv"])
+    final = pd.read_csv(figures / "mutual_information_final.csv")
+    moe_layers = TINY["num-layers"]
+    assert sorted(final["run"].unique()) == sorted(SPEC_POINTS)
+    assert len(final) == len(SPEC_POINTS) * moe_layers
+    assert (final["eval_step"] == TINY["train-iters"]).all()
+    assert (final["random_bits"] > 0).all()
+    assert (final["random_bits_q95"] >= final["random_bits"]).all()
+    over_time = pd.read_csv(figures / "mutual_information_vs_random.csv")
+    evaluations = TINY["train-iters"] // TINY["eval-interval"] + 1  # step 0 included
+    assert len(over_time) == len(SPEC_POINTS) * moe_layers * evaluations
+
+
+@pytest.mark.parametrize("notebook_name", EXPERIMENT_NOTEBOOKS)
+def test_committed_notebooks_have_no_outputs(notebook_name):
+    notebook = nbformat.read(NOTEBOOKS / notebook_name, as_version=4)
+    nbformat.validate(notebook)
+    dirty = [index for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"
+             and (cell.outputs or cell.execution_count is not None)]
+    assert not dirty, f"{notebook_name}: cells {dirty} hold outputs; clear them before committing"
+    assert notebook.metadata.kernelspec.name == "python3"
+    parameters = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
+    assert len(parameters) == 1 and "MOESIM_SWEEP" in parameters[0].source
+
+
+# ---- the functions behind them ---------------------------------------------------------
+
+def test_models_are_told_apart_by_config():
+    moe = {"num_layers": 4, "moe_layer_freq": 1, "moe_router_topk": 2, "ffn_hidden_size": 512,
+           "moe_ffn_hidden_size": 256}
+    assert experiments.model_label({**moe, "moe_router_type": "topk"}) == "topk (top-2)"
+    assert experiments.model_label({**moe, "moe_router_type": "switch"}) == "switch (top-1)"
+    dense = {**moe, "moe_layer_freq": 1000, "moe_router_type": "topk"}
+    assert experiments.is_dense(dense) and not experiments.is_dense(moe)
+    assert experiments.active_experts(dense) == 2
+    assert experiments.model_label(dense) == "dense (FFN 512)"
+
+
+def test_steps_to_threshold_is_the_first_evaluation_at_or_below_it():
+    evaluation = pd.DataFrame({"step": [0, 25, 50, 75], "loss": [5.0, 3.0, 2.5, 2.6]})
+    assert experiments.steps_to_threshold(evaluation, 2.6) == 50
+    assert experiments.steps_to_threshold(evaluation, 3.0) == 25
+    assert math.isnan(experiments.steps_to_threshold(evaluation, 2.0))
+
+
+def test_dropless_gets_its_own_tick_right_of_the_largest_factor():
+    positions, ticks, labels = experiments.capacity_positions([0.5, 1.0, 2.0, 0, 1.5])
+    assert labels == ["0.5", "1", "1.5", "2", "dropless"]
+    assert positions[0.0] == ticks[-1] > 2.0 and positions[1.5] == 1.5
+    assert experiments.capacity_positions([1.0, 1.25])[2] == ["1", "1.25"]
+
+
+def test_mutual_information_of_known_count_matrices():
+    diagonal = np.diag([50, 50, 50, 50])
+    assert experiments.mutual_information_bits(diagonal) == pytest.approx(2.0)
+    assert experiments.mutual_information_bits(np.full((4, 3), 7)) == pytest.approx(0.0)
+    assert experiments.mutual_information_bits(np.zeros((4, 3))) == 0.0
+    stacked = experiments.mutual_information_bits(np.stack([diagonal, np.full((4, 4), 1)]))
+    np.testing.assert_allclose(stacked, [2.0, 0.0], atol=1e-12)
+
+
+def test_random_router_baseline_matches_independent_counts_and_not_specialised_ones():
+    rng = np.random.default_rng(7)
+    experts, categories, assignments = 8, 5, 4000
+    marginal_e, marginal_c = rng.dirichlet(np.ones(experts)), rng.dirichlet(np.ones(categories))
+    independent = rng.multinomial(assignments, np.outer(marginal_e, marginal_c).ravel())
+    independent = independent.reshape(experts, categories)
+    mean, q95 = experiments.random_router_mutual_information(independent, samples=300)
+    bias = (experts - 1) * (categories - 1) / (2 * assignments * math.log(2))
+    assert mean == pytest.approx(bias, rel=0.25)  # the finite-sample bias, not 0
+    assert experiments.mutual_information_bits(independent) < 2 * q95
+    specialised = np.zeros((experts, categories), dtype=np.int64)
+    specialised[np.arange(experts), np.arange(experts) % categories] = assignments // experts
+    mean, q95 = experiments.random_router_mutual_information(specialised)
+    assert experiments.mutual_information_bits(specialised) > 50 * q95
+    assert experiments.random_router_mutual_information(np.zeros((2, 2))) == (0.0, 0.0)
+
+
+@NEEDS_MATCHING_BUILD
+def test_specialization_counts_and_mutual_information_match_the_record(specialization_sweep):
+    run = load_run(specialization_sweep / "topk_fortunes.h5")
+    counts, eval_steps, categories = experiments.specialization_counts(run)
+    assert counts.shape == (len(eval_steps), TINY["num-layers"], TINY["num-experts"],
+                            len(categories))
+    assert eval_steps == list(range(0, TINY["train-iters"] + 1, TINY["eval-interval"]))
+    recorded = run.mutual_information["bits"].to_numpy().reshape(counts.shape[:2])
+    np.testing.assert_allclose(experiments.mutual_information_bits(counts), recorded,
+                               atol=1e-9)
+    frame = experiments.specialization_vs_random(run, samples=20)
+    np.testing.assert_allclose(frame["excess_bits"], frame["bits"] - frame["random_bits"])
+
+
+@NEEDS_MATCHING_BUILD
+def test_capacity_factor_table_and_default_threshold(cf_sweep):
+    runs = load_runs(str(cf_sweep / "*.h5"))
+    threshold = experiments.default_threshold(runs)
+    assert threshold == load_run(cf_sweep / "dense_top2.h5").eval["loss"].iloc[-1]
+    table = experiments.capacity_factor_table(runs, threshold).set_index("run")
+    assert table.loc["dense_top2", "steps_to_threshold"] == TINY["train-iters"]
+    assert math.isnan(table.loc["dense_top2", "drop_rate"])  # no router, nothing to drop
+    assert table.loc["topk_ecf0", "drop_rate"] == 0.0
+    assert table.loc["switch_ecf0.5", "drop_rate"] > 0.0
+    assert table.loc["switch_ecf0", "top_k"] == 1 and table.loc["topk_ecf0", "top_k"] == 2
+
+
+@NEEDS_MATCHING_BUILD
+def test_phase_groups_cover_every_phase_and_sum_to_the_step_time(scaling_sweep):
+    assert sorted(p for group in experiments.PHASE_GROUPS.values() for p in group) == \
+        sorted(PHASES)
+    runs = load_runs(str(scaling_sweep / "strong" / "*.h5"))
+    groups = experiments.phase_groups(runs, warmup_steps=0)
+    assert groups.index.tolist() == [1, 2]
+    step_time = runs.train.groupby("world_size")["step_time_s"].mean()
+    # Phases are per-rank wall times and the step time is rank 0's; timers miss little.
+    np.testing.assert_allclose(groups.sum(axis=1), step_time, rtol=0.2)
+    weak = experiments.scaling_table(load_runs(str(scaling_sweep / "weak" / "*.h5")), "weak")
+    np.testing.assert_allclose(weak["efficiency"],
+                               weak["tokens_per_s_per_rank"] / weak["tokens_per_s_per_rank"][0])
+    with pytest.raises(ValueError, match="weak.*strong"):
+        experiments.scaling_table(runs, "medium")
