@@ -159,3 +159,37 @@ def _write_record(path, attrs, data):
                                        chunks=True)
             dataset.attrs["units"] = RECORD_UNITS[name]
         f["specialization/counts"].attrs["category_names"] = f.attrs["category_names"]
+
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "analysis" / "notebooks"
+NOTEBOOK_CELL_TIMEOUT_S = 120
+
+
+def needs_matching_build(package_schema):
+    """Skip marker for tests on real records when build/moesim writes another
+    run-record schema than the analysis package reads."""
+    import pytest
+    build_schema = record_schema_version()
+    return pytest.mark.skipif(
+        build_schema != package_schema,
+        reason=f"build/moesim writes run record schema {build_schema} (`build/moesim --version`), "
+               f"moesim_analysis reads {package_schema}; " + (
+                   "update the package to the newer schema"
+                   if (build_schema or 0) > package_schema
+                   else f"`make build/moesim` once schema {package_schema} lands"))
+
+
+def execute_notebook(notebook_name, monkeypatch, **environment):
+    """Runs analysis/notebooks/<notebook_name> headless in its own directory (so
+    its relative imports work) with the given environment variables; returns
+    the executed notebook. Any cell error raises."""
+    import nbformat
+    from nbclient import NotebookClient
+    for name, value in environment.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
+    notebook = nbformat.read(NOTEBOOKS / notebook_name, as_version=4)
+    client = NotebookClient(notebook, timeout=NOTEBOOK_CELL_TIMEOUT_S, kernel_name="python3",
+                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client.execute()
+    return notebook

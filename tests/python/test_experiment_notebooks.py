@@ -18,9 +18,8 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-from nbclient import NotebookClient
 
-from moesim_run import record_schema_version, run_moesim, run_mpi
+from moesim_run import execute_notebook, record_schema_version, run_moesim, run_mpi
 
 ANALYSIS = Path(__file__).resolve().parents[2] / "analysis"
 sys.path.insert(0, str(ANALYSIS))
@@ -28,7 +27,6 @@ from moesim_analysis import PHASES, SCHEMA_VERSION, experiments, load_run, load_
 
 NOTEBOOKS = ANALYSIS / "notebooks"
 EXPERIMENT_NOTEBOOKS = ("capacity_factor.ipynb", "scaling.ipynb", "specialization.ipynb")
-CELL_TIMEOUT_S = 120
 BUILD_SCHEMA = record_schema_version()
 NEEDS_MATCHING_BUILD = pytest.mark.skipif(
     BUILD_SCHEMA != SCHEMA_VERSION,
@@ -102,19 +100,6 @@ def specialization_sweep(tmp_path_factory):
     return directory
 
 
-def execute(notebook_name, monkeypatch, **environment):
-    """Runs the notebook in its own directory (so its relative imports work)
-    with the given environment; returns the executed notebook."""
-    for name, value in environment.items():
-        monkeypatch.setenv(name, str(value))
-    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-    notebook = nbformat.read(NOTEBOOKS / notebook_name, as_version=4)
-    client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
-    client.execute()
-    return notebook
-
-
 def assert_files(directory, names):
     missing = [name for name in names if not (directory / name).is_file()]
     assert not missing, f"not written to {directory}: {missing}; " \
@@ -136,7 +121,7 @@ def read_csv_rows(path):
 @NEEDS_MATCHING_BUILD
 def test_capacity_factor_notebook_writes_figures_and_table1(cf_sweep, tmp_path, monkeypatch):
     figures = tmp_path / "figures"
-    notebook = execute("capacity_factor.ipynb", monkeypatch, MOESIM_SWEEP=cf_sweep,
+    notebook = execute_notebook("capacity_factor.ipynb", monkeypatch, MOESIM_SWEEP=cf_sweep,
                        MOESIM_FIGURES=figures)
     assert_files(figures, [f"{name}.png" for name in CF_FIGURES]
                  + ["capacity_factor_table.csv", "switch_table1.csv", "switch_table1.md"])
@@ -164,7 +149,7 @@ def test_capacity_factor_notebook_writes_figures_and_table1(cf_sweep, tmp_path, 
 def test_scaling_notebook_writes_efficiency_and_phase_breakdown(scaling_sweep, tmp_path,
                                                                monkeypatch):
     figures = tmp_path / "figures"
-    execute("scaling.ipynb", monkeypatch, MOESIM_SWEEP=scaling_sweep, MOESIM_FIGURES=figures)
+    execute_notebook("scaling.ipynb", monkeypatch, MOESIM_SWEEP=scaling_sweep, MOESIM_FIGURES=figures)
     assert_files(figures, ["scaling_efficiency.png", "phase_breakdown.png", "scaling_weak.csv",
                            "scaling_strong.csv", "phase_breakdown_weak.csv",
                            "phase_breakdown_strong.csv"])
@@ -183,7 +168,7 @@ def test_scaling_notebook_writes_efficiency_and_phase_breakdown(scaling_sweep, t
 def test_specialization_notebook_writes_heatmaps_and_mutual_information(
         specialization_sweep, tmp_path, monkeypatch):
     figures = tmp_path / "figures"
-    execute("specialization.ipynb", monkeypatch, MOESIM_SWEEP=specialization_sweep,
+    execute_notebook("specialization.ipynb", monkeypatch, MOESIM_SWEEP=specialization_sweep,
             MOESIM_FIGURES=figures)
     assert_files(figures, [f"specialization_{name}.png" for name in SPEC_POINTS]
                  + ["mutual_information_vs_random.png", "mutual_information_vs_random.csv",

@@ -12,23 +12,15 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from nbclient import NotebookClient
 
-from moesim_run import record_schema_version, run_moesim, write_synthetic_record
+from moesim_run import execute_notebook, needs_matching_build, run_moesim, write_synthetic_record
 
 ANALYSIS = Path(__file__).resolve().parents[2] / "analysis"
 sys.path.insert(0, str(ANALYSIS))
 from moesim_analysis import SCHEMA_VERSION  # noqa: E402
 
 NOTEBOOKS = ANALYSIS / "notebooks"
-CELL_TIMEOUT_S = 120
-BUILD_SCHEMA = record_schema_version()
-NEEDS_MATCHING_BUILD = pytest.mark.skipif(
-    BUILD_SCHEMA != SCHEMA_VERSION,
-    reason=f"build/moesim writes run record schema {BUILD_SCHEMA} (`build/moesim --version`), "
-           f"moesim_analysis reads {SCHEMA_VERSION}; " + (
-               "update the package to the newer schema" if (BUILD_SCHEMA or 0) > SCHEMA_VERSION
-               else f"`make build/moesim` once schema {SCHEMA_VERSION} lands"))
+NEEDS_MATCHING_BUILD = needs_matching_build(SCHEMA_VERSION)
 
 SWEEP_KEY = "moe_expert_capacity_factor"
 CAPACITY_FACTORS = (1.0, 1.5)
@@ -42,19 +34,6 @@ SMALL_RUN = {
     "eval-interval": 10, "eval-iters": 1, "data-format": "synthetic", "synthetic-tokens": 20000,
     "micro-batch-size": 2, "progress-interval": 100,
 }
-
-
-def execute(notebook_name, monkeypatch, **environment):
-    """Runs the notebook in its own directory (so its relative imports work)
-    with the given environment; returns the executed notebook."""
-    for name, value in environment.items():
-        monkeypatch.setenv(name, str(value))
-    monkeypatch.setenv("PYDEVD_DISABLE_FILE_VALIDATION", "1")
-    notebook = nbformat.read(NOTEBOOKS / notebook_name, as_version=4)
-    client = NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
-    client.execute()
-    return notebook
 
 
 def assert_figures(figure_dir, names):
@@ -93,7 +72,7 @@ def sweep_dir(request, tmp_path):
 def test_run_overview_writes_every_figure(sweep_dir, tmp_path, monkeypatch):
     record = sorted(sweep_dir.glob("*.h5"))[0]
     figures = tmp_path / "figures"
-    notebook = execute("run_overview.ipynb", monkeypatch, MOESIM_RUN=record,
+    notebook = execute_notebook("run_overview.ipynb", monkeypatch, MOESIM_RUN=record,
                        MOESIM_FIGURES=figures)
     assert_figures(figures, OVERVIEW_FIGURES)
     assert shown_images(notebook) >= len(OVERVIEW_FIGURES), "figures are not shown inline"
@@ -101,7 +80,7 @@ def test_run_overview_writes_every_figure(sweep_dir, tmp_path, monkeypatch):
 
 def test_compare_runs_writes_every_figure(sweep_dir, tmp_path, monkeypatch):
     figures = tmp_path / "figures"
-    notebook = execute("compare_runs.ipynb", monkeypatch, MOESIM_RUNS=sweep_dir / "*.h5",
+    notebook = execute_notebook("compare_runs.ipynb", monkeypatch, MOESIM_RUNS=sweep_dir / "*.h5",
                        MOESIM_FIGURES=figures)
     assert_figures(figures, COMPARE_FIGURES)
     assert shown_images(notebook) >= len(COMPARE_FIGURES), "figures are not shown inline"
