@@ -14,6 +14,7 @@
  * Streams keep the corpus order: text categories in sorted file-name order,
  * synthetic documents in generation order. */
 #include "moesim/data.h"
+#include "moesim/rng.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -68,29 +69,22 @@ static void corpus_free(Corpus *c) {
 
 /* ---------------------------------------------------------------- hashing */
 
-/* splitmix64 step: adds the golden-ratio increment, then the finalizer. */
-static uint64_t mix64(uint64_t z) {
-    z += 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
-}
-
 /* Chained so that every argument passes through a full mix. */
 static uint64_t hash4(uint64_t domain, uint64_t a, uint64_t b, uint64_t c) {
-    return mix64(mix64(mix64(mix64(domain) ^ a) ^ b) ^ c);
+    return rng_mix64(rng_hash3(domain, a, b) ^ c);
 }
 
-/* xoshiro256** with explicit state, seeded from splitmix64. */
-typedef struct Rng {
+/* xoshiro256** with explicit state, seeded from splitmix64: the synthetic
+ * chains need long sequential streams. */
+typedef struct Xoshiro {
     uint64_t s[4];
-} Rng;
+} Xoshiro;
 
-static void rng_seed(Rng *r, uint64_t seed) {
+static void xoshiro_seed(Xoshiro *r, uint64_t seed) {
     uint64_t z = seed;
     for (int i = 0; i < 4; i++) {
         z += 0x9e3779b97f4a7c15ull;
-        r->s[i] = mix64(z);
+        r->s[i] = rng_mix64(z);
     }
 }
 
@@ -98,7 +92,7 @@ static uint64_t rotl(uint64_t x, int k) {
     return (x << k) | (x >> (64 - k));
 }
 
-static uint64_t rng_next(Rng *r) {
+static uint64_t xoshiro_next(Xoshiro *r) {
     uint64_t *s = r->s;
     uint64_t result = rotl(s[1] * 5, 7) * 9;
     uint64_t t = s[1] << 17;
@@ -113,8 +107,8 @@ static uint64_t rng_next(Rng *r) {
 
 /* Uniform in [0, n) by Lemire's multiply-shift; the bias (< n / 2^32) is
  * irrelevant for n <= 65536. */
-static uint32_t rng_below(Rng *r, uint32_t n) {
-    return (uint32_t)(((rng_next(r) >> 32) * (uint64_t)n) >> 32);
+static uint32_t xoshiro_below(Xoshiro *r, uint32_t n) {
+    return (uint32_t)(((xoshiro_next(r) >> 32) * (uint64_t)n) >> 32);
 }
 
 /* ------------------------------------------------------------------ split */
@@ -633,19 +627,19 @@ typedef struct Chain {
 } Chain;
 
 static void chain_build(Chain *ch, uint64_t seed, int cluster) {
-    Rng r;
-    rng_seed(&r, hash4(DOMAIN_SYNTH_CHAIN, (uint64_t)seed, (uint64_t)cluster, 0));
+    Xoshiro r;
+    xoshiro_seed(&r, hash4(DOMAIN_SYNTH_CHAIN, (uint64_t)seed, (uint64_t)cluster, 0));
     for (int s = 0; s < SYNTH_VOCAB; s++) {
         double w[SYNTH_SUCCESSORS], sum = 0;
         for (int k = 0; k < SYNTH_SUCCESSORS; k++) {
             /* distinct successors, so the chain has exactly 4 branches */
             int dup;
             do {
-                ch->next[s][k] = (uint8_t)rng_below(&r, SYNTH_VOCAB);
+                ch->next[s][k] = (uint8_t)xoshiro_below(&r, SYNTH_VOCAB);
                 dup = 0;
                 for (int j = 0; j < k; j++) dup |= ch->next[s][j] == ch->next[s][k];
             } while (dup);
-            w[k] = 0.05 + (double)(rng_next(&r) >> 11) * 0x1.0p-53; /* no branch is negligible */
+            w[k] = 0.05 + (double)(xoshiro_next(&r) >> 11) * 0x1.0p-53; /* no branch is negligible */
             sum += w[k];
         }
         double acc = 0;
@@ -693,17 +687,17 @@ static int load_synthetic(Dataset *ds, Corpus *c, const Config *cfg, char *err, 
         }
         chain_build(&chains[k], (uint64_t)cfg->seed, k);
     }
-    Rng r;
-    rng_seed(&r, hash4(DOMAIN_SYNTH_DOCS, (uint64_t)cfg->seed, 0, 0));
+    Xoshiro r;
+    xoshiro_seed(&r, hash4(DOMAIN_SYNTH_DOCS, (uint64_t)cfg->seed, 0, 0));
     for (size_t d = 0; d < num_docs; d++) {
-        int k = (int)rng_below(&r, (uint32_t)clusters);
+        int k = (int)xoshiro_below(&r, (uint32_t)clusters);
         const Chain *ch = &chains[k];
         size_t start = d * SYNTH_DOC_TOKENS;
         size_t len = n - start < SYNTH_DOC_TOKENS ? n - start : SYNTH_DOC_TOKENS;
-        unsigned state = rng_below(&r, SYNTH_VOCAB);
+        unsigned state = xoshiro_below(&r, SYNTH_VOCAB);
         for (size_t t = 0; t < len; t++) {
             c->tokens[start + t] = (uint16_t)state;
-            uint32_t u = (uint32_t)(rng_next(&r) >> 32);
+            uint32_t u = (uint32_t)(xoshiro_next(&r) >> 32);
             int j = 0;
             while (j < SYNTH_SUCCESSORS - 1 && u > ch->cumulative[state][j]) j++;
             state = ch->next[state][j];
