@@ -12,6 +12,8 @@
 #endif
 
 #define CHUNK_BYTES (64 * 1024)
+/* `moesim info` reads nothing schema 4 added, so older records summarise too. */
+#define OLDEST_READABLE_SCHEMA 3
 
 /* ---- attributes ------------------------------------------------------------ */
 
@@ -104,6 +106,7 @@ enum SeriesId {
     ROUTING_DROPPED,
     ROUTING_IMPORTANCE,
     ROUTING_MEAN_PROB,
+    ROUTING_EXPERT_BIAS,
     ROUTING_ENTROPY,
     ROUTING_LOAD_CV,
     ROUTING_MAX_OVER_MEAN,
@@ -112,6 +115,8 @@ enum SeriesId {
     ROUTING_Z,
     ROUTING_IMPORTANCE_LOSS,
     ROUTING_LOAD_LOSS,
+    ROUTING_MEAN_ABS_LOGIT,
+    ROUTING_LOGSUMEXP_SQ,
     TRAFFIC_DISPATCH,
     EVAL_STEP,
     EVAL_LOSS,
@@ -149,6 +154,7 @@ static const SeriesSpec SERIES[] = {
     {ROUTING_DROPPED, "/routing/dropped_per_expert", 1, TAIL_LAYER_EXPERT, "assignments"},
     {ROUTING_IMPORTANCE, "/routing/importance", 0, TAIL_LAYER_EXPERT, "1"},
     {ROUTING_MEAN_PROB, "/routing/mean_prob", 0, TAIL_LAYER_EXPERT, "1"},
+    {ROUTING_EXPERT_BIAS, "/routing/expert_bias", 0, TAIL_LAYER_EXPERT, "1"},
     {ROUTING_ENTROPY, "/routing/entropy", 0, TAIL_LAYER, "nats"},
     {ROUTING_LOAD_CV, "/routing/load_cv", 0, TAIL_LAYER, "1"},
     {ROUTING_MAX_OVER_MEAN, "/routing/max_over_mean_load", 0, TAIL_LAYER, "1"},
@@ -157,6 +163,8 @@ static const SeriesSpec SERIES[] = {
     {ROUTING_Z, "/routing/z_loss", 0, TAIL_LAYER, "loss"},
     {ROUTING_IMPORTANCE_LOSS, "/routing/importance_loss", 0, TAIL_LAYER, "loss"},
     {ROUTING_LOAD_LOSS, "/routing/load_loss", 0, TAIL_LAYER, "loss"},
+    {ROUTING_MEAN_ABS_LOGIT, "/routing/mean_abs_logit", 0, TAIL_LAYER, "1"},
+    {ROUTING_LOGSUMEXP_SQ, "/routing/logsumexp_sq", 0, TAIL_LAYER, "1"},
     {TRAFFIC_DISPATCH, "/traffic/dispatch_bytes", 1, TAIL_RANK_RANK, "bytes"},
     {EVAL_STEP, "/eval/step", 1, TAIL_NONE, "step"},
     {EVAL_LOSS, "/eval/loss", 0, TAIL_NONE, "nats/token"},
@@ -461,11 +469,14 @@ int record_append_train(Record *r, const TrainRow *row, const StepDetail *d) {
     st |= series_push(&s[ROUTING_DROPPED], d->dropped_per_expert);
     st |= series_push(&s[ROUTING_IMPORTANCE], d->importance);
     st |= series_push(&s[ROUTING_MEAN_PROB], d->mean_prob);
+    st |= series_push(&s[ROUTING_EXPERT_BIAS], d->expert_bias);
     st |= series_push(&s[ROUTING_ENTROPY], d->entropy);
     st |= series_push(&s[ROUTING_AUX], d->aux_loss);
     st |= series_push(&s[ROUTING_Z], d->z_loss);
     st |= series_push(&s[ROUTING_IMPORTANCE_LOSS], d->importance_loss);
     st |= series_push(&s[ROUTING_LOAD_LOSS], d->load_loss);
+    st |= series_push(&s[ROUTING_MEAN_ABS_LOGIT], d->mean_abs_logit);
+    st |= series_push(&s[ROUTING_LOGSUMEXP_SQ], d->logsumexp_sq);
     st |= push_layer_statistics(r, d);
     for (int p = 0; p < PHASE_COUNT; p++) {
         for (int rank = 0; rank < P; rank++)
@@ -638,11 +649,12 @@ static hid_t open_record_for_reading(const char *path, char *err, size_t errlen)
         H5Fclose(file);
         return -1;
     }
-    if (schema != MOESIM_SCHEMA_VERSION) {
-        snprintf(
-            err, errlen, "%s uses run-record schema %ld; this moesim reads schema %d: %s", path,
-            schema, MOESIM_SCHEMA_VERSION,
-            schema > MOESIM_SCHEMA_VERSION ? "use a newer moesim" : "re-run it with this moesim");
+    if (schema < OLDEST_READABLE_SCHEMA || schema > MOESIM_SCHEMA_VERSION) {
+        snprintf(err, errlen,
+                 "%s uses run-record schema %ld; this moesim reads schemas %d to %d: %s", path,
+                 schema, OLDEST_READABLE_SCHEMA, MOESIM_SCHEMA_VERSION,
+                 schema > MOESIM_SCHEMA_VERSION ? "use a newer moesim"
+                                                : "re-run it with this moesim");
         H5Fclose(file);
         return -1;
     }
@@ -719,8 +731,9 @@ int record_print_info(const char *path, char *err, size_t errlen) {
     long layers = long_attr_or(file, "config.num_layers", 0);
     long moe_freq = long_attr_or(file, "config.moe_layer_freq", 1);
     printf("moesim run record %s\n", path);
-    printf("  written by moesim %s (git %s), schema %d | status %s | started %s | ended %s\n",
-           version, revision, MOESIM_SCHEMA_VERSION, status, started, ended[0] ? ended : "-");
+    printf("  written by moesim %s (git %s), schema %ld | status %s | started %s | ended %s\n",
+           version, revision, long_attr_or(file, "schema_version", 0), status, started,
+           ended[0] ? ended : "-");
     printf(
         "  model: %ld layers (%ld MoE), hidden %ld, %ld experts top-%ld, capacity factor "
         "%.3g, expert ffn %ld | %ld parameters, %ld active per token\n",

@@ -412,7 +412,7 @@ static void count_assignments(Routing *r, const RouterShape *s) {
     memset(r->dropped_per_expert, 0, sizeof(long) * E);
     memset(r->gate_sum, 0, sizeof(double) * E);
     memset(r->prob_sum, 0, sizeof(double) * E);
-    r->entropy_sum = 0.0;
+    r->entropy_sum = r->abs_logit_sum = r->lse_sq_sum = 0.0;
     for (long a = 0; a < (long)s->N * r->slots; a++) {
         if (!r->choice_routed[a]) continue;
         int e = r->choice_expert[a];
@@ -426,7 +426,9 @@ static void count_assignments(Routing *r, const RouterShape *s) {
             r->prob_sum[e] += p[e];
             double q = exp((double)h[e] - r->lse[t]); /* the softmax, whatever the scores */
             if (q > 0) r->entropy_sum -= q * log(q);
+            r->abs_logit_sum += fabs((double)r->logits[(long)t * E + e]);
         }
+        r->lse_sq_sum += (double)r->lse[t] * r->lse[t];
     }
 }
 

@@ -7,14 +7,20 @@
 
 #include "moesim/record.h"
 
+/* Per-layer sums of RoutingStats reduced in one block: entropy, aux, z,
+ * importance and load losses, |logit| and logsumexp^2. */
+enum { ROUTING_LAYER_SUMS = 7 };
+
 static int routing_stats_init(RoutingStats *r, int layers, int experts, int categories) {
     size_t L = (size_t)(layers ? layers : 1), LE = L * experts;
     memset(r, 0, sizeof *r);
     r->tokens_per_expert = calloc(LE, sizeof(long));
     r->dropped_per_expert = calloc(LE, sizeof(long));
-    r->sums = calloc(2 * LE + 5 * L, sizeof(double));
+    r->sums = calloc(2 * LE + ROUTING_LAYER_SUMS * L, sizeof(double));
+    r->expert_bias = calloc(LE, sizeof(double));
     r->specialization = calloc(LE * categories, sizeof(long));
-    if (!r->tokens_per_expert || !r->dropped_per_expert || !r->sums || !r->specialization)
+    if (!r->tokens_per_expert || !r->dropped_per_expert || !r->sums || !r->expert_bias ||
+        !r->specialization)
         return -1;
     r->importance = r->sums;
     r->mean_prob = r->importance + LE;
@@ -23,6 +29,8 @@ static int routing_stats_init(RoutingStats *r, int layers, int experts, int cate
     r->z_loss = r->aux_loss + L;
     r->importance_loss = r->z_loss + L;
     r->load_loss = r->importance_loss + L;
+    r->mean_abs_logit = r->load_loss + L;
+    r->logsumexp_sq = r->mean_abs_logit + L;
     return 0;
 }
 
@@ -30,6 +38,7 @@ static void routing_stats_free(RoutingStats *r) {
     free(r->tokens_per_expert);
     free(r->dropped_per_expert);
     free(r->sums);
+    free(r->expert_bias);
     free(r->specialization);
     memset(r, 0, sizeof *r);
 }
@@ -96,16 +105,22 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
         rs->z_loss[i] = r->z_loss;
         rs->importance_loss[i] = r->importance_loss;
         rs->load_loss[i] = r->load_loss;
+        rs->mean_abs_logit[i] = r->abs_logit_sum;
+        rs->logsumexp_sq[i] = r->lse_sq_sum;
+        for (int e = 0; e < E; e++)
+            rs->expert_bias[(long)i * E + e] = m->expert_bias[l] ? m->expert_bias[l][e] : 0.0;
         dispatch_add_bytes_to_ranks(&m->moe[l].dispatch, m->shape.C, to_my_ep_group);
         i++;
     }
     comm_sum_longs(comm, rs->tokens_per_expert, L * E);
     comm_sum_longs(comm, rs->dropped_per_expert, L * E);
-    comm_sum_doubles(comm, rs->sums, 2 * L * E + 5 * L);
+    comm_sum_doubles(comm, rs->sums, 2 * L * E + ROUTING_LAYER_SUMS * L);
     double tokens = (double)m->shape.B * m->shape.T * comm->world_size;
     for (int j = 0; j < L * E; j++) rs->mean_prob[j] /= tokens;
     for (int l = 0; l < L; l++) {
         rs->entropy[l] /= tokens;
+        rs->mean_abs_logit[l] /= tokens * E;
+        rs->logsumexp_sq[l] /= tokens;
         rs->aux_loss[l] /= comm->world_size; /* losses are means over ranks */
         rs->z_loss[l] /= comm->world_size;
         rs->importance_loss[l] /= comm->world_size;
@@ -400,6 +415,9 @@ static int record_step(RunState *rs, const Trainer *t, long done, const StepStat
                          .z_loss = r->z_loss,
                          .importance_loss = r->importance_loss,
                          .load_loss = r->load_loss,
+                         .mean_abs_logit = r->mean_abs_logit,
+                         .logsumexp_sq = r->logsumexp_sq,
+                         .expert_bias = r->expert_bias,
                          .phase_s = rs->phase_all,
                          .dispatch_bytes = rs->bytes_all};
     return record_append_train(rs->rec, &row, &detail) == 0;

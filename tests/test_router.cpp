@@ -104,7 +104,7 @@ TEST(RouterGates, TiesGoToTheLowerExpert) {
 TEST(RouterLosses, SwitchAuxAndZLossByHand) {
     const double aux_coeff = 0.1, z_coeff = 0.01;
     HandRouter r(4, 2, 1, 4, 2.0, 0, aux_coeff, z_coeff);
-    std::vector<float> logits = {1.0f, 0.0f, 2.0f, 0.0f, 0.0f, 1.0f, 0.5f, 0.0f};
+    std::vector<float> logits = {1.0f, 0.0f, 2.0f, 0.0f, 0.0f, 1.0f, 0.5f, -1.0f};
     r.route(logits);
     // Experts chosen: 0, 0, 1, 0 -> f = (3/4, 1/4).
     double P[2] = {0, 0}, z = 0;
@@ -118,6 +118,9 @@ TEST(RouterLosses, SwitchAuxAndZLossByHand) {
     double aux = aux_coeff * 2 * (0.75 * P[0] + 0.25 * P[1]);
     EXPECT_NEAR(r.routing.aux_loss, aux, 1e-7);
     EXPECT_NEAR(r.routing.z_loss, z_coeff * z, 1e-7);
+    // the record's logit statistics, before their means over tokens
+    EXPECT_NEAR(r.routing.abs_logit_sum, 5.5, 1e-6);
+    EXPECT_NEAR(r.routing.lse_sq_sum, 4 * z, 1e-6);
 }
 
 TEST(MoeCombine, DroppedTokenOutputIsZeroAndKeptIsGateTimesExpert) {

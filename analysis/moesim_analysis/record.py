@@ -1,4 +1,4 @@
-"""record: reads one moesim run record (HDF5, schema 3, docs/run-record.md)
+"""record: reads one moesim run record (HDF5, schema 4 or 3, docs/run-record.md)
 into a `Run` of pandas DataFrames. `load_run` is the entry point; every problem
 with the file is a `RecordError` that names the path and the fix."""
 from __future__ import annotations
@@ -11,7 +11,11 @@ import h5py
 import numpy as np
 import pandas as pd
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
+# Oldest schema still read: 4 only added datasets, which read as NaN from a
+# schema-3 record, so a sweep recorded before the upgrade stays loadable.
+MIN_SCHEMA_VERSION = 3
+ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/logsumexp_sq")
 
 # The order docs/run-record.md lists the step phases in: roughly the order they
 # run, so stacked time bars read bottom-up like a step.
@@ -23,10 +27,11 @@ TRAIN_COLUMNS = ("loss", "aux_loss", "z_loss", "importance_loss", "load_loss", "
 # Per-expert routing datasets [S, L, E] -> column name in `Run.routing`.
 ROUTING_EXPERT_COLUMNS = {"tokens_per_expert": "tokens", "processed_per_expert": "processed",
                           "dropped_per_expert": "dropped", "importance": "importance",
-                          "mean_prob": "mean_prob"}
+                          "mean_prob": "mean_prob", "expert_bias": "expert_bias"}
 # Per-layer routing datasets [S, L], named as in the file.
 ROUTING_LAYER_COLUMNS = ("entropy", "load_cv", "max_over_mean_load", "unused_experts",
-                         "aux_loss", "z_loss", "importance_loss", "load_loss")
+                         "aux_loss", "z_loss", "importance_loss", "load_loss", "mean_abs_logit",
+                         "logsumexp_sq")
 CONFIG_PREFIX = "config."
 
 
@@ -59,10 +64,13 @@ class Run:
     train:              step, loss, aux_loss, z_loss, importance_loss, load_loss, lr,
                         grad_norm, tokens_per_s, step_time_s
     eval:               step, loss
-    routing:            step, layer, expert, tokens, processed, dropped, importance, mean_prob
-                        (tokens = router demand before capacity, processed + dropped = tokens)
+    routing:            step, layer, expert, tokens, processed, dropped, importance, mean_prob,
+                        expert_bias (tokens = router demand before capacity,
+                        processed + dropped = tokens)
     routing_layers:     step, layer, entropy, load_cv, max_over_mean_load, unused_experts,
-                        aux_loss, z_loss, importance_loss, load_loss
+                        aux_loss, z_loss, importance_loss, load_loss, mean_abs_logit,
+                        logsumexp_sq
+    (schema-3 records have no expert_bias, mean_abs_logit, logsumexp_sq: NaN there)
     timing:             step, rank, phase, seconds
     traffic:            step, src, dst, bytes (token rows src sent to dst in the forward dispatch)
     specialization:     eval_step, layer, expert, category, count
@@ -171,9 +179,10 @@ def _check_schema(f: h5py.File, path: Path):
         raise RecordError(f"{path} has run record schema {version}, newer than the schema "
                           f"{SCHEMA_VERSION} this moesim_analysis reads. Use the analysis/ "
                           f"package from the moesim checkout that wrote the file.")
-    if version < SCHEMA_VERSION:
+    if version < MIN_SCHEMA_VERSION:
         raise RecordError(f"{path} has run record schema {version}; moesim_analysis reads "
-                          f"schema {SCHEMA_VERSION} only. Re-run with a newer moesim.")
+                          f"schemas {MIN_SCHEMA_VERSION} to {SCHEMA_VERSION}. Re-run with a newer "
+                          f"moesim.")
 
 
 def _dataset(f: h5py.File, name: str, path: Path) -> np.ndarray:
@@ -183,9 +192,12 @@ def _dataset(f: h5py.File, name: str, path: Path) -> np.ndarray:
     return f[name][()]
 
 
-def _rows(f: h5py.File, name: str, path: Path, steps: np.ndarray) -> np.ndarray:
+def _rows(f: h5py.File, name: str, path: Path, steps: np.ndarray, like: str = None) -> np.ndarray:
     """A time-series dataset, checked to have one row per entry of `steps`, so
-    no frame can silently pair a value with the wrong step."""
+    no frame can silently pair a value with the wrong step. A dataset newer
+    than the record's schema reads as NaN in the shape of the dataset `like`."""
+    if name in ADDED_IN_SCHEMA_4 and int(f.attrs["schema_version"]) < 4:
+        return np.full(_rows(f, like, path, steps).shape, np.nan)
     values = _dataset(f, name, path)
     if values.shape[:1] != steps.shape:
         raise TornReadError(f"{path}: /{name} has {values.shape[0]} rows but its step dataset "
@@ -237,13 +249,14 @@ def _train_frame(f, path, steps) -> pd.DataFrame:
 
 
 def _routing_frame(f, path, steps) -> pd.DataFrame:
-    columns = {column: _rows(f, f"routing/{name}", path, steps)
+    columns = {column: _rows(f, f"routing/{name}", path, steps, like="routing/mean_prob")
                for name, column in ROUTING_EXPERT_COLUMNS.items()}
     return _long_frame({"step": steps, "layer": None, "expert": None}, columns)
 
 
 def _routing_layers_frame(f, path, steps) -> pd.DataFrame:
-    columns = {name: _rows(f, f"routing/{name}", path, steps) for name in ROUTING_LAYER_COLUMNS}
+    columns = {name: _rows(f, f"routing/{name}", path, steps, like="routing/entropy")
+               for name in ROUTING_LAYER_COLUMNS}
     return _long_frame({"step": steps, "layer": None}, columns)
 
 

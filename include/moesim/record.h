@@ -17,7 +17,7 @@ extern "C" {
 #endif
 
 #define MOESIM_VERSION "0.1.0"
-#define MOESIM_SCHEMA_VERSION 3
+#define MOESIM_SCHEMA_VERSION 4
 
 /* What the record needs to know about the run's shape. */
 typedef struct RecordLayout {
@@ -49,6 +49,9 @@ typedef struct StepDetail {
     const double *z_loss;           /* [L] */
     const double *importance_loss;  /* [L] */
     const double *load_loss;        /* [L] */
+    const double *mean_abs_logit;   /* [L] mean |router logit| */
+    const double *logsumexp_sq;     /* [L] mean logsumexp^2 of the router scores */
+    const double *expert_bias;      /* [L*E] DeepSeek-V3 selection bias, zero without it */
     const double *phase_s;          /* [P*PHASE_COUNT], rank-major */
     const long *dispatch_bytes;     /* [P*P], sender-major */
 } StepDetail;

@@ -121,6 +121,8 @@ typedef struct Routing {
     double *gate_sum;   /* [E] combine gates of the routed assignments */
     double *prob_sum;   /* [E] router scores */
     double entropy_sum; /* of the softmax over h, nats */
+    double abs_logit_sum; /* |x·Wg| over tokens and experts (ST-MoE watches their size) */
+    double lse_sq_sum;    /* logsumexp(h)^2 over tokens: the z-loss before its coefficient */
 } Routing;
 
 /* The names used by --moe-router-type and --moe-router-load-balancing-type

@@ -30,7 +30,9 @@ typedef struct RoutingStats {
     double *importance, *mean_prob;               /* [L*E] */
     double *entropy, *aux_loss, *z_loss;          /* [L]; entropy in nats per token */
     double *importance_loss, *load_loss;          /* [L] */
-    double *sums;                                 /* one block behind the seven above */
+    double *mean_abs_logit, *logsumexp_sq;        /* [L]; means over tokens (and experts) */
+    double *sums;                                 /* one block behind the nine above */
+    double *expert_bias; /* [L*E] selection bias of the step (identical on every rank) */
     long *specialization; /* [L*E*categories] assignments at the last evaluation */
 } RoutingStats;
 

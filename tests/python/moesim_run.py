@@ -72,7 +72,7 @@ def record_schema_version():
     return int(match.group(1)) if match else None
 
 
-# Units of every dataset of schema 3, as docs/run-record.md lists them.
+# Units of every dataset of schema 4, as docs/run-record.md lists them.
 RECORD_UNITS = {
     "train/step": "step", "train/loss": "nats/token", "train/aux_loss": "loss",
     "train/z_loss": "loss", "train/importance_loss": "loss",
@@ -83,7 +83,8 @@ RECORD_UNITS = {
     "routing/mean_prob": "1", "routing/entropy": "nats", "routing/load_cv": "1",
     "routing/max_over_mean_load": "1", "routing/unused_experts": "experts",
     "routing/aux_loss": "loss", "routing/z_loss": "loss", "routing/importance_loss": "loss",
-    "routing/load_loss": "loss", "traffic/dispatch_bytes": "bytes",
+    "routing/load_loss": "loss", "routing/expert_bias": "1", "routing/mean_abs_logit": "1",
+    "routing/logsumexp_sq": "1", "traffic/dispatch_bytes": "bytes",
     "eval/step": "step", "eval/loss": "nats/token", "specialization/step": "step",
     "specialization/counts": "assignments", "specialization/mutual_information": "bits",
     **{f"timing/{phase}": "s" for phase in ("attention", "router", "dispatch", "experts",
@@ -91,12 +92,17 @@ RECORD_UNITS = {
 }
 
 
+# Datasets schema 4 added to schema 3.
+ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/logsumexp_sq")
+
+
 def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, evals=3,
-                           categories=3, config=None, status="complete", seed=0):
-    """Writes a schema-3 run record laid out as docs/run-record.md says, with
-    seeded random values that keep the documented relations (processed +
-    dropped = tokens, unused experts, steps in order), and returns what it
-    wrote: {"attrs": {name: value}, "<dataset path>": array, ...}."""
+                           categories=3, config=None, status="complete", seed=0, schema=4):
+    """Writes a run record of `schema` (4, or 3 without the datasets 4
+    added) laid out as docs/run-record.md says, with seeded random values that
+    keep the documented relations (processed + dropped = tokens, unused
+    experts, steps in order), and returns what it wrote: {"attrs": {name:
+    value}, "<dataset path>": array, ...}."""
     rng = np.random.default_rng(seed)
     S, L, E, P, V, C = steps, moe_layers, experts, ranks, evals, categories
     config = {"num_layers": 2 * L, "hidden_size": 32, "num_experts": E, "moe_router_topk": 2,
@@ -114,6 +120,7 @@ def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, eval
         "routing/dropped_per_expert": tokens - processed,
         "routing/unused_experts": (processed == 0).sum(axis=2),
         "routing/mean_prob": rng.dirichlet(np.ones(E), size=(S, L)),
+        "routing/expert_bias": np.cumsum(rng.choice([-1e-3, 1e-3], size=(S, L, E)), axis=0),
         "traffic/dispatch_bytes": rng.integers(0, 10**6, size=(S, P, P)),
         "specialization/counts": rng.integers(0, 50, size=(V, L, E, C)),
     }
@@ -126,11 +133,12 @@ def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, eval
                  "specialization/mutual_information"):
         data[name] = rng.random(float_shapes[name.split("/")[0]]) + 1.0
     for name in ("entropy", "load_cv", "max_over_mean_load", "aux_loss", "z_loss",
-                 "importance_loss", "load_loss"):
+                 "importance_loss", "load_loss", "mean_abs_logit", "logsumexp_sq"):
         data[f"routing/{name}"] = rng.random((S, L))
     data = {name: np.asarray(values, dtype=np.float64 if values.dtype.kind == "f" else np.int64)
-            for name, values in data.items()}
-    attrs = {"schema_version": 3, "moesim_version": "0.1.0", "git_revision": "test",
+            for name, values in data.items()
+            if schema >= 4 or name not in ADDED_IN_SCHEMA_4}
+    attrs = {"schema_version": schema, "moesim_version": "0.1.0", "git_revision": "test",
              "status": status, "start_time": "2026-01-01T00:00:00Z",
              "end_time": "2026-01-01T00:01:00Z", "steps_done": S, "world_size": P,
              "ep_size": P, "seed": seed, "hostnames": [f"host{r}" for r in range(P)],

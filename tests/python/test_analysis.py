@@ -79,11 +79,11 @@ def test_routing_frames_hold_every_step_layer_and_expert(synthetic):
     S, L, E = SHAPE["steps"], SHAPE["moe_layers"], SHAPE["experts"]
     steps = written["train/step"]
     assert list(run.routing.columns) == ["step", "layer", "expert", "tokens", "processed",
-                                         "dropped", "importance", "mean_prob"]
+                                         "dropped", "importance", "mean_prob", "expert_bias"]
     assert sorted(run.routing["layer"].unique()) == list(range(L))  # MoE-layer indices
     for column, name in [("tokens", "tokens_per_expert"), ("processed", "processed_per_expert"),
                          ("dropped", "dropped_per_expert"), ("importance", "importance"),
-                         ("mean_prob", "mean_prob")]:
+                         ("mean_prob", "mean_prob"), ("expert_bias", "expert_bias")]:
         np.testing.assert_array_equal(
             as_array(run.routing, ["step", "layer", "expert"], column, (S, L, E)),
             written[f"routing/{name}"], column)
@@ -93,7 +93,7 @@ def test_routing_frames_hold_every_step_layer_and_expert(synthetic):
     assert list(run.routing_layers.columns) == ["step", "layer", "entropy", "load_cv",
                                                 "max_over_mean_load", "unused_experts",
                                                 "aux_loss", "z_loss", "importance_loss",
-                                                "load_loss"]
+                                                "load_loss", "mean_abs_logit", "logsumexp_sq"]
     for column in run.routing_layers.columns[2:]:
         np.testing.assert_array_equal(
             as_array(run.routing_layers, ["step", "layer"], column, (S, L)),
@@ -203,10 +203,25 @@ def test_newer_schema_is_refused(tmp_path):
                         f"newer than the schema {SCHEMA_VERSION}")
 
 
-@pytest.mark.parametrize("older", range(1, SCHEMA_VERSION))
+@pytest.mark.parametrize("older", range(1, 3))
 def test_older_schema_asks_for_a_newer_moesim(older, tmp_path):
     path = write_hdf5(tmp_path / "old.h5", {"schema_version": older, "moesim_version": "0.1.0"})
     assert_record_error(path, str(path), f"schema {older}", "Re-run with a newer moesim")
+
+
+def test_schema_3_record_loads_with_the_newer_columns_as_nan(tmp_path):
+    """Schema 4 only added datasets: sweeps recorded before it stay readable."""
+    path = tmp_path / "schema3.h5"
+    written = write_synthetic_record(path, **SHAPE, schema=3)
+    run = load_run(path)
+    S, L, E = SHAPE["steps"], SHAPE["moe_layers"], SHAPE["experts"]
+    assert run.attrs["schema_version"] == 3
+    assert run.routing["expert_bias"].isna().all() and len(run.routing) == S * L * E
+    for column in ("mean_abs_logit", "logsumexp_sq"):
+        assert run.routing_layers[column].isna().all() and len(run.routing_layers) == S * L
+    np.testing.assert_array_equal(
+        as_array(run.routing, ["step", "layer", "expert"], "tokens", (S, L, E)),
+        written["routing/tokens_per_expert"])
 
 
 def test_missing_dataset_is_named(synthetic):

@@ -366,7 +366,8 @@ ROUTER_CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "
                         .glob("*.ini"))
 ROUTER_STEPS = 12
 ROUTER_SERIES = ["train/loss", "train/aux_loss", "train/z_loss", "train/importance_loss",
-                 "train/load_loss", "routing/tokens_per_expert", "routing/dropped_per_expert"]
+                 "train/load_loss", "routing/tokens_per_expert", "routing/dropped_per_expert",
+                 "routing/expert_bias"]
 
 
 def router_run(tmp_path, config, world, micro_batch):
@@ -387,7 +388,8 @@ def router_run(tmp_path, config, world, micro_batch):
 def test_every_router_matches_the_one_rank_run(tmp_path, config):
     one = router_run(tmp_path, config, 1, 2 * B)
     two = router_run(tmp_path, config, 2, B)
-    for name in ("routing/tokens_per_expert", "routing/dropped_per_expert"):
+    # the expert bias follows the integer loads, so it too must match exactly
+    for name in ("routing/tokens_per_expert", "routing/dropped_per_expert", "routing/expert_bias"):
         differs = np.flatnonzero((one[name] != two[name]).reshape(ROUTER_STEPS, -1).any(1))
         assert len(differs) == 0, f"{config.stem}: {name} differs first at step {differs[0] + 1}"
     for name in ("train/loss", "train/aux_loss", "train/z_loss", "train/importance_loss",

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from moesim_run import BUILD, clean_env, flags, run_moesim
+from moesim_run import BUILD, clean_env, flags, run_moesim, write_synthetic_record
 
 SMALL = {
     "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16,
@@ -90,6 +90,15 @@ def test_info_summarises_a_run(complete_record):
                  f"final validation {final_val:.4f} (step 12)", "tokens/s", "% of assignments",
                  "load CV per MoE layer", "attention", "dispatch", "grad_allreduce"):
         assert part in text, f"{part!r} missing from:\n{text}"
+
+
+def test_info_summarises_a_schema_3_record(tmp_path):
+    """Schema 4 only added routing datasets that info does not read."""
+    path = tmp_path / "schema3.h5"
+    write_synthetic_record(path, schema=3)
+    result = moesim_info(path)
+    assert result.returncode == 0, result.stderr
+    assert "schema 3 | status complete" in result.stdout, result.stdout
 
 
 def write_foreign_hdf5(path, **attrs):

@@ -323,6 +323,18 @@ moe-layer-freq = 1000
     assert "srun" not in sweep(spec, out, "--dry-run", "--launcher", "mpirun").stdout
 
 
+def test_dry_run_piped_into_head_ends_quietly(tmp_path):
+    seeds = ", ".join(str(seed) for seed in range(2000))  # more output than a pipe holds
+    spec = write(tmp_path / "spec.ini",
+                 f"[sweep]\nworld-size = 1\n[base]\n{TINY}[grid]\nseed = {seeds}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    result = subprocess.run(f"{SWEEP} {spec} --out {tmp_path / 'out'} --moesim "
+                            f"{BUILD / 'moesim'} --dry-run | head -n 1", shell=True, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("sweep ") and "2000 points" in result.stdout, result.stdout
+    assert result.stderr == "", result.stderr
+
+
 def test_dry_run_of_a_finished_sweep_would_skip_and_touches_nothing(two_point):
     spec, out, _ = two_point
     before = snapshot(out)
