@@ -1316,8 +1316,12 @@ void config_entry(const Config *cfg, int index, ConfigEntry *entry) {
     }
 }
 
+int config_layer_freq_is_moe(int layer, int moe_layer_freq) {
+    return moe_layer_freq > 0 && (layer + 1) % moe_layer_freq == 0;
+}
+
 int config_is_moe_layer(const Config *cfg, int layer) {
-    return cfg->moe_layer_freq > 0 && (layer + 1) % cfg->moe_layer_freq == 0;
+    return config_layer_freq_is_moe(layer, cfg->moe_layer_freq);
 }
 
 int config_num_moe_layers(const Config *cfg) {

@@ -52,7 +52,7 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
 }
 
 int model_is_moe_layer(const ModelShape *s, int layer) {
-    return (layer + 1) % s->moe_layer_freq == 0;
+    return config_layer_freq_is_moe(layer, s->moe_layer_freq);
 }
 
 int model_local_experts(const ModelShape *s) {

@@ -109,6 +109,25 @@ def drop_rate_curves(run: Run, save=None) -> Figure:
     return _save(fig, save)
 
 
+def router_logits(run: Run, save=None) -> Figure:
+    """Size of the router logits per MoE layer over steps: mean |logit| and
+    mean logsumexp^2 (what the z-loss penalises; log(E)^2 for a uniform
+    router at zero). NaN, so empty, for records before schema 4."""
+    fig = Figure(figsize=(PANEL_WIDTH_IN + 1, 2 * PANEL_HEIGHT_IN + 0.5), layout="constrained")
+    axes = fig.subplots(2, 1, sharex=True)
+    for column, ax, label in [("mean_abs_logit", axes[0], "mean |logit|"),
+                              ("logsumexp_sq", axes[1], "mean logsumexp²")]:
+        for layer, rows in run.routing_layers.groupby("layer"):
+            ax.plot(rows["step"], rows[column], linewidth=1, label=f"layer {layer}")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"{run.name}: router logits (z-loss coeff "
+                      f"{run.config.get('moe_z_loss_coeff', '?')})")
+    axes[0].legend(fontsize="small")
+    axes[1].set_xlabel("step")
+    return _save(fig, save)
+
+
 def phase_time_breakdown(run: Run, save=None) -> Figure:
     """Mean seconds per step in each phase, stacked per rank: a rank whose bar
     is taller, or whose dispatch/combine share is larger, is the straggler."""

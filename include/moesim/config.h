@@ -121,6 +121,9 @@ char *config_to_ini(const Config *cfg);
 void config_resolve(Config *cfg);
 
 /* Derived quantities used across modules. */
+/* The one rule for which transformer blocks hold an MoE layer: every
+ * moe_layer_freq-th, counting from 1 (so 1 = every block). */
+int config_layer_freq_is_moe(int layer, int moe_layer_freq);
 int config_is_moe_layer(const Config *cfg, int layer);
 int config_num_moe_layers(const Config *cfg);
 int config_group_size(const Config *cfg); /* resolves the 0 default */

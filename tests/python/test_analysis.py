@@ -314,7 +314,7 @@ def test_summary_has_one_row_per_run_with_the_swept_key(sweep):
 
 SINGLE_RUN_PLOTS = [plots.expert_load_heatmap, plots.drop_rate_curves, plots.phase_time_breakdown,
                     plots.traffic_matrix, plots.specialization_heatmap,
-                    plots.mutual_information_curves, plots.loss_curves]
+                    plots.mutual_information_curves, plots.loss_curves, plots.router_logits]
 
 
 def assert_saved(fig, tmp_path, make):
@@ -355,6 +355,16 @@ def test_loss_curves_overlay_runs(sweep):
 def test_expert_load_has_one_panel_per_moe_layer(synthetic):
     fig = plots.expert_load_heatmap(load_run(synthetic[0]))
     assert len(fig.axes) == SHAPE["moe_layers"] + 1  # plus the colorbar
+
+
+def test_router_logits_draw_each_layer_of_both_statistics(synthetic):
+    path, written = synthetic
+    fig = plots.router_logits(load_run(path))
+    for ax, name in zip(fig.axes, ("mean_abs_logit", "logsumexp_sq")):
+        lines = ax.get_lines()
+        assert len(lines) == SHAPE["moe_layers"]
+        for layer, line in enumerate(lines):
+            np.testing.assert_array_equal(line.get_ydata(), written[f"routing/{name}"][:, layer])
 
 
 def test_specialization_rows_are_shares_of_each_expert(synthetic):

@@ -24,8 +24,8 @@ NEEDS_MATCHING_BUILD = needs_matching_build(SCHEMA_VERSION)
 
 SWEEP_KEY = "moe_expert_capacity_factor"
 CAPACITY_FACTORS = (1.0, 1.5)
-OVERVIEW_FIGURES = ("loss_curves", "expert_load", "drop_rate", "phase_time", "traffic",
-                    "specialization", "mutual_information")
+OVERVIEW_FIGURES = ("loss_curves", "expert_load", "drop_rate", "router_logits", "phase_time",
+                    "traffic", "specialization", "mutual_information")
 COMPARE_FIGURES = ("loss_curves", f"final_eval_loss_vs_{SWEEP_KEY}",
                    f"drop_rate_vs_{SWEEP_KEY}", f"tokens_per_s_vs_{SWEEP_KEY}")
 SMALL_RUN = {
