@@ -187,6 +187,19 @@ def needs_matching_build(package_schema):
                    else f"`make build/moesim` once schema {package_schema} lands"))
 
 
+def read_clean_notebook(notebook_name):
+    """analysis/notebooks/<notebook_name> as committed, checked to be a valid
+    notebook with no outputs or execution counts and the python3 kernel."""
+    import nbformat
+    notebook = nbformat.read(NOTEBOOKS / notebook_name, as_version=4)
+    nbformat.validate(notebook)
+    dirty = [index for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"
+             and (cell.outputs or cell.execution_count is not None)]
+    assert not dirty, f"{notebook_name}: cells {dirty} hold outputs; clear them before committing"
+    assert notebook.metadata.kernelspec.name == "python3"
+    return notebook
+
+
 def execute_notebook(notebook_name, monkeypatch, **environment):
     """Runs analysis/notebooks/<notebook_name> headless in its own directory (so
     its relative imports work) with the given environment variables; returns

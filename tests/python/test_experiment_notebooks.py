@@ -14,18 +14,17 @@ import math
 import sys
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pandas as pd
 import pytest
 
-from moesim_run import execute_notebook, record_schema_version, run_moesim, run_mpi
+from moesim_run import (execute_notebook, read_clean_notebook, record_schema_version, run_moesim,
+                        run_mpi)
 
 ANALYSIS = Path(__file__).resolve().parents[2] / "analysis"
 sys.path.insert(0, str(ANALYSIS))
 from moesim_analysis import PHASES, SCHEMA_VERSION, experiments, load_run, load_runs  # noqa: E402
 
-NOTEBOOKS = ANALYSIS / "notebooks"
 EXPERIMENT_NOTEBOOKS = ("capacity_factor.ipynb", "scaling.ipynb", "specialization.ipynb")
 BUILD_SCHEMA = record_schema_version()
 NEEDS_MATCHING_BUILD = pytest.mark.skipif(
@@ -187,12 +186,7 @@ def test_specialization_notebook_writes_heatmaps_and_mutual_information(
 
 @pytest.mark.parametrize("notebook_name", EXPERIMENT_NOTEBOOKS)
 def test_committed_notebooks_have_no_outputs(notebook_name):
-    notebook = nbformat.read(NOTEBOOKS / notebook_name, as_version=4)
-    nbformat.validate(notebook)
-    dirty = [index for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"
-             and (cell.outputs or cell.execution_count is not None)]
-    assert not dirty, f"{notebook_name}: cells {dirty} hold outputs; clear them before committing"
-    assert notebook.metadata.kernelspec.name == "python3"
+    notebook = read_clean_notebook(notebook_name)
     parameters = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
     assert len(parameters) == 1 and "MOESIM_SWEEP" in parameters[0].source
 

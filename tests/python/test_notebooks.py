@@ -10,16 +10,15 @@ figure dir. The committed notebooks carry no outputs.
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
 
-from moesim_run import execute_notebook, needs_matching_build, run_moesim, write_synthetic_record
+from moesim_run import (execute_notebook, needs_matching_build, read_clean_notebook, run_moesim,
+                        write_synthetic_record)
 
 ANALYSIS = Path(__file__).resolve().parents[2] / "analysis"
 sys.path.insert(0, str(ANALYSIS))
 from moesim_analysis import SCHEMA_VERSION  # noqa: E402
 
-NOTEBOOKS = ANALYSIS / "notebooks"
 NEEDS_MATCHING_BUILD = needs_matching_build(SCHEMA_VERSION)
 
 SWEEP_KEY = "moe_expert_capacity_factor"
@@ -92,9 +91,4 @@ def test_compare_runs_writes_every_figure(sweep_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("notebook_name", ["run_overview.ipynb", "compare_runs.ipynb"])
 def test_committed_notebooks_have_no_outputs(notebook_name):
-    notebook = nbformat.read(NOTEBOOKS / notebook_name, as_version=4)
-    nbformat.validate(notebook)
-    dirty = [index for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"
-             and (cell.outputs or cell.execution_count is not None)]
-    assert not dirty, f"{notebook_name}: cells {dirty} hold outputs; clear them before committing"
-    assert notebook.metadata.kernelspec.name == "python3"
+    read_clean_notebook(notebook_name)
