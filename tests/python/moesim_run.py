@@ -60,6 +60,16 @@ def run_mpi(ranks, subcommand, options, timeout=120):
     return result
 
 
+def train_record(options, ranks=1, timeout=120):
+    """`moesim train` with `options` (their "out" is the record), as a plain
+    process for 1 rank or under mpirun for more; fails the calling test with
+    the program's output unless it succeeds. Returns options["out"]."""
+    result = (run_moesim("train", options, timeout=timeout) if ranks == 1
+              else run_mpi(ranks, "train", options, timeout=timeout))
+    assert result.returncode == 0, f"{options['out']}:\n{result.stdout}{result.stderr}"
+    return options["out"]
+
+
 def record_schema_version():
     """The run record schema build/moesim writes (from `moesim --version`), or
     None if the binary is missing or does not say."""

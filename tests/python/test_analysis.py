@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
-from moesim_run import (BUILD, clean_env, flags, record_schema_version, run_moesim, run_mpi,
+from moesim_run import (BUILD, clean_env, flags, record_schema_version, train_record,
                         write_synthetic_record)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "analysis"))
@@ -426,11 +426,8 @@ def real_runs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("real")
     runs = {}
     for name, (ranks, extra) in REAL_LAYOUTS.items():
-        options = {**SMALL, **extra, "out": directory / f"{name}.h5"}
-        result = (run_moesim("train", options, timeout=120) if ranks == 1
-                  else run_mpi(ranks, "train", options))
-        assert result.returncode == 0, f"{name}:\n{result.stdout}{result.stderr}"
-        runs[name] = load_run(options["out"])
+        runs[name] = load_run(train_record({**SMALL, **extra, "out": directory / f"{name}.h5"},
+                                           ranks))
     return runs
 
 

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from moesim_run import run_moesim, run_mpi
+from moesim_run import train_record
 
 SMALL = {
     "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16,
@@ -24,10 +24,7 @@ def train(tmp_path, name, ranks=1, **options):
     out = tmp_path / f"{name}.h5"
     options = {**SMALL, **options, "out": out}
     options.setdefault("eval-interval", options["train-iters"])
-    result = (run_moesim("train", options, timeout=RUN_TIMEOUT) if ranks == 1
-              else run_mpi(ranks, "train", options, timeout=RUN_TIMEOUT))
-    assert result.returncode == 0, result.stdout + result.stderr
-    with h5py.File(out, "r") as f:
+    with h5py.File(train_record(options, ranks, timeout=RUN_TIMEOUT), "r") as f:
         return {name: f[name][()] for name in ("routing/z_loss", "routing/logsumexp_sq",
                                                "routing/mean_abs_logit", "routing/expert_bias",
                                                "routing/tokens_per_expert", "routing/load_cv")}
