@@ -7,6 +7,10 @@ PKGS     := hdf5-openmpi openblas inih
 PYTHON   := /usr/bin/python3
 BUILD    := build
 
+# Plain `make` builds the binary (the variant rules below would otherwise make
+# the library the default goal).
+.DEFAULT_GOAL := all
+
 # pkg-config only answers once `make deps` has installed the packages.
 PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm
