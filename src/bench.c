@@ -2,12 +2,14 @@
  * exchange, weak scaling and memory, each as a ratio to a reference measured
  * in the same run (these machines are noisy). */
 #include <cblas.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include "moesim/ffn.h"
 #include "moesim/train.h"
 
 #define BENCH_MATMUL_SIZE 2048
@@ -15,8 +17,9 @@
 #define BENCH_STEPS 5
 #define EXCHANGE_REPS 50
 
-/* Best of a few runs of one large square sgemm: the attainable peak that the
- * model's FLOP rate is compared against, measured on this machine now. */
+/* Best of a few runs of one large square sgemm: the attainable peak of the
+ * kernel in use that the model's FLOP rate is compared against, measured on
+ * this machine now. */
 static double measure_sgemm_gflops(void) {
     const int n = BENCH_MATMUL_SIZE;
     float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n),
@@ -38,6 +41,106 @@ static double measure_sgemm_gflops(void) {
     return best;
 }
 
+/* ---- the roofline of the model's own matmul shapes ------------------------ */
+
+/* One sgemm shape of a step, C[m,n] = op(A)[m,k] op(B)[k,n], done `count`
+ * times per step. */
+typedef struct GemmShape {
+    CBLAS_TRANSPOSE ta, tb;
+    int m, n, k;
+    double count;
+} GemmShape;
+
+#define MAX_GEMM_SHAPES 64
+
+typedef struct GemmShapes {
+    GemmShape shape[MAX_GEMM_SHAPES];
+    int n;
+} GemmShapes;
+
+static void add_gemm(GemmShapes *g, CBLAS_TRANSPOSE ta, CBLAS_TRANSPOSE tb, int m, int n, int k,
+                     double count) {
+    if (g->n < MAX_GEMM_SHAPES && m > 0 && n > 0 && k > 0 && count > 0)
+        g->shape[g->n++] = (GemmShape){ta, tb, m, n, k, count};
+}
+
+/* A linear layer out[rows,out] = inp[rows,in] w[out,in]^T: forward, the
+ * input gradient and the weight gradient, as ops.c issues them. */
+static void add_linear(GemmShapes *g, int rows, int in, int out, double count) {
+    add_gemm(g, CblasNoTrans, CblasTrans, rows, out, in, count);
+    add_gemm(g, CblasNoTrans, CblasNoTrans, rows, in, out, count);
+    add_gemm(g, CblasTrans, CblasNoTrans, out, in, rows, count);
+}
+
+/* Every matmul of one training step on one rank, mirroring
+ * model_step_flops; experts get the rows they processed in the last step. */
+static void model_gemm_shapes(const Model *m, GemmShapes *g) {
+    const ModelShape *s = &m->shape;
+    int N = s->B * s->T, C = s->C, T = s->T, hs = s->C / s->NH, El = model_local_experts(s);
+    int w1_rows = ffn_w1_rows_per_unit(s->expert_activation);
+    memset(g, 0, sizeof *g);
+    add_linear(g, N, C, s->V, 1);
+    double heads = (double)s->B * s->NH;
+    for (int l = 0; l < s->L; l++) {
+        add_linear(g, N, C, 3 * C, 1);
+        add_linear(g, N, C, C, 1);
+        /* attention per (sequence, head): scores and values forward, their
+         * four gradient products backward */
+        add_gemm(g, CblasNoTrans, CblasTrans, T, T, hs, 2 * heads);
+        add_gemm(g, CblasNoTrans, CblasNoTrans, T, hs, T, 2 * heads);
+        add_gemm(g, CblasTrans, CblasNoTrans, T, hs, T, 2 * heads);
+        if (model_is_moe_layer(s, l)) {
+            add_linear(g, N, C, s->E, 1);
+            int rows = El ? m->moe[l].dispatch.num_recv_rows / El : 0;
+            add_linear(g, rows, C, w1_rows * s->Fe, El);
+            add_linear(g, rows, s->Fe, C, El);
+            add_linear(g, N, C, w1_rows * s->shared_F, 1);
+            add_linear(g, N, s->shared_F, C, 1);
+        } else {
+            add_linear(g, N, C, s->F, 1);
+            add_linear(g, N, s->F, C, 1);
+        }
+    }
+}
+
+/* FLOP rate of the step's sgemm shapes alone (best of 3 per shape, weighted
+ * by each shape's count): the most the model could reach with this kernel. */
+static double measure_shapes_gflops(const GemmShapes *g) {
+    size_t most = 0;
+    for (int i = 0; i < g->n; i++) {
+        const GemmShape *s = &g->shape[i];
+        size_t biggest = (size_t)s->m * s->k;
+        if ((size_t)s->k * s->n > biggest) biggest = (size_t)s->k * s->n;
+        if ((size_t)s->m * s->n > biggest) biggest = (size_t)s->m * s->n;
+        if (biggest > most) most = biggest;
+    }
+    float *a = malloc(sizeof(float) * most), *b = malloc(sizeof(float) * most),
+          *c = malloc(sizeof(float) * most);
+    double flops = 0.0, seconds = 0.0;
+    if (a && b && c) {
+        for (size_t i = 0; i < most; i++) a[i] = b[i] = c[i] = (float)(i % 5) * 0.1f;
+        for (int i = 0; i < g->n; i++) {
+            const GemmShape *s = &g->shape[i];
+            int lda = s->ta == CblasNoTrans ? s->k : s->m,
+                ldb = s->tb == CblasNoTrans ? s->n : s->k;
+            double best = INFINITY;
+            for (int rep = 0; rep < 4; rep++) {
+                double start = comm_wtime();
+                cblas_sgemm(CblasRowMajor, s->ta, s->tb, s->m, s->n, s->k, 1.0f, a, lda, b, ldb,
+                            0.0f, c, s->n);
+                double took = comm_wtime() - start;
+                if (rep > 0 && took < best) best = took;
+            }
+            flops += 2.0 * s->m * s->n * s->k * s->count;
+            seconds += best * s->count;
+        }
+    }
+    free(a);
+    free(b);
+    free(c);
+    return seconds > 0 ? flops / seconds / 1e9 : 0.0;
+}
+
 static double current_rss_bytes(void) {
     long pages_total = 0, pages_resident = 0;
     FILE *f = fopen("/proc/self/statm", "r");
@@ -56,7 +159,8 @@ static double peak_rss_bytes(void) {
 
 typedef struct LayoutResult {
     double tokens_per_s, model_gflops_per_rank, step_s;
-    double exchange_s, raw_alltoallv_s;        /* per dispatch + combine, mean over ranks */
+    double shapes_gflops;               /* the step's own sgemm shapes, all ranks at once, mean */
+    double exchange_s, raw_alltoallv_s; /* per dispatch + combine, mean over ranks */
     double memory_ratio_min, memory_ratio_max; /* peak RSS growth / analytic bytes, over ranks */
     double analytic_mb;                        /* rank 0 */
 } LayoutResult;
@@ -135,6 +239,12 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
     free(ratios);
     r->analytic_mb = analytic / 1e6;
     measure_exchange(&t, r);
+    GemmShapes shapes;
+    model_gemm_shapes(&t.model, &shapes);
+    comm_barrier(comm);
+    r->shapes_gflops = measure_shapes_gflops(&shapes);
+    comm_sum_doubles(comm, &r->shapes_gflops, 1);
+    r->shapes_gflops /= comm->world_size;
     r->tokens_per_s = tokens / seconds;
     r->step_s = seconds / BENCH_STEPS;
     r->model_gflops_per_rank = flops / seconds / 1e9 / comm->world_size;
@@ -142,17 +252,45 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
     return 0;
 }
 
-int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err, size_t errlen) {
+/* The 2048^2 sgemm rate of rank 0 alone (the others wait) and, on several
+ * ranks, the mean rate when every rank runs it at the same moment: cores
+ * sharing caches and memory slow each other, and that is not moesim's
+ * overhead. */
+static void measure_sgemm_peaks(const Comm *comm, double *alone, double *concurrent) {
+    *alone = 0.0;
+    if (comm->rank == 0) *alone = measure_sgemm_gflops();
+    comm_barrier(comm);
+    *concurrent = *alone;
+    if (comm->world_size == 1) return;
+    comm_barrier(comm);
+    *concurrent = measure_sgemm_gflops();
+    comm_sum_doubles(comm, concurrent, 1);
+    *concurrent /= comm->world_size;
+}
+
+int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
+              char *err, size_t errlen) {
     int is_root = comm->rank == 0, P = comm->world_size;
     /* OpenBLAS allocates its work buffers at the first call: do that before
      * any memory baseline is taken. */
-    double sgemm_gflops = measure_sgemm_gflops();
-    if (is_root)
+    double sgemm_alone, sgemm_concurrent;
+    measure_sgemm_peaks(comm, &sgemm_alone, &sgemm_concurrent);
+    if (is_root) {
+        char line[512];
+        platform_describe(platform, line, sizeof line);
+        printf("bench: platform: %s\n", line);
+        if (platform_faster_kernel_exists(platform))
+            printf(
+                "bench: WARNING: OpenBLAS runs its %s kernel but this CPU supports %s, which is "
+                "faster; every MFU below is against the slower %s sgemm. Unset "
+                "OPENBLAS_CORETYPE so moesim can choose.\n",
+                platform->blas_kernel, platform->blas_best, platform->blas_kernel);
         printf(
             "bench: %d layers, hidden %d, expert ffn %d, %d experts top-%d, seq %d, "
             "micro-batch %d per rank, %d rank(s), expert-parallel size %d\n",
             cfg->num_layers, cfg->hidden_size, cfg->moe_ffn_hidden_size, cfg->num_experts,
             cfg->moe_router_topk, cfg->seq_length, cfg->micro_batch_size, P, comm->ep_size);
+    }
 
     /* Weak-scaling reference: rank 0 alone with the experts one rank holds. */
     LayoutResult single = {0};
@@ -171,10 +309,22 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
     if (measure_layout(cfg, ds, comm, &all, err, errlen) != 0) return -1;
     if (is_root) {
         printf(
-            "bench: step %.3f s | %.0f tokens/s | model %.1f GFLOP/s per rank | sgemm "
-            "%dx%d %.1f GFLOP/s | MFU %.3f\n",
+            "bench: step %.3f s | %.0f tokens/s | model %.1f GFLOP/s per rank | sgemm %dx%d "
+            "%.1f GFLOP/s (%s) | MFU %.3f\n",
             all.step_s, all.tokens_per_s, all.model_gflops_per_rank, BENCH_MATMUL_SIZE,
-            BENCH_MATMUL_SIZE, sgemm_gflops, all.model_gflops_per_rank / sgemm_gflops);
+            BENCH_MATMUL_SIZE, sgemm_concurrent, platform->blas_kernel,
+            all.model_gflops_per_rank / sgemm_concurrent);
+        if (P > 1)
+            printf(
+                "bench: sgemm %dx%d: %.1f GFLOP/s on rank 0 alone, %.1f per rank with all %d at "
+                "once (MFU above is against the latter; %.3f against rank 0 alone)\n",
+                BENCH_MATMUL_SIZE, BENCH_MATMUL_SIZE, sgemm_alone, sgemm_concurrent, P,
+                all.model_gflops_per_rank / sgemm_alone);
+        printf(
+            "bench: the step's own sgemm shapes run at %.1f GFLOP/s per rank (%.3f of the "
+            "%dx%d rate): MFU against them %.3f\n",
+            all.shapes_gflops, all.shapes_gflops / sgemm_concurrent, BENCH_MATMUL_SIZE,
+            BENCH_MATMUL_SIZE, all.model_gflops_per_rank / all.shapes_gflops);
         printf(
             "bench: memory per rank: peak RSS growth / analytic bytes (%.1f MB: parameters, "
             "gradients, Adam, activations, exchange buffers) = %.3f .. %.3f over ranks\n",

@@ -136,3 +136,11 @@ void comm_barrier(const Comm *c) {
 double comm_wtime(void) {
     return MPI_Wtime();
 }
+
+void comm_node_ranks(const Comm *c, int *ranks_on_node, int *node_rank) {
+    MPI_Comm node;
+    MPI_Comm_split_type(c->world, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node);
+    MPI_Comm_size(node, ranks_on_node);
+    MPI_Comm_rank(node, node_rank);
+    MPI_Comm_free(&node);
+}

@@ -50,6 +50,7 @@ typedef struct Option {
 #define G_TRAIN "training"
 #define G_DATA "data"
 #define G_OUT "output"
+#define G_PLATFORM "platform"
 
 /* Upper bounds are far beyond what this program can run; they exist to turn
  * a typo (an extra zero or two) into an error instead of an allocation of
@@ -500,6 +501,16 @@ static const Option OPTIONS[] = {
      .metavar = "PATH",
      .optional = 1,
      .help = "HDF5 file for the final parameters, all experts in global order; empty = none"},
+
+    {.name = "flush-denormals",
+     .group = G_PLATFORM,
+     .type = OPT_BOOL,
+     FIELD(flush_denormals),
+     .min = 0,
+     .max = 1,
+     .default_text = "1",
+     .help = "flush float32 denormals to zero (FTZ+DAZ) on every rank; 0 keeps IEEE denormals, "
+             "which are very slow on some CPUs"},
 };
 
 #define NUM_OPTIONS (sizeof(OPTIONS) / sizeof(OPTIONS[0]))

@@ -1,12 +1,15 @@
 /* moesim: command-line entry. `moesim train` trains and records a run;
  * `moesim bench` measures throughput; `moesim info` summarises a record;
+ * `moesim platform` shows the BLAS kernel, threads and denormal mode;
  * --help and --version. */
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "moesim/comm.h"
 #include "moesim/config.h"
 #include "moesim/data.h"
+#include "moesim/platform.h"
 #include "moesim/record.h"
 #include "moesim/train.h"
 
@@ -17,6 +20,7 @@ static void print_usage(void) {
         "usage: moesim train [--config FILE.ini] [--key value ...]\n"
         "       moesim bench [--config FILE.ini] [--key value ...]\n"
         "       moesim info RUN.h5\n"
+        "       moesim platform\n"
         "       moesim --help | --version\n\n"
         "Trains a decoder-only Mixture-of-Experts transformer and writes an HDF5 run record.\n"
         "Every key below is both a --flag and an INI key (INI files may use '_' or '-').\n"
@@ -44,16 +48,44 @@ static int load_run_inputs(Config *cfg, Dataset *ds, Comm *comm, int argc, char 
     return 0;
 }
 
-static int run_subcommand(const char *name, int argc, char **argv, Comm *comm) {
+/* A kernel the user forced that cannot run is bad input like a wrong flag:
+ * every rank stops with the first failing rank's reason. */
+static int platform_usable(const Platform *platform, const Comm *comm, char *err, size_t errlen) {
+    int failed_rank = comm_first_failed_rank(comm, platform->error[0] == '\0');
+    if (failed_rank < 0) return 1;
+    snprintf(err, errlen, "%s", platform->error);
+    comm_share_error(comm, failed_rank, err, errlen);
+    return 0;
+}
+
+/* More compute threads than cores make the ranks slow each other: say so
+ * once per node. */
+static void warn_if_cores_oversubscribed(const Platform *platform, const Comm *comm) {
+    int ranks_on_node = 1, node_rank = 0;
+    comm_node_ranks(comm, &ranks_on_node, &node_rank);
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    long threads = (long)ranks_on_node * platform->blas_threads;
+    if (node_rank == 0 && cores > 0 && threads > cores)
+        fprintf(stderr,
+                "moesim: warning: %d rank(s) x %d BLAS thread(s) = %ld threads on this node "
+                "exceed its %ld cores, so they slow each other; run fewer ranks per node or set "
+                "OPENBLAS_NUM_THREADS lower\n",
+                ranks_on_node, platform->blas_threads, threads, cores);
+}
+
+static int run_subcommand(const char *name, int argc, char **argv, Comm *comm, Platform *platform) {
     Config cfg;
     Dataset ds = {0};
     char err[MOESIM_ERR_MAX] = "";
     int status = 0;
-    if (load_run_inputs(&cfg, &ds, comm, argc, argv, err, sizeof err) != 0) {
+    if (!platform_usable(platform, comm, err, sizeof err) ||
+        load_run_inputs(&cfg, &ds, comm, argc, argv, err, sizeof err) != 0) {
         status = EXIT_USAGE;
     } else {
-        int rc = strcmp(name, "train") == 0 ? train_run(&cfg, &ds, comm, err, sizeof err)
-                                            : bench_run(&cfg, &ds, comm, err, sizeof err);
+        platform_set_flush_denormals(platform, cfg.flush_denormals);
+        warn_if_cores_oversubscribed(platform, comm);
+        int rc = strcmp(name, "train") == 0 ? train_run(&cfg, &ds, comm, platform, err, sizeof err)
+                                            : bench_run(&cfg, &ds, comm, platform, err, sizeof err);
         status = rc == 0 ? 0 : 1;
         dataset_free(&ds);
     }
@@ -75,7 +107,27 @@ static int print_info(int argc, char **argv, const Comm *comm) {
     return status;
 }
 
+/* `moesim platform`: the start-up facts, and the kernel verdict as status. */
+static int print_platform(Platform *platform, const Comm *comm) {
+    /* Show the denormal mode train and bench run in by default. */
+    platform_set_flush_denormals(platform, 1);
+    if (comm->rank != 0) return platform->error[0] ? 1 : 0;
+    char line[512], features[256];
+    platform_describe(platform, line, sizeof line);
+    cpu_features_describe(&platform->cpu, features, sizeof features);
+    printf("platform: %s\n", line);
+    printf("cpu features: %s\n", features);
+    printf("best kernel for these features: %s\n",
+           platform->blas_best[0] ? platform->blas_best : "(SSE kernels only)");
+    if (platform->error[0]) fprintf(stderr, "moesim: error: %s\n", platform->error);
+    return platform->error[0] ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
+    /* Before MPI and before any BLAS call: this may restart the process with
+     * a better OpenBLAS kernel. */
+    Platform platform;
+    platform_start(&platform, argv);
     record_library_open();
     Comm comm;
     comm_init(&comm, &argc, &argv);
@@ -90,13 +142,15 @@ int main(int argc, char **argv) {
         status = 0;
     } else if (strcmp(cmd, "info") == 0) {
         status = print_info(argc - 2, argv + 2, &comm);
+    } else if (strcmp(cmd, "platform") == 0) {
+        status = print_platform(&platform, &comm);
     } else if (strcmp(cmd, "train") == 0 || strcmp(cmd, "bench") == 0) {
-        status = run_subcommand(cmd, argc - 1, argv + 1, &comm);
+        status = run_subcommand(cmd, argc - 1, argv + 1, &comm, &platform);
     } else {
         if (comm.rank == 0)
             fprintf(stderr,
                     "moesim: error: unknown command \"%s\"; use \"moesim train\", "
-                    "\"moesim bench\", \"moesim info\" or \"moesim --help\"\n",
+                    "\"moesim bench\", \"moesim info\", \"moesim platform\" or \"moesim --help\"\n",
                     cmd);
         status = EXIT_USAGE;
     }

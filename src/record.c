@@ -12,7 +12,7 @@
 #endif
 
 #define CHUNK_BYTES (64 * 1024)
-/* `moesim info` reads nothing schema 4 added, so older records summarise too. */
+/* `moesim info` reads nothing schemas 4 and 5 added, so older records summarise too. */
 #define OLDEST_READABLE_SCHEMA 3
 
 /* ---- attributes ------------------------------------------------------------ */
@@ -324,6 +324,25 @@ static int write_config_attributes(hid_t file, const Config *cfg) {
     return st;
 }
 
+/* What decides speed without changing the model: the BLAS in use and how it
+ * was chosen, its threads, and the denormal mode (rank 0's). */
+static int write_platform_attributes(hid_t file, const Platform *p) {
+    char line[512], features[256];
+    platform_describe(p, line, sizeof line);
+    cpu_features_describe(&p->cpu, features, sizeof features);
+    int st = set_string_attr(file, "platform", line);
+    st |= set_string_attr(file, "blas_library", p->blas_library);
+    st |= set_string_attr(file, "blas_kernel", p->blas_kernel);
+    st |= set_string_attr(file, "blas_kernel_chosen_by", blas_kernel_source_name(p->kernel_source));
+    st |= set_string_attr(file, "blas_kernel_detected", p->blas_detected);
+    st |= set_string_attr(file, "blas_kernel_best", p->blas_best);
+    st |= set_string_attr(file, "blas_kernel_rejected", p->blas_rejected);
+    st |= set_long_attr(file, "blas_threads", p->blas_threads);
+    st |= set_string_attr(file, "denormals", p->flush_denormals ? "flushed" : "kept");
+    st |= set_string_attr(file, "cpu_features", features);
+    return st;
+}
+
 static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayout *lay) {
     char *ini = config_to_ini(cfg);
     char started[32];
@@ -352,6 +371,7 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     st |= write_config_attributes(file, cfg);
     st |= set_string_array_attr(file, "category_names", (const char *const *)lay->category_names,
                                 lay->num_categories);
+    if (lay->platform) st |= write_platform_attributes(file, lay->platform);
     free(hosts);
     free(ini);
     return st;
@@ -756,6 +776,9 @@ int record_print_info(const char *path, char *err, size_t errlen) {
            last_value(file, "/eval/step"));
     printf("  throughput: %.0f tokens/s (mean over logged steps) | drop %.2f%% of assignments\n",
            mean_of(file, "/train/tokens_per_s"), overall_drop_percent(file));
+    char platform[512];
+    string_attr(file, "platform", platform, sizeof platform);
+    if (strcmp(platform, "?") != 0) printf("  platform: %s\n", platform);
     print_load_cv(file);
     print_phase_breakdown(file);
     H5Fclose(file);

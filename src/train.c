@@ -267,6 +267,8 @@ static void print_progress(long step, long total, const StepStats *s, double val
 
 static void print_header(const Trainer *t, const RecordLayout *layout) {
     const Config *cfg = t->cfg;
+    char platform[512];
+    platform_describe(layout->platform, platform, sizeof platform);
     const Model *m = &t->model;
     size_t expert_bytes = (m->num_params - m->num_dense_params) * sizeof(float);
     printf(
@@ -281,6 +283,7 @@ static void print_header(const Trainer *t, const RecordLayout *layout) {
         model_param_bytes(m) / 1e6, m->num_dense_params * sizeof(float) / 1e6,
         model_local_experts(&m->shape), cfg->num_experts, expert_bytes / 1e6,
         4.0 * model_param_bytes(m) / 1e6);
+    printf("platform: %s\n", platform);
     fflush(stdout);
 }
 
@@ -345,7 +348,8 @@ static long params_active_per_token(const Trainer *t) {
     return (long)t->model.num_dense_params + (long)t->moe_layers * s->K * per_expert;
 }
 
-static int run_state_init(RunState *rs, const Trainer *t, char *err, size_t errlen) {
+static int run_state_init(RunState *rs, const Trainer *t, const Platform *platform, char *err,
+                          size_t errlen) {
     const Comm *comm = t->comm;
     const Model *m = &t->model;
     int P = comm->world_size;
@@ -374,7 +378,8 @@ static int run_state_init(RunState *rs, const Trainer *t, char *err, size_t errl
         .hostname_len = MOESIM_HOSTNAME_MAX,
         .param_bytes_per_rank = rs->param_bytes,
         .params_total = (long)(m->num_dense_params + expert_params * comm->ep_size),
-        .params_active_per_token = params_active_per_token(t)};
+        .params_active_per_token = params_active_per_token(t),
+        .platform = platform};
     if (ok && comm->rank == 0) {
         rs->rec = record_open(t->cfg->out, t->cfg, &rs->layout, err, errlen);
         ok = rs->rec != NULL;
@@ -429,7 +434,8 @@ static int record_eval(RunState *rs, const Trainer *t, long done, double val_los
     return record_append_eval(rs->rec, &row) == 0;
 }
 
-int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err, size_t errlen) {
+int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
+              char *err, size_t errlen) {
     Trainer t;
     int ok = trainer_init(&t, cfg, ds, comm, err, errlen) == 0;
     if (!all_ok_or_share(comm, ok, err, errlen)) {
@@ -437,7 +443,7 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
         return -1;
     }
     RunState rs;
-    if (run_state_init(&rs, &t, err, errlen) != 0) {
+    if (run_state_init(&rs, &t, platform, err, errlen) != 0) {
         run_state_free(&rs);
         trainer_free(&t);
         return -1;

@@ -751,10 +751,10 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 53u);
+    ASSERT_EQ(keys.size(), 54u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
-    EXPECT_EQ(keys.back(), "save");
+    EXPECT_EQ(keys.back(), "flush-denormals");
     for (size_t i = 0; i < keys.size(); i++)
         for (size_t j = i + 1; j < keys.size(); j++) EXPECT_NE(keys[i], keys[j]) << "twice";
     const std::vector<std::string> routing_keys = {
@@ -846,6 +846,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"moe-load-loss-coeff", "0.07"},
         {"moe-expert-activation", "swiglu"},
         {"moe-shared-expert-intermediate-size", "64"},
+        {"flush-denormals", "0"},
     };
     for (auto &change : changes) {
         SetResult r = Set(&cfg, change[0], change[1]);

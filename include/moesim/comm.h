@@ -73,6 +73,10 @@ void comm_ep_alltoallv_floats(const Comm *c, const float *send, const int *send_
                               const int *send_displs, float *recv, const int *recv_counts,
                               const int *recv_displs);
 
+/* Ranks of the world that share this rank's node (MPI_COMM_TYPE_SHARED),
+ * and this rank's position among them. Collective. */
+void comm_node_ranks(const Comm *c, int *ranks_on_node, int *node_rank);
+
 void comm_barrier(const Comm *c);
 double comm_wtime(void);
 

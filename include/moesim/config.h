@@ -76,6 +76,8 @@ typedef struct Config {
     char out[MOESIM_PATH_MAX];
     char save[MOESIM_PATH_MAX]; /* final parameters; empty = not saved */
     int record_flush_interval;  /* steps between record flushes */
+    /* platform */
+    int flush_denormals; /* FTZ+DAZ on every rank */
 } Config;
 
 /* Fills every field with its default. */

@@ -10,6 +10,7 @@
 #include <stddef.h>
 
 #include "moesim/config.h"
+#include "moesim/platform.h"
 #include "moesim/timing.h"
 
 #ifdef __cplusplus
@@ -17,7 +18,7 @@ extern "C" {
 #endif
 
 #define MOESIM_VERSION "0.1.0"
-#define MOESIM_SCHEMA_VERSION 4
+#define MOESIM_SCHEMA_VERSION 5
 
 /* What the record needs to know about the run's shape. */
 typedef struct RecordLayout {
@@ -29,6 +30,7 @@ typedef struct RecordLayout {
     const long *param_bytes_per_rank; /* [world_size] */
     long params_total;                /* every expert counted once */
     long params_active_per_token;     /* dense + top_k experts per MoE layer */
+    const Platform *platform;         /* rank 0's BLAS, threads, denormals; NULL = unknown */
 } RecordLayout;
 
 typedef struct TrainRow {

@@ -9,6 +9,7 @@
 #include "moesim/data.h"
 #include "moesim/model.h"
 #include "moesim/optim.h"
+#include "moesim/platform.h"
 #include "moesim/timing.h"
 
 #ifdef __cplusplus
@@ -58,11 +59,13 @@ double trainer_evaluate(Trainer *t);
 
 /* The whole run: training, evals, progress, the HDF5 record at cfg->out.
  * Returns 0, or -1 with err (the same on every rank). */
-int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err, size_t errlen);
+int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
+              char *err, size_t errlen);
 
 /* `moesim bench`: tokens/s and model-FLOP utilisation against the sgemm rate
- * measured in the same run. */
-int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err, size_t errlen);
+ * of the kernel in use, measured in the same run. */
+int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
+              char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -82,7 +82,7 @@ def record_schema_version():
     return int(match.group(1)) if match else None
 
 
-# Units of every dataset of schema 4, as docs/run-record.md lists them.
+# Units of every dataset of schemas 4 and 5, as docs/run-record.md lists them.
 RECORD_UNITS = {
     "train/step": "step", "train/loss": "nats/token", "train/aux_loss": "loss",
     "train/z_loss": "loss", "train/importance_loss": "loss",
@@ -102,15 +102,24 @@ RECORD_UNITS = {
 }
 
 
+# Root attributes schema 5 added to schema 4, as a Zen 3 machine writes them.
+PLATFORM_ATTRS = {
+    "platform": "OpenBLAS 0.3.21 | kernel Zen (OpenBLAS's choice) | 1 BLAS thread per rank | "
+                "denormals flushed (FTZ+DAZ)",
+    "blas_library": "OpenBLAS 0.3.21", "blas_kernel": "Zen", "blas_kernel_chosen_by": "openblas",
+    "blas_kernel_detected": "Zen", "blas_kernel_best": "Haswell", "blas_kernel_rejected": "",
+    "blas_threads": 1, "denormals": "flushed", "cpu_features": "avx avx2 fma"}
+
 # Datasets schema 4 added to schema 3.
 ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/logsumexp_sq")
 
 
 def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, evals=3,
-                           categories=3, config=None, status="complete", seed=0, schema=4):
-    """Writes a run record of `schema` (4, or 3 without the datasets 4
-    added) laid out as docs/run-record.md says, with seeded random values that
-    keep the documented relations (processed + dropped = tokens, unused
+                           categories=3, config=None, status="complete", seed=0, schema=5):
+    """Writes a run record of `schema` (5; 4 without the platform attributes
+    5 added; 3 also without the datasets 4 added) laid out as
+    docs/run-record.md says, with seeded random values that keep the
+    documented relations (processed + dropped = tokens, unused
     experts, steps in order), and returns what it wrote: {"attrs": {name:
     value}, "<dataset path>": array, ...}."""
     rng = np.random.default_rng(seed)
@@ -158,6 +167,8 @@ def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, eval
              "config": "".join(f"{k.replace('_', '-')} = {v}\n" for k, v in config.items()),
              "category_names": [f"cluster{c}" for c in range(C)],
              **{f"config.{key}": value for key, value in config.items()}}
+    if schema >= 5:
+        attrs.update(PLATFORM_ATTRS)
     _write_record(path, attrs, data)
     return {"attrs": attrs, **data}
 

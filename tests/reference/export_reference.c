@@ -16,6 +16,7 @@
 #include "moesim/data.h"
 #include "moesim/model.h"
 #include "moesim/ops.h"
+#include "moesim/platform.h"
 #include "moesim/record.h"
 
 typedef struct Export {
@@ -121,6 +122,8 @@ static int run(const char *out_path, double weight_scale, int argc, char **argv,
     }
     if (config_validate(&cfg, err, errlen) != 0) return -1;
     config_resolve(&cfg);
+    /* The forward and backward run in the float mode moesim trains in. */
+    platform_set_flush_denormals(NULL, cfg.flush_denormals);
     Dataset ds;
     if (dataset_load(&ds, &cfg, err, errlen) != 0) return -1;
 
@@ -193,6 +196,8 @@ done:
 }
 
 int main(int argc, char **argv) {
+    Platform platform;
+    platform_start(&platform, argv);
     Comm comm;
     comm_init(&comm, &argc, &argv);
     int status = 2;

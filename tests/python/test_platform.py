@@ -1,0 +1,194 @@
+"""The platform facts of a real run: which OpenBLAS kernel build/moesim runs
+when OPENBLAS_CORETYPE is unset (never a generic fallback on a CPU with AVX2
+or AVX-512), a user-set kernel kept, one that cannot run stopping every rank
+with one message, moesim's own restart with its choice, BLAS threads, and
+flush-to-zero on and off, as the header and the run record show them."""
+import os
+import re
+import subprocess
+
+import h5py
+import pytest
+
+from moesim_run import BUILD, clean_env, flags
+
+TINY = {"data-format": "synthetic", "synthetic-tokens": 5000, "num-layers": 2,
+        "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16, "micro-batch-size": 2,
+        "num-experts": 4, "moe-ffn-hidden-size": 32, "ffn-hidden-size": 32, "train-iters": 2,
+        "eval-interval": 2, "eval-iters": 1}
+
+AVX512_KERNELS = {"SkylakeX", "Cooperlake"}
+AVX2_KERNELS = {"Haswell", "Zen"} | AVX512_KERNELS
+
+
+def cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+CPU = cpu_flags()
+HAS_AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= CPU
+HAS_AVX2 = {"avx2", "fma"} <= CPU
+
+
+def env_without_kernel(**extra):
+    """The test environment with no kernel or thread count forced."""
+    env = clean_env()
+    for name in ("OPENBLAS_CORETYPE", "MOESIM_BLAS_KERNEL_STATE", "OPENBLAS_NUM_THREADS",
+                 "GOTO_NUM_THREADS", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    env.update(extra)
+    return env
+
+
+def platform(**extra):
+    return subprocess.run([str(BUILD / "moesim"), "platform"], env=env_without_kernel(**extra),
+                          capture_output=True, text=True, timeout=60)
+
+
+def kernel_of(text):
+    match = re.search(r"kernel (\w+)", text)
+    assert match, text
+    return match.group(1)
+
+
+def train(tmp_path, env, ranks=1, **options):
+    out = tmp_path / "run.h5"
+    opts = {**TINY, "out": out, **options}
+    if ranks == 1:
+        cmd = [str(BUILD / "moesim"), "train", *flags(opts)]
+    else:
+        cmd = ["mpirun", "-n", str(ranks), "--oversubscribe", "--bind-to", "none",
+               str(BUILD / "moesim"), "train", *flags(opts)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return result, out
+
+
+def root_attrs(path):
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="the CPU has neither AVX2+FMA nor AVX-512")
+def test_unset_coretype_never_runs_a_generic_fallback_kernel(tmp_path):
+    result = platform()
+    assert result.returncode == 0, result.stderr
+    kernel = kernel_of(result.stdout)
+    assert kernel in (AVX512_KERNELS if HAS_AVX512 else AVX2_KERNELS), result.stdout
+    # The same choice on every rank of a real run, in the header and the record.
+    run, out = train(tmp_path, env_without_kernel(), ranks=2)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"kernel {kernel}" in run.stdout
+    attrs = root_attrs(out)
+    assert attrs["blas_kernel"] == kernel
+    assert attrs["blas_kernel_chosen_by"] in ("openblas", "moesim")
+    assert attrs["blas_library"].startswith("OpenBLAS ")
+
+
+def test_user_set_kernel_is_kept_and_recorded(tmp_path):
+    result = platform(OPENBLAS_CORETYPE="Prescott")
+    assert result.returncode == 0, result.stderr
+    assert kernel_of(result.stdout) == "Prescott"
+    run, out = train(tmp_path, env_without_kernel(OPENBLAS_CORETYPE="Prescott"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    attrs = root_attrs(out)
+    assert attrs["blas_kernel"] == "Prescott"
+    assert attrs["blas_kernel_chosen_by"] == "user"
+
+
+def test_moesim_restart_with_its_choice_is_reported(tmp_path):
+    """The state moesim hands its own restart: the kernel it set and what
+    OpenBLAS had detected."""
+    best = kernel_of(platform().stdout)
+    result = platform(OPENBLAS_CORETYPE=best, MOESIM_BLAS_KERNEL_STATE="chosen:Prescott")
+    assert result.returncode == 0, result.stderr
+    assert f"kernel {best} (chosen by moesim; OpenBLAS detected Prescott)" in result.stdout
+
+
+@pytest.mark.skipif(HAS_AVX512, reason="this CPU runs every kernel of the table")
+def test_moesim_choice_failing_the_self_check_is_dropped_by_a_second_restart():
+    """SkylakeX on a CPU without AVX-512 dies of SIGILL in the self-check's
+    child; moesim restarts again with OpenBLAS's own choice and says so."""
+    result = platform(OPENBLAS_CORETYPE="SkylakeX", MOESIM_BLAS_KERNEL_STATE="chosen:Haswell")
+    assert result.returncode == 0, result.stderr
+    assert "SkylakeX failed moesim's self-check" in result.stderr
+    assert "SkylakeX failed the self-check" in result.stdout
+    assert kernel_of(result.stdout) in AVX2_KERNELS | {"Sandybridge", "Prescott"}
+
+
+@pytest.mark.skipif(HAS_AVX512, reason="this CPU runs every kernel of the table")
+def test_user_kernel_failing_the_self_check_stops_every_rank(tmp_path):
+    run, out = train(tmp_path, env_without_kernel(OPENBLAS_CORETYPE="SkylakeX"), ranks=2)
+    assert run.returncode != 0
+    output = run.stdout + run.stderr
+    assert output.count("moesim: error:") == 1, output
+    assert "OPENBLAS_CORETYPE=SkylakeX fails moesim's sgemm self-check" in output
+    assert "unset OPENBLAS_CORETYPE" in output
+    assert not out.exists()
+
+
+def test_unknown_user_kernel_stops_every_rank(tmp_path):
+    run, out = train(tmp_path, env_without_kernel(OPENBLAS_CORETYPE="NoSuchCore"), ranks=2)
+    assert run.returncode == 2, run.stdout + run.stderr
+    output = run.stdout + run.stderr
+    assert output.count("moesim: error:") == 1, output
+    assert "OPENBLAS_CORETYPE=NoSuchCore is not a kernel" in output
+    assert not out.exists()
+
+
+def test_one_blas_thread_per_rank_unless_the_environment_says(tmp_path):
+    run, out = train(tmp_path, env_without_kernel())
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert root_attrs(out)["blas_threads"] == 1
+    out.unlink()
+    run, out = train(tmp_path, env_without_kernel(OPENBLAS_NUM_THREADS="2"))
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert root_attrs(out)["blas_threads"] == 2
+    assert "2 BLAS threads per rank (from the environment)" in run.stdout
+
+
+def test_more_threads_than_cores_warns_once_per_node(tmp_path):
+    ranks = (os.cpu_count() or 1) + 1
+    run, _ = train(tmp_path, env_without_kernel(), ranks=ranks,
+                   **{"expert-model-parallel-size": 1})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stderr.count("exceed its") == 1, run.stderr
+
+
+def test_flush_to_zero_is_the_default_and_can_be_turned_off(tmp_path):
+    run, out = train(tmp_path, env_without_kernel(), ranks=2)
+    assert run.returncode == 0, run.stdout + run.stderr
+    attrs = root_attrs(out)
+    assert attrs["denormals"] == "flushed"
+    assert attrs["config.flush_denormals"] == 1
+    assert "denormals flushed (FTZ+DAZ)" in run.stdout
+    out.unlink()
+    run, out = train(tmp_path, env_without_kernel(), ranks=2, **{"flush-denormals": 0})
+    assert run.returncode == 0, run.stdout + run.stderr
+    attrs = root_attrs(out)
+    assert attrs["denormals"] == "kept"
+    assert attrs["config.flush_denormals"] == 0
+
+
+def test_flush_denormals_rejects_other_values(tmp_path):
+    run, out = train(tmp_path, env_without_kernel(), ranks=2, **{"flush-denormals": 2})
+    assert run.returncode == 2
+    output = run.stdout + run.stderr
+    assert output.count("moesim: error:") == 1, output
+    assert "--flush-denormals" in output
+    assert not out.exists()
+
+
+@pytest.mark.skipif(not HAS_AVX2, reason="no kernel faster than Prescott on this CPU")
+def test_bench_warns_loudly_when_a_faster_kernel_exists(tmp_path):
+    result = subprocess.run(
+        [str(BUILD / "moesim"), "bench", *flags({**TINY, "out": tmp_path / "unused.h5"})],
+        env=env_without_kernel(OPENBLAS_CORETYPE="Prescott"), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING: OpenBLAS runs its Prescott kernel" in result.stdout
+    assert "(Prescott) | MFU" in result.stdout
+    assert "step's own sgemm shapes" in result.stdout
