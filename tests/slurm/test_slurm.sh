@@ -129,7 +129,26 @@ record=$scratch/runs/moesim-tiny-$job_id.h5
 $python tests/slurm/check_record.py --world-size 2 --train-iters 6 "$record" ||
   fail "the record of job $job_id is not a complete 2-rank run of 6 steps"
 grep -q "status complete" "$job_log" || fail "the job log does not end with moesim info of the record"
+grep -q "^platform: OpenBLAS .* | kernel " "$job_log" || fail "the job log has no platform line"
 passed=$((passed + 1))
+
+# moesim restarts itself (execv) to change the OpenBLAS kernel; under srun
+# each task must come back as the same PMIx task. The restart that drops a
+# kernel failing the self-check is the one this machine can take for real
+# when the CPU lacks AVX-512: SkylakeX then dies of SIGILL in the check.
+if ! grep -qw avx512f /proc/cpuinfo; then
+  job_log=$scratch/jobs/moesim-restart.out
+  submit_and_wait "$run_timeout_s" -n 2 -J moesim-restart -t 5 -o "$job_log" --wrap \
+    "srun --mpi=pmix env MOESIM_BLAS_KERNEL_STATE=chosen:Haswell OPENBLAS_CORETYPE=SkylakeX build/moesim platform"
+  grep -q "SkylakeX failed the self-check" "$job_log" ||
+    fail "moesim did not restart with OpenBLAS's own kernel under srun"
+  [ "$(grep -c "failed moesim's self-check" "$job_log")" = 2 ] ||
+    fail "both tasks should have restarted once"
+  passed=$((passed + 1))
+else
+  echo "test-slurm: restart under srun not run: this CPU runs every kernel moesim knows"
+  skipped=$((skipped + 1))
+fi
 
 if [ -x experiments/sweep ] && [ -f "$spec" ]; then
   # The points, with their world sizes, as the runner's own spec parser sees them.
