@@ -1,6 +1,5 @@
 #include "moesim/attention.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <string.h>
 
@@ -15,7 +14,8 @@ static void causal_softmax_rows(float *att, int T) {
     }
 }
 
-void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH) {
+void attention_forward(float *out, float *att, const float *qkv, int B, int T, int C, int NH,
+                       const Matmul *mm) {
     int hs = C / NH;
     int ld_qkv = 3 * C;
     float scale = 1.0f / sqrtf((float)hs);
@@ -26,11 +26,9 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
             const float *v = q + 2 * C;
             float *a = att + ((long)b * NH + h) * T * T;
             float *o = out + (long)b * T * C + h * hs;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, scale, q, ld_qkv, k,
-                        ld_qkv, 0.0f, a, T);
+            matmul_gemm(0, 1, T, T, hs, scale, q, ld_qkv, k, ld_qkv, 0.0f, a, T, mm);
             causal_softmax_rows(a, T);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, 1.0f, a, T, v, ld_qkv,
-                        0.0f, o, C);
+            matmul_gemm(0, 0, T, hs, T, 1.0f, a, T, v, ld_qkv, 0.0f, o, C, mm);
         }
     }
 }
@@ -48,7 +46,7 @@ static void causal_softmax_backward_rows(float *datt, const float *att, int T) {
 }
 
 void attention_backward(float *dqkv, float *scratch, const float *dout, const float *qkv,
-                        const float *att, int B, int T, int C, int NH) {
+                        const float *att, int B, int T, int C, int NH, const Matmul *mm) {
     int hs = C / NH;
     int ld_qkv = 3 * C;
     float scale = 1.0f / sqrtf((float)hs);
@@ -60,15 +58,11 @@ void attention_backward(float *dqkv, float *scratch, const float *dout, const fl
             const float *a = att + ((long)b * NH + h) * T * T;
             const float *dO = dout + (long)b * T * C + h * hs;
             float *datt = scratch;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, T, T, hs, 1.0f, dO, C, v, ld_qkv,
-                        0.0f, datt, T);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, 1.0f, a, T, dO, C, 0.0f,
-                        dv, ld_qkv);
+            matmul_gemm(0, 1, T, T, hs, 1.0f, dO, C, v, ld_qkv, 0.0f, datt, T, mm);
+            matmul_gemm(1, 0, T, hs, T, 1.0f, a, T, dO, C, 0.0f, dv, ld_qkv, mm);
             causal_softmax_backward_rows(datt, a, T);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, T, hs, T, scale, datt, T, k,
-                        ld_qkv, 0.0f, dq, ld_qkv);
-            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, T, hs, T, scale, datt, T, q,
-                        ld_qkv, 0.0f, dk, ld_qkv);
+            matmul_gemm(0, 0, T, hs, T, scale, datt, T, k, ld_qkv, 0.0f, dq, ld_qkv, mm);
+            matmul_gemm(1, 0, T, hs, T, scale, datt, T, q, ld_qkv, 0.0f, dk, ld_qkv, mm);
         }
     }
 }

@@ -104,6 +104,25 @@ static const Option OPTIONS[] = {
      .max = 1,
      .default_text = "0",
      .help = "give the LM head its own weights instead of the token embedding"},
+    {.name = "precision",
+     .group = G_MODEL,
+     .type = OPT_STRING,
+     FIELD(precision),
+     .default_text = "fp32",
+     .choices = "fp32|bf16",
+     .help = "matmul inputs (activations, weights, gradients) in float32 or bfloat16; "
+             "accumulation, gradients and master weights stay float32 (Switch Transformer's "
+             "recipe); bf16 is emulated (inputs rounded to nearest even, then sgemm). The "
+             "router follows --moe-router-precision"},
+    {.name = "moe-router-precision",
+     .group = G_MODEL,
+     .type = OPT_STRING,
+     FIELD(moe_router_precision),
+     .default_text = "fp32",
+     .choices = "fp32|bf16",
+     .help = "the router's matmuls (logits, noisy_topk noise, their backward): fp32 keeps "
+             "Switch's selective precision under --precision bf16; bf16 with --precision "
+             "fp32 puts only the router in bf16 (an ablation)"},
 
     {.name = "num-experts",
      .group = G_MOE,

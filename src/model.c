@@ -49,6 +49,9 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->expert_bias = cfg->moe_router_enable_expert_bias;
     s->expert_activation = strcmp(cfg->moe_expert_activation, "swiglu") == 0 ? FFN_SWIGLU : FFN_GELU;
     s->shared_F = cfg->moe_shared_expert_intermediate_size;
+    s->precision = strcmp(cfg->precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
+    s->router_precision = strcmp(cfg->moe_router_precision, "bf16") == 0 ? MATMUL_BF16
+                                                                          : MATMUL_FP32;
 }
 
 int model_is_moe_layer(const ModelShape *s, int layer) {
@@ -289,6 +292,36 @@ static int max_tensors(const ModelShape *s) {
     return 4 + 10 * s->L;
 }
 
+static size_t max_size(size_t a, size_t b) {
+    return a > b ? a : b;
+}
+
+/* The bf16 rounding scratch holds one operand (rows x cols) of any matmul
+ * the model runs: the largest of them, or nothing when every matmul is
+ * float32. One rule for model_init and model_memory_bytes. */
+static size_t matmul_operand_floats(const ModelShape *s, const MoeShape *ms) {
+    if (s->precision == MATMUL_FP32 && s->router_precision == MATMUL_FP32) return 0;
+    size_t N = (size_t)s->B * s->T, C = (size_t)s->C, T = (size_t)s->T, hs = C / s->NH;
+    size_t floats = max_size(N * 3 * C, 3 * C * C);     /* qkv, the largest of q, k, v, proj */
+    floats = max_size(floats, max_size(T * T, T * hs)); /* one head's scores and values */
+    floats = max_size(floats, max_size(N, C) * s->V);   /* LM head */
+    int any_dense = 0, any_moe = 0;
+    for (int l = 0; l < s->L; l++) {
+        any_moe |= model_is_moe_layer(s, l);
+        any_dense |= !model_is_moe_layer(s, l);
+    }
+    if (any_dense) floats = max_size(floats, max_size(N, C) * s->F);
+    if (any_moe) {
+        size_t rows = (size_t)moe_max_recv_rows(ms); /* bounds any one expert's block */
+        size_t FW = (size_t)s->Fe * ffn_w1_rows_per_unit(s->expert_activation);
+        floats = max_size(floats, max_size(N, C) * s->E);       /* router */
+        floats = max_size(floats, max_size(rows, C) * FW);      /* experts */
+        floats = max_size(floats, rows * C);
+        floats = max_size(floats, max_size(N, C) * shared_w1_rows(s)); /* shared expert */
+    }
+    return floats;
+}
+
 int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
     memset(m, 0, sizeof *m);
     m->shape = *s;
@@ -366,6 +399,9 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
             m->expert_bias[l] = alloc_floats((size_t)s->E, &failed);
     }
     if (any_moe && moe_scratch_init(&m->moe_scratch, &m->moe_shape) != 0) failed = 1;
+    if (matmul_init(&m->matmul, s->precision, matmul_operand_floats(s, &m->moe_shape)) != 0)
+        failed = 1;
+    m->router_matmul = matmul_view(&m->matmul, s->router_precision);
     m->resid_out = alloc_floats(N * C, &failed);
     m->lnf = alloc_floats(N * C, &failed);
     m->lnf_rstd = alloc_floats(N, &failed);
@@ -421,6 +457,7 @@ void model_free(Model *m) {
     free(m->dh);
     free(m->inputs);
     free(m->targets);
+    matmul_free(&m->matmul);
     memset(m, 0, sizeof *m);
 }
 
@@ -468,6 +505,7 @@ static RouterContext layer_router_context(const Model *m, int l) {
     ctx.layer = l;
     ctx.expert_bias = m->expert_bias ? m->expert_bias[l] : NULL;
     ctx.capacity_factor = ctx.training ? m->shape.capacity_factor : m->shape.eval_capacity_factor;
+    ctx.matmul = &m->router_matmul;
     return ctx;
 }
 
@@ -478,26 +516,28 @@ static void layer_forward(Model *m, int l, float *resid_next) {
     int N = s->B * s->T, C = s->C;
     double mark = timer_now_s();
     rmsnorm_forward(a->ln1, a->ln1_rstd, a->resid_in, w->ln1_w, N, C);
-    matmul_forward(a->qkv, a->ln1, w->qkv_w, N, C, 3 * C);
-    attention_forward(a->att_out, a->att, a->qkv, s->B, s->T, C, s->NH);
-    matmul_forward(m->tmp, a->att_out, w->proj_w, N, C, C);
+    matmul_forward(a->qkv, a->ln1, w->qkv_w, N, C, 3 * C, &m->matmul);
+    attention_forward(a->att_out, a->att, a->qkv, s->B, s->T, C, s->NH, &m->matmul);
+    matmul_forward(m->tmp, a->att_out, w->proj_w, N, C, C, &m->matmul);
     add_into(a->resid_mid, a->resid_in, m->tmp, (long)N * C);
     rmsnorm_forward(a->ln2, a->ln2_rstd, a->resid_mid, w->ln2_w, N, C);
     timer_charge(m->phase_s, PHASE_ATTENTION, &mark);
     if (model_is_moe_layer(s, l)) {
         MoeWeights mw = moe_weights(w);
         RouterContext ctx = layer_router_context(m, l);
-        moe_forward(m->tmp, &m->moe[l], a->ln2, &mw, &m->moe_shape, &ctx, m->comm, m->phase_s);
+        moe_forward(m->tmp, &m->moe[l], a->ln2, &mw, &m->moe_shape, &ctx, m->comm, m->phase_s,
+                    &m->matmul);
         mark = timer_now_s();
         if (s->shared_F > 0) {
             /* the shared expert sees every token; its output adds to the routed one */
             ffn_forward(m->dtmp, a->shared_h_pre, a->shared_h_act, a->ln2, w->shared_fc1_w,
-                        w->shared_fc2_w, N, C, s->shared_F, s->expert_activation);
+                        w->shared_fc2_w, N, C, s->shared_F, s->expert_activation, &m->matmul);
             add_into(m->tmp, m->tmp, m->dtmp, (long)N * C);
             timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
         }
     } else {
-        ffn_forward(m->tmp, a->h_pre, a->h_act, a->ln2, w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU);
+        ffn_forward(m->tmp, a->h_pre, a->h_act, a->ln2, w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU,
+                    &m->matmul);
         timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
     }
     add_into(resid_next, a->resid_mid, m->tmp, (long)N * C);
@@ -526,7 +566,7 @@ double model_forward(Model *m, const int *inputs, const int *targets) {
     }
     mark = timer_now_s();
     rmsnorm_forward(m->lnf, m->lnf_rstd, m->resid_out, m->w.lnf_w, N, C);
-    matmul_forward(m->probs, m->lnf, m->w.lm_head_w, N, C, s->V);
+    matmul_forward(m->probs, m->lnf, m->w.lm_head_w, N, C, s->V, &m->matmul);
     m->ce_loss = softmax_cross_entropy_forward(m->probs, targets, N, s->V);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
     return m->ce_loss + m->aux_loss + m->z_loss + m->importance_loss + m->load_loss;
@@ -544,24 +584,26 @@ static void layer_backward(Model *m, int l) {
         MoeWeights mw = moe_weights(w);
         MoeGrads mg = {{dw->router_w, dw->noise_w}, dw->expert_fc1_w, dw->expert_fc2_w};
         moe_backward(m->dln, &mg, m->dresid, a->ln2, &mw, &m->moe[l], &m->moe_scratch,
-                     &m->moe_shape, m->comm, m->phase_s);
+                     &m->moe_shape, m->comm, m->phase_s, &m->matmul);
         mark = timer_now_s();
         if (s->shared_F > 0) {
             ffn_backward(m->dtmp, dw->shared_fc1_w, dw->shared_fc2_w, m->shared_dh, m->dresid,
                          a->ln2, a->shared_h_pre, a->shared_h_act, w->shared_fc1_w,
-                         w->shared_fc2_w, N, C, s->shared_F, s->expert_activation);
+                         w->shared_fc2_w, N, C, s->shared_F, s->expert_activation,
+                         &m->matmul);
             add_into(m->dln, m->dln, m->dtmp, (long)N * C);
             timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
         }
     } else {
         ffn_backward(m->dln, dw->fc1_w, dw->fc2_w, m->dh, m->dresid, a->ln2, a->h_pre, a->h_act,
-                     w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU);
+                     w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU, &m->matmul);
         timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
     }
     rmsnorm_backward(m->dresid, dw->ln2_w, m->dln, a->resid_mid, w->ln2_w, a->ln2_rstd, N, C);
-    matmul_backward(m->dtmp, dw->proj_w, m->dresid, a->att_out, w->proj_w, N, C, C);
-    attention_backward(m->dqkv, m->datt, m->dtmp, a->qkv, a->att, s->B, s->T, C, s->NH);
-    matmul_backward(m->dln, dw->qkv_w, m->dqkv, a->ln1, w->qkv_w, N, C, 3 * C);
+    matmul_backward(m->dtmp, dw->proj_w, m->dresid, a->att_out, w->proj_w, N, C, C, &m->matmul);
+    attention_backward(m->dqkv, m->datt, m->dtmp, a->qkv, a->att, s->B, s->T, C, s->NH,
+                       &m->matmul);
+    matmul_backward(m->dln, dw->qkv_w, m->dqkv, a->ln1, w->qkv_w, N, C, 3 * C, &m->matmul);
     rmsnorm_backward(m->dresid, dw->ln1_w, m->dln, a->resid_in, w->ln1_w, a->ln1_rstd, N, C);
     timer_charge(m->phase_s, PHASE_ATTENTION, &mark);
 }
@@ -571,7 +613,8 @@ void model_backward(Model *m) {
     int N = s->B * s->T, C = s->C;
     double mark = timer_now_s();
     softmax_cross_entropy_backward(m->probs, m->targets, N, s->V);
-    matmul_backward(m->dln, m->dw.lm_head_w, m->probs, m->lnf, m->w.lm_head_w, N, C, s->V);
+    matmul_backward(m->dln, m->dw.lm_head_w, m->probs, m->lnf, m->w.lm_head_w, N, C, s->V,
+                    &m->matmul);
     memset(m->dresid, 0, sizeof(float) * (size_t)N * C);
     rmsnorm_backward(m->dresid, m->dw.lnf_w, m->dln, m->resid_out, m->w.lnf_w, m->lnf_rstd, N, C);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
@@ -622,6 +665,7 @@ size_t model_memory_bytes(const Model *m) {
         if (is_moe) bytes += moe_layer_bytes(&m->moe_shape);
     }
     if (any_moe) bytes += moe_scratch_bytes(&m->moe_shape);
+    bytes += matmul_bytes(matmul_operand_floats(s, &m->moe_shape));
     if (s->expert_bias) bytes += sizeof(float) * (size_t)s->E * s->L / s->moe_layer_freq;
     bytes += sizeof(float) * N * shared_w1_rows(s) + sizeof(float *) * s->L;
     bytes +=

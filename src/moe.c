@@ -145,14 +145,15 @@ static void build_send_order(MoeLayer *m, const RouterShape *s) {
     }
 }
 
-static void run_local_experts(MoeLayer *m, const MoeWeights *w, const MoeShape *s) {
+static void run_local_experts(MoeLayer *m, const MoeWeights *w, const MoeShape *s,
+                              const Matmul *mm) {
     int C = s->router.C, F = s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
     const int *begin = m->dispatch.expert_row_begin;
     for (int j = 0; j < s->E_local; j++) {
         long b = begin[j];
         ffn_forward(m->expert_out + b * C, m->h_pre + b * FW, m->h_act + b * F,
                     m->expert_in + b * C, w->w1 + (long)j * FW * C, w->w2 + (long)j * C * F,
-                    begin[j + 1] - begin[j], C, F, s->activation);
+                    begin[j + 1] - begin[j], C, F, s->activation, mm);
     }
 }
 
@@ -170,7 +171,7 @@ static void router_losses_with_counts(MoeLayer *m, const RouterShape *rs, const 
 
 void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
                  const MoeShape *s, const RouterContext *ctx, const Comm *comm,
-                 double *phase_s) {
+                 double *phase_s, const Matmul *mm) {
     const RouterShape *rs = &s->router;
     int C = rs->C, S = m->routing.slots;
     double mark = timer_now_s();
@@ -189,7 +190,7 @@ void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
     dispatch_rows(&m->dispatch, m->send_x, m->expert_in, C, comm);
     timer_charge(phase_s, PHASE_DISPATCH, &mark);
 
-    run_local_experts(m, w, s);
+    run_local_experts(m, w, s, mm);
     timer_charge(phase_s, PHASE_EXPERTS, &mark);
 
     combine_rows(&m->dispatch, m->expert_out, m->send_y, C, comm);
@@ -207,7 +208,7 @@ void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
 
 void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *x,
                   const MoeWeights *w, MoeLayer *m, MoeScratch *sc, const MoeShape *s,
-                  const Comm *comm, double *phase_s) {
+                  const Comm *comm, double *phase_s, const Matmul *mm) {
     const RouterShape *rs = &s->router;
     int C = rs->C, F = s->F, S = m->routing.slots;
     int FW = F * ffn_w1_rows_per_unit(s->activation);
@@ -235,7 +236,7 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
         ffn_backward(sc->dx_expert + b * C, g->w1 + (long)j * FW * C, g->w2 + (long)j * C * F,
                      sc->dh + b * FW, sc->dy_expert + b * C, m->expert_in + b * C,
                      m->h_pre + b * FW, m->h_act + b * F, w->w1 + (long)j * FW * C,
-                     w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F, s->activation);
+                     w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F, s->activation, mm);
     }
     timer_charge(phase_s, PHASE_EXPERTS, &mark);
 

@@ -1,6 +1,5 @@
 #include "moesim/router.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -200,7 +199,7 @@ static float sigmoid(float v) {
 static void add_gating_noise(Routing *r, const float *x_in, const RouterWeights *w,
                              const RouterShape *s, const RouterContext *ctx) {
     int N = s->N, E = s->E;
-    matmul_forward(r->noise_pre, x_in, w->noise_w, N, s->C, E);
+    matmul_forward(r->noise_pre, x_in, w->noise_w, N, s->C, E, ctx->matmul);
     for (long i = 0; i < (long)N * E; i++) {
         r->noise_std[i] = softplus(r->noise_pre[i]);
         uint64_t index = (uint64_t)(ctx->first_token * E + i);
@@ -436,7 +435,7 @@ void router_route(Routing *r, const float *x, const RouterWeights *w, const Rout
                   const RouterContext *ctx) {
     int N = s->N, E = s->E;
     const float *x_in = ctx->training && s->jitter_eps > 0 ? jitter_input(r, x, s, ctx) : x;
-    matmul_forward(r->logits, x_in, w->router_w, N, s->C, E);
+    matmul_forward(r->logits, x_in, w->router_w, N, s->C, E, ctx->matmul);
     memcpy(r->h, r->logits, sizeof(float) * (size_t)N * E);
     if (s->type == ROUTER_NOISY_TOPK) add_gating_noise(r, x_in, w, s, ctx);
     compute_scores(r, s);
@@ -657,15 +656,12 @@ void router_backward(float *dx, const RouterGrads *g, const float *dgate, const 
     const float *x_in = ctx->training && s->jitter_eps > 0 ? r->x_in : x;
     float *dx_in = ctx->training && s->jitter_eps > 0 ? r->dx_in : dx;
     float beta = dx_in == dx ? 1.0f : 0.0f;
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, C, N, 1.0f, dlogits, E, x_in, C, 1.0f,
-                g->router_w, C);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, E, 1.0f, dlogits, E, w->router_w,
-                C, beta, dx_in, C);
+    const Matmul *mm = ctx->matmul;
+    matmul_gemm(1, 0, E, C, N, 1.0f, dlogits, E, x_in, C, 1.0f, g->router_w, C, mm);
+    matmul_gemm(0, 0, N, C, E, 1.0f, dlogits, E, w->router_w, C, beta, dx_in, C, mm);
     if (noisy) {
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, E, C, N, 1.0f, r->dnoise, E, x_in, C,
-                    1.0f, g->noise_w, C);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, C, E, 1.0f, r->dnoise, E,
-                    w->noise_w, C, 1.0f, dx_in, C);
+        matmul_gemm(1, 0, E, C, N, 1.0f, r->dnoise, E, x_in, C, 1.0f, g->noise_w, C, mm);
+        matmul_gemm(0, 0, N, C, E, 1.0f, r->dnoise, E, w->noise_w, C, 1.0f, dx_in, C, mm);
     }
     if (dx_in != dx)
         for (long i = 0; i < (long)N * C; i++) dx[i] += dx_in[i] * r->jitter[i];

@@ -220,6 +220,44 @@ TEST(ConfigDefaults, RoutingSchemeKeysMeanPlainTopk) {
     EXPECT_EQ(cfg.moe_shared_expert_intermediate_size, 0);
 }
 
+// Mixed precision: float32 unless asked; every pairing of the two keys is a
+// valid run (bf16 with a float32 router is Switch's selective precision, a
+// bf16 router alone is an ablation); anything else names key, value, choices.
+TEST(ConfigPrecision, DefaultsAreFloat32AndEveryPairingIsValid) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_STREQ(cfg.precision, "fp32");
+    EXPECT_STREQ(cfg.moe_router_precision, "fp32");
+    TempDir dir;
+    for (const char *precision : {"fp32", "bf16"})
+        for (const char *router : {"fp32", "bf16"}) {
+            Config c = ValidConfig(dir.path() + "/run.h5");
+            ASSERT_EQ(Set(&c, "precision", precision).rc, 0);
+            ASSERT_EQ(Set(&c, "moe_router_precision", router).rc, 0);
+            EXPECT_STREQ(c.precision, precision);
+            EXPECT_STREQ(c.moe_router_precision, router);
+            SetResult r = Validate(c);
+            EXPECT_EQ(r.rc, 0) << precision << " / " << router << ": " << r.err;
+        }
+}
+
+TEST(ConfigPrecision, UnknownValueNamesKeyValueAndChoices) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Set(&cfg, "precision", "fp16");
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--precision", "\"fp16\"", "fp32|bf16"});
+    r = Set(&cfg, "moe-router-precision", "BF16");
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-precision", "\"BF16\"", "did you mean \"bf16\"",
+                           "fp32|bf16"});
+    EXPECT_STREQ(cfg.precision, "fp32") << "a refused value must not stick";
+    EXPECT_STREQ(cfg.moe_router_precision, "fp32");
+    r = Parse(&cfg, {"train", "--precision", "float32"});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--precision", "\"float32\"", "fp32|bf16"});
+}
+
 TEST(ConfigDefaults, PassValidation) {
     TempDir dir;
     Config cfg = ValidConfig(dir.path() + "/run.h5");
@@ -751,7 +789,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 54u);
+    ASSERT_EQ(keys.size(), 56u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -799,6 +837,8 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"ffn-hidden-size", "384"},
         {"seq-length", "64"},
         {"untie-embeddings-and-output-weights", "on"},
+        {"precision", "bf16"},
+        {"moe-router-precision", "bf16"},
         {"num-experts", "16"},
         {"moe-router-topk", "4"},
         {"moe-layer-freq", "2"},
@@ -887,6 +927,8 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME_STR(save);
     EXPECT_SAME(record_flush_interval);
     EXPECT_SAME(untie_embeddings_and_output_weights);
+    EXPECT_SAME_STR(precision);
+    EXPECT_SAME_STR(moe_router_precision);
     EXPECT_SAME(num_experts);
     EXPECT_SAME(moe_router_topk);
     EXPECT_SAME(moe_layer_freq);

@@ -67,7 +67,7 @@ struct ShardedMoe {
     double global_loss() {
         MoeWeights w = {{router_w.data(), nullptr}, w1.data(), w2.data()};
         RouterContext ctx = training_context(shape.router, 0, (long)comm->rank * N);
-        moe_forward(out.data(), &layer, x.data(), &w, &shape, &ctx, comm, nullptr);
+        moe_forward(out.data(), &layer, x.data(), &w, &shape, &ctx, comm, nullptr, nullptr);
         double loss = weighted_sum(out.data(), r) + layer.routing.aux_loss + layer.routing.z_loss;
         comm_sum_doubles(comm, &loss, 1);
         return loss;
@@ -149,7 +149,7 @@ TEST_F(Distributed, MoeGradientsThroughTheExchange) {
     MoeWeights w = {{f.router_w.data(), nullptr}, f.w1.data(), f.w2.data()};
     MoeGrads g = {{drw.data(), nullptr}, dw1.data(), dw2.data()};
     moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape, &comm,
-                 nullptr);
+                 nullptr, nullptr);
     struct Case {
         std::vector<float> *p;
         std::vector<float> *g;

@@ -25,10 +25,10 @@ TEST(GradMatmul, InputAndWeight) {
     auto x = random_vector(N * I, 1), w = random_vector(O * I, 2), r = random_vector(N * O, 3);
     std::vector<float> out(N * O), dx(N * I), dw(O * I, 0.0f);
     auto loss = [&] {
-        matmul_forward(out.data(), x.data(), w.data(), N, I, O);
+        matmul_forward(out.data(), x.data(), w.data(), N, I, O, nullptr);
         return weighted_sum(out.data(), r);
     };
-    matmul_backward(dx.data(), dw.data(), r.data(), x.data(), w.data(), N, I, O);
+    matmul_backward(dx.data(), dw.data(), r.data(), x.data(), w.data(), N, I, O, nullptr);
     auto gx = check_gradient(x.data(), x.size(), dx.data(), loss, 100, 1e-2f, 4);
     auto gw = check_gradient(w.data(), w.size(), dw.data(), loss, 100, 1e-2f, 5);
     EXPECT_LT(gx.max_error, kTolerance) << describe(gx);
@@ -103,11 +103,12 @@ TEST(GradAttention, Qkv) {
     auto qkv = random_vector(B * T * 3 * C, 16, 1.5), r = random_vector(B * T * C, 17);
     std::vector<float> out(B * T * C), att(B * NH * T * T), dqkv(qkv.size()), scratch(T * T);
     auto loss = [&] {
-        attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
+        attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH, nullptr);
         return weighted_sum(out.data(), r);
     };
     loss();
-    attention_backward(dqkv.data(), scratch.data(), r.data(), qkv.data(), att.data(), B, T, C, NH);
+    attention_backward(dqkv.data(), scratch.data(), r.data(), qkv.data(), att.data(), B, T, C, NH,
+                       nullptr);
     auto g = check_gradient(qkv.data(), qkv.size(), dqkv.data(), loss, 240, 1e-2f, 18);
     EXPECT_LT(g.max_error, kTolerance) << describe(g);
 }
@@ -116,9 +117,9 @@ TEST(GradAttention, IsCausal) {
     const int B = 1, T = 4, C = 4, NH = 1;
     auto qkv = random_vector(B * T * 3 * C, 19);
     std::vector<float> out(T * C), out2(T * C), att(T * T);
-    attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH);
+    attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH, nullptr);
     for (int c = 0; c < 3 * C; c++) qkv[(T - 1) * 3 * C + c] += 1.0f;  // change the last token
-    attention_forward(out2.data(), att.data(), qkv.data(), B, T, C, NH);
+    attention_forward(out2.data(), att.data(), qkv.data(), B, T, C, NH, nullptr);
     for (int i = 0; i < (T - 1) * C; i++)
         EXPECT_EQ(out[i], out2[i]) << "earlier rows saw the future";
     for (int t = 0; t < T; t++)
@@ -136,12 +137,12 @@ TEST_P(GradFfn, InputAndWeights) {
     std::vector<float> dw1(W * C, 0.0f), dw2(C * F, 0.0f);
     auto loss = [&] {
         ffn_forward(out.data(), h_pre.data(), h_act.data(), x.data(), w1.data(), w2.data(), n, C,
-                    F, act);
+                    F, act, nullptr);
         return weighted_sum(out.data(), r);
     };
     loss();
     ffn_backward(dx.data(), dw1.data(), dw2.data(), dh.data(), r.data(), x.data(), h_pre.data(),
-                 h_act.data(), w1.data(), w2.data(), n, C, F, act);
+                 h_act.data(), w1.data(), w2.data(), n, C, F, act, nullptr);
     for (auto [p, g, name] : {std::tuple{&x, &dx, "x"}, {&w1, &dw1, "w1"}, {&w2, &dw2, "w2"}}) {
         auto res = check_gradient(p->data(), p->size(), g->data(), loss, 150, 1e-2f, 24);
         EXPECT_LT(res.max_error, kTolerance) << name << ": " << describe(res);
@@ -154,7 +155,7 @@ TEST(GradFfn, SwigluIsSiluGateTimesUp) {
     const int C = 2, F = 1;
     float x[2] = {1.0f, -2.0f}, w1[4] = {0.5f, 0.25f, -1.0f, 0.5f}, w2[2] = {2.0f, -1.0f};
     float h_pre[2], h_act[1], out[2];
-    ffn_forward(out, h_pre, h_act, x, w1, w2, 1, C, F, FFN_SWIGLU);
+    ffn_forward(out, h_pre, h_act, x, w1, w2, 1, C, F, FFN_SWIGLU, nullptr);
     double gate = 0.5 * 1 + 0.25 * -2, up = -1.0 * 1 + 0.5 * -2;
     double act = gate / (1 + std::exp(-gate)) * up;
     EXPECT_NEAR(out[0], 2.0 * act, 1e-6);
@@ -198,7 +199,7 @@ struct MoeFixture {
     double loss() {
         MoeWeights w = {{router_w.data(), nullptr}, w1.data(), w2.data()};
         RouterContext ctx = training_context(shape.router);
-        moe_forward(out.data(), &layer, x.data(), &w, &shape, &ctx, &comm, nullptr);
+        moe_forward(out.data(), &layer, x.data(), &w, &shape, &ctx, &comm, nullptr, nullptr);
         return weighted_sum(out.data(), r) + layer.routing.aux_loss + layer.routing.z_loss;
     }
     bool routing_unchanged() const {
@@ -226,7 +227,7 @@ TEST_P(GradMoe, LayerWithDropsAndAuxLosses) {
     MoeWeights w = {{f.router_w.data(), nullptr}, f.w1.data(), f.w2.data()};
     MoeGrads g = {{drw.data(), nullptr}, dw1.data(), dw2.data()};
     moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape, &f.comm,
-                 nullptr);
+                 nullptr, nullptr);
     auto loss = [&] { return f.loss(); };
     auto stable = [&] { return f.routing_unchanged(); };
     struct Case {

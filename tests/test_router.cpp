@@ -140,7 +140,7 @@ TEST(MoeCombine, DroppedTokenOutputIsZeroAndKeptIsGateTimesExpert) {
     std::vector<float> w2 = w1, out(6, -1.0f);
     MoeWeights w = {{router_w.data(), nullptr}, w1.data(), w2.data()};
     RouterContext ctx = training_context(s.router);
-    moe_forward(out.data(), &m, x.data(), &w, &s, &ctx, &self, nullptr);
+    moe_forward(out.data(), &m, x.data(), &w, &s, &ctx, &self, nullptr, nullptr);
     EXPECT_EQ(m.dispatch.num_send_rows, 1);
     double p0 = 1.0 / (1.0 + std::exp(-3.0));
     double gelu3 = 0.5 * 3.0 * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (3.0 + 0.044715 * 27.0)));

@@ -772,7 +772,7 @@ TEST(RoutersJitter, TrainingScalesTheInputByUniformFactors) {
     EXPECT_LT(low, 1.0 - 0.9 * eps);
     EXPECT_GT(high, 1.0 + 0.9 * eps);
     std::vector<float> logits(N * E);
-    matmul_forward(logits.data(), r.routing.x_in, r.router_w.data(), N, C, E);
+    matmul_forward(logits.data(), r.routing.x_in, r.router_w.data(), N, C, E, nullptr);
     for (int i = 0; i < N * E; i++) EXPECT_NEAR(r.routing.logits[i], logits[i], 1e-5);
 
     // Deterministic in the context, and keyed by the global token index.

@@ -21,6 +21,8 @@ typedef struct Config {
     int ffn_hidden_size;
     int seq_length;
     int untie_embeddings_and_output_weights; /* 0: LM head shares the token embedding */
+    char precision[8];            /* fp32 | bf16: inputs of every matmul but the router's */
+    char moe_router_precision[8]; /* fp32 | bf16: inputs of the router's matmuls */
     /* mixture of experts */
     int num_experts;
     int moe_router_topk;

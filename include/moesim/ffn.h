@@ -5,6 +5,8 @@
 #ifndef MOESIM_FFN_H
 #define MOESIM_FFN_H
 
+#include "moesim/ops.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -15,14 +17,15 @@ typedef enum FfnActivation { FFN_GELU, FFN_SWIGLU } FfnActivation;
 int ffn_w1_rows_per_unit(FfnActivation act);
 
 /* x[n,C], w1[F*rows,C], w2[C,F] -> h_pre[n,F*rows], h_act[n,F] (both kept
- * for backward), out[n,C] */
+ * for backward), out[n,C]; both products at mm's precision (NULL: float32) */
 void ffn_forward(float *out, float *h_pre, float *h_act, const float *x, const float *w1,
-                 const float *w2, int n, int C, int F, FfnActivation act);
+                 const float *w2, int n, int C, int F, FfnActivation act, const Matmul *mm);
 
 /* dx[n,C] overwritten; dw1, dw2 accumulated; dh[n,F*rows] is scratch. */
 void ffn_backward(float *dx, float *dw1, float *dw2, float *dh, const float *dout,
                   const float *x, const float *h_pre, const float *h_act, const float *w1,
-                  const float *w2, int n, int C, int F, FfnActivation act);
+                  const float *w2, int n, int C, int F, FfnActivation act,
+                  const Matmul *mm);
 
 #ifdef __cplusplus
 }

@@ -33,6 +33,8 @@ typedef struct ModelShape {
     int expert_bias; /* DeepSeek-V3 selection bias per expert */
     FfnActivation expert_activation;
     int shared_F;    /* shared expert hidden size; 0 = none */
+    MatmulPrecision precision;        /* inputs of every matmul but the router's */
+    MatmulPrecision router_precision; /* the router's (Switch's selective precision) */
 } ModelShape;
 
 /* ep_size/ep_rank place this rank's expert shard (1/0 for the whole model). */
@@ -109,7 +111,10 @@ typedef struct Model {
     float *shared_dh;    /* [N, shared_F * rows] */
     float **expert_bias; /* [L] -> [E], MoE layers with a selection bias */
     RouterContext router_ctx; /* set by the trainer before each forward: training, step,
-                                 seed, first_token; layer, bias and capacity filled here */
+                                 seed, first_token; layer, bias, capacity and matmul
+                                 filled here */
+    Matmul matmul;        /* every product at shape.precision; owns the bf16 scratch */
+    Matmul router_matmul; /* the router's, at shape.router_precision: a view of matmul */
     /* results of the last forward */
     double ce_loss, aux_loss, z_loss, importance_loss, load_loss;
     double phase_s[PHASE_COUNT]; /* seconds per phase, accumulated until reset */

@@ -77,15 +77,17 @@ typedef struct MoeGrads {
 } MoeGrads;
 
 /* out[N,C] from x[N,C]. Collective over the EP group (and the world, for
- * global_aux_loss). phase_s (may be NULL) accumulates seconds per phase. */
+ * global_aux_loss). phase_s (may be NULL) accumulates seconds per phase. The
+ * experts' products run at mm's precision (NULL: float32), the router's at
+ * ctx->matmul's. */
 void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
                  const MoeShape *s, const RouterContext *ctx, const Comm *comm,
-                 double *phase_s);
+                 double *phase_s, const Matmul *mm);
 
 /* dx[N,C] overwritten; weight gradients accumulated. Collective. */
 void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *x,
                   const MoeWeights *w, MoeLayer *m, MoeScratch *sc, const MoeShape *s,
-                  const Comm *comm, double *phase_s);
+                  const Comm *comm, double *phase_s, const Matmul *mm);
 
 #ifdef __cplusplus
 }

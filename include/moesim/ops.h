@@ -1,10 +1,13 @@
 /* ops: the dense building blocks as forward/backward pairs — matmul (every
- * product goes through cblas_sgemm), RMSNorm, GELU, softmax cross-entropy.
- * Shapes are row-major; weights are stored [out, in] like nn.Linear, so a
- * linear layer computes out = inp · w^T. Backward functions accumulate into
- * weight gradients (+=) so gradients of shared weights add up. */
+ * product goes through cblas_sgemm, with float32 or bfloat16 inputs), RMSNorm,
+ * GELU, softmax cross-entropy. Shapes are row-major; weights are stored
+ * [out, in] like nn.Linear, so a linear layer computes out = inp · w^T.
+ * Backward functions accumulate into weight gradients (+=) so gradients of
+ * shared weights add up. */
 #ifndef MOESIM_OPS_H
 #define MOESIM_OPS_H
+
+#include <stddef.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -12,12 +15,58 @@ extern "C" {
 
 #define MOESIM_RMSNORM_EPS 1e-5f
 
+/* The precision of a matmul's inputs (--precision, --moe-router-precision).
+ * Accumulation, outputs, gradients and master weights are float32 either
+ * way: bf16 is the mixed-precision recipe of Switch Transformer. */
+typedef enum MatmulPrecision { MATMUL_FP32, MATMUL_BF16 } MatmulPrecision;
+
+/* How one group of matmuls computes. bf16 is emulated on every CPU: each
+ * input (activation, weight, incoming gradient) is rounded to bfloat16
+ * (round to nearest even) into a float scratch copy, then cblas_sgemm
+ * multiplies the copies with float32 accumulation. The two scratch buffers
+ * hold one operand each, so they are sized for the largest operand of any
+ * call (matmul_init); a larger operand aborts with a message. The scratch is
+ * written through a const Matmul *, like a Comm's buffers: callers run one
+ * matmul at a time. Every function below taking a Matmul * treats NULL as
+ * float32. */
+typedef struct Matmul {
+    MatmulPrecision precision;
+    float *rounded[2]; /* [capacity] each: rounded copies of operand A and B */
+    size_t capacity;   /* floats per buffer; 0 for float32 */
+    int owns_scratch;  /* matmul_free releases it (not for matmul_view copies) */
+} Matmul;
+
+/* Allocates the scratch when max_operand_floats > 0 (needed when this
+ * Matmul or any view of it is bf16). Returns 0, or -1 when memory runs out. */
+int matmul_init(Matmul *mm, MatmulPrecision precision, size_t max_operand_floats);
+void matmul_free(Matmul *mm);
+/* Bytes matmul_init allocates. */
+size_t matmul_bytes(size_t max_operand_floats);
+/* The same scratch at another precision: Switch's selective precision keeps
+ * the router in float32 while everything else is bf16 (or the reverse, for
+ * ablations). Never freed on its own. */
+Matmul matmul_view(const Matmul *mm, MatmulPrecision precision);
+
+/* x rounded to the nearest bfloat16 (ties to even), as a float: the upper
+ * 16 bits of x's float32 pattern after rounding. Infinities stay, NaNs stay
+ * NaN (quiet, sign kept), finite values beyond bf16's largest round to
+ * infinity, float32 denormals round like any other value. */
+float bf16_round(float x);
+
 /* out[N,out_dim] = inp[N,in_dim] · w[out_dim,in_dim]^T */
-void matmul_forward(float *out, const float *inp, const float *w, int N, int in_dim, int out_dim);
+void matmul_forward(float *out, const float *inp, const float *w, int N, int in_dim, int out_dim,
+                    const Matmul *mm);
 /* dinp[N,in_dim] = dout·w (overwritten, skipped when dinp is NULL);
  * dw[out_dim,in_dim] += dout^T·inp */
 void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
-                     int N, int in_dim, int out_dim);
+                     int N, int in_dim, int out_dim, const Matmul *mm);
+/* cblas_sgemm, row-major, at mm's precision: c[M,N] = alpha * op(a) · op(b)
+ * + beta * c, op(a)[M,K] = a or a^T (transpose_a), op(b)[K,N] likewise. For
+ * the products that are not a linear layer (attention, the router's
+ * backward). */
+void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float alpha,
+                 const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc,
+                 const Matmul *mm);
 
 /* out[N,C] = inp * rstd * w with rstd[N] = 1/sqrt(mean(inp^2) + eps) */
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int C);

@@ -20,6 +20,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "moesim/ops.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -72,6 +74,8 @@ typedef struct RouterContext {
     int layer;
     long first_token;         /* global index of this micro-batch's first token */
     const float *expert_bias; /* [E] selection bias, or NULL */
+    const Matmul *matmul;     /* the router's products (x·Wg, x·Wnoise and their backward):
+                                 --moe-router-precision; NULL = float32 */
 } RouterContext;
 
 typedef struct RouterWeights {

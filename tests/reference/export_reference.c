@@ -155,7 +155,8 @@ static int run(const char *out_path, double weight_scale, int argc, char **argv,
     double loss = model_forward(&model, inputs, targets);
     /* model->probs already holds probabilities and backward overwrites it
      * with dlogits, so the logits are recomputed from the final norm. */
-    matmul_forward(logits, model.lnf, model.w.lm_head_w, (int)N, shape.C, shape.V);
+    matmul_forward(logits, model.lnf, model.w.lm_head_w, (int)N, shape.C, shape.V,
+                   &model.matmul);
     model_zero_grad(&model);
     model_backward(&model);
 

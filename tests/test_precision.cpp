@@ -1,0 +1,352 @@
+// Mixed precision (--precision, --moe-router-precision): bfloat16 rounding of
+// hand-picked values, bf16 matmuls equal to float32 matmuls of rounded inputs,
+// Switch's selective precision (the router stays float32, bit for bit, while
+// every other product is bf16), and the bf16 model's gradients against the
+// float32 model's.
+#include <gtest/gtest.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "gradcheck.h"
+#include "moesim/comm.h"
+#include "moesim/model.h"
+#include "moesim/ops.h"
+
+namespace {
+
+float from_bits(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+uint32_t bits(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+uint32_t rounded_bits(uint32_t u) { return bits(bf16_round(from_bits(u))); }
+
+TEST(Bf16Round, ExactValuesStay) {
+    for (float v : {0.0f, 1.0f, -2.5f, 0.15625f, 65280.0f, -1.0f / 1024})
+        EXPECT_EQ(bits(bf16_round(v)), bits(v)) << v;
+    EXPECT_TRUE(std::signbit(bf16_round(-0.0f)));
+}
+
+TEST(Bf16Round, NearestWithTiesToEven) {
+    // 1 + 2^-8 lies halfway between 1 (even last bit) and 1 + 2^-7.
+    EXPECT_EQ(rounded_bits(0x3F808000u), 0x3F800000u);
+    // halfway between 0x3F81 (odd) and 0x3F82: up to the even one
+    EXPECT_EQ(rounded_bits(0x3F818000u), 0x3F820000u);
+    EXPECT_EQ(rounded_bits(0x3F808001u), 0x3F810000u) << "just above halfway rounds up";
+    EXPECT_EQ(rounded_bits(0x3F807FFFu), 0x3F800000u) << "just below halfway rounds down";
+    EXPECT_EQ(rounded_bits(0xBF818000u), 0xBF820000u) << "negative ties to even too";
+    EXPECT_EQ(rounded_bits(0x3FFFFFFFu), 0x40000000u) << "the carry moves into the exponent";
+    EXPECT_EQ(bf16_round(1.00390625f), 1.0f);  // 1 + 2^-8
+    EXPECT_EQ(bf16_round(3.14159265f), 3.140625f);
+}
+
+TEST(Bf16Round, InfinityNanAndOverflow) {
+    EXPECT_EQ(bf16_round(INFINITY), INFINITY);
+    EXPECT_EQ(bf16_round(-INFINITY), -INFINITY);
+    EXPECT_TRUE(std::isnan(bf16_round(NAN)));
+    // A NaN whose payload is only in the dropped bits must not become infinity.
+    EXPECT_TRUE(std::isnan(from_bits(rounded_bits(0x7F800001u))));
+    EXPECT_TRUE(std::isnan(from_bits(rounded_bits(0xFF800001u))));
+    EXPECT_TRUE(std::signbit(from_bits(rounded_bits(0xFF800001u)))) << "NaN keeps its sign";
+    EXPECT_TRUE(std::isnan(from_bits(rounded_bits(0x7FFFFFFFu))));
+    // Beyond bf16's largest finite value (0x7F7F) rounding overflows to infinity.
+    EXPECT_EQ(bf16_round(FLT_MAX), INFINITY);
+    EXPECT_EQ(bf16_round(-FLT_MAX), -INFINITY);
+    EXPECT_EQ(rounded_bits(0x7F7F7FFFu), 0x7F7F0000u);
+    EXPECT_EQ(rounded_bits(0x7F7F8000u), 0x7F800000u) << "a tie above an odd max goes to inf";
+}
+
+TEST(Bf16Round, Denormals) {
+    EXPECT_EQ(rounded_bits(0x00000001u), 0u) << "the smallest float denormal rounds to zero";
+    EXPECT_EQ(rounded_bits(0x80000001u), 0x80000000u) << "to -0";
+    EXPECT_EQ(rounded_bits(0x00008000u), 0u) << "tie to the even zero";
+    EXPECT_EQ(rounded_bits(0x00008001u), 0x00010000u) << "bf16's smallest denormal";
+    EXPECT_EQ(rounded_bits(0x00018000u), 0x00020000u) << "tie to even";
+    EXPECT_EQ(rounded_bits(0x00010000u), 0x00010000u) << "bf16 denormals are exact";
+    EXPECT_EQ(bf16_round(from_bits(0x007FFFFFu)), FLT_MIN) << "largest denormal rounds up";
+}
+
+// An 8-bit significand (7 stored + the implicit 1): half an ulp is at most
+// 2^-8 of the value, bf16's unit roundoff.
+TEST(Bf16Round, RelativeErrorIsAtMostTheUnitRoundoff) {
+    auto v = random_vector(10000, 77, 1e3);
+    for (float x : v) {
+        if (x == 0.0f) continue;
+        EXPECT_LE(std::fabs(bf16_round(x) - x), std::ldexp(std::fabs(x), -8)) << x;
+        EXPECT_EQ(bits(bf16_round(x)) & 0xFFFFu, 0u) << "low half must be zero: " << x;
+    }
+}
+
+std::vector<float> rounded(std::vector<float> v) {
+    for (float &x : v) x = bf16_round(x);
+    return v;
+}
+
+bool bit_equal(const std::vector<float> &a, const std::vector<float> &b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(float) * a.size()) == 0;
+}
+
+struct Bf16Matmul {
+    Matmul mm{};
+    explicit Bf16Matmul(size_t floats) { EXPECT_EQ(matmul_init(&mm, MATMUL_BF16, floats), 0); }
+    ~Bf16Matmul() { matmul_free(&mm); }
+};
+
+// bf16 is "round the inputs, multiply in float32": exactly the float32
+// products of the rounded inputs, for every operand including incoming
+// gradients, and different from the float32 products of the raw inputs.
+TEST(MatmulBf16, IsFloat32OfRoundedInputs) {
+    const int N = 9, I = 13, O = 7;
+    auto x = random_vector(N * I, 1), w = random_vector(O * I, 2), dout = random_vector(N * O, 3);
+    Bf16Matmul bf(N * I);
+    std::vector<float> out(N * O), want(N * O), raw(N * O);
+    matmul_forward(out.data(), x.data(), w.data(), N, I, O, &bf.mm);
+    matmul_forward(want.data(), rounded(x).data(), rounded(w).data(), N, I, O, nullptr);
+    matmul_forward(raw.data(), x.data(), w.data(), N, I, O, nullptr);
+    EXPECT_TRUE(bit_equal(out, want));
+    EXPECT_FALSE(bit_equal(out, raw)) << "nothing was rounded";
+
+    auto dw = random_vector(O * I, 4), dw_want = dw;  // accumulates onto what is there
+    std::vector<float> dx(N * I), dx_want(N * I);
+    matmul_backward(dx.data(), dw.data(), dout.data(), x.data(), w.data(), N, I, O, &bf.mm);
+    matmul_backward(dx_want.data(), dw_want.data(), rounded(dout).data(), rounded(x).data(),
+                    rounded(w).data(), N, I, O, nullptr);
+    EXPECT_TRUE(bit_equal(dx, dx_want));
+    EXPECT_TRUE(bit_equal(dw, dw_want));
+    for (float v : x) EXPECT_EQ(v, v) << "inputs are not modified";
+}
+
+// The general product, with transposes and strided operands like attention's
+// heads inside a packed qkv row.
+TEST(MatmulBf16, GemmWithTransposesAndLeadingDimensions) {
+    const int M = 6, N = 5, K = 4, ld = 11;
+    Bf16Matmul bf(M * K > N * K ? M * K : N * K);
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            auto a = random_vector((size_t)(ta ? K : M) * ld, 10 + ta);
+            auto b = random_vector((size_t)(tb ? N : K) * ld, 20 + tb);
+            auto c = random_vector(M * N, 30), c_want = c;
+            matmul_gemm(ta, tb, M, N, K, 0.5f, a.data(), ld, b.data(), ld, 1.0f, c.data(), N,
+                        &bf.mm);
+            matmul_gemm(ta, tb, M, N, K, 0.5f, rounded(a).data(), ld, rounded(b).data(), ld, 1.0f,
+                        c_want.data(), N, nullptr);
+            EXPECT_TRUE(bit_equal(c, c_want)) << "transpose a " << ta << ", b " << tb;
+        }
+}
+
+TEST(MatmulBf16, Float32ContextAndViewsShareOneScratch) {
+    Matmul fp{};
+    ASSERT_EQ(matmul_init(&fp, MATMUL_FP32, 0), 0);
+    EXPECT_EQ(fp.rounded[0], nullptr) << "float32 needs no scratch";
+    matmul_free(&fp);
+    Bf16Matmul bf(100);
+    Matmul view = matmul_view(&bf.mm, MATMUL_FP32);
+    EXPECT_EQ(view.rounded[0], bf.mm.rounded[0]);
+    EXPECT_EQ(view.precision, MATMUL_FP32);
+    EXPECT_EQ(matmul_bytes(100), 2 * 100 * sizeof(float));
+    matmul_free(&view);  // a view releases nothing; bf.mm frees the scratch
+}
+
+// ---- the model ---------------------------------------------------------------------
+
+struct SmallModel {
+    Model m{};
+    Comm self{};
+    ModelShape s{};
+    std::vector<int> inputs, targets;
+
+    SmallModel(MatmulPrecision precision, MatmulPrecision router_precision,
+               FfnActivation act = FFN_GELU, int shared_F = 0,
+               RouterType router = ROUTER_TOPK) {
+        s.precision = precision;
+        s.router_precision = router_precision;
+        s.expert_activation = act;
+        s.shared_F = shared_F;
+        s.router_type = router;
+        s.V = 13;
+        s.T = 6;
+        s.C = 8;
+        s.NH = 2;
+        s.L = 2;
+        s.F = 10;
+        s.E = 4;
+        s.K = 2;
+        s.Fe = 6;
+        s.B = 2;
+        s.G = 6;
+        s.moe_layer_freq = 2;
+        s.tied = 1;
+        s.norm_topk_prob = 1;
+        s.ep_size = 1;
+        s.capacity_factor = 0.75;
+        s.aux_loss_coeff = 0.1;
+        s.z_loss_coeff = 0.01;
+        s.importance_loss_coeff = 0.1;
+        s.load_loss_coeff = router == ROUTER_NOISY_TOPK ? 0.1 : 0.0;
+        comm_attach_self(&self);
+        EXPECT_EQ(model_init(&m, &s, 7, &self), 0);
+        m.router_ctx.training = 1;
+        // Larger weights than the 0.02 init so every path carries signal (as in test_grad).
+        for (size_t i = 0; i < m.num_params; i++)
+            if (m.params[i] != 1.0f) m.params[i] *= 20.0f;
+        int N = s.B * s.T;
+        inputs.resize(N);
+        targets.resize(N);
+        for (int i = 0; i < N; i++) inputs[i] = (i * 5 + 1) % s.V, targets[i] = (i * 3 + 2) % s.V;
+    }
+    ~SmallModel() { model_free(&m); }
+    double step() {
+        model_zero_grad(&m);
+        double loss = model_forward(&m, inputs.data(), targets.data());
+        model_backward(&m);
+        return loss;
+    }
+    int N() const { return s.B * s.T; }
+};
+
+// The products of one MoE layer's router and of one attention input
+// projection, recomputed from the model's saved inputs at a given precision.
+struct Recomputed {
+    std::vector<float> logits, router_grad, qkv;
+};
+
+Recomputed recompute(SmallModel &f, int l, const Matmul *mm) {
+    const ModelShape &s = f.s;
+    int N = f.N(), C = s.C, E = s.E;
+    const LayerActs &a = f.m.acts[l];
+    const Routing &r = f.m.moe[l].routing;
+    Recomputed out{std::vector<float>(N * E), std::vector<float>(E * C, 0.0f),
+                   std::vector<float>(N * 3 * C)};
+    matmul_forward(out.logits.data(), a.ln2, f.m.w.layers[l].router_w, N, C, E, mm);
+    // dWg += dlogits^T · x, onto zeroed gradients, as the router's backward does
+    matmul_gemm(1, 0, E, C, N, 1.0f, r.dh, E, a.ln2, C, 1.0f, out.router_grad.data(), C, mm);
+    matmul_forward(out.qkv.data(), a.ln1, f.m.w.layers[l].qkv_w, N, C, 3 * C, mm);
+    return out;
+}
+
+struct PrecisionCase {
+    const char *name;
+    MatmulPrecision precision, router_precision;
+};
+
+class SelectivePrecision : public ::testing::TestWithParam<PrecisionCase> {};
+
+// The router's products (forward logits and the weight gradient) are exactly
+// those of its own precision, and every other product (here the attention
+// input projection) exactly those of --precision: bit for bit, with the
+// other precision differing.
+TEST_P(SelectivePrecision, RouterAndOtherMatmulsEachAtTheirOwnPrecision) {
+    const PrecisionCase c = GetParam();
+    SmallModel f(c.precision, c.router_precision);
+    f.step();
+    int l = 1;  // the MoE layer (moe_layer_freq 2)
+    ASSERT_TRUE(model_is_moe_layer(&f.s, l));
+    Bf16Matmul bf((size_t)f.N() * 3 * f.s.C);
+    Recomputed fp32 = recompute(f, l, nullptr), bf16 = recompute(f, l, &bf.mm);
+    const Routing &r = f.m.moe[l].routing;
+    int N = f.N(), C = f.s.C, E = f.s.E;
+    std::vector<float> logits(r.logits, r.logits + N * E);
+    std::vector<float> router_grad(f.m.dw.layers[l].router_w, f.m.dw.layers[l].router_w + E * C);
+    std::vector<float> qkv(f.m.acts[l].qkv, f.m.acts[l].qkv + N * 3 * C);
+    const Recomputed &router_want = c.router_precision == MATMUL_BF16 ? bf16 : fp32;
+    const Recomputed &router_other = c.router_precision == MATMUL_BF16 ? fp32 : bf16;
+    const Recomputed &rest_want = c.precision == MATMUL_BF16 ? bf16 : fp32;
+    const Recomputed &rest_other = c.precision == MATMUL_BF16 ? fp32 : bf16;
+    EXPECT_TRUE(bit_equal(logits, router_want.logits));
+    EXPECT_FALSE(bit_equal(logits, router_other.logits));
+    EXPECT_TRUE(bit_equal(router_grad, router_want.router_grad));
+    EXPECT_FALSE(bit_equal(router_grad, router_other.router_grad));
+    EXPECT_TRUE(bit_equal(qkv, rest_want.qkv));
+    EXPECT_FALSE(bit_equal(qkv, rest_other.qkv));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Pairings, SelectivePrecision,
+    ::testing::Values(PrecisionCase{"fp32", MATMUL_FP32, MATMUL_FP32},
+                      PrecisionCase{"bf16_router_fp32", MATMUL_BF16, MATMUL_FP32},
+                      PrecisionCase{"bf16", MATMUL_BF16, MATMUL_BF16},
+                      PrecisionCase{"fp32_router_bf16", MATMUL_FP32, MATMUL_BF16}),
+    [](const ::testing::TestParamInfo<PrecisionCase> &info) { return info.param.name; });
+
+TEST(SelectivePrecision, RoundingScratchIsCountedInModelMemory) {
+    SmallModel fp(MATMUL_FP32, MATMUL_FP32), bf(MATMUL_BF16, MATMUL_FP32),
+        router_only(MATMUL_FP32, MATMUL_BF16);
+    EXPECT_GT(bf.m.matmul.capacity, 0u);
+    EXPECT_EQ(router_only.m.matmul.capacity, bf.m.matmul.capacity)
+        << "a bf16 router alone needs the same scratch";
+    EXPECT_EQ(model_memory_bytes(&bf.m) - model_memory_bytes(&fp.m),
+              matmul_bytes(bf.m.matmul.capacity));
+    EXPECT_EQ(bf.m.router_matmul.rounded[0], bf.m.matmul.rounded[0]) << "one shared scratch";
+}
+
+struct GradVariant {
+    const char *name;
+    FfnActivation act;
+    int shared_F;
+    RouterType router;
+    MatmulPrecision router_precision;
+};
+
+// The bf16 model's analytic gradient is the gradient of the computation with
+// rounded matmul inputs; against the float32 model's (same weights, same
+// routing) each tensor's gradient may differ by the rounding carried through
+// the products between it and the loss. bf16's unit roundoff is u = 2^-8
+// (Bf16Round above); a product of two rounded inputs is off by up to 2u at
+// first order, and in this 2-layer model about four such products in series
+// (forward and back through a block, plus the LM head) lie between a tensor
+// and the loss without averaging out, so the bound is 8u = 2^-5 relative in
+// the L2 norm. Measured here: 0.3% to 1.8% (1u to 4.5u). A wrong or missing
+// gradient term, or a stale rounding buffer, is O(1).
+constexpr double kBf16UnitRoundoff = 1.0 / 256;
+constexpr double kBf16GradTolerance = 8 * kBf16UnitRoundoff;
+
+class Bf16Gradients : public ::testing::TestWithParam<GradVariant> {};
+
+TEST_P(Bf16Gradients, CloseToTheFloat32Model) {
+    const GradVariant v = GetParam();
+    SmallModel fp(MATMUL_FP32, MATMUL_FP32, v.act, v.shared_F, v.router);
+    SmallModel bf(MATMUL_BF16, v.router_precision, v.act, v.shared_F, v.router);
+    double fp_loss = fp.step(), bf_loss = bf.step();
+    const Routing &rf = fp.m.moe[1].routing, &rb = bf.m.moe[1].routing;
+    int slots = fp.N() * rf.slots;
+    ASSERT_TRUE(std::equal(rf.choice_expert, rf.choice_expert + slots, rb.choice_expert) &&
+                std::equal(rf.choice_kept, rf.choice_kept + slots, rb.choice_kept))
+        << "routing must agree for the gradients to be comparable";
+    EXPECT_LT(std::fabs(bf_loss - fp_loss) / fp_loss, kBf16GradTolerance);
+    double largest = 0.0;
+    for (int i = 0; i < fp.m.num_tensors; i++) {
+        const ParamTensor &t = fp.m.tensors[i];
+        double diff = 0.0, norm = 0.0;
+        for (size_t j = 0; j < t.numel; j++) {
+            double a = fp.m.grads[t.offset + j], b = bf.m.grads[t.offset + j];
+            diff += (a - b) * (a - b);
+            norm += a * a;
+        }
+        ASSERT_GT(norm, 0.0) << t.name << " has no gradient to compare";
+        double rel = std::sqrt(diff / norm);
+        EXPECT_LT(rel, kBf16GradTolerance) << t.name;
+        largest = std::fmax(largest, rel);
+    }
+    EXPECT_GT(largest, kBf16UnitRoundoff / 16) << "the bf16 model computed in float32";
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Variants, Bf16Gradients,
+    ::testing::Values(GradVariant{"gelu", FFN_GELU, 0, ROUTER_TOPK, MATMUL_FP32},
+                      GradVariant{"gelu_router_bf16", FFN_GELU, 0, ROUTER_TOPK, MATMUL_BF16},
+                      GradVariant{"swiglu_shared", FFN_SWIGLU, 5, ROUTER_TOPK, MATMUL_FP32},
+                      GradVariant{"noisy_topk", FFN_GELU, 0, ROUTER_NOISY_TOPK, MATMUL_FP32}),
+    [](const ::testing::TestParamInfo<GradVariant> &info) { return info.param.name; });
+
+}  // namespace
