@@ -287,9 +287,11 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                 platform->blas_kernel, platform->blas_best, platform->blas_kernel);
         printf(
             "bench: %d layers, hidden %d, expert ffn %d, %d experts top-%d, seq %d, "
-            "micro-batch %d per rank, %d rank(s), expert-parallel size %d\n",
+            "micro-batch %d per rank, %d rank(s), expert-parallel size %d, precision %s "
+            "(router %s)\n",
             cfg->num_layers, cfg->hidden_size, cfg->moe_ffn_hidden_size, cfg->num_experts,
-            cfg->moe_router_topk, cfg->seq_length, cfg->micro_batch_size, P, comm->ep_size);
+            cfg->moe_router_topk, cfg->seq_length, cfg->micro_batch_size, P, comm->ep_size,
+            cfg->precision, cfg->moe_router_precision);
     }
 
     /* Weak-scaling reference: rank 0 alone with the experts one rank holds. */

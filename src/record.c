@@ -372,6 +372,10 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     st |= set_string_array_attr(file, "category_names", (const char *const *)lay->category_names,
                                 lay->num_categories);
     if (lay->platform) st |= write_platform_attributes(file, lay->platform);
+    /* Every CPU runs bf16 the same way today; a native bf16 GEMM would say so here. */
+    int any_bf16 =
+        strcmp(cfg->precision, "bf16") == 0 || strcmp(cfg->moe_router_precision, "bf16") == 0;
+    st |= set_string_attr(file, "bf16_gemm", any_bf16 ? "emulated" : "none");
     free(hosts);
     free(ini);
     return st;
@@ -420,9 +424,9 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
         st |= series_create(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
                             spec->units);
     }
-    st |= set_string_array_attr(r->series[SPEC_COUNTS].dset, "category_names",
-                                 (const char *const *)layout->category_names,
-                                 layout->num_categories);
+    st |=
+        set_string_array_attr(r->series[SPEC_COUNTS].dset, "category_names",
+                              (const char *const *)layout->category_names, layout->num_categories);
     for (int p = 0; p < PHASE_COUNT; p++) {
         char name[64];
         snprintf(name, sizeof name, "/timing/%s", phase_names[p]);
@@ -670,11 +674,10 @@ static hid_t open_record_for_reading(const char *path, char *err, size_t errlen)
         return -1;
     }
     if (schema < OLDEST_READABLE_SCHEMA || schema > MOESIM_SCHEMA_VERSION) {
-        snprintf(err, errlen,
-                 "%s uses run-record schema %ld; this moesim reads schemas %d to %d: %s", path,
-                 schema, OLDEST_READABLE_SCHEMA, MOESIM_SCHEMA_VERSION,
-                 schema > MOESIM_SCHEMA_VERSION ? "use a newer moesim"
-                                                : "re-run it with this moesim");
+        snprintf(
+            err, errlen, "%s uses run-record schema %ld; this moesim reads schemas %d to %d: %s",
+            path, schema, OLDEST_READABLE_SCHEMA, MOESIM_SCHEMA_VERSION,
+            schema > MOESIM_SCHEMA_VERSION ? "use a newer moesim" : "re-run it with this moesim");
         H5Fclose(file);
         return -1;
     }

@@ -284,6 +284,11 @@ static void print_header(const Trainer *t, const RecordLayout *layout) {
         model_local_experts(&m->shape), cfg->num_experts, expert_bytes / 1e6,
         4.0 * model_param_bytes(m) / 1e6);
     printf("platform: %s\n", platform);
+    printf("precision: matmul inputs %s, router %s%s; accumulation and master weights fp32\n",
+           cfg->precision, cfg->moe_router_precision,
+           strcmp(cfg->precision, "bf16") == 0 || strcmp(cfg->moe_router_precision, "bf16") == 0
+               ? " (bf16 emulated: inputs rounded to bf16, then sgemm)"
+               : "");
     fflush(stdout);
 }
 

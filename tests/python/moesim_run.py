@@ -108,7 +108,7 @@ PLATFORM_ATTRS = {
                 "denormals flushed (FTZ+DAZ)",
     "blas_library": "OpenBLAS 0.3.21", "blas_kernel": "Zen", "blas_kernel_chosen_by": "openblas",
     "blas_kernel_detected": "Zen", "blas_kernel_best": "Haswell", "blas_kernel_rejected": "",
-    "blas_threads": 1, "denormals": "flushed", "cpu_features": "avx avx2 fma"}
+    "blas_threads": 1, "denormals": "flushed", "cpu_features": "avx avx2 fma", "bf16_gemm": "none"}
 
 # Datasets schema 4 added to schema 3.
 ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/logsumexp_sq")

@@ -192,3 +192,18 @@ def test_bench_warns_loudly_when_a_faster_kernel_exists(tmp_path):
     assert "WARNING: OpenBLAS runs its Prescott kernel" in result.stdout
     assert "(Prescott) | MFU" in result.stdout
     assert "step's own sgemm shapes" in result.stdout
+
+
+def test_record_and_header_say_which_precision_ran(tmp_path):
+    run, out = train(tmp_path, env_without_kernel())
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "precision: matmul inputs fp32, router fp32;" in run.stdout
+    assert root_attrs(out)["bf16_gemm"] == "none"
+    out.unlink()
+    run, out = train(tmp_path, env_without_kernel(), precision="bf16")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "precision: matmul inputs bf16, router fp32 (bf16 emulated" in run.stdout
+    attrs = root_attrs(out)
+    assert attrs["bf16_gemm"] == "emulated"
+    assert attrs["config.precision"] == "bf16"
+    assert attrs["config.moe_router_precision"] == "fp32"
