@@ -106,10 +106,15 @@ sanitize: $(BUILD)/sanitize/unit_tests $(BUILD)/sanitize/moesim
 
 # One rank: MFU. Two ranks (one per core): MFU, exchange cost over a raw
 # MPI_Alltoallv, weak scaling against rank 0 alone, memory against analytic.
+# Then moesim's tokens/s against an eager PyTorch peer of the same model
+# (experiments/torch_peer.py) on the bench and the small config, alternating
+# the two in one run.
 bench: deps
 	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	@mkdir -p runs
 	$(MPIRUN) -n 1 $(BUILD)/moesim bench --config experiments/bench.ini
 	$(MPIRUN) -n 2 $(BUILD)/moesim bench --config experiments/bench.ini
+	$(PYTHON) experiments/bench_peer --moesim $(BUILD)/moesim
 
 # A sweep of trainings from a spec: make sweep SPEC=experiments/sweeps/two_point.ini [OUT=dir]
 SPEC ?= experiments/sweeps/two_point.ini
