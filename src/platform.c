@@ -272,6 +272,10 @@ void platform_start(Platform *p, char **argv) {
                     "restarting with OpenBLAS's own choice\n",
                     requested, why[0] ? why : "OpenBLAS did not load it");
             reexec_with_kernel(argv, NULL, rejected);
+            snprintf(p->error, sizeof p->error,
+                     "OpenBLAS kernel %s failed moesim's self-check and moesim could not restart "
+                     "without it; unset OPENBLAS_CORETYPE and %s",
+                     requested, KERNEL_STATE_ENV);
         }
     } else if (requested && !(state && strncmp(state, "rejected:", 9) == 0)) {
         p->kernel_source = BLAS_KERNEL_BY_USER;
