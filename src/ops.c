@@ -3,6 +3,8 @@
 #include <cblas.h>
 #include <math.h>
 
+#include "moesim/vecmath.h"
+
 void matmul_forward(float *out, const float *inp, const float *w, int N, int in_dim, int out_dim) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, out_dim, in_dim, 1.0f, inp, in_dim, w,
                 in_dim, 0.0f, out, out_dim);
@@ -50,40 +52,65 @@ void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *in
 #define GELU_SCALE 0.7978845608028654f /* sqrt(2/pi) */
 #define GELU_CUBIC 0.044715f
 
-/* tanh through one expf so the loop vectorises; exact to float rounding. */
-static inline float tanh_via_exp(float u) {
-    float e = expf(-2.0f * fabsf(u));
-    float t = (1.0f - e) / (1.0f + e);
-    return copysignf(t, u);
+static inline vec_f gelu_vec(vec_f x) {
+    vec_f t = vec_tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
+    return 0.5f * x * (1.0f + t);
 }
 
+static inline vec_f gelu_grad_vec(vec_f x, vec_f dout) {
+    vec_f t = vec_tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
+    vec_f dt = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x) * (1.0f - t * t);
+    return dout * (0.5f * (1.0f + t) + 0.5f * x * dt);
+}
+
+/* Loop tails go through the same vector code on a padded copy, so every
+ * value gets the same arithmetic wherever it sits. */
 void gelu_forward(float *out, const float *inp, long n) {
-    for (long i = 0; i < n; i++) {
-        float x = inp[i];
-        float t = tanh_via_exp(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
-        out[i] = 0.5f * x * (1.0f + t);
-    }
+    long i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES) vec_store(out + i, gelu_vec(vec_load(inp + i)));
+    int tail = (int)(n - i);
+    if (tail) vec_store_partial(out + i, gelu_vec(vec_load_partial(inp + i, tail, 0.0f)), tail);
 }
 
 void gelu_backward(float *dinp, const float *inp, const float *dout, long n) {
-    for (long i = 0; i < n; i++) {
-        float x = inp[i];
-        float t = tanh_via_exp(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
-        float dt = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x) * (1.0f - t * t);
-        dinp[i] = dout[i] * (0.5f * (1.0f + t) + 0.5f * x * dt);
-    }
+    long i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES)
+        vec_store(dinp + i, gelu_grad_vec(vec_load(inp + i), vec_load(dout + i)));
+    int tail = (int)(n - i);
+    if (tail)
+        vec_store_partial(dinp + i,
+                          gelu_grad_vec(vec_load_partial(inp + i, tail, 0.0f),
+                                        vec_load_partial(dout + i, tail, 0.0f)),
+                          tail);
 }
 
+/* The row's values are summed in double, lane by lane, then across lanes:
+ * the order depends only on n, never on other rows. */
+typedef double vec_d __attribute__((vector_size(VEC_LANES * sizeof(double))));
+
 float softmax_row(float *row, int n) {
-    float max = row[0];
-    for (int i = 1; i < n; i++) max = row[i] > max ? row[i] : max;
-    double sum = 0.0;
-    for (int i = 0; i < n; i++) {
-        row[i] = expf(row[i] - max);
-        sum += row[i];
+    vec_f vmax = vec_splat(row[0]);
+    int i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES) vmax = vec_max(vmax, vec_load(row + i));
+    if (i < n) vmax = vec_max(vmax, vec_load_partial(row + i, n - i, row[0]));
+    float max = vec_hmax(vmax);
+    vec_d vsum = {0};
+    for (i = 0; i + VEC_LANES <= n; i += VEC_LANES) {
+        vec_f e = vec_exp(vec_load(row + i) - max);
+        vec_store(row + i, e);
+        vsum += __builtin_convertvector(e, vec_d);
     }
-    float inv = (float)(1.0 / sum);
-    for (int i = 0; i < n; i++) row[i] *= inv;
+    if (i < n) {
+        /* -inf pads the tail so its lanes add exp(-inf) = 0 */
+        vec_f e = vec_exp(vec_load_partial(row + i, n - i, -__builtin_inff()) - max);
+        vec_store_partial(row + i, e, n - i);
+        vsum += __builtin_convertvector(e, vec_d);
+    }
+    double sum = 0.0;
+    for (int l = 0; l < VEC_LANES; l++) sum += vsum[l];
+    vec_f inv = vec_splat((float)(1.0 / sum));
+    for (i = 0; i + VEC_LANES <= n; i += VEC_LANES) vec_store(row + i, vec_load(row + i) * inv);
+    for (; i < n; i++) row[i] *= inv[0];
     return max + (float)log(sum);
 }
 
