@@ -15,6 +15,7 @@
 #ifndef MOESIM_VECMATH_H
 #define MOESIM_VECMATH_H
 
+#include <immintrin.h>
 #include <string.h>
 
 #if defined(__AVX__)
@@ -70,6 +71,16 @@ static inline float vec_hmax(vec_f v) {
 
 static inline vec_f vec_abs(vec_f x) {
     return (vec_f)((vec_i)x & 0x7fffffff);
+}
+
+/* Correctly rounded like sqrtf. The instruction is named because a loop
+ * of sqrtf does not vectorise (sqrtf may set errno). */
+static inline vec_f vec_sqrt(vec_f x) {
+#if defined(__AVX__)
+    return (vec_f)_mm256_sqrt_ps((__m256)x);
+#else
+    return (vec_f)_mm_sqrt_ps((__m128)x);
+#endif
 }
 
 /* x with the sign of s. */
