@@ -20,14 +20,25 @@ void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp
                 inp, in_dim, 1.0f, dw, in_dim);
 }
 
+/* Per row, sums run in double, one accumulator per lane, then across lanes
+ * and over the tail: the order depends only on C. The elementwise parts do
+ * the same IEEE operations in vector lanes and in the scalar tail. */
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int C) {
     for (int n = 0; n < N; n++) {
         const float *x = inp + (long)n * C;
         float *y = out + (long)n * C;
-        double sum_sq = 0.0;
-        for (int c = 0; c < C; c++) sum_sq += (double)x[c] * x[c];
+        vec_d lanes = {0};
+        int c = 0;
+        for (; c + VEC_LANES <= C; c += VEC_LANES) {
+            vec_d xd = vec_to_double(vec_load(x + c));
+            lanes += xd * xd;
+        }
+        double sum_sq = vec_d_sum(&lanes);
+        for (int t = c; t < C; t++) sum_sq += (double)x[t] * x[t];
         float r = (float)(1.0 / sqrt(sum_sq / C + MOESIM_RMSNORM_EPS));
-        for (int c = 0; c < C; c++) y[c] = x[c] * r * w[c];
+        for (c = 0; c + VEC_LANES <= C; c += VEC_LANES)
+            vec_store(y + c, vec_load(x + c) * r * vec_load(w + c));
+        for (; c < C; c++) y[c] = x[c] * r * w[c];
         rstd[n] = r;
     }
 }
@@ -39,10 +50,20 @@ void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *in
         const float *dy = dout + (long)n * C;
         float *dx = dinp + (long)n * C;
         float r = rstd[n];
-        double dot = 0.0; /* sum_j w_j dy_j x_j */
-        for (int c = 0; c < C; c++) dot += (double)w[c] * dy[c] * x[c];
+        vec_d lanes = {0}; /* sum_j w_j dy_j x_j */
+        int c = 0;
+        for (; c + VEC_LANES <= C; c += VEC_LANES)
+            lanes += vec_to_double(vec_load(w + c)) * vec_to_double(vec_load(dy + c)) *
+                     vec_to_double(vec_load(x + c));
+        double dot = vec_d_sum(&lanes);
+        for (int t = c; t < C; t++) dot += (double)w[t] * dy[t] * x[t];
         float coef = (float)(dot * r * r * r / C);
-        for (int c = 0; c < C; c++) {
+        for (c = 0; c + VEC_LANES <= C; c += VEC_LANES) {
+            vec_f wc = vec_load(w + c), dyc = vec_load(dy + c), xc = vec_load(x + c);
+            vec_store(dx + c, vec_load(dx + c) + (r * wc * dyc - coef * xc));
+            vec_store(dw + c, vec_load(dw + c) + dyc * xc * r);
+        }
+        for (; c < C; c++) {
             dx[c] += r * w[c] * dy[c] - coef * x[c];
             dw[c] += dy[c] * x[c] * r;
         }
@@ -86,8 +107,6 @@ void gelu_backward(float *dinp, const float *inp, const float *dout, long n) {
 
 /* The row's values are summed in double, lane by lane, then across lanes:
  * the order depends only on n, never on other rows. */
-typedef double vec_d __attribute__((vector_size(VEC_LANES * sizeof(double))));
-
 float softmax_row(float *row, int n) {
     vec_f vmax = vec_splat(row[0]);
     int i = 0;
@@ -98,16 +117,15 @@ float softmax_row(float *row, int n) {
     for (i = 0; i + VEC_LANES <= n; i += VEC_LANES) {
         vec_f e = vec_exp(vec_load(row + i) - max);
         vec_store(row + i, e);
-        vsum += __builtin_convertvector(e, vec_d);
+        vsum += vec_to_double(e);
     }
     if (i < n) {
         /* -inf pads the tail so its lanes add exp(-inf) = 0 */
         vec_f e = vec_exp(vec_load_partial(row + i, n - i, -__builtin_inff()) - max);
         vec_store_partial(row + i, e, n - i);
-        vsum += __builtin_convertvector(e, vec_d);
+        vsum += vec_to_double(e);
     }
-    double sum = 0.0;
-    for (int l = 0; l < VEC_LANES; l++) sum += vsum[l];
+    double sum = vec_d_sum(&vsum);
     vec_f inv = vec_splat((float)(1.0 / sum));
     for (i = 0; i + VEC_LANES <= n; i += VEC_LANES) vec_store(row + i, vec_load(row + i) * inv);
     for (; i < n; i++) row[i] *= inv[0];

@@ -17,15 +17,13 @@ double lr_at_step(long step, long total, long warmup, double lr, double min_lr) 
  * in order. The order depends only on n, and each lane's sum stays a
  * double as before. */
 double grad_sum_squares(const float *g, size_t n) {
-    typedef double vec_d __attribute__((vector_size(VEC_LANES * sizeof(double))));
     vec_d lanes = {0};
     size_t i = 0;
     for (; i + VEC_LANES <= n; i += VEC_LANES) {
-        vec_d x = __builtin_convertvector(vec_load(g + i), vec_d);
+        vec_d x = vec_to_double(vec_load(g + i));
         lanes += x * x;
     }
-    double sum = 0.0;
-    for (int l = 0; l < VEC_LANES; l++) sum += lanes[l];
+    double sum = vec_d_sum(&lanes);
     for (; i < n; i++) sum += (double)g[i] * g[i];
     return sum;
 }

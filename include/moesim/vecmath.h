@@ -27,6 +27,19 @@
 typedef float vec_f __attribute__((vector_size(VEC_LANES * sizeof(float))));
 typedef int vec_i __attribute__((vector_size(VEC_LANES * sizeof(int))));
 
+/* Double lanes for sums that stay in double; passed by pointer and
+ * converted by a macro, since a vector of 8 doubles is wider than any
+ * register of the build (an ABI warning as a by-value argument). */
+typedef double vec_d __attribute__((vector_size(VEC_LANES * sizeof(double))));
+#define vec_to_double(v) __builtin_convertvector((v), vec_d)
+
+/* The lanes added in order. */
+static inline double vec_d_sum(const vec_d *lanes) {
+    double sum = 0.0;
+    for (int i = 0; i < VEC_LANES; i++) sum += (*lanes)[i];
+    return sum;
+}
+
 static inline vec_f vec_splat(float x) {
     return (vec_f){0} + x;
 }
