@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "moesim/ops.h"
+#include "moesim/vecmath.h"
 
 /* Row t of a causal score matrix attends to columns 0..t only. */
 static void causal_softmax_rows(float *att, int T) {
@@ -33,15 +34,24 @@ void attention_forward(float *out, float *att, const float *qkv, int B, int T, i
     }
 }
 
-/* In place: datt becomes the gradient of the pre-softmax scores (causal). */
+/* In place: datt becomes the gradient of the pre-softmax scores (causal).
+ * Each row's dot product runs in double lanes, in an order set by t alone;
+ * the elementwise update is the same IEEE arithmetic in lanes and tail. */
 static void causal_softmax_backward_rows(float *datt, const float *att, int T) {
     for (int t = 0; t < T; t++) {
         const float *p = att + (long)t * T;
         float *d = datt + (long)t * T;
-        double dot = 0.0;
-        for (int j = 0; j <= t; j++) dot += (double)p[j] * d[j];
-        for (int j = 0; j <= t; j++) d[j] = p[j] * (d[j] - (float)dot);
-        memset(d + t + 1, 0, sizeof(float) * (size_t)(T - t - 1));
+        int n = t + 1, j = 0;
+        vec_d lanes = {0};
+        for (; j + VEC_LANES <= n; j += VEC_LANES)
+            lanes += vec_to_double(vec_load(p + j)) * vec_to_double(vec_load(d + j));
+        double dot = vec_d_sum(&lanes);
+        for (int i = j; i < n; i++) dot += (double)p[i] * d[i];
+        float fdot = (float)dot;
+        for (j = 0; j + VEC_LANES <= n; j += VEC_LANES)
+            vec_store(d + j, vec_load(p + j) * (vec_load(d + j) - fdot));
+        for (; j < n; j++) d[j] = p[j] * (d[j] - fdot);
+        memset(d + n, 0, sizeof(float) * (size_t)(T - n));
     }
 }
 

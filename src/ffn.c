@@ -1,18 +1,36 @@
 #include "moesim/ffn.h"
 
-#include <math.h>
-
 #include "moesim/ops.h"
+#include "moesim/vecmath.h"
 
 int ffn_w1_rows_per_unit(FfnActivation act) { return act == FFN_SWIGLU ? 2 : 1; }
 
-/* h_pre rows are [gate | up]; h_act = silu(gate) * up. */
+static inline vec_f swiglu_vec(vec_f gate, vec_f up) {
+    return gate * vec_sigmoid(gate) * up;
+}
+
+/* h_pre rows are [gate | up]; h_act = silu(gate) * up. Row tails go
+ * through the same vector code on a padded copy. */
 static void swiglu_forward(float *h_act, const float *h_pre, int n, int F) {
     for (int i = 0; i < n; i++) {
         const float *gate = h_pre + (long)i * 2 * F, *up = gate + F;
         float *out = h_act + (long)i * F;
-        for (int j = 0; j < F; j++) out[j] = gate[j] / (1.0f + expf(-gate[j])) * up[j];
+        int j = 0;
+        for (; j + VEC_LANES <= F; j += VEC_LANES)
+            vec_store(out + j, swiglu_vec(vec_load(gate + j), vec_load(up + j)));
+        if (j < F)
+            vec_store_partial(out + j,
+                              swiglu_vec(vec_load_partial(gate + j, F - j, 0.0f),
+                                         vec_load_partial(up + j, F - j, 0.0f)),
+                              F - j);
     }
+}
+
+/* The gradients of gate and up for one vector of values. */
+static inline void swiglu_grad_vec(vec_f d, vec_f gate, vec_f up, vec_f *dgate, vec_f *dup) {
+    vec_f sig = vec_sigmoid(gate);
+    *dgate = d * up * sig * (1.0f + gate * (1.0f - sig));
+    *dup = d * gate * sig;
 }
 
 /* dh[n,2F] from dact[n,F]. dact may be the upper half of dh's own storage
@@ -23,10 +41,20 @@ static void swiglu_backward(float *dh, const float *h_pre, const float *dact, in
         const float *gate = h_pre + (long)i * 2 * F, *up = gate + F;
         const float *d = dact + (long)i * F;
         float *dgate = dh + (long)i * 2 * F, *dup = dgate + F;
-        for (int j = 0; j < F; j++) {
-            float dj = d[j], sig = 1.0f / (1.0f + expf(-gate[j]));
-            dgate[j] = dj * up[j] * sig * (1.0f + gate[j] * (1.0f - sig));
-            dup[j] = dj * gate[j] * sig;
+        vec_f vg, vu;
+        int j = 0;
+        for (; j + VEC_LANES <= F; j += VEC_LANES) {
+            swiglu_grad_vec(vec_load(d + j), vec_load(gate + j), vec_load(up + j), &vg, &vu);
+            vec_store(dgate + j, vg);
+            vec_store(dup + j, vu);
+        }
+        if (j < F) {
+            int tail = F - j;
+            swiglu_grad_vec(vec_load_partial(d + j, tail, 0.0f),
+                            vec_load_partial(gate + j, tail, 0.0f),
+                            vec_load_partial(up + j, tail, 0.0f), &vg, &vu);
+            vec_store_partial(dgate + j, vg, tail);
+            vec_store_partial(dup + j, vu, tail);
         }
     }
 }

@@ -9,6 +9,7 @@
 #include "moesim/ffn.h"
 #include "moesim/ops.h"
 #include "moesim/rng.h"
+#include "moesim/vecmath.h"
 
 #define INIT_STD 0.02
 #define ZEROS (-1.0) /* add_tensor's init_std for tensors that start at zero */
@@ -467,13 +468,20 @@ void model_zero_grad(Model *m) {
 
 /* ---- forward / backward -------------------------------------------------- */
 
+/* -O2 leaves loops of unknown length scalar; the sums are the same. */
+static void add_into(float *out, const float *a, const float *b, long n) {
+    long i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES) vec_store(out + i, vec_load(a + i) + vec_load(b + i));
+    for (; i < n; i++) out[i] = a[i] + b[i];
+}
+
 static void embed_forward(float *out, const int *inputs, const float *wte, const float *wpe, int B,
                           int T, int C) {
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             float *o = out + ((long)b * T + t) * C;
             const float *tok = wte + (long)inputs[b * T + t] * C, *pos = wpe + (long)t * C;
-            for (int c = 0; c < C; c++) o[c] = tok[c] + pos[c];
+            add_into(o, tok, pos, C);
         }
 }
 
@@ -483,15 +491,9 @@ static void embed_backward(float *dwte, float *dwpe, const float *dout, const in
         for (int t = 0; t < T; t++) {
             const float *d = dout + ((long)b * T + t) * C;
             float *dtok = dwte + (long)inputs[b * T + t] * C, *dpos = dwpe + (long)t * C;
-            for (int c = 0; c < C; c++) {
-                dtok[c] += d[c];
-                dpos[c] += d[c];
-            }
+            add_into(dtok, dtok, d, C);
+            add_into(dpos, dpos, d, C);
         }
-}
-
-static void add_into(float *out, const float *a, const float *b, long n) {
-    for (long i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
 static MoeWeights moe_weights(const LayerWeights *w) {

@@ -5,6 +5,7 @@
 
 #include "moesim/ffn.h"
 #include "moesim/timing.h"
+#include "moesim/vecmath.h"
 
 static long min_long(long a, long b) { return a < b ? a : b; }
 
@@ -122,6 +123,33 @@ void moe_scratch_free(MoeScratch *sc) {
     memset(sc, 0, sizeof *sc);
 }
 
+/* o[c] += a * y[c]. The same IEEE operations in vector lanes and tail, so
+ * every value gets what the plain loop gave it. */
+static void axpy_row(float *o, float a, const float *y, int C) {
+    int c = 0;
+    for (; c + VEC_LANES <= C; c += VEC_LANES) vec_store(o + c, vec_load(o + c) + a * vec_load(y + c));
+    for (; c < C; c++) o[c] += a * y[c];
+}
+
+/* dy_gated = gate * dy; returns the gate's gradient dy . y, summed in float
+ * lanes, then across lanes and over the tail: an order set by C alone. */
+static float gate_grad_row(float *dy_gated, float gate, const float *dy, const float *y, int C) {
+    vec_f lanes = vec_splat(0.0f);
+    int c = 0;
+    for (; c + VEC_LANES <= C; c += VEC_LANES) {
+        vec_f d = vec_load(dy + c);
+        lanes += d * vec_load(y + c);
+        vec_store(dy_gated + c, gate * d);
+    }
+    float dgate = 0.0f;
+    for (int l = 0; l < VEC_LANES; l++) dgate += lanes[l];
+    for (; c < C; c++) {
+        dgate += dy[c] * y[c];
+        dy_gated[c] = gate * dy[c];
+    }
+    return dgate;
+}
+
 /* Counting sort of the kept slots by (global expert, source token): the
  * order depends only on the routing, never on timing or rank count. */
 static void build_send_order(MoeLayer *m, const RouterShape *s) {
@@ -198,10 +226,7 @@ void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
     for (long a = 0; a < (long)rs->N * S; a++) {
         int row = m->choice_row[a];
         if (row < 0) continue;
-        float gate = m->routing.choice_gate[a];
-        float *o = out + (a / S) * C;
-        const float *y = m->send_y + (long)row * C;
-        for (int c = 0; c < C; c++) o[c] += gate * y[c];
+        axpy_row(out + (a / S) * C, m->routing.choice_gate[a], m->send_y + (long)row * C, C);
     }
     timer_charge(phase_s, PHASE_COMBINE, &mark);
 }
@@ -219,13 +244,7 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
         const float *dy = dout + (long)(a / S) * C;
         const float *y = m->send_y + (long)row * C;
         float *dy_row = sc->dy_send + (long)row * C;
-        float gate = m->routing.choice_gate[a];
-        float dgate = 0.0f;
-        for (int c = 0; c < C; c++) {
-            dgate += dy[c] * y[c];
-            dy_row[c] = gate * dy[c];
-        }
-        sc->dgate[a] = dgate;
+        sc->dgate[a] = gate_grad_row(dy_row, m->routing.choice_gate[a], dy, y, C);
     }
     dispatch_rows(&m->dispatch, sc->dy_send, sc->dy_expert, C, comm);
     timer_charge(phase_s, PHASE_DISPATCH, &mark);
@@ -246,10 +265,7 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
     memset(dx, 0, sizeof(float) * (size_t)rs->N * C);
     router_backward(dx, &g->router, sc->dgate, x, &w->router, &m->routing, rs, &m->ctx);
     timer_charge(phase_s, PHASE_ROUTER, &mark);
-    for (int row = 0; row < m->dispatch.num_send_rows; row++) {
-        float *d = dx + (long)(m->row_choice[row] / S) * C;
-        const float *dr = sc->dx_back + (long)row * C;
-        for (int c = 0; c < C; c++) d[c] += dr[c];
-    }
+    for (int row = 0; row < m->dispatch.num_send_rows; row++)
+        axpy_row(dx + (long)(m->row_choice[row] / S) * C, 1.0f, sc->dx_back + (long)row * C, C);
     timer_charge(phase_s, PHASE_COMBINE, &mark);
 }

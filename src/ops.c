@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "moesim/vecmath.h"
+
 int matmul_init(Matmul *mm, MatmulPrecision precision, size_t max_operand_floats) {
     memset(mm, 0, sizeof *mm);
     mm->precision = precision;
@@ -124,14 +126,25 @@ void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float al
                 ldc);
 }
 
+/* Per row, sums run in double, one accumulator per lane, then across lanes
+ * and over the tail: the order depends only on C. The elementwise parts do
+ * the same IEEE operations in vector lanes and in the scalar tail. */
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int C) {
     for (int n = 0; n < N; n++) {
         const float *x = inp + (long)n * C;
         float *y = out + (long)n * C;
-        double sum_sq = 0.0;
-        for (int c = 0; c < C; c++) sum_sq += (double)x[c] * x[c];
+        vec_d lanes = {0};
+        int c = 0;
+        for (; c + VEC_LANES <= C; c += VEC_LANES) {
+            vec_d xd = vec_to_double(vec_load(x + c));
+            lanes += xd * xd;
+        }
+        double sum_sq = vec_d_sum(&lanes);
+        for (int t = c; t < C; t++) sum_sq += (double)x[t] * x[t];
         float r = (float)(1.0 / sqrt(sum_sq / C + MOESIM_RMSNORM_EPS));
-        for (int c = 0; c < C; c++) y[c] = x[c] * r * w[c];
+        for (c = 0; c + VEC_LANES <= C; c += VEC_LANES)
+            vec_store(y + c, vec_load(x + c) * r * vec_load(w + c));
+        for (; c < C; c++) y[c] = x[c] * r * w[c];
         rstd[n] = r;
     }
 }
@@ -143,10 +156,20 @@ void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *in
         const float *dy = dout + (long)n * C;
         float *dx = dinp + (long)n * C;
         float r = rstd[n];
-        double dot = 0.0; /* sum_j w_j dy_j x_j */
-        for (int c = 0; c < C; c++) dot += (double)w[c] * dy[c] * x[c];
+        vec_d lanes = {0}; /* sum_j w_j dy_j x_j */
+        int c = 0;
+        for (; c + VEC_LANES <= C; c += VEC_LANES)
+            lanes += vec_to_double(vec_load(w + c)) * vec_to_double(vec_load(dy + c)) *
+                     vec_to_double(vec_load(x + c));
+        double dot = vec_d_sum(&lanes);
+        for (int t = c; t < C; t++) dot += (double)w[t] * dy[t] * x[t];
         float coef = (float)(dot * r * r * r / C);
-        for (int c = 0; c < C; c++) {
+        for (c = 0; c + VEC_LANES <= C; c += VEC_LANES) {
+            vec_f wc = vec_load(w + c), dyc = vec_load(dy + c), xc = vec_load(x + c);
+            vec_store(dx + c, vec_load(dx + c) + (r * wc * dyc - coef * xc));
+            vec_store(dw + c, vec_load(dw + c) + dyc * xc * r);
+        }
+        for (; c < C; c++) {
             dx[c] += r * w[c] * dy[c] - coef * x[c];
             dw[c] += dy[c] * x[c] * r;
         }
@@ -156,40 +179,62 @@ void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *in
 #define GELU_SCALE 0.7978845608028654f /* sqrt(2/pi) */
 #define GELU_CUBIC 0.044715f
 
-/* tanh through one expf so the loop vectorises; exact to float rounding. */
-static inline float tanh_via_exp(float u) {
-    float e = expf(-2.0f * fabsf(u));
-    float t = (1.0f - e) / (1.0f + e);
-    return copysignf(t, u);
+static inline vec_f gelu_vec(vec_f x) {
+    vec_f t = vec_tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
+    return 0.5f * x * (1.0f + t);
 }
 
+static inline vec_f gelu_grad_vec(vec_f x, vec_f dout) {
+    vec_f t = vec_tanh(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
+    vec_f dt = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x) * (1.0f - t * t);
+    return dout * (0.5f * (1.0f + t) + 0.5f * x * dt);
+}
+
+/* Loop tails go through the same vector code on a padded copy, so every
+ * value gets the same arithmetic wherever it sits. */
 void gelu_forward(float *out, const float *inp, long n) {
-    for (long i = 0; i < n; i++) {
-        float x = inp[i];
-        float t = tanh_via_exp(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
-        out[i] = 0.5f * x * (1.0f + t);
-    }
+    long i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES) vec_store(out + i, gelu_vec(vec_load(inp + i)));
+    int tail = (int)(n - i);
+    if (tail) vec_store_partial(out + i, gelu_vec(vec_load_partial(inp + i, tail, 0.0f)), tail);
 }
 
 void gelu_backward(float *dinp, const float *inp, const float *dout, long n) {
-    for (long i = 0; i < n; i++) {
-        float x = inp[i];
-        float t = tanh_via_exp(GELU_SCALE * (x + GELU_CUBIC * x * x * x));
-        float dt = GELU_SCALE * (1.0f + 3.0f * GELU_CUBIC * x * x) * (1.0f - t * t);
-        dinp[i] = dout[i] * (0.5f * (1.0f + t) + 0.5f * x * dt);
-    }
+    long i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES)
+        vec_store(dinp + i, gelu_grad_vec(vec_load(inp + i), vec_load(dout + i)));
+    int tail = (int)(n - i);
+    if (tail)
+        vec_store_partial(dinp + i,
+                          gelu_grad_vec(vec_load_partial(inp + i, tail, 0.0f),
+                                        vec_load_partial(dout + i, tail, 0.0f)),
+                          tail);
 }
 
+/* The row's values are summed in double, lane by lane, then across lanes:
+ * the order depends only on n, never on other rows. */
 float softmax_row(float *row, int n) {
-    float max = row[0];
-    for (int i = 1; i < n; i++) max = row[i] > max ? row[i] : max;
-    double sum = 0.0;
-    for (int i = 0; i < n; i++) {
-        row[i] = expf(row[i] - max);
-        sum += row[i];
+    vec_f vmax = vec_splat(row[0]);
+    int i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES) vmax = vec_max(vmax, vec_load(row + i));
+    if (i < n) vmax = vec_max(vmax, vec_load_partial(row + i, n - i, row[0]));
+    float max = vec_hmax(vmax);
+    vec_d vsum = {0};
+    for (i = 0; i + VEC_LANES <= n; i += VEC_LANES) {
+        vec_f e = vec_exp(vec_load(row + i) - max);
+        vec_store(row + i, e);
+        vsum += vec_to_double(e);
     }
-    float inv = (float)(1.0 / sum);
-    for (int i = 0; i < n; i++) row[i] *= inv;
+    if (i < n) {
+        /* -inf pads the tail so its lanes add exp(-inf) = 0 */
+        vec_f e = vec_exp(vec_load_partial(row + i, n - i, -__builtin_inff()) - max);
+        vec_store_partial(row + i, e, n - i);
+        vsum += vec_to_double(e);
+    }
+    double sum = vec_d_sum(&vsum);
+    vec_f inv = vec_splat((float)(1.0 / sum));
+    for (i = 0; i + VEC_LANES <= n; i += VEC_LANES) vec_store(row + i, vec_load(row + i) * inv);
+    for (; i < n; i++) row[i] *= inv[0];
     return max + (float)log(sum);
 }
 

@@ -2,6 +2,8 @@
 
 #include <math.h>
 
+#include "moesim/vecmath.h"
+
 double lr_at_step(long step, long total, long warmup, double lr, double min_lr) {
     if (step < warmup) return lr * (double)(step + 1) / warmup;
     long decay_steps = total - warmup - 1;
@@ -11,34 +13,68 @@ double lr_at_step(long step, long total, long warmup, double lr, double min_lr) 
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + cos(M_PI * progress));
 }
 
+/* Lane l sums the values at l, l + VEC_LANES, ...; then the lanes are added
+ * in order. The order depends only on n, and each lane's sum stays a
+ * double as before. */
 double grad_sum_squares(const float *g, size_t n) {
-    double sum = 0.0;
-    for (size_t i = 0; i < n; i++) sum += (double)g[i] * g[i];
+    vec_d lanes = {0};
+    size_t i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES) {
+        vec_d x = vec_to_double(vec_load(g + i));
+        lanes += x * x;
+    }
+    double sum = vec_d_sum(&lanes);
+    for (; i < n; i++) sum += (double)g[i] * g[i];
     return sum;
 }
 
 void clip_gradients(float *g, size_t n, double norm, double clip) {
     if (clip <= 0.0 || norm <= clip) return;
     float scale = (float)(clip / norm);
-    for (size_t i = 0; i < n; i++) g[i] *= scale;
+    size_t i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES) vec_store(g + i, vec_load(g + i) * scale);
+    for (; i < n; i++) g[i] *= scale;
+}
+
+typedef struct AdamCoefficients {
+    float b1, b2, eps, bias1, bias2, step, decay;
+} AdamCoefficients;
+
+/* The update of n values. Vector lanes and the scalar tail do the same
+ * IEEE operations in the same order (no contraction in ISO C mode), so a
+ * value's update does not depend on where it sits in the buffer. */
+static void adamw_update(float *p, float *mo, float *v, const float *g, size_t n,
+                         const AdamCoefficients *c) {
+    size_t j = 0;
+    for (; j + VEC_LANES <= n; j += VEC_LANES) {
+        vec_f gj = vec_load(g + j), pj = vec_load(p + j);
+        vec_f mj = c->b1 * vec_load(mo + j) + (1.0f - c->b1) * gj;
+        vec_f vj = c->b2 * vec_load(v + j) + (1.0f - c->b2) * gj * gj;
+        vec_f m_hat = mj / c->bias1, v_hat = vj / c->bias2;
+        vec_store(mo + j, mj);
+        vec_store(v + j, vj);
+        vec_store(p + j, pj - (c->step * m_hat / (vec_sqrt(v_hat) + c->eps) + c->decay * pj));
+    }
+    for (; j < n; j++) {
+        mo[j] = c->b1 * mo[j] + (1.0f - c->b1) * g[j];
+        v[j] = c->b2 * v[j] + (1.0f - c->b2) * g[j] * g[j];
+        float m_hat = mo[j] / c->bias1, v_hat = v[j] / c->bias2;
+        p[j] -= c->step * m_hat / (sqrtf(v_hat) + c->eps) + c->decay * p[j];
+    }
 }
 
 void adamw_step(AdamW *opt, Model *m, double lr) {
     opt->t++;
-    float b1 = (float)opt->beta1, b2 = (float)opt->beta2, eps = (float)opt->eps;
-    float bias1 = (float)(1.0 - pow(opt->beta1, (double)opt->t));
-    float bias2 = (float)(1.0 - pow(opt->beta2, (double)opt->t));
-    float step = (float)lr;
+    AdamCoefficients c = {.b1 = (float)opt->beta1,
+                          .b2 = (float)opt->beta2,
+                          .eps = (float)opt->eps,
+                          .bias1 = (float)(1.0 - pow(opt->beta1, (double)opt->t)),
+                          .bias2 = (float)(1.0 - pow(opt->beta2, (double)opt->t)),
+                          .step = (float)lr};
     for (int i = 0; i < m->num_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
-        float decay = t->decay ? (float)(lr * opt->weight_decay) : 0.0f;
-        float *p = m->params + t->offset, *g = m->grads + t->offset;
-        float *mo = m->adam_m + t->offset, *v = m->adam_v + t->offset;
-        for (size_t j = 0; j < t->numel; j++) {
-            mo[j] = b1 * mo[j] + (1.0f - b1) * g[j];
-            v[j] = b2 * v[j] + (1.0f - b2) * g[j] * g[j];
-            float m_hat = mo[j] / bias1, v_hat = v[j] / bias2;
-            p[j] -= step * m_hat / (sqrtf(v_hat) + eps) + decay * p[j];
-        }
+        c.decay = t->decay ? (float)(lr * opt->weight_decay) : 0.0f;
+        adamw_update(m->params + t->offset, m->adam_m + t->offset, m->adam_v + t->offset,
+                     m->grads + t->offset, t->numel, &c);
     }
 }
