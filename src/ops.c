@@ -133,16 +133,10 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, 
     for (int n = 0; n < N; n++) {
         const float *x = inp + (long)n * C;
         float *y = out + (long)n * C;
-        vec_d lanes = {0};
-        int c = 0;
-        for (; c + VEC_LANES <= C; c += VEC_LANES) {
-            vec_d xd = vec_to_double(vec_load(x + c));
-            lanes += xd * xd;
-        }
-        double sum_sq = vec_d_sum(&lanes);
-        for (int t = c; t < C; t++) sum_sq += (double)x[t] * x[t];
+        double sum_sq = sum_squares_double(x, (size_t)C);
         float r = (float)(1.0 / sqrt(sum_sq / C + MOESIM_RMSNORM_EPS));
-        for (c = 0; c + VEC_LANES <= C; c += VEC_LANES)
+        int c = 0;
+        for (; c + VEC_LANES <= C; c += VEC_LANES)
             vec_store(y + c, vec_load(x + c) * r * vec_load(w + c));
         for (; c < C; c++) y[c] = x[c] * r * w[c];
         rstd[n] = r;

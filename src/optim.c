@@ -13,19 +13,8 @@ double lr_at_step(long step, long total, long warmup, double lr, double min_lr) 
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + cos(M_PI * progress));
 }
 
-/* Lane l sums the values at l, l + VEC_LANES, ...; then the lanes are added
- * in order. The order depends only on n, and each lane's sum stays a
- * double as before. */
 double grad_sum_squares(const float *g, size_t n) {
-    vec_d lanes = {0};
-    size_t i = 0;
-    for (; i + VEC_LANES <= n; i += VEC_LANES) {
-        vec_d x = vec_to_double(vec_load(g + i));
-        lanes += x * x;
-    }
-    double sum = vec_d_sum(&lanes);
-    for (; i < n; i++) sum += (double)g[i] * g[i];
-    return sum;
+    return sum_squares_double(g, n);
 }
 
 void clip_gradients(float *g, size_t n, double norm, double clip) {

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "moesim/model.h"
 #include "moesim/rng.h"
 
 struct GradCheck {
@@ -126,6 +127,45 @@ inline double weighted_sum(const float *out, const std::vector<float> &weights) 
     double s = 0.0;
     for (size_t i = 0; i < weights.size(); i++) s += (double)out[i] * weights[i];
     return s;
+}
+
+// The whole-model gradient checks' tiny MoE: two blocks (dense, then MoE),
+// 4 experts top-2 in groups of 6 tokens at capacity factor 0.75, so
+// assignments drop, with the aux, z and importance losses on. The caller sets
+// the activation, shared expert, router and precision on top.
+inline void tiny_model_shape(ModelShape *s) {
+    s->V = 13;
+    s->T = 6;
+    s->C = 8;
+    s->NH = 2;
+    s->L = 2;
+    s->F = 10;
+    s->E = 4;
+    s->K = 2;
+    s->Fe = 6;
+    s->B = 2;
+    s->G = 6;
+    s->moe_layer_freq = 2;
+    s->tied = 1;
+    s->norm_topk_prob = 1;
+    s->ep_size = 1;
+    s->capacity_factor = 0.75;
+    s->aux_loss_coeff = 0.1;
+    s->z_loss_coeff = 0.01;
+    s->importance_loss_coeff = 0.1;
+    s->load_loss_coeff = s->router_type == ROUTER_NOISY_TOPK ? 0.1 : 0.0;
+}
+
+// Weights 20x the 0.02 init so every path carries signal (norm weights, at
+// 1, stay), and a fixed batch of B*T tokens.
+inline void tiny_model_amplify_and_batch(Model *m, std::vector<int> *inputs,
+                                         std::vector<int> *targets) {
+    for (size_t i = 0; i < m->num_params; i++)
+        if (m->params[i] != 1.0f) m->params[i] *= 20.0f;
+    int N = m->shape.B * m->shape.T, V = m->shape.V;
+    inputs->resize(N);
+    targets->resize(N);
+    for (int i = 0; i < N; i++) (*inputs)[i] = (i * 5 + 1) % V, (*targets)[i] = (i * 3 + 2) % V;
 }
 
 #endif

@@ -174,36 +174,11 @@ struct SmallModel {
         s.expert_activation = act;
         s.shared_F = shared_F;
         s.router_type = router;
-        s.V = 13;
-        s.T = 6;
-        s.C = 8;
-        s.NH = 2;
-        s.L = 2;
-        s.F = 10;
-        s.E = 4;
-        s.K = 2;
-        s.Fe = 6;
-        s.B = 2;
-        s.G = 6;
-        s.moe_layer_freq = 2;
-        s.tied = 1;
-        s.norm_topk_prob = 1;
-        s.ep_size = 1;
-        s.capacity_factor = 0.75;
-        s.aux_loss_coeff = 0.1;
-        s.z_loss_coeff = 0.01;
-        s.importance_loss_coeff = 0.1;
-        s.load_loss_coeff = router == ROUTER_NOISY_TOPK ? 0.1 : 0.0;
+        tiny_model_shape(&s);
         comm_attach_self(&self);
         EXPECT_EQ(model_init(&m, &s, 7, &self), 0);
         m.router_ctx.training = 1;
-        // Larger weights than the 0.02 init so every path carries signal (as in test_grad).
-        for (size_t i = 0; i < m.num_params; i++)
-            if (m.params[i] != 1.0f) m.params[i] *= 20.0f;
-        int N = s.B * s.T;
-        inputs.resize(N);
-        targets.resize(N);
-        for (int i = 0; i < N; i++) inputs[i] = (i * 5 + 1) % s.V, targets[i] = (i * 3 + 2) % s.V;
+        tiny_model_amplify_and_batch(&m, &inputs, &targets);
     }
     ~SmallModel() { model_free(&m); }
     double step() {

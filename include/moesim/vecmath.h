@@ -50,6 +50,20 @@ static inline vec_f vec_load(const float *p) {
     return v;
 }
 
+/* sum x[i]^2 in double: lane l sums the values at l, l + VEC_LANES, ...,
+ * then the lanes in order, then the tail. The order depends only on n. */
+static inline double sum_squares_double(const float *x, size_t n) {
+    vec_d lanes = {0};
+    size_t i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES) {
+        vec_d xd = vec_to_double(vec_load(x + i));
+        lanes += xd * xd;
+    }
+    double sum = vec_d_sum(&lanes);
+    for (; i < n; i++) sum += (double)x[i] * x[i];
+    return sum;
+}
+
 static inline void vec_store(float *p, vec_f v) {
     memcpy(p, &v, sizeof v);
 }
@@ -106,9 +120,9 @@ static inline vec_f vec_copysign(vec_f x, vec_f s) {
  * normal range. Overflow gives +inf and NaN stays NaN like expf; results
  * below FLT_MIN (x < log FLT_MIN = -87.34) are flushed to 0. */
 static inline vec_f vec_exp(vec_f x) {
-    const float round_magic = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    const float lowest = -87.33654f;           /* log(FLT_MIN) */
-    const float highest = 88.72283935546875f;  /* the largest x with a finite expf */
+    const float round_magic = 12582912.0f;    /* 1.5 * 2^23: adding it rounds to an integer */
+    const float lowest = -87.33654f;          /* log(FLT_MIN) */
+    const float highest = 88.72283935546875f; /* the largest x with a finite expf */
     vec_f xc = vec_select(x < lowest, vec_splat(lowest), x);
     xc = vec_select(xc > highest, vec_splat(highest), xc);
     vec_f t = xc * 1.44269504088896341f + round_magic;
