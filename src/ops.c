@@ -54,6 +54,16 @@ static inline uint32_t bf16_round_bits(uint32_t u) {
     return (u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
 }
 
+/* bf16_round_bits in vector lanes: the same integer operations per value. */
+typedef uint32_t vec_u __attribute__((vector_size(VEC_LANES * sizeof(uint32_t))));
+static inline vec_f bf16_round_vec(vec_f x) {
+    vec_u u = (vec_u)x;
+    vec_u rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    vec_u quiet_nan = (u | 0x00400000u) & 0xffff0000u;
+    vec_u is_nan = (vec_u)((u & 0x7fffffffu) > 0x7f800000u);
+    return (vec_f)((is_nan & quiet_nan) | (~is_nan & rounded));
+}
+
 float bf16_round(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);
@@ -81,7 +91,10 @@ static const float *operand(const Matmul *mm, int slot, const float *src, int ro
     for (int r = 0; r < rows; r++) {
         const float *row = src + (long)r * ld;
         float *out = dst + (long)r * cols;
-        for (int c = 0; c < cols; c++) {
+        int c = 0;
+        for (; c + VEC_LANES <= cols; c += VEC_LANES)
+            vec_store(out + c, bf16_round_vec(vec_load(row + c)));
+        for (; c < cols; c++) {
             uint32_t u;
             memcpy(&u, &row[c], sizeof u);
             u = bf16_round_bits(u);

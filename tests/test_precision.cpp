@@ -145,6 +145,25 @@ TEST(MatmulBf16, GemmWithTransposesAndLeadingDimensions) {
         }
 }
 
+// The operand rounding runs in vector lanes with a scalar tail; a row times
+// the identity returns each rounded value exactly, so both must agree with
+// bf16_round on ties, carries into the exponent, the largest finite values
+// and denormals (an infinity would turn the identity's zeros into NaN).
+TEST(MatmulBf16, VectorAndTailRoundingAgreeWithBf16Round) {
+    const uint32_t cases[] = {0x3F808000u, 0x3F818000u, 0x3F808001u, 0x3F807FFFu, 0xBF818000u,
+                              0x3FFFFFFFu, 0x7F7F7FFFu, 0x00018000u, 0x80028000u, 0x40490FDBu};
+    const int n = 27;  // more than two vector widths, then a tail
+    std::vector<float> row(n), identity((size_t)n * n, 0.0f), out(n);
+    for (int j = 0; j < n; j++) {
+        row[j] = from_bits(cases[j % 10] ^ ((j / 10) % 2 ? 0x80000000u : 0u));  // both signs
+        identity[(size_t)j * n + j] = 1.0f;
+    }
+    Bf16Matmul bf((size_t)n * n);
+    matmul_forward(out.data(), row.data(), identity.data(), 1, n, n, &bf.mm);
+    for (int j = 0; j < n; j++)
+        EXPECT_EQ(bits(out[j]), bits(bf16_round(row[j]))) << "value " << j;
+}
+
 TEST(MatmulBf16, Float32ContextAndViewsShareOneScratch) {
     Matmul fp{};
     ASSERT_EQ(matmul_init(&fp, MATMUL_FP32, 0), 0);
