@@ -42,13 +42,8 @@ static void causal_softmax_backward_rows(float *datt, const float *att, int T) {
         const float *p = att + (long)t * T;
         float *d = datt + (long)t * T;
         int n = t + 1, j = 0;
-        vec_d lanes = {0};
+        float fdot = (float)dot_double(p, d, (size_t)n);
         for (; j + VEC_LANES <= n; j += VEC_LANES)
-            lanes += vec_to_double(vec_load(p + j)) * vec_to_double(vec_load(d + j));
-        double dot = vec_d_sum(&lanes);
-        for (int i = j; i < n; i++) dot += (double)p[i] * d[i];
-        float fdot = (float)dot;
-        for (j = 0; j + VEC_LANES <= n; j += VEC_LANES)
             vec_store(d + j, vec_load(p + j) * (vec_load(d + j) - fdot));
         for (; j < n; j++) d[j] = p[j] * (d[j] - fdot);
         memset(d + n, 0, sizeof(float) * (size_t)(T - n));

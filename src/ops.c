@@ -146,7 +146,7 @@ void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, 
     for (int n = 0; n < N; n++) {
         const float *x = inp + (long)n * C;
         float *y = out + (long)n * C;
-        double sum_sq = sum_squares_double(x, (size_t)C);
+        double sum_sq = dot_double(x, x, (size_t)C);
         float r = (float)(1.0 / sqrt(sum_sq / C + MOESIM_RMSNORM_EPS));
         int c = 0;
         for (; c + VEC_LANES <= C; c += VEC_LANES)

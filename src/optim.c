@@ -14,7 +14,7 @@ double lr_at_step(long step, long total, long warmup, double lr, double min_lr) 
 }
 
 double grad_sum_squares(const float *g, size_t n) {
-    return sum_squares_double(g, n);
+    return dot_double(g, g, n);
 }
 
 void clip_gradients(float *g, size_t n, double norm, double clip) {

@@ -50,17 +50,16 @@ static inline vec_f vec_load(const float *p) {
     return v;
 }
 
-/* sum x[i]^2 in double: lane l sums the values at l, l + VEC_LANES, ...,
- * then the lanes in order, then the tail. The order depends only on n. */
-static inline double sum_squares_double(const float *x, size_t n) {
+/* sum a[i] * b[i] in double: lane l sums the products at l, l + VEC_LANES,
+ * ..., then the lanes in order, then the tail. The order depends only on n.
+ * With b = a it is the sum of squares. */
+static inline double dot_double(const float *a, const float *b, size_t n) {
     vec_d lanes = {0};
     size_t i = 0;
-    for (; i + VEC_LANES <= n; i += VEC_LANES) {
-        vec_d xd = vec_to_double(vec_load(x + i));
-        lanes += xd * xd;
-    }
+    for (; i + VEC_LANES <= n; i += VEC_LANES)
+        lanes += vec_to_double(vec_load(a + i)) * vec_to_double(vec_load(b + i));
     double sum = vec_d_sum(&lanes);
-    for (; i < n; i++) sum += (double)x[i] * x[i];
+    for (; i < n; i++) sum += (double)a[i] * b[i];
     return sum;
 }
 
