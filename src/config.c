@@ -1364,6 +1364,10 @@ int config_group_size(const Config *cfg) {
     return cfg->moe_group_size != 0 ? cfg->moe_group_size : cfg->micro_batch_size * cfg->seq_length;
 }
 
+int config_uses_bf16(const Config *cfg) {
+    return strcmp(cfg->precision, "bf16") == 0 || strcmp(cfg->moe_router_precision, "bf16") == 0;
+}
+
 static const char *metavar_of(const Option *opt) {
     if (opt->metavar) return opt->metavar;
     if (opt->choices) return opt->choices;

@@ -373,9 +373,7 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
                                 lay->num_categories);
     if (lay->platform) st |= write_platform_attributes(file, lay->platform);
     /* Every CPU runs bf16 the same way today; a native bf16 GEMM would say so here. */
-    int any_bf16 =
-        strcmp(cfg->precision, "bf16") == 0 || strcmp(cfg->moe_router_precision, "bf16") == 0;
-    st |= set_string_attr(file, "bf16_gemm", any_bf16 ? "emulated" : "none");
+    st |= set_string_attr(file, "bf16_gemm", config_uses_bf16(cfg) ? "emulated" : "none");
     free(hosts);
     free(ini);
     return st;

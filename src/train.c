@@ -286,9 +286,7 @@ static void print_header(const Trainer *t, const RecordLayout *layout) {
     printf("platform: %s\n", platform);
     printf("precision: matmul inputs %s, router %s%s; accumulation and master weights fp32\n",
            cfg->precision, cfg->moe_router_precision,
-           strcmp(cfg->precision, "bf16") == 0 || strcmp(cfg->moe_router_precision, "bf16") == 0
-               ? " (bf16 emulated: inputs rounded to bf16, then sgemm)"
-               : "");
+           config_uses_bf16(cfg) ? " (bf16 emulated: inputs rounded to bf16, then sgemm)" : "");
     fflush(stdout);
 }
 

@@ -131,6 +131,8 @@ int config_layer_freq_is_moe(int layer, int moe_layer_freq);
 int config_is_moe_layer(const Config *cfg, int layer);
 int config_num_moe_layers(const Config *cfg);
 int config_group_size(const Config *cfg); /* resolves the 0 default */
+/* 1 when any matmul runs with bf16 inputs (--precision or --moe-router-precision). */
+int config_uses_bf16(const Config *cfg);
 
 /* Prints the flag reference (used by `moesim --help`). */
 void config_print_help(void);
