@@ -96,7 +96,8 @@ pytest: $(BUILD)/export_reference $(BUILD)/moesim
 
 SAN_RUN_FLAGS := --num-layers 2 --hidden-size 32 --num-attention-heads 2 --seq-length 32 \
 	--micro-batch-size 4 --num-experts 4 --moe-ffn-hidden-size 32 --ffn-hidden-size 64 \
-	--moe-layer-freq 2 --train-iters 6 --eval-interval 3 --eval-iters 2 --progress-interval 3
+	--moe-layer-freq 2 --moe-group-size 32 --train-iters 6 --eval-interval 3 --eval-iters 2 \
+	--progress-interval 3
 sanitize: $(BUILD)/sanitize/unit_tests $(BUILD)/sanitize/moesim
 	$(SAN_ENV) $(MPIRUN) -n 1 $(BUILD)/sanitize/unit_tests
 	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/unit_tests --gtest_filter='Distributed*'

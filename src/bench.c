@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "moesim/ffn.h"
+#include "moesim/reduce.h"
 #include "moesim/train.h"
 
 #define BENCH_MATMUL_SIZE 2048
@@ -173,6 +174,15 @@ typedef struct LayoutResult {
     double analytic_mb;                        /* rank 0 */
 } LayoutResult;
 
+/* values[n] <- their mean over the ranks (n <= 2). */
+static void mean_over_ranks(const Comm *comm, double *values, int n) {
+    double sums[2], *gathered = malloc(sizeof(double) * comm->world_size * n);
+    if (!gathered) return; /* a rank's own value stands in for the mean */
+    ordered_sum_doubles(comm, COMM_SCOPE_WORLD, values, 1, n, gathered, sums);
+    for (int i = 0; i < n; i++) values[i] = sums[i] / comm->world_size;
+    free(gathered);
+}
+
 /* Times dispatch + combine of the first MoE layer's last plan (including the
  * count exchange) against two plain MPI_Alltoallv calls moving the same
  * bytes between the same ranks. */
@@ -209,10 +219,10 @@ static void measure_exchange(Trainer *t, LayoutResult *r) {
         comm_ep_alltoallv_floats(comm, layer->expert_out, rc, rd, layer->send_y, sc, sd);
     }
     double raw = (comm_wtime() - start) / EXCHANGE_REPS;
-    double sums[2] = {ours, raw};
-    comm_sum_doubles(comm, sums, 2);
-    r->exchange_s = sums[0] / comm->world_size;
-    r->raw_alltoallv_s = sums[1] / comm->world_size;
+    double times[2] = {ours, raw};
+    mean_over_ranks(comm, times, 2);
+    r->exchange_s = times[0];
+    r->raw_alltoallv_s = times[1];
 done:
     free(sc);
     free(sd);
@@ -251,8 +261,7 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
     model_gemm_shapes(&t.model, &shapes);
     comm_barrier(comm);
     r->shapes_gflops = measure_shapes_gflops(&shapes);
-    comm_sum_doubles(comm, &r->shapes_gflops, 1);
-    r->shapes_gflops /= comm->world_size;
+    mean_over_ranks(comm, &r->shapes_gflops, 1);
     r->tokens_per_s = tokens / seconds;
     r->step_s = seconds / BENCH_STEPS;
     r->model_gflops_per_rank = flops / seconds / 1e9 / comm->world_size;
@@ -272,8 +281,7 @@ static void measure_sgemm_peaks(const Comm *comm, double *alone, double *concurr
     if (comm->world_size == 1) return;
     comm_barrier(comm);
     *concurrent = measure_sgemm_gflops();
-    comm_sum_doubles(comm, concurrent, 1);
-    *concurrent /= comm->world_size;
+    mean_over_ranks(comm, concurrent, 1);
 }
 
 int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,

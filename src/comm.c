@@ -67,35 +67,43 @@ void comm_share_error(const Comm *c, int root, char *err, size_t errlen) {
     err[errlen - 1] = '\0';
 }
 
-void comm_sum_doubles(const Comm *c, double *values, int n) {
-    if (c->world_size > 1) MPI_Allreduce(MPI_IN_PLACE, values, n, MPI_DOUBLE, MPI_SUM, c->world);
-}
-
 void comm_sum_longs(const Comm *c, long *values, int n) {
     if (c->world_size > 1) MPI_Allreduce(MPI_IN_PLACE, values, n, MPI_LONG, MPI_SUM, c->world);
 }
 
-void comm_ep_sum_doubles(const Comm *c, double *values, int n) {
-    if (c->ep_size > 1) MPI_Allreduce(MPI_IN_PLACE, values, n, MPI_DOUBLE, MPI_SUM, c->ep);
+static MPI_Comm scope_comm(const Comm *c, CommScope scope) {
+    return scope == COMM_SCOPE_EP ? c->ep : scope == COMM_SCOPE_EDP ? c->edp : c->world;
+}
+
+int comm_scope_size(const Comm *c, CommScope scope) {
+    return scope == COMM_SCOPE_EP    ? c->ep_size
+           : scope == COMM_SCOPE_EDP ? c->edp_size
+                                     : c->world_size;
 }
 
 /* MPI counts are int: large buffers go in chunks. */
-static void sum_floats_in_place(float *values, size_t n, MPI_Comm comm) {
+static void allreduce_in_chunks(void *values, size_t n, size_t elem_bytes, MPI_Datatype type,
+                                MPI_Op op, MPI_Comm comm) {
     const size_t chunk = (size_t)INT_MAX / 2;
     for (size_t off = 0; off < n; off += chunk) {
         int count = (int)(n - off < chunk ? n - off : chunk);
-        MPI_Allreduce(MPI_IN_PLACE, values + off, count, MPI_FLOAT, MPI_SUM, comm);
+        MPI_Allreduce(MPI_IN_PLACE, (char *)values + off * elem_bytes, count, type, op, comm);
     }
 }
 
-void comm_reduce_gradients(const Comm *c, float *dense, size_t dense_n, float *expert,
-                           size_t expert_n) {
-    if (c->world_size == 1) return;
-    sum_floats_in_place(dense, dense_n, c->world);
-    if (c->edp_size > 1) sum_floats_in_place(expert, expert_n, c->edp);
-    float inv = 1.0f / c->world_size;
-    for (size_t i = 0; i < dense_n; i++) dense[i] *= inv;
-    for (size_t i = 0; i < expert_n; i++) expert[i] *= inv;
+void comm_max_bytes(const Comm *c, CommScope scope, uint8_t *values, size_t n) {
+    if (comm_scope_size(c, scope) > 1)
+        allreduce_in_chunks(values, n, 1, MPI_UINT8_T, MPI_MAX, scope_comm(c, scope));
+}
+
+void comm_sum_int64(const Comm *c, CommScope scope, int64_t *values, size_t n) {
+    if (comm_scope_size(c, scope) > 1)
+        allreduce_in_chunks(values, n, sizeof(int64_t), MPI_INT64_T, MPI_SUM, scope_comm(c, scope));
+}
+
+void comm_allgather_doubles(const Comm *c, CommScope scope, const double *mine, double *all,
+                            int n) {
+    MPI_Allgather(mine, n, MPI_DOUBLE, all, n, MPI_DOUBLE, scope_comm(c, scope));
 }
 
 void comm_gather_doubles(const Comm *c, const double *mine, double *all, int n) {
@@ -110,7 +118,8 @@ void comm_gather_hostnames(const Comm *c, char *all) {
     char mine[MOESIM_HOSTNAME_MAX] = "";
     int len = 0;
     MPI_Get_processor_name(mine, &len);
-    MPI_Gather(mine, MOESIM_HOSTNAME_MAX, MPI_CHAR, all, MOESIM_HOSTNAME_MAX, MPI_CHAR, 0, c->world);
+    MPI_Gather(mine, MOESIM_HOSTNAME_MAX, MPI_CHAR, all, MOESIM_HOSTNAME_MAX, MPI_CHAR, 0,
+               c->world);
 }
 
 void comm_gather_expert_shards(const Comm *c, const float *mine, float *all, size_t n) {

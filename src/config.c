@@ -1187,13 +1187,23 @@ static int validate_routing(const Config *cfg, char *err, size_t errlen) {
                     "--micro-batch-size %d x --seq-length %d = %lld tokens per micro-batch, "
                     "more than %d; lower one of them",
                     cfg->micro_batch_size, cfg->seq_length, tokens, INT_MAX);
-    if (cfg->moe_group_size != 0 && tokens % cfg->moe_group_size != 0)
+    if (cfg->moe_group_size != 0 && tokens % cfg->moe_group_size != 0) {
+        /* a micro-batch must hold whole groups: B * T a multiple of G */
+        long long g = cfg->moe_group_size, a = g, b = cfg->seq_length;
+        while (b) {
+            long long r = a % b;
+            a = b;
+            b = r;
+        }
+        long long step = g / a; /* the smallest micro-batch that holds whole groups */
         return fail(err, errlen,
                     "--moe-group-size %d does not divide the %lld tokens of a micro-batch "
-                    "(--micro-batch-size %d x --seq-length %d); pick a divisor such as %d, "
-                    "or 0 for one group per micro-batch",
-                    cfg->moe_group_size, tokens, cfg->micro_batch_size, cfg->seq_length,
-                    cfg->seq_length);
+                    "(--micro-batch-size %d x --seq-length %d), so a routing group would be split "
+                    "across ranks; use --micro-batch-size %lld, %lld or another multiple of %lld, "
+                    "or a group size dividing %lld such as %d, or 0 for one group per micro-batch",
+                    cfg->moe_group_size, tokens, cfg->micro_batch_size, cfg->seq_length, step,
+                    2 * step, step, tokens, cfg->seq_length <= tokens ? cfg->seq_length : 1);
+    }
     return 0;
 }
 
@@ -1318,7 +1328,9 @@ char *config_to_ini(const Config *cfg) {
     return text;
 }
 
-int config_entry_count(void) { return (int)NUM_OPTIONS; }
+int config_entry_count(void) {
+    return (int)NUM_OPTIONS;
+}
 
 void config_entry(const Config *cfg, int index, ConfigEntry *entry) {
     const Option *opt = &OPTIONS[index];

@@ -48,11 +48,30 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->load_loss_coeff = cfg->moe_load_loss_coeff;
     s->jitter_eps = cfg->moe_input_jitter_eps;
     s->expert_bias = cfg->moe_router_enable_expert_bias;
-    s->expert_activation = strcmp(cfg->moe_expert_activation, "swiglu") == 0 ? FFN_SWIGLU : FFN_GELU;
+    s->expert_activation =
+        strcmp(cfg->moe_expert_activation, "swiglu") == 0 ? FFN_SWIGLU : FFN_GELU;
     s->shared_F = cfg->moe_shared_expert_intermediate_size;
     s->precision = strcmp(cfg->precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
-    s->router_precision = strcmp(cfg->moe_router_precision, "bf16") == 0 ? MATMUL_BF16
-                                                                          : MATMUL_FP32;
+    s->router_precision =
+        strcmp(cfg->moe_router_precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
+    int a = s->G, b = s->T;
+    while (b) {
+        int r = a % b;
+        a = b;
+        b = r;
+    }
+    s->grain = s->G / a * s->T; /* lcm: whole routing groups and whole sequences */
+    s->world = 1;
+}
+
+/* A shape built by hand (tests) leaves grain and world at 0: one grain,
+ * one micro-batch. */
+int model_grains(const ModelShape *s) {
+    return s->grain > 0 ? s->B * s->T / s->grain : 1;
+}
+
+static long global_tokens(const ModelShape *s) {
+    return (long)s->B * s->T * (s->world > 1 ? s->world : 1);
 }
 
 int model_is_moe_layer(const ModelShape *s, int layer) {
@@ -98,8 +117,9 @@ typedef struct Layout {
 
 static void add_tensor(Layout *lay, enum ParamField field, int layer, const char *name, int ndim,
                        int d0, int d1, int d2, int is_expert, double init_std) {
-    ParamInit init = init_std > 0 ? PARAM_INIT_NORMAL : init_std < 0 ? PARAM_INIT_ZEROS
-                                                                      : PARAM_INIT_ONES;
+    ParamInit init = init_std > 0   ? PARAM_INIT_NORMAL
+                     : init_std < 0 ? PARAM_INIT_ZEROS
+                                    : PARAM_INIT_ONES;
     ParamTensor *t = &lay->tensors[lay->count];
     memset(t, 0, sizeof *t);
     snprintf(t->name, sizeof t->name, "%s", name);
@@ -236,7 +256,8 @@ static void init_weights(Model *m, long seed) {
             for (size_t j = 0; j < slice_numel; j++)
                 p[sl * slice_numel + j] = t->init == PARAM_INIT_NORMAL
                                               ? (float)(t->init_std * rng_normal(&rng))
-                                              : t->init == PARAM_INIT_ONES ? 1.0f : 0.0f;
+                                          : t->init == PARAM_INIT_ONES ? 1.0f
+                                                                       : 0.0f;
         }
     }
 }
@@ -315,12 +336,55 @@ static size_t matmul_operand_floats(const ModelShape *s, const MoeShape *ms) {
     if (any_moe) {
         size_t rows = (size_t)moe_max_recv_rows(ms); /* bounds any one expert's block */
         size_t FW = (size_t)s->Fe * ffn_w1_rows_per_unit(s->expert_activation);
-        floats = max_size(floats, max_size(N, C) * s->E);       /* router */
-        floats = max_size(floats, max_size(rows, C) * FW);      /* experts */
+        floats = max_size(floats, max_size(N, C) * s->E);  /* router */
+        floats = max_size(floats, max_size(rows, C) * FW); /* experts */
         floats = max_size(floats, rows * C);
         floats = max_size(floats, max_size(N, C) * shared_w1_rows(s)); /* shared expert */
     }
     return floats;
+}
+
+static int expert_splits(const ModelShape *s) {
+    return s->ep_size * model_grains(s);
+}
+
+/* Elements the exact reduction converts at a time: it walks big gradient
+ * buffers in chunks rather than doubling them. */
+static size_t exact_sum_chunk(const Model *m) {
+    return max_size(1, m->num_params < ((size_t)1 << 20) ? m->num_params : (size_t)1 << 20);
+}
+
+/* One gradient buffer per grain beyond the first, which is grads itself. */
+static void alloc_partials(Model *m, int *failed) {
+    const ModelShape *s = &m->shape;
+    int grains = model_grains(s), splits = expert_splits(s);
+    size_t expert_n = m->num_params - m->num_dense_params;
+    m->dense_partials = calloc((size_t)grains, sizeof(float *));
+    m->expert_partials = calloc((size_t)splits, sizeof(float *));
+    m->grain_ce = calloc((size_t)grains, sizeof(double));
+    if (exact_sum_init(&m->exact, exact_sum_chunk(m)) != 0) *failed = 1;
+    if (!m->dense_partials || !m->expert_partials || !m->grain_ce || !m->grads) {
+        *failed = 1;
+        return;
+    }
+    m->dense_partials[0] = m->grads;
+    m->expert_partials[0] = m->grads + m->num_dense_params;
+    for (int g = 1; g < grains; g++)
+        m->dense_partials[g] = alloc_floats(m->num_dense_params, failed);
+    for (int c = 1; c < splits; c++) m->expert_partials[c] = alloc_floats(expert_n, failed);
+    m->dense_split = (RowSplit){
+        .count = grains, .rows = s->grain, .grads = m->grads, .partials = m->dense_partials};
+}
+
+static void free_partials(Model *m) {
+    if (m->dense_partials)
+        for (int g = 1; g < model_grains(&m->shape); g++) free(m->dense_partials[g]);
+    if (m->expert_partials)
+        for (int c = 1; c < expert_splits(&m->shape); c++) free(m->expert_partials[c]);
+    free(m->dense_partials);
+    free(m->expert_partials);
+    free(m->grain_ce);
+    exact_sum_free(&m->exact);
 }
 
 int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
@@ -351,6 +415,7 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
             m->num_dense_params = lay.tensors[i].offset;
     m->params = alloc_floats(m->num_params, &failed);
     m->grads = alloc_floats(m->num_params, &failed);
+    alloc_partials(m, &failed);
     m->adam_m = alloc_floats(m->num_params, &failed);
     m->adam_v = alloc_floats(m->num_params, &failed);
     if (!failed) {
@@ -383,7 +448,9 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
                                          .T = s->T,
                                          .importance_loss_coeff = s->importance_loss_coeff,
                                          .load_loss_coeff = s->load_loss_coeff,
-                                         .jitter_eps = s->jitter_eps},
+                                         .jitter_eps = s->jitter_eps,
+                                         .world = s->world,
+                                         .grain = s->grain},
                               .F = s->Fe,
                               .ep_size = s->ep_size,
                               .E_local = model_local_experts(s),
@@ -402,6 +469,7 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
     if (any_moe && moe_scratch_init(&m->moe_scratch, &m->moe_shape) != 0) failed = 1;
     if (matmul_init(&m->matmul, s->precision, matmul_operand_floats(s, &m->moe_shape)) != 0)
         failed = 1;
+    if (!failed) m->matmul.split = &m->dense_split;
     m->router_matmul = matmul_view(&m->matmul, s->router_precision);
     m->resid_out = alloc_floats(N * C, &failed);
     m->lnf = alloc_floats(N * C, &failed);
@@ -438,6 +506,7 @@ void model_free(Model *m) {
     free(m->shared_dh);
     free(m->acts);
     free(m->moe);
+    free_partials(m);
     free(m->tensors);
     free(m->params);
     free(m->grads);
@@ -464,6 +533,21 @@ void model_free(Model *m) {
 
 void model_zero_grad(Model *m) {
     memset(m->grads, 0, sizeof(float) * m->num_params);
+    size_t expert_n = m->num_params - m->num_dense_params;
+    for (int g = 1; g < model_grains(&m->shape); g++)
+        memset(m->dense_partials[g], 0, sizeof(float) * m->num_dense_params);
+    for (int c = 1; c < expert_splits(&m->shape); c++)
+        memset(m->expert_partials[c], 0, sizeof(float) * expert_n);
+}
+
+void model_reduce_gradients(Model *m) {
+    const ModelShape *s = &m->shape;
+    int grains = model_grains(s);
+    long total = (long)grains * m->comm->world_size;
+    exact_sum_floats(&m->exact, m->comm, COMM_SCOPE_WORLD, m->dense_partials, grains, total,
+                     m->num_dense_params, m->grads);
+    exact_sum_floats(&m->exact, m->comm, COMM_SCOPE_EDP, m->expert_partials, expert_splits(s),
+                     total, m->num_params - m->num_dense_params, m->grads + m->num_dense_params);
 }
 
 /* ---- forward / backward -------------------------------------------------- */
@@ -471,7 +555,8 @@ void model_zero_grad(Model *m) {
 /* -O2 leaves loops of unknown length scalar; the sums are the same. */
 static void add_into(float *out, const float *a, const float *b, long n) {
     long i = 0;
-    for (; i + VEC_LANES <= n; i += VEC_LANES) vec_store(out + i, vec_load(a + i) + vec_load(b + i));
+    for (; i + VEC_LANES <= n; i += VEC_LANES)
+        vec_store(out + i, vec_load(a + i) + vec_load(b + i));
     for (; i < n; i++) out[i] = a[i] + b[i];
 }
 
@@ -485,15 +570,36 @@ static void embed_forward(float *out, const int *inputs, const float *wte, const
         }
 }
 
-static void embed_backward(float *dwte, float *dwpe, const float *dout, const int *inputs, int B,
-                           int T, int C) {
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            const float *d = dout + ((long)b * T + t) * C;
-            float *dtok = dwte + (long)inputs[b * T + t] * C, *dpos = dwpe + (long)t * C;
+/* Gradients of wte and wpe, each grain's into its own partial. */
+static void embed_backward(const Model *m, float *dwte, float *dwpe, const float *dout,
+                           const int *inputs) {
+    const ModelShape *s = &m->shape;
+    int N = s->B * s->T, C = s->C;
+    const RowSplit *split = m->matmul.split;
+    for (int i = 0; i < row_split_count(split, N); i++) {
+        float *tok_grad = row_split_grad(split, dwte, i),
+              *pos_grad = row_split_grad(split, dwpe, i);
+        for (int n = row_split_begin(split, i, N); n < row_split_begin(split, i + 1, N); n++) {
+            const float *d = dout + (long)n * C;
+            float *dtok = tok_grad + (long)inputs[n] * C, *dpos = pos_grad + (long)(n % s->T) * C;
             add_into(dtok, dtok, d, C);
             add_into(dpos, dpos, d, C);
         }
+    }
+}
+
+/* rmsnorm_backward over the token rows, each grain's weight gradient into
+ * its own partial. */
+static void rmsnorm_backward_split(const Model *m, float *dinp, float *dw, const float *dout,
+                                   const float *inp, const float *w, const float *rstd) {
+    int N = m->shape.B * m->shape.T, C = m->shape.C;
+    const RowSplit *split = m->matmul.split;
+    for (int i = 0; i < row_split_count(split, N); i++) {
+        long first = row_split_begin(split, i, N);
+        int rows = row_split_begin(split, i + 1, N) - (int)first;
+        rmsnorm_backward(dinp + first * C, row_split_grad(split, dw, i), dout + first * C,
+                         inp + first * C, w, rstd + first, rows, C);
+    }
 }
 
 static MoeWeights moe_weights(const LayerWeights *w) {
@@ -569,7 +675,16 @@ double model_forward(Model *m, const int *inputs, const int *targets) {
     mark = timer_now_s();
     rmsnorm_forward(m->lnf, m->lnf_rstd, m->resid_out, m->w.lnf_w, N, C);
     matmul_forward(m->probs, m->lnf, m->w.lm_head_w, N, C, s->V, &m->matmul);
-    m->ce_loss = softmax_cross_entropy_forward(m->probs, targets, N, s->V);
+    /* per grain, so the global mean sums the same numbers in every layout */
+    int grains = model_grains(s);
+    m->ce_loss = 0.0;
+    for (int g = 0; g < grains; g++) {
+        int rows = N / grains;
+        long first = (long)g * rows;
+        m->grain_ce[g] =
+            softmax_cross_entropy_forward(m->probs + first * s->V, targets + first, rows, s->V);
+        m->ce_loss += m->grain_ce[g] / grains;
+    }
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
     return m->ce_loss + m->aux_loss + m->z_loss + m->importance_loss + m->load_loss;
 }
@@ -584,15 +699,18 @@ static void layer_backward(Model *m, int l) {
     double mark = timer_now_s();
     if (model_is_moe_layer(s, l)) {
         MoeWeights mw = moe_weights(w);
-        MoeGrads mg = {{dw->router_w, dw->noise_w}, dw->expert_fc1_w, dw->expert_fc2_w};
+        MoeGrads mg = {{dw->router_w, dw->noise_w},
+                       dw->expert_fc1_w,
+                       dw->expert_fc2_w,
+                       m->grads + m->num_dense_params,
+                       m->expert_partials};
         moe_backward(m->dln, &mg, m->dresid, a->ln2, &mw, &m->moe[l], &m->moe_scratch,
                      &m->moe_shape, m->comm, m->phase_s, &m->matmul);
         mark = timer_now_s();
         if (s->shared_F > 0) {
             ffn_backward(m->dtmp, dw->shared_fc1_w, dw->shared_fc2_w, m->shared_dh, m->dresid,
-                         a->ln2, a->shared_h_pre, a->shared_h_act, w->shared_fc1_w,
-                         w->shared_fc2_w, N, C, s->shared_F, s->expert_activation,
-                         &m->matmul);
+                         a->ln2, a->shared_h_pre, a->shared_h_act, w->shared_fc1_w, w->shared_fc2_w,
+                         N, C, s->shared_F, s->expert_activation, &m->matmul);
             add_into(m->dln, m->dln, m->dtmp, (long)N * C);
             timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
         }
@@ -601,12 +719,11 @@ static void layer_backward(Model *m, int l) {
                      w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU, &m->matmul);
         timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
     }
-    rmsnorm_backward(m->dresid, dw->ln2_w, m->dln, a->resid_mid, w->ln2_w, a->ln2_rstd, N, C);
+    rmsnorm_backward_split(m, m->dresid, dw->ln2_w, m->dln, a->resid_mid, w->ln2_w, a->ln2_rstd);
     matmul_backward(m->dtmp, dw->proj_w, m->dresid, a->att_out, w->proj_w, N, C, C, &m->matmul);
-    attention_backward(m->dqkv, m->datt, m->dtmp, a->qkv, a->att, s->B, s->T, C, s->NH,
-                       &m->matmul);
+    attention_backward(m->dqkv, m->datt, m->dtmp, a->qkv, a->att, s->B, s->T, C, s->NH, &m->matmul);
     matmul_backward(m->dln, dw->qkv_w, m->dqkv, a->ln1, w->qkv_w, N, C, 3 * C, &m->matmul);
-    rmsnorm_backward(m->dresid, dw->ln1_w, m->dln, a->resid_in, w->ln1_w, a->ln1_rstd, N, C);
+    rmsnorm_backward_split(m, m->dresid, dw->ln1_w, m->dln, a->resid_in, w->ln1_w, a->ln1_rstd);
     timer_charge(m->phase_s, PHASE_ATTENTION, &mark);
 }
 
@@ -614,15 +731,16 @@ void model_backward(Model *m) {
     const ModelShape *s = &m->shape;
     int N = s->B * s->T, C = s->C;
     double mark = timer_now_s();
-    softmax_cross_entropy_backward(m->probs, m->targets, N, s->V);
+    softmax_cross_entropy_backward(m->probs, m->targets, N, s->V, global_tokens(s));
     matmul_backward(m->dln, m->dw.lm_head_w, m->probs, m->lnf, m->w.lm_head_w, N, C, s->V,
                     &m->matmul);
     memset(m->dresid, 0, sizeof(float) * (size_t)N * C);
-    rmsnorm_backward(m->dresid, m->dw.lnf_w, m->dln, m->resid_out, m->w.lnf_w, m->lnf_rstd, N, C);
+    rmsnorm_backward_split(m, m->dresid, m->dw.lnf_w, m->dln, m->resid_out, m->w.lnf_w,
+                           m->lnf_rstd);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
     for (int l = s->L - 1; l >= 0; l--) layer_backward(m, l);
     mark = timer_now_s();
-    embed_backward(m->dw.wte, m->dw.wpe, m->dresid, m->inputs, s->B, s->T, C);
+    embed_backward(m, m->dw.wte, m->dw.wpe, m->dresid, m->inputs);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
 }
 
@@ -650,15 +768,20 @@ size_t model_param_bytes(const Model *m) {
 static size_t layer_activation_bytes(const ModelShape *s, int is_moe) {
     size_t N = (size_t)s->B * s->T, C = (size_t)s->C;
     size_t floats = 8 * N * C + 2 * N + (size_t)s->B * s->NH * s->T * s->T;
-    if (!is_moe) floats += 2 * N * s->F;
-    else floats += N * (shared_w1_rows(s) + s->shared_F);
+    if (!is_moe)
+        floats += 2 * N * s->F;
+    else
+        floats += N * (shared_w1_rows(s) + s->shared_F);
     return sizeof(float) * floats;
 }
 
 size_t model_memory_bytes(const Model *m) {
     const ModelShape *s = &m->shape;
     size_t N = (size_t)s->B * s->T, C = (size_t)s->C;
-    size_t bytes = 4 * model_param_bytes(m);
+    size_t bytes = 4 * model_param_bytes(m) + exact_sum_bytes(exact_sum_chunk(m));
+    int grains = model_grains(s), splits = expert_splits(s);
+    bytes += sizeof(float) * ((size_t)(grains - 1) * m->num_dense_params +
+                              (size_t)(splits - 1) * (m->num_params - m->num_dense_params));
     int any_moe = 0;
     for (int l = 0; l < s->L; l++) {
         int is_moe = model_is_moe_layer(s, l);

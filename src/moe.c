@@ -7,7 +7,9 @@
 #include "moesim/timing.h"
 #include "moesim/vecmath.h"
 
-static long min_long(long a, long b) { return a < b ? a : b; }
+static long min_long(long a, long b) {
+    return a < b ? a : b;
+}
 
 /* Kept rows per expert and group at most, or -1 when nothing bounds them. */
 static long capacity_bound(const RouterShape *r) {
@@ -37,11 +39,13 @@ int moe_layer_init(MoeLayer *m, const MoeShape *s) {
     size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
     size_t NK = (size_t)r->N * router_slots(r), C = (size_t)r->C;
     size_t F = (size_t)s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
-    if (routing_init(&m->routing, r) != 0 || dispatch_init(&m->dispatch, r->E, s->ep_size) != 0) {
+    int grains = routing_grains(r);
+    if (routing_init(&m->routing, r) != 0 ||
+        dispatch_init(&m->dispatch, r->E, s->ep_size, grains) != 0) {
         moe_layer_free(m);
         return -1;
     }
-    m->rows_per_expert = malloc(sizeof(int) * r->E);
+    m->rows_per_expert = malloc(sizeof(int) * r->E * grains);
     m->expert_cursor = malloc(sizeof(int) * r->E);
     m->row_choice = malloc(sizeof(int) * (S ? S : 1));
     m->choice_row = malloc(sizeof(int) * NK);
@@ -66,9 +70,11 @@ size_t moe_layer_bytes(const MoeShape *s) {
     size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
     size_t NK = (size_t)r->N * router_slots(r), E = (size_t)r->E;
     size_t FW = (size_t)s->F * ffn_w1_rows_per_unit(s->activation);
-    size_t dispatch = sizeof(int) * (2 * E + s->E_local + 2 + 4 * (size_t)s->ep_size);
-    return routing_bytes(r) + dispatch + sizeof(int) * (2 * E + S + NK) + sizeof(long) * E +
-           sizeof(float) * (2 * S * r->C + 2 * R * r->C + R * FW + R * s->F);
+    size_t grains = (size_t)routing_grains(r), splits = (size_t)s->ep_size * grains;
+    size_t dispatch = sizeof(int) * (3 * E + s->E_local + 2 + 4 * (size_t)s->ep_size + E * grains +
+                                     (size_t)s->E_local * (splits + 1));
+    return routing_bytes(r) + dispatch + sizeof(int) * (E * grains + E + S + NK) +
+           sizeof(long) * E + sizeof(float) * (2 * S * r->C + 2 * R * r->C + R * FW + R * s->F);
 }
 
 size_t moe_scratch_bytes(const MoeShape *s) {
@@ -105,8 +111,7 @@ int moe_scratch_init(MoeScratch *sc, const MoeShape *s) {
     sc->dx_expert = malloc(sizeof(float) * (R * C + 1));
     sc->dx_back = malloc(sizeof(float) * (S * C + 1));
     sc->dgate = malloc(sizeof(float) * (size_t)s->router.N * router_slots(&s->router));
-    if (!sc->dy_send || !sc->dy_expert || !sc->dh || !sc->dx_expert || !sc->dx_back ||
-        !sc->dgate) {
+    if (!sc->dy_send || !sc->dy_expert || !sc->dh || !sc->dx_expert || !sc->dx_back || !sc->dgate) {
         moe_scratch_free(sc);
         return -1;
     }
@@ -127,7 +132,8 @@ void moe_scratch_free(MoeScratch *sc) {
  * every value gets what the plain loop gave it. */
 static void axpy_row(float *o, float a, const float *y, int C) {
     int c = 0;
-    for (; c + VEC_LANES <= C; c += VEC_LANES) vec_store(o + c, vec_load(o + c) + a * vec_load(y + c));
+    for (; c + VEC_LANES <= C; c += VEC_LANES)
+        vec_store(o + c, vec_load(o + c) + a * vec_load(y + c));
     for (; c < C; c++) o[c] += a * y[c];
 }
 
@@ -151,17 +157,22 @@ static float gate_grad_row(float *dy_gated, float gate, const float *dy, const f
 }
 
 /* Counting sort of the kept slots by (global expert, source token): the
- * order depends only on the routing, never on timing or rank count. */
+ * order depends only on the routing, never on timing or rank count. An
+ * expert's rows are then grouped by grain, and counted per grain. */
 static void build_send_order(MoeLayer *m, const RouterShape *s) {
     const Routing *r = &m->routing;
     long slots = (long)s->N * r->slots;
-    int E = s->E;
-    memset(m->rows_per_expert, 0, sizeof(int) * E);
+    int E = s->E, grains = routing_grains(s), grain_tokens = routing_grain_tokens(s);
+    memset(m->rows_per_expert, 0, sizeof(int) * E * grains);
     for (long a = 0; a < slots; a++)
-        if (r->choice_kept[a]) m->rows_per_expert[r->choice_expert[a]]++;
+        if (r->choice_kept[a])
+            m->rows_per_expert[r->choice_expert[a] * grains + a / r->slots / grain_tokens]++;
     m->expert_cursor[0] = 0;
-    for (int e = 1; e < E; e++)
-        m->expert_cursor[e] = m->expert_cursor[e - 1] + m->rows_per_expert[e - 1];
+    for (int e = 0; e < E; e++) {
+        int rows = 0;
+        for (int g = 0; g < grains; g++) rows += m->rows_per_expert[e * grains + g];
+        if (e + 1 < E) m->expert_cursor[e + 1] = m->expert_cursor[e] + rows;
+    }
     for (long a = 0; a < slots; a++) {
         if (!r->choice_kept[a]) {
             m->choice_row[a] = -1;
@@ -173,15 +184,32 @@ static void build_send_order(MoeLayer *m, const RouterShape *s) {
     }
 }
 
+/* mm for local expert j's block: one call per (source rank, grain), and
+ * weight gradients into that split's partial. */
+static Matmul expert_matmul(const Matmul *mm, const Dispatch *d, int j, RowSplit *split,
+                            const MoeGrads *g) {
+    Matmul view = mm ? *mm : (Matmul){0};
+    int count;
+    const int *begin = dispatch_expert_splits(d, j, &count);
+    *split = (RowSplit){.count = count,
+                        .begin = begin,
+                        .grads = g ? g->grads : NULL,
+                        .partials = g ? g->partials : NULL};
+    view.split = split;
+    return view;
+}
+
 static void run_local_experts(MoeLayer *m, const MoeWeights *w, const MoeShape *s,
                               const Matmul *mm) {
     int C = s->router.C, F = s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
     const int *begin = m->dispatch.expert_row_begin;
     for (int j = 0; j < s->E_local; j++) {
         long b = begin[j];
+        RowSplit split;
+        Matmul em = expert_matmul(mm, &m->dispatch, j, &split, NULL);
         ffn_forward(m->expert_out + b * C, m->h_pre + b * FW, m->h_act + b * F,
                     m->expert_in + b * C, w->w1 + (long)j * FW * C, w->w2 + (long)j * C * F,
-                    begin[j + 1] - begin[j], C, F, s->activation, mm);
+                    begin[j + 1] - begin[j], C, F, s->activation, &em);
     }
 }
 
@@ -197,9 +225,8 @@ static void router_losses_with_counts(MoeLayer *m, const RouterShape *rs, const 
     router_losses(&m->routing, rs, &m->ctx, m->global_demand, (long)rs->N * comm->world_size);
 }
 
-void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
-                 const MoeShape *s, const RouterContext *ctx, const Comm *comm,
-                 double *phase_s, const Matmul *mm) {
+void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w, const MoeShape *s,
+                 const RouterContext *ctx, const Comm *comm, double *phase_s, const Matmul *mm) {
     const RouterShape *rs = &s->router;
     int C = rs->C, S = m->routing.slots;
     double mark = timer_now_s();
@@ -210,7 +237,7 @@ void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
     timer_charge(phase_s, PHASE_ROUTER, &mark);
 
     int send_rows = 0;
-    for (int e = 0; e < rs->E; e++) send_rows += m->rows_per_expert[e];
+    for (int e = 0; e < rs->E * routing_grains(rs); e++) send_rows += m->rows_per_expert[e];
     for (int row = 0; row < send_rows; row++)
         memcpy(m->send_x + (long)row * C, x + (long)(m->row_choice[row] / S) * C,
                sizeof(float) * C);
@@ -252,10 +279,12 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
     const int *begin = m->dispatch.expert_row_begin;
     for (int j = 0; j < s->E_local; j++) {
         long b = begin[j];
+        RowSplit split;
+        Matmul em = expert_matmul(mm, &m->dispatch, j, &split, g->partials ? g : NULL);
         ffn_backward(sc->dx_expert + b * C, g->w1 + (long)j * FW * C, g->w2 + (long)j * C * F,
                      sc->dh + b * FW, sc->dy_expert + b * C, m->expert_in + b * C,
                      m->h_pre + b * FW, m->h_act + b * F, w->w1 + (long)j * FW * C,
-                     w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F, s->activation, mm);
+                     w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F, s->activation, &em);
     }
     timer_charge(phase_s, PHASE_EXPERTS, &mark);
 

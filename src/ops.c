@@ -105,32 +105,73 @@ static const float *operand(const Matmul *mm, int slot, const float *src, int ro
     return mm->rounded[slot];
 }
 
+int row_split_count(const RowSplit *split, int N) {
+    if (!split) return 1;
+    return split->begin ? split->count : (split->rows > 0 ? N / split->rows : 1);
+}
+
+int row_split_begin(const RowSplit *split, int i, int N) {
+    if (!split) return i == 0 ? 0 : N;
+    if (split->begin) return split->begin[i];
+    return split->rows > 0 ? i * split->rows : (i == 0 ? 0 : N);
+}
+
+float *row_split_grad(const RowSplit *split, float *dw, int i) {
+    if (!split || !split->partials) return dw;
+    return split->partials[i] + (dw - split->grads);
+}
+
 void matmul_forward(float *out, const float *inp, const float *w, int N, int in_dim, int out_dim,
                     const Matmul *mm) {
     int ld_inp, ld_w;
     inp = operand(mm, 0, inp, N, in_dim, in_dim, &ld_inp);
     w = operand(mm, 1, w, out_dim, in_dim, in_dim, &ld_w);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, out_dim, in_dim, 1.0f, inp, ld_inp, w,
-                ld_w, 0.0f, out, out_dim);
+    const RowSplit *split = mm ? mm->split : NULL;
+    for (int i = 0, count = row_split_count(split, N); i < count; i++) {
+        int first = row_split_begin(split, i, N), rows = row_split_begin(split, i + 1, N) - first;
+        if (rows == 0) continue;
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out_dim, in_dim, 1.0f,
+                    inp + (long)first * ld_inp, ld_inp, w, ld_w, 0.0f, out + (long)first * out_dim,
+                    out_dim);
+    }
+}
+
+void matmul_backward_into(float *dinp, float dinp_beta, float *dw, const float *dout,
+                          const float *inp, const float *w, int N, int in_dim, int out_dim,
+                          const Matmul *mm) {
+    if (N == 0) return;
+    int ld_dout, ld_w, ld_inp;
+    dout = operand(mm, 0, dout, N, out_dim, out_dim, &ld_dout); /* shared by both products */
+    const RowSplit *split = mm ? mm->split : NULL;
+    int count = row_split_count(split, N);
+    if (dinp) {
+        w = operand(mm, 1, w, out_dim, in_dim, in_dim, &ld_w);
+        for (int i = 0; i < count; i++) {
+            int first = row_split_begin(split, i, N);
+            int rows = row_split_begin(split, i + 1, N) - first;
+            if (rows == 0) continue;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, in_dim, out_dim, 1.0f,
+                        dout + (long)first * ld_dout, ld_dout, w, ld_w, dinp_beta,
+                        dinp + (long)first * in_dim, in_dim);
+        }
+    }
+    inp = operand(mm, 1, inp, N, in_dim, in_dim, &ld_inp);
+    for (int i = 0; i < count; i++) {
+        int first = row_split_begin(split, i, N), rows = row_split_begin(split, i + 1, N) - first;
+        if (rows == 0) continue;
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out_dim, in_dim, rows, 1.0f,
+                    dout + (long)first * ld_dout, ld_dout, inp + (long)first * ld_inp, ld_inp, 1.0f,
+                    row_split_grad(split, dw, i), in_dim);
+    }
 }
 
 void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                      int N, int in_dim, int out_dim, const Matmul *mm) {
-    if (N == 0) return;
-    int ld_dout, ld_w, ld_inp;
-    dout = operand(mm, 0, dout, N, out_dim, out_dim, &ld_dout); /* shared by both products */
-    if (dinp) {
-        w = operand(mm, 1, w, out_dim, in_dim, in_dim, &ld_w);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, in_dim, out_dim, 1.0f, dout,
-                    ld_dout, w, ld_w, 0.0f, dinp, in_dim);
-    }
-    inp = operand(mm, 1, inp, N, in_dim, in_dim, &ld_inp);
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out_dim, in_dim, N, 1.0f, dout, ld_dout,
-                inp, ld_inp, 1.0f, dw, in_dim);
+    matmul_backward_into(dinp, 0.0f, dw, dout, inp, w, N, in_dim, out_dim, mm);
 }
 
-void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float alpha,
-                 const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc,
+void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float alpha, const float *a,
+                 int lda, const float *b, int ldb, float beta, float *c, int ldc,
                  const Matmul *mm) {
     a = operand(mm, 0, a, transpose_a ? K : M, transpose_a ? M : K, lda, &lda);
     b = operand(mm, 1, b, transpose_b ? N : K, transpose_b ? K : N, ldb, &ldb);
@@ -256,8 +297,9 @@ double softmax_cross_entropy_forward(float *logits_to_probs, const int *targets,
     return loss / N;
 }
 
-void softmax_cross_entropy_backward(float *probs_to_dlogits, const int *targets, int N, int V) {
-    float inv_n = 1.0f / N;
+void softmax_cross_entropy_backward(float *probs_to_dlogits, const int *targets, int N, int V,
+                                    long mean_over) {
+    float inv_n = (float)(1.0 / (double)mean_over);
     for (int n = 0; n < N; n++) {
         float *row = probs_to_dlogits + (long)n * V;
         row[targets[n]] -= 1.0f;

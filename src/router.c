@@ -53,6 +53,23 @@ static int balancing_units(const RouterShape *s) {
     }
 }
 
+int routing_grain_tokens(const RouterShape *s) {
+    return s->grain > 0 ? s->grain : s->N;
+}
+
+int routing_grains(const RouterShape *s) {
+    return s->N / routing_grain_tokens(s);
+}
+
+int routing_grain_width(int E) {
+    return 2 * E + GRAIN_SCALARS;
+}
+
+/* The loss is a mean over the global batch: world micro-batches. */
+static double world_of(const RouterShape *s) {
+    return s->world > 1 ? s->world : 1;
+}
+
 int routing_init(Routing *r, const RouterShape *s) {
     memset(r, 0, sizeof *r);
     r->slots = router_slots(s);
@@ -97,6 +114,7 @@ int routing_init(Routing *r, const RouterShape *s) {
     ALLOC(r->sinkhorn_d, (size_t)s->G + E);
     ALLOC(r->gate_sum, E);
     ALLOC(r->prob_sum, E);
+    ALLOC(r->grain_stats, (size_t)routing_grains(s) * routing_grain_width(s->E));
 #undef ALLOC
     if (failed) {
         routing_free(r);
@@ -113,7 +131,8 @@ size_t routing_bytes(const RouterShape *s) {
     size_t bytes = sizeof(float) * (6 * NE + N + NS) + sizeof(int) * (NS + E + order) + 2 * NS +
                    sizeof(float) * (size_t)router_slots(s) + sizeof(float) * units * E +
                    sizeof(double) * (units * E + groups * E) + 2 * sizeof(long) * E +
-                   sizeof(double) * ((size_t)s->G + E + 2 * E);
+                   sizeof(double) * ((size_t)s->G + E + 2 * E) +
+                   sizeof(double) * (size_t)routing_grains(s) * routing_grain_width(s->E);
     if (s->jitter_eps > 0) bytes += 3 * sizeof(float) * N * C;
     if (s->type == ROUTER_NOISY_TOPK)
         bytes += sizeof(float) * 5 * NE + sizeof(double) * groups * E + sizeof(int) * NE;
@@ -152,7 +171,8 @@ void routing_free(Routing *r) {
                      r->slot_scratch,
                      r->sinkhorn_d,
                      r->gate_sum,
-                     r->prob_sum};
+                     r->prob_sum,
+                     r->grain_stats};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     memset(r, 0, sizeof *r);
 }
@@ -405,29 +425,44 @@ static void apply_capacity(Routing *r, const RouterShape *s, const RouterContext
     }
 }
 
+/* The record's statistics, per grain and (for callers on one rank) in
+ * total. Each grain's sums run over its own tokens in order, so they are the
+ * same numbers in every layout. */
 static void count_assignments(Routing *r, const RouterShape *s) {
-    int E = s->E;
+    int E = s->E, width = routing_grain_width(E), grain_tokens = routing_grain_tokens(s);
     memset(r->tokens_per_expert, 0, sizeof(long) * E);
     memset(r->dropped_per_expert, 0, sizeof(long) * E);
-    memset(r->gate_sum, 0, sizeof(double) * E);
-    memset(r->prob_sum, 0, sizeof(double) * E);
-    r->entropy_sum = r->abs_logit_sum = r->lse_sq_sum = 0.0;
+    memset(r->grain_stats, 0, sizeof(double) * routing_grains(s) * width);
     for (long a = 0; a < (long)s->N * r->slots; a++) {
         if (!r->choice_routed[a]) continue;
         int e = r->choice_expert[a];
         r->tokens_per_expert[e]++;
         r->dropped_per_expert[e] += !r->choice_kept[a];
-        r->gate_sum[e] += r->choice_gate[a];
+        r->grain_stats[(a / r->slots / grain_tokens) * width + e] += r->choice_gate[a];
     }
     for (int t = 0; t < s->N; t++) {
+        double *g = r->grain_stats + (long)(t / grain_tokens) * width, *scalars = g + 2 * E;
         const float *p = r->probs + (long)t * E, *h = r->h + (long)t * E;
         for (int e = 0; e < E; e++) {
-            r->prob_sum[e] += p[e];
+            g[E + e] += p[e];
             double q = exp((double)h[e] - r->lse[t]); /* the softmax, whatever the scores */
-            if (q > 0) r->entropy_sum -= q * log(q);
-            r->abs_logit_sum += fabs((double)r->logits[(long)t * E + e]);
+            if (q > 0) scalars[GRAIN_ENTROPY] -= q * log(q);
+            scalars[GRAIN_ABS_LOGIT] += fabs((double)r->logits[(long)t * E + e]);
         }
-        r->lse_sq_sum += (double)r->lse[t] * r->lse[t];
+        scalars[GRAIN_LSE_SQ] += (double)r->lse[t] * r->lse[t];
+    }
+    memset(r->gate_sum, 0, sizeof(double) * E);
+    memset(r->prob_sum, 0, sizeof(double) * E);
+    r->entropy_sum = r->abs_logit_sum = r->lse_sq_sum = 0.0;
+    for (int gi = 0; gi < routing_grains(s); gi++) {
+        const double *g = r->grain_stats + (long)gi * width, *scalars = g + 2 * E;
+        for (int e = 0; e < E; e++) {
+            r->gate_sum[e] += g[e];
+            r->prob_sum[e] += g[E + e];
+        }
+        r->entropy_sum += scalars[GRAIN_ENTROPY];
+        r->abs_logit_sum += scalars[GRAIN_ABS_LOGIT];
+        r->lse_sq_sum += scalars[GRAIN_LSE_SQ];
     }
 }
 
@@ -476,8 +511,8 @@ static double cv_squared_grad(const double *v, int E, int e) {
  * averaged over units; or with f from the global batch's counts. */
 static double load_balancing_loss(Routing *r, const RouterShape *s,
                                   const long *global_tokens_per_expert, long global_tokens) {
-    int E = s->E, K = s->K, units = balancing_units(s);
-    int unit_tokens = s->N / units;
+    int E = s->E, K = s->K, units = balancing_units(s), width = routing_grain_width(E);
+    int unit_tokens = s->N / units, grain_tokens = routing_grain_tokens(s);
     memset(r->unit_fraction, 0, sizeof(float) * units * E);
     memset(r->unit_prob, 0, sizeof(double) * units * E);
     for (int t = 0; t < s->N; t++) {
@@ -492,13 +527,27 @@ static double load_balancing_loss(Routing *r, const RouterShape *s,
         for (int e = 0; e < E; e++) r->unit_fraction[e] = (float)global_tokens_per_expert[e];
     double denominator = s->balancing == BALANCE_GLOBAL_AUX_LOSS ? (double)global_tokens * K
                                                                  : (double)unit_tokens * K;
+    for (long i = 0; i < (long)units * E; i++) r->unit_fraction[i] /= (float)denominator;
+    /* Per grain, f times the grain's own score sums: a unit never spans two
+     * grains, and global_aux_loss's one unit contributes token by token. */
+    for (int t = 0; t < s->N; t++) {
+        const float *f = r->unit_fraction + (long)(t / unit_tokens) * E;
+        double term = 0.0;
+        for (int e = 0; e < E; e++) term += f[e] * (double)r->probs[(long)t * E + e];
+        r->grain_stats[(long)(t / grain_tokens) * width + 2 * E + GRAIN_AUX] += term;
+    }
     double total = 0.0;
     for (long i = 0; i < (long)units * E; i++) {
-        r->unit_fraction[i] /= (float)denominator;
         r->unit_prob[i] /= unit_tokens;
         total += r->unit_fraction[i] * r->unit_prob[i];
     }
     return s->aux_loss_coeff * E * total / units;
+}
+
+/* The scalars of the grain holding routing group g. */
+static double *grain_scalars(Routing *r, const RouterShape *s, int g) {
+    long grain = (long)g * s->G / routing_grain_tokens(s);
+    return r->grain_stats + grain * routing_grain_width(s->E) + 2 * s->E;
 }
 
 static double importance_loss(Routing *r, const RouterShape *s) {
@@ -508,7 +557,11 @@ static double importance_loss(Routing *r, const RouterShape *s) {
         if (r->choice_routed[a])
             r->importance[(a / r->slots / G) * E + r->choice_expert[a]] += r->choice_gate[a];
     double total = 0.0;
-    for (int g = 0; g < groups; g++) total += cv_squared(r->importance + (long)g * E, E);
+    for (int g = 0; g < groups; g++) {
+        double cv2 = cv_squared(r->importance + (long)g * E, E);
+        grain_scalars(r, s, g)[GRAIN_IMPORTANCE] += cv2;
+        total += cv2;
+    }
     return s->importance_loss_coeff * total / groups;
 }
 
@@ -535,7 +588,11 @@ static double load_loss(Routing *r, const RouterShape *s) {
         }
     }
     double total = 0.0;
-    for (int g = 0; g < groups; g++) total += cv_squared(r->load + (long)g * E, E);
+    for (int g = 0; g < groups; g++) {
+        double cv2 = cv_squared(r->load + (long)g * E, E);
+        grain_scalars(r, s, g)[GRAIN_LOAD] += cv2;
+        total += cv2;
+    }
     return s->load_loss_coeff * total / groups;
 }
 
@@ -547,6 +604,11 @@ static double z_loss(const Routing *r, const RouterShape *s) {
 
 void router_losses(Routing *r, const RouterShape *s, const RouterContext *ctx,
                    const long *global_tokens_per_expert, long global_tokens) {
+    int width = routing_grain_width(s->E);
+    for (int g = 0; g < routing_grains(s); g++) {
+        double *scalars = r->grain_stats + (long)g * width + 2 * s->E;
+        scalars[GRAIN_AUX] = scalars[GRAIN_IMPORTANCE] = scalars[GRAIN_LOAD] = 0.0;
+    }
     r->aux_loss = s->balancing == BALANCE_NONE
                       ? 0.0
                       : load_balancing_loss(r, s, global_tokens_per_expert, global_tokens);
@@ -555,6 +617,16 @@ void router_losses(Routing *r, const RouterShape *s, const RouterContext *ctx,
     r->load_loss = s->load_loss_coeff > 0 && s->type == ROUTER_NOISY_TOPK && ctx->training
                        ? load_loss(r, s)
                        : 0.0;
+}
+
+void routing_global_losses(const RouterShape *s, const double *summed, double losses[4]) {
+    const double *scalars = summed + 2 * s->E;
+    double tokens = (double)s->N * world_of(s), groups = (double)(s->N / s->G) * world_of(s);
+    losses[0] =
+        s->balancing == BALANCE_NONE ? 0.0 : s->aux_loss_coeff * s->E * scalars[GRAIN_AUX] / tokens;
+    losses[1] = s->z_loss_coeff * scalars[GRAIN_LSE_SQ] / tokens;
+    losses[2] = s->importance_loss_coeff * scalars[GRAIN_IMPORTANCE] / groups;
+    losses[3] = s->load_loss_coeff * scalars[GRAIN_LOAD] / groups;
 }
 
 void router_forward(Routing *r, const float *x, const RouterWeights *w, const RouterShape *s,
@@ -578,7 +650,7 @@ static void gate_backward(Routing *r, const RouterShape *s, const float *dgate_r
     for (int k = 0; k < S; k++) {
         dgate[k] = dgate_row[k];
         if (s->importance_loss_coeff > 0 && routed[k])
-            dgate[k] += (float)(s->importance_loss_coeff / groups *
+            dgate[k] += (float)(s->importance_loss_coeff / (groups * world_of(s)) *
                                 cv_squared_grad(r->importance + (long)(t / G) * E, E, expert[k]));
     }
     int normalised = s->type != ROUTER_EXPERT_CHOICE && s->type != ROUTER_SOFT && renormalises(s);
@@ -599,7 +671,7 @@ static void balancing_backward(const Routing *r, const RouterShape *s, int t, fl
     if (s->balancing == BALANCE_NONE || s->aux_loss_coeff == 0) return;
     int E = s->E, units = balancing_units(s), unit_tokens = s->N / units;
     const float *fraction = r->unit_fraction + (long)(t / unit_tokens) * E;
-    float scale = (float)(s->aux_loss_coeff * E / ((double)units * unit_tokens));
+    float scale = (float)(s->aux_loss_coeff * E / ((double)units * unit_tokens * world_of(s)));
     for (int e = 0; e < E; e++) dscore[e] += scale * fraction[e];
 }
 
@@ -610,8 +682,8 @@ static void load_backward(Routing *r, const RouterShape *s, float *dlogits) {
     for (int t = 0; t < s->N; t++) {
         for (int e = 0; e < E; e++) {
             long i = (long)t * E + e;
-            double dload =
-                s->load_loss_coeff / groups * cv_squared_grad(r->load + (long)(t / G) * E, E, e);
+            double dload = s->load_loss_coeff / (groups * world_of(s)) *
+                           cv_squared_grad(r->load + (long)(t / G) * E, E, e);
             float z = r->load_z[i], std = r->noise_std[i];
             float dz = (float)(dload * exp(-0.5 * z * z) / sqrt(2.0 * M_PI));
             long threshold = (long)t * E + r->load_threshold[i];
@@ -628,7 +700,7 @@ void router_backward(float *dx, const RouterGrads *g, const float *dgate, const 
                      const RouterWeights *w, Routing *r, const RouterShape *s,
                      const RouterContext *ctx) {
     int N = s->N, E = s->E, C = s->C;
-    float z_scale = (float)(2.0 * s->z_loss_coeff / N);
+    float z_scale = (float)(2.0 * s->z_loss_coeff / (N * world_of(s)));
     float *dscore = r->dprobs, *dh = r->dh;
     memset(dscore, 0, sizeof(float) * (size_t)N * E);
     for (int t = 0; t < N; t++) {
@@ -657,12 +729,9 @@ void router_backward(float *dx, const RouterGrads *g, const float *dgate, const 
     float *dx_in = ctx->training && s->jitter_eps > 0 ? r->dx_in : dx;
     float beta = dx_in == dx ? 1.0f : 0.0f;
     const Matmul *mm = ctx->matmul;
-    matmul_gemm(1, 0, E, C, N, 1.0f, dlogits, E, x_in, C, 1.0f, g->router_w, C, mm);
-    matmul_gemm(0, 0, N, C, E, 1.0f, dlogits, E, w->router_w, C, beta, dx_in, C, mm);
-    if (noisy) {
-        matmul_gemm(1, 0, E, C, N, 1.0f, r->dnoise, E, x_in, C, 1.0f, g->noise_w, C, mm);
-        matmul_gemm(0, 0, N, C, E, 1.0f, r->dnoise, E, w->noise_w, C, 1.0f, dx_in, C, mm);
-    }
+    matmul_backward_into(dx_in, beta, g->router_w, dlogits, x_in, w->router_w, N, C, E, mm);
+    if (noisy)
+        matmul_backward_into(dx_in, 1.0f, g->noise_w, r->dnoise, x_in, w->noise_w, N, C, E, mm);
     if (dx_in != dx)
         for (long i = 0; i < (long)N * C; i++) dx[i] += dx_in[i] * r->jitter[i];
 }

@@ -51,15 +51,31 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     t->comm = comm;
     ModelShape shape;
     model_shape_from_config(&shape, cfg, ds->vocab_size, comm->ep_size, comm->ep_rank);
+    shape.world = comm->world_size;
     size_t N = (size_t)shape.B * shape.T;
+    long global_grains = (long)model_grains(&shape) * comm->world_size;
+    if (global_grains > EXACT_SUM_MAX_PARTIALS) {
+        snprintf(err, errlen,
+                 "the global batch holds %ld grains of %d tokens (whole routing groups and "
+                 "sequences), more than the %ld the exact gradient reduction can combine; "
+                 "raise --moe-group-size or lower --micro-batch-size or the rank count",
+                 global_grains, shape.grain, EXACT_SUM_MAX_PARTIALS);
+        return -1;
+    }
     t->moe_layers = config_num_moe_layers(cfg);
     t->inputs = malloc(sizeof(int) * N);
     t->targets = malloc(sizeof(int) * N);
     t->categories = malloc(sizeof(int) * N);
     t->dispatch_bytes = calloc((size_t)comm->world_size, sizeof(long));
     int stats_ok = routing_stats_init(&t->routing, t->moe_layers, shape.E, ds->num_categories) == 0;
+    int grains = model_grains(&shape);
+    t->grain_width = 1 + t->moe_layers * routing_grain_width(shape.E);
+    t->grain_rows = calloc((size_t)grains * t->grain_width, sizeof(double));
+    t->grain_totals = calloc((size_t)t->grain_width, sizeof(double));
+    t->gathered = calloc((size_t)comm->world_size * grains * t->grain_width, sizeof(double));
+    int reduce_ok = t->grain_rows && t->grain_totals && t->gathered;
     if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !stats_ok ||
-        model_init(&t->model, &shape, cfg->seed, comm) != 0) {
+        !reduce_ok || model_init(&t->model, &shape, cfg->seed, comm) != 0) {
         snprintf(err, errlen,
                  "out of memory building the model (%d layers, hidden %d, %d "
                  "experts, micro-batch %d x %d); make the model or the micro-batch smaller",
@@ -81,51 +97,75 @@ void trainer_free(Trainer *t) {
     free(t->categories);
     routing_stats_free(&t->routing);
     free(t->dispatch_bytes);
+    free(t->grain_rows);
+    free(t->grain_totals);
+    free(t->gathered);
     memset(t, 0, sizeof *t);
 }
 
-/* Routing statistics of every MoE layer summed over ranks, and the bytes of
- * token rows this rank dispatched to each rank. */
+/* The global sums of every grain's statistics row: cross-entropy, then each
+ * MoE layer's routing sums, added in global grain order (reduce.h). */
+static void sum_grain_statistics(Trainer *t) {
+    const Model *m = &t->model;
+    int grains = model_grains(&m->shape), E = m->shape.E, width = routing_grain_width(E);
+    for (int g = 0; g < grains; g++) {
+        double *row = t->grain_rows + (long)g * t->grain_width;
+        row[0] = m->grain_ce[g];
+        for (int l = 0, i = 0; l < m->shape.L; l++) {
+            if (!model_is_moe_layer(&m->shape, l)) continue;
+            memcpy(row + 1 + (long)i * width, m->moe[l].routing.grain_stats + (long)g * width,
+                   sizeof(double) * width);
+            i++;
+        }
+    }
+    ordered_sum_doubles(t->comm, COMM_SCOPE_WORLD, t->grain_rows, grains, t->grain_width,
+                        t->gathered, t->grain_totals);
+}
+
+/* Routing statistics and losses of the global batch, and the bytes of token
+ * rows this rank dispatched to each rank. */
 static void gather_routing_stats(Trainer *t, StepStats *stats) {
     const Model *m = &t->model;
     const Comm *comm = t->comm;
     RoutingStats *rs = &t->routing;
-    int E = m->shape.E, L = t->moe_layers, i = 0;
+    int E = m->shape.E, L = t->moe_layers, width = routing_grain_width(E), i = 0;
     long *to_my_ep_group = t->dispatch_bytes + (comm->rank - comm->ep_rank);
     memset(t->dispatch_bytes, 0, sizeof(long) * comm->world_size);
+    sum_grain_statistics(t);
+    double tokens = (double)m->shape.B * m->shape.T * comm->world_size;
+    stats->ce_loss = t->grain_totals[0] / ((double)model_grains(&m->shape) * comm->world_size);
+    stats->aux_loss = stats->z_loss = stats->importance_loss = stats->load_loss = 0.0;
     for (int l = 0; l < m->shape.L; l++) {
         if (!model_is_moe_layer(&m->shape, l)) continue;
         const Routing *r = &m->moe[l].routing;
+        const double *sums = t->grain_totals + 1 + (long)i * width, *scalars = sums + 2 * E;
         memcpy(rs->tokens_per_expert + (long)i * E, r->tokens_per_expert, sizeof(long) * E);
         memcpy(rs->dropped_per_expert + (long)i * E, r->dropped_per_expert, sizeof(long) * E);
-        memcpy(rs->importance + (long)i * E, r->gate_sum, sizeof(double) * E);
-        memcpy(rs->mean_prob + (long)i * E, r->prob_sum, sizeof(double) * E);
-        rs->entropy[i] = r->entropy_sum;
-        rs->aux_loss[i] = r->aux_loss;
-        rs->z_loss[i] = r->z_loss;
-        rs->importance_loss[i] = r->importance_loss;
-        rs->load_loss[i] = r->load_loss;
-        rs->mean_abs_logit[i] = r->abs_logit_sum;
-        rs->logsumexp_sq[i] = r->lse_sq_sum;
-        for (int e = 0; e < E; e++)
+        for (int e = 0; e < E; e++) {
+            rs->importance[(long)i * E + e] = sums[e];
+            rs->mean_prob[(long)i * E + e] = sums[E + e] / tokens;
             rs->expert_bias[(long)i * E + e] = m->expert_bias[l] ? m->expert_bias[l][e] : 0.0;
+        }
+        rs->entropy[i] = scalars[GRAIN_ENTROPY] / tokens;
+        rs->mean_abs_logit[i] = scalars[GRAIN_ABS_LOGIT] / (tokens * E);
+        rs->logsumexp_sq[i] = scalars[GRAIN_LSE_SQ] / tokens;
+        double losses[4];
+        routing_global_losses(&m->moe_shape.router, sums, losses);
+        rs->aux_loss[i] = losses[0];
+        rs->z_loss[i] = losses[1];
+        rs->importance_loss[i] = losses[2];
+        rs->load_loss[i] = losses[3];
+        stats->aux_loss += losses[0];
+        stats->z_loss += losses[1];
+        stats->importance_loss += losses[2];
+        stats->load_loss += losses[3];
         dispatch_add_bytes_to_ranks(&m->moe[l].dispatch, m->shape.C, to_my_ep_group);
         i++;
     }
+    stats->loss = stats->ce_loss + stats->aux_loss + stats->z_loss + stats->importance_loss +
+                  stats->load_loss;
     comm_sum_longs(comm, rs->tokens_per_expert, L * E);
     comm_sum_longs(comm, rs->dropped_per_expert, L * E);
-    comm_sum_doubles(comm, rs->sums, 2 * L * E + ROUTING_LAYER_SUMS * L);
-    double tokens = (double)m->shape.B * m->shape.T * comm->world_size;
-    for (int j = 0; j < L * E; j++) rs->mean_prob[j] /= tokens;
-    for (int l = 0; l < L; l++) {
-        rs->entropy[l] /= tokens;
-        rs->mean_abs_logit[l] /= tokens * E;
-        rs->logsumexp_sq[l] /= tokens;
-        rs->aux_loss[l] /= comm->world_size; /* losses are means over ranks */
-        rs->z_loss[l] /= comm->world_size;
-        rs->importance_loss[l] /= comm->world_size;
-        rs->load_loss[l] /= comm->world_size;
-    }
     stats->assignments = stats->dropped = 0;
     for (int j = 0; j < L * E; j++) {
         stats->assignments += rs->tokens_per_expert[j];
@@ -133,13 +173,30 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
     }
 }
 
-/* The global gradient norm: dense gradients are identical on every rank
- * after the all-reduce; each expert's lives on one rank of every EP group. */
-static double global_grad_norm(const Model *m, const Comm *comm) {
+/* The global gradient norm. Dense gradients are identical on every rank;
+ * each expert's squares are summed per (expert, layer) and added in global
+ * expert order, the order of a 1-rank run. */
+static double global_grad_norm(Trainer *t) {
+    const Model *m = &t->model;
+    const ModelShape *s = &m->shape;
+    int E_local = model_local_experts(s), L = t->moe_layers;
+    int FW = s->Fe * ffn_w1_rows_per_unit(s->expert_activation);
     double dense = grad_sum_squares(m->grads, m->num_dense_params);
-    double expert =
-        grad_sum_squares(m->grads + m->num_dense_params, m->num_params - m->num_dense_params);
-    comm_ep_sum_doubles(comm, &expert, 1);
+    double *rows = t->grain_rows, *layer_sums = t->grain_totals; /* free between steps' uses */
+    for (int j = 0; j < E_local; j++)
+        for (int l = 0, i = 0; l < s->L; l++) {
+            if (!model_is_moe_layer(s, l)) continue;
+            const LayerWeights *dw = &m->dw.layers[l];
+            rows[(long)j * L + i] =
+                grad_sum_squares(dw->expert_fc1_w + (long)j * FW * s->C, (size_t)FW * s->C) +
+                grad_sum_squares(dw->expert_fc2_w + (long)j * s->C * s->Fe, (size_t)s->C * s->Fe);
+            i++;
+        }
+    double expert = 0.0;
+    if (L > 0) {
+        ordered_sum_doubles(t->comm, COMM_SCOPE_EP, rows, E_local, L, t->gathered, layer_sums);
+        for (int i = 0; i < L; i++) expert += layer_sums[i];
+    }
     return sqrt(dense + expert);
 }
 
@@ -174,29 +231,21 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     model_forward(m, t->inputs, t->targets);
     model_backward(m);
     mark = timer_now_s();
-    comm_reduce_gradients(t->comm, m->grads, m->num_dense_params, m->grads + m->num_dense_params,
-                          m->num_params - m->num_dense_params);
+    model_reduce_gradients(m);
     timer_charge(m->phase_s, PHASE_GRAD_ALLREDUCE, &mark);
-    double grad_norm = global_grad_norm(m, t->comm);
+    double grad_norm = global_grad_norm(t);
     clip_gradients(m->grads, m->num_params, grad_norm, cfg->clip_grad);
     double lr = lr_at_step(step, cfg->train_iters, cfg->lr_warmup_iters, cfg->lr, cfg->min_lr);
     adamw_step(&t->opt, m, lr);
     timer_charge(m->phase_s, PHASE_OPTIMIZER, &mark);
-    double sums[7] = {m->ce_loss + m->aux_loss + m->z_loss + m->importance_loss + m->load_loss,
-                      m->ce_loss,         m->aux_loss,     m->z_loss,
-                      m->importance_loss, m->load_loss,    model_step_flops(m)};
-    comm_sum_doubles(t->comm, sums, 7);
     gather_routing_stats(t, stats);
     update_expert_bias(t);
+    /* FLOPs are whole numbers well below 2^53: any order sums them exactly */
+    long flops = (long)model_step_flops(m);
+    comm_sum_longs(t->comm, &flops, 1);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
     int P = t->comm->world_size;
-    stats->loss = sums[0] / P;
-    stats->ce_loss = sums[1] / P;
-    stats->aux_loss = sums[2] / P;
-    stats->z_loss = sums[3] / P;
-    stats->importance_loss = sums[4] / P;
-    stats->load_loss = sums[5] / P;
-    stats->flops = sums[6];
+    stats->flops = (double)flops;
     stats->lr = lr;
     stats->grad_norm = grad_norm;
     stats->tokens = (long)B * T * P;
@@ -204,18 +253,29 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     memcpy(stats->phase_s, m->phase_s, sizeof m->phase_s);
 }
 
-/* Router assignments (before capacity) of this batch's tokens, by MoE
- * layer, expert and the tokens' category. */
+void routing_count_by_category(const Routing *r, int N, const int *categories, int num_categories,
+                               long *counts) {
+    /* Stride by slots, not K: expert_choice and soft give every token E
+     * slots, of which expert_choice routes only the experts that chose it. */
+    int S = r->slots;
+    for (int n = 0; n < N; n++)
+        for (int s = 0; s < S; s++) {
+            long a = (long)n * S + s;
+            if (r->choice_routed[a])
+                counts[(long)r->choice_expert[a] * num_categories + categories[n]]++;
+        }
+}
+
+/* Router assignments (routed, before capacity) of this batch's tokens, by
+ * MoE layer, expert and the tokens' category. */
 static void count_specialization(Trainer *t) {
     const Model *m = &t->model;
-    int E = m->shape.E, K = m->shape.K, N = m->shape.B * m->shape.T, i = 0;
+    int E = m->shape.E, N = m->shape.B * m->shape.T, i = 0;
     int categories = t->ds->num_categories;
     for (int l = 0; l < m->shape.L; l++) {
         if (!model_is_moe_layer(&m->shape, l)) continue;
-        const int *chosen = m->moe[l].routing.choice_expert;
         long *counts = t->routing.specialization + (long)i * E * categories;
-        for (int n = 0; n < N; n++)
-            for (int k = 0; k < K; k++) counts[(long)chosen[n * K + k] * categories + t->categories[n]]++;
+        routing_count_by_category(&m->moe[l].routing, N, t->categories, categories, counts);
         i++;
     }
 }
@@ -225,7 +285,8 @@ double trainer_evaluate(Trainer *t) {
     int B = m->shape.B, T = m->shape.T;
     int spec_len = t->moe_layers * m->shape.E * t->ds->num_categories;
     memset(t->routing.specialization, 0, sizeof(long) * spec_len);
-    double sum = 0.0;
+    int grains = model_grains(&m->shape);
+    double sum = 0.0, batch_sum;
     for (int i = 0; i < t->cfg->eval_iters; i++) {
         dataset_val_batch(t->ds, t->cfg->seed, i, t->comm->rank, B, T, t->inputs, t->targets,
                           t->categories);
@@ -234,11 +295,12 @@ double trainer_evaluate(Trainer *t) {
                                         .first_token = (long)t->comm->rank * B * T};
         model_forward(m, t->inputs, t->targets);
         count_specialization(t);
-        sum += m->ce_loss;
+        ordered_sum_doubles(t->comm, COMM_SCOPE_WORLD, m->grain_ce, grains, 1, t->gathered,
+                            &batch_sum);
+        sum += batch_sum;
     }
-    comm_sum_doubles(t->comm, &sum, 1);
     comm_sum_longs(t->comm, t->routing.specialization, spec_len);
-    return sum / ((double)t->cfg->eval_iters * t->comm->world_size);
+    return sum / ((double)t->cfg->eval_iters * grains * t->comm->world_size);
 }
 
 /* ---- the run --------------------------------------------------------------- */
@@ -337,12 +399,12 @@ static int save_parameters(const Trainer *t, const char *path, char *err, size_t
 }
 
 typedef struct RunState {
-    Record *rec;        /* rank 0 */
+    Record *rec; /* rank 0 */
     RecordLayout layout;
-    long *param_bytes;  /* [world] */
-    char *hostnames;    /* [world][MOESIM_HOSTNAME_MAX] */
-    double *phase_all;  /* [world * PHASE_COUNT], rank 0 */
-    long *bytes_all;    /* [world * world], rank 0 */
+    long *param_bytes; /* [world] */
+    char *hostnames;   /* [world][MOESIM_HOSTNAME_MAX] */
+    double *phase_all; /* [world * PHASE_COUNT], rank 0 */
+    long *bytes_all;   /* [world * world], rank 0 */
 } RunState;
 
 static long params_active_per_token(const Trainer *t) {
@@ -369,20 +431,20 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
         comm_gather_hostnames(comm, rs->hostnames);
     }
     size_t expert_params = m->num_params - m->num_dense_params;
-    rs->layout = (RecordLayout){
-        .world_size = P,
-        .ep_size = comm->ep_size,
-        .moe_layers = t->moe_layers,
-        .experts = t->cfg->num_experts,
-        .top_k = t->cfg->moe_router_topk,
-        .num_categories = t->ds->num_categories,
-        .category_names = t->ds->category_names,
-        .hostnames = rs->hostnames,
-        .hostname_len = MOESIM_HOSTNAME_MAX,
-        .param_bytes_per_rank = rs->param_bytes,
-        .params_total = (long)(m->num_dense_params + expert_params * comm->ep_size),
-        .params_active_per_token = params_active_per_token(t),
-        .platform = platform};
+    rs->layout =
+        (RecordLayout){.world_size = P,
+                       .ep_size = comm->ep_size,
+                       .moe_layers = t->moe_layers,
+                       .experts = t->cfg->num_experts,
+                       .top_k = t->cfg->moe_router_topk,
+                       .num_categories = t->ds->num_categories,
+                       .category_names = t->ds->category_names,
+                       .hostnames = rs->hostnames,
+                       .hostname_len = MOESIM_HOSTNAME_MAX,
+                       .param_bytes_per_rank = rs->param_bytes,
+                       .params_total = (long)(m->num_dense_params + expert_params * comm->ep_size),
+                       .params_active_per_token = params_active_per_token(t),
+                       .platform = platform};
     if (ok && comm->rank == 0) {
         rs->rec = record_open(t->cfg->out, t->cfg, &rs->layout, err, errlen);
         ok = rs->rec != NULL;

@@ -1252,8 +1252,10 @@ TEST_F(ConfigValidate, GroupSizeMustDivideTheMicroBatch) {
     cfg_.moe_group_size = 48;
     SetResult r = Validate(cfg_);
     EXPECT_EQ(r.rc, -1);
+    // 3 sequences of 32 hold two groups of 48: the smallest micro-batch that works
     ExpectMentions(r.err, {"--moe-group-size 48", "128 tokens", "--micro-batch-size 4",
-                           "--seq-length 32", "divisor"});
+                           "--seq-length 32", "split across ranks", "--micro-batch-size 3, 6",
+                           "dividing 128"});
     cfg_.moe_group_size = 64;
     EXPECT_EQ(Validate(cfg_).rc, 0);
     cfg_.moe_group_size = 256;

@@ -11,9 +11,18 @@
 #include "moesim/comm.h"
 #include "moesim/model.h"
 #include "moesim/moe.h"
+#include "moesim/reduce.h"
 #include "router_shapes.h"
 
 namespace {
+
+// The sum of one value over the ranks, in rank order.
+double sum_over_ranks(const Comm *comm, double value) {
+    std::vector<double> gathered(comm->world_size);
+    double sum = 0.0;
+    ordered_sum_doubles(comm, COMM_SCOPE_WORLD, &value, 1, 1, gathered.data(), &sum);
+    return sum;
+}
 
 constexpr double kTolerance = 1e-2;  // float32 central differences, as in test_grad.cpp
 
@@ -69,7 +78,7 @@ struct ShardedMoe {
         RouterContext ctx = training_context(shape.router, 0, (long)comm->rank * N);
         moe_forward(out.data(), &layer, x.data(), &w, &shape, &ctx, comm, nullptr, nullptr);
         double loss = weighted_sum(out.data(), r) + layer.routing.aux_loss + layer.routing.z_loss;
-        comm_sum_doubles(comm, &loss, 1);
+        loss = sum_over_ranks(comm, loss);
         return loss;
     }
     bool routing_unchanged_everywhere() const {
@@ -81,7 +90,7 @@ struct ShardedMoe {
     long dropped_everywhere() const {
         double d = 0;
         for (int e = 0; e < E; e++) d += (double)layer.routing.dropped_per_expert[e];
-        comm_sum_doubles(comm, &d, 1);
+        d = sum_over_ranks(comm, d);
         return (long)d;
     }
 };
@@ -95,7 +104,7 @@ GradCheck check_owned(ShardedMoe &f, std::vector<float> &param, const std::vecto
     bool mine = owner < 0 || owner == f.comm->rank;
     double max_grad = 0.0;
     for (float g : grad) max_grad = std::fmax(max_grad, std::fabs(g));
-    comm_sum_doubles(f.comm, &max_grad, 1);
+    max_grad = sum_over_ranks(f.comm, max_grad);
     Rng rng = {rng_mix64(seed)};
     const float eps = 2e-3f;
     for (int s = 0; s < samples; s++) {
@@ -109,7 +118,7 @@ GradCheck check_owned(ShardedMoe &f, std::vector<float> &param, const std::vecto
         stable = f.routing_unchanged_everywhere() && stable;
         if (mine) param[i] = saved;
         double analytic = mine ? grad[i] : 0.0;
-        comm_sum_doubles(f.comm, &analytic, 1);  // one owner, or the replicas' sum
+        analytic = sum_over_ranks(f.comm, analytic);  // one owner, or the replicas' sum
         if (!stable) {
             res.skipped++;
             continue;
@@ -147,7 +156,7 @@ TEST_F(Distributed, MoeGradientsThroughTheExchange) {
         dw2(f.w2.size(), 0.0f);
     f.global_loss();
     MoeWeights w = {{f.router_w.data(), nullptr}, f.w1.data(), f.w2.data()};
-    MoeGrads g = {{drw.data(), nullptr}, dw1.data(), dw2.data()};
+    MoeGrads g = {{drw.data(), nullptr}, dw1.data(), dw2.data(), nullptr, nullptr};
     moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape, &comm,
                  nullptr, nullptr);
     struct Case {

@@ -87,7 +87,7 @@ TEST(GradSoftmaxCrossEntropy, Logits) {
     };
     loss();
     std::vector<float> dlogits = work;
-    softmax_cross_entropy_backward(dlogits.data(), targets.data(), N, V);
+    softmax_cross_entropy_backward(dlogits.data(), targets.data(), N, V, N);
     auto g = check_gradient(logits.data(), logits.size(), dlogits.data(), loss, 200, 1e-2f, 15);
     EXPECT_LT(g.max_error, kTolerance) << describe(g);
 }
@@ -225,7 +225,7 @@ TEST_P(GradMoe, LayerWithDropsAndAuxLosses) {
         dw2(f.w2.size(), 0.0f);
     f.loss();
     MoeWeights w = {{f.router_w.data(), nullptr}, f.w1.data(), f.w2.data()};
-    MoeGrads g = {{drw.data(), nullptr}, dw1.data(), dw2.data()};
+    MoeGrads g = {{drw.data(), nullptr}, dw1.data(), dw2.data(), nullptr, nullptr};
     moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape, &f.comm,
                  nullptr, nullptr);
     auto loss = [&] { return f.loss(); };

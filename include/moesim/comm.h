@@ -10,6 +10,7 @@
 
 #include <mpi.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -25,6 +26,13 @@ typedef struct Comm {
     MPI_Comm ep;  /* this rank's EP group */
     MPI_Comm edp; /* this rank's expert-data-parallel group */
 } Comm;
+
+/* Which ranks a collective spans. */
+typedef enum CommScope {
+    COMM_SCOPE_WORLD,
+    COMM_SCOPE_EP,  /* this rank's expert-parallel group */
+    COMM_SCOPE_EDP, /* this rank's expert-data-parallel group */
+} CommScope;
 
 /* MPI_Init, then comm_attach_world; aborts the process if MPI cannot start. */
 void comm_init(Comm *c, int *argc, char ***argv);
@@ -47,15 +55,15 @@ int comm_first_failed_rank(const Comm *c, int ok);
 /* Rank `root` shares its error text, so every rank can report the same cause. */
 void comm_share_error(const Comm *c, int root, char *err, size_t errlen);
 
-void comm_sum_doubles(const Comm *c, double *values, int n);
+/* Integer sums only: a float sum across ranks goes through reduce.h, whose
+ * result does not depend on the layout. */
 void comm_sum_longs(const Comm *c, long *values, int n);
-/* Sum over the EP group (for quantities split across experts). */
-void comm_ep_sum_doubles(const Comm *c, double *values, int n);
-/* Gradients: dense ones summed over the world, expert ones over the
- * expert-data-parallel group; both then divided by the world size, because
- * the loss is the mean of the ranks' losses. */
-void comm_reduce_gradients(const Comm *c, float *dense, size_t dense_n, float *expert,
-                           size_t expert_n);
+/* The primitives of reduce.h: in-place element-wise max and sum over scope,
+ * an all-gather in rank order, and the number of ranks in a scope. */
+int comm_scope_size(const Comm *c, CommScope scope);
+void comm_max_bytes(const Comm *c, CommScope scope, uint8_t *values, size_t n);
+void comm_sum_int64(const Comm *c, CommScope scope, int64_t *values, size_t n);
+void comm_allgather_doubles(const Comm *c, CommScope scope, const double *mine, double *all, int n);
 /* Rank 0 receives n values from every rank, rank-major ([world][n]). */
 void comm_gather_doubles(const Comm *c, const double *mine, double *all, int n);
 void comm_gather_longs(const Comm *c, const long *mine, long *all, int n);

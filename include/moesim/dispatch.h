@@ -18,20 +18,28 @@ extern "C" {
 
 typedef struct Dispatch {
     int E, E_local, ep_size;
-    int *send_row_begin;   /* [E+1] sender layout: first row of each global expert */
-    int *recv_counts;      /* [ep_size * E_local] rows from source s for local expert j */
-    int *expert_row_begin; /* [E_local+1] owner layout: first row of each local expert */
+    int grains;             /* per source rank: the finest split of an expert's rows */
+    int *rows_per_expert;   /* [E] rows this rank sends to each global expert */
+    int *send_row_begin;    /* [E+1] sender layout: first row of each global expert */
+    int *recv_counts;       /* [ep_size * E_local] rows from source s for local expert j */
+    int *expert_row_begin;  /* [E_local+1] owner layout: first row of each local expert */
+    int *recv_grain_counts; /* [ep_size * E_local * grains] rows of (source, local expert, grain) */
+    int *split_begin;       /* [E_local][ep_size * grains + 1] within each local expert's block:
+                               first row of each (source rank, grain), the expert's RowSplit */
     int num_send_rows, num_recv_rows;
     /* MPI argument scratch, [ep_size] each, in elements (rows x width) */
     int *send_counts, *send_displs, *recv_counts_el, *recv_displs;
 } Dispatch;
 
-int dispatch_init(Dispatch *d, int E, int ep_size);
+int dispatch_init(Dispatch *d, int E, int ep_size, int grains);
 void dispatch_free(Dispatch *d);
 
-/* From the sender's per-expert row counts [E]: exchanges them and fills both
- * layouts. Collective over the EP group. */
-void dispatch_plan(Dispatch *d, const int *rows_per_expert, const Comm *comm);
+/* From the sender's row counts per (global expert, grain) [E * grains]:
+ * exchanges them and fills both layouts and the experts' splits. Collective
+ * over the EP group. */
+void dispatch_plan(Dispatch *d, const int *rows_per_expert_grain, const Comm *comm);
+/* Local expert j's splits: ep_size * grains of them, begin[0..count]. */
+const int *dispatch_expert_splits(const Dispatch *d, int j, int *count);
 
 /* sender rows [num_send_rows, width] -> owner rows [num_recv_rows, width] */
 void dispatch_rows(Dispatch *d, const float *send, float *recv, int width, const Comm *comm);

@@ -10,6 +10,7 @@
 #include "moesim/comm.h"
 #include "moesim/config.h"
 #include "moesim/moe.h"
+#include "moesim/reduce.h"
 #include "moesim/timing.h"
 
 #ifdef __cplusplus
@@ -32,10 +33,17 @@ typedef struct ModelShape {
     double importance_loss_coeff, load_loss_coeff, jitter_eps;
     int expert_bias; /* DeepSeek-V3 selection bias per expert */
     FfnActivation expert_activation;
-    int shared_F;    /* shared expert hidden size; 0 = none */
+    int shared_F;                     /* shared expert hidden size; 0 = none */
     MatmulPrecision precision;        /* inputs of every matmul but the router's */
     MatmulPrecision router_precision; /* the router's (Switch's selective precision) */
+    /* Layout invariance (reduce.h): grain = tokens every layout keeps on one
+     * rank in the same order, lcm(G, T); world = micro-batches in the global
+     * batch, whose mean the loss is (1 until the trainer sets it). */
+    int grain, world;
 } ModelShape;
+
+/* Grains in this rank's micro-batch. */
+int model_grains(const ModelShape *s);
 
 /* ep_size/ep_rank place this rank's expert shard (1/0 for the whole model). */
 void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, int ep_size,
@@ -73,7 +81,7 @@ typedef struct ParamTensor {
     size_t offset, numel;
     int ndim, shape[3];
     int is_expert;
-    int decay;       /* weight decay applies (matrices, not norms) */
+    int decay; /* weight decay applies (matrices, not norms) */
     ParamInit init;
     double init_std; /* for PARAM_INIT_NORMAL */
 } ParamTensor;
@@ -86,7 +94,7 @@ typedef struct LayerActs {
     float *att_out;        /* [N, C] */
     float *resid_mid;      /* [N, C] */
     float *ln2, *ln2_rstd;
-    float *h_pre, *h_act; /* [N, F] dense layers */
+    float *h_pre, *h_act;               /* [N, F] dense layers */
     float *shared_h_pre, *shared_h_act; /* [N, shared_F * rows], [N, shared_F] */
 } LayerActs;
 
@@ -108,13 +116,22 @@ typedef struct Model {
     int *inputs, *targets;                     /* [N] copies of the current batch */
     /* backward scratch */
     float *dresid, *dln, *dtmp, *dqkv, *datt, *dh; /* [N,C] x3, [N,3C], [T,T], [N,F] */
-    float *shared_dh;    /* [N, shared_F * rows] */
-    float **expert_bias; /* [L] -> [E], MoE layers with a selection bias */
+    float *shared_dh;                              /* [N, shared_F * rows] */
+    float **expert_bias;      /* [L] -> [E], MoE layers with a selection bias */
     RouterContext router_ctx; /* set by the trainer before each forward: training, step,
                                  seed, first_token; layer, bias, capacity and matmul
                                  filled here */
-    Matmul matmul;        /* every product at shape.precision; owns the bf16 scratch */
-    Matmul router_matmul; /* the router's, at shape.router_precision: a view of matmul */
+    Matmul matmul;            /* every product at shape.precision; owns the bf16 scratch */
+    Matmul router_matmul;     /* the router's, at shape.router_precision: a view of matmul */
+    /* Weight gradients per grain, for the exact reduction: dense_partials
+     * [grains] of num_dense_params (the first is grads itself), and
+     * expert_partials [ep_size * grains] of the expert tail (the first is
+     * grads + num_dense_params), one per (source rank, grain) of the rows an
+     * expert receives. dense_split routes the token-row products. */
+    float **dense_partials, **expert_partials;
+    RowSplit dense_split;
+    double *grain_ce; /* [grains] mean cross-entropy of each grain, last forward */
+    ExactSum exact;   /* scratch of model_reduce_gradients */
     /* results of the last forward */
     double ce_loss, aux_loss, z_loss, importance_loss, load_loss;
     double phase_s[PHASE_COUNT]; /* seconds per phase, accumulated until reset */
@@ -133,6 +150,11 @@ double model_forward(Model *m, const int *inputs, const int *targets);
 /* Accumulates the gradient of the last forward's total loss into grads. */
 void model_backward(Model *m);
 void model_zero_grad(Model *m);
+/* grads <- the gradient of the global batch's loss: every grain's partial
+ * summed exactly, dense ones over the world and expert ones over the
+ * expert-data-parallel group, whose ranks together hold one partial per
+ * grain for each expert. The same bits in every layout. Collective. */
+void model_reduce_gradients(Model *m);
 
 /* Matmul FLOPs this rank did in the last forward + backward (6 per
  * multiply-add over forward and backward), counting the expert rows it

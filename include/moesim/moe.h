@@ -32,10 +32,10 @@ long moe_max_recv_rows(const MoeShape *s);
 /* Per-layer state kept from forward to backward. */
 typedef struct MoeLayer {
     Routing routing;
-    RouterContext ctx;    /* of the last forward, reused by its backward */
-    long *global_demand;  /* [E] router demand of the global batch (global_aux_loss) */
+    RouterContext ctx;   /* of the last forward, reused by its backward */
+    long *global_demand; /* [E] router demand of the global batch (global_aux_loss) */
     Dispatch dispatch;
-    int *rows_per_expert; /* [E] kept assignments per global expert */
+    int *rows_per_expert; /* [E * grains] kept assignments per (global expert, grain) */
     int *expert_cursor;   /* [E] scratch for filling the sender layout */
     int *row_choice;      /* [send rows] slot t*slots+k of each sender row */
     int *choice_row;      /* [N*slots] sender row of each slot, -1 when not kept */
@@ -71,18 +71,22 @@ typedef struct MoeWeights {
     const float *w1, *w2;
 } MoeWeights;
 
+/* The experts' weight gradients go to one partial per (source rank, grain)
+ * split of each expert's rows: partials[ep_size * grains], laid out like
+ * `grads`, the buffer w1 and w2 point into (NULL: straight into w1, w2). */
 typedef struct MoeGrads {
     RouterGrads router;
     float *w1, *w2;
+    const float *grads;
+    float *const *partials;
 } MoeGrads;
 
 /* out[N,C] from x[N,C]. Collective over the EP group (and the world, for
  * global_aux_loss). phase_s (may be NULL) accumulates seconds per phase. The
  * experts' products run at mm's precision (NULL: float32), the router's at
  * ctx->matmul's. */
-void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w,
-                 const MoeShape *s, const RouterContext *ctx, const Comm *comm,
-                 double *phase_s, const Matmul *mm);
+void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w, const MoeShape *s,
+                 const RouterContext *ctx, const Comm *comm, double *phase_s, const Matmul *mm);
 
 /* dx[N,C] overwritten; weight gradients accumulated. Collective. */
 void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *x,

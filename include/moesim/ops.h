@@ -29,11 +29,32 @@ typedef enum MatmulPrecision { MATMUL_FP32, MATMUL_BF16 } MatmulPrecision;
  * written through a const Matmul *, like a Comm's buffers: callers run one
  * matmul at a time. Every function below taking a Matmul * treats NULL as
  * float32. */
+/* Where a product over token rows splits, and where each split's weight
+ * gradient goes. Every layout issues the same call for a split (one grain's
+ * rows, or one grain's rows of an expert), so a row's result never depends on
+ * how many rows a rank holds: OpenBLAS's Haswell and Zen kernels round a row
+ * in a short tail panel differently from one in a full panel. Each split's
+ * weight gradient is a separate partial, for the exact reduction (reduce.h). */
+typedef struct RowSplit {
+    int count;              /* splits */
+    int rows;               /* rows per split, when begin is NULL */
+    const int *begin;       /* [count+1] first row of each split within the call, or NULL */
+    const float *grads;     /* the gradient buffer that a dw argument points into */
+    float *const *partials; /* [count] split i's gradient buffer, laid out like grads */
+} RowSplit;
+
+/* The splits of an N-row product (1 without a split), the first row of split
+ * i (i = count gives N), and where split i accumulates the gradient dw. */
+int row_split_count(const RowSplit *split, int N);
+int row_split_begin(const RowSplit *split, int i, int N);
+float *row_split_grad(const RowSplit *split, float *dw, int i);
+
 typedef struct Matmul {
     MatmulPrecision precision;
-    float *rounded[2]; /* [capacity] each: rounded copies of operand A and B */
-    size_t capacity;   /* floats per buffer; 0 for float32 */
-    int owns_scratch;  /* matmul_free releases it (not for matmul_view copies) */
+    float *rounded[2];     /* [capacity] each: rounded copies of operand A and B */
+    size_t capacity;       /* floats per buffer; 0 for float32 */
+    int owns_scratch;      /* matmul_free releases it (not for matmul_view copies) */
+    const RowSplit *split; /* of the token rows; NULL: one call, gradients into dw */
 } Matmul;
 
 /* Allocates the scratch when max_operand_floats > 0 (needed when this
@@ -57,16 +78,19 @@ float bf16_round(float x);
 void matmul_forward(float *out, const float *inp, const float *w, int N, int in_dim, int out_dim,
                     const Matmul *mm);
 /* dinp[N,in_dim] = dout·w (overwritten, skipped when dinp is NULL);
- * dw[out_dim,in_dim] += dout^T·inp */
+ * dw[out_dim,in_dim] += dout^T·inp (per split, into the split's partial) */
 void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp, const float *w,
                      int N, int in_dim, int out_dim, const Matmul *mm);
+/* matmul_backward with dinp = dinp_beta * dinp + dout·w */
+void matmul_backward_into(float *dinp, float dinp_beta, float *dw, const float *dout,
+                          const float *inp, const float *w, int N, int in_dim, int out_dim,
+                          const Matmul *mm);
 /* cblas_sgemm, row-major, at mm's precision: c[M,N] = alpha * op(a) · op(b)
  * + beta * c, op(a)[M,K] = a or a^T (transpose_a), op(b)[K,N] likewise. For
  * the products that are not a linear layer (attention, the router's
  * backward). */
-void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float alpha,
-                 const float *a, int lda, const float *b, int ldb, float beta, float *c, int ldc,
-                 const Matmul *mm);
+void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float alpha, const float *a,
+                 int lda, const float *b, int ldb, float beta, float *c, int ldc, const Matmul *mm);
 
 /* out[N,C] = inp * rstd * w with rstd[N] = 1/sqrt(mean(inp^2) + eps) */
 void rmsnorm_forward(float *out, float *rstd, const float *inp, const float *w, int N, int C);
@@ -83,7 +107,8 @@ void gelu_backward(float *dinp, const float *inp, const float *dout, long n);
  * -log p[target]. */
 double softmax_cross_entropy_forward(float *logits_to_probs, const int *targets, int N, int V);
 /* In place: probs[N,V] become dlogits = (p - onehot(target)) / N. */
-void softmax_cross_entropy_backward(float *probs_to_dlogits, const int *targets, int N, int V);
+void softmax_cross_entropy_backward(float *probs_to_dlogits, const int *targets, int N, int V,
+                                    long mean_over);
 
 /* Numerically stable softmax of one row of n values, in place; returns the
  * row's log-sum-exp. */

@@ -55,15 +55,40 @@ typedef struct RouterShape {
     double aux_loss_coeff;
     double z_loss_coeff;
     RouterType type;
-    int sigmoid_scores; /* sigmoid instead of softmax scores (topk only) */
+    int sigmoid_scores;        /* sigmoid instead of softmax scores (topk only) */
     int softmax_over_selected; /* Mixtral: gates are a softmax over the k selected logits */
-    int drop_by_prob;   /* on overflow keep the highest gates, not the earliest */
+    int drop_by_prob;          /* on overflow keep the highest gates, not the earliest */
     int min_capacity;
     BalancingType balancing;
     int T; /* tokens per sequence, for seq_aux_loss */
     double importance_loss_coeff, load_loss_coeff;
     double jitter_eps; /* multiplicative router-input jitter in training */
+    /* Layout invariance (reduce.h): the loss is a mean over the global batch,
+     * world micro-batches of N tokens (0 counts as 1), and statistics are
+     * kept per grain of `grain` tokens (0: the whole micro-batch), a multiple
+     * of G and T that every layout keeps on one rank. */
+    int world;
+    int grain;
 } RouterShape;
+
+/* One grain's statistics, Routing.grain_stats: the combine gates [E] and
+ * router scores [E] summed over its tokens, then these sums. */
+enum RoutingGrainScalar {
+    GRAIN_ENTROPY,    /* of the softmax over h, nats */
+    GRAIN_ABS_LOGIT,  /* |x·Wg| over tokens and experts */
+    GRAIN_LSE_SQ,     /* logsumexp(h)^2: the z-loss before coefficient and mean */
+    GRAIN_AUX,        /* sum_units sum_e f_e * (sum of the unit's scores for e) */
+    GRAIN_IMPORTANCE, /* sum over the grain's groups of CV^2 of importance */
+    GRAIN_LOAD,       /* sum over the grain's groups of CV^2 of smooth load */
+    GRAIN_SCALARS
+};
+int routing_grain_width(int E); /* 2E + GRAIN_SCALARS */
+int routing_grains(const RouterShape *s);
+int routing_grain_tokens(const RouterShape *s);
+/* The layer's losses over the global batch (coefficients included) from the
+ * grain statistics summed over every grain of it: aux, z, importance, load. */
+void routing_global_losses(const RouterShape *s, const double *summed_grain_stats,
+                           double losses[4]);
 
 /* What changes from call to call. */
 typedef struct RouterContext {
@@ -122,11 +147,12 @@ typedef struct Routing {
     int capacity;                 /* per expert per group; 0 when dropless */
     double aux_loss, z_loss, importance_loss, load_loss; /* coefficients included */
     /* statistics for the record, summed over this micro-batch's tokens */
-    double *gate_sum;   /* [E] combine gates of the routed assignments */
-    double *prob_sum;   /* [E] router scores */
-    double entropy_sum; /* of the softmax over h, nats */
+    double *gate_sum;     /* [E] combine gates of the routed assignments */
+    double *prob_sum;     /* [E] router scores */
+    double entropy_sum;   /* of the softmax over h, nats */
     double abs_logit_sum; /* |x·Wg| over tokens and experts (ST-MoE watches their size) */
     double lse_sq_sum;    /* logsumexp(h)^2 over tokens: the z-loss before its coefficient */
+    double *grain_stats;  /* [grains][routing_grain_width]: the same sums per grain */
 } Routing;
 
 /* The names used by --moe-router-type and --moe-router-load-balancing-type

@@ -10,6 +10,7 @@
 #include "moesim/model.h"
 #include "moesim/optim.h"
 #include "moesim/platform.h"
+#include "moesim/reduce.h"
 #include "moesim/timing.h"
 
 #ifdef __cplusplus
@@ -17,11 +18,11 @@ extern "C" {
 #endif
 
 typedef struct StepStats {
-    double loss, ce_loss, aux_loss, z_loss; /* means over ranks */
+    double loss, ce_loss, aux_loss, z_loss; /* of the global batch */
     double importance_loss, load_loss;
-    double lr, grad_norm, seconds, flops;   /* flops: summed over ranks */
-    long tokens, dropped, assignments;      /* global */
-    double phase_s[PHASE_COUNT];            /* this rank's time per phase */
+    double lr, grad_norm, seconds, flops; /* flops: summed over ranks */
+    long tokens, dropped, assignments;    /* global */
+    double phase_s[PHASE_COUNT];          /* this rank's time per phase */
 } StepStats;
 
 /* Routing statistics of the last step (or evaluation), global: summed over
@@ -33,7 +34,7 @@ typedef struct RoutingStats {
     double *importance_loss, *load_loss;          /* [L] */
     double *mean_abs_logit, *logsumexp_sq;        /* [L]; means over tokens (and experts) */
     double *sums;                                 /* one block behind the nine above */
-    double *expert_bias; /* [L*E] selection bias of the step (identical on every rank) */
+    double *expert_bias;  /* [L*E] selection bias of the step (identical on every rank) */
     long *specialization; /* [L*E*categories] assignments at the last evaluation */
 } RoutingStats;
 
@@ -47,6 +48,11 @@ typedef struct Trainer {
     RoutingStats routing;
     long *dispatch_bytes; /* [world] bytes this rank sent to each rank last step */
     int moe_layers;
+    /* The exact reductions of statistics (reduce.h): this rank's per-grain
+     * rows [grains][grain_width] (cross-entropy, then each MoE layer's
+     * routing_grain_width sums), their global sums, and every rank's rows. */
+    int grain_width;
+    double *grain_rows, *grain_totals, *gathered;
 } Trainer;
 
 int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
@@ -56,6 +62,12 @@ void trainer_free(Trainer *t);
 void trainer_step(Trainer *t, long step, StepStats *stats);
 /* Mean validation cross-entropy over eval_iters batches and all ranks. */
 double trainer_evaluate(Trainer *t);
+
+/* What /specialization/counts records: adds every routed slot of the N tokens
+ * (router demand, before capacity, as tokens_per_expert) to
+ * counts[expert * num_categories + categories[token]]. */
+void routing_count_by_category(const Routing *r, int N, const int *categories, int num_categories,
+                               long *counts);
 
 /* The whole run: training, evals, progress, the HDF5 record at cfg->out.
  * Returns 0, or -1 with err (the same on every rank). */

@@ -159,6 +159,7 @@ static int run(const char *out_path, double weight_scale, int argc, char **argv,
                    &model.matmul);
     model_zero_grad(&model);
     model_backward(&model);
+    model_reduce_gradients(&model);
 
     Export ex = {.file = tensor_file_create(out_path)};
     if (ex.file < 0) {

@@ -1,0 +1,308 @@
+"""The parallel layout never changes a result (issue 12).
+
+For a fixed config and seed, the same global batch of sequences and the same
+--moe-group-size, a run on P ranks with expert-parallel size EP must write
+exactly the record and final parameters of the 1-rank run: every /train/
+dataset except timings and tokens/s, every /eval/, /routing/ and
+/specialization/ dataset, and every tensor of --save. "Exactly" is
+np.array_equal, never a tolerance: a float reduction whose result depends on
+how the batch is split across ranks shows up as a difference at some step.
+
+Every run goes through moesim_run with a timeout and happens once per module.
+"""
+import re
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+
+from moesim_run import run_moesim, run_mpi
+
+SEQ = 16
+EXPERTS = 4
+TOPK = 2
+STEPS = 100
+GLOBAL_BATCH = 12  # sequences per step, whatever the layout
+GROUP = SEQ        # one sequence per routing group, so every micro-batch holds whole groups
+RUN_TIMEOUT = 120
+
+TINY = {
+    "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": SEQ,
+    "num-experts": EXPERTS, "moe-router-topk": TOPK, "moe-ffn-hidden-size": 32,
+    "ffn-hidden-size": 64, "train-iters": STEPS, "eval-interval": 50, "eval-iters": 2,
+    "log-interval": 1, "progress-interval": 1000, "data-format": "synthetic",
+    "synthetic-tokens": 20000, "lr-warmup-iters": 5,
+}
+
+# Each variant is the base (capacity factor 1.0, which drops tokens) plus its flags.
+BASE = {"moe-expert-capacity-factor": 1.0}
+VARIANTS = {
+    "dropped": {},
+    "dropless": {"moe-expert-capacity-factor": 0},
+    "global-aux-loss": {"moe-router-load-balancing-type": "global_aux_loss"},
+    "noisy-topk": {"moe-router-type": "noisy_topk"},
+    "gshard-top2": {"moe-router-type": "gshard_top2"},
+    "expert-bias": {"moe-router-enable-expert-bias": 1, "moe-router-bias-update-rate": 1e-3},
+}
+
+WORLD_SIZES = [1, 2, 3, 4, 6]  # each divides GLOBAL_BATCH
+MATRIX = [(p, ep) for p in WORLD_SIZES for ep in (1, 2, 4) if p % ep == 0 and EXPERTS % ep == 0]
+SUBSET = [(2, 2), (3, 1), (4, 2), (6, 2)]
+CASES = ([("dropped", p, ep) for p, ep in MATRIX] +
+         [(v, p, ep) for v in VARIANTS if v != "dropped" for p, ep in SUBSET])
+
+# The datasets of the contract, by group; /timing/ and /traffic/ depend on the layout by design.
+COMPARED_GROUPS = ("train", "eval", "routing", "specialization")
+TIMING_NAME = re.compile(r"time|seconds|_s$")
+# Which step each row of a group's datasets belongs to, for failure messages.
+STEP_OF_GROUP = {"train": "train/step", "routing": "train/step", "eval": "eval/step",
+                 "specialization": "specialization/step"}
+
+
+def is_timing(name, units):
+    """Wall-clock datasets (seconds, or a rate per second) differ between any two runs."""
+    return bool(TIMING_NAME.search(name.rsplit("/", 1)[-1])) or units == "s" or \
+        units.endswith("/s")
+
+
+def load_run(out, save):
+    """The compared datasets of a record, its attributes, the names it left out
+    as timings, and the saved parameters."""
+    data, skipped = {}, []
+    with h5py.File(out, "r") as f:
+        attrs = dict(f.attrs)
+        for group in COMPARED_GROUPS:
+            for name, ds in f[group].items():
+                path = f"{group}/{name}"
+                units = ds.attrs.get("units", "")
+                units = units.decode() if isinstance(units, bytes) else str(units)
+                if group == "train" and is_timing(path, units):
+                    skipped.append(path)
+                else:
+                    data[path] = ds[()]
+    with h5py.File(save, "r") as f:
+        params = {f"params/{name}": ds[()] for name, ds in f["params"].items()}
+    return {"data": data, "params": params, "attrs": attrs, "skipped": sorted(skipped)}
+
+
+class Runs:
+    """Runs each (variant, world size, EP, group size, repeat) once per module;
+    a failed run is remembered so the tests that share it fail without rerunning it."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp = tmp_path_factory
+        self.cache = {}
+
+    def get(self, variant, world, ep, group=GROUP, repeat=0):
+        key = (variant, world, ep, group, repeat)
+        if key not in self.cache:
+            self.cache[key] = self._run(key)
+        run = self.cache[key]
+        if isinstance(run, str):
+            pytest.fail(run)
+        return run
+
+    def _run(self, key):
+        variant, world, ep, group, repeat = key
+        d = self.tmp.mktemp(f"{variant}-p{world}-ep{ep}-g{group}-r{repeat}")
+        out, save = d / "run.h5", d / "params.h5"
+        options = {**TINY, **BASE, **VARIANTS[variant], "moe-group-size": group,
+                   "micro-batch-size": GLOBAL_BATCH // world,
+                   "expert-model-parallel-size": ep, "out": out, "save": save}
+        try:
+            result = (run_moesim("train", options, timeout=RUN_TIMEOUT) if world == 1
+                      else run_mpi(world, "train", options, timeout=RUN_TIMEOUT))
+        except subprocess.TimeoutExpired:
+            return f"{key}: no result within {RUN_TIMEOUT}s"
+        if result.returncode != 0:
+            return f"{key} failed (status {result.returncode}):\n{result.stdout}{result.stderr}"
+        run = load_run(out, save)
+        if run["attrs"].get("status") != "complete":
+            return f"{key}: record status {run['attrs'].get('status')!r}"
+        return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return Runs(tmp_path_factory)
+
+
+def unequal(a, b):
+    """Where a and b differ, a NaN equalling a NaN (as np.array_equal's equal_nan)."""
+    same = a == b
+    if a.dtype.kind == "f":
+        same |= np.isnan(a) & np.isnan(b)
+    return ~same
+
+
+def differences(got, want, steps):
+    """One line per dataset that is not np.array_equal, earliest step first:
+    the first differing index (with the step it belongs to) and both values."""
+    assert got.keys() == want.keys(), (
+        f"datasets only here: {sorted(got.keys() - want.keys())}, "
+        f"only in the 1-rank run: {sorted(want.keys() - got.keys())}")
+    found = []
+    for name in sorted(want):
+        a, b = got[name], want[name]
+        if a.shape != b.shape or a.dtype != b.dtype:
+            found.append((-1, f"{name}: {a.dtype}{list(a.shape)} vs 1-rank "
+                              f"{b.dtype}{list(b.shape)}"))
+            continue
+        if np.array_equal(a, b, equal_nan=a.dtype.kind == "f"):
+            continue
+        mask = unequal(a, b)
+        index = tuple(int(i) for i in np.argwhere(mask)[0])
+        step_name = STEP_OF_GROUP.get(name.split("/")[0])
+        if step_name and a.ndim:
+            step = int(steps[step_name][index[0]])
+            where = f"step {step} (row {index[0]}), index {index}"
+        else:
+            step, where = STEPS + 1, f"index {index}"  # final parameters: after every step
+        count = int(np.count_nonzero(mask))
+        found.append((step, f"{name} first differs at {where}: {a[index]!r} vs 1-rank "
+                            f"{b[index]!r} ({count} of {a.size} elements differ)"))
+    return [line for _, line in sorted(found, key=lambda item: item[0])]
+
+
+def assert_identical(run, ref, what):
+    steps = {name: ref["data"][name] for name in set(STEP_OF_GROUP.values())}
+    lines = differences(run["data"], ref["data"], steps) + \
+        differences(run["params"], ref["params"], steps)
+    assert not lines, f"{what} is not bit-identical to the 1-rank run:\n  " + "\n  ".join(lines)
+
+
+# ---- the contract's datasets are what the tests compare -------------------------------
+
+def test_compared_datasets_cover_the_contract(runs):
+    """Guards against comparing too little: every group of the contract is
+    present and non-empty, only wall-clock datasets of /train/ are left out,
+    and the losses, routing counts and parameters are among the compared."""
+    ref = runs.get("dropped", 1, 1)
+    names = ref["data"].keys()
+    for group in COMPARED_GROUPS:
+        assert any(n.startswith(group + "/") for n in names), f"no {group}/ dataset compared"
+    for name in ("train/loss", "train/grad_norm", "eval/loss", "routing/tokens_per_expert",
+                 "routing/dropped_per_expert", "routing/mean_prob", "specialization/counts"):
+        assert name in names, name
+    assert ref["skipped"], "no timing dataset found in /train/: did the record's names change?"
+    assert "train/loss" not in ref["skipped"]
+    assert ref["params"], "--save wrote no parameters"
+    assert ref["data"]["train/step"].shape == (STEPS,)
+    assert len(ref["data"]["eval/step"]) >= 2
+    print(f"compared: {sorted(names)} and {len(ref['params'])} parameter tensors "
+          f"{sorted(ref['params'])}; left out as timings: {ref['skipped']}")
+
+
+# ---- the variants test what they claim -------------------------------------------------
+
+def test_base_variant_drops_tokens(runs):
+    data = runs.get("dropped", 1, 1)["data"]
+    assert data["routing/dropped_per_expert"].sum() > 0, \
+        "capacity factor 1.0 dropped nothing: the base variant does not test dropping"
+
+
+def test_dropless_variant_drops_nothing(runs):
+    data = runs.get("dropless", 1, 1)["data"]
+    assert data["routing/dropped_per_expert"].sum() == 0
+    assert np.array_equal(data["routing/processed_per_expert"], data["routing/tokens_per_expert"])
+
+
+VARIANT_ATTRS = {
+    "dropless": {"config.moe_expert_capacity_factor": 0},
+    "global-aux-loss": {"config.moe_router_load_balancing_type": "global_aux_loss"},
+    "noisy-topk": {"config.moe_router_type": "noisy_topk"},
+    "gshard-top2": {"config.moe_router_type": "gshard_top2"},
+    "expert-bias": {"config.moe_router_enable_expert_bias": 1},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANT_ATTRS))
+def test_variant_config_reached_the_run(runs, variant):
+    """The record's resolved config shows the variant's setting, so a renamed
+    flag cannot silently turn a variant into the base run."""
+    attrs = runs.get(variant, 1, 1)["attrs"]
+    for key, want in VARIANT_ATTRS[variant].items():
+        got = attrs[key]
+        got = got.decode() if isinstance(got, bytes) else got
+        assert got == want, f"{variant}: {key} = {got!r}"
+    if variant == "expert-bias":
+        bias = runs.get(variant, 1, 1)["data"]["routing/expert_bias"]
+        assert np.any(bias != 0), "the expert bias never moved"
+
+
+# ---- the layout matrix -------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,world,ep", CASES,
+                         ids=[f"{v}-world{p}-ep{e}" for v, p, e in CASES])
+def test_layout_is_bit_identical_to_one_rank(runs, variant, world, ep):
+    """The P=1 case is a second 1-rank run: it shows the reference itself is
+    deterministic, so any other mismatch is the layout's doing."""
+    ref = runs.get(variant, 1, 1)
+    run = runs.get(variant, world, ep, repeat=1 if world == 1 else 0)
+    attrs = run["attrs"]
+    assert (attrs["world_size"], attrs["ep_size"]) == (world, ep)
+    assert attrs["config.micro_batch_size"] * world == GLOBAL_BATCH
+    assert_identical(run, ref, f"{variant}: world {world} EP {ep} "
+                               f"(micro-batch {GLOBAL_BATCH // world})")
+
+
+def test_two_sequence_groups_split_across_ranks(runs):
+    """The same global batch split differently (2 ranks of 6 sequences vs 1 of
+    12) with routing groups of two sequences, so the grain of the exact
+    reduction is not tied to one sequence. EP 1: every gradient, dense and
+    expert, reaches the other rank through a float reduction."""
+    group = 2 * SEQ
+    ref = runs.get("dropped", 1, 1, group=group)
+    run = runs.get("dropped", 2, 1, group=group)
+    assert run["attrs"]["config.moe_group_size"] == ref["attrs"]["config.moe_group_size"] == group
+    assert ref["data"]["routing/dropped_per_expert"].sum() > 0
+    assert_identical(run, ref, f"world 2 EP 1 (micro-batch 6, group {group})")
+
+
+# ---- bad input: a routing group split across ranks --------------------------------------
+
+def record_status(path):
+    """None if absent, 'unreadable' if not an HDF5 file, else its status attribute."""
+    if not path.exists():
+        return None
+    try:
+        with h5py.File(path, "r") as f:
+            status = f.attrs.get("status")
+    except OSError:
+        return "unreadable"
+    return status.decode() if isinstance(status, bytes) else status
+
+
+def test_layout_splitting_a_routing_group_is_refused(tmp_path):
+    """Micro-batches of 1 sequence cannot hold groups of 2: the run must stop
+    before training with one error that names --moe-group-size and suggests
+    micro-batch sizes that would work, and leave no record that looks valid."""
+    micro, group, world = 1, 2 * SEQ, 2
+    out, save = tmp_path / "bad.h5", tmp_path / "bad-params.h5"
+    options = {**TINY, "micro-batch-size": micro, "moe-group-size": group, "out": out,
+               "save": save}
+    result = run_mpi(world, "train", options, timeout=RUN_TIMEOUT)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    errors = [line for line in output.splitlines() if "moesim: error:" in line]
+    assert len(errors) == 1, output
+    error = errors[0]
+    assert "--moe-group-size" in error, error
+    assert "micro-batch-size" in error, error
+
+    def works(n):
+        return n > 0 and n * SEQ % group == 0
+
+    # Every size the message offers as --micro-batch-size N must work ...
+    offered = [int(n) for n in re.findall(r"--micro-batch-size (\d+)", error)]
+    wrong = [n for n in offered if n != micro and not works(n)]
+    assert not wrong, f"suggests micro-batch sizes that split a group: {wrong}: {error}"
+    # ... and at least one working size must be named; the seq length and group
+    # size are echoes of the input, not suggestions.
+    after = error[error.index("micro-batch-size"):]
+    suggested = {int(n) for n in re.findall(r"\b\d+\b", after)
+                 if works(int(n)) and int(n) not in (SEQ, group)}
+    assert suggested, f"no working --micro-batch-size suggested: {error}"
+    assert record_status(out) in (None, "unreadable", "failed"), record_status(out)
+    assert not save.exists()
