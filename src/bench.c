@@ -19,6 +19,7 @@
 #define BENCH_WARMUP_STEPS 2
 #define BENCH_STEPS 5
 #define EXCHANGE_REPS 50
+#define REDUCE_REPS 5
 
 /* Best of a few runs of one large square sgemm: the attainable peak of the
  * kernel in use that the model's FLOP rate is compared against, measured on
@@ -170,6 +171,7 @@ typedef struct LayoutResult {
     double tokens_per_s, model_gflops_per_rank, step_s;
     double shapes_gflops;               /* the step's own sgemm shapes, all ranks at once, mean */
     double exchange_s, raw_alltoallv_s; /* per dispatch + combine, mean over ranks */
+    double reduce_s, float_allreduce_s; /* exact gradient sums vs a float all-reduce, mean */
     double memory_ratio_min, memory_ratio_max; /* peak RSS growth / analytic bytes, over ranks */
     double analytic_mb;                        /* rank 0 */
 } LayoutResult;
@@ -230,6 +232,32 @@ done:
     free(rd);
 }
 
+/* The exact gradient reduction (model_reduce_gradients) against the float
+ * MPI_Allreduce of the same gradients that moesim ran before its sums were
+ * exact: dense ones over the world, expert ones over their
+ * expert-data-parallel group. The gradients are garbage afterwards. */
+static void measure_reduction(Trainer *t, LayoutResult *r) {
+    Model *m = &t->model;
+    const Comm *comm = t->comm;
+    size_t expert_n = m->num_params - m->num_dense_params;
+    comm_barrier(comm);
+    double start = comm_wtime();
+    for (int rep = 0; rep < REDUCE_REPS; rep++) model_reduce_gradients(m);
+    double exact = (comm_wtime() - start) / REDUCE_REPS;
+    comm_barrier(comm);
+    start = comm_wtime();
+    for (int rep = 0; rep < REDUCE_REPS; rep++) {
+        comm_float_allreduce_baseline(comm, COMM_SCOPE_WORLD, m->grads, m->num_dense_params);
+        comm_float_allreduce_baseline(comm, COMM_SCOPE_EDP, m->grads + m->num_dense_params,
+                                      expert_n);
+    }
+    double plain = (comm_wtime() - start) / REDUCE_REPS;
+    double times[2] = {exact, plain};
+    mean_over_ranks(comm, times, 2);
+    r->reduce_s = times[0];
+    r->float_allreduce_s = times[1];
+}
+
 static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm, LayoutResult *r,
                           char *err, size_t errlen) {
     memset(r, 0, sizeof *r);
@@ -257,6 +285,7 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
     free(ratios);
     r->analytic_mb = analytic / 1e6;
     measure_exchange(&t, r);
+    measure_reduction(&t, r);
     GemmShapes shapes;
     model_gemm_shapes(&t.model, &shapes);
     comm_barrier(comm);
@@ -347,6 +376,11 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
             "bench: memory per rank: peak RSS growth / analytic bytes (%.1f MB: parameters, "
             "gradients, Adam, activations, exchange buffers) = %.3f .. %.3f over ranks\n",
             all.analytic_mb, all.memory_ratio_min, all.memory_ratio_max);
+        printf(
+            "bench: gradient reduction: exact (layout-independent) %.1f ms vs float "
+            "MPI_Allreduce of the same gradients %.1f ms; the difference is %.1f%% of a step\n",
+            all.reduce_s * 1e3, all.float_allreduce_s * 1e3,
+            100.0 * (all.reduce_s - all.float_allreduce_s) / all.step_s);
         if (P > 1) {
             printf(
                 "bench: exchange: dispatch + combine %.1f us vs raw MPI_Alltoallv of the same "

@@ -101,6 +101,11 @@ void comm_sum_int64(const Comm *c, CommScope scope, int64_t *values, size_t n) {
         allreduce_in_chunks(values, n, sizeof(int64_t), MPI_INT64_T, MPI_SUM, scope_comm(c, scope));
 }
 
+void comm_float_allreduce_baseline(const Comm *c, CommScope scope, float *values, size_t n) {
+    if (comm_scope_size(c, scope) > 1)
+        allreduce_in_chunks(values, n, sizeof(float), MPI_FLOAT, MPI_SUM, scope_comm(c, scope));
+}
+
 void comm_allgather_doubles(const Comm *c, CommScope scope, const double *mine, double *all,
                             int n) {
     MPI_Allgather(mine, n, MPI_DOUBLE, all, n, MPI_DOUBLE, scope_comm(c, scope));

@@ -5,8 +5,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "moesim/vecmath.h"
-
 /* Fixed point puts an element's largest term just below 2^FIXED_BITS. */
 #define FIXED_BITS 48
 #define NON_FINITE 0xff /* the biased exponent of inf and NaN */
@@ -33,92 +31,170 @@ size_t exact_sum_bytes(size_t capacity) {
     return capacity * (1 + sizeof(int64_t));
 }
 
-typedef uint32_t vec_u __attribute__((vector_size(VEC_LANES * sizeof(uint32_t))));
-/* Unsigned lanes: a non-finite term's bits are added before the exponent
- * masks them out, and unsigned wrap-around is defined where signed overflow
- * is not. Two's complement makes the unsigned sum the signed one. */
-typedef uint64_t vec_ul __attribute__((vector_size(VEC_LANES * sizeof(uint64_t))));
-
-static inline vec_u biased_exponent(vec_f v) {
-    return ((vec_u)v >> 23) & 0xffu;
-}
-
-/* exponent[i] = the largest biased exponent of element i over the partials. */
-static void max_exponents(uint8_t *exponent, float *const *partials, int n_partials, size_t n) {
-    size_t i = 0;
-    for (; i + VEC_LANES <= n; i += VEC_LANES) {
-        vec_u e = {0};
-        for (int p = 0; p < n_partials; p++) {
-            vec_u ep = biased_exponent(vec_load(partials[p] + i));
-            vec_u larger = (vec_u)(ep > e);
-            e = (larger & ep) | (~larger & e);
-        }
-        for (int l = 0; l < VEC_LANES; l++) exponent[i + l] = (uint8_t)e[l];
-    }
-    for (; i < n; i++) {
-        uint32_t e = 0;
-        for (int p = 0; p < n_partials; p++) {
-            uint32_t u;
-            memcpy(&u, &partials[p][i], sizeof u);
-            uint32_t ep = (u >> 23) & 0xffu;
-            e = e > ep ? e : ep;
-        }
-        exponent[i] = (uint8_t)e;
-    }
-}
+/* Four elements at a time: four floats, their exponents and shifts in
+ * 32-bit lanes, the fixed-point sums in 64-bit lanes (one AVX register).
+ * Unsigned 64-bit lanes: a non-finite term's bits are added before the
+ * exponent masks them out, and unsigned wrap-around is defined where signed
+ * overflow is not; two's complement makes the unsigned sum the signed one. */
+#define LANES 4
+typedef float f4 __attribute__((vector_size(LANES * sizeof(float))));
+typedef uint32_t u4 __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef int32_t i4 __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef double d4 __attribute__((vector_size(LANES * sizeof(double))));
+typedef uint64_t ul4 __attribute__((vector_size(LANES * sizeof(uint64_t))));
+typedef int64_t l4 __attribute__((vector_size(LANES * sizeof(int64_t))));
 
 /* Round to the nearest integer by adding 1.5 * 2^52, which pushes the
- * fraction out of the mantissa; exact for |y| < 2^51, as here. */
+ * fraction out of the mantissa; exact for |y| < 2^51, as here. The same
+ * constant turns an integer below 2^51 into a double: add it to the bits. */
 #define ROUNDING_MAGIC 6755399441055744.0 /* 1.5 * 2^52 */
+#define ROUNDING_MAGIC_BITS 0x4338000000000000ull
 
-/* The scale 2^k that puts a float below 2^(e-126) (biased exponent e; zero
+/* The shift k that puts a float below 2^(e-126) (biased exponent e; zero
  * and denormals count as the smallest normal) just below 2^FIXED_BITS. */
-static double fixed_scale(int biased) {
-    return ldexp(1.0, FIXED_BITS + 126 - (biased < 1 ? 1 : biased));
+static inline int fixed_shift(int biased) {
+    return FIXED_BITS + 126 - (biased < 1 ? 1 : biased);
+}
+
+/* 2^k for |k| < 1000, from its bits: ldexp is a library call per element. */
+static inline double pow2(int k) {
+    uint64_t bits = (uint64_t)(1023 + k) << 52;
+    double d;
+    memcpy(&d, &bits, sizeof d);
+    return d;
+}
+
+static inline int64_t to_fixed(float x, double scale) {
+    double rounded = (double)x * scale + ROUNDING_MAGIC;
+    uint64_t bits;
+    memcpy(&bits, &rounded, sizeof bits);
+    return (int64_t)(bits - ROUNDING_MAGIC_BITS);
+}
+
+static inline f4 load4(const float *p) {
+    f4 v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* The largest biased exponent of each lane over the partials at i. */
+static inline u4 lane_exponents(float *const *partials, int n_partials, size_t i) {
+    u4 e = {0};
+    for (int p = 0; p < n_partials; p++) {
+        u4 ep = ((u4)load4(partials[p] + i) >> 23) & 0xffu;
+        u4 larger = (u4)(ep > e);
+        e = (larger & ep) | (~larger & e);
+    }
+    return e;
+}
+
+/* 2^(sign * k) per lane, k the fixed-point shift of exponent e. */
+static inline d4 lane_pow2(u4 e, int sign) {
+    u4 small = (u4)(e < 1u);
+    i4 biased = (i4)((small & 1u) | (~small & e));
+    i4 k = (FIXED_BITS + 126) - biased;
+    l4 exponent = __builtin_convertvector(1023 + sign * k, l4);
+    return (d4)((ul4)exponent << 52);
+}
+
+static inline ul4 lanes_to_fixed(float *const *partials, int n_partials, size_t i, d4 scale) {
+    const d4 magic = (d4){0} + ROUNDING_MAGIC;
+    ul4 sum = {0};
+    for (int p = 0; p < n_partials; p++)
+        sum += (ul4)(__builtin_convertvector(load4(partials[p] + i), d4) * scale + magic) -
+               ROUNDING_MAGIC_BITS;
+    return sum;
+}
+
+/* fixed * 2^-k to float per lane, NaN where a term was not finite. The
+ * int64 goes to double as (hi - 2^31) * 2^32 + lo with hi and lo unsigned
+ * 32-bit halves of fixed + 2^63, each exact, so the one rounding is the
+ * last add's: the double a scalar conversion gives. */
+static inline f4 lanes_from_fixed(ul4 fixed, d4 inverse, u4 e) {
+    const d4 magic = (d4){0} + ROUNDING_MAGIC;
+    ul4 hi = ((fixed ^ 0x8000000000000000ull) >> 32) + ROUNDING_MAGIC_BITS;
+    ul4 lo = (fixed & 0xffffffffu) + ROUNDING_MAGIC_BITS;
+    d4 value = ((d4)hi - magic - 2147483648.0) * 4294967296.0 + ((d4)lo - magic);
+    f4 out = __builtin_convertvector(value * inverse, f4);
+    u4 non_finite = (u4)(e == 0xffu);
+    return (f4)((non_finite & (u4)((f4){0} + NAN)) | (~non_finite & (u4)out));
+}
+
+/* One element, scalar: the exponent, the fixed-point sum, the result. */
+static int element_exponent(float *const *partials, int n_partials, size_t i) {
+    uint32_t e = 0;
+    for (int p = 0; p < n_partials; p++) {
+        uint32_t u;
+        memcpy(&u, &partials[p][i], sizeof u);
+        uint32_t ep = (u >> 23) & 0xffu;
+        e = e > ep ? e : ep;
+    }
+    return (int)e;
+}
+
+static int64_t element_fixed(float *const *partials, int n_partials, size_t i, int e) {
+    if (e == NON_FINITE) return 0;
+    double scale = pow2(fixed_shift(e));
+    int64_t sum = 0;
+    for (int p = 0; p < n_partials; p++) sum += to_fixed(partials[p][i], scale);
+    return sum;
+}
+
+static float element_from_fixed(int64_t fixed, int e) {
+    return e == NON_FINITE ? NAN : (float)((double)fixed * pow2(-fixed_shift(e)));
+}
+
+/* One rank holds every partial: the three steps per vector, in registers. */
+static void sum_local(float *const *partials, int n_partials, size_t n, float *out) {
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        u4 e = lane_exponents(partials, n_partials, i);
+        ul4 fixed = lanes_to_fixed(partials, n_partials, i, lane_pow2(e, 1));
+        f4 result = lanes_from_fixed(fixed, lane_pow2(e, -1), e);
+        memcpy(out + i, &result, sizeof result);
+    }
+    for (; i < n; i++) {
+        int e = element_exponent(partials, n_partials, i);
+        out[i] = element_from_fixed(element_fixed(partials, n_partials, i, e), e);
+    }
+}
+
+static void max_exponents(uint8_t *exponent, float *const *partials, int n_partials, size_t n) {
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        u4 e = lane_exponents(partials, n_partials, i);
+        for (int l = 0; l < LANES; l++) exponent[i + l] = (uint8_t)e[l];
+    }
+    for (; i < n; i++) exponent[i] = (uint8_t)element_exponent(partials, n_partials, i);
+}
+
+static inline u4 load_exponents(const uint8_t *exponent, size_t i) {
+    return (u4){exponent[i], exponent[i + 1], exponent[i + 2], exponent[i + 3]};
 }
 
 static void add_fixed(int64_t *fixed, const uint8_t *exponent, float *const *partials,
                       int n_partials, size_t n) {
     size_t i = 0;
-    for (; i + VEC_LANES <= n; i += VEC_LANES) {
-        vec_d scale;
-        for (int l = 0; l < VEC_LANES; l++) scale[l] = fixed_scale(exponent[i + l]);
-        const vec_d magic = (vec_d){0} + ROUNDING_MAGIC;
-        vec_ul sum = {0};
-        for (int p = 0; p < n_partials; p++)
-            sum +=
-                (vec_ul)(vec_to_double(vec_load(partials[p] + i)) * scale + magic) - (vec_ul)magic;
-        /* a non-finite term would convert to garbage; the exponent flags it */
-        for (int l = 0; l < VEC_LANES; l++)
-            fixed[i + l] = exponent[i + l] == NON_FINITE ? 0 : (int64_t)sum[l];
+    for (; i + LANES <= n; i += LANES) {
+        u4 e = load_exponents(exponent, i);
+        ul4 sum = lanes_to_fixed(partials, n_partials, i, lane_pow2(e, 1));
+        /* a non-finite term converts to garbage; the exponent flags it */
+        sum &= (ul4) __builtin_convertvector((i4)(e != 0xffu), l4);
+        memcpy(fixed + i, &sum, sizeof sum);
     }
-    for (; i < n; i++) {
-        if (exponent[i] == NON_FINITE) {
-            fixed[i] = 0;
-            continue;
-        }
-        double scale = fixed_scale(exponent[i]);
-        int64_t sum = 0;
-        for (int p = 0; p < n_partials; p++) {
-            double rounded = (double)partials[p][i] * scale + ROUNDING_MAGIC;
-            int64_t bits, magic_bits;
-            double magic = ROUNDING_MAGIC;
-            memcpy(&bits, &rounded, sizeof bits);
-            memcpy(&magic_bits, &magic, sizeof magic_bits);
-            sum += bits - magic_bits;
-        }
-        fixed[i] = sum;
-    }
+    for (; i < n; i++) fixed[i] = element_fixed(partials, n_partials, i, exponent[i]);
 }
 
 static void from_fixed(float *out, const int64_t *fixed, const uint8_t *exponent, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        if (exponent[i] == NON_FINITE) {
-            out[i] = NAN;
-            continue;
-        }
-        out[i] = (float)((double)fixed[i] / fixed_scale(exponent[i]));
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        u4 e = load_exponents(exponent, i);
+        ul4 sum;
+        memcpy(&sum, fixed + i, sizeof sum);
+        f4 result = lanes_from_fixed(sum, lane_pow2(e, -1), e);
+        memcpy(out + i, &result, sizeof result);
     }
+    for (; i < n; i++) out[i] = element_from_fixed(fixed[i], exponent[i]);
 }
 
 void exact_sum_floats(ExactSum *x, const Comm *c, CommScope scope, float *const *partials,
@@ -132,6 +208,10 @@ void exact_sum_floats(ExactSum *x, const Comm *c, CommScope scope, float *const 
     }
     if (total_partials == 1 && comm_scope_size(c, scope) == 1) {
         if (n_partials == 1 && out != partials[0]) memcpy(out, partials[0], sizeof(float) * n);
+        return;
+    }
+    if (comm_scope_size(c, scope) == 1) {
+        sum_local(partials, n_partials, n, out);
         return;
     }
     /* Chunks bound the scratch; every rank walks the same chunks. */

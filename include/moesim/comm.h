@@ -64,6 +64,10 @@ int comm_scope_size(const Comm *c, CommScope scope);
 void comm_max_bytes(const Comm *c, CommScope scope, uint8_t *values, size_t n);
 void comm_sum_int64(const Comm *c, CommScope scope, int64_t *values, size_t n);
 void comm_allgather_doubles(const Comm *c, CommScope scope, const double *mine, double *all, int n);
+/* The float MPI_Allreduce moesim used before its gradient sums were exact,
+ * kept only as `moesim bench`'s baseline for pricing them; nothing reads the
+ * result. */
+void comm_float_allreduce_baseline(const Comm *c, CommScope scope, float *values, size_t n);
 /* Rank 0 receives n values from every rank, rank-major ([world][n]). */
 void comm_gather_doubles(const Comm *c, const double *mine, double *all, int n);
 void comm_gather_longs(const Comm *c, const long *mine, long *all, int n);
