@@ -127,11 +127,6 @@ void comm_gather_hostnames(const Comm *c, char *all) {
                c->world);
 }
 
-void comm_gather_expert_shards(const Comm *c, const float *mine, float *all, size_t n) {
-    if (c->rank / c->ep_size != 0) return; /* only EP group 0 takes part */
-    MPI_Gather(mine, (int)n, MPI_FLOAT, all, (int)n, MPI_FLOAT, 0, c->ep);
-}
-
 void comm_ep_alltoall_ints(const Comm *c, const int *send, int *recv, int per_rank) {
     MPI_Alltoall(send, per_rank, MPI_INT, recv, per_rank, MPI_INT, c->ep);
 }
@@ -141,6 +136,10 @@ void comm_ep_alltoallv_floats(const Comm *c, const float *send, const int *send_
                               const int *recv_displs) {
     MPI_Alltoallv(send, send_counts, send_displs, MPI_FLOAT, recv, recv_counts, recv_displs,
                   MPI_FLOAT, c->ep);
+}
+
+void comm_broadcast_longs(const Comm *c, long *values, int n) {
+    if (n > 0) MPI_Bcast(values, n, MPI_LONG, 0, c->world);
 }
 
 void comm_barrier(const Comm *c) {

@@ -517,9 +517,38 @@ static const Option OPTIONS[] = {
      .type = OPT_STRING,
      FIELD(save),
      .default_text = "",
-     .metavar = "PATH",
+     .metavar = "DIR",
      .optional = 1,
-     .help = "HDF5 file for the final parameters, all experts in global order; empty = none"},
+     .help = "checkpoint directory: DIR/iter_NNNNNNN.h5 (parameters, Adam moments, step, expert "
+             "biases; experts in global order, so any layout loads them) every --save-interval "
+             "steps and at the end, DIR/latest_checkpointed_iteration.txt names the newest; empty "
+             "= none"},
+    {.name = "save-interval",
+     .group = G_OUT,
+     .type = OPT_INT,
+     FIELD(save_interval),
+     .min = 0,
+     .max = 1 << 30,
+     .default_text = "0",
+     .help = "steps between checkpoints; 0 = only the final one"},
+    {.name = "save-keep",
+     .group = G_OUT,
+     .type = OPT_INT,
+     FIELD(save_keep),
+     .min = 0,
+     .max = 1 << 30,
+     .default_text = "0",
+     .help = "checkpoints kept in --save, the newest; 0 = all"},
+    {.name = "load",
+     .group = G_OUT,
+     .type = OPT_STRING,
+     FIELD(load),
+     .default_text = "",
+     .metavar = "DIR",
+     .optional = 1,
+     .help = "resume from DIR's latest checkpoint on any world size and expert-parallel size: "
+             "parameters, optimizer, step, schedule and data position; the record at --out "
+             "continues from that step; empty = start fresh"},
 
     {.name = "flush-denormals",
      .group = G_PLATFORM,
@@ -1226,6 +1255,26 @@ static int validate_data_path(const Config *cfg, char *err, size_t errlen) {
 }
 
 /* `path` (the value of --key) must name a file we may create. */
+/* A checkpoint directory: created when missing (with its parents). */
+static int validate_directory(const char *key, const char *path, char *err, size_t errlen) {
+    char partial[MOESIM_PATH_MAX];
+    size_t len = strlen(path);
+    for (size_t i = 1; i <= len; i++) {
+        if (path[i] != '/' && path[i] != '\0') continue;
+        memcpy(partial, path, i);
+        partial[i] = '\0';
+        if (mkdir(partial, 0777) != 0 && errno != EEXIST)
+            return fail(err, errlen,
+                        "--%s %s: cannot create directory %s (%s); choose another --%s", key, path,
+                        partial, strerror(errno), key);
+    }
+    struct stat st;
+    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode) || access(path, W_OK) != 0)
+        return fail(err, errlen, "--%s %s is not a writable directory; choose another --%s", key,
+                    path, key);
+    return 0;
+}
+
 static int validate_output_path(const char *key, const char *path, char *err, size_t errlen) {
     size_t len = strlen(path);
     if (len > 0 && path[len - 1] == '/')
@@ -1269,7 +1318,7 @@ int config_validate(const Config *cfg, char *err, size_t errlen) {
     if (validate_routing(cfg, err, errlen) != 0) return -1;
     if (validate_data_path(cfg, err, errlen) != 0) return -1;
     if (validate_output_path("out", cfg->out, err, errlen) != 0) return -1;
-    return cfg->save[0] ? validate_output_path("save", cfg->save, err, errlen) : 0;
+    return cfg->save[0] ? validate_directory("save", cfg->save, err, errlen) : 0;
 }
 
 int config_validate_layout(const Config *cfg, int world_size, char *err, size_t errlen) {

@@ -85,6 +85,8 @@ static void iso8601_now(char *buf, size_t len) {
 typedef struct Series {
     hid_t dset;
     hid_t mem_type;
+    int tail_ndim;
+    hsize_t tail[3]; /* this run's row shape; a resumed record's may be larger */
     size_t row_bytes;
     char *buffer;
     long buffered, capacity, written;
@@ -210,18 +212,24 @@ static int tail_dims(const RecordLayout *lay, enum Tail tail, hsize_t *dims) {
     return 0;
 }
 
+/* Rows of a per-rank series (timing, traffic) have the world size in their
+ * shape, which a resume on another layout changes: those dimensions grow
+ * without limit, and the cells a smaller layout leaves empty read NaN (0 for
+ * integers). */
 static int series_create(Series *s, hid_t file, const char *path, int is_long, int tail_ndim,
-                         const hsize_t *tail, const char *units) {
+                         const hsize_t *tail, const char *units, int per_rank) {
     memset(s, 0, sizeof *s);
     s->mem_type = is_long ? H5T_NATIVE_LONG : H5T_NATIVE_DOUBLE;
+    s->tail_ndim = tail_ndim;
     hid_t file_type = is_long ? H5T_STD_I64LE : H5T_IEEE_F64LE;
     hsize_t dims[4] = {0}, maxdims[4] = {H5S_UNLIMITED}, chunk[4];
     size_t row_elems = 1;
     /* A dense model has no MoE layer: its routing rows hold zero values, and
      * a zero-size dimension needs an unlimited maximum to take a chunk. */
     for (int i = 0; i < tail_ndim; i++) {
+        s->tail[i] = tail[i];
         dims[i + 1] = tail[i];
-        maxdims[i + 1] = tail[i] ? tail[i] : H5S_UNLIMITED;
+        maxdims[i + 1] = tail[i] && !per_rank ? tail[i] : H5S_UNLIMITED;
         chunk[i + 1] = tail[i] ? tail[i] : 1;
         row_elems *= tail[i];
     }
@@ -231,6 +239,8 @@ static int series_create(Series *s, hid_t file, const char *path, int is_long, i
     hid_t space = H5Screate_simple(1 + tail_ndim, dims, maxdims);
     hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
     H5Pset_chunk(dcpl, 1 + tail_ndim, chunk);
+    double nan = NAN;
+    if (per_rank && !is_long) H5Pset_fill_value(dcpl, H5T_NATIVE_DOUBLE, &nan);
     hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
     H5Pset_create_intermediate_group(lcpl, 1);
     s->dset = H5Dcreate2(file, path, file_type, space, lcpl, dcpl, H5P_DEFAULT);
@@ -239,6 +249,35 @@ static int series_create(Series *s, hid_t file, const char *path, int is_long, i
     H5Pclose(dcpl);
     H5Sclose(space);
     return st;
+}
+
+/* An existing series of a resumed record: its first keep_rows rows stay,
+ * the rest will be written again; rows of this run's shape must fit. */
+static int series_reopen(Series *s, hid_t file, const char *path, int is_long, int tail_ndim,
+                         const hsize_t *tail, long keep_rows) {
+    memset(s, 0, sizeof *s);
+    s->mem_type = is_long ? H5T_NATIVE_LONG : H5T_NATIVE_DOUBLE;
+    s->tail_ndim = tail_ndim;
+    size_t row_elems = 1;
+    for (int i = 0; i < tail_ndim; i++) {
+        s->tail[i] = tail[i];
+        row_elems *= tail[i];
+    }
+    s->row_bytes = row_elems * 8;
+    s->dset = H5Dopen2(file, path, H5P_DEFAULT);
+    if (s->dset < 0) return -1;
+    hid_t space = H5Dget_space(s->dset);
+    hsize_t dims[4], maxdims[4];
+    int ndim = H5Sget_simple_extent_dims(space, dims, maxdims);
+    H5Sclose(space);
+    if (ndim != 1 + tail_ndim || (hsize_t)keep_rows > dims[0]) return -1;
+    for (int i = 0; i < tail_ndim; i++) {
+        if (tail[i] > maxdims[i + 1]) return -1;
+        if (tail[i] > dims[i + 1]) dims[i + 1] = tail[i];
+    }
+    dims[0] = (hsize_t)keep_rows;
+    s->written = keep_rows;
+    return H5Dset_extent(s->dset, dims) < 0 ? -1 : 0;
 }
 
 static int series_push(Series *s, const void *row) {
@@ -266,6 +305,8 @@ static int series_flush(Series *s) {
     H5Sget_simple_extent_dims(space, dims, NULL);
     H5Sclose(space);
     dims[0] = (hsize_t)(s->written + s->buffered);
+    for (int i = 0; i < s->tail_ndim; i++)
+        if (s->tail[i] > dims[i + 1]) dims[i + 1] = s->tail[i];
     if (H5Dset_extent(s->dset, dims) < 0) return -1;
     if (s->row_bytes == 0) { /* rows without values: the extent is all there is */
         s->written += s->buffered;
@@ -274,7 +315,7 @@ static int series_flush(Series *s) {
     }
     space = H5Dget_space(s->dset);
     start[0] = (hsize_t)s->written;
-    for (int i = 0; i < ndim; i++) count[i] = i == 0 ? (hsize_t)s->buffered : dims[i];
+    for (int i = 0; i < ndim; i++) count[i] = i == 0 ? (hsize_t)s->buffered : s->tail[i - 1];
     H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL);
     hid_t mem = H5Screate_simple(ndim, count, NULL);
     herr_t st = H5Dwrite(s->dset, s->mem_type, mem, space, H5P_DEFAULT, s->buffer);
@@ -389,8 +430,8 @@ static void record_free(Record *r) {
     free(r);
 }
 
-Record *record_open(const char *path, const Config *cfg, const RecordLayout *layout, char *err,
-                    size_t errlen) {
+static Record *record_alloc(const char *path, const RecordLayout *layout, char *err,
+                            size_t errlen) {
     Record *r = calloc(1, sizeof *r);
     int L = layout->moe_layers > 0 ? layout->moe_layers : 1;
     if (r) {
@@ -405,6 +446,13 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
         if (r) record_free(r);
         return NULL;
     }
+    return r;
+}
+
+Record *record_open(const char *path, const Config *cfg, const RecordLayout *layout, char *err,
+                    size_t errlen) {
+    Record *r = record_alloc(path, layout, err, errlen);
+    if (!r) return NULL;
     r->file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (r->file < 0) {
         snprintf(err, errlen,
@@ -420,7 +468,7 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
         const SeriesSpec *spec = &SERIES[i];
         int ndim = tail_dims(layout, spec->tail, tail);
         st |= series_create(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
-                            spec->units);
+                            spec->units, spec->tail == TAIL_RANK || spec->tail == TAIL_RANK_RANK);
     }
     st |=
         set_string_array_attr(r->series[SPEC_COUNTS].dset, "category_names",
@@ -429,13 +477,97 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
         char name[64];
         snprintf(name, sizeof name, "/timing/%s", phase_names[p]);
         int ndim = tail_dims(layout, TAIL_RANK, tail);
-        st |= series_create(&r->series[TIMING_FIRST + p], r->file, name, 0, ndim, tail, "s");
+        st |= series_create(&r->series[TIMING_FIRST + p], r->file, name, 0, ndim, tail, "s", 1);
     }
     if (st != 0 || H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0) {
         snprintf(err, errlen,
                  "cannot write the run record %s (HDF5 error); check free disk "
                  "space and permissions",
                  path);
+        record_free(r);
+        return NULL;
+    }
+    return r;
+}
+
+static double *read_dataset(hid_t file, const char *path, size_t *n, size_t *rows);
+
+/* Rows of the step dataset at `path` whose step is at most `iteration`. */
+static long rows_up_to(hid_t file, const char *path, long iteration) {
+    size_t n = 0, rows = 0;
+    double *steps = read_dataset(file, path, &n, &rows);
+    long keep = 0;
+    for (size_t i = 0; i < rows && steps; i++) keep += steps[i] <= (double)iteration;
+    free(steps);
+    return keep;
+}
+
+/* One row of /resumes: when, at which step, on which layout. */
+static int append_resume(hid_t file, long iteration, const RecordLayout *layout) {
+    const char *paths[4] = {"/resumes/step", "/resumes/world_size", "/resumes/ep_size",
+                            "/resumes/unix_time"};
+    double values[4] = {(double)iteration, layout->world_size, layout->ep_size, (double)time(NULL)};
+    int st = 0;
+    for (int i = 0; i < 4; i++) {
+        Series s;
+        if (H5Lexists(file, paths[i], H5P_DEFAULT) > 0) {
+            hid_t d = H5Dopen2(file, paths[i], H5P_DEFAULT);
+            hid_t space = H5Dget_space(d);
+            hsize_t dims[1];
+            H5Sget_simple_extent_dims(space, dims, NULL);
+            H5Sclose(space);
+            H5Dclose(d);
+            st |= series_reopen(&s, file, paths[i], 0, 0, NULL, (long)dims[0]);
+        } else {
+            st |= series_create(&s, file, paths[i], 0, 0, NULL, i == 3 ? "s" : "1", 0);
+        }
+        if (s.dset > 0) st |= series_push(&s, &values[i]) | series_flush(&s);
+        series_close(&s);
+    }
+    return st;
+}
+
+Record *record_resume(const char *path, const RecordLayout *layout, long iteration, char *err,
+                      size_t errlen) {
+    Record *r = record_alloc(path, layout, err, errlen);
+    if (!r) return NULL;
+    r->file = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
+    if (r->file < 0) {
+        snprintf(err, errlen,
+                 "cannot reopen the run record --out %s to continue it from step %ld; give the "
+                 "--out of the run that wrote the checkpoint",
+                 path, iteration);
+        record_free(r);
+        return NULL;
+    }
+    long train_rows = rows_up_to(r->file, "/train/step", iteration);
+    long eval_rows = rows_up_to(r->file, "/eval/step", iteration);
+    long spec_rows = rows_up_to(r->file, "/specialization/step", iteration);
+    int st = 0;
+    hsize_t tail[3];
+    for (size_t i = 0; i < sizeof SERIES / sizeof SERIES[0]; i++) {
+        const SeriesSpec *spec = &SERIES[i];
+        int ndim = tail_dims(layout, spec->tail, tail);
+        long keep = spec->id == EVAL_STEP || spec->id == EVAL_LOSS ? eval_rows
+                    : spec->id >= SPEC_STEP                        ? spec_rows
+                                                                   : train_rows;
+        st |= series_reopen(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
+                            keep);
+    }
+    for (int p = 0; p < PHASE_COUNT; p++) {
+        char name[64];
+        snprintf(name, sizeof name, "/timing/%s", phase_names[p]);
+        int ndim = tail_dims(layout, TAIL_RANK, tail);
+        st |= series_reopen(&r->series[TIMING_FIRST + p], r->file, name, 0, ndim, tail, train_rows);
+    }
+    st |= set_string_attr(r->file, "status", "running");
+    st |= set_long_attr(r->file, "steps_done", iteration);
+    st |= append_resume(r->file, iteration, layout);
+    if (st != 0 || H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0) {
+        snprintf(err, errlen,
+                 "the run record --out %s cannot continue from step %ld: it is not the record of "
+                 "the run that wrote the checkpoint (another model, or rows missing)",
+                 path, iteration);
         record_free(r);
         return NULL;
     }
@@ -823,5 +955,112 @@ int tensor_file_write_scalar(long file, const char *name, double value) {
 }
 
 int tensor_file_close(long file) {
+    return H5Fclose(file) < 0 ? -1 : 0;
+}
+
+/* ---- checkpoints ----------------------------------------------------------------- */
+
+long checkpoint_file_create(const char *path, const Comm *comm) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    H5Pset_fapl_mpio(fapl, comm->world, MPI_INFO_NULL);
+    hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
+    H5Pclose(fapl);
+    return file;
+}
+
+int checkpoint_write_f32(long file, const char *name, int ndim, const long *dims, const float *data,
+                         long first_row, long rows, int writes) {
+    hsize_t hd[4], start[4] = {0}, count[4];
+    for (int i = 0; i < ndim; i++) hd[i] = count[i] = (hsize_t)dims[i];
+    hid_t space = H5Screate_simple(ndim, hd, NULL);
+    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
+    H5Pset_create_intermediate_group(lcpl, 1);
+    /* creation is collective: every rank, the same arguments */
+    hid_t dset = H5Dcreate2(file, name, H5T_IEEE_F32LE, space, lcpl, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t st = dset < 0 ? -1 : 0;
+    if (dset >= 0 && writes && rows > 0) {
+        start[0] = (hsize_t)first_row;
+        count[0] = (hsize_t)rows;
+        H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL);
+        hid_t mem = H5Screate_simple(ndim, count, NULL);
+        st = H5Dwrite(dset, H5T_NATIVE_FLOAT, mem, space, H5P_DEFAULT, data);
+        H5Sclose(mem);
+    }
+    if (dset >= 0) H5Dclose(dset);
+    H5Pclose(lcpl);
+    H5Sclose(space);
+    return st < 0 ? -1 : 0;
+}
+
+int checkpoint_write_attributes(long file, const Config *cfg, long iteration,
+                                long optimizer_steps) {
+    int st = write_config_attributes(file, cfg);
+    st |= set_string_attr(file, "moesim_version", MOESIM_VERSION);
+    st |= set_long_attr(file, "schema_version", MOESIM_CHECKPOINT_SCHEMA);
+    st |= set_string_attr(file, "git_revision", MOESIM_GIT_REVISION);
+    st |= set_long_attr(file, "iteration", iteration);
+    st |= set_long_attr(file, "optimizer_steps", optimizer_steps);
+    return st;
+}
+
+int checkpoint_file_close(long file) {
+    return H5Fclose(file) < 0 ? -1 : 0;
+}
+
+long checkpoint_file_open(const char *path) {
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    return H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+}
+
+int checkpoint_read_long(long file, const char *name, long *value) {
+    return read_long_attr(file, name, value);
+}
+
+static void format_dims(char *buf, size_t len, int ndim, const hsize_t *dims) {
+    size_t used = (size_t)snprintf(buf, len, "[");
+    for (int i = 0; i < ndim && used < len; i++)
+        used += (size_t)snprintf(buf + used, len - used, "%s%llu", i ? ", " : "",
+                                 (unsigned long long)dims[i]);
+    if (used < len) snprintf(buf + used, len - used, "]");
+}
+
+int checkpoint_read_f32(long file, const char *name, int ndim, const long *dims, float *data,
+                        long first_row, long rows, char *err, size_t errlen) {
+    hid_t dset = H5Dopen2(file, name, H5P_DEFAULT);
+    if (dset < 0) {
+        snprintf(err, errlen, "it has no tensor %s", name);
+        return -1;
+    }
+    hid_t space = H5Dget_space(dset);
+    hsize_t have[4] = {0}, want[4], start[4] = {0}, count[4];
+    int have_ndim = H5Sget_simple_extent_ndims(space);
+    if (have_ndim >= 0 && have_ndim <= 4) H5Sget_simple_extent_dims(space, have, NULL);
+    int same = have_ndim == ndim;
+    for (int i = 0; i < ndim; i++) {
+        want[i] = count[i] = (hsize_t)dims[i];
+        same = same && have[i] == want[i];
+    }
+    herr_t st = -1;
+    if (!same) {
+        char a[64], b[64];
+        format_dims(a, sizeof a, have_ndim < 0 || have_ndim > 4 ? 0 : have_ndim, have);
+        format_dims(b, sizeof b, ndim, want);
+        snprintf(err, errlen, "its tensor %s has shape %s where this model's is %s", name, a, b);
+    } else {
+        start[0] = (hsize_t)first_row;
+        count[0] = (hsize_t)rows;
+        H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL);
+        hid_t mem = H5Screate_simple(ndim, count, NULL);
+        st = rows == 0 ? 0 : H5Dread(dset, H5T_NATIVE_FLOAT, mem, space, H5P_DEFAULT, data);
+        H5Sclose(mem);
+        if (st < 0) snprintf(err, errlen, "its tensor %s cannot be read (truncated?)", name);
+    }
+    H5Sclose(space);
+    H5Dclose(dset);
+    return st < 0 ? -1 : 0;
+}
+
+int checkpoint_file_close_read(long file) {
     return H5Fclose(file) < 0 ? -1 : 0;
 }

@@ -89,33 +89,35 @@ static inline u4 lane_exponents(float *const *partials, int n_partials, size_t i
 }
 
 /* 2^(sign * k) per lane, k the fixed-point shift of exponent e. */
-static inline d4 lane_pow2(u4 e, int sign) {
+static inline void lane_pow2(u4 e, int sign, d4 *out) {
     u4 small = (u4)(e < 1u);
     i4 biased = (i4)((small & 1u) | (~small & e));
     i4 k = (FIXED_BITS + 126) - biased;
     l4 exponent = __builtin_convertvector(1023 + sign * k, l4);
-    return (d4)((ul4)exponent << 52);
+    *out = (d4)((ul4)exponent << 52);
 }
 
-static inline ul4 lanes_to_fixed(float *const *partials, int n_partials, size_t i, d4 scale) {
+static inline void lanes_to_fixed(float *const *partials, int n_partials, size_t i, const d4 *scale,
+                                  ul4 *out) {
     const d4 magic = (d4){0} + ROUNDING_MAGIC;
     ul4 sum = {0};
     for (int p = 0; p < n_partials; p++)
-        sum += (ul4)(__builtin_convertvector(load4(partials[p] + i), d4) * scale + magic) -
+        sum += (ul4)(__builtin_convertvector(load4(partials[p] + i), d4) * *scale + magic) -
                ROUNDING_MAGIC_BITS;
-    return sum;
+    *out = sum;
 }
 
 /* fixed * 2^-k to float per lane, NaN where a term was not finite. The
  * int64 goes to double as (hi - 2^31) * 2^32 + lo with hi and lo unsigned
  * 32-bit halves of fixed + 2^63, each exact, so the one rounding is the
  * last add's: the double a scalar conversion gives. */
-static inline f4 lanes_from_fixed(ul4 fixed, d4 inverse, u4 e) {
+static inline f4 lanes_from_fixed(const ul4 *fixed_in, const d4 *inverse, u4 e) {
+    ul4 fixed = *fixed_in;
     const d4 magic = (d4){0} + ROUNDING_MAGIC;
     ul4 hi = ((fixed ^ 0x8000000000000000ull) >> 32) + ROUNDING_MAGIC_BITS;
     ul4 lo = (fixed & 0xffffffffu) + ROUNDING_MAGIC_BITS;
     d4 value = ((d4)hi - magic - 2147483648.0) * 4294967296.0 + ((d4)lo - magic);
-    f4 out = __builtin_convertvector(value * inverse, f4);
+    f4 out = __builtin_convertvector(value * *inverse, f4);
     u4 non_finite = (u4)(e == 0xffu);
     return (f4)((non_finite & (u4)((f4){0} + NAN)) | (~non_finite & (u4)out));
 }
@@ -149,8 +151,12 @@ static void sum_local(float *const *partials, int n_partials, size_t n, float *o
     size_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         u4 e = lane_exponents(partials, n_partials, i);
-        ul4 fixed = lanes_to_fixed(partials, n_partials, i, lane_pow2(e, 1));
-        f4 result = lanes_from_fixed(fixed, lane_pow2(e, -1), e);
+        d4 scale, inverse;
+        ul4 fixed;
+        lane_pow2(e, 1, &scale);
+        lane_pow2(e, -1, &inverse);
+        lanes_to_fixed(partials, n_partials, i, &scale, &fixed);
+        f4 result = lanes_from_fixed(&fixed, &inverse, e);
         memcpy(out + i, &result, sizeof result);
     }
     for (; i < n; i++) {
@@ -177,7 +183,10 @@ static void add_fixed(int64_t *fixed, const uint8_t *exponent, float *const *par
     size_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         u4 e = load_exponents(exponent, i);
-        ul4 sum = lanes_to_fixed(partials, n_partials, i, lane_pow2(e, 1));
+        d4 scale;
+        ul4 sum;
+        lane_pow2(e, 1, &scale);
+        lanes_to_fixed(partials, n_partials, i, &scale, &sum);
         /* a non-finite term converts to garbage; the exponent flags it */
         sum &= (ul4) __builtin_convertvector((i4)(e != 0xffu), l4);
         memcpy(fixed + i, &sum, sizeof sum);
@@ -191,7 +200,9 @@ static void from_fixed(float *out, const int64_t *fixed, const uint8_t *exponent
         u4 e = load_exponents(exponent, i);
         ul4 sum;
         memcpy(&sum, fixed + i, sizeof sum);
-        f4 result = lanes_from_fixed(sum, lane_pow2(e, -1), e);
+        d4 inverse;
+        lane_pow2(e, -1, &inverse);
+        f4 result = lanes_from_fixed(&sum, &inverse, e);
         memcpy(out + i, &result, sizeof result);
     }
     for (; i < n; i++) out[i] = element_from_fixed(fixed[i], exponent[i]);

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "moesim/checkpoint.h"
 #include "moesim/record.h"
 
 /* Per-layer sums of RoutingStats reduced in one block: entropy, aux, z,
@@ -314,11 +315,14 @@ static void format_seconds(char *buf, size_t len, double s) {
         snprintf(buf, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
 }
 
-static void print_progress(long step, long total, const StepStats *s, double val_loss,
+/* done/todo: steps of this process (a resumed run counts from its start),
+ * for the ETA; step: the run's step. */
+static void print_progress(long done, long todo, long step, const StepStats *s, double val_loss,
                            double tokens_per_s, double elapsed) {
     char el[32], eta[32];
+    long total = step - done + todo;
     format_seconds(el, sizeof el, elapsed);
-    format_seconds(eta, sizeof eta, elapsed / step * (total - step));
+    format_seconds(eta, sizeof eta, elapsed / done * (todo - done));
     double drop = s->assignments ? 100.0 * s->dropped / s->assignments : 0.0;
     printf(
         "step %5ld/%ld | loss %.4f | val %.4f | %8.0f tok/s | drop %5.2f%% | elapsed %s | "
@@ -361,43 +365,6 @@ static int all_ok_or_share(const Comm *comm, int ok, char *err, size_t errlen) {
     return 0;
 }
 
-/* Writes every parameter with experts in global order (the 1-rank layout):
- * rank 0 writes its dense replica and gathers the expert shards of EP group 0. */
-static int save_parameters(const Trainer *t, const char *path, char *err, size_t errlen) {
-    const Model *m = &t->model;
-    const Comm *comm = t->comm;
-    int is_root = comm->rank == 0, ok = 1;
-    long file = is_root ? tensor_file_create(path) : 0;
-    if (is_root && file < 0) ok = 0;
-    size_t max_expert = 0;
-    for (int i = 0; i < m->num_tensors; i++)
-        if (m->tensors[i].is_expert && m->tensors[i].numel > max_expert)
-            max_expert = m->tensors[i].numel;
-    float *gathered = is_root ? malloc(sizeof(float) * (max_expert * comm->ep_size + 1)) : NULL;
-    if (is_root && !gathered) ok = 0;
-    for (int i = 0; i < m->num_tensors; i++) {
-        const ParamTensor *pt = &m->tensors[i];
-        long dims[3] = {pt->shape[0], pt->shape[1], pt->shape[2]};
-        char name[64];
-        snprintf(name, sizeof name, "params/%s", pt->name);
-        const float *data = m->params + pt->offset;
-        if (pt->is_expert) {
-            comm_gather_expert_shards(comm, data, gathered, pt->numel);
-            dims[0] *= comm->ep_size;
-            data = gathered;
-        }
-        if (is_root && ok) ok = tensor_file_write_f32(file, name, data, pt->ndim, dims) == 0;
-    }
-    if (is_root && file > 0) ok = tensor_file_close(file) == 0 && ok;
-    free(gathered);
-    if (!ok)
-        snprintf(err, errlen,
-                 "writing the parameters to --save %s failed; check free disk "
-                 "space and that the directory is writable",
-                 path);
-    return all_ok_or_share(comm, ok, err, errlen) ? 0 : -1;
-}
-
 typedef struct RunState {
     Record *rec; /* rank 0 */
     RecordLayout layout;
@@ -413,8 +380,9 @@ static long params_active_per_token(const Trainer *t) {
     return (long)t->model.num_dense_params + (long)t->moe_layers * s->K * per_expert;
 }
 
-static int run_state_init(RunState *rs, const Trainer *t, const Platform *platform, char *err,
-                          size_t errlen) {
+/* resume_from: the step of the checkpoint the run resumed from, or -1. */
+static int run_state_init(RunState *rs, const Trainer *t, const Platform *platform,
+                          long resume_from, char *err, size_t errlen) {
     const Comm *comm = t->comm;
     const Model *m = &t->model;
     int P = comm->world_size;
@@ -446,7 +414,9 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
                        .params_active_per_token = params_active_per_token(t),
                        .platform = platform};
     if (ok && comm->rank == 0) {
-        rs->rec = record_open(t->cfg->out, t->cfg, &rs->layout, err, errlen);
+        rs->rec = resume_from >= 0
+                      ? record_resume(t->cfg->out, &rs->layout, resume_from, err, errlen)
+                      : record_open(t->cfg->out, t->cfg, &rs->layout, err, errlen);
         ok = rs->rec != NULL;
     }
     return all_ok_or_share(comm, ok, err, errlen) ? 0 : -1;
@@ -507,19 +477,30 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
         if (ok) trainer_free(&t);
         return -1;
     }
+    long start = 0;
+    if (cfg->load[0] && checkpoint_load(&t, cfg->load, &start, err, errlen) != 0) {
+        trainer_free(&t);
+        return -1;
+    }
     RunState rs;
-    if (run_state_init(&rs, &t, platform, err, errlen) != 0) {
+    if (run_state_init(&rs, &t, platform, cfg->load[0] ? start : -1, err, errlen) != 0) {
         run_state_free(&rs);
         trainer_free(&t);
         return -1;
     }
     int is_root = comm->rank == 0;
     if (is_root) print_header(&t, &rs.layout);
-    double val_loss = trainer_evaluate(&t);
-    ok = record_eval(&rs, &t, 0, val_loss);
+    if (is_root && cfg->load[0])
+        printf("resumed from %s at step %ld on %d rank(s), expert-parallel size %d\n", cfg->load,
+               start, comm->world_size, comm->ep_size);
+    double val_loss = NAN;
+    if (start == 0) {
+        val_loss = trainer_evaluate(&t);
+        ok = record_eval(&rs, &t, 0, val_loss);
+    }
     double run_start = comm_wtime(), tokens_total = 0.0;
     StepStats stats = {0};
-    long step = 0;
+    long step = start;
     for (; step < cfg->train_iters; step++) {
         trainer_step(&t, step, &stats);
         tokens_total += stats.tokens;
@@ -530,7 +511,11 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
             ok = record_eval(&rs, &t, done, val_loss) && ok;
         }
         if (done % cfg->log_interval == 0 || last) ok = record_step(&rs, &t, done, &stats) && ok;
-        if (is_root && ok && done % cfg->record_flush_interval == 0)
+        int save_now =
+            cfg->save[0] && (last || (cfg->save_interval > 0 && done % cfg->save_interval == 0));
+        /* a checkpoint's step must be on disk in the record before the
+         * checkpoint is: a resume continues the record from there */
+        if (is_root && ok && (save_now || done % cfg->record_flush_interval == 0))
             ok = record_flush(rs.rec, done) == 0;
         if (!ok)
             snprintf(err, errlen,
@@ -538,13 +523,13 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                      "disk space and that nothing removed the file",
                      done, cfg->out);
         if (!all_ok_or_share(comm, ok, err, errlen)) break;
+        if (save_now && checkpoint_save(&t, done, err, errlen) != 0) break;
         double elapsed = comm_wtime() - run_start;
         if (is_root && (done % cfg->progress_interval == 0 || last))
-            print_progress(done, cfg->train_iters, &stats, val_loss, tokens_total / elapsed,
-                           elapsed);
+            print_progress(done - start, cfg->train_iters - start, done, &stats, val_loss,
+                           tokens_total / elapsed, elapsed);
     }
     ok = step == cfg->train_iters;
-    if (ok && cfg->save[0]) ok = save_parameters(&t, cfg->save, err, errlen) == 0;
     double elapsed = comm_wtime() - run_start;
     if (is_root) {
         int closed = record_close(rs.rec, ok, step) == 0;

@@ -789,7 +789,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 56u);
+    ASSERT_EQ(keys.size(), 59u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -870,7 +870,10 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"synthetic-tokens", "123456"},
         {"out", "/tmp/round/trip.h5"},
         {"expert-model-parallel-size", "4"},
-        {"save", "/tmp/round/params.h5"},
+        {"save", "/tmp/round/checkpoints"},
+        {"save-interval", "25"},
+        {"save-keep", "3"},
+        {"load", "/tmp/round/earlier"},
         {"record-flush-interval", "7"},
         {"moe-token-drop-policy", "probs"},
         {"moe-router-type", "noisy_topk"},

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Oldest schema still read: 4 only added datasets, which read as NaN from a
 # schema-3 record, and 5 only root attributes (the platform: BLAS kernel,
 # threads, denormals), absent from `Run.attrs` of older records, so a sweep

@@ -74,10 +74,6 @@ void comm_gather_longs(const Comm *c, const long *mine, long *all, int n);
 #define MOESIM_HOSTNAME_MAX MPI_MAX_PROCESSOR_NAME
 /* Rank 0 receives every rank's host name, [world][MOESIM_HOSTNAME_MAX]. */
 void comm_gather_hostnames(const Comm *c, char *all);
-/* Concatenates n floats from each rank of EP group 0 onto rank 0, in rank
- * order (expert shards back into global expert order). Collective over EP
- * group 0; every other rank returns at once. */
-void comm_gather_expert_shards(const Comm *c, const float *mine, float *all, size_t n);
 
 /* The token exchange of expert parallelism, within the EP group. */
 void comm_ep_alltoall_ints(const Comm *c, const int *send, int *recv, int per_rank);
@@ -89,6 +85,8 @@ void comm_ep_alltoallv_floats(const Comm *c, const float *send, const int *send_
  * and this rank's position among them. Collective. */
 void comm_node_ranks(const Comm *c, int *ranks_on_node, int *node_rank);
 
+/* Rank 0's n longs to every rank. */
+void comm_broadcast_longs(const Comm *c, long *values, int n);
 void comm_barrier(const Comm *c);
 double comm_wtime(void);
 

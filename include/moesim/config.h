@@ -76,7 +76,10 @@ typedef struct Config {
     long synthetic_tokens;
     /* output */
     char out[MOESIM_PATH_MAX];
-    char save[MOESIM_PATH_MAX]; /* final parameters; empty = not saved */
+    char save[MOESIM_PATH_MAX]; /* checkpoint directory; empty = none */
+    int save_interval;          /* steps between checkpoints; 0 = only the final one */
+    int save_keep;              /* newest checkpoints kept; 0 = all */
+    char load[MOESIM_PATH_MAX]; /* checkpoint directory to resume from; empty = fresh start */
     int record_flush_interval;  /* steps between record flushes */
     /* platform */
     int flush_denormals; /* FTZ+DAZ on every rank */

@@ -9,6 +9,7 @@
 
 #include <stddef.h>
 
+#include "moesim/comm.h"
 #include "moesim/config.h"
 #include "moesim/platform.h"
 #include "moesim/timing.h"
@@ -18,14 +19,14 @@ extern "C" {
 #endif
 
 #define MOESIM_VERSION "0.1.0"
-#define MOESIM_SCHEMA_VERSION 5
+#define MOESIM_SCHEMA_VERSION 6
 
 /* What the record needs to know about the run's shape. */
 typedef struct RecordLayout {
     int world_size, ep_size, moe_layers, experts, top_k;
     int num_categories;
-    char *const *category_names;      /* [num_categories] */
-    const char *hostnames;            /* [world_size][hostname_len], NUL-padded */
+    char *const *category_names; /* [num_categories] */
+    const char *hostnames;       /* [world_size][hostname_len], NUL-padded */
     int hostname_len;
     const long *param_bytes_per_rank; /* [world_size] */
     long params_total;                /* every expert counted once */
@@ -77,6 +78,12 @@ void record_library_close(void);
  * dataset, status "running". Returns NULL with a message naming the path. */
 Record *record_open(const char *path, const Config *cfg, const RecordLayout *layout, char *err,
                     size_t errlen);
+/* Reopens the record of a run resumed after `iteration` steps: rows of
+ * later steps are dropped (they will be recomputed), a /resumes row notes
+ * the restart and its layout, and appending continues. NULL with err when
+ * the file is not that run's record. Rank 0 only. */
+Record *record_resume(const char *path, const RecordLayout *layout, long iteration, char *err,
+                      size_t errlen);
 /* Buffer one row (no I/O). Return 0, or -1 when memory runs out. */
 int record_append_train(Record *r, const TrainRow *row, const StepDetail *detail);
 int record_append_eval(Record *r, const EvalRow *row);
@@ -94,10 +101,27 @@ int record_print_info(const char *path, char *err, size_t errlen);
 long tensor_file_create(const char *path);
 int tensor_file_write_f32(long file, const char *name, const float *data, int ndim,
                           const long *dims);
-int tensor_file_write_i32(long file, const char *name, const int *data, int ndim,
-                          const long *dims);
+int tensor_file_write_i32(long file, const char *name, const int *data, int ndim, const long *dims);
 int tensor_file_write_scalar(long file, const char *name, double value);
 int tensor_file_close(long file);
+
+/* Checkpoint files (checkpoint.c decides what goes in them). Written with
+ * parallel HDF5: create, every write call and close are collective over the
+ * world, and each rank writes only its rows [first_row, first_row + rows) of
+ * a tensor's first dimension when `writes`. Read by every rank on its own. */
+#define MOESIM_CHECKPOINT_SCHEMA 1
+long checkpoint_file_create(const char *path, const Comm *comm);
+int checkpoint_write_f32(long file, const char *name, int ndim, const long *dims, const float *data,
+                         long first_row, long rows, int writes);
+int checkpoint_write_attributes(long file, const Config *cfg, long iteration, long optimizer_steps);
+int checkpoint_file_close(long file);
+long checkpoint_file_open(const char *path);
+int checkpoint_read_long(long file, const char *name, long *value);
+/* Rows [first_row, first_row + rows) of tensor `name`, whose shape must be
+ * dims; else -1 with err saying what differs ("its tensor X has shape ..."). */
+int checkpoint_read_f32(long file, const char *name, int ndim, const long *dims, float *data,
+                        long first_row, long rows, char *err, size_t errlen);
+int checkpoint_file_close_read(long file);
 
 #ifdef __cplusplus
 }

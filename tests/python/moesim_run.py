@@ -26,6 +26,13 @@ def flags(options):
     return [arg for key, value in options.items() for arg in (f"--{key}", str(value))]
 
 
+def final_checkpoint(save_dir):
+    """The newest complete checkpoint of a --save directory."""
+    save_dir = Path(save_dir)
+    iteration = int((save_dir / "latest_checkpointed_iteration.txt").read_text())
+    return save_dir / f"iter_{iteration:07d}.h5"
+
+
 def run_moesim(subcommand, options, timeout=600):
     return subprocess.run([str(BUILD / "moesim"), subcommand, *flags(options)],
                           env=clean_env(), capture_output=True, text=True, timeout=timeout)
@@ -115,9 +122,9 @@ ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/l
 
 
 def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, evals=3,
-                           categories=3, config=None, status="complete", seed=0, schema=5):
-    """Writes a run record of `schema` (5; 4 without the platform attributes
-    5 added; 3 also without the datasets 4 added) laid out as
+                           categories=3, config=None, status="complete", seed=0, schema=6):
+    """Writes a run record of `schema` (6, which these tests read like 5; 4
+    without the platform attributes 5 added; 3 also without the datasets 4 added) laid out as
     docs/run-record.md says, with seeded random values that keep the
     documented relations (processed + dropped = tokens, unused
     experts, steps in order), and returns what it wrote: {"attrs": {name:

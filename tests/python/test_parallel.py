@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
-from moesim_run import run_moesim, run_mpi
+from moesim_run import final_checkpoint, run_moesim, run_mpi
 
 SEQ = 16
 TOPK = 2
@@ -62,8 +62,8 @@ def load_record(path):
     return data
 
 
-def load_params(path):
-    with h5py.File(path, "r") as f:
+def load_params(save_dir):
+    with h5py.File(final_checkpoint(save_dir), "r") as f:
         return {name: ds[()] for name, ds in f["params"].items()}
 
 
@@ -87,7 +87,7 @@ class Runs:
         key = ("reference", world, tuple(sorted(extra.items())))
         if key not in self.cache:
             d = self.tmp.mktemp(f"ref{world}")
-            out, save = d / "run.h5", d / "params.h5"
+            out, save = d / "run.h5", d / "checkpoints"
             result = run_moesim("train", {**SMALL, **extra, "micro-batch-size": world * B,
                                           "out": out, "save": save}, timeout=RUN_TIMEOUT)
             self._finish(key, result, out, save)
@@ -97,7 +97,7 @@ class Runs:
         key = ("parallel", world, ep, repeat, tuple(sorted(extra.items())))
         if key not in self.cache:
             d = self.tmp.mktemp(f"w{world}ep{ep}r{repeat}")
-            out, save = d / "run.h5", d / "params.h5"
+            out, save = d / "run.h5", d / "checkpoints"
             result = run_mpi(world, "train", {**SMALL, **extra, "micro-batch-size": B,
                                               "expert-model-parallel-size": ep, "out": out,
                                               "save": save}, timeout=RUN_TIMEOUT)

@@ -1,0 +1,39 @@
+/* checkpoint: saving and resuming a run.
+ *
+ * DIR/iter_NNNNNNN.h5 holds every parameter and both Adam moments under
+ * params/, adam_m/, adam_v/ (expert tensors with the global expert index as
+ * their first dimension, so any expert-parallel layout reads its share), the
+ * DeepSeek expert biases, the optimizer step and the resolved config. Each
+ * rank of expert-parallel group 0 writes its own experts and rank 0 the dense
+ * replica, through parallel HDF5; nothing is gathered onto one rank.
+ *
+ * A save is atomic: the file is written under a temporary name, synced and
+ * renamed, and only then does DIR/latest_checkpointed_iteration.txt name it,
+ * so a crash during a save leaves the previous checkpoint as the latest. */
+#ifndef MOESIM_CHECKPOINT_H
+#define MOESIM_CHECKPOINT_H
+
+#include <stddef.h>
+
+#include "moesim/train.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Saves the trainer's state after `iteration` steps into cfg->save and keeps
+ * the newest cfg->save_keep. Collective; 0, or -1 with err on every rank. */
+int checkpoint_save(const Trainer *t, long iteration, char *err, size_t errlen);
+
+/* Restores parameters, Adam moments and step, and the expert biases from the
+ * latest checkpoint in dir; *iteration is its step. Collective; 0, or -1 with
+ * err (the same on every rank). */
+int checkpoint_load(Trainer *t, const char *dir, long *iteration, char *err, size_t errlen);
+
+/* The path of iteration's checkpoint in dir. */
+void checkpoint_path(char *buf, size_t len, const char *dir, long iteration);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,242 @@
+#include "moesim/checkpoint.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "moesim/record.h"
+
+#define LATEST_FILE "latest_checkpointed_iteration.txt"
+#define PATH_LEN (MOESIM_PATH_MAX + 64)
+
+void checkpoint_path(char *buf, size_t len, const char *dir, long iteration) {
+    snprintf(buf, len, "%s/iter_%07ld.h5", dir, iteration);
+}
+
+/* The three buffers a tensor has in a checkpoint. */
+static const char *const GROUPS[3] = {"params", "adam_m", "adam_v"};
+
+static float *group_buffer(const Model *m, int g) {
+    return g == 0 ? m->params : g == 1 ? m->adam_m : m->adam_v;
+}
+
+/* A tensor's global shape (experts of every rank) and this rank's rows of
+ * its first dimension. */
+static void tensor_rows(const Model *m, const ParamTensor *pt, long *dims, long *first,
+                        long *rows) {
+    for (int d = 0; d < pt->ndim; d++) dims[d] = pt->shape[d];
+    *first = 0;
+    *rows = pt->shape[0];
+    if (pt->is_expert) {
+        dims[0] *= m->shape.ep_size;
+        *first = (long)m->shape.ep_rank * pt->shape[0];
+    }
+}
+
+static int sync_path(const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return -1;
+    int st = fsync(fd);
+    close(fd);
+    return st;
+}
+
+static int write_latest(const char *dir, long iteration) {
+    char tmp[PATH_LEN], latest[PATH_LEN];
+    snprintf(tmp, sizeof tmp, "%s/." LATEST_FILE ".tmp", dir);
+    snprintf(latest, sizeof latest, "%s/" LATEST_FILE, dir);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return -1;
+    int ok = fprintf(f, "%ld\n", iteration) > 0;
+    ok = fflush(f) == 0 && fsync(fileno(f)) == 0 && ok;
+    ok = fclose(f) == 0 && ok;
+    return ok && rename(tmp, latest) == 0 && sync_path(dir) == 0 ? 0 : -1;
+}
+
+/* The iterations of dir's checkpoint files, newest first; their count. */
+static int list_iterations(const char *dir, long *out, int max) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)) && n < max) {
+        long it;
+        char tail[8];
+        if (sscanf(e->d_name, "iter_%ld.%7s", &it, tail) == 2 && strcmp(tail, "h5") == 0)
+            out[n++] = it;
+    }
+    closedir(d);
+    for (int i = 1; i < n; i++) /* insertion sort, descending */
+        for (int j = i; j > 0 && out[j] > out[j - 1]; j--) {
+            long tmp = out[j];
+            out[j] = out[j - 1];
+            out[j - 1] = tmp;
+        }
+    return n;
+}
+
+#define MAX_CHECKPOINTS 4096
+
+static void prune(const char *dir, int keep) {
+    if (keep <= 0) return;
+    long iterations[MAX_CHECKPOINTS];
+    int n = list_iterations(dir, iterations, MAX_CHECKPOINTS);
+    for (int i = keep; i < n; i++) {
+        char path[PATH_LEN];
+        checkpoint_path(path, sizeof path, dir, iterations[i]);
+        unlink(path);
+    }
+}
+
+static int write_state(const Trainer *t, long file) {
+    const Model *m = &t->model;
+    const Comm *c = t->comm;
+    int ok = 1;
+    for (int g = 0; g < 3; g++)
+        for (int i = 0; i < m->num_tensors; i++) {
+            const ParamTensor *pt = &m->tensors[i];
+            long dims[3], first, rows;
+            tensor_rows(m, pt, dims, &first, &rows);
+            char name[96];
+            snprintf(name, sizeof name, "%s/%s", GROUPS[g], pt->name);
+            /* EP group 0 holds every expert once; rank 0 the dense replica */
+            int writes = pt->is_expert ? c->rank < c->ep_size : c->rank == 0;
+            ok = checkpoint_write_f32(file, name, pt->ndim, dims, group_buffer(m, g) + pt->offset,
+                                      first, rows, writes) == 0 &&
+                 ok;
+        }
+    for (int l = 0; l < m->shape.L; l++) {
+        if (!m->expert_bias || !m->expert_bias[l]) continue;
+        char name[64];
+        long dims[1] = {m->shape.E};
+        snprintf(name, sizeof name, "expert_bias/layers.%d", l);
+        ok = checkpoint_write_f32(file, name, 1, dims, m->expert_bias[l], 0, m->shape.E,
+                                  c->rank == 0) == 0 &&
+             ok;
+    }
+    return ok;
+}
+
+int checkpoint_save(const Trainer *t, long iteration, char *err, size_t errlen) {
+    const Comm *c = t->comm;
+    const char *dir = t->cfg->save;
+    char tmp[PATH_LEN], final[PATH_LEN];
+    snprintf(tmp, sizeof tmp, "%s/.iter_%07ld.h5.tmp", dir, iteration);
+    checkpoint_path(final, sizeof final, dir, iteration);
+    long file = checkpoint_file_create(tmp, c);
+    int ok = comm_all_ok(c, file >= 0);
+    if (ok) {
+        ok = write_state(t, file);
+        ok = checkpoint_write_attributes(file, t->cfg, iteration, t->opt.t) == 0 && ok;
+        ok = checkpoint_file_close(file) == 0 && ok;
+    }
+    ok = comm_all_ok(c, ok);
+    if (c->rank == 0) {
+        if (ok) ok = sync_path(tmp) == 0 && rename(tmp, final) == 0 && sync_path(dir) == 0;
+        if (ok) ok = write_latest(dir, iteration) == 0;
+        if (ok) prune(dir, t->cfg->save_keep);
+        if (!ok) unlink(tmp);
+    }
+    if (comm_all_ok(c, ok)) return 0;
+    snprintf(err, errlen,
+             "writing checkpoint %s failed (%s); check free disk space and that --save %s is "
+             "writable",
+             final, errno ? strerror(errno) : "HDF5 error", dir);
+    return -1;
+}
+
+static int read_state(Trainer *t, long file, char *err, size_t errlen) {
+    Model *m = &t->model;
+    for (int g = 0; g < 3; g++)
+        for (int i = 0; i < m->num_tensors; i++) {
+            const ParamTensor *pt = &m->tensors[i];
+            long dims[3], first, rows;
+            tensor_rows(m, pt, dims, &first, &rows);
+            char name[96];
+            snprintf(name, sizeof name, "%s/%s", GROUPS[g], pt->name);
+            if (checkpoint_read_f32(file, name, pt->ndim, dims, group_buffer(m, g) + pt->offset,
+                                    first, rows, err, errlen) != 0)
+                return -1;
+        }
+    for (int l = 0; l < m->shape.L; l++) {
+        if (!m->expert_bias || !m->expert_bias[l]) continue;
+        char name[64];
+        long dims[1] = {m->shape.E};
+        snprintf(name, sizeof name, "expert_bias/layers.%d", l);
+        if (checkpoint_read_f32(file, name, 1, dims, m->expert_bias[l], 0, m->shape.E, err,
+                                errlen) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Every rank loads one checkpoint file; 0 when every rank succeeded. */
+static int load_file(Trainer *t, const char *path, long *iteration, char *err, size_t errlen) {
+    long file = checkpoint_file_open(path);
+    int ok = file >= 0;
+    long steps = 0;
+    if (!ok) snprintf(err, errlen, "it is not a readable HDF5 file (truncated or overwritten?)");
+    if (ok && (checkpoint_read_long(file, "iteration", iteration) != 0 ||
+               checkpoint_read_long(file, "optimizer_steps", &steps) != 0)) {
+        snprintf(err, errlen, "it has no iteration attribute (not a moesim checkpoint?)");
+        ok = 0;
+    }
+    if (ok) ok = read_state(t, file, err, errlen) == 0;
+    if (file >= 0) checkpoint_file_close_read(file);
+    if (ok) t->opt.t = steps;
+    int failed = comm_first_failed_rank(t->comm, ok);
+    if (failed >= 0) comm_share_error(t->comm, failed, err, errlen);
+    return failed < 0 ? 0 : -1;
+}
+
+static long read_latest(const char *dir) {
+    char path[PATH_LEN];
+    snprintf(path, sizeof path, "%s/" LATEST_FILE, dir);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    long it = -1;
+    if (fscanf(f, "%ld", &it) != 1) it = -1;
+    fclose(f);
+    return it;
+}
+
+int checkpoint_load(Trainer *t, const char *dir, long *iteration, char *err, size_t errlen) {
+    long latest = read_latest(dir), candidates[MAX_CHECKPOINTS];
+    int n = list_iterations(dir, candidates, MAX_CHECKPOINTS);
+    /* every rank must try the same files: rank 0's view decides */
+    long view[2] = {latest, n};
+    comm_broadcast_longs(t->comm, view, 2);
+    latest = view[0];
+    n = (int)view[1];
+    comm_broadcast_longs(t->comm, candidates, n);
+    if (latest < 0) {
+        snprintf(err, errlen,
+                 "--load %s: no %s there; point --load at a --save directory of an earlier run",
+                 dir, LATEST_FILE);
+        return -1;
+    }
+    char first_err[512] = "";
+    for (int i = 0; i < n; i++) {
+        if (candidates[i] > latest) continue; /* a save that never completed */
+        char path[PATH_LEN];
+        checkpoint_path(path, sizeof path, dir, candidates[i]);
+        if (load_file(t, path, iteration, err, errlen) == 0) {
+            if (t->comm->rank == 0 && candidates[i] != latest)
+                printf(
+                    "moesim: warning: checkpoint %ld in %s cannot be used (%s); resumed from "
+                    "checkpoint %ld instead\n",
+                    latest, dir, first_err, candidates[i]);
+            return 0;
+        }
+        if (!first_err[0]) snprintf(first_err, sizeof first_err, "%s", err);
+        /* a model-shape mismatch is the same in every file: stop at the first */
+        if (strstr(err, "shape") || strstr(err, "no tensor")) break;
+    }
+    snprintf(err, errlen, "--load %s: cannot resume from checkpoint %ld: %s", dir, latest,
+             first_err[0] ? first_err : "its file is missing");
+    return -1;
+}

@@ -1,0 +1,178 @@
+"""Checkpoints and resume (issue 13): a run killed at any step and resumed on
+any layout ends with a record and a final checkpoint bit-identical to the
+uninterrupted run; a damaged latest checkpoint falls back to the previous one;
+a checkpoint of another model is refused naming the tensor.
+
+Every run has a timeout, so no test can hang."""
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from moesim_run import BUILD, clean_env, final_checkpoint, flags, run_moesim, run_mpi
+
+SEQ = 16
+STEPS = 200
+TINY = {
+    "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": SEQ,
+    "num-experts": 4, "moe-router-topk": 2, "moe-ffn-hidden-size": 32, "ffn-hidden-size": 64,
+    "train-iters": STEPS, "eval-interval": 50, "eval-iters": 1, "log-interval": 1,
+    "progress-interval": 1000, "data-format": "synthetic", "synthetic-tokens": 20000,
+    "moe-group-size": SEQ, "lr-warmup-iters": 5, "moe-expert-capacity-factor": 1.0,
+    "save-interval": 5,
+}
+GLOBAL_BATCH = 12
+TIMEOUT = 120
+# Layout-dependent by design: timings, throughput, traffic, and the restarts.
+NOT_COMPARED = ("timing/", "traffic/", "resumes/", "train/step_time_s", "train/tokens_per_s")
+
+
+def run(world, ep, out, save, **extra):
+    options = {**TINY, "micro-batch-size": GLOBAL_BATCH // world,
+               "expert-model-parallel-size": ep, "out": out, "save": save, **extra}
+    if world == 1:
+        return run_moesim("train", options, timeout=TIMEOUT)
+    return run_mpi(world, "train", options, timeout=TIMEOUT)
+
+
+def datasets(path):
+    found = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: found.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def assert_same(reference, other, what):
+    a, b = datasets(reference), datasets(other)
+    compared = [k for k in a if not k.startswith(NOT_COMPARED)]
+    assert compared, f"{what}: nothing to compare"
+    for k in compared:
+        assert k in b, f"{what}: {k} missing"
+        assert a[k].shape == b[k].shape, f"{what}: {k} shape {a[k].shape} vs {b[k].shape}"
+        assert np.array_equal(a[k], b[k]), f"{what}: {k} differs"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    d = tmp_path_factory.mktemp("uninterrupted")
+    result = run(2, 2, d / "run.h5", d / "ckpt")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return d
+
+
+def kill_after_checkpoint(world, ep, out, save, at_least):
+    """Starts the run and SIGKILLs it once `save` names a checkpoint at or
+    past step `at_least`; returns the latest checkpoint's step then."""
+    options = {**TINY, "micro-batch-size": GLOBAL_BATCH // world,
+               "expert-model-parallel-size": ep, "out": out, "save": save}
+    cmd = ["mpirun", "-n", str(world), "--oversubscribe", "--bind-to", "none",
+           str(BUILD / "moesim"), "train", *flags(options)]
+    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = Path(save) / "latest_checkpointed_iteration.txt"
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            if latest.exists() and latest.read_text().strip() and \
+                    int(latest.read_text()) >= at_least:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail("no checkpoint appeared")
+    finally:
+        # SIGKILL leaves mpirun no chance to stop its ranks: kill them too,
+        # found by the run's unique --out path
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        subprocess.run(["pkill", "-9", "-f", str(out)], check=False)
+        for _ in range(100):
+            if subprocess.run(["pgrep", "-f", str(out)], capture_output=True).returncode:
+                break
+            time.sleep(0.05)
+    return int(latest.read_text())
+
+
+# The uninterrupted run is 2 ranks, EP 2; each kill lands a few steps after
+# the given checkpoint (the schedule is the same: --train-iters is part of the
+# experiment), and the resume runs on another layout to the end: the record
+# rows after the checkpoint are dropped and recomputed.
+@pytest.mark.parametrize("first,resume,at_least", [((2, 2), (1, 1), 10), ((1, 1), (4, 2), 60),
+                                                   ((4, 4), (3, 1), 120)],
+                         ids=["2ep2-to-1", "1-to-4ep2", "4ep4-to-3"])
+def test_killed_run_resumes_on_another_layout_bit_identical(uninterrupted, tmp_path, first,
+                                                            resume, at_least):
+    out, save = tmp_path / "run.h5", tmp_path / "ckpt"
+    step = kill_after_checkpoint(*first, out, save, at_least)
+    assert step >= at_least
+    if step >= STEPS:
+        pytest.skip(f"the kill came after step {STEPS}")
+    # the killed run's --train-iters was larger: resume with the reference's
+    result = run(*resume, out, save, load=save)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"resumed from {save} at step {step}" in output, output
+    assert_same(uninterrupted / "run.h5", out, "record")
+    assert_same(final_checkpoint(uninterrupted / "ckpt"), final_checkpoint(save),
+                "final checkpoint")
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "complete"
+        assert list(f["resumes/step"][()]) == [step]
+        assert list(f["resumes/world_size"][()]) == [resume[0]]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-filled"])
+def test_damaged_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp_path, damage):
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    for step in (STEPS - 10, STEPS - 5):
+        (save / f"iter_{step:07d}.h5").write_bytes(
+            (uninterrupted / "ckpt" / f"iter_{step:07d}.h5").read_bytes())
+    (save / "latest_checkpointed_iteration.txt").write_text(f"{STEPS - 5}\n")
+    bad = save / f"iter_{STEPS - 5:07d}.h5"
+    size = bad.stat().st_size
+    bad.write_bytes(bad.read_bytes()[: size // 3] if damage == "truncated" else bytes(size))
+    out = tmp_path / "run.h5"
+    out.write_bytes((uninterrupted / "run.h5").read_bytes())
+    result = run(2, 2, out, save, load=save)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"checkpoint {STEPS - 5} in" in output, output
+    assert f"resumed from checkpoint {STEPS - 10} instead" in output, output
+    assert_same(uninterrupted / "run.h5", out, "record")
+    assert_same(final_checkpoint(uninterrupted / "ckpt"), final_checkpoint(save),
+                "final checkpoint")
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_tensor(uninterrupted, tmp_path):
+    out = tmp_path / "run.h5"
+    out.write_bytes((uninterrupted / "run.h5").read_bytes())
+    result = run(2, 2, out, tmp_path / "ckpt", load=uninterrupted / "ckpt",
+                 **{"hidden-size": 64})
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    errors = [line for line in output.splitlines() if "moesim: error:" in line]
+    assert errors, output
+    assert "params/wte" in errors[0] and "[256, 32]" in errors[0] and "[256, 64]" in errors[0], \
+        errors[0]
+
+
+def test_load_without_a_checkpoint_says_what_to_do(tmp_path):
+    result = run(1, 1, tmp_path / "run.h5", tmp_path / "ckpt", load=tmp_path / "nothing")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "latest_checkpointed_iteration.txt" in output and "--save" in output, output
+
+
+def test_save_keep_keeps_the_newest(tmp_path):
+    save = tmp_path / "ckpt"
+    result = run(1, 1, tmp_path / "run.h5", save, **{"save-keep": 2})
+    assert result.returncode == 0, result.stdout + result.stderr
+    kept = sorted(p.name for p in save.glob("iter_*.h5"))
+    assert kept == [f"iter_{STEPS - 5:07d}.h5", f"iter_{STEPS:07d}.h5"]
+    assert not list(save.glob(".*tmp")), "a temporary file was left behind"
