@@ -56,6 +56,12 @@ int comm_all_ok(const Comm *c, int ok) {
     return all;
 }
 
+int comm_max_int(const Comm *c, int value) {
+    int max = value;
+    MPI_Allreduce(&value, &max, 1, MPI_INT, MPI_MAX, c->world);
+    return max;
+}
+
 int comm_first_failed_rank(const Comm *c, int ok) {
     int mine = ok ? INT_MAX : c->rank, first = INT_MAX;
     MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, c->world);

@@ -10,6 +10,7 @@
 #include "moesim/config.h"
 #include "moesim/data.h"
 #include "moesim/platform.h"
+#include "moesim/preempt.h"
 #include "moesim/record.h"
 #include "moesim/train.h"
 
@@ -86,10 +87,11 @@ static int run_subcommand(const char *name, int argc, char **argv, Comm *comm, P
         warn_if_cores_oversubscribed(platform, comm);
         int rc = strcmp(name, "train") == 0 ? train_run(&cfg, &ds, comm, platform, err, sizeof err)
                                             : bench_run(&cfg, &ds, comm, platform, err, sizeof err);
-        status = rc == 0 ? 0 : 1;
+        status = rc == 0 ? 0 : rc > 0 ? rc : 1; /* rc > 0: an exit status of its own */
         dataset_free(&ds);
     }
-    if (status != 0 && comm->rank == 0) fprintf(stderr, "moesim: error: %s\n", err);
+    if (status != 0 && status != MOESIM_EXIT_INTERRUPTED && comm->rank == 0)
+        fprintf(stderr, "moesim: error: %s\n", err);
     return status;
 }
 

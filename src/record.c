@@ -682,11 +682,15 @@ int record_flush(Record *r, long steps_done) {
 }
 
 int record_close(Record *r, int complete, long steps_done) {
+    return record_close_as(r, complete ? "complete" : "failed", steps_done);
+}
+
+int record_close_as(Record *r, const char *status, long steps_done) {
     char ended[32];
     iso8601_now(ended, sizeof ended);
     int st = record_flush(r, steps_done);
-    complete = complete && st == 0;
-    st |= set_string_attr(r->file, "status", complete ? "complete" : "failed");
+    if (st != 0) status = "failed";
+    st |= set_string_attr(r->file, "status", status);
     st |= set_string_attr(r->file, "end_time", ended);
     for (int i = 0; i < SERIES_COUNT; i++) series_close(&r->series[i]);
     if (H5Fclose(r->file) < 0) st = -1;

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "moesim/checkpoint.h"
+#include "moesim/preempt.h"
 #include "moesim/record.h"
 
 /* Per-layer sums of RoutingStats reduced in one block: entropy, aux, z,
@@ -469,6 +470,17 @@ static int record_eval(RunState *rs, const Trainer *t, long done, double val_los
     return record_append_eval(rs->rec, &row) == 0;
 }
 
+static void report_interruption(int sig, long step, const Config *cfg) {
+    printf("moesim: stopped by %s after step %ld of %d", strsignal(sig), step,
+           cfg->train_iters);
+    if (cfg->save[0])
+        printf("; checkpoint %s/iter_%07ld.h5 saved: resume with --load %s (any layout)\n",
+               cfg->save, step, cfg->save);
+    else
+        printf("; no checkpoint (no --save): this run cannot be resumed\n");
+    fflush(stdout);
+}
+
 int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
               char *err, size_t errlen) {
     Trainer t;
@@ -501,6 +513,8 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     double run_start = comm_wtime(), tokens_total = 0.0;
     StepStats stats = {0};
     long step = start;
+    int interrupted = 0;
+    preempt_install();
     for (; step < cfg->train_iters; step++) {
         trainer_step(&t, step, &stats);
         tokens_total += stats.tokens;
@@ -524,12 +538,26 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                      done, cfg->out);
         if (!all_ok_or_share(comm, ok, err, errlen)) break;
         if (save_now && checkpoint_save(&t, done, err, errlen) != 0) break;
+        if ((interrupted = comm_max_int(comm, preempt_signal())) != 0) {
+            step++;
+            if (cfg->save[0] && !save_now && checkpoint_save(&t, done, err, errlen) != 0)
+                interrupted = 0; /* the failed save is the error to report */
+            break;
+        }
         double elapsed = comm_wtime() - run_start;
         if (is_root && (done % cfg->progress_interval == 0 || last))
             print_progress(done - start, cfg->train_iters - start, done, &stats, val_loss,
                            tokens_total / elapsed, elapsed);
     }
+    preempt_uninstall();
     ok = step == cfg->train_iters;
+    if (interrupted) {
+        if (is_root) report_interruption(interrupted, step, cfg);
+        if (is_root) record_close_as(rs.rec, "interrupted", step);
+        run_state_free(&rs);
+        trainer_free(&t);
+        return MOESIM_EXIT_INTERRUPTED;
+    }
     double elapsed = comm_wtime() - run_start;
     if (is_root) {
         int closed = record_close(rs.rec, ok, step) == 0;

@@ -50,6 +50,8 @@ void comm_finalize(Comm *c);
 
 /* Collective agreement: returns 1 on every rank when every rank passes ok=1. */
 int comm_all_ok(const Comm *c, int ok);
+/* The largest of every rank's value. */
+int comm_max_int(const Comm *c, int value);
 /* The lowest rank whose ok is 0, or -1 when all are ok. */
 int comm_first_failed_rank(const Comm *c, int ok);
 /* Rank `root` shares its error text, so every rank can report the same cause. */

@@ -92,6 +92,8 @@ int record_flush(Record *r, long steps_done);
 /* Flushes, sets status "complete" (complete=1) or "failed", end_time, and
  * closes; frees r. Returns 0, or -1 if any of it failed. */
 int record_close(Record *r, int complete, long steps_done);
+/* record_close with any status ("interrupted" for a run stopped by a signal). */
+int record_close_as(Record *r, const char *status, long steps_done);
 
 /* `moesim info`: a human summary of a run record on stdout. Returns 0, or -1
  * with a message (missing file, not HDF5, not a moesim record, newer schema). */

@@ -70,7 +70,9 @@ void routing_count_by_category(const Routing *r, int N, const int *categories, i
                                long *counts);
 
 /* The whole run: training, evals, progress, the HDF5 record at cfg->out.
- * Returns 0, or -1 with err (the same on every rank). */
+ * Returns 0; MOESIM_EXIT_INTERRUPTED (preempt.h) when a signal stopped it at
+ * a step boundary (checkpoint saved, record "interrupted"); or -1 with err
+ * (the same on every rank). */
 int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
               char *err, size_t errlen);
 

@@ -176,3 +176,61 @@ def test_save_keep_keeps_the_newest(tmp_path):
     kept = sorted(p.name for p in save.glob("iter_*.h5"))
     assert kept == [f"iter_{STEPS - 5:07d}.h5", f"iter_{STEPS:07d}.h5"]
     assert not list(save.glob(".*tmp")), "a temporary file was left behind"
+
+
+SIGNAL_STEPS = 800  # long enough to be signalled mid-run
+
+
+def start_run(world, ep, out, save):
+    options = {**TINY, "micro-batch-size": GLOBAL_BATCH // world,
+               "expert-model-parallel-size": ep, "out": out, "save": save,
+               "save-interval": 1000, "train-iters": SIGNAL_STEPS}
+    cmd = ["mpirun", "-n", str(world), "--oversubscribe", "--bind-to", "none",
+           str(BUILD / "moesim"), "train", *flags(options)]
+    return subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def rank_pids(out):
+    # the ranks, not mpirun: their command line starts with the binary
+    found = subprocess.run(["pgrep", "-f", f"^{BUILD / 'moesim'} train .*{out}"],
+                           capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
+def test_signal_to_one_rank_checkpoints_and_resumes(tmp_path, sig):
+    """A signal to one rank: every rank stops at the same step boundary, the
+    checkpoint is saved, the record says `interrupted`, the exit status is 75;
+    resuming on another layout ends as the uninterrupted run."""
+    out, save = tmp_path / "run.h5", tmp_path / "ckpt"
+    proc = start_run(2, 2, out, save)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and not (out.exists() and len(rank_pids(out)) == 2):
+            time.sleep(0.01)
+        time.sleep(0.3)
+        pids = rank_pids(out)
+        assert pids, "the run ended before it could be signalled"
+        os.kill(pids[-1], sig)
+        output, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    if "done:" in output:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 75, output
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "interrupted"
+        step = int(f.attrs["steps_done"])
+    assert "stopped by" in output and f"after step {step} of {SIGNAL_STEPS}" in output, output
+    assert (save / "latest_checkpointed_iteration.txt").read_text().strip() == str(step)
+    long = {"train-iters": SIGNAL_STEPS, "save-interval": 1000}
+    result = run(1, 1, out, save, load=save, **long)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    result = run(1, 1, reference / "run.h5", reference / "ckpt", **long)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert_same(reference / "run.h5", out, "record")
+    assert_same(final_checkpoint(reference / "ckpt"), final_checkpoint(save), "final checkpoint")
