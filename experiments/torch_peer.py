@@ -154,7 +154,8 @@ DATA_DEFAULTS = {"data-path": "/usr/share/games/fortunes", "data-format": "auto"
 IGNORED_KEYS = {
     "expert-model-parallel-size", "moe-eval-capacity-factor", "eval-interval", "eval-iters",
     "log-interval", "progress-interval", "synthetic-clusters", "synthetic-tokens", "out",
-    "record-flush-interval", "save", "save-interval", "save-keep", "load",
+    "record-flush-interval", "save", "save-interval", "save-keep", "load", "finetune",
+    "no-load-optim",
 }
 # Settings of moesim the peer does not implement, with the value it needs.
 SUPPORTED_ONLY = {

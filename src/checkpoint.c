@@ -149,9 +149,9 @@ int checkpoint_save(const Trainer *t, long iteration, char *err, size_t errlen) 
     return -1;
 }
 
-static int read_state(Trainer *t, long file, char *err, size_t errlen) {
+static int read_state(Trainer *t, long file, int load_optimizer, char *err, size_t errlen) {
     Model *m = &t->model;
-    for (int g = 0; g < 3; g++)
+    for (int g = 0; g < (load_optimizer ? 3 : 1); g++)
         for (int i = 0; i < m->num_tensors; i++) {
             const ParamTensor *pt = &m->tensors[i];
             long dims[3], first, rows;
@@ -175,7 +175,8 @@ static int read_state(Trainer *t, long file, char *err, size_t errlen) {
 }
 
 /* Every rank loads one checkpoint file; 0 when every rank succeeded. */
-static int load_file(Trainer *t, const char *path, long *iteration, char *err, size_t errlen) {
+static int load_file(Trainer *t, const char *path, int load_optimizer, long *iteration, char *err,
+                     size_t errlen) {
     long file = checkpoint_file_open(path);
     int ok = file >= 0;
     long steps = 0;
@@ -185,9 +186,9 @@ static int load_file(Trainer *t, const char *path, long *iteration, char *err, s
         snprintf(err, errlen, "it has no iteration attribute (not a moesim checkpoint?)");
         ok = 0;
     }
-    if (ok) ok = read_state(t, file, err, errlen) == 0;
+    if (ok) ok = read_state(t, file, load_optimizer, err, errlen) == 0;
     if (file >= 0) checkpoint_file_close_read(file);
-    if (ok) t->opt.t = steps;
+    if (ok && load_optimizer) t->opt.t = steps;
     int failed = comm_first_failed_rank(t->comm, ok);
     if (failed >= 0) comm_share_error(t->comm, failed, err, errlen);
     return failed < 0 ? 0 : -1;
@@ -204,7 +205,8 @@ static long read_latest(const char *dir) {
     return it;
 }
 
-int checkpoint_load(Trainer *t, const char *dir, long *iteration, char *err, size_t errlen) {
+int checkpoint_load(Trainer *t, const char *dir, int load_optimizer, long *iteration, char *err,
+                    size_t errlen) {
     long latest = read_latest(dir), candidates[MAX_CHECKPOINTS];
     int n = list_iterations(dir, candidates, MAX_CHECKPOINTS);
     /* every rank must try the same files: rank 0's view decides */
@@ -224,7 +226,7 @@ int checkpoint_load(Trainer *t, const char *dir, long *iteration, char *err, siz
         if (candidates[i] > latest) continue; /* a save that never completed */
         char path[PATH_LEN];
         checkpoint_path(path, sizeof path, dir, candidates[i]);
-        if (load_file(t, path, iteration, err, errlen) == 0) {
+        if (load_file(t, path, load_optimizer, iteration, err, errlen) == 0) {
             if (t->comm->rank == 0 && candidates[i] != latest)
                 printf(
                     "moesim: warning: checkpoint %ld in %s cannot be used (%s); resumed from "

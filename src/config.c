@@ -549,6 +549,24 @@ static const Option OPTIONS[] = {
      .help = "resume from DIR's latest checkpoint on any world size and expert-parallel size: "
              "parameters, optimizer, step, schedule and data position; the record at --out "
              "continues from that step; empty = start fresh"},
+    {.name = "finetune",
+     .group = G_OUT,
+     .type = OPT_BOOL,
+     FIELD(finetune),
+     .min = 0,
+     .max = 1,
+     .default_text = "0",
+     .help = "with --load: take the parameters only and start a new run at step 0 with a fresh "
+             "optimizer and a new record (Megatron's --finetune)"},
+    {.name = "no-load-optim",
+     .group = G_OUT,
+     .type = OPT_BOOL,
+     FIELD(no_load_optim),
+     .min = 0,
+     .max = 1,
+     .default_text = "0",
+     .help = "with --load: keep the checkpoint's parameters and step but start the Adam moments "
+             "from zero (Megatron's --no-load-optim)"},
 
     {.name = "flush-denormals",
      .group = G_PLATFORM,

@@ -471,8 +471,7 @@ static int record_eval(RunState *rs, const Trainer *t, long done, double val_los
 }
 
 static void report_interruption(int sig, long step, const Config *cfg) {
-    printf("moesim: stopped by %s after step %ld of %d", strsignal(sig), step,
-           cfg->train_iters);
+    printf("moesim: stopped by %s after step %ld of %d", strsignal(sig), step, cfg->train_iters);
     if (cfg->save[0])
         printf("; checkpoint %s/iter_%07ld.h5 saved: resume with --load %s (any layout)\n",
                cfg->save, step, cfg->save);
@@ -490,21 +489,28 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
         return -1;
     }
     long start = 0;
-    if (cfg->load[0] && checkpoint_load(&t, cfg->load, &start, err, errlen) != 0) {
+    int load_optimizer = !cfg->finetune && !cfg->no_load_optim;
+    if (cfg->load[0] && checkpoint_load(&t, cfg->load, load_optimizer, &start, err, errlen) != 0) {
         trainer_free(&t);
         return -1;
     }
+    if (cfg->finetune) start = 0; /* a new run from the loaded parameters */
+    int resumes = cfg->load[0] && !cfg->finetune;
     RunState rs;
-    if (run_state_init(&rs, &t, platform, cfg->load[0] ? start : -1, err, errlen) != 0) {
+    if (run_state_init(&rs, &t, platform, resumes ? start : -1, err, errlen) != 0) {
         run_state_free(&rs);
         trainer_free(&t);
         return -1;
     }
     int is_root = comm->rank == 0;
     if (is_root) print_header(&t, &rs.layout);
-    if (is_root && cfg->load[0])
-        printf("resumed from %s at step %ld on %d rank(s), expert-parallel size %d\n", cfg->load,
-               start, comm->world_size, comm->ep_size);
+    if (is_root && resumes)
+        printf("resumed from %s at step %ld on %d rank(s), expert-parallel size %d%s\n", cfg->load,
+               start, comm->world_size, comm->ep_size,
+               load_optimizer ? "" : " (Adam moments from zero: --no-load-optim)");
+    if (is_root && cfg->finetune)
+        printf("fine-tuning from the parameters of %s's latest checkpoint: step 0, new optimizer\n",
+               cfg->load);
     double val_loss = NAN;
     if (start == 0) {
         val_loss = trainer_evaluate(&t);
@@ -538,7 +544,8 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                      done, cfg->out);
         if (!all_ok_or_share(comm, ok, err, errlen)) break;
         if (save_now && checkpoint_save(&t, done, err, errlen) != 0) break;
-        if ((interrupted = comm_max_int(comm, preempt_signal())) != 0) {
+        /* a signal during the last step: the run is done anyway */
+        if (!last && (interrupted = comm_max_int(comm, preempt_signal())) != 0) {
             step++;
             if (cfg->save[0] && !save_now && checkpoint_save(&t, done, err, errlen) != 0)
                 interrupted = 0; /* the failed save is the error to report */

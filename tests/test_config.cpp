@@ -789,7 +789,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 59u);
+    ASSERT_EQ(keys.size(), 61u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -874,6 +874,8 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"save-interval", "25"},
         {"save-keep", "3"},
         {"load", "/tmp/round/earlier"},
+        {"finetune", "1"},
+        {"no-load-optim", "1"},
         {"record-flush-interval", "7"},
         {"moe-token-drop-policy", "probs"},
         {"moe-router-type", "noisy_topk"},

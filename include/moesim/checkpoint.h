@@ -25,10 +25,11 @@ extern "C" {
  * the newest cfg->save_keep. Collective; 0, or -1 with err on every rank. */
 int checkpoint_save(const Trainer *t, long iteration, char *err, size_t errlen);
 
-/* Restores parameters, Adam moments and step, and the expert biases from the
- * latest checkpoint in dir; *iteration is its step. Collective; 0, or -1 with
- * err (the same on every rank). */
-int checkpoint_load(Trainer *t, const char *dir, long *iteration, char *err, size_t errlen);
+/* Restores parameters, the expert biases and (with load_optimizer) the Adam
+ * moments and step from the latest checkpoint in dir; *iteration is its
+ * step. Collective; 0, or -1 with err (the same on every rank). */
+int checkpoint_load(Trainer *t, const char *dir, int load_optimizer, long *iteration, char *err,
+                    size_t errlen);
 
 /* The path of iteration's checkpoint in dir. */
 void checkpoint_path(char *buf, size_t len, const char *dir, long iteration);

@@ -80,6 +80,8 @@ typedef struct Config {
     int save_interval;          /* steps between checkpoints; 0 = only the final one */
     int save_keep;              /* newest checkpoints kept; 0 = all */
     char load[MOESIM_PATH_MAX]; /* checkpoint directory to resume from; empty = fresh start */
+    int finetune;               /* --load takes parameters only: step 0, new optimizer */
+    int no_load_optim;          /* --load leaves the Adam moments at zero */
     int record_flush_interval;  /* steps between record flushes */
     /* platform */
     int flush_denormals; /* FTZ+DAZ on every rank */

@@ -234,3 +234,43 @@ def test_signal_to_one_rank_checkpoints_and_resumes(tmp_path, sig):
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same(reference / "run.h5", out, "record")
     assert_same(final_checkpoint(reference / "ckpt"), final_checkpoint(save), "final checkpoint")
+
+
+def test_finetune_takes_the_parameters_only(uninterrupted, tmp_path):
+    """--finetune: a new run at step 0 from the checkpoint's parameters. Its
+    step-0 evaluation is of exactly the parameters the checkpoint holds, so it
+    equals the last evaluation of the run that saved them; Adam starts anew."""
+    out, save = tmp_path / "run.h5", tmp_path / "ckpt"
+    result = run(2, 2, out, save, load=uninterrupted / "ckpt", finetune=1,
+                 **{"train-iters": 10, "save-interval": 0})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "fine-tuning from" in output, output
+    with h5py.File(uninterrupted / "run.h5", "r") as f:
+        saved_eval = f["eval/loss"][-1]
+    with h5py.File(out, "r") as f:
+        assert f["eval/step"][0] == 0 and f["eval/loss"][0] == saved_eval
+        assert list(f["train/step"][()]) == list(range(1, 11))
+        assert "resumes" not in f
+    with h5py.File(final_checkpoint(save), "r") as f:
+        assert f.attrs["iteration"] == 10 and f.attrs["optimizer_steps"] == 10
+
+
+def test_no_load_optim_keeps_the_step_but_not_the_moments(uninterrupted, tmp_path):
+    """--no-load-optim: the run continues from the checkpoint's step with the
+    Adam moments at zero, so it leaves the uninterrupted trajectory."""
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    step = STEPS - 10
+    name = f"iter_{step:07d}.h5"
+    (save / name).write_bytes((uninterrupted / "ckpt" / name).read_bytes())
+    (save / "latest_checkpointed_iteration.txt").write_text(f"{step}\n")
+    out = tmp_path / "run.h5"
+    out.write_bytes((uninterrupted / "run.h5").read_bytes())
+    result = run(2, 2, out, save, load=save, **{"no-load-optim": 1})
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Adam moments from zero" in output, output
+    with h5py.File(out, "r") as f, h5py.File(uninterrupted / "run.h5", "r") as g:
+        assert np.array_equal(f["train/loss"][:step], g["train/loss"][:step])
+        assert not np.array_equal(f["train/loss"][step:], g["train/loss"][step:])
