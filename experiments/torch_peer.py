@@ -137,7 +137,7 @@ DEFAULTS = {
     "moe-z-loss-coeff": "0.001", "moe-token-drop-policy": "position",
     "moe-router-type": "topk", "moe-router-pre-softmax": "1",
     "moe-router-score-function": "softmax", "moe-router-enable-expert-bias": "0",
-    "moe-router-bias-update-rate": "0", "moe-input-jitter-eps": "0",
+    "moe-router-bias-update-rate": "1e-3", "moe-input-jitter-eps": "0",
     "moe-min-capacity": "4", "moe-router-load-balancing-type": "aux_loss",
     "moe-importance-loss-coeff": "0", "moe-load-loss-coeff": "0",
     "moe-expert-activation": "gelu", "moe-shared-expert-intermediate-size": "0",

@@ -258,9 +258,9 @@ static const Option OPTIONS[] = {
      FIELD(moe_router_bias_update_rate),
      .min = 0,
      .max = 1,
-     .default_text = "0",
-     .help = "step of the expert-bias update towards even load; 0 = not given (DeepSeek-V3 "
-             "uses 1e-3)"},
+     .default_text = "1e-3",
+     .help = "step of the expert-bias update towards even load (DeepSeek-V3's and "
+             "Megatron's 1e-3); used with --moe-router-enable-expert-bias"},
     {.name = "moe-input-jitter-eps",
      .group = G_MOE,
      .type = OPT_DOUBLE,
@@ -580,6 +580,7 @@ static const Option OPTIONS[] = {
 };
 
 #define NUM_OPTIONS (sizeof(OPTIONS) / sizeof(OPTIONS[0]))
+_Static_assert(NUM_OPTIONS <= CONFIG_MAX_KEYS, "raise CONFIG_MAX_KEYS in config.h");
 
 /* Longest key we compare; longer input cannot be a key. */
 #define KEY_MAX 64
@@ -847,6 +848,15 @@ static int apply_value(Config *cfg, const Option *opt, const char *text, const c
     return fail(err, errlen, "%s%s: internal error: unknown option type", prefix, opt->name);
 }
 
+/* apply_value for what the user wrote (a flag, an INI line, config_set),
+ * remembered so validation can tell a given value from a default. */
+static int apply_given(Config *cfg, const Option *opt, const char *text, const char *prefix,
+                       char *err, size_t errlen) {
+    if (apply_value(cfg, opt, text, prefix, err, errlen) != 0) return -1;
+    cfg->given[opt - OPTIONS] = 1;
+    return 0;
+}
+
 /* Shortest text that parses back to the same double: "0.1" rather than
  * "0.10000000000000001", while %.17g guarantees the round trip at worst. */
 static void format_double(char *buf, size_t len, double value) {
@@ -879,7 +889,12 @@ static void format_value(char *buf, size_t len, const Config *cfg, const Option 
 int config_set(Config *cfg, const char *key, const char *value, char *err, size_t errlen) {
     const Option *opt = find_option(key);
     if (!opt) return fail_unknown_key(err, errlen, "", "key", key, "", NULL);
-    return apply_value(cfg, opt, value, "--", err, errlen);
+    return apply_given(cfg, opt, value, "--", err, errlen);
+}
+
+int config_key_given(const Config *cfg, const char *key) {
+    const Option *opt = find_option(key);
+    return opt && cfg->given[opt - OPTIONS];
 }
 
 /* --------------------------------------------------------------------------
@@ -961,7 +976,7 @@ static int ini_handle_key(void *user, const char *section, const char *name, con
     char where[MOESIM_PATH_MAX + 32];
     snprintf(where, sizeof(where), "%s:%d: ", state->path, state->line);
     const Option *opt = find_option(name);
-    int rc = opt ? apply_value(state->cfg, opt, value, where, state->err, state->errlen)
+    int rc = opt ? apply_given(state->cfg, opt, value, where, state->err, state->errlen)
                  : fail_unknown_key(state->err, state->errlen, where, "key", name, "", NULL);
     if (rc != 0) {
         state->error_line = state->line;
@@ -1009,9 +1024,10 @@ typedef struct FlagValue {
 } FlagValue;
 
 static void build_long_options(struct option *longopts) {
-    for (size_t i = 0; i < NUM_OPTIONS; i++)
-        longopts[i] =
-            (struct option){OPTIONS[i].name, required_argument, NULL, OPTION_VAL_BASE + (int)i};
+    for (size_t i = 0; i < NUM_OPTIONS; i++) {
+        int has_arg = OPTIONS[i].type == OPT_BOOL ? optional_argument : required_argument;
+        longopts[i] = (struct option){OPTIONS[i].name, has_arg, NULL, OPTION_VAL_BASE + (int)i};
+    }
     longopts[NUM_OPTIONS] = (struct option){"config", required_argument, NULL, CONFIG_VAL};
     longopts[NUM_OPTIONS + 1] = (struct option){NULL, 0, NULL, 0};
 }
@@ -1036,6 +1052,14 @@ static const char *flag_name(int val) {
     return val == CONFIG_VAL ? "config" : OPTIONS[val - OPTION_VAL_BASE].name;
 }
 
+/* The value of a 0|1 switch whose value getopt_long did not attach with '=':
+ * the next argument unless that is another flag, else 1 (a bare switch, as
+ * in Megatron: --moe-router-enable-expert-bias alone turns it on). */
+static const char *switch_value(int argc, char **argv) {
+    if (optind < argc && strncmp(argv[optind], "--", 2) != 0) return argv[optind++];
+    return "1";
+}
+
 /* One getopt_long pass that records every --flag value without applying it,
  * so the INI file can be applied first and flags win regardless of order. */
 static int collect_flags(int argc, char **argv, FlagValue *flags, int *num_flags,
@@ -1056,27 +1080,30 @@ static int collect_flags(int argc, char **argv, FlagValue *flags, int *num_flags
         char typed[KEY_MAX];
         typed_flag(typed, sizeof(typed), argv[at]);
         if (val == ':')
-            return fail(err, errlen, "--%s needs a value; every flag takes one, e.g. --%s %s",
+            return fail(err, errlen,
+                        "--%s needs a value; every flag but the 0|1 switches takes one, e.g. "
+                        "--%s %s",
                         flag_name(optopt), flag_name(optopt), flag_example(optopt));
         /* getopt_long also accepts unique prefixes; we do not, so adding a
          * key later cannot change what an existing command line means. */
         if (val == '?' || !is_exact_flag(typed, longopts[longindex].name))
             return fail_unknown_key(err, errlen, "", "flag", typed, "--", "config");
-        if (strncmp(optarg, "--", 2) == 0)
+        const char *value = optarg ? optarg : switch_value(argc, argv);
+        if (strncmp(value, "--", 2) == 0)
             return fail(err, errlen,
-                        "%s needs a value but got the flag %s; every flag takes one, "
-                        "e.g. %s %s",
-                        typed, optarg, typed, flag_example(val));
+                        "%s needs a value but got the flag %s; every flag but the 0|1 switches "
+                        "takes one, e.g. %s %s",
+                        typed, value, typed, flag_example(val));
         if (val == CONFIG_VAL) {
             if (*config_path)
                 return fail(err, errlen,
                             "--config given twice (%s and %s); give one file and override "
                             "single keys with flags",
-                            *config_path, optarg);
-            *config_path = optarg;
+                            *config_path, value);
+            *config_path = value;
             continue;
         }
-        flags[(*num_flags)++] = (FlagValue){&OPTIONS[val - OPTION_VAL_BASE], optarg};
+        flags[(*num_flags)++] = (FlagValue){&OPTIONS[val - OPTION_VAL_BASE], value};
     }
     if (optind < argc)
         return fail(err, errlen,
@@ -1096,7 +1123,7 @@ int config_parse_args(Config *cfg, int argc, char **argv, char *err, size_t errl
     int rc = collect_flags(argc, argv, flags, &num_flags, &config_path, err, errlen);
     if (rc == 0 && config_path) rc = apply_ini_file(cfg, config_path, err, errlen);
     for (int i = 0; rc == 0 && i < num_flags; i++)
-        rc = apply_value(cfg, flags[i].opt, flags[i].value, "--", err, errlen);
+        rc = apply_given(cfg, flags[i].opt, flags[i].value, "--", err, errlen);
     free(flags);
     return rc;
 }
@@ -1114,6 +1141,20 @@ static int validate_values(const Config *cfg, char *err, size_t errlen) {
         if (apply_value(&scratch, &OPTIONS[i], value, "--", err, errlen) != 0) return -1;
     }
     return 0;
+}
+
+/* The user chose this value: gave the key explicitly, or (a Config filled
+ * in by code, which records nothing as given) set it away from its default.
+ * A default may give way to what another key implies; a choice may not. */
+static int chosen_by_user(const Config *cfg, const char *key) {
+    const Option *opt = find_option(key);
+    if (!opt) return 0;
+    if (cfg->given[opt - OPTIONS]) return 1;
+    Config defaults;
+    config_defaults(&defaults);
+    const void *value = const_field_of(cfg, opt), *fallback = const_field_of(&defaults, opt);
+    return opt->type == OPT_STRING ? strcmp(value, fallback) != 0
+                                   : memcmp(value, fallback, opt->size) != 0;
 }
 
 static int router_is(const Config *cfg, const char *type) {
@@ -1159,8 +1200,8 @@ static int validate_model_shape(const Config *cfg, char *err, size_t errlen) {
 }
 
 /* Settings that each work alone but contradict the router type or each
- * other. Defaults never trip these, so every message names a flag the user
- * gave. */
+ * other. Defaults never trip these (a default that does not fit gives way in
+ * config_resolve), so every message names a flag the user gave. */
 static int validate_router_type(const Config *cfg, char *err, size_t errlen) {
     const char *type = cfg->moe_router_type;
     if (strcmp(cfg->moe_router_score_function, "sigmoid") == 0 && !router_is(cfg, "topk"))
@@ -1180,11 +1221,12 @@ static int validate_router_type(const Config *cfg, char *err, size_t errlen) {
                     "--moe-router-enable-expert-bias 1 with --moe-router-bias-update-rate 0 "
                     "never moves the bias; give a rate such as --moe-router-bias-update-rate "
                     "1e-3 (DeepSeek-V3's)");
-    if (!cfg->moe_router_enable_expert_bias && cfg->moe_router_bias_update_rate > 0)
+    if (!cfg->moe_router_enable_expert_bias && cfg->moe_router_bias_update_rate > 0 &&
+        chosen_by_user(cfg, "moe-router-bias-update-rate"))
         return fail(err, errlen,
                     "--moe-router-bias-update-rate %g does nothing with "
-                    "--moe-router-enable-expert-bias 0; add --moe-router-enable-expert-bias 1 "
-                    "or leave the rate at 0",
+                    "--moe-router-enable-expert-bias 0; add --moe-router-enable-expert-bias "
+                    "or leave the rate out",
                     cfg->moe_router_bias_update_rate);
     if (cfg->moe_load_loss_coeff > 0 && !router_is(cfg, "noisy_topk"))
         return fail(err, errlen,
@@ -1211,11 +1253,12 @@ static int validate_router_type(const Config *cfg, char *err, size_t errlen) {
                         "1.25");
     }
     if (router_is(cfg, "soft")) {
-        if (cfg->moe_expert_capacity_factor != 0)
+        if (cfg->moe_expert_capacity_factor != 0 &&
+            chosen_by_user(cfg, "moe-expert-capacity-factor"))
             return fail(err, errlen,
                         "--moe-router-type soft with --moe-expert-capacity-factor %g: soft "
                         "routing sends every token to every expert and has no capacity: pass "
-                        "--moe-expert-capacity-factor 0",
+                        "--moe-expert-capacity-factor 0 or leave it out",
                         cfg->moe_expert_capacity_factor);
         if (cfg->moe_eval_capacity_factor > 0)
             return fail(err, errlen,
@@ -1339,8 +1382,33 @@ int config_validate(const Config *cfg, char *err, size_t errlen) {
     return cfg->save[0] ? validate_directory("save", cfg->save, err, errlen) : 0;
 }
 
+static int gcd(int a, int b) {
+    while (b) {
+        int r = a % b;
+        a = b;
+        b = r;
+    }
+    return a;
+}
+
+/* --expert-model-parallel-size 0 took the EP size from the rank count, so
+ * the message must say so: the user never typed that number. */
+static int fail_implicit_ep(const Config *cfg, int world_size, char *err, size_t errlen) {
+    const char *why =
+        world_size > cfg->num_experts ? ": every rank must own at least one expert" : " evenly";
+    return fail(err, errlen,
+                "the expert-parallel size was taken from the rank count (--expert-model-"
+                "parallel-size 0, the default): %d ranks cannot share --num-experts %d%s; give "
+                "--expert-model-parallel-size %d (a divisor of both the %d ranks and the %d "
+                "experts), or launch a number of ranks that divides %d",
+                world_size, cfg->num_experts, why, gcd(world_size, cfg->num_experts), world_size,
+                cfg->num_experts, cfg->num_experts);
+}
+
 int config_validate_layout(const Config *cfg, int world_size, char *err, size_t errlen) {
     int ep = config_ep_size(cfg, world_size);
+    if (cfg->expert_model_parallel_size == 0 && cfg->num_experts % ep != 0)
+        return fail_implicit_ep(cfg, world_size, err, errlen);
     if (ep > cfg->num_experts)
         return fail(err, errlen,
                     "--expert-model-parallel-size %d is larger than --num-experts %d: every "
@@ -1366,6 +1434,8 @@ int config_ep_size(const Config *cfg, int world_size) {
 }
 
 void config_resolve(Config *cfg) {
+    /* Validation let only a default capacity factor through: soft routing is dropless. */
+    if (router_is(cfg, "soft")) cfg->moe_expert_capacity_factor = 0;
     int implied = implied_topk(cfg);
     if (implied) cfg->moe_router_topk = implied;
     if (uses_raw_probabilities(cfg)) {
@@ -1457,7 +1527,7 @@ static const char *metavar_of(const Option *opt) {
         case OPT_DOUBLE:
             return "X";
         case OPT_BOOL:
-            return "0|1";
+            return "[0|1]";
         case OPT_STRING:
             return "TEXT";
     }

@@ -25,7 +25,8 @@ static void print_usage(void) {
         "       moesim --help | --version\n\n"
         "Trains a decoder-only Mixture-of-Experts transformer and writes an HDF5 run record.\n"
         "Every key below is both a --flag and an INI key (INI files may use '_' or '-').\n"
-        "Flags override the config file. Run under mpirun or srun for several ranks.\n\n");
+        "Flags override the config file. A [0|1] switch given alone means 1, as in Megatron\n"
+        "(--moe-router-enable-expert-bias). Run under mpirun or srun for several ranks.\n\n");
     config_print_help();
 }
 

@@ -1,7 +1,8 @@
 // Runs the real program ($MOESIM) and pins down what a user sees when the
 // configuration is wrong: exit status 2, one "moesim: error:" line naming the
-// key and the value, and no run record created. No MPI here: the child is an
-// MPI singleton started without mpirun.
+// key and the value, and no run record created; and what short real runs do
+// (CliRun). No MPI here: the child is an MPI singleton started without
+// mpirun, under timeout(1) so that no test can hang.
 #include <gtest/gtest.h>
 
 #include <stdlib.h>
@@ -12,7 +13,11 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <initializer_list>
+#include <iterator>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -24,6 +29,10 @@ struct RunResult {
     int status;          // exit status, or -1 if the child did not exit normally
     std::string output;  // stdout and stderr interleaved
 };
+
+// Far above any run here (a few seconds); timeout(1) exits 124 when it hits.
+constexpr int kTimeoutSeconds = 120;
+constexpr int kTimedOut = 124;
 
 // An OMPI_*/PMIX_* variable inherited from a surrounding mpirun would make the
 // child believe it is a rank of that job and try to join it.
@@ -50,7 +59,8 @@ RunResult RunMoesim(const std::vector<std::string> &args) {
         return {-1, ""};
     }
     ForgetParentMpiJob();
-    std::string command = ShellQuote(moesim);
+    std::string command =
+        "timeout --kill-after=5 " + std::to_string(kTimeoutSeconds) + " " + ShellQuote(moesim);
     for (const std::string &arg : args) command += " " + ShellQuote(arg);
     command += " 2>&1";
     FILE *pipe = popen(command.c_str(), "r");
@@ -64,6 +74,7 @@ RunResult RunMoesim(const std::vector<std::string> &args) {
     while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) output.append(buf, n);
     int wait_status = pclose(pipe);
     int status = wait_status != -1 && WIFEXITED(wait_status) ? WEXITSTATUS(wait_status) : -1;
+    EXPECT_NE(status, kTimedOut) << command << " ran for " << kTimeoutSeconds << " s:\n" << output;
     return {status, output};
 }
 
@@ -213,10 +224,13 @@ TEST_F(CliConfigError, ExpertChoiceWithProbsDropPolicy) {
         {"--moe-token-drop-policy probs", "--moe-router-type expert_choice", "position"});
 }
 
-TEST_F(CliConfigError, SoftRoutingWithoutDroplessCapacity) {
-    ExpectUsageError(TrainArgs({"--moe-router-type", "soft"}),
-                     {"--moe-router-type soft", "--moe-expert-capacity-factor 1.25",
-                      "pass --moe-expert-capacity-factor 0"});
+// Soft routing alone is dropless (CliRun.SoftRoutingAloneRunsDropless); a capacity
+// factor the user gives, even the default value, contradicts it.
+TEST_F(CliConfigError, SoftRoutingWithAGivenCapacityFactor) {
+    ExpectUsageError(
+        TrainArgs({"--moe-router-type", "soft", "--moe-expert-capacity-factor", "1.25"}),
+        {"--moe-router-type soft", "--moe-expert-capacity-factor 1.25",
+         "pass --moe-expert-capacity-factor 0 or leave it out"});
 }
 
 TEST_F(CliConfigError, SigmoidScoresWithSwitchRouting) {
@@ -227,12 +241,18 @@ TEST_F(CliConfigError, SigmoidScoresWithSwitchRouting) {
 
 TEST_F(CliConfigError, BiasUpdateRateWithoutExpertBias) {
     ExpectUsageError(TrainArgs({"--moe-router-bias-update-rate", "1e-3"}),
-                     {"--moe-router-bias-update-rate 0.001", "--moe-router-enable-expert-bias 1"});
+                     {"--moe-router-bias-update-rate 0.001", "--moe-router-enable-expert-bias"});
 }
 
-TEST_F(CliConfigError, ExpertBiasWithoutUpdateRate) {
-    ExpectUsageError(TrainArgs({"--moe-router-enable-expert-bias", "1"}),
-                     {"--moe-router-enable-expert-bias 1", "--moe-router-bias-update-rate 1e-3"});
+TEST_F(CliConfigError, ExpertBiasWithAZeroUpdateRate) {
+    ExpectUsageError(
+        TrainArgs({"--moe-router-enable-expert-bias", "--moe-router-bias-update-rate", "0"}),
+        {"--moe-router-enable-expert-bias 1", "--moe-router-bias-update-rate 1e-3"});
+}
+
+TEST_F(CliConfigError, SwitchWithAWrongValue) {
+    ExpectUsageError(TrainArgs({"--moe-router-enable-expert-bias", "maybe"}),
+                     {"--moe-router-enable-expert-bias", "\"maybe\"", "not a boolean"});
 }
 
 TEST_F(CliConfigError, LoadLossWithTopkRouting) {
@@ -292,6 +312,55 @@ TEST_F(CliConfigError, TruncatedTokenFile) {
     header.append(std::string(6, '\x01'));
     std::string tok = WriteFile("short.tok", header);
     ExpectUsageError({"train", "--data-path", tok, "--out", out_}, {tok, "truncated"});
+}
+
+// Short real runs of a tiny model on synthetic data, each in a fresh
+// directory that is removed afterwards.
+class CliRun : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        char name[] = "/tmp/moesim_cli_run_XXXXXX";
+        ASSERT_NE(mkdtemp(name), nullptr) << strerror(errno);
+        dir_ = name;
+    }
+    void TearDown() override { std::filesystem::remove_all(dir_); }
+
+    static std::vector<std::string> Train(const std::string &out,
+                                          std::initializer_list<std::string> extra) {
+        std::vector<std::string> args;
+        std::istringstream tiny(
+            "train --num-layers 2 --hidden-size 32 --num-attention-heads 2 --seq-length 16 "
+            "--num-experts 4 --moe-ffn-hidden-size 32 --ffn-hidden-size 64 --eval-iters 1 "
+            "--data-format synthetic --synthetic-tokens 20000 --micro-batch-size 2 "
+            "--train-iters 2");
+        for (std::string word; tiny >> word;) args.push_back(word);
+        args.push_back("--out");
+        args.push_back(out);
+        args.insert(args.end(), extra.begin(), extra.end());
+        return args;
+    }
+
+    static std::string ReadAll(const std::string &path) {
+        std::ifstream in(path, std::ios::binary);
+        return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+
+    std::string dir_;
+};
+
+TEST_F(CliRun, SoftRoutingAloneRunsDropless) {
+    std::string out = dir_ + "/soft.h5";
+    RunResult r = RunMoesim(Train(out, {"--moe-router-type", "soft"}));
+    ASSERT_EQ(r.status, 0) << r.output;
+    RunResult info = RunMoesim({"info", out});
+    EXPECT_EQ(info.status, 0) << info.output;
+    EXPECT_NE(info.output.find("4 experts top-4, capacity factor 0,"), std::string::npos)
+        << info.output;
+}
+
+TEST_F(CliRun, BareExpertBiasSwitchRunsWithTheDefaultRate) {
+    RunResult r = RunMoesim(Train(dir_ + "/bias.h5", {"--moe-router-enable-expert-bias"}));
+    EXPECT_EQ(r.status, 0) << r.output;
 }
 
 TEST(CliInfo, HelpListsEveryGroupOfFlags) {

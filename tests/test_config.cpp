@@ -209,7 +209,7 @@ TEST(ConfigDefaults, RoutingSchemeKeysMeanPlainTopk) {
     EXPECT_EQ(cfg.moe_router_pre_softmax, 1);
     EXPECT_STREQ(cfg.moe_router_score_function, "softmax");
     EXPECT_EQ(cfg.moe_router_enable_expert_bias, 0);
-    EXPECT_EQ(cfg.moe_router_bias_update_rate, 0.0);
+    EXPECT_EQ(cfg.moe_router_bias_update_rate, 1e-3) << "Megatron's and DeepSeek-V3's";
     EXPECT_EQ(cfg.moe_input_jitter_eps, 0.0);
     EXPECT_EQ(cfg.moe_eval_capacity_factor, -1.0);
     EXPECT_EQ(cfg.moe_min_capacity, 4);
@@ -611,11 +611,65 @@ TEST(ConfigArgs, FlagWithoutValueIsAnError) {
     config_defaults(&cfg);
     SetResult r = Parse(&cfg, {"train", "--num-layers", "2", "--lr"});
     EXPECT_EQ(r.rc, -1);
-    ExpectMentions(r.err, {"--lr needs a value", "--lr 3e-3"});
-    r = Parse(&cfg, {"train", "--untie-embeddings-and-output-weights", "--num-layers", "2"});
+    ExpectMentions(r.err, {"--lr needs a value", "--lr 3e-3", "but the 0|1 switches"});
+    r = Parse(&cfg, {"train", "--hidden-size", "--num-layers", "2"});
     EXPECT_EQ(r.rc, -1);
-    ExpectMentions(r.err, {"--untie-embeddings-and-output-weights needs a value", "--num-layers",
-                           "every flag takes one"});
+    ExpectMentions(r.err, {"--hidden-size needs a value but got the flag --num-layers",
+                           "every flag but the 0|1 switches takes one"});
+}
+
+// As in Megatron, a 0|1 switch alone turns it on, before another flag or at
+// the end; it still takes 0/1 (or true/false, ...) as the next argument or
+// after '='.
+TEST(ConfigArgs, BareSwitchMeansOne) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--untie-embeddings-and-output-weights", "--num-layers",
+                               "2", "--moe-router-enable-expert-bias"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(cfg.untie_embeddings_and_output_weights, 1);
+    EXPECT_EQ(cfg.moe_router_enable_expert_bias, 1);
+    EXPECT_EQ(cfg.num_layers, 2);
+    EXPECT_TRUE(config_key_given(&cfg, "moe-router-enable-expert-bias"));
+
+    config_defaults(&cfg);
+    r = Parse(&cfg, {"train", "--moe-router-norm-topk-prob", "0", "--flush-denormals=0",
+                     "--untie-embeddings-and-output-weights=1", "--moe-router-pre-softmax", "off"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(cfg.moe_router_norm_topk_prob, 0);
+    EXPECT_EQ(cfg.flush_denormals, 0);
+    EXPECT_EQ(cfg.untie_embeddings_and_output_weights, 1);
+    EXPECT_EQ(cfg.moe_router_pre_softmax, 0);
+}
+
+TEST(ConfigArgs, SwitchWithAWrongValueNamesIt) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--moe-router-enable-expert-bias", "2"});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-enable-expert-bias", "\"2\"", "not a boolean"});
+    r = Parse(&cfg, {"train", "--flush-denormals="});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--flush-denormals", "not a boolean"});
+}
+
+// Flags, INI lines and config_set mark a key as given, even at its default
+// value; defaults and values set in code do not.
+TEST(ConfigArgs, RemembersWhichKeysWereGiven) {
+    TempIni ini("moe-expert-capacity-factor = 1.25\n");
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_FALSE(config_key_given(&cfg, "moe-expert-capacity-factor"));
+    SetResult r = Parse(&cfg, {"train", "--config", ini.path(), "--lr", "3e-3"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_TRUE(config_key_given(&cfg, "moe-expert-capacity-factor"));
+    EXPECT_TRUE(config_key_given(&cfg, "lr"));
+    EXPECT_FALSE(config_key_given(&cfg, "min-lr"));
+    EXPECT_FALSE(config_key_given(&cfg, "no-such-key"));
+    ASSERT_EQ(Set(&cfg, "moe_z_loss_coeff", "0.001").rc, 0);
+    EXPECT_TRUE(config_key_given(&cfg, "moe-z-loss-coeff"));
+    cfg.moe_aux_loss_coeff = 0.5;
+    EXPECT_FALSE(config_key_given(&cfg, "moe-aux-loss-coeff"));
 }
 
 TEST(ConfigArgs, PositionalArgumentIsAnError) {
@@ -824,7 +878,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
         ini, {"num-layers = 4\n", "lr = 0.003\n", "adam-eps = 1e-08\n", "seed = 1234\n",
               "data-format = auto\n", "out = runs/moesim.h5\n", "moe-router-norm-topk-prob = 1\n",
               "moe-router-type = topk\n", "moe-eval-capacity-factor = -1\n",
-              "moe-router-bias-update-rate = 0\n", "moe-expert-activation = gelu\n"});
+              "moe-router-bias-update-rate = 0.001\n", "moe-expert-activation = gelu\n"});
 }
 
 TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
@@ -882,7 +936,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"moe-router-pre-softmax", "0"},
         {"moe-router-score-function", "sigmoid"},
         {"moe-router-enable-expert-bias", "1"},
-        {"moe-router-bias-update-rate", "0.001"},
+        {"moe-router-bias-update-rate", "0.01"},
         {"moe-input-jitter-eps", "0.01"},
         {"moe-eval-capacity-factor", "0"},
         {"moe-min-capacity", "9"},
@@ -1167,14 +1221,27 @@ TEST_F(ConfigValidate, ExpertChoiceNeedsACapacity) {
     EXPECT_EQ(Validate(cfg_).rc, 0) << "dropless top-k: " << Validate(cfg_).err;
 }
 
-TEST_F(ConfigValidate, SoftRoutingNeedsDroplessCapacity) {
+// The default capacity factor gives way to dropless soft routing
+// (config_resolve); one the user chose, even the default value, is an error.
+TEST_F(ConfigValidate, SoftRoutingAloneIsDroplessAndAChosenCapacityIsAnError) {
     strcpy(cfg_.moe_router_type, "soft");
     SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, 0) << r.err;
+    Config resolved = cfg_;
+    config_resolve(&resolved);
+    EXPECT_EQ(resolved.moe_expert_capacity_factor, 0.0);
+
+    ASSERT_EQ(Set(&cfg_, "moe-expert-capacity-factor", "1.25").rc, 0);
+    r = Validate(cfg_);
     EXPECT_EQ(r.rc, -1);
     EXPECT_EQ(r.err,
               "--moe-router-type soft with --moe-expert-capacity-factor 1.25: soft routing sends "
               "every token to every expert and has no capacity: pass "
-              "--moe-expert-capacity-factor 0");
+              "--moe-expert-capacity-factor 0 or leave it out");
+    Config in_code = ValidConfig(dir_.path() + "/run.h5");
+    strcpy(in_code.moe_router_type, "soft");
+    in_code.moe_expert_capacity_factor = 2;
+    ExpectMentions(Validate(in_code).err, {"--moe-expert-capacity-factor 2"});
     cfg_.moe_expert_capacity_factor = 0;
     EXPECT_EQ(Validate(cfg_).rc, 0) << "eval -1 follows training: " << Validate(cfg_).err;
     cfg_.moe_eval_capacity_factor = 1.5;
@@ -1200,6 +1267,8 @@ TEST_F(ConfigValidate, SigmoidScoresNeedTheTopkRouter) {
 
 TEST_F(ConfigValidate, ExpertBiasNeedsTheTopkRouterAndARate) {
     cfg_.moe_router_enable_expert_bias = 1;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << "the default rate, 1e-3: " << Validate(cfg_).err;
+    ASSERT_EQ(Set(&cfg_, "moe-router-bias-update-rate", "0").rc, 0);
     SetResult r = Validate(cfg_);
     EXPECT_EQ(r.rc, -1);
     ExpectMentions(r.err, {"--moe-router-enable-expert-bias 1", "--moe-router-bias-update-rate 0",
@@ -1218,13 +1287,18 @@ TEST_F(ConfigValidate, ExpertBiasNeedsTheTopkRouterAndARate) {
                            "not noisy_topk", "--moe-router-enable-expert-bias 0"});
 }
 
+// The default rate without the bias is no choice of the user's; a rate the
+// user gave, even the default one, is.
 TEST_F(ConfigValidate, BiasRateWithoutTheBiasIsAnError) {
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
     cfg_.moe_router_bias_update_rate = 0.01;
     SetResult r = Validate(cfg_);
     EXPECT_EQ(r.rc, -1);
     ExpectMentions(r.err,
                    {"--moe-router-bias-update-rate 0.01", "--moe-router-enable-expert-bias 0",
-                    "add --moe-router-enable-expert-bias 1"});
+                    "add --moe-router-enable-expert-bias", "leave the rate out"});
+    ASSERT_EQ(Set(&cfg_, "moe-router-bias-update-rate", "1e-3").rc, 0);
+    ExpectMentions(Validate(cfg_).err, {"--moe-router-bias-update-rate 0.001"});
     cfg_.moe_router_enable_expert_bias = 1;
     EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
 }
@@ -1466,7 +1540,7 @@ TEST(ConfigLayout, ExpertParallelSizeMustFitTheRanksAndExperts) {
               std::string::npos)
         << err;
 
-    cfg.expert_model_parallel_size = 0;
+    cfg.expert_model_parallel_size = 4;
     cfg.num_experts = 6;
     EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);
     EXPECT_NE(std::string(err).find("--num-experts 6 is not divisible by "
@@ -1482,6 +1556,24 @@ TEST(ConfigLayout, ExpertParallelSizeMustFitTheRanksAndExperts) {
     cfg.expert_model_parallel_size = 2;
     EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), 0) << err;
     EXPECT_EQ(config_ep_size(&cfg, 4), 2);
+}
+
+// With the default --expert-model-parallel-size 0 the EP size is the rank
+// count, a number the user never typed: the message says where it came from
+// and which size would work.
+TEST(ConfigLayout, EpSizeTakenFromTheRankCountSaysSo) {
+    Config cfg;
+    config_defaults(&cfg);  // 8 experts, EP 0
+    char err[MOESIM_ERR_MAX] = "";
+    EXPECT_EQ(config_validate_layout(&cfg, 3, err, sizeof err), -1);
+    ExpectMentions(err, {"taken from the rank count", "3 ranks", "--num-experts 8",
+                         "--expert-model-parallel-size 1", "divides 8"});
+    EXPECT_EQ(config_validate_layout(&cfg, 6, err, sizeof err), -1);
+    ExpectMentions(err, {"taken from the rank count", "6 ranks", "--expert-model-parallel-size 2"});
+    EXPECT_EQ(config_validate_layout(&cfg, 16, err, sizeof err), -1);
+    ExpectMentions(err, {"taken from the rank count", "16 ranks", "own at least one expert",
+                         "--expert-model-parallel-size 8"});
+    EXPECT_EQ(config_validate_layout(&cfg, 2, err, sizeof err), 0) << err;
 }
 
 }  // namespace

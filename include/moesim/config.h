@@ -12,6 +12,7 @@ extern "C" {
 
 #define MOESIM_PATH_MAX 4096
 #define MOESIM_ERR_MAX 1024
+#define CONFIG_MAX_KEYS 96
 
 typedef struct Config {
     /* model */
@@ -85,6 +86,10 @@ typedef struct Config {
     int record_flush_interval;  /* steps between record flushes */
     /* platform */
     int flush_denormals; /* FTZ+DAZ on every rank */
+    /* 1 for each key (in option-table order) set on the command line, in an
+     * INI file or by config_set, so a default can give way where an explicit
+     * value is an error (see config_key_given). */
+    unsigned char given[CONFIG_MAX_KEYS];
 } Config;
 
 /* Fills every field with its default. */
@@ -98,8 +103,13 @@ int config_set(Config *cfg, const char *key, const char *value, char *err, size_
  * --flag value on top. Returns 0, or -1 with a message in err. */
 int config_parse_args(Config *cfg, int argc, char **argv, char *err, size_t errlen);
 
+/* 1 when key (flag spelling) was set explicitly: on the command line, in an
+ * INI file or by config_set, even to its default value. */
+int config_key_given(const Config *cfg, const char *key);
+
 /* Checks cross-key constraints, the data path and the output directory.
- * Touches nothing on disk. Returns 0, or -1 with a message in err. */
+ * Touches nothing on disk but creating a missing --save directory. Returns
+ * 0, or -1 with a message in err. */
 int config_validate(const Config *cfg, char *err, size_t errlen);
 
 /* Checks the expert-parallel layout against the number of ranks: EP must
@@ -125,8 +135,8 @@ void config_entry(const Config *cfg, int index, ConfigEntry *entry);
 char *config_to_ini(const Config *cfg);
 
 /* After validation: fixes the keys a router type implies (switch routes
- * top-1 with raw probabilities, gshard_top2 top-2, soft every expert), so the
- * recorded config says what actually ran. */
+ * top-1 with raw probabilities, gshard_top2 top-2, soft every expert and
+ * dropless), so the recorded config says what actually ran. */
 void config_resolve(Config *cfg);
 
 /* Derived quantities used across modules. */

@@ -288,10 +288,19 @@ def test_phase_timing_recorded_per_rank(runs, world, ep):
 BAD_LAYOUTS = {
     "ep-does-not-divide-world": (2, {"expert-model-parallel-size": 3},
                                  ["--expert-model-parallel-size 3"]),
-    "experts-not-divisible-by-ep": (2, {"num-experts": 3},
+    "experts-not-divisible-by-ep": (2, {"num-experts": 3, "expert-model-parallel-size": 2},
                                     ["--num-experts 3", "--expert-model-parallel-size 2"]),
-    "more-ep-ranks-than-experts": (4, {"num-experts": 2, "moe-router-topk": 1},
+    "more-ep-ranks-than-experts": (4, {"num-experts": 2, "moe-router-topk": 1,
+                                       "expert-model-parallel-size": 4},
                                    ["--expert-model-parallel-size 4", "--num-experts 2"]),
+    # The EP size nobody typed: --expert-model-parallel-size 0 takes the rank
+    # count, and the message says so and names a size that fits.
+    "three-ranks-for-eight-experts": (3, {"num-experts": 8},
+                                      ["taken from the rank count", "3 ranks",
+                                       "--num-experts 8", "--expert-model-parallel-size 1"]),
+    "more-ranks-than-experts": (4, {"num-experts": 2, "moe-router-topk": 1},
+                                ["taken from the rank count", "4 ranks", "--num-experts 2",
+                                 "--expert-model-parallel-size 2"]),
 }
 
 
