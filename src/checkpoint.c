@@ -24,17 +24,51 @@ static float *group_buffer(const Model *m, int g) {
     return g == 0 ? m->params : g == 1 ? m->adam_m : m->adam_v;
 }
 
-/* A tensor's global shape (experts of every rank) and this rank's rows of
- * its first dimension. */
-static void tensor_rows(const Model *m, const ParamTensor *pt, long *dims, long *first,
-                        long *rows) {
-    for (int d = 0; d < pt->ndim; d++) dims[d] = pt->shape[d];
-    *first = 0;
-    *rows = pt->shape[0];
-    if (pt->is_expert) {
-        dims[0] *= m->shape.ep_size;
-        *first = (long)m->shape.ep_rank * pt->shape[0];
+/* One array of a checkpoint: its name, global shape, this rank's rows of the
+ * first dimension and where they live, and whether this rank writes them
+ * (the ranks of EP group 0 their experts, rank 0 everything else). */
+typedef struct Entry {
+    char name[96];
+    int ndim, writes;
+    long dims[3], first, rows;
+    float *data;
+} Entry;
+
+/* Entry i of the checkpoint's list, which the parameters, then the Adam
+ * moments, then the expert biases make: 0 when there is one, -1 past the
+ * end. The one description saving and loading both walk. */
+static int checkpoint_entry(const Model *m, const Comm *c, int i, Entry *e) {
+    memset(e, 0, sizeof *e);
+    if (i < 3 * m->num_tensors) {
+        const ParamTensor *pt = &m->tensors[i % m->num_tensors];
+        int group = i / m->num_tensors;
+        snprintf(e->name, sizeof e->name, "%s/%s", GROUPS[group], pt->name);
+        e->ndim = pt->ndim;
+        for (int d = 0; d < pt->ndim; d++) e->dims[d] = pt->shape[d];
+        e->rows = pt->shape[0];
+        e->data = group_buffer(m, group) + pt->offset;
+        e->writes = c->rank == 0;
+        if (pt->is_expert) {
+            e->dims[0] *= m->shape.ep_size;
+            e->first = (long)m->shape.ep_rank * pt->shape[0];
+            e->writes = c->rank < c->ep_size;
+        }
+        return 0;
     }
+    for (int l = 0, k = 3 * m->num_tensors; l < m->shape.L; l++) {
+        if (!m->expert_bias || !m->expert_bias[l] || k++ != i) continue;
+        snprintf(e->name, sizeof e->name, "expert_bias/layers.%d", l);
+        e->ndim = 1;
+        e->dims[0] = e->rows = m->shape.E;
+        e->data = m->expert_bias[l];
+        e->writes = c->rank == 0;
+        return 0;
+    }
+    return -1;
+}
+
+static int is_adam_moment(const Model *m, int i) {
+    return i >= m->num_tensors && i < 3 * m->num_tensors;
 }
 
 static int sync_path(const char *path) {
@@ -93,31 +127,12 @@ static void prune(const char *dir, int keep) {
 }
 
 static int write_state(const Trainer *t, long file) {
-    const Model *m = &t->model;
-    const Comm *c = t->comm;
     int ok = 1;
-    for (int g = 0; g < 3; g++)
-        for (int i = 0; i < m->num_tensors; i++) {
-            const ParamTensor *pt = &m->tensors[i];
-            long dims[3], first, rows;
-            tensor_rows(m, pt, dims, &first, &rows);
-            char name[96];
-            snprintf(name, sizeof name, "%s/%s", GROUPS[g], pt->name);
-            /* EP group 0 holds every expert once; rank 0 the dense replica */
-            int writes = pt->is_expert ? c->rank < c->ep_size : c->rank == 0;
-            ok = checkpoint_write_f32(file, name, pt->ndim, dims, group_buffer(m, g) + pt->offset,
-                                      first, rows, writes) == 0 &&
-                 ok;
-        }
-    for (int l = 0; l < m->shape.L; l++) {
-        if (!m->expert_bias || !m->expert_bias[l]) continue;
-        char name[64];
-        long dims[1] = {m->shape.E};
-        snprintf(name, sizeof name, "expert_bias/layers.%d", l);
-        ok = checkpoint_write_f32(file, name, 1, dims, m->expert_bias[l], 0, m->shape.E,
-                                  c->rank == 0) == 0 &&
+    Entry e;
+    for (int i = 0; checkpoint_entry(&t->model, t->comm, i, &e) == 0; i++)
+        ok = checkpoint_write_f32(file, e.name, e.ndim, e.dims, e.data, e.first, e.rows,
+                                  e.writes) == 0 &&
              ok;
-    }
     return ok;
 }
 
@@ -150,24 +165,10 @@ int checkpoint_save(const Trainer *t, long iteration, char *err, size_t errlen) 
 }
 
 static int read_state(Trainer *t, long file, int load_optimizer, char *err, size_t errlen) {
-    Model *m = &t->model;
-    for (int g = 0; g < (load_optimizer ? 3 : 1); g++)
-        for (int i = 0; i < m->num_tensors; i++) {
-            const ParamTensor *pt = &m->tensors[i];
-            long dims[3], first, rows;
-            tensor_rows(m, pt, dims, &first, &rows);
-            char name[96];
-            snprintf(name, sizeof name, "%s/%s", GROUPS[g], pt->name);
-            if (checkpoint_read_f32(file, name, pt->ndim, dims, group_buffer(m, g) + pt->offset,
-                                    first, rows, err, errlen) != 0)
-                return -1;
-        }
-    for (int l = 0; l < m->shape.L; l++) {
-        if (!m->expert_bias || !m->expert_bias[l]) continue;
-        char name[64];
-        long dims[1] = {m->shape.E};
-        snprintf(name, sizeof name, "expert_bias/layers.%d", l);
-        if (checkpoint_read_f32(file, name, 1, dims, m->expert_bias[l], 0, m->shape.E, err,
+    Entry e;
+    for (int i = 0; checkpoint_entry(&t->model, t->comm, i, &e) == 0; i++) {
+        if (!load_optimizer && is_adam_moment(&t->model, i)) continue;
+        if (checkpoint_read_f32(file, e.name, e.ndim, e.dims, e.data, e.first, e.rows, err,
                                 errlen) != 0)
             return -1;
     }

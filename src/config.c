@@ -1279,13 +1279,8 @@ static int validate_routing(const Config *cfg, char *err, size_t errlen) {
                     cfg->micro_batch_size, cfg->seq_length, tokens, INT_MAX);
     if (cfg->moe_group_size != 0 && tokens % cfg->moe_group_size != 0) {
         /* a micro-batch must hold whole groups: B * T a multiple of G */
-        long long g = cfg->moe_group_size, a = g, b = cfg->seq_length;
-        while (b) {
-            long long r = a % b;
-            a = b;
-            b = r;
-        }
-        long long step = g / a; /* the smallest micro-batch that holds whole groups */
+        /* the smallest micro-batch that holds whole groups */
+        long long step = config_grain_tokens(cfg) / cfg->seq_length;
         return fail(err, errlen,
                     "--moe-group-size %d does not divide the %lld tokens of a micro-batch "
                     "(--micro-batch-size %d x --seq-length %d), so a routing group would be split "
@@ -1511,6 +1506,16 @@ int config_num_moe_layers(const Config *cfg) {
 
 int config_group_size(const Config *cfg) {
     return cfg->moe_group_size != 0 ? cfg->moe_group_size : cfg->micro_batch_size * cfg->seq_length;
+}
+
+int config_grain_tokens(const Config *cfg) {
+    long long a = config_group_size(cfg), b = cfg->seq_length;
+    while (b) { /* gcd */
+        long long r = a % b;
+        a = b;
+        b = r;
+    }
+    return (int)(config_group_size(cfg) / a * cfg->seq_length);
 }
 
 int config_uses_bf16(const Config *cfg) {

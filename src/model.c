@@ -54,13 +54,7 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->precision = strcmp(cfg->precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
     s->router_precision =
         strcmp(cfg->moe_router_precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
-    int a = s->G, b = s->T;
-    while (b) {
-        int r = a % b;
-        a = b;
-        b = r;
-    }
-    s->grain = s->G / a * s->T; /* lcm: whole routing groups and whole sequences */
+    s->grain = config_grain_tokens(cfg);
     s->world = 1;
 }
 

@@ -146,6 +146,9 @@ int config_layer_freq_is_moe(int layer, int moe_layer_freq);
 int config_is_moe_layer(const Config *cfg, int layer);
 int config_num_moe_layers(const Config *cfg);
 int config_group_size(const Config *cfg); /* resolves the 0 default */
+/* lcm(group size, seq length): whole routing groups and whole sequences, the
+ * unit every layout keeps on one rank (the grain of reduce.h). */
+int config_grain_tokens(const Config *cfg);
 /* 1 when any matmul runs with bf16 inputs (--precision or --moe-router-precision). */
 int config_uses_bf16(const Config *cfg);
 
