@@ -154,7 +154,7 @@ DATA_DEFAULTS = {"data-path": "/usr/share/games/fortunes", "data-format": "auto"
 IGNORED_KEYS = {
     "expert-model-parallel-size", "moe-eval-capacity-factor", "eval-interval", "eval-iters",
     "log-interval", "progress-interval", "synthetic-clusters", "synthetic-tokens", "out",
-    "record-flush-interval", "save",
+    "record-flush-interval", "save", "overwrite",
 }
 # Settings of moesim the peer does not implement, with the value it needs.
 SUPPORTED_ONLY = {

@@ -503,7 +503,16 @@ static const Option OPTIONS[] = {
      FIELD(out),
      .default_text = "runs/moesim.h5",
      .metavar = "PATH",
-     .help = "HDF5 file for stats and the resolved config"},
+     .help = "HDF5 file for stats and the resolved config; its directory is created when "
+             "missing"},
+    {.name = "overwrite",
+     .group = G_OUT,
+     .type = OPT_BOOL,
+     FIELD(overwrite),
+     .min = 0,
+     .max = 1,
+     .default_text = "0",
+     .help = "replace an existing file at --out; without it such a run is refused"},
     {.name = "record-flush-interval",
      .group = G_OUT,
      .type = OPT_INT,
@@ -1268,8 +1277,37 @@ static int validate_data_path(const Config *cfg, char *err, size_t errlen) {
     return 0;
 }
 
-/* `path` (the value of --key) must name a file we may create. */
-static int validate_output_path(const char *key, const char *path, char *err, size_t errlen) {
+/* dir (the directory of --key path) exists or mkdir -p can make it: its
+ * nearest existing ancestor is a directory we may write in. */
+static int validate_creatable_directory(const char *key, const char *path, const char *dir,
+                                        char *err, size_t errlen) {
+    char ancestor[MOESIM_PATH_MAX];
+    snprintf(ancestor, sizeof ancestor, "%s", dir);
+    struct stat st;
+    while (stat(ancestor, &st) != 0) {
+        if (errno != ENOENT && errno != ENOTDIR)
+            return fail(err, errlen,
+                        "--%s %s: directory %s cannot be used (%s); choose another "
+                        "--%s",
+                        key, path, ancestor, strerror(errno), key);
+        char *up = dirname(ancestor);
+        memmove(ancestor, up, strlen(up) + 1);
+    }
+    if (!S_ISDIR(st.st_mode))
+        return fail(err, errlen, "--%s %s: %s is not a directory; choose another --%s", key, path,
+                    ancestor, key);
+    if (access(ancestor, W_OK | X_OK) != 0)
+        return fail(err, errlen,
+                    "--%s %s: directory %s is not writable (%s); choose a writable "
+                    "location for --%s",
+                    key, path, ancestor, strerror(errno), key);
+    return 0;
+}
+
+/* `path` (the value of --key) must name a file we may create; with
+ * may_create_parent its directory may also be missing (it is made at start). */
+static int validate_output_path(const char *key, const char *path, int may_create_parent, char *err,
+                                size_t errlen) {
     size_t len = strlen(path);
     if (len > 0 && path[len - 1] == '/')
         return fail(err, errlen, "--%s %s names a directory; give a file path such as %smoesim.h5",
@@ -1289,6 +1327,7 @@ static int validate_output_path(const char *key, const char *path, char *err, si
     char dir[MOESIM_PATH_MAX];
     memcpy(dir, path, len + 1);
     const char *parent = dirname(dir);
+    if (may_create_parent) return validate_creatable_directory(key, path, parent, err, errlen);
     if (stat(parent, &st) != 0)
         return fail(err, errlen,
                     "--%s %s: directory %s cannot be used (%s); create it first "
@@ -1311,8 +1350,8 @@ int config_validate(const Config *cfg, char *err, size_t errlen) {
     if (validate_router_type(cfg, err, errlen) != 0) return -1;
     if (validate_routing(cfg, err, errlen) != 0) return -1;
     if (validate_data_path(cfg, err, errlen) != 0) return -1;
-    if (validate_output_path("out", cfg->out, err, errlen) != 0) return -1;
-    return cfg->save[0] ? validate_output_path("save", cfg->save, err, errlen) : 0;
+    if (validate_output_path("out", cfg->out, 1, err, errlen) != 0) return -1;
+    return cfg->save[0] ? validate_output_path("save", cfg->save, 0, err, errlen) : 0;
 }
 
 static int gcd(int a, int b) {

@@ -77,6 +77,7 @@ typedef struct Config {
     long synthetic_tokens;
     /* output */
     char out[MOESIM_PATH_MAX];
+    int overwrite;              /* replace an existing record at out */
     char save[MOESIM_PATH_MAX]; /* final parameters; empty = not saved */
     int record_flush_interval;  /* steps between record flushes */
     /* platform */
@@ -102,8 +103,9 @@ int config_parse_args(Config *cfg, int argc, char **argv, char *err, size_t errl
  * INI file or by config_set, even to its default value. */
 int config_key_given(const Config *cfg, const char *key);
 
-/* Checks cross-key constraints, the data path and the output directory.
- * Touches nothing on disk. Returns 0, or -1 with a message in err. */
+/* Checks cross-key constraints, the data path and the output location (a
+ * missing directory of --out passes when it can be created). Touches nothing
+ * on disk. Returns 0, or -1 with a message in err. */
 int config_validate(const Config *cfg, char *err, size_t errlen);
 
 /* Checks the expert-parallel layout against the number of ranks: EP must
