@@ -549,12 +549,24 @@ int record_flush(Record *r, long steps_done) {
     return st ? -1 : 0;
 }
 
-int record_close(Record *r, int complete, long steps_done) {
+const char *record_status_name(RecordStatus status) {
+    switch (status) {
+        case RECORD_COMPLETE:
+            return "complete";
+        case RECORD_DIVERGED:
+            return "diverged";
+        case RECORD_FAILED:
+            break;
+    }
+    return "failed";
+}
+
+int record_close(Record *r, RecordStatus status, long steps_done) {
     char ended[32];
     iso8601_now(ended, sizeof ended);
     int st = record_flush(r, steps_done);
-    complete = complete && st == 0;
-    st |= set_string_attr(r->file, "status", complete ? "complete" : "failed");
+    if (st != 0 && status == RECORD_COMPLETE) status = RECORD_FAILED;
+    st |= set_string_attr(r->file, "status", record_status_name(status));
     st |= set_string_attr(r->file, "end_time", ended);
     for (int i = 0; i < SERIES_COUNT; i++) series_close(&r->series[i]);
     if (H5Fclose(r->file) < 0) st = -1;

@@ -74,8 +74,10 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     t->grain_totals = calloc((size_t)t->grain_width, sizeof(double));
     t->gathered = calloc((size_t)comm->world_size * grains * t->grain_width, sizeof(double));
     int reduce_ok = t->grain_rows && t->grain_totals && t->gathered;
+    int model_ok = model_init(&t->model, &shape, cfg->seed, comm) == 0;
+    t->nonfinite_flags = model_ok ? calloc((size_t)t->model.num_tensors, 1) : NULL;
     if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !stats_ok ||
-        !reduce_ok || model_init(&t->model, &shape, cfg->seed, comm) != 0) {
+        !reduce_ok || !model_ok || !t->nonfinite_flags) {
         snprintf(err, errlen,
                  "out of memory building the model (%d layers, hidden %d, %d "
                  "experts, micro-batch %d x %d); make the model or the micro-batch smaller",
@@ -100,6 +102,7 @@ void trainer_free(Trainer *t) {
     free(t->grain_rows);
     free(t->grain_totals);
     free(t->gathered);
+    free(t->nonfinite_flags);
     memset(t, 0, sizeof *t);
 }
 
@@ -214,6 +217,40 @@ static void update_expert_bias(Trainer *t) {
     }
 }
 
+int trainer_find_nonfinite_gradients(Trainer *t, int *count) {
+    const Model *m = &t->model;
+    for (int i = 0; i < m->num_tensors; i++) {
+        const float *g = m->grads + m->tensors[i].offset;
+        size_t n = m->tensors[i].numel, j = 0;
+        while (j < n && isfinite(g[j])) j++;
+        t->nonfinite_flags[i] = j < n;
+    }
+    /* Dense gradients agree on every rank already; expert shards do not. */
+    comm_max_bytes(t->comm, COMM_SCOPE_WORLD, t->nonfinite_flags, (size_t)m->num_tensors);
+    int first = -1;
+    *count = 0;
+    for (int i = 0; i < m->num_tensors; i++) {
+        if (!t->nonfinite_flags[i]) continue;
+        if (first < 0) first = i;
+        ++*count;
+    }
+    return first;
+}
+
+/* Every rank's verdict on the step: a NaN/Inf cross-entropy on any rank or a
+ * non-finite global gradient norm makes it non-finite, so no rank updates
+ * while another stops. Collective; the tensor search only runs on a bad step. */
+static void check_finite(Trainer *t, double grad_norm, StepStats *stats) {
+    const Model *m = &t->model;
+    int finite = isfinite(grad_norm);
+    for (int g = 0; g < model_grains(&m->shape); g++) finite = finite && isfinite(m->grain_ce[g]);
+    stats->nonfinite = !comm_all_ok(t->comm, finite);
+    stats->nonfinite_tensor = -1;
+    stats->nonfinite_tensors = 0;
+    if (stats->nonfinite)
+        stats->nonfinite_tensor = trainer_find_nonfinite_gradients(t, &stats->nonfinite_tensors);
+}
+
 void trainer_step(Trainer *t, long step, StepStats *stats) {
     const Config *cfg = t->cfg;
     Model *m = &t->model;
@@ -234,12 +271,15 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     model_reduce_gradients(m);
     timer_charge(m->phase_s, PHASE_GRAD_ALLREDUCE, &mark);
     double grad_norm = global_grad_norm(t);
-    clip_gradients(m->grads, m->num_params, grad_norm, cfg->clip_grad);
+    check_finite(t, grad_norm, stats);
     double lr = lr_at_step(step, cfg->train_iters, cfg->lr_warmup_iters, cfg->lr, cfg->min_lr);
-    adamw_step(&t->opt, m, lr);
+    if (!stats->nonfinite) {
+        clip_gradients(m->grads, m->num_params, grad_norm, cfg->clip_grad);
+        adamw_step(&t->opt, m, lr);
+    }
     timer_charge(m->phase_s, PHASE_OPTIMIZER, &mark);
     gather_routing_stats(t, stats);
-    update_expert_bias(t);
+    if (!stats->nonfinite) update_expert_bias(t);
     /* FLOPs are whole numbers well below 2^53: any order sums them exactly */
     long flops = (long)model_step_flops(m);
     comm_sum_longs(t->comm, &flops, 1);
@@ -499,6 +539,55 @@ static int record_eval(RunState *rs, const Trainer *t, long done, double val_los
     return record_append_eval(rs->rec, &row) == 0;
 }
 
+/* printf shows a NaN with its sign bit set as "-nan", which reads like a
+ * meaningful sign; the sign of a NaN means nothing. */
+static double plain_nan(double x) {
+    return isnan(x) ? fabs(x) : x;
+}
+
+/* "layers.1.qkv_w (3 of 20 tensors)", or what was not finite instead. */
+static void describe_nonfinite(const Trainer *t, const StepStats *stats, char *buf, size_t len) {
+    if (stats->nonfinite_tensor < 0) {
+        snprintf(buf, len, "every gradient is finite, the loss is not");
+        return;
+    }
+    snprintf(buf, len, "the first tensor with a non-finite gradient is %s (%d of %d tensors)",
+             t->model.tensors[stats->nonfinite_tensor].name, stats->nonfinite_tensors,
+             t->model.num_tensors);
+}
+
+/* A step whose loss or gradient was not finite made no update (trainer_step).
+ * Up to --skip-nonfinite-steps of them are skipped with a warning; the next
+ * one stops the run as diverged, err naming the step and the first tensor
+ * whose gradient is not finite. Every rank decides alike: stats agree.
+ * Returns 1 to stop. */
+static int stop_on_nonfinite(const Trainer *t, long *skipped, long done, const StepStats *stats,
+                             char *err, size_t errlen) {
+    const Config *cfg = t->cfg;
+    char where[160];
+    describe_nonfinite(t, stats, where, sizeof where);
+    if (*skipped < cfg->skip_nonfinite_steps) {
+        ++*skipped;
+        if (t->comm->rank == 0)
+            fprintf(stderr,
+                    "moesim: warning: step %ld: loss %g, gradient norm %g; %s. Skipped without "
+                    "an update (%ld of %d allowed by --skip-nonfinite-steps)\n",
+                    done, plain_nan(stats->ce_loss), plain_nan(stats->grad_norm), where, *skipped,
+                    cfg->skip_nonfinite_steps);
+        return 0;
+    }
+    char after[96] = "";
+    if (*skipped > 0)
+        snprintf(after, sizeof after, " after %ld skipped step(s) (--skip-nonfinite-steps %d)",
+                 *skipped, cfg->skip_nonfinite_steps);
+    snprintf(err, errlen,
+             "training diverged at step %ld%s: loss %g, gradient norm %g; %s. The step made "
+             "no update and the record %s is marked diverged. Lower --lr, keep --clip-grad above "
+             "0, or let --skip-nonfinite-steps N skip up to N such steps",
+             done, after, plain_nan(stats->ce_loss), plain_nan(stats->grad_norm), where, cfg->out);
+    return 1;
+}
+
 int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
               char *err, size_t errlen) {
     Trainer t;
@@ -519,17 +608,21 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     ok = record_eval(&rs, &t, 0, val_loss);
     double run_start = comm_wtime(), tokens_total = 0.0;
     StepStats stats = {0};
-    long step = 0;
+    long step = 0, skipped = 0;
+    int diverged = 0;
     for (; step < cfg->train_iters; step++) {
         trainer_step(&t, step, &stats);
         tokens_total += stats.tokens;
         long done = step + 1;
+        diverged = stats.nonfinite && stop_on_nonfinite(&t, &skipped, done, &stats, err, errlen);
         int last = done == cfg->train_iters;
-        if (done % cfg->eval_interval == 0 || last) {
+        if (!diverged && (done % cfg->eval_interval == 0 || last)) {
             val_loss = trainer_evaluate(&t);
             ok = record_eval(&rs, &t, done, val_loss) && ok;
         }
-        if (done % cfg->log_interval == 0 || last) ok = record_step(&rs, &t, done, &stats) && ok;
+        /* A skipped or diverging step is always recorded, whatever the log interval. */
+        if (done % cfg->log_interval == 0 || last || stats.nonfinite)
+            ok = record_step(&rs, &t, done, &stats) && ok;
         if (is_root && ok && done % cfg->record_flush_interval == 0)
             ok = record_flush(rs.rec, done) == 0;
         if (!ok)
@@ -537,7 +630,7 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                      "writing step %ld to the run record %s failed; check free "
                      "disk space and that nothing removed the file",
                      done, cfg->out);
-        if (!all_ok_or_share(comm, ok, err, errlen)) break;
+        if (!all_ok_or_share(comm, ok, err, errlen) || diverged) break;
         double elapsed = comm_wtime() - run_start;
         if (is_root && (done % cfg->progress_interval == 0 || last))
             print_progress(done, cfg->train_iters, &stats, val_loss, tokens_total / elapsed,
@@ -547,7 +640,8 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     if (ok && cfg->save[0]) ok = save_parameters(&t, cfg->save, err, errlen) == 0;
     double elapsed = comm_wtime() - run_start;
     if (is_root) {
-        int closed = record_close(rs.rec, ok, step) == 0;
+        RecordStatus status = diverged ? RECORD_DIVERGED : ok ? RECORD_COMPLETE : RECORD_FAILED;
+        int closed = record_close(rs.rec, status, diverged ? step + 1 : step) == 0;
         if (ok && !closed) snprintf(err, errlen, "closing the run record %s failed", cfg->out);
         ok = ok && closed;
         if (ok)

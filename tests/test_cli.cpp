@@ -417,6 +417,25 @@ TEST_F(CliRun, BareExpertBiasSwitchRunsWithTheDefaultRate) {
     EXPECT_EQ(r.status, 0) << r.output;
 }
 
+// The diverging run, scaled down: weight decay of lr x 10 = 100 per
+// step flips and grows every weight until the gradients overflow.
+TEST_F(CliRun, DivergingRunStopsAtTheFirstNonFiniteStep) {
+    std::string out = dir_ + "/diverged.h5";
+    RunResult r =
+        RunMoesim(Train(out, {"--train-iters", "200", "--lr", "10", "--clip-grad", "0",
+                              "--lr-warmup-iters", "0", "--min-lr", "10", "--weight-decay", "10"}));
+    EXPECT_EQ(r.status, 1) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "moesim: error:"), 1u) << r.output;
+    for (const char *part : {"moesim: error: training diverged at step ",
+                             "the first tensor with a non-finite gradient is ",
+                             "is marked diverged", "--skip-nonfinite-steps"})
+        EXPECT_NE(r.output.find(part), std::string::npos) << part << "\n" << r.output;
+    EXPECT_EQ(r.output.find("done:"), std::string::npos) << r.output;
+    RunResult info = RunMoesim({"info", out});
+    EXPECT_EQ(info.status, 0) << info.output;
+    EXPECT_NE(info.output.find("status diverged"), std::string::npos) << info.output;
+}
+
 TEST(CliInfo, HelpListsEveryGroupOfFlags) {
     RunResult r = RunMoesim({"--help"});
     EXPECT_EQ(r.status, 0) << r.output;

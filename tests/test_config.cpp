@@ -843,7 +843,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 57u);
+    ASSERT_EQ(keys.size(), 58u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -879,7 +879,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
               "data-format = auto\n", "out = runs/moesim.h5\n", "moe-router-norm-topk-prob = 1\n",
               "moe-router-type = topk\n", "moe-eval-capacity-factor = -1\n",
               "moe-router-bias-update-rate = 0.001\n", "moe-expert-activation = gelu\n",
-              "overwrite = 0\n"});
+              "overwrite = 0\n", "skip-nonfinite-steps = 0\n"});
 }
 
 TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
@@ -914,6 +914,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"min-lr", "0"},
         {"weight-decay", "0.30000000000000004"},
         {"clip-grad", "0.5"},
+        {"skip-nonfinite-steps", "3"},
         {"adam-beta1", "0.85"},
         {"adam-beta2", "0.999"},
         {"adam-eps", "2.5e-9"},
@@ -1006,6 +1007,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME(min_lr);
     EXPECT_SAME(weight_decay);
     EXPECT_SAME(clip_grad);
+    EXPECT_SAME(skip_nonfinite_steps);
     EXPECT_SAME(adam_beta1);
     EXPECT_SAME(adam_beta2);
     EXPECT_SAME(adam_eps);

@@ -65,6 +65,7 @@ typedef struct Config {
     double min_lr;
     double weight_decay;
     double clip_grad; /* 0 disables clipping */
+    int skip_nonfinite_steps; /* NaN/Inf steps skipped before the run stops as diverged */
     double adam_beta1;
     double adam_beta2;
     double adam_eps;
