@@ -436,6 +436,21 @@ TEST_F(CliRun, DivergingRunStopsAtTheFirstNonFiniteStep) {
     EXPECT_NE(info.output.find("status diverged"), std::string::npos) << info.output;
 }
 
+TEST_F(CliRun, InfoOnACorruptRecordFails) {
+    std::string out = dir_ + "/run.h5";
+    ASSERT_EQ(RunMoesim(Train(out, {})).status, 0);
+    std::string bytes = ReadAll(out);
+    // Keep the superblock and root group, lose the rest of the file.
+    std::ofstream(out, std::ios::binary | std::ios::trunc) << bytes.substr(0, bytes.size() / 2);
+    RunResult info = RunMoesim({"info", out});
+    EXPECT_EQ(info.status, 1) << info.output;
+    EXPECT_NE(info.output.find("moesim: error: " + out + " is corrupt"), std::string::npos)
+        << info.output;
+    EXPECT_EQ(info.output.find("moesim run record"), std::string::npos)
+        << "info printed a summary before reading everything:\n"
+        << info.output;
+}
+
 TEST(CliInfo, HelpListsEveryGroupOfFlags) {
     RunResult r = RunMoesim({"--help"});
     EXPECT_EQ(r.status, 0) << r.output;

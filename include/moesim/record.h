@@ -94,8 +94,10 @@ const char *record_status_name(RecordStatus status);
  * end_time, and closes; frees r. Returns 0, or -1 if any of it failed. */
 int record_close(Record *r, RecordStatus status, long steps_done);
 
-/* `moesim info`: a human summary of a run record on stdout. Returns 0, or -1
- * with a message (missing file, not HDF5, not a moesim record, newer schema). */
+/* `moesim info`: a human summary of a run record on stdout, printed only
+ * after every dataset and attribute has been read back. Returns 0, or -1
+ * with a message (missing file, not HDF5, not a moesim record, newer schema,
+ * corrupt: something in it cannot be read). */
 int record_print_info(const char *path, char *err, size_t errlen);
 
 /* Tensor files: flat float32/int32 datasets by name, for reference exports. */
