@@ -77,7 +77,8 @@ deps:
 run: deps
 	@$(MAKE) --no-print-directory $(BUILD)/moesim
 	@mkdir -p runs
-	$(MPIRUN) -n 2 $(BUILD)/moesim train --config experiments/default.ini --out runs/default.h5
+	$(MPIRUN) -n 2 $(BUILD)/moesim train --config experiments/default.ini --out runs/default.h5 \
+		--overwrite 1
 
 test: deps
 	@$(MAKE) --no-print-directory unit cli pytest sanitize
@@ -103,7 +104,7 @@ sanitize: $(BUILD)/sanitize/unit_tests $(BUILD)/sanitize/moesim
 	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/unit_tests --gtest_filter='Distributed*'
 	mkdir -p $(BUILD)/sanitize/runs
 	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim train $(SAN_RUN_FLAGS) \
-		--out $(BUILD)/sanitize/runs/train.h5
+		--out $(BUILD)/sanitize/runs/train.h5 --overwrite 1
 
 # One rank: MFU. Two ranks (one per core): MFU, exchange cost over a raw
 # MPI_Alltoallv, weak scaling against rank 0 alone, memory against analytic.

@@ -1,6 +1,7 @@
 /* config: one option table drives defaults, INI files, --flags, --help,
  * config_to_ini and range checks, so a key is added in exactly one place. */
 #include "moesim/config.h"
+#include "moesim/output.h"
 
 #include <errno.h>
 #include <getopt.h>
@@ -421,6 +422,15 @@ static const Option OPTIONS[] = {
      .max = 1e6,
      .default_text = "1.0",
      .help = "global gradient-norm clip; 0 disables"},
+    {.name = "skip-nonfinite-steps",
+     .group = G_TRAIN,
+     .type = OPT_INT,
+     FIELD(skip_nonfinite_steps),
+     .min = 0,
+     .max = 1e9,
+     .default_text = "0",
+     .help = "steps whose loss or gradient is NaN/Inf to skip (recorded, no update) before "
+             "the run stops as diverged; 0 = stop at the first"},
     {.name = "adam-beta1",
      .group = G_TRAIN,
      .type = OPT_DOUBLE,
@@ -503,7 +513,16 @@ static const Option OPTIONS[] = {
      FIELD(out),
      .default_text = "runs/moesim.h5",
      .metavar = "PATH",
-     .help = "HDF5 file for stats and the resolved config"},
+     .help = "HDF5 file for stats and the resolved config; its directory is created when "
+             "missing"},
+    {.name = "overwrite",
+     .group = G_OUT,
+     .type = OPT_BOOL,
+     FIELD(overwrite),
+     .min = 0,
+     .max = 1,
+     .default_text = "0",
+     .help = "replace an existing file at --out; without it such a run is refused"},
     {.name = "record-flush-interval",
      .group = G_OUT,
      .type = OPT_INT,
@@ -1310,27 +1329,44 @@ static int validate_data_path(const Config *cfg, char *err, size_t errlen) {
     return 0;
 }
 
-/* `path` (the value of --key) must name a file we may create. */
 /* A checkpoint directory: created when missing (with its parents). */
 static int validate_directory(const char *key, const char *path, char *err, size_t errlen) {
-    char partial[MOESIM_PATH_MAX];
-    size_t len = strlen(path);
-    for (size_t i = 1; i <= len; i++) {
-        if (path[i] != '/' && path[i] != '\0') continue;
-        memcpy(partial, path, i);
-        partial[i] = '\0';
-        if (mkdir(partial, 0777) != 0 && errno != EEXIST)
-            return fail(err, errlen,
-                        "--%s %s: cannot create directory %s (%s); choose another --%s", key, path,
-                        partial, strerror(errno), key);
-    }
-    struct stat st;
-    if (stat(path, &st) != 0 || !S_ISDIR(st.st_mode) || access(path, W_OK) != 0)
-        return fail(err, errlen, "--%s %s is not a writable directory; choose another --%s", key,
-                    path, key);
+    if (output_make_dirs(path, key, path, err, errlen) != 0) return -1;
+    if (access(path, W_OK | X_OK) != 0)
+        return fail(err, errlen, "--%s %s is not a writable directory (%s); choose another --%s",
+                    key, path, strerror(errno), key);
     return 0;
 }
 
+/* dir (the directory of --key path) exists or mkdir -p can make it: its
+ * nearest existing ancestor is a directory we may write in. */
+static int validate_creatable_directory(const char *key, const char *path, const char *dir,
+                                        char *err, size_t errlen) {
+    char ancestor[MOESIM_PATH_MAX];
+    snprintf(ancestor, sizeof ancestor, "%s", dir);
+    struct stat st;
+    while (stat(ancestor, &st) != 0) {
+        if (errno != ENOENT && errno != ENOTDIR)
+            return fail(err, errlen,
+                        "--%s %s: directory %s cannot be used (%s); choose another "
+                        "--%s",
+                        key, path, ancestor, strerror(errno), key);
+        char *up = dirname(ancestor);
+        memmove(ancestor, up, strlen(up) + 1);
+    }
+    if (!S_ISDIR(st.st_mode))
+        return fail(err, errlen, "--%s %s: %s is not a directory; choose another --%s", key, path,
+                    ancestor, key);
+    if (access(ancestor, W_OK | X_OK) != 0)
+        return fail(err, errlen,
+                    "--%s %s: directory %s is not writable (%s); choose a writable "
+                    "location for --%s",
+                    key, path, ancestor, strerror(errno), key);
+    return 0;
+}
+
+/* `path` (the value of --key) must name a file we may create; its directory
+ * may be missing (rank 0 makes it at start). */
 static int validate_output_path(const char *key, const char *path, char *err, size_t errlen) {
     size_t len = strlen(path);
     if (len > 0 && path[len - 1] == '/')
@@ -1350,21 +1386,11 @@ static int validate_output_path(const char *key, const char *path, char *err, si
     }
     char dir[MOESIM_PATH_MAX];
     memcpy(dir, path, len + 1);
-    const char *parent = dirname(dir);
-    if (stat(parent, &st) != 0)
-        return fail(err, errlen,
-                    "--%s %s: directory %s cannot be used (%s); create it first "
-                    "(mkdir -p %s) or choose another --%s",
-                    key, path, parent, strerror(errno), parent, key);
-    if (!S_ISDIR(st.st_mode))
-        return fail(err, errlen, "--%s %s: %s is not a directory; choose another --%s", key, path,
-                    parent, key);
-    if (access(parent, W_OK | X_OK) != 0)
-        return fail(err, errlen,
-                    "--%s %s: directory %s is not writable (%s); choose a writable "
-                    "location for --%s",
-                    key, path, parent, strerror(errno), key);
-    return 0;
+    return validate_creatable_directory(key, path, dirname(dir), err, errlen);
+}
+
+int config_continues_record(const Config *cfg) {
+    return cfg->load[0] && !cfg->finetune;
 }
 
 int config_validate(const Config *cfg, char *err, size_t errlen) {

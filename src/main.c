@@ -9,6 +9,7 @@
 #include "moesim/comm.h"
 #include "moesim/config.h"
 #include "moesim/data.h"
+#include "moesim/output.h"
 #include "moesim/platform.h"
 #include "moesim/preempt.h"
 #include "moesim/record.h"
@@ -75,21 +76,42 @@ static void warn_if_cores_oversubscribed(const Platform *platform, const Comm *c
                 ranks_on_node, platform->blas_threads, threads, cores);
 }
 
+/* Rank 0, which writes the record, makes its directory, locks it against a
+ * second run and refuses to replace an existing record unasked (a resume
+ * continues its own record), before anything is written; every rank learns
+ * the verdict. */
+static int claim_record(const Config *cfg, const Comm *comm, OutputLock *lock, char *err,
+                        size_t errlen) {
+    int ok = comm->rank != 0 ||
+             output_claim(lock, cfg->out, cfg->overwrite || config_continues_record(cfg), err,
+                          errlen) == 0;
+    int failed_rank = comm_first_failed_rank(comm, ok);
+    if (failed_rank < 0) return 0;
+    comm_share_error(comm, failed_rank, err, errlen);
+    return -1;
+}
+
 static int run_subcommand(const char *name, int argc, char **argv, Comm *comm, Platform *platform) {
     Config cfg;
     Dataset ds = {0};
+    OutputLock lock = {.fd = -1};
     char err[MOESIM_ERR_MAX] = "";
     int status = 0;
+    int is_train = strcmp(name, "train") == 0;
     if (!platform_usable(platform, comm, err, sizeof err) ||
         load_run_inputs(&cfg, &ds, comm, argc, argv, err, sizeof err) != 0) {
         status = EXIT_USAGE;
+    } else if (is_train && claim_record(&cfg, comm, &lock, err, sizeof err) != 0) {
+        status = EXIT_USAGE;
+        dataset_free(&ds);
     } else {
         platform_set_flush_denormals(platform, cfg.flush_denormals);
         warn_if_cores_oversubscribed(platform, comm);
-        int rc = strcmp(name, "train") == 0 ? train_run(&cfg, &ds, comm, platform, err, sizeof err)
-                                            : bench_run(&cfg, &ds, comm, platform, err, sizeof err);
+        int rc = is_train ? train_run(&cfg, &ds, comm, platform, err, sizeof err)
+                          : bench_run(&cfg, &ds, comm, platform, err, sizeof err);
         status = rc == 0 ? 0 : rc > 0 ? rc : 1; /* rc > 0: an exit status of its own */
         dataset_free(&ds);
+        output_release(&lock);
     }
     if (status != 0 && status != MOESIM_EXIT_INTERRUPTED && comm->rank == 0)
         fprintf(stderr, "moesim: error: %s\n", err);

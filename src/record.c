@@ -14,6 +14,10 @@
 #define CHUNK_BYTES (64 * 1024)
 /* `moesim info` reads nothing schemas 4 and 5 added, so older records summarise too. */
 #define OLDEST_READABLE_SCHEMA 3
+/* Ends every "is corrupt" message of `moesim info`. */
+#define CORRUPT_ADVICE                                                                    \
+    "(cut short by a crash or a full disk, or written by two runs at once?); nothing in " \
+    "it can be trusted, so re-run it"
 
 /* ---- attributes ------------------------------------------------------------ */
 
@@ -681,16 +685,26 @@ int record_flush(Record *r, long steps_done) {
     return st ? -1 : 0;
 }
 
-int record_close(Record *r, int complete, long steps_done) {
-    return record_close_as(r, complete ? "complete" : "failed", steps_done);
+const char *record_status_name(RecordStatus status) {
+    switch (status) {
+        case RECORD_COMPLETE:
+            return "complete";
+        case RECORD_DIVERGED:
+            return "diverged";
+        case RECORD_INTERRUPTED:
+            return "interrupted";
+        case RECORD_FAILED:
+            break;
+    }
+    return "failed";
 }
 
-int record_close_as(Record *r, const char *status, long steps_done) {
+int record_close(Record *r, RecordStatus status, long steps_done) {
     char ended[32];
     iso8601_now(ended, sizeof ended);
     int st = record_flush(r, steps_done);
-    if (st != 0) status = "failed";
-    st |= set_string_attr(r->file, "status", status);
+    if (st != 0) status = RECORD_FAILED; /* rows it claims may not be on disk */
+    st |= set_string_attr(r->file, "status", record_status_name(status));
     st |= set_string_attr(r->file, "end_time", ended);
     for (int i = 0; i < SERIES_COUNT; i++) series_close(&r->series[i]);
     if (H5Fclose(r->file) < 0) st = -1;
@@ -789,17 +803,25 @@ static hid_t open_record_for_reading(const char *path, char *err, size_t errlen)
                  path);
         return -1;
     }
-    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    /* Without HDF5's own file lock: a live run holds it, and a live record
+     * is readable, not corrupt. */
+    hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+    H5Pset_file_locking(fapl, 0, 1);
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, fapl);
+    H5Pclose(fapl);
     if (file < 0) {
-        snprintf(err, errlen,
-                 "%s is an HDF5 file that HDF5 cannot open (truncated or "
-                 "corrupt?)",
-                 path);
+        snprintf(err, errlen, "%s is corrupt: HDF5 cannot open it " CORRUPT_ADVICE, path);
         return -1;
     }
     long schema;
-    if (H5Aexists(file, "moesim_version") <= 0 ||
-        read_long_attr(file, "schema_version", &schema) != 0) {
+    htri_t is_moesim = H5Aexists(file, "moesim_version");
+    if (is_moesim < 0) {
+        snprintf(err, errlen, "%s is corrupt: its root attributes cannot be read " CORRUPT_ADVICE,
+                 path);
+        H5Fclose(file);
+        return -1;
+    }
+    if (!is_moesim || read_long_attr(file, "schema_version", &schema) != 0) {
         snprintf(err, errlen,
                  "%s is an HDF5 file but not a moesim run record (it has no "
                  "moesim_version and schema_version attributes)",
@@ -875,9 +897,123 @@ static double mean_of(hid_t file, const char *path) {
     return n ? sum / (double)n : NAN;
 }
 
+/* ---- reading everything back ---- */
+
+/* Rows of a dataset read per call, so checking a long run's record never
+ * holds more than this many bytes of it. */
+#define READ_BACK_BYTES (16 << 20)
+
+typedef struct ReadBack {
+    const char *object; /* being read */
+    char what[160];     /* the first thing that could not be read */
+} ReadBack;
+
+/* Reads n elements of `type` (already native) from attr or dset and frees
+ * whatever variable-length memory HDF5 handed out. */
+static int read_elements(hid_t attr, hid_t dset, hid_t type, hid_t mem, hid_t file_space,
+                         size_t n) {
+    size_t size = H5Tget_size(type);
+    void *buf = malloc(n * size + 1);
+    if (!buf) return -1;
+    herr_t st = attr >= 0 ? H5Aread(attr, type, buf)
+                          : H5Dread(dset, type, mem, file_space, H5P_DEFAULT, buf);
+    int has_vlen = H5Tdetect_class(type, H5T_VLEN) > 0 || H5Tis_variable_str(type) > 0;
+    if (st >= 0 && has_vlen) H5Dvlen_reclaim(type, mem, H5P_DEFAULT, buf);
+    free(buf);
+    return st < 0 ? -1 : 0;
+}
+
+static herr_t read_attribute_back(hid_t loc, const char *name, const H5A_info_t *info, void *data) {
+    (void)info;
+    ReadBack *rb = data;
+    hid_t attr = H5Aopen(loc, name, H5P_DEFAULT);
+    hid_t file_type = attr >= 0 ? H5Aget_type(attr) : -1;
+    hid_t type = file_type >= 0 ? H5Tget_native_type(file_type, H5T_DIR_ASCEND) : -1;
+    hid_t space = attr >= 0 ? H5Aget_space(attr) : -1;
+    hssize_t n = space >= 0 ? H5Sget_simple_extent_npoints(space) : -1;
+    int st = type < 0 || n < 0 ? -1 : n == 0 ? 0 : read_elements(attr, -1, type, space, -1, n);
+    if (space >= 0) H5Sclose(space);
+    if (type >= 0) H5Tclose(type);
+    if (file_type >= 0) H5Tclose(file_type);
+    if (attr >= 0) H5Aclose(attr);
+    if (st != 0) snprintf(rb->what, sizeof rb->what, "attribute %s of %s", name, rb->object);
+    return st < 0 ? -1 : 0;
+}
+
+/* Every row of a dataset, READ_BACK_BYTES at a time. */
+static int read_dataset_back(hid_t dset) {
+    hid_t file_type = H5Dget_type(dset);
+    hid_t type = file_type >= 0 ? H5Tget_native_type(file_type, H5T_DIR_ASCEND) : -1;
+    hid_t space = H5Dget_space(dset);
+    hsize_t dims[H5S_MAX_RANK] = {0}, start[H5S_MAX_RANK] = {0}, count[H5S_MAX_RANK];
+    int ndim = space >= 0 ? H5Sget_simple_extent_dims(space, dims, NULL) : -1;
+    int st = type < 0 || ndim < 0 ? -1 : 0;
+    size_t row = type >= 0 ? H5Tget_size(type) : 1;
+    for (int i = 1; i < ndim; i++) row *= dims[i];
+    hsize_t rows = ndim == 0 ? 1 : dims[0];
+    hsize_t block = row ? READ_BACK_BYTES / row : rows;
+    if (block < 1) block = 1;
+    for (hsize_t first = 0; st == 0 && row > 0 && first < rows; first += block) {
+        hsize_t take = rows - first < block ? rows - first : block;
+        for (int i = 0; i < ndim; i++) count[i] = i == 0 ? take : dims[i];
+        start[0] = first;
+        hid_t mem = ndim == 0 ? H5Screate(H5S_SCALAR) : H5Screate_simple(ndim, count, NULL);
+        if (ndim > 0) H5Sselect_hyperslab(space, H5S_SELECT_SET, start, NULL, count, NULL);
+        size_t n = (size_t)(ndim == 0 ? 1 : H5Sget_simple_extent_npoints(mem));
+        st = read_elements(-1, dset, type, mem, space, n);
+        H5Sclose(mem);
+    }
+    if (space >= 0) H5Sclose(space);
+    if (type >= 0) H5Tclose(type);
+    if (file_type >= 0) H5Tclose(file_type);
+    return st;
+}
+
+/* One object's attributes and, for a dataset, its data. */
+static int read_object_back(hid_t obj, ReadBack *rb) {
+    H5O_info_t info;
+    if (H5Oget_info2(obj, &info, H5O_INFO_BASIC) < 0) return -1;
+    if (H5Aiterate2(obj, H5_INDEX_NAME, H5_ITER_NATIVE, NULL, read_attribute_back, rb) < 0)
+        return -1;
+    return info.type == H5O_TYPE_DATASET ? read_dataset_back(obj) : 0;
+}
+
+/* Links, not objects, are walked: visiting objects needs each object's
+ * header first and stops at a broken one without saying which it was. */
+static herr_t read_link_back(hid_t group, const char *name, const H5L_info_t *info, void *data) {
+    ReadBack *rb = data;
+    if (info->type != H5L_TYPE_HARD) return 0;
+    char object[128];
+    snprintf(object, sizeof object, "/%s", name);
+    rb->object = object;
+    hid_t obj = H5Oopen(group, name, H5P_DEFAULT);
+    int st = obj < 0 ? -1 : read_object_back(obj, rb);
+    if (obj >= 0) H5Oclose(obj);
+    if (st != 0 && !rb->what[0]) snprintf(rb->what, sizeof rb->what, "%s", object);
+    rb->object = NULL;
+    return st < 0 ? -1 : 0;
+}
+
+/* Everything the file holds, read back before any of it is believed: a
+ * record whose writer died mid-flush, or that two runs wrote at once, can
+ * open fine and still fail on one dataset. */
+static int check_readable(hid_t file, const char *path, char *err, size_t errlen) {
+    ReadBack rb = {"/", ""};
+    int st = read_object_back(file, &rb);
+    if (st == 0) st = H5Lvisit(file, H5_INDEX_NAME, H5_ITER_NATIVE, read_link_back, &rb) < 0;
+    if (st == 0) return 0;
+    snprintf(err, errlen, "%s is corrupt: %s cannot be read " CORRUPT_ADVICE, path,
+             rb.what[0] ? rb.what : "its structure");
+    return -1;
+}
+
 int record_print_info(const char *path, char *err, size_t errlen) {
     hid_t file = open_record_for_reading(path, err, errlen);
     if (file < 0) return -1;
+    if (check_readable(file, path, err, errlen) != 0) {
+        H5Fclose(file);
+        return -1;
+    }
     char version[64], revision[64], status[32], started[32], ended[32], data[MOESIM_PATH_MAX];
     string_attr(file, "moesim_version", version, sizeof version);
     string_attr(file, "git_revision", revision, sizeof revision);

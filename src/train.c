@@ -76,8 +76,10 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     t->grain_totals = calloc((size_t)t->grain_width, sizeof(double));
     t->gathered = calloc((size_t)comm->world_size * grains * t->grain_width, sizeof(double));
     int reduce_ok = t->grain_rows && t->grain_totals && t->gathered;
+    int model_ok = model_init(&t->model, &shape, cfg->seed, comm) == 0;
+    t->nonfinite_flags = model_ok ? calloc((size_t)t->model.num_tensors, 1) : NULL;
     if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !stats_ok ||
-        !reduce_ok || model_init(&t->model, &shape, cfg->seed, comm) != 0) {
+        !reduce_ok || !model_ok || !t->nonfinite_flags) {
         snprintf(err, errlen,
                  "out of memory building the model (%d layers, hidden %d, %d "
                  "experts, micro-batch %d x %d); make the model or the micro-batch smaller",
@@ -102,6 +104,7 @@ void trainer_free(Trainer *t) {
     free(t->grain_rows);
     free(t->grain_totals);
     free(t->gathered);
+    free(t->nonfinite_flags);
     memset(t, 0, sizeof *t);
 }
 
@@ -216,6 +219,40 @@ static void update_expert_bias(Trainer *t) {
     }
 }
 
+int trainer_find_nonfinite_gradients(Trainer *t, int *count) {
+    const Model *m = &t->model;
+    for (int i = 0; i < m->num_tensors; i++) {
+        const float *g = m->grads + m->tensors[i].offset;
+        size_t n = m->tensors[i].numel, j = 0;
+        while (j < n && isfinite(g[j])) j++;
+        t->nonfinite_flags[i] = j < n;
+    }
+    /* Dense gradients agree on every rank already; expert shards do not. */
+    comm_max_bytes(t->comm, COMM_SCOPE_WORLD, t->nonfinite_flags, (size_t)m->num_tensors);
+    int first = -1;
+    *count = 0;
+    for (int i = 0; i < m->num_tensors; i++) {
+        if (!t->nonfinite_flags[i]) continue;
+        if (first < 0) first = i;
+        ++*count;
+    }
+    return first;
+}
+
+/* Every rank's verdict on the step: a NaN/Inf cross-entropy on any rank or a
+ * non-finite global gradient norm makes it non-finite, so no rank updates
+ * while another stops. Collective; the tensor search only runs on a bad step. */
+static void check_finite(Trainer *t, double grad_norm, StepStats *stats) {
+    const Model *m = &t->model;
+    int finite = isfinite(grad_norm);
+    for (int g = 0; g < model_grains(&m->shape); g++) finite = finite && isfinite(m->grain_ce[g]);
+    stats->nonfinite = !comm_all_ok(t->comm, finite);
+    stats->nonfinite_tensor = -1;
+    stats->nonfinite_tensors = 0;
+    if (stats->nonfinite)
+        stats->nonfinite_tensor = trainer_find_nonfinite_gradients(t, &stats->nonfinite_tensors);
+}
+
 void trainer_step(Trainer *t, long step, StepStats *stats) {
     const Config *cfg = t->cfg;
     Model *m = &t->model;
@@ -236,12 +273,15 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     model_reduce_gradients(m);
     timer_charge(m->phase_s, PHASE_GRAD_ALLREDUCE, &mark);
     double grad_norm = global_grad_norm(t);
-    clip_gradients(m->grads, m->num_params, grad_norm, cfg->clip_grad);
+    check_finite(t, grad_norm, stats);
     double lr = lr_at_step(step, cfg->train_iters, cfg->lr_warmup_iters, cfg->lr, cfg->min_lr);
-    adamw_step(&t->opt, m, lr);
+    if (!stats->nonfinite) {
+        clip_gradients(m->grads, m->num_params, grad_norm, cfg->clip_grad);
+        adamw_step(&t->opt, m, lr);
+    }
     timer_charge(m->phase_s, PHASE_OPTIMIZER, &mark);
     gather_routing_stats(t, stats);
-    update_expert_bias(t);
+    if (!stats->nonfinite) update_expert_bias(t);
     /* FLOPs are whole numbers well below 2^53: any order sums them exactly */
     long flops = (long)model_step_flops(m);
     comm_sum_longs(t->comm, &flops, 1);
@@ -480,6 +520,55 @@ static void report_interruption(int sig, long step, const Config *cfg) {
     fflush(stdout);
 }
 
+/* printf shows a NaN with its sign bit set as "-nan", which reads like a
+ * meaningful sign; the sign of a NaN means nothing. */
+static double plain_nan(double x) {
+    return isnan(x) ? fabs(x) : x;
+}
+
+/* "layers.1.qkv_w (3 of 20 tensors)", or what was not finite instead. */
+static void describe_nonfinite(const Trainer *t, const StepStats *stats, char *buf, size_t len) {
+    if (stats->nonfinite_tensor < 0) {
+        snprintf(buf, len, "every gradient is finite, the loss is not");
+        return;
+    }
+    snprintf(buf, len, "the first tensor with a non-finite gradient is %s (%d of %d tensors)",
+             t->model.tensors[stats->nonfinite_tensor].name, stats->nonfinite_tensors,
+             t->model.num_tensors);
+}
+
+/* A step whose loss or gradient was not finite made no update (trainer_step).
+ * Up to --skip-nonfinite-steps of them are skipped with a warning; the next
+ * one stops the run as diverged, err naming the step and the first tensor
+ * whose gradient is not finite. Every rank decides alike: stats agree.
+ * Returns 1 to stop. */
+static int stop_on_nonfinite(const Trainer *t, long *skipped, long done, const StepStats *stats,
+                             char *err, size_t errlen) {
+    const Config *cfg = t->cfg;
+    char where[160];
+    describe_nonfinite(t, stats, where, sizeof where);
+    if (*skipped < cfg->skip_nonfinite_steps) {
+        ++*skipped;
+        if (t->comm->rank == 0)
+            fprintf(stderr,
+                    "moesim: warning: step %ld: loss %g, gradient norm %g; %s. Skipped without "
+                    "an update (%ld of %d allowed by --skip-nonfinite-steps)\n",
+                    done, plain_nan(stats->ce_loss), plain_nan(stats->grad_norm), where, *skipped,
+                    cfg->skip_nonfinite_steps);
+        return 0;
+    }
+    char after[96] = "";
+    if (*skipped > 0)
+        snprintf(after, sizeof after, " after %ld skipped step(s) (--skip-nonfinite-steps %d)",
+                 *skipped, cfg->skip_nonfinite_steps);
+    snprintf(err, errlen,
+             "training diverged at step %ld%s: loss %g, gradient norm %g; %s. The step made "
+             "no update and the record %s is marked diverged. Lower --lr, keep --clip-grad above "
+             "0, or let --skip-nonfinite-steps N skip up to N such steps",
+             done, after, plain_nan(stats->ce_loss), plain_nan(stats->grad_norm), where, cfg->out);
+    return 1;
+}
+
 int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
               char *err, size_t errlen) {
     Trainer t;
@@ -495,7 +584,7 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
         return -1;
     }
     if (cfg->finetune) start = 0; /* a new run from the loaded parameters */
-    int resumes = cfg->load[0] && !cfg->finetune;
+    int resumes = config_continues_record(cfg);
     RunState rs;
     if (run_state_init(&rs, &t, platform, resumes ? start : -1, err, errlen) != 0) {
         run_state_free(&rs);
@@ -518,21 +607,25 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     }
     double run_start = comm_wtime(), tokens_total = 0.0;
     StepStats stats = {0};
-    long step = start;
-    int interrupted = 0;
+    long step = start, skipped = 0;
+    int interrupted = 0, diverged = 0;
     preempt_install();
     for (; step < cfg->train_iters; step++) {
         trainer_step(&t, step, &stats);
         tokens_total += stats.tokens;
         long done = step + 1;
+        diverged = stats.nonfinite && stop_on_nonfinite(&t, &skipped, done, &stats, err, errlen);
         int last = done == cfg->train_iters;
-        if (done % cfg->eval_interval == 0 || last) {
+        if (!diverged && (done % cfg->eval_interval == 0 || last)) {
             val_loss = trainer_evaluate(&t);
             ok = record_eval(&rs, &t, done, val_loss) && ok;
         }
-        if (done % cfg->log_interval == 0 || last) ok = record_step(&rs, &t, done, &stats) && ok;
-        int save_now =
-            cfg->save[0] && (last || (cfg->save_interval > 0 && done % cfg->save_interval == 0));
+        /* A skipped or diverging step is always recorded, whatever the log interval. */
+        if (done % cfg->log_interval == 0 || last || stats.nonfinite)
+            ok = record_step(&rs, &t, done, &stats) && ok;
+        /* a diverging step keeps the last good checkpoint */
+        int save_now = !diverged && cfg->save[0] &&
+                       (last || (cfg->save_interval > 0 && done % cfg->save_interval == 0));
         /* a checkpoint's step must be on disk in the record before the
          * checkpoint is: a resume continues the record from there */
         if (is_root && ok && (save_now || done % cfg->record_flush_interval == 0))
@@ -542,7 +635,7 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                      "writing step %ld to the run record %s failed; check free "
                      "disk space and that nothing removed the file",
                      done, cfg->out);
-        if (!all_ok_or_share(comm, ok, err, errlen)) break;
+        if (!all_ok_or_share(comm, ok, err, errlen) || diverged) break;
         if (save_now && checkpoint_save(&t, done, err, errlen) != 0) break;
         /* a signal during the last step: the run is done anyway */
         if (!last && (interrupted = comm_max_int(comm, preempt_signal())) != 0) {
@@ -560,14 +653,15 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     ok = step == cfg->train_iters;
     if (interrupted) {
         if (is_root) report_interruption(interrupted, step, cfg);
-        if (is_root) record_close_as(rs.rec, "interrupted", step);
+        if (is_root) record_close(rs.rec, RECORD_INTERRUPTED, step);
         run_state_free(&rs);
         trainer_free(&t);
         return MOESIM_EXIT_INTERRUPTED;
     }
     double elapsed = comm_wtime() - run_start;
     if (is_root) {
-        int closed = record_close(rs.rec, ok, step) == 0;
+        RecordStatus status = diverged ? RECORD_DIVERGED : ok ? RECORD_COMPLETE : RECORD_FAILED;
+        int closed = record_close(rs.rec, status, diverged ? step + 1 : step) == 0;
         if (ok && !closed) snprintf(err, errlen, "closing the run record %s failed", cfg->out);
         ok = ok && closed;
         if (ok)

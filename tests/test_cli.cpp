@@ -5,7 +5,9 @@
 // mpirun, under timeout(1) so that no test can hang.
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
 #include <stdlib.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -266,10 +268,12 @@ TEST_F(CliConfigError, MissingDataPath) {
                      {"--data-path", missing, "No such file or directory", "point it at"});
 }
 
-TEST_F(CliConfigError, UnwritableOutputDirectory) {
-    ExpectUsageError(TrainArgs({"--out", "/nonexistent-dir/x.h5"}),
-                     {"--out /nonexistent-dir/x.h5", "mkdir -p /nonexistent-dir"});
-    EXPECT_FALSE(PathExists("/nonexistent-dir"));
+// A missing directory is made (CliRun.MissingOutputDirectoryIsCreated), but
+// not through a file.
+TEST_F(CliConfigError, OutputDirectoryUnderAFile) {
+    std::string file = WriteFile("plain.txt", "not a directory\n");
+    ExpectUsageError(TrainArgs({"--out", file + "/sub/x.h5"}),
+                     {"--out " + file + "/sub/x.h5", file + " is not a directory"});
 }
 
 TEST_F(CliConfigError, OutputIsADirectory) {
@@ -348,6 +352,56 @@ class CliRun : public ::testing::Test {
     std::string dir_;
 };
 
+TEST_F(CliRun, MissingOutputDirectoryIsCreated) {
+    std::string out = dir_ + "/new/deeper/run.h5";
+    RunResult r = RunMoesim(Train(out, {}));
+    EXPECT_EQ(r.status, 0) << r.output;
+    EXPECT_TRUE(PathExists(out)) << r.output;
+    EXPECT_FALSE(PathExists(out + ".lock")) << "the run leaves its lock file behind";
+}
+
+TEST_F(CliRun, ExistingRecordIsKeptUnlessOverwriteIsGiven) {
+    std::string out = dir_ + "/run.h5";
+    RunResult first = RunMoesim(Train(out, {}));
+    ASSERT_EQ(first.status, 0) << first.output;
+    std::string before = ReadAll(out);
+    ASSERT_FALSE(before.empty());
+
+    RunResult refused = RunMoesim(Train(out, {"--train-iters", "3"}));
+    EXPECT_EQ(refused.status, 2) << refused.output;
+    EXPECT_EQ(CountOccurrences(refused.output, "moesim: error:"), 1u) << refused.output;
+    for (const std::string &part :
+         {"--out " + out + " already exists", std::string("--overwrite 1"),
+          std::string("choose another --out")})
+        EXPECT_NE(refused.output.find(part), std::string::npos) << part << "\n" << refused.output;
+    EXPECT_EQ(ReadAll(out), before) << "a refused run changed the record";
+
+    RunResult replaced = RunMoesim(Train(out, {"--train-iters", "3", "--overwrite"}));
+    EXPECT_EQ(replaced.status, 0) << replaced.output;
+    EXPECT_NE(replaced.output.find("done: 3 steps"), std::string::npos) << replaced.output;
+}
+
+// The lock another run holds (here: this test, on the record's lock file)
+// refuses a run at once and leaves the record alone, --overwrite or not.
+TEST_F(CliRun, RecordLockedByAnotherRunIsRefused) {
+    std::string out = dir_ + "/run.h5";
+    ASSERT_EQ(RunMoesim(Train(out, {})).status, 0);
+    std::string before = ReadAll(out);
+    int fd = open((out + ".lock").c_str(), O_RDWR | O_CREAT, 0644);
+    ASSERT_GE(fd, 0) << strerror(errno);
+    ASSERT_EQ(flock(fd, LOCK_EX | LOCK_NB), 0) << strerror(errno);
+    ASSERT_EQ(write(fd, "pid 1 on testhost since then\n", 29), 29);
+    RunResult refused = RunMoesim(Train(out, {"--overwrite", "1"}));
+    close(fd);
+    EXPECT_EQ(refused.status, 2) << refused.output;
+    EXPECT_EQ(CountOccurrences(refused.output, "moesim: error:"), 1u) << refused.output;
+    for (const char *part : {"another run (pid 1 on testhost since then) holds --out",
+                             "wait for that run to finish or choose another --out"})
+        EXPECT_NE(refused.output.find(part), std::string::npos) << part << "\n" << refused.output;
+    EXPECT_EQ(ReadAll(out), before) << "a refused run changed the record";
+    EXPECT_EQ(RunMoesim(Train(out, {"--overwrite", "1"})).status, 0) << "the lock was released";
+}
+
 TEST_F(CliRun, SoftRoutingAloneRunsDropless) {
     std::string out = dir_ + "/soft.h5";
     RunResult r = RunMoesim(Train(out, {"--moe-router-type", "soft"}));
@@ -361,6 +415,40 @@ TEST_F(CliRun, SoftRoutingAloneRunsDropless) {
 TEST_F(CliRun, BareExpertBiasSwitchRunsWithTheDefaultRate) {
     RunResult r = RunMoesim(Train(dir_ + "/bias.h5", {"--moe-router-enable-expert-bias"}));
     EXPECT_EQ(r.status, 0) << r.output;
+}
+
+// The diverging run, scaled down: weight decay of lr x 10 = 100 per
+// step flips and grows every weight until the gradients overflow.
+TEST_F(CliRun, DivergingRunStopsAtTheFirstNonFiniteStep) {
+    std::string out = dir_ + "/diverged.h5";
+    RunResult r =
+        RunMoesim(Train(out, {"--train-iters", "200", "--lr", "10", "--clip-grad", "0",
+                              "--lr-warmup-iters", "0", "--min-lr", "10", "--weight-decay", "10"}));
+    EXPECT_EQ(r.status, 1) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "moesim: error:"), 1u) << r.output;
+    for (const char *part : {"moesim: error: training diverged at step ",
+                             "the first tensor with a non-finite gradient is ",
+                             "is marked diverged", "--skip-nonfinite-steps"})
+        EXPECT_NE(r.output.find(part), std::string::npos) << part << "\n" << r.output;
+    EXPECT_EQ(r.output.find("done:"), std::string::npos) << r.output;
+    RunResult info = RunMoesim({"info", out});
+    EXPECT_EQ(info.status, 0) << info.output;
+    EXPECT_NE(info.output.find("status diverged"), std::string::npos) << info.output;
+}
+
+TEST_F(CliRun, InfoOnACorruptRecordFails) {
+    std::string out = dir_ + "/run.h5";
+    ASSERT_EQ(RunMoesim(Train(out, {})).status, 0);
+    std::string bytes = ReadAll(out);
+    // Keep the superblock and root group, lose the rest of the file.
+    std::ofstream(out, std::ios::binary | std::ios::trunc) << bytes.substr(0, bytes.size() / 2);
+    RunResult info = RunMoesim({"info", out});
+    EXPECT_EQ(info.status, 1) << info.output;
+    EXPECT_NE(info.output.find("moesim: error: " + out + " is corrupt"), std::string::npos)
+        << info.output;
+    EXPECT_EQ(info.output.find("moesim run record"), std::string::npos)
+        << "info printed a summary before reading everything:\n"
+        << info.output;
 }
 
 TEST(CliInfo, HelpListsEveryGroupOfFlags) {

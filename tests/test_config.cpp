@@ -843,7 +843,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 61u);
+    ASSERT_EQ(keys.size(), 63u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -878,7 +878,8 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
         ini, {"num-layers = 4\n", "lr = 0.003\n", "adam-eps = 1e-08\n", "seed = 1234\n",
               "data-format = auto\n", "out = runs/moesim.h5\n", "moe-router-norm-topk-prob = 1\n",
               "moe-router-type = topk\n", "moe-eval-capacity-factor = -1\n",
-              "moe-router-bias-update-rate = 0.001\n", "moe-expert-activation = gelu\n"});
+              "moe-router-bias-update-rate = 0.001\n", "moe-expert-activation = gelu\n",
+              "overwrite = 0\n", "skip-nonfinite-steps = 0\n"});
 }
 
 TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
@@ -913,6 +914,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"min-lr", "0"},
         {"weight-decay", "0.30000000000000004"},
         {"clip-grad", "0.5"},
+        {"skip-nonfinite-steps", "3"},
         {"adam-beta1", "0.85"},
         {"adam-beta2", "0.999"},
         {"adam-eps", "2.5e-9"},
@@ -923,6 +925,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"synthetic-clusters", "17"},
         {"synthetic-tokens", "123456"},
         {"out", "/tmp/round/trip.h5"},
+        {"overwrite", "1"},
         {"expert-model-parallel-size", "4"},
         {"save", "/tmp/round/checkpoints"},
         {"save-interval", "25"},
@@ -1009,6 +1012,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME(min_lr);
     EXPECT_SAME(weight_decay);
     EXPECT_SAME(clip_grad);
+    EXPECT_SAME(skip_nonfinite_steps);
     EXPECT_SAME(adam_beta1);
     EXPECT_SAME(adam_beta2);
     EXPECT_SAME(adam_eps);
@@ -1019,6 +1023,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME(synthetic_clusters);
     EXPECT_SAME(synthetic_tokens);
     EXPECT_SAME_STR(out);
+    EXPECT_SAME(overwrite);
     EXPECT_SAME_STR(moe_router_type);
     EXPECT_SAME(moe_router_pre_softmax);
     EXPECT_SAME_STR(moe_router_score_function);
@@ -1374,13 +1379,35 @@ TEST_F(ConfigValidate, ExistingDataFileAndDirectoryPass) {
     EXPECT_EQ(Validate(cfg_).rc, 0);
 }
 
-TEST_F(ConfigValidate, OutputDirectoryMustExist) {
-    strcpy(cfg_.out, "/nonexistent-moesim-dir/x.h5");
+// A missing directory of --out is made when the run starts (output.h), so
+// validation passes it without creating anything. A --save directory is made at validation.
+TEST_F(ConfigValidate, MissingOutputDirectoryIsCreatedLater) {
+    std::string nested = dir_.path() + "/new/deeper/run.h5";
+    strcpy(cfg_.out, nested.c_str());
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    EXPECT_FALSE(PathExists(dir_.path() + "/new"));
+}
+
+TEST_F(ConfigValidate, CheckpointDirectoryIsMadeAndMustBeADirectory) {
+    std::string save = dir_.path() + "/missing/checkpoints";
+    strcpy(cfg_.save, save.c_str());
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    EXPECT_TRUE(PathExists(save));
+    rmdir(save.c_str()); /* the fixture checks that nothing else was made */
+    rmdir((dir_.path() + "/missing").c_str());
+    TempIni file("not a directory\n");
+    strcpy(cfg_.save, (file.path() + "/sub").c_str());
     SetResult r = Validate(cfg_);
     EXPECT_EQ(r.rc, -1);
-    ExpectMentions(r.err, {"--out /nonexistent-moesim-dir/x.h5", "No such file or directory",
-                           "mkdir -p /nonexistent-moesim-dir"});
-    EXPECT_FALSE(PathExists("/nonexistent-moesim-dir"));
+    ExpectMentions(r.err, {"--save", file.path().c_str(), "choose another --save"});
+}
+
+TEST_F(ConfigValidate, OutputDirectoryUnderAFileIsRejected) {
+    TempIni file("not a directory\n");
+    strcpy(cfg_.out, (file.path() + "/sub/x.h5").c_str());
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--out", file.path().c_str(), "is not a directory"});
 }
 
 TEST_F(ConfigValidate, OutputParentMustBeADirectory) {

@@ -43,7 +43,10 @@ def command(launcher: str, world_size: int, moesim, ini, record) -> list:
         prefix = ["mpirun", "-n", str(world_size)]
         if world_size > (os.cpu_count() or 1):
             prefix.append("--oversubscribe")
-    return [*prefix, str(moesim), "train", "--config", str(ini), "--out", str(record)]
+    # The runner reruns only points whose record is not complete, so the record
+    # it replaces is a failed or partial one, never a finished run.
+    return [*prefix, str(moesim), "train", "--config", str(ini), "--out", str(record),
+            "--overwrite", "1"]
 
 
 @dataclass

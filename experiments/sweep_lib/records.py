@@ -14,7 +14,7 @@ STATUSES = ("done", "failed", "skipped", "pending")
 
 
 def record_status(path: Path) -> str:
-    """The record's `status` attribute ('complete', 'running', 'failed'), or
+    """The record's `status` attribute ('complete', 'running', 'failed', 'diverged'), or
     'missing', 'unreadable', 'no status'. No file locking: a run in progress
     holds its record open for writing."""
     if not path.exists():

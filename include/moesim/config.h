@@ -65,6 +65,7 @@ typedef struct Config {
     double min_lr;
     double weight_decay;
     double clip_grad; /* 0 disables clipping */
+    int skip_nonfinite_steps; /* NaN/Inf steps skipped before the run stops as diverged */
     double adam_beta1;
     double adam_beta2;
     double adam_eps;
@@ -77,6 +78,7 @@ typedef struct Config {
     long synthetic_tokens;
     /* output */
     char out[MOESIM_PATH_MAX];
+    int overwrite;              /* replace an existing record at out */
     char save[MOESIM_PATH_MAX]; /* checkpoint directory; empty = none */
     int save_interval;          /* steps between checkpoints; 0 = only the final one */
     int save_keep;              /* newest checkpoints kept; 0 = all */
@@ -107,9 +109,13 @@ int config_parse_args(Config *cfg, int argc, char **argv, char *err, size_t errl
  * INI file or by config_set, even to its default value. */
 int config_key_given(const Config *cfg, const char *key);
 
-/* Checks cross-key constraints, the data path and the output directory.
- * Touches nothing on disk but creating a missing --save directory. Returns
- * 0, or -1 with a message in err. */
+/* 1 when the run continues the record at --out: --load without --finetune. */
+int config_continues_record(const Config *cfg);
+
+/* Checks cross-key constraints, the data path and the output locations (a
+ * missing directory of --out passes when it can be created). Touches nothing
+ * on disk but creating a missing --save directory. Returns 0, or -1 with a
+ * message in err. */
 int config_validate(const Config *cfg, char *err, size_t errlen);
 
 /* Checks the expert-parallel layout against the number of ranks: EP must

@@ -89,14 +89,23 @@ int record_append_train(Record *r, const TrainRow *row, const StepDetail *detail
 int record_append_eval(Record *r, const EvalRow *row);
 /* Appends every buffered row, updates steps_done and flushes the file. */
 int record_flush(Record *r, long steps_done);
-/* Flushes, sets status "complete" (complete=1) or "failed", end_time, and
- * closes; frees r. Returns 0, or -1 if any of it failed. */
-int record_close(Record *r, int complete, long steps_done);
-/* record_close with any status ("interrupted" for a run stopped by a signal). */
-int record_close_as(Record *r, const char *status, long steps_done);
+/* How a run ended, as the record's status attribute says it. */
+typedef enum RecordStatus {
+    RECORD_COMPLETE, /* "complete": every step ran */
+    RECORD_FAILED,   /* "failed": an error stopped it */
+    RECORD_DIVERGED, /* "diverged": a non-finite loss or gradient stopped it */
+    RECORD_INTERRUPTED, /* "interrupted": a signal stopped it at a step boundary */
+} RecordStatus;
+const char *record_status_name(RecordStatus status);
 
-/* `moesim info`: a human summary of a run record on stdout. Returns 0, or -1
- * with a message (missing file, not HDF5, not a moesim record, newer schema). */
+/* Flushes, sets status (a "complete" whose flush failed becomes "failed"),
+ * end_time, and closes; frees r. Returns 0, or -1 if any of it failed. */
+int record_close(Record *r, RecordStatus status, long steps_done);
+
+/* `moesim info`: a human summary of a run record on stdout, printed only
+ * after every dataset and attribute has been read back. Returns 0, or -1
+ * with a message (missing file, not HDF5, not a moesim record, newer schema,
+ * corrupt: something in it cannot be read). */
 int record_print_info(const char *path, char *err, size_t errlen);
 
 /* Tensor files: flat float32/int32 datasets by name, for reference exports. */

@@ -23,6 +23,10 @@ typedef struct StepStats {
     double lr, grad_norm, seconds, flops; /* flops: summed over ranks */
     long tokens, dropped, assignments;    /* global */
     double phase_s[PHASE_COUNT];          /* this rank's time per phase */
+    /* A NaN/Inf loss or gradient norm on any rank: the step made no update
+     * (parameters, Adam state and expert biases unchanged). The tensor is an
+     * index into Model.tensors, -1 when every gradient is finite. */
+    int nonfinite, nonfinite_tensor, nonfinite_tensors;
 } StepStats;
 
 /* Routing statistics of the last step (or evaluation), global: summed over
@@ -53,6 +57,7 @@ typedef struct Trainer {
      * routing_grain_width sums), their global sums, and every rank's rows. */
     int grain_width;
     double *grain_rows, *grain_totals, *gathered;
+    uint8_t *nonfinite_flags; /* [num_tensors] scratch of trainer_find_nonfinite_gradients */
 } Trainer;
 
 int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
@@ -60,6 +65,9 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
 void trainer_free(Trainer *t);
 /* One optimisation step on global batch `step`. */
 void trainer_step(Trainer *t, long step, StepStats *stats);
+/* The first tensor (Model.tensors order) whose gradient holds a NaN or Inf
+ * on any rank, or -1; *count gets how many do. Collective. */
+int trainer_find_nonfinite_gradients(Trainer *t, int *count);
 /* Mean validation cross-entropy over eval_iters batches and all ranks. */
 double trainer_evaluate(Trainer *t);
 

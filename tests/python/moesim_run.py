@@ -33,6 +33,14 @@ def final_checkpoint(save_dir):
     return save_dir / f"iter_{iteration:07d}.h5"
 
 
+def rank_pids(out):
+    """The training ranks writing the record out (not mpirun: a rank's command
+    line starts with the binary)."""
+    found = subprocess.run(["pgrep", "-f", f"^{BUILD / 'moesim'} train .*{out}"],
+                           capture_output=True, text=True).stdout.split()
+    return [int(pid) for pid in found]
+
+
 def run_moesim(subcommand, options, timeout=600):
     return subprocess.run([str(BUILD / "moesim"), subcommand, *flags(options)],
                           env=clean_env(), capture_output=True, text=True, timeout=timeout)

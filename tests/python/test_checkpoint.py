@@ -14,7 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from moesim_run import BUILD, clean_env, final_checkpoint, flags, run_moesim, run_mpi
+from moesim_run import (BUILD, clean_env, final_checkpoint, flags, rank_pids, run_moesim,
+                        run_mpi)
 
 SEQ = 16
 STEPS = 200
@@ -189,13 +190,6 @@ def start_run(world, ep, out, save):
            str(BUILD / "moesim"), "train", *flags(options)]
     return subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def rank_pids(out):
-    # the ranks, not mpirun: their command line starts with the binary
-    found = subprocess.run(["pgrep", "-f", f"^{BUILD / 'moesim'} train .*{out}"],
-                           capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in found]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
-from moesim_run import final_checkpoint, run_moesim, run_mpi
+from moesim_run import BUILD, clean_env, final_checkpoint, run_moesim, run_mpi
 
 SEQ = 16
 TOPK = 2
@@ -392,6 +392,28 @@ def test_record_write_failure_exits_cleanly(record_fault):
     assert result.returncode == 1, output
     assert record_fault["status"] in ("running", "failed", None) or \
         str(record_fault["status"]).startswith("unreadable"), record_fault["status"]
+
+
+def test_info_summarises_the_record_only_if_it_reads_back(record_fault):
+    """Whatever the full disk left behind, `moesim info` prints a summary only of
+    a file whose every dataset and attribute h5py reads, and otherwise calls it
+    corrupt (status 1) without printing anything else."""
+    out = record_fault["out"]
+    try:
+        with h5py.File(out, "r") as f:
+            dict(f.attrs)
+            f.visititems(lambda name, obj: obj[()] if isinstance(obj, h5py.Dataset) else None)
+        readable = True
+    except (OSError, KeyError, RuntimeError, ValueError):
+        readable = False
+    info = subprocess.run([str(BUILD / "moesim"), "info", str(out)], env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+    print(f"record fault: h5py reads it all: {readable}; moesim info: {info.returncode}")
+    if readable:
+        assert info.returncode == 0, info.stderr
+    else:
+        assert info.returncode == 1 and info.stdout == "", info.stdout + info.stderr
+        assert f"{out} is corrupt" in info.stderr, info.stderr
 
 
 # ---- every router keeps the 1-rank equivalence ----------------------------------------

@@ -142,7 +142,7 @@ def test_two_point_sweep_runs_both_points_on_2_ranks(two_point):
         assert "out" not in keys and "train_iters" not in keys
         log = (out / f"{name}.log").read_text()
         assert log.startswith(f"$ mpirun -n 2 {BUILD / 'moesim'} train --config "
-                              f"{out / name}.ini --out {out / name}.h5\n")
+                              f"{out / name}.ini --out {out / name}.h5 --overwrite 1\n")
         assert "done: 6 steps" in log
 
     from moesim_analysis import load_runs
@@ -313,7 +313,8 @@ moe-layer-freq = 1000
     ]
     for i, (name, launch) in enumerate(expected, 1):
         assert f"[{i}/3] {name} would run\n" in result.stdout, result.stdout
-        assert (f"      {launch} train --config {out / name}.ini --out {out / name}.h5\n"
+        assert (f"      {launch} train --config {out / name}.ini --out {out / name}.h5 "
+                f"--overwrite 1\n"
                 in result.stdout)
     assert "moe-layer-freq=1000" in result.stdout
     assert not out.exists()

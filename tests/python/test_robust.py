@@ -1,0 +1,280 @@
+"""A run record that never lies (issue 13): a diverging run stops and says so,
+skipped non-finite steps, an existing or busy record at --out left alone,
+`moesim info` refusing what it cannot read back; and the small defaults that
+used to get in the way (bare switches, the bias rate, soft routing alone, a
+missing output directory). Every subprocess runs with a timeout."""
+import os
+import re
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from moesim_run import BUILD, clean_env, flags, rank_pids, run_moesim, run_mpi
+
+SMALL = {
+    "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16,
+    "num-experts": 4, "moe-ffn-hidden-size": 32, "ffn-hidden-size": 64, "eval-iters": 1,
+    "data-format": "synthetic", "synthetic-tokens": 20000, "micro-batch-size": 2,
+    "progress-interval": 1000,
+}
+# The issue's diverging run: a weight decay of lr x 10 = 100 per step flips and
+# grows every weight by ~99x until the gradients overflow (step 7 here).
+DIVERGING = {"lr": 10, "clip-grad": 0, "lr-warmup-iters": 0, "min-lr": 10, "weight-decay": 10,
+             "train-iters": 200}
+RUN_TIMEOUT = 120
+DIVERGED_AT = re.compile(r"training diverged at step (\d+)")
+TENSOR = re.compile(r"the first tensor with a non-finite gradient is (\S+) \((\d+) of (\d+) "
+                    r"tensors\)")
+
+
+def error_lines(output):
+    return [line for line in output.splitlines() if line.startswith("moesim: error:")]
+
+
+def read_everything(path):
+    """Every dataset and attribute of the file, or the exception reading raised."""
+    values = {}
+    with h5py.File(path, "r") as f:
+        values.update({f"/@{k}": v for k, v in f.attrs.items()})
+        f.visititems(lambda name, obj: values.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return values
+
+
+def train_finite_rows(f):
+    return np.isfinite(f["train/loss"][:]) & np.isfinite(f["train/grad_norm"][:])
+
+
+# ---- divergence -------------------------------------------------------------------------
+
+def test_diverging_run_stops_on_every_rank_with_one_message(tmp_path):
+    """2 ranks, each wrapped in a shell that reports its own exit status, so a
+    rank that hung or exited 0 would show."""
+    out = tmp_path / "diverged.h5"
+    moesim = " ".join([str(BUILD / "moesim"), "train",
+                       *flags({**SMALL, **DIVERGING, "micro-batch-size": 1, "out": out})])
+    wrapped = f'{moesim}; echo "rank $OMPI_COMM_WORLD_RANK exit $?"'
+    proc = subprocess.Popen(["mpirun", "-n", "2", "--oversubscribe", "sh", "-c", wrapped],
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if proc.poll() is None:  # timed out: no rank may be left spinning
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    output = result.stdout + result.stderr
+    statuses = dict(re.findall(r"^rank (\d) exit (\d+)$", result.stdout, re.M))
+    assert statuses == {"0": "1", "1": "1"}, output
+    errors = error_lines(output)
+    assert len(errors) == 1, output
+    step = int(DIVERGED_AT.search(errors[0]).group(1))
+    tensor = TENSOR.search(errors[0])
+    assert tensor, errors[0]
+    # 2 layers, both MoE: wte, wpe, 5 per layer, lnf and 2 expert tensors per layer
+    assert re.fullmatch(r"wte|wpe|lnf_w|layers\.[01]\.[a-z0-9_.]+", tensor.group(1)), errors[0]
+    assert tensor.group(3) == "17", errors[0]
+    assert str(out) in errors[0] and "marked diverged" in errors[0], errors[0]
+
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "diverged"
+        assert f.attrs["steps_done"] == step
+        assert list(f["train/step"][:]) == list(range(1, step + 1))
+        finite = train_finite_rows(f)
+        assert finite[:-1].all() and not finite[-1], (f["train/loss"][:], f["train/grad_norm"][:])
+        assert max(f["eval/step"][:]) < step
+        for name in ("routing/tokens_per_expert", "timing/optimizer", "traffic/dispatch_bytes"):
+            assert f[name].shape[0] == step, name
+
+
+def test_skipped_nonfinite_steps_are_recorded_then_the_run_stops(tmp_path):
+    plain = run_moesim("train", {**SMALL, **DIVERGING, "out": tmp_path / "plain.h5"},
+                       timeout=RUN_TIMEOUT)
+    first_bad = int(DIVERGED_AT.search(plain.stderr).group(1))
+
+    out = tmp_path / "skipped.h5"
+    result = run_moesim("train", {**SMALL, **DIVERGING, "skip-nonfinite-steps": 3, "out": out},
+                        timeout=RUN_TIMEOUT)
+    assert result.returncode == 1, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "moesim: warning: step" in line]
+    assert [int(re.search(r"step (\d+):", w).group(1)) for w in warnings] == \
+        [first_bad, first_bad + 1, first_bad + 2], result.stderr
+    assert all("Skipped without an update" in w for w in warnings), warnings
+    assert "3 of 3 allowed by --skip-nonfinite-steps" in warnings[-1]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1, result.stderr
+    assert f"diverged at step {first_bad + 3} after 3 skipped step(s)" in errors[0], errors[0]
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "diverged"
+        assert f.attrs["steps_done"] == first_bad + 3
+        finite = train_finite_rows(f)
+        assert finite[:first_bad - 1].all() and not finite[first_bad - 1:].any()
+
+
+def test_a_skipped_last_step_still_completes(tmp_path):
+    """Skipping is the user's choice: a run whose only bad step is skipped ends
+    'complete', that step recorded with its non-finite values."""
+    plain = run_moesim("train", {**SMALL, **DIVERGING, "out": tmp_path / "plain.h5"},
+                       timeout=RUN_TIMEOUT)
+    first_bad = int(DIVERGED_AT.search(plain.stderr).group(1))
+    out = tmp_path / "complete.h5"
+    result = run_moesim("train", {**SMALL, **DIVERGING, "train-iters": first_bad,
+                                  "skip-nonfinite-steps": 1, "out": out}, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "complete"
+        assert not train_finite_rows(f)[-1]
+
+
+# ---- one record, one run ------------------------------------------------------------------
+
+def test_existing_record_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "run.h5"
+    assert run_moesim("train", {**SMALL, "train-iters": 3, "out": out},
+                      timeout=RUN_TIMEOUT).returncode == 0
+    before = out.read_bytes()
+    refused = run_moesim("train", {**SMALL, "train-iters": 5, "out": out}, timeout=RUN_TIMEOUT)
+    assert refused.returncode == 2, refused.stderr
+    errors = error_lines(refused.stderr)
+    assert len(errors) == 1 and str(out) in errors[0] and "--overwrite 1" in errors[0], errors
+    assert out.read_bytes() == before
+    replaced = run_moesim("train", {**SMALL, "train-iters": 5, "overwrite": 1, "out": out},
+                          timeout=RUN_TIMEOUT)
+    assert replaced.returncode == 0, replaced.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "complete" and f.attrs["steps_done"] == 5
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_the_first_goes_on(tmp_path):
+    """The first run is far from done when the second is refused; a signal
+    then stops it at a step boundary, and its record reads back whole."""
+    out = tmp_path / "shared.h5"
+    steps = 1_000_000
+    first_cmd = ["mpirun", "-n", "2", "--oversubscribe", str(BUILD / "moesim"), "train",
+                 *flags({**SMALL, "train-iters": steps, "progress-interval": 100,
+                         "eval-interval": 500, "out": out})]
+    first = subprocess.Popen(first_cmd, env=clean_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        lines = []
+        for line in first.stdout:  # wait until it is training, its record open
+            lines.append(line)
+            if line.startswith("step"):
+                break
+            assert time.monotonic() < deadline, "the first run never started training"
+        assert out.exists(), "".join(lines)
+
+        start = time.monotonic()
+        second = run_mpi(2, "train", {**SMALL, "train-iters": 5, "overwrite": 1, "out": out},
+                         timeout=RUN_TIMEOUT)
+        elapsed = time.monotonic() - start
+        output = second.stdout + second.stderr
+        assert second.returncode != 0, output
+        errors = error_lines(output)
+        assert len(errors) == 1, output
+        assert "another run (pid" in errors[0] and f"holds --out {out}" in errors[0], errors[0]
+        assert elapsed < 30, f"the second run took {elapsed:.0f}s to be refused"
+        assert first.poll() is None, "the first run ended before the second was refused"
+
+        os.kill(rank_pids(out)[0], signal.SIGUSR1)
+        rest, _ = first.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=30)
+    assert first.returncode == 75, "".join(lines) + rest
+    values = read_everything(out)
+    done = int(values["/@steps_done"])
+    assert values["/@status"] == "interrupted" and 0 < done < steps
+    assert list(values["train/step"]) == list(range(1, done + 1))
+    assert not (tmp_path / "shared.h5.lock").exists()
+
+
+def test_missing_output_directories_are_created_by_rank_0(tmp_path):
+    out = tmp_path / "new" / "deeper" / "run.h5"
+    result = run_mpi(2, "train", {**SMALL, "train-iters": 2, "out": out}, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["status"] == "complete"
+
+
+# ---- moesim info --------------------------------------------------------------------------
+
+def moesim_info(path):
+    return subprocess.run([str(BUILD / "moesim"), "info", str(path)], env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def good_record(tmp_path_factory):
+    out = tmp_path_factory.mktemp("info") / "good.h5"
+    result = run_moesim("train", {**SMALL, "train-iters": 20, "eval-interval": 10, "out": out},
+                        timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def damage_object_header(path, dataset):
+    with h5py.File(path, "r") as f:
+        address = h5py.h5o.get_info(f[dataset].id).addr
+    with open(path, "r+b") as f:
+        f.seek(address)
+        f.write(b"\0" * 16)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "dataset-header"])
+def test_info_reports_an_unreadable_record_as_corrupt(tmp_path, good_record, damage):
+    path = tmp_path / "damaged.h5"
+    data = good_record.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    else:
+        path.write_bytes(data)
+        damage_object_header(path, "routing/load_cv")
+    result = moesim_info(path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout == "", "info printed before it had read everything"
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and f"{path} is corrupt" in errors[0], result.stderr
+    if damage == "dataset-header":
+        assert "/routing/load_cv cannot be read" in errors[0], errors[0]
+
+
+def test_info_reads_a_good_record(good_record):
+    result = moesim_info(good_record)
+    assert result.returncode == 0, result.stderr
+    assert "status complete" in result.stdout
+
+
+# ---- defaults that used to get in the way -------------------------------------------------
+
+def test_bare_expert_bias_switch_uses_megatrons_rate(tmp_path):
+    out = tmp_path / "bias.h5"
+    cmd = [str(BUILD / "moesim"), "train", *flags({**SMALL, "train-iters": 6, "out": out}),
+           "--moe-router-enable-expert-bias"]
+    result = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True,
+                            timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["config.moe_router_enable_expert_bias"] == 1
+        assert f.attrs["config.moe_router_bias_update_rate"] == 1e-3
+        steps = np.diff(f["routing/expert_bias"][:], axis=0)
+    np.testing.assert_allclose(np.abs(steps[steps != 0]), 1e-3, rtol=1e-4)
+    assert (steps != 0).any()
+
+
+def test_soft_routing_alone_is_dropless(tmp_path):
+    out = tmp_path / "soft.h5"
+    result = run_moesim("train", {**SMALL, "train-iters": 3, "moe-router-type": "soft",
+                                  "out": out}, timeout=RUN_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["config.moe_expert_capacity_factor"] == 0
+        assert f.attrs["config.moe_router_topk"] == 4
+        assert f["routing/dropped_per_expert"][()].sum() == 0
