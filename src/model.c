@@ -381,45 +381,19 @@ static void free_partials(Model *m) {
     exact_sum_free(&m->exact);
 }
 
-int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
-    memset(m, 0, sizeof *m);
-    m->shape = *s;
-    m->comm = comm;
-    int failed = 0;
-    Layout lay = {0};
-    lay.tensors = calloc((size_t)max_tensors(s), sizeof(ParamTensor));
-    lay.entries = calloc((size_t)max_tensors(s), sizeof(LayoutEntry));
-    m->w.layers = calloc((size_t)s->L, sizeof(LayerWeights));
-    m->dw.layers = calloc((size_t)s->L, sizeof(LayerWeights));
-    m->acts = calloc((size_t)s->L, sizeof(LayerActs));
-    m->moe = calloc((size_t)s->L, sizeof(MoeLayer));
-    if (!lay.tensors || !lay.entries || !m->w.layers || !m->dw.layers || !m->acts || !m->moe) {
-        free(lay.tensors);
-        free(lay.entries);
-        model_free(m);
-        return -1;
-    }
-    describe_layout(&lay, s);
-    m->tensors = lay.tensors;
-    m->num_tensors = lay.count;
-    m->num_params = lay.offset;
+/* What the model will be, before any big allocation: its tensor layout,
+ * parameter counts and MoE shape, from m->shape. */
+static void plan_model(Model *m, Layout *lay) {
+    const ModelShape *s = &m->shape;
+    describe_layout(lay, s);
+    m->tensors = lay->tensors;
+    m->num_tensors = lay->count;
+    m->num_params = lay->offset;
     m->num_dense_params = m->num_params;
-    for (int i = 0; i < lay.count; i++)
-        if (lay.tensors[i].is_expert && lay.tensors[i].offset < m->num_dense_params)
-            m->num_dense_params = lay.tensors[i].offset;
-    m->params = alloc_floats(m->num_params, &failed);
-    m->grads = alloc_floats(m->num_params, &failed);
-    alloc_partials(m, &failed);
-    m->adam_m = alloc_floats(m->num_params, &failed);
-    m->adam_v = alloc_floats(m->num_params, &failed);
-    if (!failed) {
-        bind_views(&m->w, m->params, &lay, s->tied);
-        bind_views(&m->dw, m->grads, &lay, s->tied);
-        init_weights(m, seed);
-    }
-    free(lay.entries);
-
-    size_t N = (size_t)s->B * s->T, C = s->C;
+    for (int i = 0; i < lay->count; i++)
+        if (lay->tensors[i].is_expert && lay->tensors[i].offset < m->num_dense_params)
+            m->num_dense_params = lay->tensors[i].offset;
+    size_t N = (size_t)s->B * s->T;
     /* Exchange buffers fit the larger of the training and evaluation
      * capacities, or every slot when either is dropless. */
     double cf = s->capacity_factor, eval_cf = s->eval_capacity_factor;
@@ -449,6 +423,40 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
                               .ep_size = s->ep_size,
                               .E_local = model_local_experts(s),
                               .activation = s->expert_activation};
+}
+
+int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
+    memset(m, 0, sizeof *m);
+    m->shape = *s;
+    m->comm = comm;
+    int failed = 0;
+    Layout lay = {0};
+    lay.tensors = calloc((size_t)max_tensors(s), sizeof(ParamTensor));
+    lay.entries = calloc((size_t)max_tensors(s), sizeof(LayoutEntry));
+    m->w.layers = calloc((size_t)s->L, sizeof(LayerWeights));
+    m->dw.layers = calloc((size_t)s->L, sizeof(LayerWeights));
+    m->acts = calloc((size_t)s->L, sizeof(LayerActs));
+    m->moe = calloc((size_t)s->L, sizeof(MoeLayer));
+    if (!lay.tensors || !lay.entries || !m->w.layers || !m->dw.layers || !m->acts || !m->moe) {
+        free(lay.tensors);
+        free(lay.entries);
+        model_free(m);
+        return -1;
+    }
+    plan_model(m, &lay);
+    m->params = alloc_floats(m->num_params, &failed);
+    m->grads = alloc_floats(m->num_params, &failed);
+    alloc_partials(m, &failed);
+    m->adam_m = alloc_floats(m->num_params, &failed);
+    m->adam_v = alloc_floats(m->num_params, &failed);
+    if (!failed) {
+        bind_views(&m->w, m->params, &lay, s->tied);
+        bind_views(&m->dw, m->grads, &lay, s->tied);
+        init_weights(m, seed);
+    }
+    free(lay.entries);
+
+    size_t N = (size_t)s->B * s->T, C = s->C;
     m->expert_bias = calloc((size_t)s->L, sizeof(float *));
     if (!m->expert_bias) failed = 1;
     int any_moe = 0;
@@ -790,4 +798,18 @@ size_t model_memory_bytes(const Model *m) {
     bytes +=
         sizeof(float) * (6 * N * C + N + N * s->V + 3 * N * C + (size_t)s->T * s->T + N * s->F);
     return bytes + 2 * sizeof(int) * N;
+}
+
+size_t model_planned_bytes(const ModelShape *s) {
+    Model m = {.shape = *s};
+    Layout lay = {.tensors = calloc((size_t)max_tensors(s), sizeof(ParamTensor)),
+                  .entries = calloc((size_t)max_tensors(s), sizeof(LayoutEntry))};
+    size_t bytes = 0;
+    if (lay.tensors && lay.entries) {
+        plan_model(&m, &lay);
+        bytes = model_memory_bytes(&m);
+    }
+    free(lay.tensors);
+    free(lay.entries);
+    return bytes;
 }

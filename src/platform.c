@@ -377,3 +377,66 @@ void platform_describe(const Platform *p, char *buf, size_t len) {
              p->blas_threads_from_env ? " (from the environment)" : "",
              p->flush_denormals ? "flushed (FTZ+DAZ)" : "kept (IEEE)");
 }
+
+/* ---- memory ------------------------------------------------------------------ */
+
+static long long meminfo_available(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return 0;
+    char line[256];
+    long long kib = 0;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %lld kB", &kib) == 1) break;
+    fclose(f);
+    return kib * 1024;
+}
+
+/* The number in path, or -1 when it is missing, "max" or so large that it
+ * means no limit (cgroup v1 writes 2^63 rounded down to a page). */
+static long long cgroup_value(const char *path) {
+    FILE *f = path ? fopen(path, "r") : NULL;
+    if (!f) return -1;
+    long long value = -1;
+    if (fscanf(f, "%lld", &value) != 1 || value >= (1LL << 62)) value = -1;
+    fclose(f);
+    return value;
+}
+
+long long platform_available_memory_from(const char *meminfo_path, const char *limit_path,
+                                         const char *usage_path) {
+    long long available = meminfo_available(meminfo_path);
+    long long limit = cgroup_value(limit_path), used = cgroup_value(usage_path);
+    if (available <= 0 || limit < 0 || used < 0) return available;
+    long long left = limit > used ? limit - used : 0;
+    return left < available ? left : available;
+}
+
+/* This process's memory cgroup from /proc/self/cgroup: "0::/path" (v2) or
+ * "N:memory:/path" (v1). A container may show its own cgroup as the root of
+ * the mount, so a missing directory falls back to the mount's root. */
+static void own_memory_cgroup(char *limit, char *usage, size_t len) {
+    limit[0] = usage[0] = '\0';
+    FILE *f = fopen("/proc/self/cgroup", "r");
+    if (!f) return;
+    char line[2048], dir[2100];
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\n")] = '\0';
+        int v1 = strstr(line, ":memory:/") != NULL;
+        if (!v1 && strncmp(line, "0::/", 4) != 0) continue;
+        const char *rel = strchr(strchr(line, ':') + 1, ':') + 1;
+        const char *mount = v1 ? "/sys/fs/cgroup/memory" : "/sys/fs/cgroup";
+        snprintf(dir, sizeof dir, "%s%s", mount, rel);
+        if (access(dir, R_OK) != 0) snprintf(dir, sizeof dir, "%s", mount);
+        snprintf(limit, len, "%s/%s", dir, v1 ? "memory.limit_in_bytes" : "memory.max");
+        snprintf(usage, len, "%s/%s", dir, v1 ? "memory.usage_in_bytes" : "memory.current");
+        if (v1 || access(limit, R_OK) == 0) break; /* v1's memory line wins over a bare 0:: */
+    }
+    fclose(f);
+}
+
+long long platform_available_memory(void) {
+    char limit[2200], usage[2200];
+    own_memory_cgroup(limit, usage, sizeof limit);
+    return platform_available_memory_from("/proc/meminfo", limit[0] ? limit : NULL,
+                                          usage[0] ? usage : NULL);
+}

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "moesim/checkpoint.h"
+#include "moesim/platform.h"
 #include "moesim/preempt.h"
 #include "moesim/record.h"
 
@@ -45,6 +46,31 @@ static void routing_stats_free(RoutingStats *r) {
     memset(r, 0, sizeof *r);
 }
 
+/* Before any big allocation, the ranks on each node must fit in the memory
+ * it has, or the kernel kills the run minutes later without a word. Every
+ * rank checks its node and all learn the first refusal before any of them
+ * allocates, so no rank sees another's allocation as used memory. Collective. */
+static int check_memory_fits(const ModelShape *shape, const Comm *comm, char *err, size_t errlen) {
+    int ranks_on_node = 1, node_rank = 0;
+    comm_node_ranks(comm, &ranks_on_node, &node_rank);
+    double per_rank = (double)model_planned_bytes(shape);
+    double available = (double)platform_available_memory();
+    double needed = per_rank * ranks_on_node;
+    int fits = available <= 0 || needed <= available; /* unknown: let it try */
+    if (!fits)
+        snprintf(err, errlen,
+                 "this run needs %.2f GB per rank (parameters, gradients, Adam state, "
+                 "activations and exchange buffers) x %d rank(s) on this node = %.2f GB, but the "
+                 "node has %.2f GB available; lower --micro-batch-size, spread the experts over "
+                 "more ranks (--expert-model-parallel-size), run fewer ranks per node, or make "
+                 "the model smaller",
+                 per_rank / 1e9, ranks_on_node, needed / 1e9, available / 1e9);
+    int failed_rank = comm_first_failed_rank(comm, fits);
+    if (failed_rank < 0) return 0;
+    comm_share_error(comm, failed_rank, err, errlen);
+    return -1;
+}
+
 int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
                  size_t errlen) {
     memset(t, 0, sizeof *t);
@@ -64,6 +90,7 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
                  global_grains, shape.grain, EXACT_SUM_MAX_PARTIALS);
         return -1;
     }
+    if (check_memory_fits(&shape, comm, err, errlen) != 0) return -1;
     t->moe_layers = config_num_moe_layers(cfg);
     t->inputs = malloc(sizeof(int) * N);
     t->targets = malloc(sizeof(int) * N);

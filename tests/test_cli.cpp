@@ -402,6 +402,21 @@ TEST_F(CliRun, RecordLockedByAnotherRunIsRefused) {
     EXPECT_EQ(RunMoesim(Train(out, {"--overwrite", "1"})).status, 0) << "the lock was released";
 }
 
+// A model no node here can hold (about 19 TB per rank) is refused before
+// anything is allocated or written, with the numbers and the fixes.
+TEST_F(CliRun, ConfigLargerThanTheNodesMemoryIsRefused) {
+    std::string out = dir_ + "/run.h5";
+    RunResult r = RunMoesim(Train(out, {"--hidden-size", "16384", "--num-layers", "64",
+                                        "--num-attention-heads", "64", "--ffn-hidden-size",
+                                        "65536", "--moe-ffn-hidden-size", "65536"}));
+    EXPECT_NE(r.status, 0) << r.output;
+    for (const char *part : {"GB per rank", "x 1 rank(s) on this node", "GB available",
+                             "--micro-batch-size", "--expert-model-parallel-size"})
+        EXPECT_NE(r.output.find(part), std::string::npos) << "no '" << part << "' in\n"
+                                                          << r.output;
+    EXPECT_FALSE(PathExists(out)) << "a refused run wrote a record";
+}
+
 TEST_F(CliRun, SoftRoutingAloneRunsDropless) {
     std::string out = dir_ + "/soft.h5";
     RunResult r = RunMoesim(Train(out, {"--moe-router-type", "soft"}));

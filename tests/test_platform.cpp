@@ -8,6 +8,9 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <vector>
+
+#include <unistd.h>
 
 #include "moesim/platform.h"
 
@@ -195,3 +198,72 @@ TEST(PlatformDescribe, NamesLibraryKernelOriginThreadsAndDenormals) {
 }
 
 }  // namespace
+
+// ---------------------------------------------------------------------------
+// Available memory: MemAvailable, lowered to a cgroup's limit minus usage.
+
+namespace {
+
+class FakeFiles : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        char name[] = "/tmp/moesim_test_memory_XXXXXX";
+        ASSERT_NE(mkdtemp(name), nullptr);
+        dir_ = name;
+    }
+    void TearDown() override {
+        for (const std::string &f : written_) unlink(f.c_str());
+        rmdir(dir_.c_str());
+    }
+    std::string Write(const std::string &name, const std::string &text) {
+        std::string path = dir_ + "/" + name;
+        FILE *f = fopen(path.c_str(), "w");
+        EXPECT_NE(f, nullptr);
+        if (f) {
+            fputs(text.c_str(), f);
+            fclose(f);
+        }
+        written_.push_back(path);
+        return path;
+    }
+    std::string dir_;
+    std::vector<std::string> written_;
+};
+
+const char kMeminfo[] =
+    "MemTotal:       25165824 kB\nMemFree:         1000000 kB\n"
+    "MemAvailable:   20000000 kB\nBuffers:           12345 kB\n";
+
+}  // namespace
+
+TEST_F(FakeFiles, MemAvailableWithoutACgroupLimit) {
+    std::string meminfo = Write("meminfo", kMeminfo);
+    EXPECT_EQ(platform_available_memory_from(meminfo.c_str(), nullptr, nullptr), 20000000LL * 1024);
+    // cgroup v2 "max" and v1's 2^63 rounded to a page both mean no limit
+    std::string max = Write("memory.max", "max\n"), used = Write("memory.current", "5000\n");
+    EXPECT_EQ(platform_available_memory_from(meminfo.c_str(), max.c_str(), used.c_str()),
+              20000000LL * 1024);
+    std::string v1 = Write("memory.limit_in_bytes", "9223372036854771712\n");
+    EXPECT_EQ(platform_available_memory_from(meminfo.c_str(), v1.c_str(), used.c_str()),
+              20000000LL * 1024);
+}
+
+TEST_F(FakeFiles, CgroupLimitBelowMemAvailableWins) {
+    std::string meminfo = Write("meminfo", kMeminfo);
+    std::string max = Write("memory.max", "4000000000\n");
+    std::string used = Write("memory.current", "1000000000\n");
+    EXPECT_EQ(platform_available_memory_from(meminfo.c_str(), max.c_str(), used.c_str()),
+              3000000000LL);
+    std::string full = Write("full", "5000000000\n");
+    EXPECT_EQ(platform_available_memory_from(meminfo.c_str(), max.c_str(), full.c_str()), 0);
+}
+
+TEST_F(FakeFiles, UnreadableMeminfoMeansUnknown) {
+    EXPECT_EQ(platform_available_memory_from((dir_ + "/none").c_str(), nullptr, nullptr), 0);
+}
+
+TEST(PlatformMemory, ThisMachineReportsSomeMemory) {
+    long long available = platform_available_memory();
+    EXPECT_GT(available, 0);
+    EXPECT_LT(available, 1LL << 50);
+}

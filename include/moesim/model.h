@@ -166,6 +166,9 @@ size_t model_param_bytes(const Model *m);
 /* Every byte model_init allocates: parameters, gradients, both Adam moments,
  * activations, MoE exchange buffers and backward scratch. */
 size_t model_memory_bytes(const Model *m);
+/* model_memory_bytes of the model model_init would build from s, without
+ * building it (0 when even planning it runs out of memory). */
+size_t model_planned_bytes(const ModelShape *s);
 
 #ifdef __cplusplus
 }

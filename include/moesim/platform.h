@@ -90,6 +90,16 @@ int platform_faster_kernel_exists(const Platform *p);
  * | denormals flushed (FTZ+DAZ)" */
 void platform_describe(const Platform *p, char *buf, size_t len);
 
+/* Bytes a process may still allocate: MemAvailable of the meminfo file
+ * (/proc/meminfo), lowered to limit - usage when the cgroup files name a
+ * memory limit (SLURM and containers confine jobs so; cgroup v2 memory.max
+ * and memory.current, v1 memory.limit_in_bytes and memory.usage_in_bytes).
+ * The cgroup paths may be NULL. 0 when the meminfo file cannot be read. */
+long long platform_available_memory_from(const char *meminfo_path, const char *limit_path,
+                                         const char *usage_path);
+/* The same for this process: /proc/meminfo and its own memory cgroup. */
+long long platform_available_memory(void);
+
 #ifdef __cplusplus
 }
 #endif
