@@ -144,7 +144,7 @@ DEFAULTS = {
     "micro-batch-size": "16", "train-iters": "500", "lr-warmup-iters": "50", "lr": "3e-3",
     "min-lr": "3e-4", "weight-decay": "0.1", "clip-grad": "1.0", "adam-beta1": "0.9",
     "adam-beta2": "0.95", "adam-eps": "1e-8", "seed": "1234", "flush-denormals": "1",
-    "precision": "fp32", "moe-router-precision": "fp32",
+    "precision": "fp32", "moe-router-precision": "fp32", "freeze": "",
 }
 DATA_DEFAULTS = {"data-path": "/usr/share/games/fortunes", "data-format": "auto",
                  "val-fraction": "0.1"}
@@ -163,6 +163,7 @@ SUPPORTED_ONLY = {
     "moe-router-enable-expert-bias": "0", "moe-input-jitter-eps": "0",
     "moe-token-drop-policy": "position", "moe-importance-loss-coeff": "0",
     "moe-load-loss-coeff": "0", "precision": "fp32", "moe-router-precision": "fp32",
+    "freeze": "",
 }
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 
@@ -208,7 +209,7 @@ def load_config(path=None, **overrides):
     for key, needed in SUPPORTED_ONLY.items():
         if number_or_text(values[key]) != number_or_text(needed):
             raise PeerConfigError(f"{where}: {key} = {values[key]} is not implemented by the "
-                                  f"PyTorch peer; it runs {key} = {needed}")
+                                  f"PyTorch peer; it runs {key} = {needed or '(empty)'}")
     if values["moe-router-load-balancing-type"] not in BALANCING_TYPES:
         raise PeerConfigError(f"{where}: moe-router-load-balancing-type = "
                               f"{values['moe-router-load-balancing-type']} is not implemented "

@@ -37,6 +37,7 @@ typedef struct Option {
     SpecialValue special[2];  /* also accepted, outside the range */
     const char *default_text; /* parsed by config_defaults like user input */
     const char *choices;      /* strings only: "a|b|c", NULL for free text */
+    int list;                 /* strings with choices: a comma list of them, "b,a" */
     const char *metavar;      /* --help placeholder when the type's is vague */
     int optional;             /* strings only: empty means "not used" */
     const char *help;
@@ -466,6 +467,20 @@ static const Option OPTIONS[] = {
      .max = 4294967295.0,
      .default_text = "1234",
      .help = "seed for weights and data order"},
+    {.name = "freeze",
+     .group = G_TRAIN,
+     .type = OPT_STRING,
+     FIELD(freeze),
+     .default_text = "",
+     .choices = "attention|router|experts|non-moe|moe",
+     .list = 1,
+     .metavar = "GROUP[,GROUP]",
+     .optional = 1,
+     .help = "parameters AdamW leaves alone (no update, no weight decay, Adam moments kept): "
+             "attention (its norm, qkv, proj), router (router and noise weights, expert "
+             "biases), experts (routed and shared), non-moe (all but router and experts), moe "
+             "(router and experts); the clipping norm is over the trainable gradients; empty = "
+             "none (ST-MoE's fine-tuning study)"},
 
     {.name = "data-path",
      .group = G_DATA,
@@ -820,19 +835,48 @@ static int nearest_choice(const char *choices, const char *text, char best[KEY_M
     return best[0] != '\0';
 }
 
+static int fail_choice(const Option *opt, const char *text, const char *prefix, char *err,
+                       size_t errlen) {
+    const char *one_of = opt->list ? "a comma list of" : "one of";
+    char nearest[KEY_MAX];
+    if (nearest_choice(opt->choices, text, nearest))
+        return fail(err, errlen, "%s%s: \"%s\" is not a valid choice; did you mean \"%s\"? (%s %s)",
+                    prefix, opt->name, text, nearest, one_of, opt->choices);
+    return fail(err, errlen, "%s%s: \"%s\" is not a valid choice; use %s %s", prefix, opt->name,
+                text, one_of, opt->choices);
+}
+
+/* Every item of the comma list text is one of opt->choices; repeats are
+ * harmless ("moe,router"), empty items are typos. */
+static int check_choice_list(const Option *opt, const char *text, const char *prefix, char *err,
+                             size_t errlen) {
+    for (const char *item = text;; item++) {
+        size_t len = strcspn(item, ",");
+        if (len == 0)
+            return fail(err, errlen,
+                        "%s%s: \"%s\" has an empty item; give a comma list of %s with no stray "
+                        "commas",
+                        prefix, opt->name, text, opt->choices);
+        char choice[KEY_MAX];
+        size_t kept = len < KEY_MAX ? len : KEY_MAX - 1;
+        memcpy(choice, item, kept);
+        choice[kept] = '\0';
+        if (len >= KEY_MAX || !is_choice(opt->choices, choice))
+            return fail_choice(opt, choice, prefix, err, errlen);
+        item += len;
+        if (*item == '\0') return 0;
+    }
+}
+
 static int parse_string(const Option *opt, const char *text, const char *prefix, char *out,
                         char *err, size_t errlen) {
     if (text[0] == '\0' && !opt->optional)
         return fail(err, errlen, "%s%s: the value is empty; give one such as %s", prefix, opt->name,
                     opt->default_text);
-    if (opt->choices && !is_choice(opt->choices, text)) {
-        char nearest[KEY_MAX];
-        if (nearest_choice(opt->choices, text, nearest))
-            return fail(err, errlen,
-                        "%s%s: \"%s\" is not a valid choice; did you mean \"%s\"? (one of %s)",
-                        prefix, opt->name, text, nearest, opt->choices);
-        return fail(err, errlen, "%s%s: \"%s\" is not a valid choice; use one of %s", prefix,
-                    opt->name, text, opt->choices);
+    if (opt->list) {
+        if (text[0] != '\0' && check_choice_list(opt, text, prefix, err, errlen) != 0) return -1;
+    } else if (opt->choices && !is_choice(opt->choices, text)) {
+        return fail_choice(opt, text, prefix, err, errlen);
     }
     size_t len = strlen(text);
     if (len >= opt->size)
@@ -1389,6 +1433,19 @@ static int validate_output_path(const char *key, const char *path, char *err, si
     return validate_creatable_directory(key, path, dirname(dir), err, errlen);
 }
 
+/* A run in which nothing can train is almost surely a mistake (say, "non-moe"
+ * on a model without MoE layers); it would only evaluate, at training cost. */
+static int validate_freeze(const Config *cfg, char *err, size_t errlen) {
+    int moe = config_num_moe_layers(cfg) > 0;
+    unsigned present = FREEZE_ATTENTION | FREEZE_NON_MOE_REST;
+    if (moe) present |= FREEZE_ROUTER | FREEZE_EXPERTS;
+    if ((present & ~config_freeze_groups(cfg)) != 0) return 0;
+    return fail(err, errlen,
+                "--freeze %s freezes every parameter of the model%s, so nothing would train; "
+                "leave at least one group trainable",
+                cfg->freeze, moe ? "" : " (it has no MoE layers: non-moe is all of it)");
+}
+
 int config_continues_record(const Config *cfg) {
     return cfg->load[0] && !cfg->finetune;
 }
@@ -1398,6 +1455,7 @@ int config_validate(const Config *cfg, char *err, size_t errlen) {
     if (validate_model_shape(cfg, err, errlen) != 0) return -1;
     if (validate_router_type(cfg, err, errlen) != 0) return -1;
     if (validate_routing(cfg, err, errlen) != 0) return -1;
+    if (validate_freeze(cfg, err, errlen) != 0) return -1;
     if (validate_data_path(cfg, err, errlen) != 0) return -1;
     if (validate_output_path("out", cfg->out, err, errlen) != 0) return -1;
     return cfg->save[0] ? validate_directory("save", cfg->save, err, errlen) : 0;
@@ -1542,6 +1600,28 @@ int config_grain_tokens(const Config *cfg) {
         b = r;
     }
     return (int)(config_group_size(cfg) / a * cfg->seq_length);
+}
+
+unsigned config_freeze_groups(const Config *cfg) {
+    static const struct {
+        const char *name;
+        unsigned groups;
+    } names[] = {
+        {"attention", FREEZE_ATTENTION},
+        {"router", FREEZE_ROUTER},
+        {"experts", FREEZE_EXPERTS},
+        {"non-moe", FREEZE_ATTENTION | FREEZE_NON_MOE_REST},
+        {"moe", FREEZE_ROUTER | FREEZE_EXPERTS},
+    };
+    unsigned groups = 0;
+    for (const char *item = cfg->freeze; *item;) {
+        size_t len = strcspn(item, ",");
+        for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+            if (strlen(names[i].name) == len && strncmp(item, names[i].name, len) == 0)
+                groups |= names[i].groups;
+        item += len + (item[len] == ',');
+    }
+    return groups;
 }
 
 int config_uses_bf16(const Config *cfg) {

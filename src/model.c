@@ -109,6 +109,62 @@ typedef struct Layout {
     size_t offset;
 } Layout;
 
+static ParamRole field_role(enum ParamField field) {
+    switch (field) {
+        case FIELD_WTE:
+        case FIELD_WPE:
+            return PARAM_ROLE_EMBEDDING;
+        case FIELD_LN1:
+        case FIELD_QKV:
+        case FIELD_PROJ:
+            return PARAM_ROLE_ATTENTION;
+        case FIELD_LN2:
+        case FIELD_LNF:
+            return PARAM_ROLE_NORM;
+        case FIELD_FC1:
+        case FIELD_FC2:
+            return PARAM_ROLE_DENSE_FFN;
+        case FIELD_LM_HEAD:
+            return PARAM_ROLE_HEAD;
+        case FIELD_ROUTER:
+        case FIELD_NOISE:
+            return PARAM_ROLE_ROUTER;
+        case FIELD_SHARED_FC1:
+        case FIELD_SHARED_FC2:
+            return PARAM_ROLE_SHARED_EXPERT;
+        case FIELD_EXPERT_FC1:
+        case FIELD_EXPERT_FC2:
+            return PARAM_ROLE_EXPERT;
+    }
+    return PARAM_ROLE_EMBEDDING;
+}
+
+unsigned model_role_freeze_group(ParamRole role) {
+    switch (role) {
+        case PARAM_ROLE_ATTENTION:
+            return FREEZE_ATTENTION;
+        case PARAM_ROLE_ROUTER:
+            return FREEZE_ROUTER;
+        /* A shared expert is an expert FFN of the MoE layer (DeepSeek's
+         * shared_experts sit in Megatron's MoELayer), only not routed. */
+        case PARAM_ROLE_SHARED_EXPERT:
+        case PARAM_ROLE_EXPERT:
+            return FREEZE_EXPERTS;
+        case PARAM_ROLE_EMBEDDING:
+        case PARAM_ROLE_NORM:
+        case PARAM_ROLE_DENSE_FFN:
+        case PARAM_ROLE_HEAD:
+            return FREEZE_NON_MOE_REST;
+    }
+    return FREEZE_NON_MOE_REST;
+}
+
+void model_freeze(Model *m, unsigned groups) {
+    m->frozen_groups = groups;
+    for (int i = 0; i < m->num_tensors; i++)
+        m->tensors[i].frozen = (model_role_freeze_group(m->tensors[i].role) & groups) != 0;
+}
+
 static void add_tensor(Layout *lay, enum ParamField field, int layer, const char *name, int ndim,
                        int d0, int d1, int d2, int is_expert, double init_std) {
     ParamInit init = init_std > 0   ? PARAM_INIT_NORMAL
@@ -125,6 +181,7 @@ static void add_tensor(Layout *lay, enum ParamField field, int layer, const char
     t->offset = lay->offset;
     t->is_expert = is_expert;
     t->decay = ndim > 1;
+    t->role = field_role(field);
     t->init = init;
     t->init_std = init_std > 0 ? init_std : 0.0;
     lay->entries[lay->count] = (LayoutEntry){field, layer};

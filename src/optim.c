@@ -17,6 +17,21 @@ double grad_sum_squares(const float *g, size_t n) {
     return dot_double(g, g, n);
 }
 
+/* One call per run of adjacent trainable tensors, so that with nothing frozen
+ * this is the single sum over the dense gradients it always was, bit for bit.
+ * Dense tensors fill [0, num_dense_params) in table order. */
+double trainable_dense_grad_sum_squares(const Model *m) {
+    double sum = 0.0;
+    size_t run = 0; /* where the current run of trainable tensors starts */
+    for (int i = 0; i < m->num_tensors; i++) {
+        const ParamTensor *t = &m->tensors[i];
+        if (t->is_expert || !t->frozen) continue;
+        sum += grad_sum_squares(m->grads + run, t->offset - run);
+        run = t->offset + t->numel;
+    }
+    return sum + grad_sum_squares(m->grads + run, m->num_dense_params - run);
+}
+
 void clip_gradients(float *g, size_t n, double norm, double clip) {
     if (clip <= 0.0 || norm <= clip) return;
     float scale = (float)(clip / norm);
@@ -62,6 +77,10 @@ void adamw_step(AdamW *opt, Model *m, double lr) {
                           .step = (float)lr};
     for (int i = 0; i < m->num_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
+        /* Frozen: no update, no decay, moments as they were (loaded or zero).
+         * opt->t still counts the run's steps; a tensor unfrozen later sees
+         * that bias correction, which by then is near 1 anyway. */
+        if (t->frozen) continue;
         c.decay = t->decay ? (float)(lr * opt->weight_decay) : 0.0f;
         adamw_update(m->params + t->offset, m->adam_m + t->offset, m->adam_v + t->offset,
                      m->grads + t->offset, t->numel, &c);

@@ -114,6 +114,12 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
         trainer_free(t);
         return -1;
     }
+    /* Frozen tensors still get gradients: backward has to pass through them
+     * to reach the layers below (a frozen expert's dx feeds the attention
+     * under it), and leaving out only their weight gradients would take a
+     * second backward path through every op. AdamW and the clipping norm
+     * skip them instead. */
+    model_freeze(&t->model, config_freeze_groups(cfg));
     t->opt = (AdamW){.beta1 = cfg->adam_beta1,
                      .beta2 = cfg->adam_beta2,
                      .eps = cfg->adam_eps,
@@ -205,15 +211,18 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
     }
 }
 
-/* The global gradient norm. Dense gradients are identical on every rank;
- * each expert's squares are summed per (expert, layer) and added in global
- * expert order, the order of a 1-rank run. */
+/* The global norm of the gradients that train (--freeze leaves the frozen
+ * ones out). Dense gradients are identical on every rank; each expert's
+ * squares are summed per (expert, layer) and added in global expert order,
+ * the order of a 1-rank run. */
 static double global_grad_norm(Trainer *t) {
     const Model *m = &t->model;
     const ModelShape *s = &m->shape;
     int E_local = model_local_experts(s), L = t->moe_layers;
     int FW = s->Fe * ffn_w1_rows_per_unit(s->expert_activation);
-    double dense = grad_sum_squares(m->grads, m->num_dense_params);
+    double dense = trainable_dense_grad_sum_squares(m);
+    /* Frozen experts add nothing (a setting, so every rank returns here). */
+    if (m->frozen_groups & FREEZE_EXPERTS) return sqrt(dense);
     double *rows = t->grain_rows, *layer_sums = t->grain_totals; /* free between steps' uses */
     for (int j = 0; j < E_local; j++)
         for (int l = 0, i = 0; l < s->L; l++) {
@@ -233,10 +242,11 @@ static double global_grad_norm(Trainer *t) {
 }
 
 /* DeepSeek-V3: nudge each selection bias toward balance, by the global
- * batch's demand, identically on every rank. */
+ * batch's demand, identically on every rank. The bias is the router's alone,
+ * so --freeze router holds it too. */
 static void update_expert_bias(Trainer *t) {
     const Model *m = &t->model;
-    if (!m->shape.expert_bias) return;
+    if (!m->shape.expert_bias || (m->frozen_groups & FREEZE_ROUTER)) return;
     int E = m->shape.E, i = 0;
     for (int l = 0; l < m->shape.L; l++) {
         if (!model_is_moe_layer(&m->shape, l)) continue;
@@ -399,6 +409,16 @@ static void print_progress(long done, long todo, long step, const StepStats *s, 
     fflush(stdout);
 }
 
+/* Parameters of the whole model (every expert, not only this rank's) that
+ * --freeze holds. */
+static long frozen_params_total(const Model *m) {
+    long total = 0;
+    for (int i = 0; i < m->num_tensors; i++)
+        if (m->tensors[i].frozen)
+            total += (long)m->tensors[i].numel * (m->tensors[i].is_expert ? m->shape.ep_size : 1);
+    return total;
+}
+
 static void print_header(const Trainer *t, const RecordLayout *layout) {
     const Config *cfg = t->cfg;
     char platform[512];
@@ -421,6 +441,11 @@ static void print_header(const Trainer *t, const RecordLayout *layout) {
     printf("precision: matmul inputs %s, router %s%s; accumulation and master weights fp32\n",
            cfg->precision, cfg->moe_router_precision,
            config_uses_bf16(cfg) ? " (bf16 emulated: inputs rounded to bf16, then sgemm)" : "");
+    if (cfg->freeze[0]) {
+        long frozen = frozen_params_total(m);
+        printf("frozen: %s, %ld of %ld parameters (no update, Adam moments kept); %ld train\n",
+               cfg->freeze, frozen, layout->params_total, layout->params_total - frozen);
+    }
     fflush(stdout);
 }
 

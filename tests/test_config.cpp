@@ -415,6 +415,88 @@ TEST(ConfigSet, UnknownChoiceSuggestsTheNearestChoice) {
     EXPECT_STREQ(cfg.moe_router_type, "topk");
 }
 
+// --freeze: a comma list of groups; each group is a set of FREEZE_* bits.
+TEST(ConfigFreeze, DefaultIsNothingAndEveryGroupNamesItsBits) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_STREQ(cfg.freeze, "");
+    EXPECT_EQ(config_freeze_groups(&cfg), 0u);
+    const struct {
+        const char *value;
+        unsigned groups;
+    } cases[] = {
+        {"attention", FREEZE_ATTENTION},
+        {"router", FREEZE_ROUTER},
+        {"experts", FREEZE_EXPERTS},
+        {"moe", FREEZE_ROUTER | FREEZE_EXPERTS},
+        {"non-moe", FREEZE_ATTENTION | FREEZE_NON_MOE_REST},
+        {"router,experts", FREEZE_ROUTER | FREEZE_EXPERTS},
+        {"experts,attention", FREEZE_EXPERTS | FREEZE_ATTENTION},
+        {"moe,router", FREEZE_ROUTER | FREEZE_EXPERTS},  // overlap and repeats are harmless
+        {"attention,attention", FREEZE_ATTENTION},
+        {"", 0u},
+    };
+    for (const auto &c : cases) {
+        SetResult r = Set(&cfg, "freeze", c.value);
+        ASSERT_EQ(r.rc, 0) << c.value << ": " << r.err;
+        EXPECT_STREQ(cfg.freeze, c.value);
+        EXPECT_EQ(config_freeze_groups(&cfg), c.groups) << c.value;
+    }
+}
+
+TEST(ConfigFreeze, BadItemsNameTheFlagTheItemAndTheChoices) {
+    const char *groups = "attention|router|experts|non-moe|moe";
+    Config cfg;
+    config_defaults(&cfg);
+    ASSERT_EQ(Set(&cfg, "freeze", "experts").rc, 0);
+    SetResult r = Set(&cfg, "freeze", "router,expert");
+    EXPECT_EQ(r.rc, -1);
+    EXPECT_EQ(r.err, std::string("--freeze: \"expert\" is not a valid choice; did you mean "
+                                 "\"experts\"? (a comma list of ") +
+                         groups + ")");
+    r = Set(&cfg, "freeze", "all");
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--freeze", "\"all\"", "use a comma list of", groups});
+    ExpectMentions(Set(&cfg, "freeze", "non_moe").err, {"did you mean \"non-moe\""});
+    ExpectMentions(Set(&cfg, "freeze", "router, experts").err,
+                   {"\" experts\" is not a valid choice", "did you mean \"experts\""});
+    for (const char *value : {"router,,experts", "router,", ",router", ","}) {
+        r = Set(&cfg, "freeze", value);
+        EXPECT_EQ(r.rc, -1) << value;
+        ExpectMentions(
+            r.err, {"--freeze", (std::string("\"") + value + "\"").c_str(), "empty item", groups});
+    }
+    r = Set(&cfg, "freeze", (std::string("router,") + std::string(100, 'x')).c_str());
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--freeze", "is not a valid choice"});
+    EXPECT_STREQ(cfg.freeze, "experts") << "a rejected value must keep the old one";
+}
+
+TEST(ConfigFreeze, FlagAndIniSpellings) {
+    Config cfg;
+    config_defaults(&cfg);
+    SetResult r = Parse(&cfg, {"train", "--freeze", "non-moe"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_STREQ(cfg.freeze, "non-moe");
+    EXPECT_TRUE(config_key_given(&cfg, "freeze"));
+    r = Parse(&cfg, {"train", "--freeze=attention,router"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_STREQ(cfg.freeze, "attention,router");
+    r = Parse(&cfg, {"train", "--freeze", "routers"});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--freeze", "\"routers\"", "did you mean \"router\""});
+    TempIni ini("[training]\nfreeze = moe\n");
+    config_defaults(&cfg);
+    r = Parse(&cfg, {"train", "--config", ini.path()});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(config_freeze_groups(&cfg), unsigned(FREEZE_ROUTER | FREEZE_EXPERTS));
+    TempIni bad("freeze = moe,,\n");
+    config_defaults(&cfg);
+    r = Parse(&cfg, {"train", "--config", bad.path()});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {(bad.path() + ":1:").c_str(), "freeze", "empty item"});
+}
+
 TEST(ConfigSet, ParsesTheRoutingSchemeKeys) {
     Config cfg;
     config_defaults(&cfg);
@@ -843,7 +925,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 63u);
+    ASSERT_EQ(keys.size(), 64u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -879,7 +961,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
               "data-format = auto\n", "out = runs/moesim.h5\n", "moe-router-norm-topk-prob = 1\n",
               "moe-router-type = topk\n", "moe-eval-capacity-factor = -1\n",
               "moe-router-bias-update-rate = 0.001\n", "moe-expert-activation = gelu\n",
-              "overwrite = 0\n", "skip-nonfinite-steps = 0\n"});
+              "overwrite = 0\n", "skip-nonfinite-steps = 0\n", "freeze = \n"});
 }
 
 TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
@@ -919,6 +1001,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"adam-beta2", "0.999"},
         {"adam-eps", "2.5e-9"},
         {"seed", "4294967295"},
+        {"freeze", "router,experts"},
         {"data-path", "/data/my corpus"},
         {"data-format", "text"},
         {"val-fraction", "0.25"},
@@ -1017,6 +1100,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME(adam_beta2);
     EXPECT_SAME(adam_eps);
     EXPECT_SAME(seed);
+    EXPECT_SAME_STR(freeze);
     EXPECT_SAME_STR(data_path);
     EXPECT_SAME_STR(data_format);
     EXPECT_SAME(val_fraction);
@@ -1328,6 +1412,38 @@ TEST_F(ConfigValidate, SharedExpertWithoutMoeLayersIsFine) {
     cfg_.moe_layer_freq = 2;
     ASSERT_EQ(config_num_moe_layers(&cfg_), 0);
     EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+}
+
+// A run in which no tensor can train is refused; any group left trainable
+// passes, and "everything" depends on whether the model has MoE layers.
+TEST_F(ConfigValidate, FreezingEveryParameterIsAnError) {
+    for (const char *value : {"non-moe,moe", "attention,moe,non-moe", "moe,non-moe,router"}) {
+        strcpy(cfg_.freeze, value);
+        SetResult r = Validate(cfg_);
+        EXPECT_EQ(r.rc, -1) << value;
+        ExpectMentions(r.err, {"--freeze", value, "every parameter", "nothing would train"});
+    }
+    for (const char *value : {"", "attention", "router", "experts", "moe", "non-moe",
+                              "attention,moe", "non-moe,router", "non-moe,experts"}) {
+        strcpy(cfg_.freeze, value);
+        EXPECT_EQ(Validate(cfg_).rc, 0) << value << ": " << Validate(cfg_).err;
+    }
+    cfg_.num_layers = 1;
+    cfg_.moe_layer_freq = 2;
+    ASSERT_EQ(config_num_moe_layers(&cfg_), 0);
+    strcpy(cfg_.freeze, "non-moe");
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--freeze non-moe", "no MoE layers", "nothing would train"});
+    strcpy(cfg_.freeze, "attention,moe");
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+}
+
+TEST_F(ConfigValidate, FreezeSetInCodeIsRechecked) {
+    strcpy(cfg_.freeze, "router;experts");
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--freeze", "\"router;experts\"", "not a valid choice"});
 }
 
 TEST_F(ConfigValidate, GroupSizeMustDivideTheMicroBatch) {

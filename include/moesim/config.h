@@ -70,6 +70,7 @@ typedef struct Config {
     double adam_beta2;
     double adam_eps;
     long seed;
+    char freeze[64]; /* comma list of attention|router|experts|non-moe|moe; "" = none */
     /* data */
     char data_path[MOESIM_PATH_MAX];
     char data_format[16]; /* auto | text | tokens | synthetic */
@@ -155,6 +156,20 @@ int config_group_size(const Config *cfg); /* resolves the 0 default */
 /* lcm(group size, seq length): whole routing groups and whole sequences, the
  * unit every layout keeps on one rank (the grain of reduce.h). */
 int config_grain_tokens(const Config *cfg);
+/* The parameter groups --freeze names, as bits: attention (ln1, qkv, proj),
+ * router (router and noise weights, and the DeepSeek selection bias), experts
+ * (routed and shared), and the rest of the non-MoE parameters (embeddings,
+ * ln2, the final norm, dense FFNs, the LM head). "non-moe" is attention and
+ * the rest, "moe" router and experts. model_freeze says which tensor is in
+ * which group. */
+enum {
+    FREEZE_ATTENTION = 1,
+    FREEZE_ROUTER = 2,
+    FREEZE_EXPERTS = 4,
+    FREEZE_NON_MOE_REST = 8,
+};
+/* The groups cfg->freeze names (0 for ""); a valid value assumed. */
+unsigned config_freeze_groups(const Config *cfg);
 /* 1 when any matmul runs with bf16 inputs (--precision or --moe-router-precision). */
 int config_uses_bf16(const Config *cfg);
 

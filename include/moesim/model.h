@@ -76,12 +76,26 @@ typedef struct Weights {
 
 typedef enum ParamInit { PARAM_INIT_NORMAL, PARAM_INIT_ONES, PARAM_INIT_ZEROS } ParamInit;
 
+/* What a tensor is for: the --freeze groups (config.h) are sets of roles. */
+typedef enum ParamRole {
+    PARAM_ROLE_EMBEDDING,     /* wte, wpe */
+    PARAM_ROLE_ATTENTION,     /* ln1 (it feeds only attention), qkv, proj */
+    PARAM_ROLE_NORM,          /* ln2 (before the FFN or MoE layer), lnf */
+    PARAM_ROLE_DENSE_FFN,     /* fc1, fc2 of dense layers */
+    PARAM_ROLE_HEAD,          /* lm_head when untied */
+    PARAM_ROLE_ROUTER,        /* router_w, noise_w */
+    PARAM_ROLE_SHARED_EXPERT, /* the always-on expert of an MoE layer */
+    PARAM_ROLE_EXPERT         /* routed experts (is_expert) */
+} ParamRole;
+
 typedef struct ParamTensor {
     char name[48];
     size_t offset, numel;
     int ndim, shape[3];
     int is_expert;
     int decay; /* weight decay applies (matrices, not norms) */
+    ParamRole role;
+    int frozen; /* --freeze: AdamW leaves it and its moments alone (model_freeze) */
     ParamInit init;
     double init_std; /* for PARAM_INIT_NORMAL */
 } ParamTensor;
@@ -106,6 +120,7 @@ typedef struct Model {
     Weights w, dw;
     ParamTensor *tensors;
     int num_tensors;
+    unsigned frozen_groups; /* FREEZE_* bits of model_freeze; 0 = everything trains */
     /* activations for one micro-batch of N = B*T tokens */
     LayerActs *acts;
     MoeLayer *moe; /* [L], initialised for MoE layers only */
@@ -142,6 +157,12 @@ typedef struct Model {
  * experts of the 1-rank model. Returns 0, or -1 when memory runs out. */
 int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm);
 void model_free(Model *m);
+
+/* The FREEZE_* group (config.h) a role belongs to. */
+unsigned model_role_freeze_group(ParamRole role);
+/* Marks every tensor in the FREEZE_* groups frozen (and the rest trainable);
+ * the same on every rank, so layouts agree. */
+void model_freeze(Model *m, unsigned groups);
 
 /* Runs the forward pass on inputs/targets [B*T] (collective over the EP
  * group when experts are sharded); returns the total loss

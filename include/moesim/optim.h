@@ -1,5 +1,6 @@
 /* optim: AdamW with decoupled weight decay, global-norm gradient clipping,
- * and the learning-rate schedule (linear warmup, cosine decay to min-lr). */
+ * the learning-rate schedule (linear warmup, cosine decay to min-lr), and
+ * freezing (--freeze: frozen tensors are skipped by the update and the norm). */
 #ifndef MOESIM_OPTIM_H
 #define MOESIM_OPTIM_H
 
@@ -20,11 +21,15 @@ double lr_at_step(long step, long total, long warmup, double lr, double min_lr);
 
 /* Sum of squares of n gradient values (accumulated in double). */
 double grad_sum_squares(const float *g, size_t n);
+/* grad_sum_squares of the dense gradients (identical on every rank) of the
+ * tensors that train: frozen ones are left out of the clipping norm, as
+ * Megatron's norm covers only parameters with requires_grad. */
+double trainable_dense_grad_sum_squares(const Model *m);
 /* Scales every gradient by clip/norm when norm exceeds clip (clip > 0). */
 void clip_gradients(float *g, size_t n, double norm, double clip);
 
-/* One AdamW update of every parameter; weight decay only where the tensor
- * table says so. */
+/* One AdamW update of every parameter that is not frozen; weight decay only
+ * where the tensor table says so. */
 void adamw_step(AdamW *opt, Model *m, double lr);
 
 #ifdef __cplusplus
