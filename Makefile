@@ -68,7 +68,7 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 .PHONY: all deps run test unit cli pytest sanitize bench sweep test-slurm cf-sweep scaling \
-        specialization clean FORCE
+        specialization test-multinode clean FORCE
 all: $(BUILD)/moesim
 
 deps:
@@ -81,7 +81,7 @@ run: deps
 		--overwrite 1
 
 test: deps
-	@$(MAKE) --no-print-directory unit cli pytest sanitize
+	@$(MAKE) --no-print-directory unit cli pytest sanitize test-multinode
 
 # Every test on one rank, then the expert-parallel tests across two.
 unit: $(BUILD)/unit_tests $(BUILD)/moesim
@@ -129,6 +129,13 @@ sweep: deps
 test-slurm: deps
 	@$(MAKE) --no-print-directory $(BUILD)/moesim
 	bash tests/slurm/test_slurm.sh
+
+# An emulated 2-node cluster on this machine (network namespaces, veth, a
+# bridge, tbf-shaped links; needs root): 4 ranks across the nodes against 1
+# rank, TCP between nodes and vader within, a killed rank ending the job.
+test-multinode: deps
+	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	bash tests/multinode/test_multinode.sh
 
 # Experiments: a sweep, then its notebook executed beside the records.
 # Paths are absolute because nbconvert runs a notebook from its own folder.

@@ -5,6 +5,7 @@ set -euo pipefail
 packages=(
   openmpi-bin libopenmpi-dev libhdf5-openmpi-dev hdf5-tools libopenblas-dev
   libgtest-dev libinih-dev pkg-config fortunes
+  iproute2 procps
   python3-h5py python3-numpy python3-pandas python3-matplotlib python3-pytest
   python3-nbclient python3-ipykernel jupyter-nbconvert python3-torch
 )
