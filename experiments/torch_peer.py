@@ -155,7 +155,8 @@ IGNORED_KEYS = {
     "expert-model-parallel-size", "moe-eval-capacity-factor", "eval-interval", "eval-iters",
     "log-interval", "progress-interval", "synthetic-clusters", "synthetic-tokens", "out",
     "record-flush-interval", "save", "save-interval", "save-keep", "load", "finetune",
-    "no-load-optim", "overwrite", "skip-nonfinite-steps",
+    "no-load-optim", "overwrite", "skip-nonfinite-steps", "moe-token-dispatcher-type",
+    "ranks-per-node",
 }
 # Settings of moesim the peer does not implement, with the value it needs.
 SUPPORTED_ONLY = {

@@ -49,9 +49,11 @@ static int checkpoint_entry(const Model *m, const Comm *c, int i, Entry *e) {
         e->data = group_buffer(m, group) + pt->offset;
         e->writes = c->rank == 0;
         if (pt->is_expert) {
-            e->dims[0] *= m->shape.ep_size;
-            e->first = (long)m->shape.ep_rank * pt->shape[0];
-            e->writes = c->rank < c->ep_size;
+            /* experts by global index: the first EP group writes its shards */
+            Placement place = model_placement(&m->shape);
+            e->dims[0] = place.num_experts;
+            e->first = placement_first_local_expert(&place);
+            e->writes = placement_ep_group(place.ep_size, c->rank) == 0;
         }
         return 0;
     }

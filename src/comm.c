@@ -1,5 +1,7 @@
 #include "moesim/comm.h"
 
+#include "moesim/placement.h"
+
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +23,12 @@ static void attach(Comm *c, MPI_Comm world) {
     c->edp_size = c->world_size;
     c->ep = MPI_COMM_SELF;
     c->edp = world;
+    c->node = c->rank;
+    c->num_nodes = c->world_size;
+    c->ep_node_size = 1;
+    c->ep_node_rank = 0;
+    c->ep_node = MPI_COMM_SELF;
+    c->ep_leaders = c->ep;
 }
 
 void comm_attach_world(Comm *c) {
@@ -33,13 +41,46 @@ void comm_attach_self(Comm *c) {
 
 void comm_split_groups(Comm *c, int ep_size) {
     c->ep_size = ep_size;
-    c->ep_rank = c->rank % ep_size;
+    c->ep_rank = placement_ep_position(ep_size, c->rank);
     c->edp_size = c->world_size / ep_size;
-    MPI_Comm_split(c->world, c->rank / ep_size, c->ep_rank, &c->ep);
+    MPI_Comm_split(c->world, placement_ep_group(ep_size, c->rank), c->ep_rank, &c->ep);
     MPI_Comm_split(c->world, c->ep_rank, c->rank, &c->edp);
+    c->ep_leaders = c->ep;
+}
+
+/* This rank's node as the lowest world rank on it. */
+static int node_key(const Comm *c, int ranks_per_node) {
+    if (ranks_per_node > 0) return c->rank / ranks_per_node * ranks_per_node;
+    MPI_Comm shared;
+    MPI_Comm_split_type(c->world, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &shared);
+    int lowest = c->rank;
+    MPI_Allreduce(MPI_IN_PLACE, &lowest, 1, MPI_INT, MPI_MIN, shared);
+    MPI_Comm_free(&shared);
+    return lowest;
+}
+
+void comm_split_nodes(Comm *c, int ranks_per_node) {
+    int key = node_key(c, ranks_per_node);
+    int *keys = malloc(sizeof(int) * (size_t)c->world_size);
+    if (!keys) MPI_Abort(c->world, 1);
+    MPI_Allgather(&key, 1, MPI_INT, keys, 1, MPI_INT, c->world);
+    /* a node's lowest rank names it; nodes are numbered in that order */
+    c->node = c->num_nodes = 0;
+    for (int r = 0; r < c->world_size; r++) {
+        if (keys[r] != r) continue;
+        c->num_nodes++;
+        if (r < key) c->node++;
+    }
+    free(keys);
+    MPI_Comm_split(c->ep, c->node, c->ep_rank, &c->ep_node);
+    MPI_Comm_size(c->ep_node, &c->ep_node_size);
+    MPI_Comm_rank(c->ep_node, &c->ep_node_rank);
+    MPI_Comm_split(c->ep, c->ep_node_rank == 0 ? 0 : MPI_UNDEFINED, c->ep_rank, &c->ep_leaders);
 }
 
 void comm_free_groups(Comm *c) {
+    if (c->ep_leaders != c->ep && c->ep_leaders != MPI_COMM_NULL) MPI_Comm_free(&c->ep_leaders);
+    if (c->ep_node != MPI_COMM_SELF) MPI_Comm_free(&c->ep_node);
     if (c->ep != MPI_COMM_SELF) MPI_Comm_free(&c->ep);
     if (c->edp != c->world) MPI_Comm_free(&c->edp);
     attach(c, c->world);
@@ -162,4 +203,25 @@ void comm_node_ranks(const Comm *c, int *ranks_on_node, int *node_rank) {
     MPI_Comm_size(node, ranks_on_node);
     MPI_Comm_rank(node, node_rank);
     MPI_Comm_free(&node);
+}
+
+void comm_ep_allgather_ints(const Comm *c, const int *mine, int *all, int n) {
+    MPI_Allgather(mine, n, MPI_INT, all, n, MPI_INT, c->ep);
+}
+
+void comm_ep_node_gatherv_floats(const Comm *c, const float *send, int count, float *recv,
+                                 const int *counts, const int *displs) {
+    MPI_Gatherv(send, count, MPI_FLOAT, recv, counts, displs, MPI_FLOAT, 0, c->ep_node);
+}
+
+void comm_ep_node_scatterv_floats(const Comm *c, const float *send, const int *counts,
+                                  const int *displs, float *recv, int count) {
+    MPI_Scatterv(send, counts, displs, MPI_FLOAT, recv, count, MPI_FLOAT, 0, c->ep_node);
+}
+
+void comm_ep_leaders_alltoallv_floats(const Comm *c, const float *send, const int *send_counts,
+                                      const int *send_displs, float *recv,
+                                      const int *recv_counts, const int *recv_displs) {
+    MPI_Alltoallv(send, send_counts, send_displs, MPI_FLOAT, recv, recv_counts, recv_displs,
+                  MPI_FLOAT, c->ep_leaders);
 }

@@ -166,6 +166,25 @@ static const Option OPTIONS[] = {
      .max = 1 << 20,
      .default_text = "0",
      .help = "ranks that share one copy of the experts (EP); 0 = all ranks"},
+    {.name = "moe-token-dispatcher-type",
+     .group = G_MOE,
+     .type = OPT_STRING,
+     FIELD(moe_token_dispatcher_type),
+     .default_text = "alltoall",
+     .choices = "alltoall|hierarchical",
+     .help = "how token rows reach their experts: alltoall (one exchange between every pair of "
+             "ranks) | hierarchical (gathered per node, one exchange per pair of nodes, then "
+             "scattered; results are bit-identical)"},
+    {.name = "ranks-per-node",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(ranks_per_node),
+     .min = 0,
+     .max = 1 << 20,
+     .default_text = "0",
+     .help = "ranks per node for the hierarchical exchange; 0 = the ranks that share memory "
+             "(MPI_COMM_TYPE_SHARED); N treats ranks N*i .. N*i+N-1 as one node, to study a "
+             "cluster on one host"},
     {.name = "moe-group-size",
      .group = G_MOE,
      .type = OPT_INT,
@@ -1499,6 +1518,11 @@ int config_validate_layout(const Config *cfg, int world_size, char *err, size_t 
                     "--expert-model-parallel-size %d does not divide the %d ranks of this run; "
                     "use a divisor of %d (or launch a multiple of %d ranks)",
                     ep, world_size, world_size, ep);
+    if (cfg->ranks_per_node > 0 && world_size % cfg->ranks_per_node != 0)
+        return fail(err, errlen,
+                    "--ranks-per-node %d does not divide the %d ranks of this run into whole "
+                    "nodes; use a divisor of %d, or 0 to take the nodes from shared memory",
+                    cfg->ranks_per_node, world_size, world_size);
     if (cfg->num_experts % ep != 0)
         return fail(err, errlen,
                     "--num-experts %d is not divisible by --expert-model-parallel-size %d; each "

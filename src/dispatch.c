@@ -1,14 +1,54 @@
 #include "moesim/dispatch.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-int dispatch_init(Dispatch *d, int E, int ep_size, int grains) {
+#include "moesim/placement.h"
+
+static int hierarchy_init(Hierarchy *h, int E, int ep_size, int grains) {
+    size_t P = (size_t)ep_size;
+    h->part_of = calloc(P, sizeof(int));
+    h->part_begin = calloc(P + 1, sizeof(int));
+    h->members = calloc(P, sizeof(int));
+    h->all_counts = calloc(P * E * grains, sizeof(int));
+    h->block_rows = calloc(P * E, sizeof(int));
+    h->send_offset = calloc(P * E, sizeof(int));
+    h->recv_offset = calloc(P * E, sizeof(int));
+    h->args = calloc(6 * P, sizeof(int));
+    return h->part_of && h->part_begin && h->members && h->all_counts && h->block_rows &&
+                   h->send_offset && h->recv_offset && h->args
+               ? 0
+               : -1;
+}
+
+static void hierarchy_free(Hierarchy *h) {
+    free(h->part_of);
+    free(h->part_begin);
+    free(h->members);
+    free(h->all_counts);
+    free(h->block_rows);
+    free(h->send_offset);
+    free(h->recv_offset);
+    free(h->args);
+    free(h->gathered);
+    free(h->packed);
+    free(h->arrived);
+    free(h->outgoing);
+    memset(h, 0, sizeof *h);
+}
+
+int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical) {
     memset(d, 0, sizeof *d);
     d->E = E;
     d->ep_size = ep_size;
     d->E_local = E / ep_size;
     d->grains = grains;
+    d->hierarchical = hierarchical && ep_size > 1;
+    if (d->hierarchical && hierarchy_init(&d->h, E, ep_size, grains) != 0) {
+        dispatch_free(d);
+        return -1;
+    }
     size_t splits = (size_t)ep_size * grains;
     d->recv_grain_counts = calloc((size_t)E * grains, sizeof(int));
     d->split_begin = calloc((size_t)d->E_local * (splits + 1), sizeof(int));
@@ -30,6 +70,7 @@ int dispatch_init(Dispatch *d, int E, int ep_size, int grains) {
 }
 
 void dispatch_free(Dispatch *d) {
+    hierarchy_free(&d->h);
     free(d->send_row_begin);
     free(d->recv_counts);
     free(d->expert_row_begin);
@@ -41,6 +82,212 @@ void dispatch_free(Dispatch *d) {
     free(d->split_begin);
     free(d->rows_per_expert);
     memset(d, 0, sizeof *d);
+}
+
+/* ---- the hierarchical exchange ------------------------------------------------ */
+
+/* Which node each EP position is on, numbered in the order of their first
+ * positions: the order of the leaders' communicator (comm_split_nodes). */
+static void learn_nodes(Hierarchy *h, int ep_size, const Comm *comm) {
+    int *node = h->members; /* scratch until it is filled below */
+    comm_ep_allgather_ints(comm, &comm->node, node, 1);
+    h->parts = 0;
+    for (int p = 0; p < ep_size; p++) {
+        int part = -1;
+        for (int q = 0; q < p && part < 0; q++)
+            if (node[q] == node[p]) part = h->part_of[q];
+        h->part_of[p] = part >= 0 ? part : h->parts++;
+    }
+    int filled = 0;
+    for (int part = 0; part < h->parts; part++) {
+        h->part_begin[part] = filled;
+        for (int p = 0; p < ep_size; p++)
+            if (h->part_of[p] == part) h->members[filled++] = p;
+    }
+    h->part_begin[h->parts] = filled;
+}
+
+/* Every rank's counts, from which this rank's received counts and the place
+ * of every block in every buffer follow. */
+static void learn_every_count(Dispatch *d, const int *rows_per_expert_grain, const Comm *comm) {
+    Hierarchy *h = &d->h;
+    int P = d->ep_size, E = d->E, El = d->E_local, grains = d->grains, me = comm->ep_rank;
+    if (h->parts == 0) learn_nodes(h, P, comm);
+    comm_ep_allgather_ints(comm, rows_per_expert_grain, h->all_counts, E * grains);
+    Placement place = {.num_experts = E, .ep_size = P, .ep_rank = me};
+    for (int p = 0; p < P; p++)
+        for (int j = 0; j < El; j++)
+            for (int g = 0; g < grains; g++)
+                d->recv_grain_counts[((long)p * El + j) * grains + g] =
+                    h->all_counts[((long)p * E + placement_global_expert(&place, me, j)) * grains +
+                                  g];
+    for (int p = 0; p < P; p++) {
+        int offset = 0;
+        for (int q = 0; q < P; q++)
+            for (int k = 0; k < El; k++) {
+                const int *n = h->all_counts +
+                               ((long)p * E + placement_global_expert(&place, q, k)) * grains;
+                int rows = 0;
+                for (int g = 0; g < grains; g++) rows += n[g];
+                long b = ((long)p * P + q) * El + k;
+                h->block_rows[b] = rows;
+                h->send_offset[b] = offset; /* sender layout: by global expert */
+                offset += rows;
+            }
+    }
+    for (int q = 0; q < P; q++) {
+        int offset = 0;
+        for (int k = 0; k < El; k++)
+            for (int p = 0; p < P; p++) { /* owner layout: by local expert, then source */
+                h->recv_offset[((long)q * P + p) * El + k] = offset;
+                offset += h->block_rows[((long)p * P + q) * El + k];
+            }
+    }
+}
+
+/* One direction of the exchange as blocks (p -> q, local expert k): forward
+ * from senders to owners, or back (combine) from owners to senders. */
+typedef struct Direction {
+    const Hierarchy *h;
+    int P, El, back;
+} Direction;
+
+static long block_index(const Direction *dir, int from, int to, int k) {
+    return ((long)from * dir->P + to) * dir->El + k;
+}
+/* rows rank p sends rank q for its block k */
+static int rows_of(const Direction *dir, int p, int q, int k) {
+    return dir->h->block_rows[dir->back ? block_index(dir, q, p, k) : block_index(dir, p, q, k)];
+}
+/* where that block starts in p's outgoing buffer and in q's incoming one */
+static int source_offset(const Direction *dir, int p, int q, int k) {
+    return dir->back ? dir->h->recv_offset[block_index(dir, p, q, k)]
+                     : dir->h->send_offset[block_index(dir, p, q, k)];
+}
+static int target_offset(const Direction *dir, int p, int q, int k) {
+    return dir->back ? dir->h->send_offset[block_index(dir, q, p, k)]
+                     : dir->h->recv_offset[block_index(dir, q, p, k)];
+}
+static int rows_from(const Direction *dir, int p) {
+    int rows = 0;
+    for (int q = 0; q < dir->P; q++)
+        for (int k = 0; k < dir->El; k++) rows += rows_of(dir, p, q, k);
+    return rows;
+}
+static int rows_to(const Direction *dir, int q) {
+    int rows = 0;
+    for (int p = 0; p < dir->P; p++)
+        for (int k = 0; k < dir->El; k++) rows += rows_of(dir, p, q, k);
+    return rows;
+}
+
+static float *grow(float *buf, size_t floats) {
+    float *grown = realloc(buf, sizeof(float) * (floats ? floats : 1));
+    if (!grown) {
+        fprintf(stderr, "moesim: error: out of memory for the hierarchical exchange (%zu floats); "
+                        "use --moe-token-dispatcher-type alltoall or fewer ranks per node\n",
+                floats);
+        exit(1); /* mpirun ends the job when a rank exits */
+    }
+    return grown;
+}
+
+static void reserve(Hierarchy *h, size_t floats) {
+    if (floats <= h->capacity) return;
+    h->gathered = grow(h->gathered, floats);
+    h->packed = grow(h->packed, floats);
+    h->arrived = grow(h->arrived, floats);
+    h->outgoing = grow(h->outgoing, floats);
+    h->capacity = floats;
+}
+
+/* Step 2 on a leader: the gathered buffers of its ranks (part `mine`)
+ * repacked into one message per node, blocks ordered (q, k, p), exchanged
+ * among the leaders; arrived holds the messages of every node in order. */
+static void exchange_between_nodes(const Direction *dir, int width, int mine,
+                                   const int *gathered_at, const Comm *comm) {
+    Hierarchy *h = (Hierarchy *)dir->h;
+    const int *mm = h->members + h->part_begin[mine];
+    int m_count = h->part_begin[mine + 1] - h->part_begin[mine];
+    int *send_counts = h->args + 2 * dir->P, *send_displs = send_counts + dir->P;
+    int *recv_counts = h->args, *recv_displs = h->args + dir->P;
+    size_t off = 0, in = 0;
+    for (int part = 0; part < h->parts; part++) {
+        const int *qs = h->members + h->part_begin[part];
+        int q_count = h->part_begin[part + 1] - h->part_begin[part];
+        send_displs[part] = (int)off;
+        recv_displs[part] = (int)in;
+        for (int a = 0; a < q_count; a++)
+            for (int k = 0; k < dir->El; k++)
+                for (int b = 0; b < m_count; b++) {
+                    int p = mm[b], q = qs[a];
+                    size_t n = (size_t)rows_of(dir, p, q, k) * width;
+                    memcpy(h->packed + off,
+                           h->gathered + gathered_at[b] + (size_t)source_offset(dir, p, q, k) * width,
+                           sizeof(float) * n);
+                    off += n;
+                    /* what part `part` sends here: its ranks to this node's */
+                    in += (size_t)rows_of(dir, qs[a], mm[b], k) * width;
+                }
+        send_counts[part] = (int)(off - send_displs[part]);
+        recv_counts[part] = (int)(in - recv_displs[part]);
+    }
+    comm_ep_leaders_alltoallv_floats(comm, h->packed, send_counts, send_displs, h->arrived,
+                                     recv_counts, recv_displs);
+}
+
+/* Step 3 on a leader: every arrived block to its place in the buffer of the
+ * rank it is for. Node A's message holds (q of this node, k, p of A). */
+static void place_arrived_rows(const Direction *dir, int width, int mine, const int *outgoing_at) {
+    Hierarchy *h = (Hierarchy *)dir->h;
+    const int *mm = h->members + h->part_begin[mine];
+    int m_count = h->part_begin[mine + 1] - h->part_begin[mine];
+    size_t in = 0;
+    for (int part = 0; part < h->parts; part++) {
+        const int *ps = h->members + h->part_begin[part];
+        int p_count = h->part_begin[part + 1] - h->part_begin[part];
+        for (int b = 0; b < m_count; b++)
+            for (int k = 0; k < dir->El; k++)
+                for (int a = 0; a < p_count; a++) {
+                    int p = ps[a], q = mm[b];
+                    size_t n = (size_t)rows_of(dir, p, q, k) * width;
+                    memcpy(h->outgoing + outgoing_at[b] + (size_t)target_offset(dir, p, q, k) * width,
+                           h->arrived + in, sizeof(float) * n);
+                    in += n;
+                }
+    }
+}
+
+static void exchange_through_nodes(Dispatch *d, const float *send, float *recv, int width,
+                                   int back, const Comm *comm) {
+    Hierarchy *h = &d->h;
+    Direction dir = {.h = h, .P = d->ep_size, .El = d->E_local, .back = back};
+    int me = comm->ep_rank, mine = h->part_of[me], leader = comm->ep_node_rank == 0;
+    const int *mm = h->members + h->part_begin[mine];
+    int m_count = h->part_begin[mine + 1] - h->part_begin[mine];
+    int *at = h->args + 4 * d->ep_size, *counts = at + d->ep_size;
+    size_t gathered = 0, outgoing = 0;
+    for (int b = 0; b < m_count; b++) {
+        gathered += (size_t)rows_from(&dir, mm[b]) * width;
+        outgoing += (size_t)rows_to(&dir, mm[b]) * width;
+    }
+    if (leader) reserve(h, gathered > outgoing ? gathered : outgoing);
+    size_t off = 0;
+    for (int b = 0; b < m_count; b++) {
+        at[b] = (int)off;
+        counts[b] = rows_from(&dir, mm[b]) * width;
+        off += (size_t)counts[b];
+    }
+    comm_ep_node_gatherv_floats(comm, send, rows_from(&dir, me) * width, h->gathered, counts, at);
+    if (leader) exchange_between_nodes(&dir, width, mine, at, comm);
+    off = 0;
+    for (int b = 0; b < m_count; b++) {
+        at[b] = (int)off;
+        counts[b] = rows_to(&dir, mm[b]) * width;
+        off += (size_t)counts[b];
+    }
+    if (leader) place_arrived_rows(&dir, width, mine, at);
+    comm_ep_node_scatterv_floats(comm, h->outgoing, counts, at, recv, rows_to(&dir, me) * width);
 }
 
 void dispatch_plan(Dispatch *d, const int *rows_per_expert_grain, const Comm *comm) {
@@ -57,6 +304,8 @@ void dispatch_plan(Dispatch *d, const int *rows_per_expert_grain, const Comm *co
     /* [source][local expert][grain], in the order the rows arrive */
     if (d->ep_size == 1)
         memcpy(d->recv_grain_counts, rows_per_expert_grain, sizeof(int) * E * grains);
+    else if (d->hierarchical)
+        learn_every_count(d, rows_per_expert_grain, comm);
     else
         comm_ep_alltoall_ints(comm, rows_per_expert_grain, d->recv_grain_counts, El * grains);
     d->expert_row_begin[0] = 0;
@@ -88,8 +337,9 @@ const int *dispatch_expert_splits(const Dispatch *d, int j, int *count) {
  * rows are ordered by source rank. */
 static void exchange_arguments(Dispatch *d, int j, int width) {
     int owner_offset = 0;
+    Placement place = {.num_experts = d->E, .ep_size = d->ep_size};
     for (int s = 0; s < d->ep_size; s++) {
-        int e = s * d->E_local + j;
+        int e = placement_global_expert(&place, s, j);
         d->send_counts[s] = (d->send_row_begin[e + 1] - d->send_row_begin[e]) * width;
         d->send_displs[s] = d->send_row_begin[e] * width;
         d->recv_counts_el[s] = d->recv_counts[s * d->E_local + j] * width;
@@ -101,6 +351,10 @@ static void exchange_arguments(Dispatch *d, int j, int width) {
 void dispatch_rows(Dispatch *d, const float *send, float *recv, int width, const Comm *comm) {
     if (d->ep_size == 1) {
         memcpy(recv, send, sizeof(float) * (size_t)d->num_send_rows * width);
+        return;
+    }
+    if (d->hierarchical) {
+        exchange_through_nodes(d, send, recv, width, 0, comm);
         return;
     }
     for (int j = 0; j < d->E_local; j++) {
@@ -116,6 +370,10 @@ void combine_rows(Dispatch *d, const float *owner, float *back, int width, const
         memcpy(back, owner, sizeof(float) * (size_t)d->num_recv_rows * width);
         return;
     }
+    if (d->hierarchical) {
+        exchange_through_nodes(d, owner, back, width, 1, comm);
+        return;
+    }
     for (int j = 0; j < d->E_local; j++) {
         exchange_arguments(d, j, width);
         /* Reverse direction: what was received is sent back to where it came from. */
@@ -126,9 +384,10 @@ void combine_rows(Dispatch *d, const float *owner, float *back, int width, const
 }
 
 void dispatch_add_bytes_to_ranks(const Dispatch *d, int width, long *bytes) {
+    Placement place = {.num_experts = d->E, .ep_size = d->ep_size};
     for (int s = 0; s < d->ep_size; s++) {
-        int first = d->send_row_begin[s * d->E_local];
-        int last = d->send_row_begin[(s + 1) * d->E_local];
+        int first = d->send_row_begin[placement_global_expert(&place, s, 0)];
+        int last = d->send_row_begin[placement_global_expert(&place, s, 0) + d->E_local];
         bytes[s] += (long)(last - first) * width * (long)sizeof(float);
     }
 }

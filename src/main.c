@@ -41,6 +41,7 @@ static int load_run_inputs(Config *cfg, Dataset *ds, Comm *comm, int argc, char 
     config_resolve(cfg);
     if (config_validate_layout(cfg, comm->world_size, err, errlen) != 0) return -1;
     comm_split_groups(comm, config_ep_size(cfg, comm->world_size));
+    comm_split_nodes(comm, cfg->ranks_per_node);
     int ok = dataset_load(ds, cfg, err, errlen) == 0;
     int failed_rank = comm_first_failed_rank(comm, ok);
     if (failed_rank >= 0) {

@@ -19,6 +19,7 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     memset(s, 0, sizeof *s);
     s->ep_size = ep_size;
     s->ep_rank = ep_rank;
+    s->hierarchical_dispatch = strcmp(cfg->moe_token_dispatcher_type, "hierarchical") == 0;
     s->V = vocab_size;
     s->T = cfg->seq_length;
     s->C = cfg->hidden_size;
@@ -72,8 +73,13 @@ int model_is_moe_layer(const ModelShape *s, int layer) {
     return config_layer_freq_is_moe(layer, s->moe_layer_freq);
 }
 
+Placement model_placement(const ModelShape *s) {
+    return (Placement){.num_experts = s->E, .ep_size = s->ep_size, .ep_rank = s->ep_rank};
+}
+
 int model_local_experts(const ModelShape *s) {
-    return s->E / s->ep_size;
+    Placement place = model_placement(s);
+    return placement_experts_per_rank(&place);
 }
 
 /* ---- parameter layout ---------------------------------------------------- */
@@ -295,7 +301,8 @@ static void bind_views(Weights *w, float *base, const Layout *lay, int tied) {
  * name and global expert index, so a rank holding experts r*E/EP.. gets the
  * same weights as the 1-rank model. */
 static void init_weights(Model *m, long seed) {
-    int first_expert = m->shape.ep_rank * model_local_experts(&m->shape);
+    Placement place = model_placement(&m->shape);
+    int first_expert = placement_first_local_expert(&place);
     for (int i = 0; i < m->num_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
         float *p = m->params + t->offset;
@@ -479,6 +486,7 @@ static void plan_model(Model *m, Layout *lay) {
                               .F = s->Fe,
                               .ep_size = s->ep_size,
                               .E_local = model_local_experts(s),
+                              .hierarchical = s->hierarchical_dispatch,
                               .activation = s->expert_activation};
 }
 

@@ -41,7 +41,7 @@ int moe_layer_init(MoeLayer *m, const MoeShape *s) {
     size_t F = (size_t)s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
     int grains = routing_grains(r);
     if (routing_init(&m->routing, r) != 0 ||
-        dispatch_init(&m->dispatch, r->E, s->ep_size, grains) != 0) {
+        dispatch_init(&m->dispatch, r->E, s->ep_size, grains, s->hierarchical) != 0) {
         moe_layer_free(m);
         return -1;
     }

@@ -167,7 +167,8 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
     const Comm *comm = t->comm;
     RoutingStats *rs = &t->routing;
     int E = m->shape.E, L = t->moe_layers, width = routing_grain_width(E), i = 0;
-    long *to_my_ep_group = t->dispatch_bytes + (comm->rank - comm->ep_rank);
+    long *to_my_ep_group =
+        t->dispatch_bytes + (long)placement_ep_group(comm->ep_size, comm->rank) * comm->ep_size;
     memset(t->dispatch_bytes, 0, sizeof(long) * comm->world_size);
     sum_grain_statistics(t);
     double tokens = (double)m->shape.B * m->shape.T * comm->world_size;

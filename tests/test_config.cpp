@@ -925,7 +925,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 64u);
+    ASSERT_EQ(keys.size(), 66u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -1010,6 +1010,8 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"out", "/tmp/round/trip.h5"},
         {"overwrite", "1"},
         {"expert-model-parallel-size", "4"},
+        {"moe-token-dispatcher-type", "hierarchical"},
+        {"ranks-per-node", "2"},
         {"save", "/tmp/round/checkpoints"},
         {"save-interval", "25"},
         {"save-keep", "3"},
@@ -1069,6 +1071,8 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME(ffn_hidden_size);
     EXPECT_SAME(seq_length);
     EXPECT_SAME(expert_model_parallel_size);
+    EXPECT_SAME_STR(moe_token_dispatcher_type);
+    EXPECT_SAME(ranks_per_node);
     EXPECT_SAME_STR(save);
     EXPECT_SAME(record_flush_interval);
     EXPECT_SAME(untie_embeddings_and_output_weights);
@@ -1699,6 +1703,17 @@ TEST(ConfigLayout, ExpertParallelSizeMustFitTheRanksAndExperts) {
     cfg.expert_model_parallel_size = 2;
     EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), 0) << err;
     EXPECT_EQ(config_ep_size(&cfg, 4), 2);
+}
+
+TEST(ConfigLayout, RanksPerNodeMustMakeWholeNodes) {
+    Config cfg;
+    config_defaults(&cfg);
+    char err[MOESIM_ERR_MAX] = "";
+    cfg.ranks_per_node = 2;
+    EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), 0) << err;
+    cfg.ranks_per_node = 3;
+    EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);
+    ExpectMentions(err, {"--ranks-per-node 3", "4 ranks", "whole nodes"});
 }
 
 // With the default --expert-model-parallel-size 0 the EP size is the rank

@@ -25,6 +25,13 @@ typedef struct Comm {
     MPI_Comm world;
     MPI_Comm ep;  /* this rank's EP group */
     MPI_Comm edp; /* this rank's expert-data-parallel group */
+    /* Nodes (comm_split_nodes; until then every rank is a node of its own) */
+    int node;         /* this rank's node, numbered by its lowest world rank's order */
+    int num_nodes;    /* nodes of the world */
+    int ep_node_size; /* ranks of this EP group on this node */
+    int ep_node_rank; /* position among them (0 = the node's leader for the group) */
+    MPI_Comm ep_node;    /* this EP group's ranks on this node */
+    MPI_Comm ep_leaders; /* the leaders of this EP group's nodes; MPI_COMM_NULL elsewhere */
 } Comm;
 
 /* Which ranks a collective spans. */
@@ -44,7 +51,14 @@ void comm_attach_self(Comm *c);
 /* Builds the EP and expert-data-parallel groups; ep_size must divide the
  * world size (validated before). Collective. */
 void comm_split_groups(Comm *c, int ep_size);
-/* Frees the groups of comm_split_groups (back to the attached layout). */
+/* Learns the node layout: ranks that share memory (MPI_COMM_TYPE_SHARED),
+ * or with ranks_per_node > 0 the blocks of that many consecutive ranks (to
+ * study a cluster on one host; it must divide the world size). Builds the
+ * intra-node and leader communicators of this rank's EP group. Call after
+ * comm_split_groups. Collective. */
+void comm_split_nodes(Comm *c, int ranks_per_node);
+/* Frees the groups of comm_split_groups and comm_split_nodes (back to the
+ * attached layout). */
 void comm_free_groups(Comm *c);
 void comm_finalize(Comm *c);
 
@@ -82,6 +96,19 @@ void comm_ep_alltoall_ints(const Comm *c, const int *send, int *recv, int per_ra
 void comm_ep_alltoallv_floats(const Comm *c, const float *send, const int *send_counts,
                               const int *send_displs, float *recv, const int *recv_counts,
                               const int *recv_displs);
+
+/* The hierarchical exchange's steps, within the EP group: every rank's n
+ * ints to every rank; the rows of this EP group's ranks on a node gathered
+ * on (and scattered from) its leader; and the leaders' exchange. Counts and
+ * displacements in floats. */
+void comm_ep_allgather_ints(const Comm *c, const int *mine, int *all, int n);
+void comm_ep_node_gatherv_floats(const Comm *c, const float *send, int count, float *recv,
+                                 const int *counts, const int *displs);
+void comm_ep_node_scatterv_floats(const Comm *c, const float *send, const int *counts,
+                                  const int *displs, float *recv, int count);
+void comm_ep_leaders_alltoallv_floats(const Comm *c, const float *send, const int *send_counts,
+                                      const int *send_displs, float *recv,
+                                      const int *recv_counts, const int *recv_displs);
 
 /* Ranks of the world that share this rank's node (MPI_COMM_TYPE_SHARED),
  * and this rank's position among them. Collective. */

@@ -6,7 +6,15 @@
  * Per-expert row counts go out with one MPI_Alltoall; the rows then travel
  * with one MPI_Alltoallv per local expert, each receiving straight into that
  * expert's block (sources in rank order), so no copy reorders them. Combine
- * is the same exchange in reverse, landing rows back in the sender's order. */
+ * is the same exchange in reverse, landing rows back in the sender's order.
+ *
+ * The hierarchical dispatcher moves the same rows to the same places in
+ * three steps, so results are bit-identical: each node's leader (for this EP
+ * group) gathers its ranks' whole send buffers, the leaders exchange one
+ * aggregated message per pair of nodes, and each leader scatters to its
+ * ranks their rows already in the owner layout. Every rank knows every
+ * rank's counts (one all-gather), so each block's place is computed, never
+ * sent. */
 #ifndef MOESIM_DISPATCH_H
 #define MOESIM_DISPATCH_H
 
@@ -16,8 +24,25 @@
 extern "C" {
 #endif
 
+/* The hierarchical exchange's tables and buffers (dispatch.c). */
+typedef struct Hierarchy {
+    int parts;          /* nodes this EP group spans */
+    int *part_of;       /* [ep_size] node of each EP position, numbered by first position */
+    int *part_begin;    /* [parts+1] into members */
+    int *members;       /* [ep_size] EP positions grouped by node, ascending in each */
+    int *all_counts;    /* [ep_size][E * grains] every rank's rows per (expert, grain) */
+    int *block_rows;    /* [ep_size][ep_size][E_local] rows rank p sends to local expert k of q */
+    int *send_offset;   /* [p][q][k] that block's first row in p's send buffer */
+    int *recv_offset;   /* [q][p][k] its first row in q's owner buffer */
+    int *args;          /* MPI counts and displacements, 4 x max(ep_size, parts) */
+    float *gathered, *packed, *arrived, *outgoing; /* leader scratch, grown as needed */
+    size_t capacity;    /* floats in each scratch buffer */
+} Hierarchy;
+
 typedef struct Dispatch {
     int E, E_local, ep_size;
+    int hierarchical;       /* the three-step exchange instead of all-to-all */
+    Hierarchy h;
     int grains;             /* per source rank: the finest split of an expert's rows */
     int *rows_per_expert;   /* [E] rows this rank sends to each global expert */
     int *send_row_begin;    /* [E+1] sender layout: first row of each global expert */
@@ -31,7 +56,7 @@ typedef struct Dispatch {
     int *send_counts, *send_displs, *recv_counts_el, *recv_displs;
 } Dispatch;
 
-int dispatch_init(Dispatch *d, int E, int ep_size, int grains);
+int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical);
 void dispatch_free(Dispatch *d);
 
 /* From the sender's row counts per (global expert, grain) [E * grains]:

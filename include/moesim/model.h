@@ -10,6 +10,7 @@
 #include "moesim/comm.h"
 #include "moesim/config.h"
 #include "moesim/moe.h"
+#include "moesim/placement.h"
 #include "moesim/reduce.h"
 #include "moesim/timing.h"
 
@@ -21,7 +22,8 @@ typedef struct ModelShape {
     int V, T, C, NH, L, F; /* vocab, seq length, hidden, heads, layers, dense FFN */
     int E, K, Fe, G;       /* experts, top-k, expert FFN, routing group */
     int B;                 /* sequences per micro-batch */
-    int ep_size, ep_rank;  /* this rank holds experts ep_rank*E/ep_size .. +E/ep_size-1 */
+    int ep_size, ep_rank;
+    int hierarchical_dispatch; /* --moe-token-dispatcher-type hierarchical */  /* this rank holds experts ep_rank*E/ep_size .. +E/ep_size-1 */
     int moe_layer_freq;
     int tied; /* LM head shares the token embedding */
     int norm_topk_prob;
@@ -48,6 +50,8 @@ int model_grains(const ModelShape *s);
 /* ep_size/ep_rank place this rank's expert shard (1/0 for the whole model). */
 void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, int ep_size,
                              int ep_rank);
+/* Which experts this rank holds (placement.h). */
+Placement model_placement(const ModelShape *s);
 int model_local_experts(const ModelShape *s);
 int model_is_moe_layer(const ModelShape *s, int layer);
 

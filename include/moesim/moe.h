@@ -21,6 +21,7 @@ typedef struct MoeShape {
     int F;       /* expert FFN hidden size */
     int ep_size; /* ranks sharing the experts */
     int E_local; /* experts held by this rank: router.E / ep_size */
+    int hierarchical; /* dispatch through node leaders (dispatch.h) */
     FfnActivation activation;
 } MoeShape;
 

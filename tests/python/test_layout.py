@@ -45,12 +45,24 @@ VARIANTS = {
     "gshard-top2": {"moe-router-type": "gshard_top2"},
     "expert-bias": {"moe-router-enable-expert-bias": 1, "moe-router-bias-update-rate": 1e-3},
 }
+# The hierarchical dispatcher on emulated nodes of n ranks: the dropped base
+# moved by another transport, so its reference is the base's 1-rank run.
+for n in (1, 2, 3):
+    VARIANTS[f"hierarchical-nodes-of-{n}"] = {"moe-token-dispatcher-type": "hierarchical",
+                                              "ranks-per-node": n}
+# (variant, world, EP): EP groups within a node, across nodes, one rank per
+# node, and groups that straddle a node boundary (world 6, nodes of 3, EP 2).
+HIERARCHICAL = [("hierarchical-nodes-of-1", 2, 2), ("hierarchical-nodes-of-2", 2, 2),
+                ("hierarchical-nodes-of-2", 4, 4), ("hierarchical-nodes-of-2", 4, 2),
+                ("hierarchical-nodes-of-1", 4, 4), ("hierarchical-nodes-of-3", 6, 2),
+                ("hierarchical-nodes-of-2", 6, 2)]
 
 WORLD_SIZES = [1, 2, 3, 4, 6]  # each divides GLOBAL_BATCH
 MATRIX = [(p, ep) for p in WORLD_SIZES for ep in (1, 2, 4) if p % ep == 0 and EXPERTS % ep == 0]
 SUBSET = [(2, 2), (3, 1), (4, 2), (6, 2)]
 CASES = ([("dropped", p, ep) for p, ep in MATRIX] +
-         [(v, p, ep) for v in VARIANTS if v != "dropped" for p, ep in SUBSET])
+         [(v, p, ep) for v in VARIANTS if v != "dropped" and not v.startswith("hierarchical")
+          for p, ep in SUBSET])
 
 # The datasets of the contract, by group; /timing/ and /traffic/ depend on the layout by design.
 COMPARED_GROUPS = ("train", "eval", "routing", "specialization")
@@ -245,6 +257,20 @@ def test_layout_is_bit_identical_to_one_rank(runs, variant, world, ep):
     assert attrs["config.micro_batch_size"] * world == GLOBAL_BATCH
     assert_identical(run, ref, f"{variant}: world {world} EP {ep} "
                                f"(micro-batch {GLOBAL_BATCH // world})")
+
+
+@pytest.mark.parametrize("variant,world,ep", HIERARCHICAL,
+                         ids=[f"{v}-world{p}-ep{e}" for v, p, e in HIERARCHICAL])
+def test_hierarchical_dispatch_is_bit_identical_to_one_rank(runs, variant, world, ep):
+    """Rows gathered per (emulated) node, exchanged between nodes and
+    scattered land where the all-to-all puts them: the run equals the 1-rank
+    run of the base config bit for bit."""
+    ref = runs.get("dropped", 1, 1)
+    run = runs.get(variant, world, ep)
+    attrs = run["attrs"]
+    assert attrs["config.moe_token_dispatcher_type"] in ("hierarchical", b"hierarchical")
+    assert (attrs["world_size"], attrs["ep_size"]) == (world, ep)
+    assert_identical(run, ref, f"{variant}: world {world} EP {ep}")
 
 
 def test_two_sequence_groups_split_across_ranks(runs):

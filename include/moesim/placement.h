@@ -1,0 +1,40 @@
+/* placement: which rank owns which expert, the one rule every module asks.
+ *
+ * Ranks g*EP .. g*EP+EP-1 form expert-parallel (EP) group g and together hold
+ * every expert once: the rank at position p of its group owns the E/EP
+ * consecutive global experts p*E/EP .. (p+1)*E/EP-1. Ranks at the same
+ * position of every group form an expert-data-parallel group holding the same
+ * experts. Consecutive experts per rank keep a sender's rows, sorted by global
+ * expert, already in (destination rank, local expert) order. */
+#ifndef MOESIM_PLACEMENT_H
+#define MOESIM_PLACEMENT_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct Placement {
+    int num_experts;
+    int ep_size;
+    int ep_rank; /* this rank's position in its EP group */
+} Placement;
+
+/* The placement of the rank world_rank when EP groups have ep_size ranks. */
+Placement placement_of_rank(int num_experts, int ep_size, int world_rank);
+
+/* Which EP group a world rank belongs to, and its position there. */
+int placement_ep_group(int ep_size, int world_rank);
+int placement_ep_position(int ep_size, int world_rank);
+
+int placement_experts_per_rank(const Placement *p);
+/* The EP position that owns global expert e. */
+int placement_owner(const Placement *p, int expert);
+/* Global index of local expert j of the rank at EP position ep_rank. */
+int placement_global_expert(const Placement *p, int ep_rank, int j);
+/* This rank's first global expert: it owns first .. first + experts_per_rank - 1. */
+int placement_first_local_expert(const Placement *p);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
