@@ -1,11 +1,11 @@
 #include "moesim/checkpoint.h"
 
 #include <dirent.h>
-#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include "moesim/record.h"
@@ -90,7 +90,9 @@ static int write_latest(const char *dir, long iteration) {
     int ok = fprintf(f, "%ld\n", iteration) > 0;
     ok = fflush(f) == 0 && fsync(fileno(f)) == 0 && ok;
     ok = fclose(f) == 0 && ok;
-    return ok && rename(tmp, latest) == 0 && sync_path(dir) == 0 ? 0 : -1;
+    if (ok && rename(tmp, latest) == 0) return sync_path(dir) == 0 ? 0 : -1;
+    unlink(tmp);
+    return -1;
 }
 
 /* The iterations of dir's checkpoint files, newest first; their count. */
@@ -138,31 +140,94 @@ static int write_state(const Trainer *t, long file) {
     return ok;
 }
 
+static long read_latest(const char *dir) {
+    char path[PATH_LEN];
+    snprintf(path, sizeof path, "%s/" LATEST_FILE, dir);
+    FILE *f = fopen(path, "r");
+    if (!f) return -1;
+    long it = -1;
+    if (fscanf(f, "%ld", &it) != 1) it = -1;
+    fclose(f);
+    return it;
+}
+
+int checkpoint_latest_file(const char *dir, char *path, size_t len) {
+    long latest = read_latest(dir);
+    if (latest < 0) return -1;
+    checkpoint_path(path, len, dir, latest);
+    return 0;
+}
+
+/* Bytes a checkpoint file takes at most: its tensors and, per tensor, a
+ * generous share of HDF5 metadata. */
+static long checkpoint_bytes_bound(const Trainer *t) {
+    long bytes = 64L * 1024;
+    Entry e;
+    for (int i = 0; checkpoint_entry(&t->model, t->comm, i, &e) == 0; i++) {
+        long n = 1;
+        for (int d = 0; d < e.ndim; d++) n *= e.dims[d];
+        bytes += n * (long)sizeof(float) + 4096;
+    }
+    return bytes;
+}
+
+/* Rank 0: whether --save's disk has room for the whole checkpoint. A save
+ * that runs out of space fails anyway (its temporary file is removed and
+ * the previous checkpoint stays the latest), but only after every rank has
+ * written into it and MPI-IO has printed a line per failed write; asked
+ * first, the answer is one clear message. */
+static int room_for_checkpoint(const Trainer *t, const char *dir, const char *final, char *err,
+                               size_t errlen) {
+    struct statvfs fs;
+    if (statvfs(dir, &fs) != 0) return 1;
+    long free_bytes = (long)(fs.f_bavail * fs.f_frsize), need = checkpoint_bytes_bound(t);
+    if (free_bytes >= need) return 1;
+    long latest = read_latest(dir);
+    char kept[64] = "there is no earlier checkpoint";
+    if (latest >= 0) snprintf(kept, sizeof kept, "checkpoint %ld stays the latest", latest);
+    snprintf(err, errlen,
+             "the disk of --save %s is full: %ld kB free where checkpoint %s needs up to %ld kB; "
+             "nothing was written and %s. Free space on that disk or choose another --save",
+             dir, free_bytes / 1024, final, need / 1024, kept);
+    return 0;
+}
+
 int checkpoint_save(const Trainer *t, long iteration, char *err, size_t errlen) {
     const Comm *c = t->comm;
     const char *dir = t->cfg->save;
     char tmp[PATH_LEN], final[PATH_LEN];
     snprintf(tmp, sizeof tmp, "%s/.iter_%07ld.h5.tmp", dir, iteration);
     checkpoint_path(final, sizeof final, dir, iteration);
+    int room = c->rank != 0 || room_for_checkpoint(t, dir, final, err, errlen);
+    if (comm_first_failed_rank(c, room) >= 0) {
+        comm_share_error(c, 0, err, errlen);
+        return -1;
+    }
     long file = checkpoint_file_create(tmp, c);
     int ok = comm_all_ok(c, file >= 0);
     if (ok) {
         ok = write_state(t, file);
-        ok = checkpoint_write_attributes(file, t->cfg, iteration, t->opt.t) == 0 && ok;
+        ok = checkpoint_write_attributes(file, t->cfg, iteration, t->opt.t, c->world_size,
+                                         c->ep_size) == 0 &&
+             ok;
         ok = checkpoint_file_close(file) == 0 && ok;
     }
     ok = comm_all_ok(c, ok);
     if (c->rank == 0) {
-        if (ok) ok = sync_path(tmp) == 0 && rename(tmp, final) == 0 && sync_path(dir) == 0;
+        int renamed = 0;
+        if (ok)
+            ok = sync_path(tmp) == 0 && (renamed = rename(tmp, final) == 0) && sync_path(dir) == 0;
         if (ok) ok = write_latest(dir, iteration) == 0;
         if (ok) prune(dir, t->cfg->save_keep);
-        if (!ok) unlink(tmp);
+        /* a checkpoint that latest does not name must not look like one */
+        if (!ok) unlink(renamed ? final : tmp);
     }
     if (comm_all_ok(c, ok)) return 0;
+    /* errno says little here: the failure may have been another rank's, in MPI-IO */
     snprintf(err, errlen,
-             "writing checkpoint %s failed (%s); check free disk space and that --save %s is "
-             "writable",
-             final, errno ? strerror(errno) : "HDF5 error", dir);
+             "writing checkpoint %s failed, and no file of it was kept; check free disk space "
+             "and that --save %s is writable",
+             final, dir);
     return -1;
 }
 
@@ -195,17 +260,6 @@ static int load_file(Trainer *t, const char *path, int load_optimizer, long *ite
     int failed = comm_first_failed_rank(t->comm, ok);
     if (failed >= 0) comm_share_error(t->comm, failed, err, errlen);
     return failed < 0 ? 0 : -1;
-}
-
-static long read_latest(const char *dir) {
-    char path[PATH_LEN];
-    snprintf(path, sizeof path, "%s/" LATEST_FILE, dir);
-    FILE *f = fopen(path, "r");
-    if (!f) return -1;
-    long it = -1;
-    if (fscanf(f, "%ld", &it) != 1) it = -1;
-    fclose(f);
-    return it;
 }
 
 int checkpoint_load(Trainer *t, const char *dir, int load_optimizer, long *iteration, char *err,

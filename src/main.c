@@ -4,8 +4,10 @@
  * --help and --version. */
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include "moesim/checkpoint.h"
 #include "moesim/comm.h"
 #include "moesim/config.h"
 #include "moesim/data.h"
@@ -21,7 +23,7 @@ static void print_usage(void) {
     printf(
         "usage: moesim train [--config FILE.ini] [--key value ...]\n"
         "       moesim bench [--config FILE.ini] [--key value ...]\n"
-        "       moesim info RUN.h5\n"
+        "       moesim info RUN.h5 | CHECKPOINT.h5 | SAVE_DIR\n"
         "       moesim platform\n"
         "       moesim --help | --version\n\n"
         "Trains a decoder-only Mixture-of-Experts transformer and writes an HDF5 run record.\n"
@@ -119,16 +121,31 @@ static int run_subcommand(const char *name, int argc, char **argv, Comm *comm, P
     return status;
 }
 
-/* `moesim info RUN.h5`: only rank 0 reads and prints. */
+/* `moesim info RUN.h5 | CHECKPOINT.h5 | SAVE_DIR`: only rank 0 reads and
+ * prints; a --save directory stands for its latest checkpoint. */
 static int print_info(int argc, char **argv, const Comm *comm) {
-    char err[MOESIM_ERR_MAX] = "";
+    char err[MOESIM_ERR_MAX] = "", path[MOESIM_PATH_MAX + 64];
     int status = 0;
+    struct stat st;
     if (argc != 1) {
-        snprintf(err, sizeof err, "moesim info takes one run record: moesim info RUN.h5");
+        snprintf(err, sizeof err,
+                 "moesim info takes one file: moesim info RUN.h5 | CHECKPOINT.h5 | SAVE_DIR");
         status = EXIT_USAGE;
-    } else if (comm->rank == 0 && record_print_info(argv[0], err, sizeof err) != 0) {
-        status = 1;
+    } else if (comm->rank != 0) {
+        return 0;
+    } else if (stat(argv[0], &st) == 0 && S_ISDIR(st.st_mode)) {
+        if (checkpoint_latest_file(argv[0], path, sizeof path) != 0) {
+            snprintf(err, sizeof err,
+                     "%s is a directory without a latest_checkpointed_iteration.txt, so not a "
+                     "--save directory; give a run record, a checkpoint file or a --save "
+                     "directory",
+                     argv[0]);
+            status = 1;
+        }
+    } else {
+        snprintf(path, sizeof path, "%s", argv[0]);
     }
+    if (status == 0 && record_print_info(path, err, sizeof err) != 0) status = 1;
     if (status != 0 && comm->rank == 0) fprintf(stderr, "moesim: error: %s\n", err);
     return status;
 }

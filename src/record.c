@@ -1,17 +1,26 @@
 #include "moesim/record.h"
 
+#include <errno.h>
+#include <fcntl.h>
 #include <hdf5.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
+#include <unistd.h>
+
+#include "moesim/output.h"
 
 #ifndef MOESIM_GIT_REVISION
 #define MOESIM_GIT_REVISION "unknown"
 #endif
 
 #define CHUNK_BYTES (64 * 1024)
+/* A failure message: a path and its explanation. */
+#define FAILURE_MAX (MOESIM_PATH_MAX + MOESIM_ERR_MAX)
 /* `moesim info` reads nothing schemas 4 and 5 added, so older records summarise too. */
 #define OLDEST_READABLE_SCHEMA 3
 /* Ends every "is corrupt" message of `moesim info`. */
@@ -83,6 +92,12 @@ static void iso8601_now(char *buf, size_t len) {
     strftime(buf, len, "%Y-%m-%dT%H:%M:%SZ", &tm);
 }
 
+static double unix_time_s(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
+}
+
 /* ---- buffered time series --------------------------------------------------- */
 
 /* One extendible dataset [rows, tail...] with rows buffered until a flush. */
@@ -94,6 +109,9 @@ typedef struct Series {
     size_t row_bytes;
     char *buffer;
     long buffered, capacity, written;
+    long chunk_rows;       /* rows of one chunk */
+    long chunks_per_block; /* chunks side by side across a row's shape */
+    size_t chunk_bytes;    /* of one chunk on disk */
 } Series;
 
 enum SeriesId {
@@ -183,6 +201,12 @@ struct Record {
     hid_t file;
     Series series[SERIES_COUNT];
     RecordLayout layout;
+    char path[MOESIM_PATH_MAX];
+    char reserve_path[MOESIM_PATH_MAX + 16]; /* empty when none is held */
+    long steps_on_disk;                      /* steps_done of the last good flush */
+    double last_write_s;                     /* unix time of the last good flush */
+    int failed;                              /* a flush failed: nothing more is appended */
+    char failure[FAILURE_MAX];
     /* derived-statistics scratch */
     long *processed;      /* [L*E] */
     double *per_layer;    /* [2*L] */
@@ -212,6 +236,27 @@ static int tail_dims(const RecordLayout *lay, enum Tail tail, hsize_t *dims) {
             dims[1] = (hsize_t)lay->experts;
             dims[2] = (hsize_t)lay->num_categories;
             return 3;
+    }
+    return 0;
+}
+
+/* The chunk shape of s->dset, for the bound on what a flush allocates. */
+static int series_chunk_geometry(Series *s) {
+    hid_t dcpl = H5Dget_create_plist(s->dset), space = H5Dget_space(s->dset);
+    hsize_t chunk[4] = {0}, dims[4] = {0};
+    int ndim = dcpl >= 0 ? H5Pget_chunk(dcpl, 4, chunk) : -1;
+    int dims_ndim = space >= 0 ? H5Sget_simple_extent_dims(space, dims, NULL) : -1;
+    if (dcpl >= 0) H5Pclose(dcpl);
+    if (space >= 0) H5Sclose(space);
+    if (ndim < 1 || ndim != dims_ndim) return -1;
+    s->chunk_rows = (long)chunk[0];
+    s->chunks_per_block = 1;
+    s->chunk_bytes = 8 * chunk[0];
+    for (int i = 1; i < ndim; i++) {
+        hsize_t extent =
+            i - 1 < s->tail_ndim && s->tail[i - 1] > dims[i] ? s->tail[i - 1] : dims[i];
+        s->chunks_per_block *= (long)((extent + chunk[i] - 1) / chunk[i]);
+        s->chunk_bytes *= chunk[i];
     }
     return 0;
 }
@@ -249,6 +294,7 @@ static int series_create(Series *s, hid_t file, const char *path, int is_long, i
     H5Pset_create_intermediate_group(lcpl, 1);
     s->dset = H5Dcreate2(file, path, file_type, space, lcpl, dcpl, H5P_DEFAULT);
     int st = s->dset < 0 ? -1 : set_string_attr(s->dset, "units", units);
+    if (st == 0) st = series_chunk_geometry(s);
     H5Pclose(lcpl);
     H5Pclose(dcpl);
     H5Sclose(space);
@@ -281,7 +327,7 @@ static int series_reopen(Series *s, hid_t file, const char *path, int is_long, i
     }
     dims[0] = (hsize_t)keep_rows;
     s->written = keep_rows;
-    return H5Dset_extent(s->dset, dims) < 0 ? -1 : 0;
+    return H5Dset_extent(s->dset, dims) < 0 ? -1 : series_chunk_geometry(s);
 }
 
 static int series_push(Series *s, const void *row) {
@@ -402,6 +448,7 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     st |= set_string_attr(file, "status", "running");
     st |= set_string_attr(file, "start_time", started);
     st |= set_string_attr(file, "end_time", "");
+    st |= set_string_attr(file, "failure", "");
     st |= set_long_attr(file, "steps_done", 0);
     st |= set_long_attr(file, "world_size", lay->world_size);
     st |= set_long_attr(file, "ep_size", lay->ep_size);
@@ -424,7 +471,49 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     return st;
 }
 
+/* ---- the disk reserve ------------------------------------------------------------ *
+ * A run stopped by a full disk must still write its final status and reason
+ * into the record: that takes a few kilobytes of new metadata, which a full
+ * disk does not have. The reserve is a file of RECORD_RESERVE_BYTES beside
+ * the record, allocated when the record opens and deleted just before the
+ * final attributes are written, so they always find room. posix_fallocate
+ * allocates real blocks (tmpfs, ext4, xfs; glibc writes them where the file
+ * system cannot). A killed run leaves it behind; the next run on that --out
+ * takes it over. */
+
+static int reserve_take(Record *r) {
+    snprintf(r->reserve_path, sizeof r->reserve_path, "%s.reserve", r->path);
+    int fd = open(r->reserve_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int st = fd < 0 ? errno : posix_fallocate(fd, 0, RECORD_RESERVE_BYTES);
+    if (st == 0 && fsync(fd) != 0) st = errno;
+    if (fd >= 0) close(fd);
+    if (st != 0) {
+        if (fd >= 0) unlink(r->reserve_path);
+        r->reserve_path[0] = '\0';
+        errno = st;
+        return -1;
+    }
+    return 0;
+}
+
+static void reserve_release(Record *r) {
+    if (r->reserve_path[0]) unlink(r->reserve_path);
+    r->reserve_path[0] = '\0';
+}
+
+/* The heartbeat: when the record was last written and how long the gap
+ * before that write was, so a reader can tell a live run from a dead one. */
+static int write_heartbeat(Record *r) {
+    double now = unix_time_s();
+    int st = set_double_attr(r->file, "last_write_time", now);
+    st |= set_double_attr(r->file, "flush_period_s",
+                          r->last_write_s > 0 ? now - r->last_write_s : 0.0);
+    r->last_write_s = now;
+    return st;
+}
+
 static void record_free(Record *r) {
+    reserve_release(r);
     for (int i = 0; i < SERIES_COUNT; i++) series_close(&r->series[i]);
     if (r->file > 0) H5Fclose(r->file);
     free(r->processed);
@@ -440,6 +529,7 @@ static Record *record_alloc(const char *path, const RecordLayout *layout, char *
     int L = layout->moe_layers > 0 ? layout->moe_layers : 1;
     if (r) {
         r->layout = *layout;
+        snprintf(r->path, sizeof r->path, "%s", path);
         r->processed = calloc((size_t)L * layout->experts, sizeof(long));
         r->per_layer = calloc(2 * (size_t)L, sizeof(double));
         r->per_layer_long = calloc((size_t)L, sizeof(long));
@@ -457,6 +547,14 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
                     size_t errlen) {
     Record *r = record_alloc(path, layout, err, errlen);
     if (!r) return NULL;
+    if (reserve_take(r) != 0) {
+        snprintf(err, errlen,
+                 "cannot set aside %ld kB beside the run record --out %s (%s): free space on "
+                 "that disk or choose another --out",
+                 RECORD_RESERVE_BYTES / 1024, path, strerror(errno));
+        record_free(r);
+        return NULL;
+    }
     r->file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (r->file < 0) {
         snprintf(err, errlen,
@@ -483,12 +581,15 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
         int ndim = tail_dims(layout, TAIL_RANK, tail);
         st |= series_create(&r->series[TIMING_FIRST + p], r->file, name, 0, ndim, tail, "s", 1);
     }
+    st |= write_heartbeat(r);
     if (st != 0 || H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0) {
         snprintf(err, errlen,
                  "cannot write the run record %s (HDF5 error); check free disk "
                  "space and permissions",
                  path);
         record_free(r);
+        /* a record cut short before its first step holds nothing to keep */
+        unlink(path);
         return NULL;
     }
     return r;
@@ -535,6 +636,14 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
                       size_t errlen) {
     Record *r = record_alloc(path, layout, err, errlen);
     if (!r) return NULL;
+    if (reserve_take(r) != 0) {
+        snprintf(err, errlen,
+                 "cannot set aside %ld kB beside the run record --out %s to continue it (%s): "
+                 "free space on that disk",
+                 RECORD_RESERVE_BYTES / 1024, path, strerror(errno));
+        record_free(r);
+        return NULL;
+    }
     r->file = H5Fopen(path, H5F_ACC_RDWR, H5P_DEFAULT);
     if (r->file < 0) {
         snprintf(err, errlen,
@@ -565,7 +674,10 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
         st |= series_reopen(&r->series[TIMING_FIRST + p], r->file, name, 0, ndim, tail, train_rows);
     }
     st |= set_string_attr(r->file, "status", "running");
+    st |= set_string_attr(r->file, "failure", "");
     st |= set_long_attr(r->file, "steps_done", iteration);
+    st |= write_heartbeat(r);
+    r->steps_on_disk = iteration;
     st |= append_resume(r->file, iteration, layout);
     if (st != 0 || H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0) {
         snprintf(err, errlen,
@@ -677,12 +789,87 @@ int record_append_eval(Record *r, const EvalRow *row) {
     return st ? -1 : 0;
 }
 
-int record_flush(Record *r, long steps_done) {
+/* What one flush can add to the file at most: every chunk its rows start,
+ * with a file-system block of rounding and a chunk-index (B-tree) node each,
+ * and a margin for the metadata HDF5 rewrites (dataspaces, attributes,
+ * heaps). Generous on purpose: too much stops a run on a nearly full disk a
+ * flush early; too little lets HDF5 fail mid-write, which it does not
+ * recover from (record_flush). */
+#define FLUSH_METADATA_BYTES (128L * 1024)
+#define CHUNK_INDEX_NODE_BYTES 4096L
+
+static long flush_bytes_bound(const Record *r, long block_bytes) {
+    long bytes = FLUSH_METADATA_BYTES;
+    for (int i = 0; i < SERIES_COUNT; i++) {
+        const Series *s = &r->series[i];
+        if (s->buffered == 0 || s->row_bytes == 0 || s->chunk_rows <= 0) continue;
+        long c = s->chunk_rows;
+        long new_blocks = (s->written + s->buffered + c - 1) / c - (s->written + c - 1) / c;
+        if (new_blocks == 0) continue;
+        bytes += new_blocks * s->chunks_per_block *
+                     ((long)s->chunk_bytes + block_bytes + CHUNK_INDEX_NODE_BYTES) +
+                 2 * CHUNK_INDEX_NODE_BYTES; /* a new index root, or a split up to it */
+    }
+    return bytes;
+}
+
+/* After a failed flush the record takes nothing more: its message is kept
+ * for record_close and handed to the caller. */
+static int flush_failed(Record *r, char *err, size_t errlen) {
+    r->failed = 1;
+    snprintf(err, errlen, "%s", r->failure);
+    return -1;
+}
+
+/* Measured on HDF5 1.10.8 filling a tmpfs: a flush whose writes fail
+ * midway leaves object headers pointing at chunks and index nodes that were
+ * never written (the file cannot be read, or reads zeros where rows were);
+ * flushing again after space is freed makes the file readable again, but
+ * the chunk whose write failed stays missing, even if its rows are written
+ * anew, and shrinking the datasets back damaged rows of earlier flushes. A
+ * failed write cannot be undone, so none is attempted: the rows go to disk
+ * only when the file system has room for all that the flush can allocate,
+ * and steps_done (with the heartbeat) is written in a second flush, after
+ * the rows it counts are on disk. */
+int record_flush(Record *r, long steps_done, char *err, size_t errlen) {
+    if (r->failed) return flush_failed(r, err, errlen);
+    long first = r->steps_on_disk + 1;
+    struct statvfs fs;
+    if (statvfs(r->path, &fs) == 0) {
+        long block = (long)fs.f_frsize, free_bytes = (long)(fs.f_bavail * fs.f_frsize);
+        long need = flush_bytes_bound(r, block);
+        if (free_bytes < need) {
+            snprintf(r->failure, sizeof r->failure,
+                     "the disk of the run record %s is full: %ld kB free where writing steps "
+                     "%ld-%ld needs up to %ld kB. The record is marked failed and reads back "
+                     "whole, holding %s %ld (its last flush); free space on that disk or choose "
+                     "another --out",
+                     r->path, free_bytes / 1024, first, steps_done, need / 1024,
+                     r->steps_on_disk ? "the steps up to" : "no step: steps_done",
+                     r->steps_on_disk);
+            return flush_failed(r, err, errlen);
+        }
+    }
+    errno = 0;
     int st = 0;
     for (int i = 0; i < SERIES_COUNT; i++) st |= series_flush(&r->series[i]);
-    st |= set_long_attr(r->file, "steps_done", steps_done);
-    if (H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0) st = -1;
-    return st ? -1 : 0;
+    if (st == 0 && H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0) st = -1;
+    if (st == 0) {
+        st |= set_long_attr(r->file, "steps_done", steps_done);
+        st |= write_heartbeat(r);
+        if (H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0) st = -1;
+    }
+    if (st == 0) {
+        r->steps_on_disk = steps_done;
+        return 0;
+    }
+    snprintf(r->failure, sizeof r->failure,
+             "writing steps %ld-%ld to the run record %s failed (%s). The record is marked "
+             "failed and its steps_done stays %ld, its last good flush; rows past that step, if "
+             "any, may be missing or zero. Free space on that disk or choose another --out",
+             first, steps_done, r->path, errno ? strerror(errno) : "HDF5 write error",
+             r->steps_on_disk);
+    return flush_failed(r, err, errlen);
 }
 
 const char *record_status_name(RecordStatus status) {
@@ -699,18 +886,30 @@ const char *record_status_name(RecordStatus status) {
     return "failed";
 }
 
-int record_close(Record *r, RecordStatus status, long steps_done) {
-    char ended[32];
+int record_close(Record *r, RecordStatus status, long steps_done, const char *reason, char *err,
+                 size_t errlen) {
+    char why[FAILURE_MAX], ended[32];
+    snprintf(why, sizeof why, "%s", reason ? reason : ""); /* reason may be err */
     iso8601_now(ended, sizeof ended);
-    int st = record_flush(r, steps_done);
-    if (st != 0) status = RECORD_FAILED; /* rows it claims may not be on disk */
-    st |= set_string_attr(r->file, "status", record_status_name(status));
-    st |= set_string_attr(r->file, "end_time", ended);
+    int st = record_flush(r, steps_done, err, errlen);
+    if (st != 0) status = RECORD_FAILED; /* rows it would claim are not on disk */
+    if (st != 0) snprintf(why, sizeof why, "%s", r->failure);
+    /* the last attributes take the reserve's room, which a full disk lacks */
+    reserve_release(r);
+    int closing = set_string_attr(r->file, "status", record_status_name(status));
+    closing |= set_string_attr(r->file, "failure",
+                               status == RECORD_FAILED || status == RECORD_DIVERGED ? why : "");
+    closing |= set_string_attr(r->file, "end_time", ended);
     for (int i = 0; i < SERIES_COUNT; i++) series_close(&r->series[i]);
-    if (H5Fclose(r->file) < 0) st = -1;
+    if (H5Fclose(r->file) < 0) closing = -1;
     r->file = 0;
+    if (closing != 0 && st == 0)
+        snprintf(err, errlen,
+                 "closing the run record %s failed; its status may still say running. Check "
+                 "free disk space",
+                 r->path);
     record_free(r);
-    return st ? -1 : 0;
+    return st || closing ? -1 : 0;
 }
 
 /* ---- moesim info ------------------------------------------------------------- */
@@ -786,12 +985,13 @@ static double last_value(hid_t file, const char *path) {
     return last;
 }
 
-static hid_t open_record_for_reading(const char *path, char *err, size_t errlen) {
+/* A file moesim wrote (a run record or a checkpoint), opened read-only. */
+static hid_t open_moesim_file(const char *path, char *err, size_t errlen) {
     FILE *probe = fopen(path, "rb");
     if (!probe) {
         snprintf(err, errlen,
                  "cannot open %s: no such file or not readable; give the path of a "
-                 "run record written by moesim train --out",
+                 "run record written by moesim train --out, or of a checkpoint (--save)",
                  path);
         return -1;
     }
@@ -829,15 +1029,25 @@ static hid_t open_record_for_reading(const char *path, char *err, size_t errlen)
         H5Fclose(file);
         return -1;
     }
+    return file;
+}
+
+/* What checkpoint_write_attributes writes and a record never has. */
+static int is_checkpoint(hid_t file) {
+    return H5Aexists(file, "iteration") > 0 && H5Aexists(file, "optimizer_steps") > 0 &&
+           H5Aexists(file, "steps_done") <= 0;
+}
+
+static int check_record_schema(hid_t file, const char *path, char *err, size_t errlen) {
+    long schema = long_attr_or(file, "schema_version", 0);
     if (schema < OLDEST_READABLE_SCHEMA || schema > MOESIM_SCHEMA_VERSION) {
         snprintf(
             err, errlen, "%s uses run-record schema %ld; this moesim reads schemas %d to %d: %s",
             path, schema, OLDEST_READABLE_SCHEMA, MOESIM_SCHEMA_VERSION,
             schema > MOESIM_SCHEMA_VERSION ? "use a newer moesim" : "re-run it with this moesim");
-        H5Fclose(file);
         return -1;
     }
-    return file;
+    return 0;
 }
 
 static void print_load_cv(hid_t file) {
@@ -1007,12 +1217,145 @@ static int check_readable(hid_t file, const char *path, char *err, size_t errlen
     return -1;
 }
 
+/* "42s", "5m 03s", "3h 07m", "2d 04h". */
+static void format_age(char *buf, size_t len, double seconds) {
+    long s = seconds < 0 ? 0 : (long)(seconds + 0.5);
+    if (s < 60)
+        snprintf(buf, len, "%lds", s);
+    else if (s < 3600)
+        snprintf(buf, len, "%ldm %02lds", s / 60, s % 60);
+    else if (s < 86400)
+        snprintf(buf, len, "%ldh %02ldm", s / 3600, s % 3600 / 60);
+    else
+        snprintf(buf, len, "%ldd %02ldh", s / 86400, s % 86400 / 3600);
+}
+
+/* A heartbeat older than this many flush periods (and than
+ * STALE_AFTER_MIN_S) means the writer stopped: a flush can come late by an
+ * evaluation or a checkpoint save, rarely by three periods. */
+#define STALE_AFTER_PERIODS 3.0
+#define STALE_AFTER_MIN_S 60.0
+
+/* Whether a "running" record's run is alive: the lock (a live process holds
+ * it; the kernel drops it when the process dies) and the heartbeat (a
+ * live but stuck process writes nothing). */
+static void print_liveness(hid_t file, const char *path) {
+    double last = double_attr_or(file, "last_write_time", NAN);
+    double period = double_attr_or(file, "flush_period_s", 0.0);
+    double stale_after = fmax(STALE_AFTER_PERIODS * period, STALE_AFTER_MIN_S);
+    char age[32] = "?", limit[32];
+    if (isfinite(last)) format_age(age, sizeof age, unix_time_s() - last);
+    format_age(limit, sizeof limit, stale_after);
+    int stale = isfinite(last) && unix_time_s() - last > stale_after;
+    if (!output_is_locked(path))
+        printf(
+            "  stopped without finishing: no process holds %s.lock and the last write was %s "
+            "ago (killed, or its node went down); the steps up to steps_done are readable\n",
+            path, age);
+    else if (stale)
+        printf(
+            "  stopped without finishing? a process still holds %s.lock, but the last write was "
+            "%s ago, over %s (%.0f flush periods, at least %.0fs): hung, or far slower\n",
+            path, age, limit, STALE_AFTER_PERIODS, STALE_AFTER_MIN_S);
+    else
+        printf("  live: a process holds %s.lock and wrote the record %s ago\n", path, age);
+}
+
+/* Datasets directly under group and their elements; 0 and 0 when absent. */
+static void count_tensors(hid_t file, const char *group, long *tensors, long *elements) {
+    *tensors = *elements = 0;
+    if (H5Lexists(file, group, H5P_DEFAULT) <= 0) return;
+    hid_t g = H5Gopen2(file, group, H5P_DEFAULT);
+    H5G_info_t info;
+    if (g < 0 || H5Gget_info(g, &info) < 0) info.nlinks = 0;
+    for (hsize_t i = 0; i < info.nlinks; i++) {
+        char name[256];
+        if (H5Lget_name_by_idx(g, ".", H5_INDEX_NAME, H5_ITER_INC, i, name, sizeof name,
+                               H5P_DEFAULT) < 0)
+            continue;
+        hid_t dset = H5Dopen2(g, name, H5P_DEFAULT);
+        hid_t space = dset >= 0 ? H5Dget_space(dset) : -1;
+        if (space >= 0) {
+            ++*tensors;
+            *elements += (long)H5Sget_simple_extent_npoints(space);
+            H5Sclose(space);
+        }
+        if (dset >= 0) H5Dclose(dset);
+    }
+    if (g >= 0) H5Gclose(g);
+}
+
+/* `moesim info` on a checkpoint file (checkpoint.c writes them). */
+static int print_checkpoint_info(hid_t file, const char *path) {
+    char version[64], revision[64], data[MOESIM_PATH_MAX];
+    string_attr(file, "moesim_version", version, sizeof version);
+    string_attr(file, "git_revision", revision, sizeof revision);
+    string_attr(file, "config.data_path", data, sizeof data);
+    long layers = long_attr_or(file, "config.num_layers", 0);
+    long moe_freq = long_attr_or(file, "config.moe_layer_freq", 1);
+    long tensors, params, m_tensors, m_values, v_tensors, v_values, biases, bias_values;
+    count_tensors(file, "params", &tensors, &params);
+    count_tensors(file, "adam_m", &m_tensors, &m_values);
+    count_tensors(file, "adam_v", &v_tensors, &v_values);
+    count_tensors(file, "expert_bias", &biases, &bias_values);
+    struct stat st;
+    double megabytes = stat(path, &st) == 0 ? (double)st.st_size / 1e6 : NAN;
+    long world = long_attr_or(file, "world_size", 0), ep = long_attr_or(file, "ep_size", 0);
+    printf("moesim checkpoint %s (%.2f MB)\n", path, megabytes);
+    printf(
+        "  written by moesim %s (git %s), checkpoint schema %ld | iteration %ld, optimizer "
+        "step %ld of %ld training steps\n",
+        version, revision, long_attr_or(file, "schema_version", 0),
+        long_attr_or(file, "iteration", 0), long_attr_or(file, "optimizer_steps", 0),
+        long_attr_or(file, "config.train_iters", 0));
+    if (world > 0)
+        printf("  saved on %ld ranks, expert-parallel size %ld (any layout can load it)\n", world,
+               ep);
+    else
+        printf(
+            "  saved on a layout it does not record (an older moesim); any layout can load it\n");
+    printf(
+        "  model: %ld layers (%ld MoE), hidden %ld, %ld heads, %ld experts top-%ld, expert ffn "
+        "%ld, seq %ld | %ld tensors, %ld parameters\n",
+        layers, moe_freq > 0 ? layers / moe_freq : 0, long_attr_or(file, "config.hidden_size", 0),
+        long_attr_or(file, "config.num_attention_heads", 0),
+        long_attr_or(file, "config.num_experts", 0),
+        long_attr_or(file, "config.moe_router_topk", 0),
+        long_attr_or(file, "config.moe_ffn_hidden_size", 0),
+        long_attr_or(file, "config.seq_length", 0), tensors, params);
+    int adam = m_tensors == tensors && v_tensors == tensors && m_values == params &&
+               v_values == params && tensors > 0;
+    char bias_note[64] = "none";
+    if (biases) snprintf(bias_note, sizeof bias_note, "%ld MoE layers", biases);
+    printf("  optimizer: %s | expert selection biases: %s\n",
+           adam ? "Adam moments present (adam_m, adam_v)"
+                : "no complete Adam moments (a resume restarts them from zero)",
+           bias_note);
+    printf("  data %s | seed %ld\n", data,
+           long_attr_or(file, "seed", long_attr_or(file, "config.seed", 0)));
+    return 0;
+}
+
 int record_print_info(const char *path, char *err, size_t errlen) {
-    hid_t file = open_record_for_reading(path, err, errlen);
+    hid_t file = open_moesim_file(path, err, errlen);
     if (file < 0) return -1;
-    if (check_readable(file, path, err, errlen) != 0) {
+    int checkpoint = is_checkpoint(file);
+    long schema = long_attr_or(file, "schema_version", 0);
+    if (checkpoint && schema > MOESIM_CHECKPOINT_SCHEMA)
+        snprintf(err, errlen,
+                 "%s uses checkpoint schema %ld; this moesim reads schemas up to %d: use a newer "
+                 "moesim",
+                 path, schema, MOESIM_CHECKPOINT_SCHEMA);
+    if ((checkpoint && schema > MOESIM_CHECKPOINT_SCHEMA) ||
+        (!checkpoint && check_record_schema(file, path, err, errlen) != 0) ||
+        check_readable(file, path, err, errlen) != 0) {
         H5Fclose(file);
         return -1;
+    }
+    if (checkpoint) {
+        int st = print_checkpoint_info(file, path);
+        H5Fclose(file);
+        return st;
     }
     char version[64], revision[64], status[32], started[32], ended[32], data[MOESIM_PATH_MAX];
     string_attr(file, "moesim_version", version, sizeof version);
@@ -1027,6 +1370,10 @@ int record_print_info(const char *path, char *err, size_t errlen) {
     printf("  written by moesim %s (git %s), schema %ld | status %s | started %s | ended %s\n",
            version, revision, long_attr_or(file, "schema_version", 0), status, started,
            ended[0] ? ended : "-");
+    if (strcmp(status, "running") == 0) print_liveness(file, path);
+    char failure[FAILURE_MAX];
+    string_attr(file, "failure", failure, sizeof failure);
+    if (strcmp(failure, "?") != 0 && failure[0]) printf("  failure: %s\n", failure);
     printf(
         "  model: %ld layers (%ld MoE), hidden %ld, %ld experts top-%ld, capacity factor "
         "%.3g, expert ffn %ld | %ld parameters, %ld active per token\n",
@@ -1042,8 +1389,15 @@ int record_print_info(const char *path, char *err, size_t errlen) {
         long_attr_or(file, "world_size", 0), long_attr_or(file, "ep_size", 0), data,
         long_attr_or(file, "config.seq_length", 0),
         long_attr_or(file, "config.micro_batch_size", 0), long_attr_or(file, "seed", 0));
-    printf("  steps: %ld of %ld\n", long_attr_or(file, "steps_done", 0),
-           long_attr_or(file, "config.train_iters", 0));
+    long steps_done = long_attr_or(file, "steps_done", 0);
+    printf("  steps: %ld of %ld\n", steps_done, long_attr_or(file, "config.train_iters", 0));
+    double last_row = last_value(file, "/train/step");
+    /* a live run writes its rows a moment before steps_done */
+    if (strcmp(status, "running") != 0 && last_row > (double)steps_done)
+        printf(
+            "  rows past steps_done (up to step %.0f) come from a flush that did not "
+            "complete: do not trust them\n",
+            last_row);
     printf("  loss: final train %.4f | final validation %.4f (step %.0f)\n",
            last_value(file, "/train/loss"), last_value(file, "/eval/loss"),
            last_value(file, "/eval/step"));
@@ -1133,9 +1487,11 @@ int checkpoint_write_f32(long file, const char *name, int ndim, const long *dims
     return st < 0 ? -1 : 0;
 }
 
-int checkpoint_write_attributes(long file, const Config *cfg, long iteration,
-                                long optimizer_steps) {
+int checkpoint_write_attributes(long file, const Config *cfg, long iteration, long optimizer_steps,
+                                int world_size, int ep_size) {
     int st = write_config_attributes(file, cfg);
+    st |= set_long_attr(file, "world_size", world_size);
+    st |= set_long_attr(file, "ep_size", ep_size);
     st |= set_string_attr(file, "moesim_version", MOESIM_VERSION);
     st |= set_long_attr(file, "schema_version", MOESIM_CHECKPOINT_SCHEMA);
     st |= set_string_attr(file, "git_revision", MOESIM_GIT_REVISION);

@@ -661,12 +661,14 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     double run_start = comm_wtime(), tokens_total = 0.0;
     StepStats stats = {0};
     long step = start, skipped = 0;
+    long steps_done = start; /* steps whose rows the record holds or buffers */
     int interrupted = 0, diverged = 0;
     preempt_install();
     for (; step < cfg->train_iters; step++) {
         trainer_step(&t, step, &stats);
         tokens_total += stats.tokens;
         long done = step + 1;
+        steps_done = done;
         diverged = stats.nonfinite && stop_on_nonfinite(&t, &skipped, done, &stats, err, errlen);
         int last = done == cfg->train_iters;
         if (!diverged && (done % cfg->eval_interval == 0 || last)) {
@@ -681,13 +683,11 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                        (last || (cfg->save_interval > 0 && done % cfg->save_interval == 0));
         /* a checkpoint's step must be on disk in the record before the
          * checkpoint is: a resume continues the record from there */
-        if (is_root && ok && (save_now || done % cfg->record_flush_interval == 0))
-            ok = record_flush(rs.rec, done) == 0;
         if (!ok)
-            snprintf(err, errlen,
-                     "writing step %ld to the run record %s failed; check free "
-                     "disk space and that nothing removed the file",
-                     done, cfg->out);
+            snprintf(err, errlen, "out of memory buffering step %ld for the run record %s", done,
+                     cfg->out);
+        else if (is_root && (save_now || done % cfg->record_flush_interval == 0))
+            ok = record_flush(rs.rec, done, err, errlen) == 0;
         if (!all_ok_or_share(comm, ok, err, errlen) || diverged) break;
         if (save_now && checkpoint_save(&t, done, err, errlen) != 0) break;
         /* a signal during the last step: the run is done anyway */
@@ -706,7 +706,10 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     ok = step == cfg->train_iters;
     if (interrupted) {
         if (is_root) report_interruption(interrupted, step, cfg);
-        if (is_root) record_close(rs.rec, RECORD_INTERRUPTED, step);
+        char close_err[MOESIM_ERR_MAX];
+        if (is_root && record_close(rs.rec, RECORD_INTERRUPTED, steps_done, NULL, close_err,
+                                    sizeof close_err) != 0)
+            fprintf(stderr, "moesim: warning: %s\n", close_err);
         run_state_free(&rs);
         trainer_free(&t);
         return MOESIM_EXIT_INTERRUPTED;
@@ -714,8 +717,10 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     double elapsed = comm_wtime() - run_start;
     if (is_root) {
         RecordStatus status = diverged ? RECORD_DIVERGED : ok ? RECORD_COMPLETE : RECORD_FAILED;
-        int closed = record_close(rs.rec, status, diverged ? step + 1 : step) == 0;
-        if (ok && !closed) snprintf(err, errlen, "closing the run record %s failed", cfg->out);
+        char close_err[MOESIM_ERR_MAX];
+        int closed = record_close(rs.rec, status, steps_done, ok ? NULL : err, close_err,
+                                  sizeof close_err) == 0;
+        if (ok && !closed) snprintf(err, errlen, "%s", close_err);
         ok = ok && closed;
         if (ok)
             printf(

@@ -3,7 +3,8 @@
  * DIR/iter_NNNNNNN.h5 holds every parameter and both Adam moments under
  * params/, adam_m/, adam_v/ (expert tensors with the global expert index as
  * their first dimension, so any expert-parallel layout reads its share), the
- * DeepSeek expert biases, the optimizer step and the resolved config. Each
+ * DeepSeek expert biases, the optimizer step, the resolved config and the
+ * layout it was saved on (world and expert-parallel sizes). Each
  * rank of expert-parallel group 0 writes its own experts and rank 0 the dense
  * replica, through parallel HDF5; nothing is gathered onto one rank.
  *
@@ -33,6 +34,10 @@ int checkpoint_load(Trainer *t, const char *dir, int load_optimizer, long *itera
 
 /* The path of iteration's checkpoint in dir. */
 void checkpoint_path(char *buf, size_t len, const char *dir, long iteration);
+
+/* The path of the checkpoint dir's latest_checkpointed_iteration.txt names;
+ * 0, or -1 when it names none. No MPI. */
+int checkpoint_latest_file(const char *dir, char *path, size_t len);
 
 #ifdef __cplusplus
 }

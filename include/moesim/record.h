@@ -20,6 +20,9 @@ extern "C" {
 
 #define MOESIM_VERSION "0.1.0"
 #define MOESIM_SCHEMA_VERSION 6
+/* Disk space set aside beside the record (PATH.reserve) for its final
+ * status when the disk fills up. */
+#define RECORD_RESERVE_BYTES (256L * 1024)
 
 /* What the record needs to know about the run's shape. */
 typedef struct RecordLayout {
@@ -75,7 +78,9 @@ void record_library_open(void);
 void record_library_close(void);
 
 /* Creates the file (truncating), writes the root attributes and creates every
- * dataset, status "running". Returns NULL with a message naming the path. */
+ * dataset, status "running", and sets aside the disk reserve (PATH.reserve,
+ * RECORD_RESERVE_BYTES) that lets a run stopped by a full disk still write
+ * its final status. Returns NULL with a message naming the path. */
 Record *record_open(const char *path, const Config *cfg, const RecordLayout *layout, char *err,
                     size_t errlen);
 /* Reopens the record of a run resumed after `iteration` steps: rows of
@@ -87,8 +92,13 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
 /* Buffer one row (no I/O). Return 0, or -1 when memory runs out. */
 int record_append_train(Record *r, const TrainRow *row, const StepDetail *detail);
 int record_append_eval(Record *r, const EvalRow *row);
-/* Appends every buffered row, updates steps_done and flushes the file. */
-int record_flush(Record *r, long steps_done);
+/* Appends every buffered row, flushes, and only then sets steps_done and
+ * the heartbeat (last_write_time). Nothing is written when the disk lacks
+ * room for the rows (a failed HDF5 write can leave rows that read back as
+ * zeros, so it must not be tried). Returns 0, or -1 with a message naming
+ * the record and the fix; after a failure the record takes no more rows and
+ * record_close marks it failed. */
+int record_flush(Record *r, long steps_done, char *err, size_t errlen);
 /* How a run ended, as the record's status attribute says it. */
 typedef enum RecordStatus {
     RECORD_COMPLETE, /* "complete": every step ran */
@@ -98,14 +108,20 @@ typedef enum RecordStatus {
 } RecordStatus;
 const char *record_status_name(RecordStatus status);
 
-/* Flushes, sets status (a "complete" whose flush failed becomes "failed"),
- * end_time, and closes; frees r. Returns 0, or -1 if any of it failed. */
-int record_close(Record *r, RecordStatus status, long steps_done);
+/* Flushes (unless a flush already failed), removes the disk reserve, sets
+ * status (a record whose flush failed becomes "failed"), the failure
+ * attribute of a failed or diverged run (reason, may be err; else the
+ * flush's own message), end_time, and closes; frees r. Returns 0, or -1
+ * with a message in err if any of it failed. */
+int record_close(Record *r, RecordStatus status, long steps_done, const char *reason, char *err,
+                 size_t errlen);
 
-/* `moesim info`: a human summary of a run record on stdout, printed only
- * after every dataset and attribute has been read back. Returns 0, or -1
- * with a message (missing file, not HDF5, not a moesim record, newer schema,
- * corrupt: something in it cannot be read). */
+/* `moesim info`: a human summary of a run record or of a checkpoint file
+ * (told apart by their attributes) on stdout, printed only after every
+ * dataset and attribute has been read back. A running record is said to be
+ * live or to have stopped without finishing (its lock, its heartbeat).
+ * Returns 0, or -1 with a message (missing file, not HDF5, not a moesim
+ * file, newer schema, corrupt: something in it cannot be read). */
 int record_print_info(const char *path, char *err, size_t errlen);
 
 /* Tensor files: flat float32/int32 datasets by name, for reference exports. */
@@ -124,7 +140,10 @@ int tensor_file_close(long file);
 long checkpoint_file_create(const char *path, const Comm *comm);
 int checkpoint_write_f32(long file, const char *name, int ndim, const long *dims, const float *data,
                          long first_row, long rows, int writes);
-int checkpoint_write_attributes(long file, const Config *cfg, long iteration, long optimizer_steps);
+/* The run's configuration, versions, iteration and optimizer step, and the
+ * layout it was saved on (world and expert-parallel sizes). */
+int checkpoint_write_attributes(long file, const Config *cfg, long iteration, long optimizer_steps,
+                                int world_size, int ep_size);
 int checkpoint_file_close(long file);
 long checkpoint_file_open(const char *path);
 int checkpoint_read_long(long file, const char *name, long *value);

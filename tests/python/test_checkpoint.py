@@ -231,6 +231,40 @@ def test_signal_to_one_rank_checkpoints_and_resumes(tmp_path, sig):
     assert_same(final_checkpoint(reference / "ckpt"), final_checkpoint(save), "final checkpoint")
 
 
+def moesim_info(path):
+    return subprocess.run([str(BUILD / "moesim"), "info", str(path)], env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_info_summarises_a_checkpoint_and_its_directory(uninterrupted):
+    path = final_checkpoint(uninterrupted / "ckpt")
+    info = moesim_info(path)
+    assert info.returncode == 0, info.stdout + info.stderr
+    with h5py.File(path, "r") as f:
+        tensors = len(f["params"])
+        parameters = sum(d.size for d in f["params"].values())
+        assert len(f["adam_m"]) == len(f["adam_v"]) == tensors
+    lines = info.stdout
+    assert lines.startswith(f"moesim checkpoint {path} (")
+    assert f"checkpoint schema 1 | iteration {STEPS}, optimizer step {STEPS} of {STEPS}" in lines
+    assert "saved on 2 ranks, expert-parallel size 2" in lines, lines
+    assert f"4 experts top-2, expert ffn 32, seq {SEQ} | {tensors} tensors, {parameters} " \
+        "parameters" in lines, lines
+    assert "Adam moments present" in lines, lines
+    directory = moesim_info(uninterrupted / "ckpt")
+    assert directory.returncode == 0 and directory.stdout == info.stdout, directory.stderr
+
+
+def test_info_reports_a_truncated_checkpoint_as_corrupt(uninterrupted, tmp_path):
+    data = final_checkpoint(uninterrupted / "ckpt").read_bytes()
+    path = tmp_path / "iter_0000200.h5"
+    path.write_bytes(data[:len(data) * 2 // 3])
+    info = moesim_info(path)
+    assert info.returncode == 1, info.stdout + info.stderr
+    assert info.stdout == "", "info printed before it had read everything"
+    assert f"moesim: error: {path} is corrupt" in info.stderr, info.stderr
+
+
 def test_finetune_takes_the_parameters_only(uninterrupted, tmp_path):
     """--finetune: a new run at step 0 from the checkpoint's parameters. Its
     step-0 evaluation is of exactly the parameters the checkpoint holds, so it

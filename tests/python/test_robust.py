@@ -3,6 +3,7 @@ skipped non-finite steps, an existing or busy record at --out left alone,
 `moesim info` refusing what it cannot read back; and the small defaults that
 used to get in the way (bare switches, the bias rate, soft routing alone, a
 missing output directory). Every subprocess runs with a timeout."""
+import fcntl
 import os
 import re
 import signal
@@ -250,6 +251,95 @@ def test_info_reads_a_good_record(good_record):
     result = moesim_info(good_record)
     assert result.returncode == 0, result.stderr
     assert "status complete" in result.stdout
+
+
+# ---- is a running record live? ------------------------------------------------------------
+
+def start_endless_run(out):
+    """A 2-rank run that would take hours, once it has flushed its record
+    (progress line at step 100, flushes every 10). mpirun leads a session of
+    its own, so the caller can kill everything it started."""
+    cmd = ["mpirun", "-n", "2", "--oversubscribe", str(BUILD / "moesim"), "train",
+           *flags({**SMALL, "train-iters": 1_000_000, "progress-interval": 100,
+                   "eval-interval": 500, "out": out})]
+    proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step"):
+            return proc, lines
+        if time.monotonic() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    pytest.fail("the run never started training:\n" + "".join(lines))
+
+
+def test_info_says_a_live_record_is_live(tmp_path):
+    out = tmp_path / "live.h5"
+    proc, lines = start_endless_run(out)
+    try:
+        info = moesim_info(out)
+        os.kill(rank_pids(out)[0], signal.SIGUSR1)
+        rest, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert info.returncode == 0, info.stdout + info.stderr
+    assert "status running" in info.stdout, info.stdout
+    assert f"live: a process holds {out}.lock and wrote the record" in info.stdout, info.stdout
+    assert proc.returncode == 75, "".join(lines) + rest
+    after = moesim_info(out)
+    assert after.returncode == 0 and "status interrupted" in after.stdout, after.stdout
+    assert "live:" not in after.stdout and "stopped without finishing" not in after.stdout
+
+
+def test_info_says_a_killed_run_stopped_without_finishing(tmp_path):
+    out = tmp_path / "killed.h5"
+    proc, _ = start_endless_run(out)
+    ranks = rank_pids(out)
+    try:
+        assert len(ranks) == 2, ranks
+        for pid in ranks:  # SIGKILL to mpirun alone would leave its ranks running
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while rank_pids(out) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not rank_pids(out), "the ranks outlived SIGKILL"
+    info = moesim_info(out)
+    assert info.returncode == 0, info.stdout + info.stderr
+    assert "status running" in info.stdout, info.stdout
+    assert re.search(rf"stopped without finishing: no process holds {re.escape(str(out))}\.lock "
+                     r"and the last write was \d+s ago", info.stdout), info.stdout
+    with h5py.File(out, "r") as f:
+        assert f.attrs["last_write_time"] <= time.time()
+        assert f.attrs["flush_period_s"] > 0
+
+
+def test_info_says_a_locked_record_without_a_heartbeat_stopped(tmp_path, good_record):
+    """A process that holds the lock but has written nothing for an hour (of
+    1 s flush periods) is no longer running its steps."""
+    path = tmp_path / "stuck.h5"
+    path.write_bytes(good_record.read_bytes())
+    with h5py.File(path, "r+") as f:
+        f.attrs["status"] = "running"
+        f.attrs["last_write_time"] = time.time() - 3600
+        f.attrs["flush_period_s"] = 1.0
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        held = moesim_info(path)
+    released = moesim_info(path)
+    assert held.returncode == 0, held.stderr
+    assert "stopped without finishing? a process still holds" in held.stdout, held.stdout
+    assert "the last write was 1h 00m ago, over 1m 00s" in held.stdout, held.stdout
+    assert released.returncode == 0, released.stderr
+    assert "stopped without finishing: no process holds" in released.stdout, released.stdout
 
 
 # ---- defaults that used to get in the way -------------------------------------------------
