@@ -2,6 +2,8 @@
 # A real one-machine SLURM cluster for tests (Debian's slurm-wlm 22.05 and
 # munge), sourced by test_slurm.sh. Provides:
 #   cluster_install      installs slurm-wlm and munge if missing (needs root)
+#   cluster_reap_stale   stops the daemons of clusters whose test run died
+#                        without cleaning up (SIGKILL), and removes their files
 #   cluster_start DIR    starts munged, slurmctld and slurmd with every file
 #                        under DIR; exports SLURM_CONF; waits for an idle node
 #   cluster_stop         cancels the cluster's jobs, stops its daemons by PID
@@ -9,6 +11,7 @@
 # The cluster has its own munge key and socket and its own free TCP ports, so
 # it shares nothing with a system munged or Slurm, and two test runs on one
 # machine do not meet. Daemons run as root (SlurmUser=SlurmdUser=root).
+# A requeued job starts again within 6 s (cred_expire, sched_interval).
 
 CLUSTER_DIR=
 CLUSTER_PIDS=()
@@ -60,14 +63,44 @@ cluster_node_idle() {
   [ "$(sinfo -h -N -o %T)" = idle ]
 }
 
+# A cluster directory of a test run that died without its EXIT trap (SIGKILL)
+# still has daemons running: each is stopped if its pid file names a process
+# whose command line mentions the directory, and the directory is removed
+# once its owner (the test's process, in run/owner.pid) is gone.
+cluster_reap_stale() {
+  local dir owner name pid
+  for dir in "$@"; do
+    [ -f "$dir/run/owner.pid" ] || continue
+    owner=$(cat "$dir/run/owner.pid")
+    [ -n "$owner" ] && kill -0 "$owner" 2>/dev/null && continue
+    for name in slurmd slurmctld munged; do
+      pid=$(cat "$dir/run/$name.pid" 2>/dev/null) || continue
+      [ -n "$pid" ] || continue
+      grep -qF "$dir/" "/proc/$pid/cmdline" 2>/dev/null || continue
+      echo "cluster: stopping $name (pid $pid) left running by a dead test run in $dir"
+      kill -TERM "$pid" 2>/dev/null || continue
+      cluster_wait_for 10 cluster_process_gone "$pid" || kill -KILL "$pid" 2>/dev/null || true
+    done
+    rm -rf "$dir"
+  done
+}
+
 cluster_start() {
   CLUSTER_DIR=$1
   local dir=$1 first_job_id host memory_mb node ports
+  # A requeued job may start again only cred_expire + 1 s later (120 s by
+  # default: two idle minutes per requeue in a test); the credential of a step
+  # on this one machine is checked within a second of its creation. Once it
+  # may, only the main scheduling loop starts it (backfill skips it), every
+  # sched_interval (60 s by default).
+  local cred_expire_s=5
   # munged refuses a socket whose directories are not searchable by all.
   chmod 755 "$dir"
   mkdir -p "$dir/key" "$dir/run" "$dir/state" "$dir/spool" "$dir/log" "$dir/tmp"
   chmod 700 "$dir/key"
   chmod 755 "$dir/run"
+  # The test's own process: while it lives, the cluster is not stale.
+  echo "$$" >"$dir/run/owner.pid"
 
   mungekey --create --keyfile="$dir/key/munge.key" || return 1
   cluster_daemon munged munged --foreground --socket="$dir/run/munge.socket" \
@@ -103,7 +136,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$dir/run/munge.socket
+AuthInfo=socket=$dir/run/munge.socket,cred_expire=$cred_expire_s
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/run/slurmctld.pid
@@ -119,6 +152,7 @@ ReturnToService=2
 MpiDefault=pmix
 MailProg=/bin/true
 KillWait=5
+SchedulerParameters=bf_interval=1,sched_interval=1
 FirstJobId=$first_job_id
 $node RealMemory=$memory_mb State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP

@@ -4,10 +4,15 @@
 # a tiny synthetic model on 2 tasks; once experiments/sweep exists,
 # experiments/slurm/sweep.sbatch runs experiments/sweeps/two_point.ini. Each
 # job must end COMPLETED with exit code 0 and leave records whose status is
-# 'complete' at the expected world size. Needs root and build/moesim. Every
-# daemon it started is stopped by PID, and its scratch directory removed, on
-# any exit (TEST_SLURM_KEEP=1 keeps the directory: logs, records, slurm.conf).
-# Time limits (seconds): TEST_SLURM_RUN_TIMEOUT (default 120),
+# 'complete' at the expected world size. Then preemption: a run.sbatch job
+# stopped by SIGUSR1 (requeued by the script) and by `scontrol requeue`
+# (requeued by SLURM) must end, resumed twice, with a record and a final
+# checkpoint equal to an uninterrupted run.sbatch job's. Needs root and
+# build/moesim. Every daemon it started is stopped by PID, and its scratch
+# directory removed, on any exit (TEST_SLURM_KEEP=1 keeps the directory: logs,
+# records, slurm.conf); a run killed with SIGKILL leaves its daemons to the
+# next run, which stops them. Time limits (seconds): each wait for a job or a
+# checkpoint TEST_SLURM_RUN_TIMEOUT (default 120), the sweep
 # TEST_SLURM_SWEEP_TIMEOUT (default 600).
 set -Eeuo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,6 +40,7 @@ fi
 # A surrounding allocation's variables would leak into our jobs.
 while read -r name; do unset "$name"; done < <(compgen -e | grep '^SLURM_' || true)
 
+cluster_reap_stale /tmp/moesim-slurm.*
 scratch=$(mktemp -d /tmp/moesim-slurm.XXXXXX)
 mkdir -p "$scratch/jobs" "$scratch/runs"
 
@@ -43,6 +49,7 @@ cleanup() {
   set +e
   cluster_stop
   if [ "${TEST_SLURM_KEEP:-0}" = 1 ]; then
+    rm -f "$scratch/run/owner.pid" # kept on purpose: not for cluster_reap_stale
     echo "test-slurm: kept $scratch (daemons stopped)"
   else
     rm -rf "$scratch"
@@ -69,25 +76,29 @@ fail() {
 }
 trap 'fail "line $LINENO: $BASH_COMMAND exited with status $?"' ERR
 
-# Submits "$@" with sbatch and waits up to $1 seconds for the job to leave
-# the queue; the job must end COMPLETED with exit code 0:0.
-submit_and_wait() {
-  local timeout_s=$1 deadline state exit_code info
-  shift
-  job_id=$(sbatch --parsable "$@") || fail "sbatch $* was refused"
-  echo "test-slurm: submitted job $job_id: sbatch $*"
+# The value of field $1 (JobState, ExitCode, Restarts, ...) of job $job_id.
+job_field() {
+  local info
+  info=$(scontrol show job -o "$job_id") || fail "scontrol lost job $job_id"
+  sed -n "s/.* $1=\([^ ]*\).*/\1/p" <<<" $info"
+}
+
+# Waits up to $1 seconds for job $job_id to leave the queue; it must end
+# COMPLETED with exit code 0:0 after $2 restarts (requeues).
+wait_for_completion() {
+  local timeout_s=$1 restarts=$2 deadline state
   deadline=$((SECONDS + timeout_s))
   while :; do
-    info=$(scontrol show job -o "$job_id") || fail "scontrol lost job $job_id"
-    state=$(sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p' <<<"$info")
-    exit_code=$(sed -n 's/.* ExitCode=\([0-9:]*\).*/\1/p' <<<"$info")
+    state=$(job_field JobState)
     case $state in
-      PENDING | CONFIGURING | RUNNING | COMPLETING | SUSPENDED) ;;
+      PENDING | CONFIGURING | RUNNING | COMPLETING | SUSPENDED | REQUEUED) ;;
       COMPLETED)
-        [ "$exit_code" = 0:0 ] || fail "job $job_id COMPLETED with exit code $exit_code"
+        [ "$(job_field ExitCode)" = 0:0 ] || fail "job $job_id COMPLETED with exit code $(job_field ExitCode)"
+        [ "$(job_field Restarts)" = "$restarts" ] ||
+          fail "job $job_id COMPLETED after $(job_field Restarts) restarts, not $restarts"
         break
         ;;
-      *) fail "job $job_id ended $state with exit code $exit_code" ;;
+      *) fail "job $job_id ended $state with exit code $(job_field ExitCode)" ;;
     esac
     if [ "$SECONDS" -ge "$deadline" ]; then
       scancel "$job_id"
@@ -95,7 +106,40 @@ submit_and_wait() {
     fi
     sleep 0.5
   done
-  echo "test-slurm: job $job_id COMPLETED, exit code 0:0, in $((SECONDS + timeout_s - deadline)) s"
+  echo "test-slurm: job $job_id COMPLETED, exit code 0:0, $restarts restart(s), in $((SECONDS + timeout_s - deadline)) s"
+}
+
+# Submits "$@" with sbatch and waits up to $1 seconds for the job to leave
+# the queue; the job must end COMPLETED with exit code 0:0.
+submit_and_wait() {
+  local timeout_s=$1
+  shift
+  job_id=$(sbatch --parsable "$@") || fail "sbatch $* was refused"
+  echo "test-slurm: submitted job $job_id: sbatch $*"
+  wait_for_completion "$timeout_s" 0
+}
+
+# Waits up to $3 seconds until job $job_id runs attempt $2 (its restart
+# count) and the checkpoint directory $1 names a step at or past $4.
+wait_for_checkpoint() {
+  local save=$1 restarts=$2 timeout_s=$3 step=$4 deadline latest state
+  deadline=$((SECONDS + timeout_s))
+  while :; do
+    state=$(job_field JobState)
+    latest=$(cat "$save/latest_checkpointed_iteration.txt" 2>/dev/null || true)
+    if [ "$state" = RUNNING ] && [ "$(job_field Restarts)" = "$restarts" ] &&
+      [[ $latest =~ ^[0-9]+$ ]] && [ "$latest" -ge "$step" ]; then
+      break
+    fi
+    case $state in
+      PENDING | CONFIGURING | RUNNING | COMPLETING | REQUEUED) ;;
+      *) fail "job $job_id ended $state (exit code $(job_field ExitCode)) before attempt $restarts saved step $step" ;;
+    esac
+    [ "$SECONDS" -lt "$deadline" ] ||
+      fail "job $job_id: no checkpoint at or past step $step of attempt $restarts within $timeout_s s (state $state, restarts $(job_field Restarts), latest checkpoint '${latest}')"
+    sleep 0.1
+  done
+  echo "test-slurm: job $job_id attempt $restarts saved step $latest"
 }
 
 cluster_install || fail "apt-get install slurm-wlm munge failed"
@@ -179,6 +223,71 @@ else
   echo "test-slurm: sweep.sbatch not run: experiments/sweep or $spec does not exist yet"
   skipped=$((skipped + 1))
 fi
+
+# Preemption (issue 13): one run.sbatch job stopped twice and requeued,
+# ending equal to an uninterrupted run.sbatch job of the same config. First
+# SIGUSR1 to the batch shell only, as --signal=B:USR1 sends it: the shell
+# passes it to srun, srun to each rank once (a second one would kill the rank
+# and fail the job), moesim saves and exits 75, the shell requeues the job.
+# Then `scontrol requeue`: SLURM sends SIGTERM to the ranks and requeues the
+# job itself; the ranks save within KillWait, or the periodic checkpoint is
+# the resume point. Each attempt resumes from the newest checkpoint.
+preempt_steps=2000
+cat >"$scratch/preempt.ini" <<EOF
+num-layers = 2
+hidden-size = 32
+num-attention-heads = 2
+seq-length = 16
+num-experts = 4
+moe-ffn-hidden-size = 32
+ffn-hidden-size = 64
+train-iters = $preempt_steps
+eval-interval = 500
+eval-iters = 1
+progress-interval = 500
+data-format = synthetic
+synthetic-tokens = 20000
+micro-batch-size = 2
+save-interval = 50
+save-keep = 2
+EOF
+job_log=$scratch/jobs/moesim-reference.out
+CONFIG=$scratch/preempt.ini OUT_DIR=$scratch/runs \
+  submit_and_wait "$run_timeout_s" -n 2 -J moesim-reference -t 10 -o "$job_log" experiments/slurm/run.sbatch
+reference=$scratch/runs/moesim-reference-$job_id
+
+job_log=$scratch/jobs/moesim-preempt.out
+usr1_stop="stopped by User defined signal 1 after step"
+job_id=$(CONFIG=$scratch/preempt.ini OUT_DIR=$scratch/runs \
+  sbatch --parsable -n 2 -J moesim-preempt -t 10 -o "$job_log" experiments/slurm/run.sbatch) ||
+  fail "sbatch experiments/slurm/run.sbatch was refused"
+echo "test-slurm: submitted job $job_id: run.sbatch of $preempt_steps steps, to be stopped twice"
+preempted=$scratch/runs/moesim-preempt-$job_id
+wait_for_checkpoint "$preempted.ckpt" 0 "$run_timeout_s" 400
+scancel --signal=USR1 --batch "$job_id"
+echo "test-slurm: scancel --signal=USR1 --batch $job_id"
+wait_for_checkpoint "$preempted.ckpt" 1 "$run_timeout_s" 0
+[ "$(grep -c "$usr1_stop" "$job_log")" = 1 ] || fail "attempt 0 did not stop on SIGUSR1"
+first_stop=$(sed -n "s/.*$usr1_stop \([0-9]*\) .*/\1/p" "$job_log")
+wait_for_checkpoint "$preempted.ckpt" 1 "$run_timeout_s" $((first_stop + 400))
+scontrol requeue "$job_id"
+echo "test-slurm: scontrol requeue $job_id"
+wait_for_completion "$run_timeout_s" 2
+mapfile -t resume_steps < <(sed -n "s|^resumed from $preempted.ckpt at step \([0-9]*\) .*|\1|p" "$job_log")
+[ ${#resume_steps[@]} = 2 ] ||
+  fail "job $job_id should have resumed twice from $preempted.ckpt; its log has ${#resume_steps[@]} 'resumed from' lines"
+[ "$(grep -c "$usr1_stop" "$job_log")" = 1 ] || fail "moesim should have stopped once on SIGUSR1"
+[ "$(grep -c "^run.sbatch: requeued job $job_id" "$job_log")" = 1 ] ||
+  fail "run.sbatch should have requeued job $job_id once, after SIGUSR1, and not after SLURM's SIGTERM"
+if grep -q "stopped by Terminated after step" "$job_log"; then
+  echo "test-slurm: attempt 1 stopped on SLURM's SIGTERM and saved; resumed at steps ${resume_steps[*]}"
+else
+  echo "test-slurm: attempt 1 was killed before it saved; resumed from the periodic checkpoints at steps ${resume_steps[*]}"
+fi
+$python tests/slurm/check_resumed.py --resume-steps "$(IFS=,; echo "${resume_steps[*]}")" \
+  "$reference.h5" "$reference.ckpt" "$preempted.h5" "$preempted.ckpt" ||
+  fail "the requeued job $job_id did not end as the uninterrupted job"
+passed=$((passed + 1))
 
 echo "test-slurm: done in $((SECONDS - started_s)) s"
 echo "test-slurm: $passed passed, 0 failed, $skipped skipped"
