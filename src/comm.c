@@ -220,8 +220,24 @@ void comm_ep_node_scatterv_floats(const Comm *c, const float *send, const int *c
 }
 
 void comm_ep_leaders_alltoallv_floats(const Comm *c, const float *send, const int *send_counts,
-                                      const int *send_displs, float *recv,
-                                      const int *recv_counts, const int *recv_displs) {
+                                      const int *send_displs, float *recv, const int *recv_counts,
+                                      const int *recv_displs) {
     MPI_Alltoallv(send, send_counts, send_displs, MPI_FLOAT, recv, recv_counts, recv_displs,
                   MPI_FLOAT, c->ep_leaders);
+}
+
+void comm_ep_ialltoallv_floats(const Comm *c, const float *send, const int *send_counts,
+                               const int *send_displs, float *recv, const int *recv_counts,
+                               const int *recv_displs, MPI_Request *request) {
+    MPI_Ialltoallv(send, send_counts, send_displs, MPI_FLOAT, recv, recv_counts, recv_displs,
+                   MPI_FLOAT, c->ep, request);
+}
+
+void comm_wait(MPI_Request *request) {
+    MPI_Wait(request, MPI_STATUS_IGNORE);
+}
+
+void comm_test_all(MPI_Request *requests, int n) {
+    int done = 0;
+    if (n > 0) MPI_Testall(n, requests, &done, MPI_STATUSES_IGNORE);
 }

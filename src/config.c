@@ -175,6 +175,16 @@ static const Option OPTIONS[] = {
      .help = "how token rows reach their experts: alltoall (one exchange between every pair of "
              "ranks) | hierarchical (gathered per node, one exchange per pair of nodes, then "
              "scattered; results are bit-identical)"},
+    {.name = "moe-overlap-chunks",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_overlap_chunks),
+     .min = 1,
+     .max = 1 << 20,
+     .default_text = "1",
+     .help = "K > 1: each local expert's rows travel without blocking and expert work on "
+             "arrived rows (in K chunks of local experts) hides the rest of the exchange; "
+             "bit-identical results; alltoall dispatcher only"},
     {.name = "ranks-per-node",
      .group = G_MOE,
      .type = OPT_INT,
@@ -1518,6 +1528,11 @@ int config_validate_layout(const Config *cfg, int world_size, char *err, size_t 
                     "--expert-model-parallel-size %d does not divide the %d ranks of this run; "
                     "use a divisor of %d (or launch a multiple of %d ranks)",
                     ep, world_size, world_size, ep);
+    if (cfg->moe_overlap_chunks > 1 && strcmp(cfg->moe_token_dispatcher_type, "hierarchical") == 0)
+        return fail(err, errlen,
+                    "--moe-overlap-chunks %d overlaps the alltoall dispatcher only; use "
+                    "--moe-token-dispatcher-type alltoall or --moe-overlap-chunks 1",
+                    cfg->moe_overlap_chunks);
     if (cfg->ranks_per_node > 0 && world_size % cfg->ranks_per_node != 0)
         return fail(err, errlen,
                     "--ranks-per-node %d does not divide the %d ranks of this run into whole "

@@ -38,7 +38,7 @@ static void hierarchy_free(Hierarchy *h) {
     memset(h, 0, sizeof *h);
 }
 
-int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical) {
+int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical, int overlap) {
     memset(d, 0, sizeof *d);
     d->E = E;
     d->ep_size = ep_size;
@@ -49,6 +49,16 @@ int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical)
         dispatch_free(d);
         return -1;
     }
+    d->overlap = overlap && ep_size > 1 && !d->hierarchical;
+    if (d->overlap) {
+        d->async_args = calloc((size_t)2 * d->E_local * 4 * ep_size, sizeof(int));
+        d->requests = malloc(sizeof(MPI_Request) * 2 * (size_t)d->E_local);
+        if (!d->async_args || !d->requests) {
+            dispatch_free(d);
+            return -1;
+        }
+        for (int i = 0; i < 2 * d->E_local; i++) d->requests[i] = MPI_REQUEST_NULL;
+    }
     size_t splits = (size_t)ep_size * grains;
     d->recv_grain_counts = calloc((size_t)E * grains, sizeof(int));
     d->split_begin = calloc((size_t)d->E_local * (splits + 1), sizeof(int));
@@ -56,13 +66,9 @@ int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical)
     d->send_row_begin = calloc((size_t)E + 1, sizeof(int));
     d->recv_counts = calloc((size_t)E, sizeof(int));
     d->expert_row_begin = calloc((size_t)d->E_local + 1, sizeof(int));
-    d->send_counts = calloc((size_t)ep_size, sizeof(int));
-    d->send_displs = calloc((size_t)ep_size, sizeof(int));
-    d->recv_counts_el = calloc((size_t)ep_size, sizeof(int));
-    d->recv_displs = calloc((size_t)ep_size, sizeof(int));
-    if (!d->send_row_begin || !d->recv_counts || !d->expert_row_begin || !d->send_counts ||
-        !d->send_displs || !d->recv_counts_el || !d->recv_displs || !d->recv_grain_counts ||
-        !d->split_begin || !d->rows_per_expert) {
+    d->args = calloc(4 * (size_t)ep_size, sizeof(int));
+    if (!d->send_row_begin || !d->recv_counts || !d->expert_row_begin || !d->args ||
+        !d->recv_grain_counts || !d->split_begin || !d->rows_per_expert) {
         dispatch_free(d);
         return -1;
     }
@@ -71,13 +77,12 @@ int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical)
 
 void dispatch_free(Dispatch *d) {
     hierarchy_free(&d->h);
+    free(d->async_args);
+    free(d->requests);
     free(d->send_row_begin);
     free(d->recv_counts);
     free(d->expert_row_begin);
-    free(d->send_counts);
-    free(d->send_displs);
-    free(d->recv_counts_el);
-    free(d->recv_displs);
+    free(d->args);
     free(d->recv_grain_counts);
     free(d->split_begin);
     free(d->rows_per_expert);
@@ -125,8 +130,8 @@ static void learn_every_count(Dispatch *d, const int *rows_per_expert_grain, con
         int offset = 0;
         for (int q = 0; q < P; q++)
             for (int k = 0; k < El; k++) {
-                const int *n = h->all_counts +
-                               ((long)p * E + placement_global_expert(&place, q, k)) * grains;
+                const int *n =
+                    h->all_counts + ((long)p * E + placement_global_expert(&place, q, k)) * grains;
                 int rows = 0;
                 for (int g = 0; g < grains; g++) rows += n[g];
                 long b = ((long)p * P + q) * El + k;
@@ -184,8 +189,9 @@ static int rows_to(const Direction *dir, int q) {
 static float *grow(float *buf, size_t floats) {
     float *grown = realloc(buf, sizeof(float) * (floats ? floats : 1));
     if (!grown) {
-        fprintf(stderr, "moesim: error: out of memory for the hierarchical exchange (%zu floats); "
-                        "use --moe-token-dispatcher-type alltoall or fewer ranks per node\n",
+        fprintf(stderr,
+                "moesim: error: out of memory for the hierarchical exchange (%zu floats); "
+                "use --moe-token-dispatcher-type alltoall or fewer ranks per node\n",
                 floats);
         exit(1); /* mpirun ends the job when a rank exits */
     }
@@ -222,9 +228,10 @@ static void exchange_between_nodes(const Direction *dir, int width, int mine,
                 for (int b = 0; b < m_count; b++) {
                     int p = mm[b], q = qs[a];
                     size_t n = (size_t)rows_of(dir, p, q, k) * width;
-                    memcpy(h->packed + off,
-                           h->gathered + gathered_at[b] + (size_t)source_offset(dir, p, q, k) * width,
-                           sizeof(float) * n);
+                    memcpy(
+                        h->packed + off,
+                        h->gathered + gathered_at[b] + (size_t)source_offset(dir, p, q, k) * width,
+                        sizeof(float) * n);
                     off += n;
                     /* what part `part` sends here: its ranks to this node's */
                     in += (size_t)rows_of(dir, qs[a], mm[b], k) * width;
@@ -251,15 +258,16 @@ static void place_arrived_rows(const Direction *dir, int width, int mine, const 
                 for (int a = 0; a < p_count; a++) {
                     int p = ps[a], q = mm[b];
                     size_t n = (size_t)rows_of(dir, p, q, k) * width;
-                    memcpy(h->outgoing + outgoing_at[b] + (size_t)target_offset(dir, p, q, k) * width,
-                           h->arrived + in, sizeof(float) * n);
+                    memcpy(
+                        h->outgoing + outgoing_at[b] + (size_t)target_offset(dir, p, q, k) * width,
+                        h->arrived + in, sizeof(float) * n);
                     in += n;
                 }
     }
 }
 
-static void exchange_through_nodes(Dispatch *d, const float *send, float *recv, int width,
-                                   int back, const Comm *comm) {
+static void exchange_through_nodes(Dispatch *d, const float *send, float *recv, int width, int back,
+                                   const Comm *comm) {
     Hierarchy *h = &d->h;
     Direction dir = {.h = h, .P = d->ep_size, .El = d->E_local, .back = back};
     int me = comm->ep_rank, mine = h->part_of[me], leader = comm->ep_node_rank == 0;
@@ -334,17 +342,20 @@ const int *dispatch_expert_splits(const Dispatch *d, int j, int *count) {
 
 /* The arguments of the exchange for local expert j: from the sender's block
  * (destination s, expert s*E_local+j) to the owner's block of expert j, whose
- * rows are ordered by source rank. */
-static void exchange_arguments(Dispatch *d, int j, int width) {
-    int owner_offset = 0;
-    Placement place = {.num_experts = d->E, .ep_size = d->ep_size};
-    for (int s = 0; s < d->ep_size; s++) {
+ * rows are ordered by source rank. args: send counts, send displacements,
+ * receive counts, receive displacements, ep_size each, in floats. */
+static void exchange_arguments(const Dispatch *d, int j, int width, int *args) {
+    int P = d->ep_size, owner_offset = 0;
+    int *send_counts = args, *send_displs = args + P, *recv_counts = args + 2 * P,
+        *recv_displs = args + 3 * P;
+    Placement place = {.num_experts = d->E, .ep_size = P};
+    for (int s = 0; s < P; s++) {
         int e = placement_global_expert(&place, s, j);
-        d->send_counts[s] = (d->send_row_begin[e + 1] - d->send_row_begin[e]) * width;
-        d->send_displs[s] = d->send_row_begin[e] * width;
-        d->recv_counts_el[s] = d->recv_counts[s * d->E_local + j] * width;
-        d->recv_displs[s] = owner_offset;
-        owner_offset += d->recv_counts_el[s];
+        send_counts[s] = (d->send_row_begin[e + 1] - d->send_row_begin[e]) * width;
+        send_displs[s] = d->send_row_begin[e] * width;
+        recv_counts[s] = d->recv_counts[s * d->E_local + j] * width;
+        recv_displs[s] = owner_offset;
+        owner_offset += recv_counts[s];
     }
 }
 
@@ -357,11 +368,12 @@ void dispatch_rows(Dispatch *d, const float *send, float *recv, int width, const
         exchange_through_nodes(d, send, recv, width, 0, comm);
         return;
     }
+    int P = d->ep_size, *args = d->args;
     for (int j = 0; j < d->E_local; j++) {
-        exchange_arguments(d, j, width);
-        comm_ep_alltoallv_floats(comm, send, d->send_counts, d->send_displs,
-                                 recv + (size_t)d->expert_row_begin[j] * width, d->recv_counts_el,
-                                 d->recv_displs);
+        exchange_arguments(d, j, width, args);
+        comm_ep_alltoallv_floats(comm, send, args, args + P,
+                                 recv + (size_t)d->expert_row_begin[j] * width, args + 2 * P,
+                                 args + 3 * P);
     }
 }
 
@@ -374,12 +386,12 @@ void combine_rows(Dispatch *d, const float *owner, float *back, int width, const
         exchange_through_nodes(d, owner, back, width, 1, comm);
         return;
     }
+    int P = d->ep_size, *args = d->args;
     for (int j = 0; j < d->E_local; j++) {
-        exchange_arguments(d, j, width);
+        exchange_arguments(d, j, width, args);
         /* Reverse direction: what was received is sent back to where it came from. */
-        comm_ep_alltoallv_floats(comm, owner + (size_t)d->expert_row_begin[j] * width,
-                                 d->recv_counts_el, d->recv_displs, back, d->send_counts,
-                                 d->send_displs);
+        comm_ep_alltoallv_floats(comm, owner + (size_t)d->expert_row_begin[j] * width, args + 2 * P,
+                                 args + 3 * P, back, args, args + P);
     }
 }
 
@@ -390,4 +402,40 @@ void dispatch_add_bytes_to_ranks(const Dispatch *d, int width, long *bytes) {
         int last = d->send_row_begin[placement_global_expert(&place, s, 0) + d->E_local];
         bytes[s] += (long)(last - first) * width * (long)sizeof(float);
     }
+}
+
+/* ---- overlap: one local expert at a time, without blocking ------------------- */
+
+static int *async_args_of(const Dispatch *d, int direction, int j) {
+    return d->async_args + ((size_t)direction * d->E_local + j) * 4 * d->ep_size;
+}
+
+void dispatch_expert_start(Dispatch *d, int j, const float *send, float *recv, int width,
+                           const Comm *comm) {
+    int P = d->ep_size, *args = async_args_of(d, 0, j);
+    exchange_arguments(d, j, width, args);
+    comm_ep_ialltoallv_floats(comm, send, args, args + P,
+                              recv + (size_t)d->expert_row_begin[j] * width, args + 2 * P,
+                              args + 3 * P, &d->requests[j]);
+}
+
+void dispatch_expert_wait(Dispatch *d, int j) {
+    comm_wait(&d->requests[j]);
+}
+
+void combine_expert_start(Dispatch *d, int j, const float *owner, float *back, int width,
+                          const Comm *comm) {
+    int P = d->ep_size, *args = async_args_of(d, 1, j);
+    exchange_arguments(d, j, width, args);
+    comm_ep_ialltoallv_floats(comm, owner + (size_t)d->expert_row_begin[j] * width, args + 2 * P,
+                              args + 3 * P, back, args, args + P, &d->requests[d->E_local + j]);
+}
+
+void combine_wait_all(Dispatch *d) {
+    for (int j = 0; j < d->E_local; j++) comm_wait(&d->requests[d->E_local + j]);
+}
+
+void dispatch_progress(void *arg) {
+    Dispatch *d = arg;
+    comm_test_all(d->requests, 2 * d->E_local);
 }

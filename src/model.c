@@ -20,6 +20,7 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->ep_size = ep_size;
     s->ep_rank = ep_rank;
     s->hierarchical_dispatch = strcmp(cfg->moe_token_dispatcher_type, "hierarchical") == 0;
+    s->overlap_chunks = cfg->moe_overlap_chunks;
     s->V = vocab_size;
     s->T = cfg->seq_length;
     s->C = cfg->hidden_size;
@@ -487,6 +488,7 @@ static void plan_model(Model *m, Layout *lay) {
                               .ep_size = s->ep_size,
                               .E_local = model_local_experts(s),
                               .hierarchical = s->hierarchical_dispatch,
+                              .overlap_chunks = s->overlap_chunks,
                               .activation = s->expert_activation};
 }
 

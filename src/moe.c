@@ -41,7 +41,8 @@ int moe_layer_init(MoeLayer *m, const MoeShape *s) {
     size_t F = (size_t)s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
     int grains = routing_grains(r);
     if (routing_init(&m->routing, r) != 0 ||
-        dispatch_init(&m->dispatch, r->E, s->ep_size, grains, s->hierarchical) != 0) {
+        dispatch_init(&m->dispatch, r->E, s->ep_size, grains, s->hierarchical,
+                      s->overlap_chunks > 1) != 0) {
         moe_layer_free(m);
         return -1;
     }
@@ -185,8 +186,9 @@ static void build_send_order(MoeLayer *m, const RouterShape *s) {
 }
 
 /* mm for local expert j's block: one call per (source rank, grain), and
- * weight gradients into that split's partial. */
-static Matmul expert_matmul(const Matmul *mm, const Dispatch *d, int j, RowSplit *split,
+ * weight gradients into that split's partial; with overlap, outstanding
+ * exchanges are tested between those calls. */
+static Matmul expert_matmul(const Matmul *mm, Dispatch *d, int j, RowSplit *split,
                             const MoeGrads *g) {
     Matmul view = mm ? *mm : (Matmul){0};
     int count;
@@ -196,21 +198,94 @@ static Matmul expert_matmul(const Matmul *mm, const Dispatch *d, int j, RowSplit
                         .grads = g ? g->grads : NULL,
                         .partials = g ? g->partials : NULL};
     view.split = split;
+    if (d->overlap) {
+        view.progress = dispatch_progress;
+        view.progress_arg = d;
+    }
     return view;
 }
 
-static void run_local_experts(MoeLayer *m, const MoeWeights *w, const MoeShape *s,
-                              const Matmul *mm) {
+static void run_local_expert(MoeLayer *m, const MoeWeights *w, const MoeShape *s, const Matmul *mm,
+                             int j) {
     int C = s->router.C, F = s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
     const int *begin = m->dispatch.expert_row_begin;
-    for (int j = 0; j < s->E_local; j++) {
-        long b = begin[j];
-        RowSplit split;
-        Matmul em = expert_matmul(mm, &m->dispatch, j, &split, NULL);
-        ffn_forward(m->expert_out + b * C, m->h_pre + b * FW, m->h_act + b * F,
-                    m->expert_in + b * C, w->w1 + (long)j * FW * C, w->w2 + (long)j * C * F,
-                    begin[j + 1] - begin[j], C, F, s->activation, &em);
+    long b = begin[j];
+    RowSplit split;
+    Matmul em = expert_matmul(mm, &m->dispatch, j, &split, NULL);
+    ffn_forward(m->expert_out + b * C, m->h_pre + b * FW, m->h_act + b * F, m->expert_in + b * C,
+                w->w1 + (long)j * FW * C, w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F,
+                s->activation, &em);
+}
+
+static void expert_backward(MoeLayer *m, const MoeGrads *g, const MoeWeights *w, MoeScratch *sc,
+                            const MoeShape *s, const Matmul *mm, int j) {
+    int C = s->router.C, F = s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
+    const int *begin = m->dispatch.expert_row_begin;
+    long b = begin[j];
+    RowSplit split;
+    Matmul em = expert_matmul(mm, &m->dispatch, j, &split, g->partials ? g : NULL);
+    ffn_backward(sc->dx_expert + b * C, g->w1 + (long)j * FW * C, g->w2 + (long)j * C * F,
+                 sc->dh + b * FW, sc->dy_expert + b * C, m->expert_in + b * C, m->h_pre + b * FW,
+                 m->h_act + b * F, w->w1 + (long)j * FW * C, w->w2 + (long)j * C * F,
+                 begin[j + 1] - begin[j], C, F, s->activation, &em);
+}
+
+/* One direction of an MoE layer with its exchange overlapped: every local
+ * expert's rows are requested at once; chunk by chunk of local experts, the
+ * arrived rows are worked on (testing the other requests between sgemms)
+ * and sent back at once. The rows, the calls and so the results are those
+ * of the blocking path; only dispatch and combine time the waiting. */
+typedef struct OverlapPass {
+    const float *send;  /* sender layout, out */
+    float *arrive;      /* owner layout, in */
+    const float *reply; /* owner layout, back */
+    float *back;        /* sender layout, back */
+} OverlapPass;
+
+static void overlap_pass(MoeLayer *m, const OverlapPass *pass, const MoeShape *s, const Comm *comm,
+                         double *phase_s, double *mark, void (*work)(void *ctx, int j), void *ctx) {
+    Dispatch *d = &m->dispatch;
+    int El = s->E_local, C = s->router.C;
+    int chunks = s->overlap_chunks < El ? s->overlap_chunks : El;
+    for (int j = 0; j < El; j++) dispatch_expert_start(d, j, pass->send, pass->arrive, C, comm);
+    timer_charge(phase_s, PHASE_DISPATCH, mark);
+    for (int c = 0; c < chunks; c++) {
+        int first = c * El / chunks, last = (c + 1) * El / chunks;
+        for (int j = first; j < last; j++) dispatch_expert_wait(d, j);
+        timer_charge(phase_s, PHASE_DISPATCH, mark);
+        for (int j = first; j < last; j++) work(ctx, j);
+        timer_charge(phase_s, PHASE_EXPERTS, mark);
+        for (int j = first; j < last; j++)
+            combine_expert_start(d, j, pass->reply, pass->back, C, comm);
     }
+    combine_wait_all(d);
+    timer_charge(phase_s, PHASE_COMBINE, mark);
+}
+
+typedef struct ForwardWork {
+    MoeLayer *m;
+    const MoeWeights *w;
+    const MoeShape *s;
+    const Matmul *mm;
+} ForwardWork;
+
+static void forward_work(void *ctx, int j) {
+    ForwardWork *f = ctx;
+    run_local_expert(f->m, f->w, f->s, f->mm, j);
+}
+
+typedef struct BackwardWork {
+    MoeLayer *m;
+    const MoeGrads *g;
+    const MoeWeights *w;
+    MoeScratch *sc;
+    const MoeShape *s;
+    const Matmul *mm;
+} BackwardWork;
+
+static void backward_work(void *ctx, int j) {
+    BackwardWork *b = ctx;
+    expert_backward(b->m, b->g, b->w, b->sc, b->s, b->mm, j);
 }
 
 /* Losses need the router demand of the whole global batch for
@@ -242,13 +317,17 @@ void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w, c
         memcpy(m->send_x + (long)row * C, x + (long)(m->row_choice[row] / S) * C,
                sizeof(float) * C);
     dispatch_plan(&m->dispatch, m->rows_per_expert, comm);
-    dispatch_rows(&m->dispatch, m->send_x, m->expert_in, C, comm);
-    timer_charge(phase_s, PHASE_DISPATCH, &mark);
-
-    run_local_experts(m, w, s, mm);
-    timer_charge(phase_s, PHASE_EXPERTS, &mark);
-
-    combine_rows(&m->dispatch, m->expert_out, m->send_y, C, comm);
+    if (m->dispatch.overlap) {
+        OverlapPass pass = {m->send_x, m->expert_in, m->expert_out, m->send_y};
+        ForwardWork work = {m, w, s, mm};
+        overlap_pass(m, &pass, s, comm, phase_s, &mark, forward_work, &work);
+    } else {
+        dispatch_rows(&m->dispatch, m->send_x, m->expert_in, C, comm);
+        timer_charge(phase_s, PHASE_DISPATCH, &mark);
+        for (int j = 0; j < s->E_local; j++) run_local_expert(m, w, s, mm, j);
+        timer_charge(phase_s, PHASE_EXPERTS, &mark);
+        combine_rows(&m->dispatch, m->expert_out, m->send_y, C, comm);
+    }
     memset(out, 0, sizeof(float) * (size_t)rs->N * C);
     for (long a = 0; a < (long)rs->N * S; a++) {
         int row = m->choice_row[a];
@@ -262,8 +341,7 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
                   const MoeWeights *w, MoeLayer *m, MoeScratch *sc, const MoeShape *s,
                   const Comm *comm, double *phase_s, const Matmul *mm) {
     const RouterShape *rs = &s->router;
-    int C = rs->C, F = s->F, S = m->routing.slots;
-    int FW = F * ffn_w1_rows_per_unit(s->activation);
+    int C = rs->C, S = m->routing.slots;
     double mark = timer_now_s();
     memset(sc->dgate, 0, sizeof(float) * (size_t)rs->N * S);
     for (int row = 0; row < m->dispatch.num_send_rows; row++) {
@@ -273,23 +351,18 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
         float *dy_row = sc->dy_send + (long)row * C;
         sc->dgate[a] = gate_grad_row(dy_row, m->routing.choice_gate[a], dy, y, C);
     }
-    dispatch_rows(&m->dispatch, sc->dy_send, sc->dy_expert, C, comm);
-    timer_charge(phase_s, PHASE_DISPATCH, &mark);
-
-    const int *begin = m->dispatch.expert_row_begin;
-    for (int j = 0; j < s->E_local; j++) {
-        long b = begin[j];
-        RowSplit split;
-        Matmul em = expert_matmul(mm, &m->dispatch, j, &split, g->partials ? g : NULL);
-        ffn_backward(sc->dx_expert + b * C, g->w1 + (long)j * FW * C, g->w2 + (long)j * C * F,
-                     sc->dh + b * FW, sc->dy_expert + b * C, m->expert_in + b * C,
-                     m->h_pre + b * FW, m->h_act + b * F, w->w1 + (long)j * FW * C,
-                     w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F, s->activation, &em);
+    if (m->dispatch.overlap) {
+        OverlapPass pass = {sc->dy_send, sc->dy_expert, sc->dx_expert, sc->dx_back};
+        BackwardWork work = {m, g, w, sc, s, mm};
+        overlap_pass(m, &pass, s, comm, phase_s, &mark, backward_work, &work);
+    } else {
+        dispatch_rows(&m->dispatch, sc->dy_send, sc->dy_expert, C, comm);
+        timer_charge(phase_s, PHASE_DISPATCH, &mark);
+        for (int j = 0; j < s->E_local; j++) expert_backward(m, g, w, sc, s, mm, j);
+        timer_charge(phase_s, PHASE_EXPERTS, &mark);
+        combine_rows(&m->dispatch, sc->dx_expert, sc->dx_back, C, comm);
+        timer_charge(phase_s, PHASE_COMBINE, &mark);
     }
-    timer_charge(phase_s, PHASE_EXPERTS, &mark);
-
-    combine_rows(&m->dispatch, sc->dx_expert, sc->dx_back, C, comm);
-    timer_charge(phase_s, PHASE_COMBINE, &mark);
 
     memset(dx, 0, sizeof(float) * (size_t)rs->N * C);
     router_backward(dx, &g->router, sc->dgate, x, &w->router, &m->routing, rs, &m->ctx);

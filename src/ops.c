@@ -121,6 +121,10 @@ float *row_split_grad(const RowSplit *split, float *dw, int i) {
     return split->partials[i] + (dw - split->grads);
 }
 
+static void keep_progress(const Matmul *mm) {
+    if (mm && mm->progress) mm->progress(mm->progress_arg);
+}
+
 void matmul_forward(float *out, const float *inp, const float *w, int N, int in_dim, int out_dim,
                     const Matmul *mm) {
     int ld_inp, ld_w;
@@ -133,6 +137,7 @@ void matmul_forward(float *out, const float *inp, const float *w, int N, int in_
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out_dim, in_dim, 1.0f,
                     inp + (long)first * ld_inp, ld_inp, w, ld_w, 0.0f, out + (long)first * out_dim,
                     out_dim);
+        keep_progress(mm);
     }
 }
 
@@ -153,6 +158,7 @@ void matmul_backward_into(float *dinp, float dinp_beta, float *dw, const float *
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, in_dim, out_dim, 1.0f,
                         dout + (long)first * ld_dout, ld_dout, w, ld_w, dinp_beta,
                         dinp + (long)first * in_dim, in_dim);
+            keep_progress(mm);
         }
     }
     inp = operand(mm, 1, inp, N, in_dim, in_dim, &ld_inp);
@@ -162,6 +168,7 @@ void matmul_backward_into(float *dinp, float dinp_beta, float *dw, const float *
         cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out_dim, in_dim, rows, 1.0f,
                     dout + (long)first * ld_dout, ld_dout, inp + (long)first * ld_inp, ld_inp, 1.0f,
                     row_split_grad(split, dw, i), in_dim);
+        keep_progress(mm);
     }
 }
 

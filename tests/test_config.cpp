@@ -925,7 +925,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 66u);
+    ASSERT_EQ(keys.size(), 67u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -1012,6 +1012,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"expert-model-parallel-size", "4"},
         {"moe-token-dispatcher-type", "hierarchical"},
         {"ranks-per-node", "2"},
+        {"moe-overlap-chunks", "3"},
         {"save", "/tmp/round/checkpoints"},
         {"save-interval", "25"},
         {"save-keep", "3"},
@@ -1073,6 +1074,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME(expert_model_parallel_size);
     EXPECT_SAME_STR(moe_token_dispatcher_type);
     EXPECT_SAME(ranks_per_node);
+    EXPECT_SAME(moe_overlap_chunks);
     EXPECT_SAME_STR(save);
     EXPECT_SAME(record_flush_interval);
     EXPECT_SAME(untie_embeddings_and_output_weights);
@@ -1714,6 +1716,11 @@ TEST(ConfigLayout, RanksPerNodeMustMakeWholeNodes) {
     cfg.ranks_per_node = 3;
     EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);
     ExpectMentions(err, {"--ranks-per-node 3", "4 ranks", "whole nodes"});
+    cfg.ranks_per_node = 2;
+    cfg.moe_overlap_chunks = 2;
+    strcpy(cfg.moe_token_dispatcher_type, "hierarchical");
+    EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);
+    ExpectMentions(err, {"--moe-overlap-chunks 2", "alltoall"});
 }
 
 // With the default --expert-model-parallel-size 0 the EP size is the rank

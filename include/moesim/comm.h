@@ -97,6 +97,15 @@ void comm_ep_alltoallv_floats(const Comm *c, const float *send, const int *send_
                               const int *send_displs, float *recv, const int *recv_counts,
                               const int *recv_displs);
 
+/* The same exchange without blocking (for overlap with expert work); the
+ * argument arrays must live until the request completes. */
+void comm_ep_ialltoallv_floats(const Comm *c, const float *send, const int *send_counts,
+                               const int *send_displs, float *recv, const int *recv_counts,
+                               const int *recv_displs, MPI_Request *request);
+/* Waits for one request; tests a set of them so they keep moving. */
+void comm_wait(MPI_Request *request);
+void comm_test_all(MPI_Request *requests, int n);
+
 /* The hierarchical exchange's steps, within the EP group: every rank's n
  * ints to every rank; the rows of this EP group's ranks on a node gathered
  * on (and scattered from) its leader; and the leaders' exchange. Counts and

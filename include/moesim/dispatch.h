@@ -42,6 +42,9 @@ typedef struct Hierarchy {
 typedef struct Dispatch {
     int E, E_local, ep_size;
     int hierarchical;       /* the three-step exchange instead of all-to-all */
+    int overlap;            /* per-expert non-blocking exchanges (dispatch_expert_start) */
+    int *async_args;        /* [2][E_local][4 * ep_size]: each request's MPI arguments */
+    MPI_Request *requests;  /* [2][E_local]: expert j's dispatch, then its combine */
     Hierarchy h;
     int grains;             /* per source rank: the finest split of an expert's rows */
     int *rows_per_expert;   /* [E] rows this rank sends to each global expert */
@@ -52,11 +55,12 @@ typedef struct Dispatch {
     int *split_begin;       /* [E_local][ep_size * grains + 1] within each local expert's block:
                                first row of each (source rank, grain), the expert's RowSplit */
     int num_send_rows, num_recv_rows;
-    /* MPI argument scratch, [ep_size] each, in elements (rows x width) */
-    int *send_counts, *send_displs, *recv_counts_el, *recv_displs;
+    /* MPI argument scratch of the blocking exchange, in floats: send counts,
+     * send displacements, receive counts, receive displacements, ep_size each */
+    int *args;
 } Dispatch;
 
-int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical);
+int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical, int overlap);
 void dispatch_free(Dispatch *d);
 
 /* From the sender's row counts per (global expert, grain) [E * grains]:
@@ -70,6 +74,20 @@ const int *dispatch_expert_splits(const Dispatch *d, int j, int *count);
 void dispatch_rows(Dispatch *d, const float *send, float *recv, int width, const Comm *comm);
 /* owner rows [num_recv_rows, width] -> sender rows [num_send_rows, width] */
 void combine_rows(Dispatch *d, const float *owner, float *back, int width, const Comm *comm);
+
+/* Overlap (alltoall only, ep_size > 1, dispatch_init with overlap): the same
+ * exchanges one local expert at a time without blocking, so expert work on
+ * arrived rows hides the rest in flight; the rows land exactly where
+ * dispatch_rows / combine_rows put them. Every rank starts them in the same
+ * order. */
+void dispatch_expert_start(Dispatch *d, int j, const float *send, float *recv, int width,
+                           const Comm *comm);
+void dispatch_expert_wait(Dispatch *d, int j);
+void combine_expert_start(Dispatch *d, int j, const float *owner, float *back, int width,
+                          const Comm *comm);
+void combine_wait_all(Dispatch *d);
+/* Tests every outstanding request (a Matmul progress hook; arg is the Dispatch). */
+void dispatch_progress(void *arg);
 
 /* Adds the bytes of `width`-float rows this rank sends to each EP rank to
  * bytes[ep_size]. */

@@ -23,7 +23,8 @@ typedef struct ModelShape {
     int E, K, Fe, G;       /* experts, top-k, expert FFN, routing group */
     int B;                 /* sequences per micro-batch */
     int ep_size, ep_rank;
-    int hierarchical_dispatch; /* --moe-token-dispatcher-type hierarchical */  /* this rank holds experts ep_rank*E/ep_size .. +E/ep_size-1 */
+    int hierarchical_dispatch; /* --moe-token-dispatcher-type hierarchical */
+    int overlap_chunks;        /* --moe-overlap-chunks */  /* this rank holds experts ep_rank*E/ep_size .. +E/ep_size-1 */
     int moe_layer_freq;
     int tied; /* LM head shares the token embedding */
     int norm_topk_prob;

@@ -22,6 +22,7 @@ typedef struct MoeShape {
     int ep_size; /* ranks sharing the experts */
     int E_local; /* experts held by this rank: router.E / ep_size */
     int hierarchical; /* dispatch through node leaders (dispatch.h) */
+    int overlap_chunks; /* > 1: expert work overlaps the exchange, in this many chunks */
     FfnActivation activation;
 } MoeShape;
 

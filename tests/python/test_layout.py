@@ -50,6 +50,10 @@ VARIANTS = {
 for n in (1, 2, 3):
     VARIANTS[f"hierarchical-nodes-of-{n}"] = {"moe-token-dispatcher-type": "hierarchical",
                                               "ranks-per-node": n}
+# Expert work overlapping the exchange, in 2 chunks and in more than the local experts.
+for k in (2, 4):
+    VARIANTS[f"overlap-{k}"] = {"moe-overlap-chunks": k}
+OVERLAP = [("overlap-2", 2, 2), ("overlap-2", 4, 2), ("overlap-4", 6, 2), ("overlap-2", 4, 4)]
 # (variant, world, EP): EP groups within a node, across nodes, one rank per
 # node, and groups that straddle a node boundary (world 6, nodes of 3, EP 2).
 HIERARCHICAL = [("hierarchical-nodes-of-1", 2, 2), ("hierarchical-nodes-of-2", 2, 2),
@@ -61,7 +65,7 @@ WORLD_SIZES = [1, 2, 3, 4, 6]  # each divides GLOBAL_BATCH
 MATRIX = [(p, ep) for p in WORLD_SIZES for ep in (1, 2, 4) if p % ep == 0 and EXPERTS % ep == 0]
 SUBSET = [(2, 2), (3, 1), (4, 2), (6, 2)]
 CASES = ([("dropped", p, ep) for p, ep in MATRIX] +
-         [(v, p, ep) for v in VARIANTS if v != "dropped" and not v.startswith("hierarchical")
+         [(v, p, ep) for v in VARIANTS if v != "dropped" and not v.startswith(("hierarchical", "overlap"))
           for p, ep in SUBSET])
 
 # The datasets of the contract, by group; /timing/ and /traffic/ depend on the layout by design.
@@ -270,6 +274,17 @@ def test_hierarchical_dispatch_is_bit_identical_to_one_rank(runs, variant, world
     attrs = run["attrs"]
     assert attrs["config.moe_token_dispatcher_type"] in ("hierarchical", b"hierarchical")
     assert (attrs["world_size"], attrs["ep_size"]) == (world, ep)
+    assert_identical(run, ref, f"{variant}: world {world} EP {ep}")
+
+
+@pytest.mark.parametrize("variant,world,ep", OVERLAP,
+                         ids=[f"{v}-world{p}-ep{e}" for v, p, e in OVERLAP])
+def test_overlapped_exchange_is_bit_identical_to_one_rank(runs, variant, world, ep):
+    """Non-blocking per-expert exchanges with expert work in between move the
+    same rows into the same places: the run equals the base's 1-rank run."""
+    ref = runs.get("dropped", 1, 1)
+    run = runs.get(variant, world, ep)
+    assert run["attrs"]["config.moe_overlap_chunks"] == VARIANTS[variant]["moe-overlap-chunks"]
     assert_identical(run, ref, f"{variant}: world {world} EP {ep}")
 
 
