@@ -41,6 +41,23 @@ def rank_pids(out):
     return [int(pid) for pid in found]
 
 
+def read_everything(path):
+    """Every attribute (as "/@name") and dataset of an HDF5 file through h5py;
+    raises if any of them cannot be read."""
+    values = {}
+    with h5py.File(path, "r") as f:
+        values.update({f"/@{k}": v for k, v in f.attrs.items()})
+        f.visititems(lambda name, obj: values.__setitem__(name, obj[()])
+                     if isinstance(obj, h5py.Dataset) else None)
+    return values
+
+
+def moesim_info(path):
+    """`moesim info path`, captured."""
+    return subprocess.run([str(BUILD / "moesim"), "info", str(path)], env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+
+
 def run_moesim(subcommand, options, timeout=600):
     return subprocess.run([str(BUILD / "moesim"), subcommand, *flags(options)],
                           env=clean_env(), capture_output=True, text=True, timeout=timeout)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from moesim_run import (BUILD, clean_env, final_checkpoint, flags, rank_pids, run_moesim,
-                        run_mpi)
+                        run_mpi, moesim_info)
 
 SEQ = 16
 STEPS = 200
@@ -229,11 +229,6 @@ def test_signal_to_one_rank_checkpoints_and_resumes(tmp_path, sig):
     assert result.returncode == 0, result.stdout + result.stderr
     assert_same(reference / "run.h5", out, "record")
     assert_same(final_checkpoint(reference / "ckpt"), final_checkpoint(save), "final checkpoint")
-
-
-def moesim_info(path):
-    return subprocess.run([str(BUILD / "moesim"), "info", str(path)], env=clean_env(),
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_info_summarises_a_checkpoint_and_its_directory(uninterrupted):

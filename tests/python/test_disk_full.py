@@ -13,7 +13,7 @@ import subprocess
 import h5py
 import pytest
 
-from moesim_run import BUILD, clean_env, flags
+from moesim_run import BUILD, clean_env, flags, moesim_info, read_everything
 
 SMALL = {
     "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16,
@@ -60,21 +60,6 @@ def run_two_ranks(options):
     statuses = dict(re.findall(r"^rank (\d) exit (\d+)$", stdout, re.M))
     errors = [line for line in (stdout + stderr).splitlines() if "moesim: error:" in line]
     return statuses, errors, stdout + stderr
-
-
-def read_everything(path):
-    """Every attribute and dataset through h5py (raises if any cannot be read)."""
-    values = {}
-    with h5py.File(path, "r") as f:
-        values.update({f"/@{k}": v for k, v in f.attrs.items()})
-        f.visititems(lambda name, obj: values.__setitem__(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
-    return values
-
-
-def moesim_info(path):
-    return subprocess.run([str(BUILD / "moesim"), "info", str(path)], env=clean_env(),
-                          capture_output=True, text=True, timeout=60)
 
 
 def assert_failed_record_reads_back(out, error):

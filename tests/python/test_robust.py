@@ -14,7 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from moesim_run import BUILD, clean_env, flags, rank_pids, run_moesim, run_mpi
+from moesim_run import (BUILD, clean_env, flags, moesim_info, rank_pids, read_everything,
+                        run_moesim, run_mpi)
 
 SMALL = {
     "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16,
@@ -34,16 +35,6 @@ TENSOR = re.compile(r"the first tensor with a non-finite gradient is (\S+) \((\d
 
 def error_lines(output):
     return [line for line in output.splitlines() if line.startswith("moesim: error:")]
-
-
-def read_everything(path):
-    """Every dataset and attribute of the file, or the exception reading raised."""
-    values = {}
-    with h5py.File(path, "r") as f:
-        values.update({f"/@{k}": v for k, v in f.attrs.items()})
-        f.visititems(lambda name, obj: values.__setitem__(name, obj[()])
-                     if isinstance(obj, h5py.Dataset) else None)
-    return values
 
 
 def train_finite_rows(f):
@@ -206,11 +197,6 @@ def test_missing_output_directories_are_created_by_rank_0(tmp_path):
 
 
 # ---- moesim info --------------------------------------------------------------------------
-
-def moesim_info(path):
-    return subprocess.run([str(BUILD / "moesim"), "info", str(path)], env=clean_env(),
-                          capture_output=True, text=True, timeout=60)
-
 
 @pytest.fixture(scope="module")
 def good_record(tmp_path_factory):
