@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from moesim_run import BUILD, clean_env, flags, run_moesim, write_synthetic_record
+from moesim_run import BUILD, clean_env, flags, moesim_info, run_moesim, write_synthetic_record
 
 SMALL = {
     "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16,
@@ -75,11 +75,6 @@ def complete_record(tmp_path_factory):
     result = run_moesim("train", {**SMALL, "train-iters": 12, "eval-interval": 6, "out": out})
     assert result.returncode == 0, result.stderr
     return out
-
-
-def moesim_info(path):
-    return subprocess.run([str(BUILD / "moesim"), "info", str(path)], env=clean_env(),
-                          capture_output=True, text=True, timeout=60)
 
 
 def test_info_summarises_a_run(complete_record):
