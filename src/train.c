@@ -439,6 +439,11 @@ static void print_header(const Trainer *t, const RecordLayout *layout) {
         model_local_experts(&m->shape), cfg->num_experts, expert_bytes / 1e6,
         4.0 * model_param_bytes(m) / 1e6);
     printf("platform: %s\n", platform);
+    printf("exchange: %s dispatcher, %d node(s)%s", cfg->moe_token_dispatcher_type,
+           t->comm->num_nodes, cfg->ranks_per_node ? " (emulated by --ranks-per-node)" : "");
+    if (cfg->moe_overlap_chunks > 1)
+        printf(", expert work overlapping it in %d chunks", cfg->moe_overlap_chunks);
+    printf("\n");
     printf("precision: matmul inputs %s, router %s%s; accumulation and master weights fp32\n",
            cfg->precision, cfg->moe_router_precision,
            config_uses_bf16(cfg) ? " (bf16 emulated: inputs rounded to bf16, then sgemm)" : "");

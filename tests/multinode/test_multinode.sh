@@ -5,7 +5,9 @@
 #   1. 4 ranks on 2 nodes x 2 ranks train bit-identically to 1 rank with the
 #      same global batch, at EP 4 (ranks by slot: 0,1 on node0, 2,3 on node1)
 #      and at EP 2 (ranks by node: 0,2 on node0, 1,3 on node1, so each EP
-#      group spans both nodes), and the records name the node of every rank;
+#      group spans both nodes), with the hierarchical dispatcher on the nodes
+#      Open MPI found (EP 4) and with expert work overlapping the exchange
+#      (EP 2, 2 chunks); the records name the node of every rank;
 #   2. Open MPI's verbose output shows TCP between nodes, to the veth
 #      addresses only, and vader (shared memory) within a node; the veth
 #      counters carry at least the bytes the record says crossed nodes;
@@ -33,8 +35,6 @@ export MOESIM_CLUSTER_ID=test MOESIM_CLUSTER_NODES=2 MOESIM_CLUSTER_SLOTS=2
 export MOESIM_CLUSTER_NET=10.213.15 MOESIM_CLUSTER_RATE=${MULTINODE_RATE:-1gbit}
 export MOESIM_CLUSTER_DIR=/tmp/moesim-cluster-test
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1
-# An enclosing mpirun's variables would turn our runs into its children.
-while read -r name; do unset "$name"; done < <(compgen -e | grep -E '^(OMPI_COMM|OMPI_MCA|PMIX_)' || true)
 node0="moesim-test-node0"
 node1="moesim-test-node1"
 address0=$MOESIM_CLUSTER_NET.1
@@ -77,17 +77,7 @@ fail() {
 }
 trap 'fail "line $LINENO: $BASH_COMMAND exited with status $?"' ERR
 
-# Every rank's placement and transport is set here. mpi_yield_when_idle: each
-# node's 2 slots look free to Open MPI, but all 4 ranks share this machine's
-# cores, and busy-polling ranks made a 30-step run 10x slower (8.9 s vs 0.9 s).
-mpi_cluster=(
-  mpirun --hostfile "$MOESIM_CLUSTER_DIR/hostfile" --oversubscribe --bind-to none
-  -x OPENBLAS_NUM_THREADS -x OMPI_ALLOW_RUN_AS_ROOT -x OMPI_ALLOW_RUN_AS_ROOT_CONFIRM
-  --mca plm_rsh_agent "$root/tests/multinode/launch_agent.sh" --mca plm_rsh_no_tree_spawn 1
-  --mca oob_tcp_if_include "$MOESIM_CLUSTER_NET.0/24"
-  --mca btl_tcp_if_include "$MOESIM_CLUSTER_NET.0/24" --mca btl "self,vader,tcp"
-  --mca mpi_yield_when_idle 1
-)
+mpi_cluster=(bash tests/multinode/cluster_mpirun.sh)
 
 tiny=(
   --num-layers 2 --hidden-size 32 --num-attention-heads 2 --seq-length 16 --num-experts 4
@@ -158,9 +148,20 @@ run_logged "$run_timeout_s" "$scratch/ep2.log" "${mpi_cluster[@]}" -n 4 --map-by
   "$moesim" train "${tiny[@]}" --train-iters "$steps" \
   --micro-batch-size "$micro_batch" --expert-model-parallel-size 2 --out "$scratch/ep2.h5"
 ep2_ms=$(($(now_ms) - t0))
+# The node-aware exchange on nodes Open MPI found itself (no --ranks-per-node),
+# and expert work overlapping an exchange that crosses the link.
+run_logged "$run_timeout_s" "$scratch/hier.log" "${mpi_cluster[@]}" -n 4 --map-by slot \
+  "$moesim" train "${tiny[@]}" --train-iters "$steps" --micro-batch-size "$micro_batch" \
+  --expert-model-parallel-size 4 --moe-token-dispatcher-type hierarchical --out "$scratch/hier.h5"
+grep -q "exchange: hierarchical dispatcher, 2 node(s)$" "$scratch/hier.log" ||
+  fail "$scratch/hier.log: the hierarchical run did not see 2 nodes: $(grep '^exchange:' "$scratch/hier.log")"
+run_logged "$run_timeout_s" "$scratch/overlap.log" "${mpi_cluster[@]}" -n 4 --map-by node \
+  "$moesim" train "${tiny[@]}" --train-iters "$steps" --micro-batch-size "$micro_batch" \
+  --expert-model-parallel-size 2 --moe-overlap-chunks 2 --out "$scratch/overlap.h5"
 echo "test-multinode: 4 ranks on 2 nodes, $steps steps: EP 4 in $ep4_ms ms (verbose), EP 2 in $ep2_ms ms"
 $python tests/multinode/compare_records.py "$scratch/ref.h5" \
-  "$scratch/ep4.h5:$node0,$node0,$node1,$node1" "$scratch/ep2.h5:$node0,$node1,$node0,$node1" ||
+  "$scratch/ep4.h5:$node0,$node0,$node1,$node1" "$scratch/ep2.h5:$node0,$node1,$node0,$node1" \
+  "$scratch/hier.h5:$node0,$node0,$node1,$node1" "$scratch/overlap.h5:$node0,$node1,$node0,$node1" ||
   fail "the 2-node runs differ from the 1-rank run (a real layout bug: moesim promises bit-identical records)"
 passed=$((passed + 1))
 
