@@ -68,7 +68,7 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 .PHONY: all deps run test unit cli pytest sanitize bench sweep test-slurm cf-sweep scaling \
-        specialization test-multinode clean FORCE
+        specialization test-multinode bench-multinode clean FORCE
 all: $(BUILD)/moesim
 
 deps:
@@ -136,6 +136,14 @@ test-slurm: deps
 test-multinode: deps
 	@$(MAKE) --no-print-directory $(BUILD)/moesim
 	bash tests/multinode/test_multinode.sh
+
+# The emulated 2-node cluster at several link rates (needs root): step time
+# of each dispatcher and overlap setting, exchange against a raw Alltoallv,
+# inter-node bytes. RATES=100mbit,1gbit,10gbit STEPS=10 ROUNDS=1 by default.
+bench-multinode: deps
+	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	$(PYTHON) experiments/bench_multinode $(if $(RATES),--rates $(RATES)) \
+		$(if $(STEPS),--steps $(STEPS)) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 # Experiments: a sweep, then its notebook executed beside the records.
 # Paths are absolute because nbconvert runs a notebook from its own folder.
