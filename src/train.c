@@ -643,6 +643,18 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     }
     if (cfg->finetune) start = 0; /* a new run from the loaded parameters */
     int resumes = config_continues_record(cfg);
+    /* A finished run loaded again (a requeue after the last step, or a
+     * forgotten --train-iters): nothing to train, and the record stays as
+     * it is. */
+    if (resumes && start >= cfg->train_iters) {
+        if (comm->rank == 0)
+            printf("moesim: %s's latest checkpoint is at step %ld, already --train-iters %d: "
+                   "nothing to train; the record %s is left as it is. Raise --train-iters to "
+                   "continue the run\n",
+                   cfg->load, start, cfg->train_iters, cfg->out);
+        trainer_free(&t);
+        return 0;
+    }
     RunState rs;
     if (run_state_init(&rs, &t, platform, resumes ? start : -1, err, errlen) != 0) {
         run_state_free(&rs);

@@ -171,6 +171,20 @@ def test_load_without_a_checkpoint_says_what_to_do(tmp_path):
     assert "latest_checkpointed_iteration.txt" in output and "--save" in output, output
 
 
+def test_loading_a_finished_run_trains_nothing_and_leaves_its_record(uninterrupted, tmp_path):
+    record = tmp_path / "run.h5"
+    record.write_bytes((uninterrupted / "run.h5").read_bytes())
+    before = hashlib.sha256(record.read_bytes()).hexdigest()
+    result = run(1, 1, record, tmp_path / "ckpt", load=uninterrupted / "ckpt")
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert f"latest checkpoint is at step {STEPS}, already --train-iters {STEPS}: nothing to " \
+        "train" in output and "Raise --train-iters" in output, output
+    assert "final train loss" not in output, output
+    assert hashlib.sha256(record.read_bytes()).hexdigest() == before
+    assert not any((tmp_path / "ckpt").iterdir()), "no checkpoint of a run that trained nothing"
+
+
 def test_save_keep_keeps_the_newest(tmp_path):
     save = tmp_path / "ckpt"
     result = run(1, 1, tmp_path / "run.h5", save, **{"save-keep": 2})
