@@ -68,8 +68,8 @@ int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical,
     d->expert_row_begin = calloc((size_t)d->E_local + 1, sizeof(int));
     d->args = calloc(4 * (size_t)ep_size, sizeof(int));
     d->sent_bytes = calloc((size_t)ep_size, sizeof(long));
-    if (!d->sent_bytes || !d->send_row_begin || !d->recv_counts || !d->expert_row_begin || !d->args ||
-        !d->recv_grain_counts || !d->split_begin || !d->rows_per_expert) {
+    if (!d->sent_bytes || !d->send_row_begin || !d->recv_counts || !d->expert_row_begin ||
+        !d->args || !d->recv_grain_counts || !d->split_begin || !d->rows_per_expert) {
         dispatch_free(d);
         return -1;
     }

@@ -1151,9 +1151,10 @@ static double mean_comm_ms(hid_t file, const char *what) {
 static void print_comm_summary(hid_t file) {
     if (H5Lexists(file, "/timing/comm", H5P_DEFAULT) <= 0) return;
     double exposed = mean_comm_ms(file, "exposed"), in_flight = mean_comm_ms(file, "in_flight");
-    printf("  communication per step (mean over logged steps and ranks): %.3f ms exposed, "
-           "%.3f ms in flight, %.3f ms hidden\n",
-           exposed, in_flight, in_flight - exposed);
+    printf(
+        "  communication per step (mean over logged steps and ranks): %.3f ms exposed, "
+        "%.3f ms in flight, %.3f ms hidden\n",
+        exposed, in_flight, in_flight - exposed);
     size_t n = 0, rows = 0;
     double *bytes = read_dataset(file, "/traffic/internode_bytes", &n, &rows), between = 0.0;
     size_t nodes = (size_t)llround(sqrt(rows ? (double)n / (double)rows : 0.0));

@@ -9,11 +9,18 @@ const char *const comm_kind_names[COMM_KIND_COUNT] = {"dispatch", "combine", "gr
 const char *const hier_stage_names[HIER_STAGE_COUNT] = {"gather", "leaders", "scatter"};
 
 const char *const comm_times_names[COMM_TIMES_COUNT] = {
-    "exposed/dispatch",          "exposed/combine",          "exposed/grad_reduce",
-    "in_flight/dispatch",        "in_flight/combine",        "in_flight/grad_reduce",
-    "hierarchical/dispatch_gather", "hierarchical/dispatch_leaders",
-    "hierarchical/dispatch_scatter", "hierarchical/combine_gather",
-    "hierarchical/combine_leaders", "hierarchical/combine_scatter",
+    "exposed/dispatch",
+    "exposed/combine",
+    "exposed/grad_reduce",
+    "in_flight/dispatch",
+    "in_flight/combine",
+    "in_flight/grad_reduce",
+    "hierarchical/dispatch_gather",
+    "hierarchical/dispatch_leaders",
+    "hierarchical/dispatch_scatter",
+    "hierarchical/combine_gather",
+    "hierarchical/combine_leaders",
+    "hierarchical/combine_scatter",
 };
 
 void comm_times_flatten(const CommTimes *t, double *row) {

@@ -106,8 +106,8 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     int reduce_ok = t->grain_rows && t->grain_totals && t->gathered;
     int model_ok = model_init(&t->model, &shape, cfg->seed, comm) == 0;
     t->nonfinite_flags = model_ok ? calloc((size_t)t->model.num_tensors, 1) : NULL;
-    if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !t->exchange_bytes || !stats_ok ||
-        !reduce_ok || !model_ok || !t->nonfinite_flags) {
+    if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !t->exchange_bytes ||
+        !stats_ok || !reduce_ok || !model_ok || !t->nonfinite_flags) {
         snprintf(err, errlen,
                  "out of memory building the model (%d layers, hidden %d, %d "
                  "experts, micro-batch %d x %d); make the model or the micro-batch smaller",
@@ -495,14 +495,14 @@ static int all_ok_or_share(const Comm *comm, int ok, char *err, size_t errlen) {
 typedef struct RunState {
     Record *rec; /* rank 0 */
     RecordLayout layout;
-    long *param_bytes; /* [world] */
-    char *hostnames;   /* [world][MOESIM_HOSTNAME_MAX] */
-    double *phase_all; /* [world * PHASE_COUNT], rank 0 */
-    long *bytes_all;   /* [world * world], rank 0 */
-    long *node_of_rank;   /* [world] each rank's node (Comm.node), rank 0 */
-    long *exchange_all;   /* [world * world] every rank's exchange_bytes, rank 0 */
-    long *internode;      /* [nodes * nodes] exchange_all summed over node blocks, rank 0 */
-    double *comm_all;     /* [world * COMM_TIMES_COUNT], rank 0 */
+    long *param_bytes;  /* [world] */
+    char *hostnames;    /* [world][MOESIM_HOSTNAME_MAX] */
+    double *phase_all;  /* [world * PHASE_COUNT], rank 0 */
+    long *bytes_all;    /* [world * world], rank 0 */
+    long *node_of_rank; /* [world] each rank's node (Comm.node), rank 0 */
+    long *exchange_all; /* [world * world] every rank's exchange_bytes, rank 0 */
+    long *internode;    /* [nodes * nodes] exchange_all summed over node blocks, rank 0 */
+    double *comm_all;   /* [world * COMM_TIMES_COUNT], rank 0 */
 } RunState;
 
 static long params_active_per_token(const Trainer *t) {
@@ -573,12 +573,13 @@ static void run_state_free(RunState *rs) {
 }
 
 /* Bytes from node to node: the rank-to-rank bytes summed over node blocks. */
-static void sum_node_blocks(const long *rank_bytes, const long *node_of_rank, int world,
-                            int nodes, long *node_bytes) {
+static void sum_node_blocks(const long *rank_bytes, const long *node_of_rank, int world, int nodes,
+                            long *node_bytes) {
     memset(node_bytes, 0, sizeof(long) * (size_t)nodes * nodes);
     for (int i = 0; i < world; i++)
         for (int j = 0; j < world; j++)
-            node_bytes[node_of_rank[i] * nodes + node_of_rank[j]] += rank_bytes[(long)i * world + j];
+            node_bytes[node_of_rank[i] * nodes + node_of_rank[j]] +=
+                rank_bytes[(long)i * world + j];
 }
 
 /* Gathers the per-rank details of a logged step and buffers it (rank 0). */

@@ -21,8 +21,13 @@ ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/l
 # Schema 7 added /timing/comm/... and /traffic/internode_bytes: an older
 # record has empty `comm_timing` and `internode` frames.
 FIRST_SCHEMA_WITH_COMM = 7
-# The communication kinds of /timing/comm/{exposed,in_flight}/<kind>.
+# The communication kinds of /timing/comm/{exposed,in_flight}/<kind>, and the
+# stages of /timing/comm/hierarchical/<direction>_<stage>.
 COMM_KINDS = ("dispatch", "combine", "grad_reduce")
+COMM_DATASETS = (tuple(f"{what}/{kind}" for what in ("exposed", "in_flight")
+                       for kind in COMM_KINDS) +
+                 tuple(f"hierarchical/{direction}_{stage}" for direction in ("dispatch", "combine")
+                       for stage in ("gather", "leaders", "scatter")))
 
 # The order docs/run-record.md lists the step phases in: roughly the order they
 # run, so stacked time bars read bottom-up like a step.
@@ -135,7 +140,7 @@ def _read_run(path: Path) -> Run:
         _check_schema(f, path)
         try:
             return _run_from_file(f, path)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # h5py raises either for a torn read
             raise TornReadError(f"{path}: reading failed ({err}). {TORN_READ_ADVICE}") from err
 
 
@@ -306,26 +311,14 @@ def _has_comm_datasets(f) -> bool:
     return int(f.attrs["schema_version"]) >= FIRST_SCHEMA_WITH_COMM
 
 
-def _comm_dataset_names(f, path) -> list:
-    if "timing/comm" not in f:
-        raise RecordError(f"{path}: group /timing/comm is missing, though schema "
-                          f"{SCHEMA_VERSION} always has it; the file is damaged or was not "
-                          f"written by moesim.")
-    names = []
-    f["timing/comm"].visititems(
-        lambda name, item: names.append(name) if isinstance(item, h5py.Dataset) else None)
-    return names
-
-
 def _comm_timing_frame(f, path, steps) -> pd.DataFrame:
     if not _has_comm_datasets(f):
         return pd.DataFrame(columns=["step", "rank", "exposed", "in_flight", "hidden"])
-    names = _comm_dataset_names(f, path)
     columns = {name.replace("/", "_"): _rows(f, f"timing/comm/{name}", path, steps)
-               for name in names}
+               for name in COMM_DATASETS}
     frame = _long_frame({"step": steps, "rank": None}, columns)
     for total in ("exposed", "in_flight"):
-        parts = [f"{total}_{kind}" for kind in COMM_KINDS if f"{total}_{kind}" in frame]
+        parts = [f"{total}_{kind}" for kind in COMM_KINDS]
         frame[total] = frame[parts].sum(axis=1, skipna=False)
     frame["hidden"] = frame["in_flight"] - frame["exposed"]
     return frame

@@ -32,8 +32,8 @@ typedef struct RecordLayout {
     const char *hostnames;       /* [world_size][hostname_len], NUL-padded */
     int hostname_len;
     const long *param_bytes_per_rank; /* [world_size] */
-    int num_nodes;
-    const long *node_of_rank; /* [world_size] node of each rank, 0 .. num_nodes-1 */
+    int num_nodes;                    /* nodes of the run (Comm.num_nodes) */
+    const long *node_of_rank;         /* [world_size] node of each rank, 0 .. num_nodes-1 */
     long params_total;                /* every expert counted once */
     long params_active_per_token;     /* dense + top_k experts per MoE layer */
     const Platform *platform;         /* rank 0's BLAS, threads, denormals; NULL = unknown */
