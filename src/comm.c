@@ -238,6 +238,10 @@ void comm_wait(MPI_Request *request) {
 }
 
 void comm_test_all(MPI_Request *requests, int n) {
-    int done = 0;
-    if (n > 0) MPI_Testall(n, requests, &done, MPI_STATUSES_IGNORE);
+    /* One by one, not MPI_Testall: that frees nothing until all are done,
+     * and a freed request is how its completion is seen (dispatch.c). */
+    for (int i = 0; i < n; i++) {
+        int done = 0;
+        if (requests[i] != MPI_REQUEST_NULL) MPI_Test(&requests[i], &done, MPI_STATUS_IGNORE);
+    }
 }

@@ -67,8 +67,9 @@ int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical,
     d->recv_counts = calloc((size_t)E, sizeof(int));
     d->expert_row_begin = calloc((size_t)d->E_local + 1, sizeof(int));
     d->args = calloc(4 * (size_t)ep_size, sizeof(int));
-    if (!d->send_row_begin || !d->recv_counts || !d->expert_row_begin || !d->args ||
-        !d->recv_grain_counts || !d->split_begin || !d->rows_per_expert) {
+    d->sent_bytes = calloc((size_t)ep_size, sizeof(long));
+    if (!d->sent_bytes || !d->send_row_begin || !d->recv_counts || !d->expert_row_begin ||
+        !d->args || !d->recv_grain_counts || !d->split_begin || !d->rows_per_expert) {
         dispatch_free(d);
         return -1;
     }
@@ -86,7 +87,21 @@ void dispatch_free(Dispatch *d) {
     free(d->recv_grain_counts);
     free(d->split_begin);
     free(d->rows_per_expert);
+    free(d->sent_bytes);
     memset(d, 0, sizeof *d);
+}
+
+void dispatch_reset_measures(Dispatch *d) {
+    memset(&d->times, 0, sizeof d->times);
+    memset(d->sent_bytes, 0, sizeof(long) * (size_t)d->ep_size);
+}
+
+/* A blocking exchange of `kind` that ran from `start` until now: all of it
+ * exposed, all of it in flight. */
+static void charge_blocking(Dispatch *d, enum CommKind kind, double start) {
+    double seconds = timer_now_s() - start;
+    d->times.exposed_s[kind] += seconds;
+    d->times.in_flight_s[kind] += seconds;
 }
 
 /* ---- the hierarchical exchange ------------------------------------------------ */
@@ -209,9 +224,10 @@ static void reserve(Hierarchy *h, size_t floats) {
 
 /* Step 2 on a leader: the gathered buffers of its ranks (part `mine`)
  * repacked into one message per node, blocks ordered (q, k, p), exchanged
- * among the leaders; arrived holds the messages of every node in order. */
+ * among the leaders; arrived holds the messages of every node in order.
+ * Each message's bytes go to sent_bytes[EP position of its node's leader]. */
 static void exchange_between_nodes(const Direction *dir, int width, int mine,
-                                   const int *gathered_at, const Comm *comm) {
+                                   const int *gathered_at, long *sent_bytes, const Comm *comm) {
     Hierarchy *h = (Hierarchy *)dir->h;
     const int *mm = h->members + h->part_begin[mine];
     int m_count = h->part_begin[mine + 1] - h->part_begin[mine];
@@ -238,6 +254,7 @@ static void exchange_between_nodes(const Direction *dir, int width, int mine,
                 }
         send_counts[part] = (int)(off - send_displs[part]);
         recv_counts[part] = (int)(in - recv_displs[part]);
+        sent_bytes[qs[0]] += (long)send_counts[part] * (long)sizeof(float);
     }
     comm_ep_leaders_alltoallv_floats(comm, h->packed, send_counts, send_displs, h->arrived,
                                      recv_counts, recv_displs);
@@ -286,8 +303,10 @@ static void exchange_through_nodes(Dispatch *d, const float *send, float *recv, 
         counts[b] = rows_from(&dir, mm[b]) * width;
         off += (size_t)counts[b];
     }
+    double *stage_s = d->times.hierarchical_s[back], t0 = timer_now_s();
     comm_ep_node_gatherv_floats(comm, send, rows_from(&dir, me) * width, h->gathered, counts, at);
-    if (leader) exchange_between_nodes(&dir, width, mine, at, comm);
+    double t1 = timer_now_s();
+    if (leader) exchange_between_nodes(&dir, width, mine, at, d->sent_bytes, comm);
     off = 0;
     for (int b = 0; b < m_count; b++) {
         at[b] = (int)off;
@@ -295,7 +314,12 @@ static void exchange_through_nodes(Dispatch *d, const float *send, float *recv, 
         off += (size_t)counts[b];
     }
     if (leader) place_arrived_rows(&dir, width, mine, at);
+    double t2 = timer_now_s();
     comm_ep_node_scatterv_floats(comm, h->outgoing, counts, at, recv, rows_to(&dir, me) * width);
+    double t3 = timer_now_s();
+    stage_s[HIER_GATHER] += t1 - t0;
+    stage_s[HIER_LEADERS] += t2 - t1;
+    stage_s[HIER_SCATTER] += t3 - t2;
 }
 
 void dispatch_plan(Dispatch *d, const int *rows_per_expert_grain, const Comm *comm) {
@@ -310,12 +334,14 @@ void dispatch_plan(Dispatch *d, const int *rows_per_expert_grain, const Comm *co
         d->send_row_begin[e + 1] = d->send_row_begin[e] + d->rows_per_expert[e];
     d->num_send_rows = d->send_row_begin[E];
     /* [source][local expert][grain], in the order the rows arrive */
+    double start = timer_now_s();
     if (d->ep_size == 1)
         memcpy(d->recv_grain_counts, rows_per_expert_grain, sizeof(int) * E * grains);
     else if (d->hierarchical)
         learn_every_count(d, rows_per_expert_grain, comm);
     else
         comm_ep_alltoall_ints(comm, rows_per_expert_grain, d->recv_grain_counts, El * grains);
+    if (d->ep_size > 1) charge_blocking(d, COMM_KIND_DISPATCH, start);
     d->expert_row_begin[0] = 0;
     for (int j = 0; j < El; j++) {
         int *begin = d->split_begin + (long)j * (splits + 1), rows = 0;
@@ -359,40 +385,53 @@ static void exchange_arguments(const Dispatch *d, int j, int width, int *args) {
     }
 }
 
+/* Bytes of counts[ep_size] floats to each EP position. */
+static void add_sent_floats(Dispatch *d, const int *counts) {
+    for (int s = 0; s < d->ep_size; s++) d->sent_bytes[s] += (long)counts[s] * (long)sizeof(float);
+}
+
 void dispatch_rows(Dispatch *d, const float *send, float *recv, int width, const Comm *comm) {
     if (d->ep_size == 1) {
         memcpy(recv, send, sizeof(float) * (size_t)d->num_send_rows * width);
+        d->sent_bytes[0] += (long)d->num_send_rows * width * (long)sizeof(float);
         return;
     }
+    double start = timer_now_s();
     if (d->hierarchical) {
         exchange_through_nodes(d, send, recv, width, 0, comm);
-        return;
+    } else {
+        int P = d->ep_size, *args = d->args;
+        for (int j = 0; j < d->E_local; j++) {
+            exchange_arguments(d, j, width, args);
+            add_sent_floats(d, args);
+            comm_ep_alltoallv_floats(comm, send, args, args + P,
+                                     recv + (size_t)d->expert_row_begin[j] * width, args + 2 * P,
+                                     args + 3 * P);
+        }
     }
-    int P = d->ep_size, *args = d->args;
-    for (int j = 0; j < d->E_local; j++) {
-        exchange_arguments(d, j, width, args);
-        comm_ep_alltoallv_floats(comm, send, args, args + P,
-                                 recv + (size_t)d->expert_row_begin[j] * width, args + 2 * P,
-                                 args + 3 * P);
-    }
+    charge_blocking(d, COMM_KIND_DISPATCH, start);
 }
 
 void combine_rows(Dispatch *d, const float *owner, float *back, int width, const Comm *comm) {
     if (d->ep_size == 1) {
         memcpy(back, owner, sizeof(float) * (size_t)d->num_recv_rows * width);
+        d->sent_bytes[0] += (long)d->num_recv_rows * width * (long)sizeof(float);
         return;
     }
+    double start = timer_now_s();
     if (d->hierarchical) {
         exchange_through_nodes(d, owner, back, width, 1, comm);
-        return;
+    } else {
+        int P = d->ep_size, *args = d->args;
+        for (int j = 0; j < d->E_local; j++) {
+            exchange_arguments(d, j, width, args);
+            add_sent_floats(d, args + 2 * P);
+            /* Reverse direction: what was received is sent back to where it came from. */
+            comm_ep_alltoallv_floats(comm, owner + (size_t)d->expert_row_begin[j] * width,
+                                     args + 2 * P, args + 3 * P, back, args, args + P);
+        }
     }
-    int P = d->ep_size, *args = d->args;
-    for (int j = 0; j < d->E_local; j++) {
-        exchange_arguments(d, j, width, args);
-        /* Reverse direction: what was received is sent back to where it came from. */
-        comm_ep_alltoallv_floats(comm, owner + (size_t)d->expert_row_begin[j] * width, args + 2 * P,
-                                 args + 3 * P, back, args, args + P);
-    }
+    charge_blocking(d, COMM_KIND_COMBINE, start);
 }
 
 void dispatch_add_bytes_to_ranks(const Dispatch *d, int width, long *bytes) {
@@ -410,32 +449,80 @@ static int *async_args_of(const Dispatch *d, int direction, int j) {
     return d->async_args + ((size_t)direction * d->E_local + j) * 4 * d->ep_size;
 }
 
+/* Requests of direction 0 (dispatch) or 1 (combine): E_local each. A
+ * request is in flight from just before its start until its completion is
+ * seen (comm sets it to MPI_REQUEST_NULL); per direction, in_flight_s adds
+ * the stretches during which at least one is. */
+static MPI_Request *requests_of(Dispatch *d, int direction) {
+    return d->requests + (size_t)direction * d->E_local;
+}
+
+static enum CommKind kind_of(int direction) {
+    return direction == 0 ? COMM_KIND_DISPATCH : COMM_KIND_COMBINE;
+}
+
+static void note_start(Dispatch *d, int direction, double now) {
+    if (d->outstanding[direction]++ == 0) d->busy_since[direction] = now;
+}
+
+static void note_completions(Dispatch *d, int direction, double now) {
+    const MPI_Request *req = requests_of(d, direction);
+    int left = 0;
+    for (int j = 0; j < d->E_local; j++) left += req[j] != MPI_REQUEST_NULL;
+    if (d->outstanding[direction] > 0 && left == 0)
+        d->times.in_flight_s[kind_of(direction)] += now - d->busy_since[direction];
+    d->outstanding[direction] = left;
+}
+
+/* Waits for one request, exposed time only while it was still in flight. */
+static void wait_request(Dispatch *d, int direction, int j) {
+    MPI_Request *req = &requests_of(d, direction)[j];
+    if (*req == MPI_REQUEST_NULL) return;
+    double start = timer_now_s();
+    comm_wait(req);
+    double now = timer_now_s();
+    d->times.exposed_s[kind_of(direction)] += now - start;
+    note_completions(d, direction, now);
+}
+
 void dispatch_expert_start(Dispatch *d, int j, const float *send, float *recv, int width,
                            const Comm *comm) {
     int P = d->ep_size, *args = async_args_of(d, 0, j);
     exchange_arguments(d, j, width, args);
+    add_sent_floats(d, args);
+    double start = timer_now_s();
+    note_start(d, 0, start);
     comm_ep_ialltoallv_floats(comm, send, args, args + P,
                               recv + (size_t)d->expert_row_begin[j] * width, args + 2 * P,
                               args + 3 * P, &d->requests[j]);
+    d->times.exposed_s[COMM_KIND_DISPATCH] += timer_now_s() - start;
 }
 
 void dispatch_expert_wait(Dispatch *d, int j) {
-    comm_wait(&d->requests[j]);
+    wait_request(d, 0, j);
 }
 
 void combine_expert_start(Dispatch *d, int j, const float *owner, float *back, int width,
                           const Comm *comm) {
     int P = d->ep_size, *args = async_args_of(d, 1, j);
     exchange_arguments(d, j, width, args);
+    add_sent_floats(d, args + 2 * P);
+    double start = timer_now_s();
+    note_start(d, 1, start);
     comm_ep_ialltoallv_floats(comm, owner + (size_t)d->expert_row_begin[j] * width, args + 2 * P,
                               args + 3 * P, back, args, args + P, &d->requests[d->E_local + j]);
+    d->times.exposed_s[COMM_KIND_COMBINE] += timer_now_s() - start;
 }
 
 void combine_wait_all(Dispatch *d) {
-    for (int j = 0; j < d->E_local; j++) comm_wait(&d->requests[d->E_local + j]);
+    for (int j = 0; j < d->E_local; j++) wait_request(d, 1, j);
 }
 
 void dispatch_progress(void *arg) {
     Dispatch *d = arg;
+    if (d->outstanding[0] + d->outstanding[1] == 0) return;
     comm_test_all(d->requests, 2 * d->E_local);
+    double now = timer_now_s();
+    note_completions(d, 0, now);
+    note_completions(d, 1, now);
 }

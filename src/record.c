@@ -142,17 +142,32 @@ enum SeriesId {
     ROUTING_MEAN_ABS_LOGIT,
     ROUTING_LOGSUMEXP_SQ,
     TRAFFIC_DISPATCH,
+    TRAFFIC_INTERNODE,
     EVAL_STEP,
     EVAL_LOSS,
     SPEC_STEP,
     SPEC_COUNTS,
     SPEC_MUTUAL_INFORMATION,
     TIMING_FIRST,
-    SERIES_COUNT = TIMING_FIRST + PHASE_COUNT
+    COMM_TIMING_FIRST = TIMING_FIRST + PHASE_COUNT,
+    SERIES_COUNT = COMM_TIMING_FIRST + COMM_TIMES_COUNT
 };
 
 /* The shape that follows the row dimension. */
-enum Tail { TAIL_NONE, TAIL_LAYER, TAIL_LAYER_EXPERT, TAIL_RANK, TAIL_RANK_RANK, TAIL_SPEC };
+enum Tail {
+    TAIL_NONE,
+    TAIL_LAYER,
+    TAIL_LAYER_EXPERT,
+    TAIL_RANK,
+    TAIL_RANK_RANK,
+    TAIL_NODE_NODE,
+    TAIL_SPEC
+};
+
+/* Dimensions set by the layout, which a resume may change (series_create). */
+static int tail_grows(enum Tail tail) {
+    return tail == TAIL_RANK || tail == TAIL_RANK_RANK || tail == TAIL_NODE_NODE;
+}
 
 typedef struct SeriesSpec {
     enum SeriesId id;
@@ -190,6 +205,7 @@ static const SeriesSpec SERIES[] = {
     {ROUTING_MEAN_ABS_LOGIT, "/routing/mean_abs_logit", 0, TAIL_LAYER, "1"},
     {ROUTING_LOGSUMEXP_SQ, "/routing/logsumexp_sq", 0, TAIL_LAYER, "1"},
     {TRAFFIC_DISPATCH, "/traffic/dispatch_bytes", 1, TAIL_RANK_RANK, "bytes"},
+    {TRAFFIC_INTERNODE, "/traffic/internode_bytes", 1, TAIL_NODE_NODE, "bytes"},
     {EVAL_STEP, "/eval/step", 1, TAIL_NONE, "step"},
     {EVAL_LOSS, "/eval/loss", 0, TAIL_NONE, "nats/token"},
     {SPEC_STEP, "/specialization/step", 1, TAIL_NONE, "step"},
@@ -214,6 +230,19 @@ struct Record {
     double *timing_row;   /* [P] */
 };
 
+/* The per-rank float series of /timing: the phases, then the communication
+ * times (/timing/comm/...). */
+static int timing_series_count(void) {
+    return PHASE_COUNT + COMM_TIMES_COUNT;
+}
+
+static void timing_series_path(int i, char *path, size_t len) {
+    if (i < PHASE_COUNT)
+        snprintf(path, len, "/timing/%s", phase_names[i]);
+    else
+        snprintf(path, len, "/timing/comm/%s", comm_times_names[i - PHASE_COUNT]);
+}
+
 static int tail_dims(const RecordLayout *lay, enum Tail tail, hsize_t *dims) {
     switch (tail) {
         case TAIL_NONE:
@@ -230,6 +259,9 @@ static int tail_dims(const RecordLayout *lay, enum Tail tail, hsize_t *dims) {
             return 1;
         case TAIL_RANK_RANK:
             dims[0] = dims[1] = (hsize_t)lay->world_size;
+            return 2;
+        case TAIL_NODE_NODE:
+            dims[0] = dims[1] = (hsize_t)lay->num_nodes;
             return 2;
         case TAIL_SPEC:
             dims[0] = (hsize_t)lay->moe_layers;
@@ -261,8 +293,9 @@ static int series_chunk_geometry(Series *s) {
     return 0;
 }
 
-/* Rows of a per-rank series (timing, traffic) have the world size in their
- * shape, which a resume on another layout changes: those dimensions grow
+/* Rows of a per-rank series (timing, traffic) have the world size (or the
+ * node count) in their shape, which a resume on another layout changes:
+ * those dimensions grow
  * without limit, and the cells a smaller layout leaves empty read NaN (0 for
  * integers). */
 static int series_create(Series *s, hid_t file, const char *path, int is_long, int tail_ndim,
@@ -458,6 +491,8 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     st |= set_long_attr(file, "params_active_per_token", lay->params_active_per_token);
     st |= set_long_array_attr(file, "param_bytes_per_rank", lay->param_bytes_per_rank,
                               lay->world_size);
+    st |= set_long_attr(file, "num_nodes", lay->num_nodes);
+    st |= set_long_array_attr(file, "node_of_rank", lay->node_of_rank, lay->world_size);
     st |= set_long_attr(file, "record_flush_interval", cfg->record_flush_interval);
     st |= set_string_attr(file, "config", ini ? ini : "");
     st |= write_config_attributes(file, cfg);
@@ -570,14 +605,14 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
         const SeriesSpec *spec = &SERIES[i];
         int ndim = tail_dims(layout, spec->tail, tail);
         st |= series_create(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
-                            spec->units, spec->tail == TAIL_RANK || spec->tail == TAIL_RANK_RANK);
+                            spec->units, tail_grows(spec->tail));
     }
     st |=
         set_string_array_attr(r->series[SPEC_COUNTS].dset, "category_names",
                               (const char *const *)layout->category_names, layout->num_categories);
-    for (int p = 0; p < PHASE_COUNT; p++) {
+    for (int p = 0; p < timing_series_count(); p++) {
         char name[64];
-        snprintf(name, sizeof name, "/timing/%s", phase_names[p]);
+        timing_series_path(p, name, sizeof name);
         int ndim = tail_dims(layout, TAIL_RANK, tail);
         st |= series_create(&r->series[TIMING_FIRST + p], r->file, name, 0, ndim, tail, "s", 1);
     }
@@ -667,9 +702,9 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
         st |= series_reopen(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
                             keep);
     }
-    for (int p = 0; p < PHASE_COUNT; p++) {
+    for (int p = 0; p < timing_series_count(); p++) {
         char name[64];
-        snprintf(name, sizeof name, "/timing/%s", phase_names[p]);
+        timing_series_path(p, name, sizeof name);
         int ndim = tail_dims(layout, TAIL_RANK, tail);
         st |= series_reopen(&r->series[TIMING_FIRST + p], r->file, name, 0, ndim, tail, train_rows);
     }
@@ -753,7 +788,13 @@ int record_append_train(Record *r, const TrainRow *row, const StepDetail *d) {
             r->timing_row[rank] = d->phase_s[rank * PHASE_COUNT + p];
         st |= series_push(&s[TIMING_FIRST + p], r->timing_row);
     }
+    for (int c = 0; c < COMM_TIMES_COUNT; c++) {
+        for (int rank = 0; rank < P; rank++)
+            r->timing_row[rank] = d->comm_times[rank * COMM_TIMES_COUNT + c];
+        st |= series_push(&s[COMM_TIMING_FIRST + c], r->timing_row);
+    }
     st |= series_push(&s[TRAFFIC_DISPATCH], d->dispatch_bytes);
+    st |= series_push(&s[TRAFFIC_INTERNODE], d->internode_bytes);
     return st ? -1 : 0;
 }
 
@@ -1085,6 +1126,46 @@ static void print_phase_breakdown(hid_t file) {
                100.0 * mean_ms[p] / total);
 }
 
+/* Mean over logged steps and ranks of the sum of the /timing/comm/<what>/<kind>
+ * datasets, in ms (cells of ranks a smaller layout lacked, NaN, skipped). */
+static double mean_comm_ms(hid_t file, const char *what) {
+    double ms = 0.0;
+    for (int k = 0; k < COMM_KIND_COUNT; k++) {
+        char path[96];
+        snprintf(path, sizeof path, "/timing/comm/%s/%s", what, comm_kind_names[k]);
+        size_t n = 0, rows, cells = 0;
+        double *t = read_dataset(file, path, &n, &rows), sum = 0.0;
+        for (size_t i = 0; t && i < n; i++)
+            if (!isnan(t[i])) {
+                sum += t[i];
+                cells++;
+            }
+        ms += cells ? 1e3 * sum / (double)cells : 0.0;
+        free(t);
+    }
+    return ms;
+}
+
+/* Exposed and hidden communication, and the bytes between distinct nodes
+ * (schema 7 on). */
+static void print_comm_summary(hid_t file) {
+    if (H5Lexists(file, "/timing/comm", H5P_DEFAULT) <= 0) return;
+    double exposed = mean_comm_ms(file, "exposed"), in_flight = mean_comm_ms(file, "in_flight");
+    printf(
+        "  communication per step (mean over logged steps and ranks): %.3f ms exposed, "
+        "%.3f ms in flight, %.3f ms hidden\n",
+        exposed, in_flight, in_flight - exposed);
+    size_t n = 0, rows = 0;
+    double *bytes = read_dataset(file, "/traffic/internode_bytes", &n, &rows), between = 0.0;
+    size_t nodes = (size_t)llround(sqrt(rows ? (double)n / (double)rows : 0.0));
+    for (size_t i = 0; bytes && i < n; i++)
+        if (nodes && (i % (nodes * nodes)) / nodes != i % nodes) between += bytes[i];
+    if (rows && nodes > 1)
+        printf("  MoE exchanges between nodes: %.3f MB per step (%zu nodes)\n",
+               between / (double)rows / 1e6, nodes);
+    free(bytes);
+}
+
 static double overall_drop_percent(hid_t file) {
     size_t n, rows, n2, rows2;
     double *tokens = read_dataset(file, "/routing/tokens_per_expert", &n, &rows);
@@ -1408,6 +1489,7 @@ int record_print_info(const char *path, char *err, size_t errlen) {
     if (strcmp(platform, "?") != 0) printf("  platform: %s\n", platform);
     print_load_cv(file);
     print_phase_breakdown(file);
+    print_comm_summary(file);
     H5Fclose(file);
     return 0;
 }

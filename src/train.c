@@ -96,6 +96,7 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     t->targets = malloc(sizeof(int) * N);
     t->categories = malloc(sizeof(int) * N);
     t->dispatch_bytes = calloc((size_t)comm->world_size, sizeof(long));
+    t->exchange_bytes = calloc((size_t)comm->world_size, sizeof(long));
     int stats_ok = routing_stats_init(&t->routing, t->moe_layers, shape.E, ds->num_categories) == 0;
     int grains = model_grains(&shape);
     t->grain_width = 1 + t->moe_layers * routing_grain_width(shape.E);
@@ -105,8 +106,8 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     int reduce_ok = t->grain_rows && t->grain_totals && t->gathered;
     int model_ok = model_init(&t->model, &shape, cfg->seed, comm) == 0;
     t->nonfinite_flags = model_ok ? calloc((size_t)t->model.num_tensors, 1) : NULL;
-    if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !stats_ok ||
-        !reduce_ok || !model_ok || !t->nonfinite_flags) {
+    if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !t->exchange_bytes ||
+        !stats_ok || !reduce_ok || !model_ok || !t->nonfinite_flags) {
         snprintf(err, errlen,
                  "out of memory building the model (%d layers, hidden %d, %d "
                  "experts, micro-batch %d x %d); make the model or the micro-batch smaller",
@@ -134,6 +135,7 @@ void trainer_free(Trainer *t) {
     free(t->categories);
     routing_stats_free(&t->routing);
     free(t->dispatch_bytes);
+    free(t->exchange_bytes);
     free(t->grain_rows);
     free(t->grain_totals);
     free(t->gathered);
@@ -291,11 +293,36 @@ static void check_finite(Trainer *t, double grad_norm, StepStats *stats) {
         stats->nonfinite_tensor = trainer_find_nonfinite_gradients(t, &stats->nonfinite_tensors);
 }
 
+/* Zeroes what the step's exchanges measure. */
+static void reset_comm_measures(Model *m) {
+    memset(&m->comm_times, 0, sizeof m->comm_times);
+    for (int l = 0; l < m->shape.L; l++)
+        if (model_is_moe_layer(&m->shape, l)) dispatch_reset_measures(&m->moe[l].dispatch);
+}
+
+/* The MoE exchanges' times into the step's, and their bytes per world rank
+ * (the EP group's ranks; zero elsewhere). Before any evaluation, whose
+ * forward passes exchange too. */
+static void collect_comm_measures(Trainer *t) {
+    Model *m = &t->model;
+    const Comm *comm = t->comm;
+    long *to_my_ep_group =
+        t->exchange_bytes + (long)placement_ep_group(comm->ep_size, comm->rank) * comm->ep_size;
+    memset(t->exchange_bytes, 0, sizeof(long) * comm->world_size);
+    for (int l = 0; l < m->shape.L; l++) {
+        if (!model_is_moe_layer(&m->shape, l)) continue;
+        const Dispatch *d = &m->moe[l].dispatch;
+        comm_times_add(&m->comm_times, &d->times);
+        for (int q = 0; q < comm->ep_size; q++) to_my_ep_group[q] += d->sent_bytes[q];
+    }
+}
+
 void trainer_step(Trainer *t, long step, StepStats *stats) {
     const Config *cfg = t->cfg;
     Model *m = &t->model;
     int B = m->shape.B, T = m->shape.T;
     memset(m->phase_s, 0, sizeof m->phase_s);
+    reset_comm_measures(m);
     double start = timer_now_s(), mark = start;
     dataset_train_batch(t->ds, cfg->seed, step, t->comm->rank, B, T, t->inputs, t->targets,
                         t->categories);
@@ -308,8 +335,13 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     model_forward(m, t->inputs, t->targets);
     model_backward(m);
     mark = timer_now_s();
+    double reduce_start = mark;
     model_reduce_gradients(m);
     timer_charge(m->phase_s, PHASE_GRAD_ALLREDUCE, &mark);
+    /* blocking: all of it waited for, fixed-point conversions included */
+    m->comm_times.exposed_s[COMM_KIND_GRAD_REDUCE] = mark - reduce_start;
+    m->comm_times.in_flight_s[COMM_KIND_GRAD_REDUCE] = mark - reduce_start;
+    collect_comm_measures(t);
     double grad_norm = global_grad_norm(t);
     check_finite(t, grad_norm, stats);
     double lr = lr_at_step(step, cfg->train_iters, cfg->lr_warmup_iters, cfg->lr, cfg->min_lr);
@@ -331,6 +363,7 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     stats->tokens = (long)B * T * P;
     stats->seconds = mark - start;
     memcpy(stats->phase_s, m->phase_s, sizeof m->phase_s);
+    stats->comm_times = m->comm_times;
 }
 
 void routing_count_by_category(const Routing *r, int N, const int *categories, int num_categories,
@@ -467,10 +500,14 @@ static int all_ok_or_share(const Comm *comm, int ok, char *err, size_t errlen) {
 typedef struct RunState {
     Record *rec; /* rank 0 */
     RecordLayout layout;
-    long *param_bytes; /* [world] */
-    char *hostnames;   /* [world][MOESIM_HOSTNAME_MAX] */
-    double *phase_all; /* [world * PHASE_COUNT], rank 0 */
-    long *bytes_all;   /* [world * world], rank 0 */
+    long *param_bytes;  /* [world] */
+    char *hostnames;    /* [world][MOESIM_HOSTNAME_MAX] */
+    double *phase_all;  /* [world * PHASE_COUNT], rank 0 */
+    long *bytes_all;    /* [world * world], rank 0 */
+    long *node_of_rank; /* [world] each rank's node (Comm.node), rank 0 */
+    long *exchange_all; /* [world * world] every rank's exchange_bytes, rank 0 */
+    long *internode;    /* [nodes * nodes] exchange_all summed over node blocks, rank 0 */
+    double *comm_all;   /* [world * COMM_TIMES_COUNT], rank 0 */
 } RunState;
 
 static long params_active_per_token(const Trainer *t) {
@@ -490,11 +527,17 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
     rs->hostnames = calloc((size_t)P * MOESIM_HOSTNAME_MAX, 1);
     rs->phase_all = calloc((size_t)P * PHASE_COUNT, sizeof(double));
     rs->bytes_all = calloc((size_t)P * P, sizeof(long));
-    int ok = rs->param_bytes && rs->hostnames && rs->phase_all && rs->bytes_all;
+    rs->node_of_rank = calloc((size_t)P, sizeof(long));
+    rs->exchange_all = calloc((size_t)P * P, sizeof(long));
+    rs->internode = calloc((size_t)comm->num_nodes * comm->num_nodes, sizeof(long));
+    rs->comm_all = calloc((size_t)P * COMM_TIMES_COUNT, sizeof(double));
+    int ok = rs->param_bytes && rs->hostnames && rs->phase_all && rs->bytes_all &&
+             rs->node_of_rank && rs->exchange_all && rs->internode && rs->comm_all;
     if (!ok) snprintf(err, errlen, "out of memory for the run statistics");
-    long mine = (long)model_param_bytes(m);
+    long mine = (long)model_param_bytes(m), my_node = comm->node;
     if (comm_all_ok(comm, ok)) {
         comm_gather_longs(comm, &mine, rs->param_bytes, 1);
+        comm_gather_longs(comm, &my_node, rs->node_of_rank, 1);
         comm_gather_hostnames(comm, rs->hostnames);
     }
     size_t expert_params = m->num_params - m->num_dense_params;
@@ -509,6 +552,8 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
                        .hostnames = rs->hostnames,
                        .hostname_len = MOESIM_HOSTNAME_MAX,
                        .param_bytes_per_rank = rs->param_bytes,
+                       .num_nodes = comm->num_nodes,
+                       .node_of_rank = rs->node_of_rank,
                        .params_total = (long)(m->num_dense_params + expert_params * comm->ep_size),
                        .params_active_per_token = params_active_per_token(t),
                        .platform = platform};
@@ -526,6 +571,20 @@ static void run_state_free(RunState *rs) {
     free(rs->hostnames);
     free(rs->phase_all);
     free(rs->bytes_all);
+    free(rs->node_of_rank);
+    free(rs->exchange_all);
+    free(rs->internode);
+    free(rs->comm_all);
+}
+
+/* Bytes from node to node: the rank-to-rank bytes summed over node blocks. */
+static void sum_node_blocks(const long *rank_bytes, const long *node_of_rank, int world, int nodes,
+                            long *node_bytes) {
+    memset(node_bytes, 0, sizeof(long) * (size_t)nodes * nodes);
+    for (int i = 0; i < world; i++)
+        for (int j = 0; j < world; j++)
+            node_bytes[node_of_rank[i] * nodes + node_of_rank[j]] +=
+                rank_bytes[(long)i * world + j];
 }
 
 /* Gathers the per-rank details of a logged step and buffers it (rank 0). */
@@ -533,7 +592,13 @@ static int record_step(RunState *rs, const Trainer *t, long done, const StepStat
     const Comm *comm = t->comm;
     comm_gather_doubles(comm, stats->phase_s, rs->phase_all, PHASE_COUNT);
     comm_gather_longs(comm, t->dispatch_bytes, rs->bytes_all, comm->world_size);
+    comm_gather_longs(comm, t->exchange_bytes, rs->exchange_all, comm->world_size);
+    double comm_row[COMM_TIMES_COUNT];
+    comm_times_flatten(&stats->comm_times, comm_row);
+    comm_gather_doubles(comm, comm_row, rs->comm_all, COMM_TIMES_COUNT);
     if (comm->rank != 0) return 1;
+    sum_node_blocks(rs->exchange_all, rs->node_of_rank, comm->world_size, comm->num_nodes,
+                    rs->internode);
     const RoutingStats *r = &t->routing;
     TrainRow row = {.step = done,
                     .loss = stats->ce_loss,
@@ -558,7 +623,9 @@ static int record_step(RunState *rs, const Trainer *t, long done, const StepStat
                          .logsumexp_sq = r->logsumexp_sq,
                          .expert_bias = r->expert_bias,
                          .phase_s = rs->phase_all,
-                         .dispatch_bytes = rs->bytes_all};
+                         .dispatch_bytes = rs->bytes_all,
+                         .comm_times = rs->comm_all,
+                         .internode_bytes = rs->internode};
     return record_append_train(rs->rec, &row, &detail) == 0;
 }
 

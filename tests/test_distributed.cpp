@@ -177,6 +177,47 @@ TEST_F(Distributed, MoeGradientsThroughTheExchange) {
     }
 }
 
+// One forward and one backward: each exchange hands MPI the rows it moves
+// (sent_bytes: out to q in each dispatch, q's rows back in each combine)
+// and times itself; blocking, all of it is waited for, overlapped, in
+// flight at least as long as waited for, and every request seen complete.
+TEST_F(Distributed, ExchangesMeasureTheirBytesAndTimes) {
+    for (int chunks : {1, 2}) {
+        ShardedMoe f(&comm);
+        f.shape.overlap_chunks = chunks;
+        moe_layer_free(&f.layer);
+        ASSERT_EQ(moe_layer_init(&f.layer, &f.shape), 0);
+        ASSERT_EQ(f.layer.dispatch.overlap, chunks > 1);
+        dispatch_reset_measures(&f.layer.dispatch);
+        f.global_loss();
+        std::vector<float> dx(f.x.size()), drw(f.router_w.size(), 0.0f), dw1(f.w1.size(), 0.0f),
+            dw2(f.w2.size(), 0.0f);
+        MoeWeights w = {{f.router_w.data(), nullptr}, f.w1.data(), f.w2.data()};
+        MoeGrads g = {{drw.data(), nullptr}, dw1.data(), dw2.data(), nullptr, nullptr};
+        moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape,
+                     &comm, nullptr, nullptr);
+        const Dispatch &d = f.layer.dispatch;
+        std::vector<long> to(comm.ep_size, 0);
+        dispatch_add_bytes_to_ranks(&d, f.C, to.data());
+        for (int q = 0; q < comm.ep_size; q++) {
+            long from = 0;
+            for (int j = 0; j < d.E_local; j++) from += d.recv_counts[q * d.E_local + j];
+            from *= f.C * (long)sizeof(float);
+            EXPECT_EQ(d.sent_bytes[q], 2 * (to[q] + from)) << "to EP rank " << q;
+        }
+        for (int kind : {COMM_KIND_DISPATCH, COMM_KIND_COMBINE}) {
+            EXPECT_GT(d.times.exposed_s[kind], 0.0) << comm_kind_names[kind];
+            if (chunks == 1)
+                EXPECT_EQ(d.times.in_flight_s[kind], d.times.exposed_s[kind]);
+            else
+                EXPECT_GE(d.times.in_flight_s[kind], d.times.exposed_s[kind]);
+        }
+        EXPECT_EQ(d.outstanding[0] + d.outstanding[1], 0);
+        for (int stage = 0; stage < HIER_STAGE_COUNT; stage++)
+            EXPECT_EQ(d.times.hierarchical_s[0][stage] + d.times.hierarchical_s[1][stage], 0.0);
+    }
+}
+
 TEST_F(Distributed, EachRankHoldsExactlyItsExperts) {
     ModelShape s{};
     s.V = 17;

@@ -1,4 +1,4 @@
-"""record: reads one moesim run record (HDF5, schema 5, 4 or 3, docs/run-record.md)
+"""record: reads one moesim run record (HDF5, schema 7 down to 3, docs/run-record.md)
 into a `Run` of pandas DataFrames. `load_run` is the entry point; every problem
 with the file is a `RecordError` that names the path and the fix."""
 from __future__ import annotations
@@ -11,13 +11,23 @@ import h5py
 import numpy as np
 import pandas as pd
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # Oldest schema still read: 4 only added datasets, which read as NaN from a
 # schema-3 record, and 5 only root attributes (the platform: BLAS kernel,
 # threads, denormals), absent from `Run.attrs` of older records, so a sweep
 # recorded before an upgrade stays loadable.
 MIN_SCHEMA_VERSION = 3
 ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/logsumexp_sq")
+# Schema 7 added /timing/comm/... and /traffic/internode_bytes: an older
+# record has empty `comm_timing` and `internode` frames.
+FIRST_SCHEMA_WITH_COMM = 7
+# The communication kinds of /timing/comm/{exposed,in_flight}/<kind>, and the
+# stages of /timing/comm/hierarchical/<direction>_<stage>.
+COMM_KINDS = ("dispatch", "combine", "grad_reduce")
+COMM_DATASETS = (tuple(f"{what}/{kind}" for what in ("exposed", "in_flight")
+                       for kind in COMM_KINDS) +
+                 tuple(f"hierarchical/{direction}_{stage}" for direction in ("dispatch", "combine")
+                       for stage in ("gather", "leaders", "scatter")))
 
 # The order docs/run-record.md lists the step phases in: roughly the order they
 # run, so stacked time bars read bottom-up like a step.
@@ -73,8 +83,15 @@ class Run:
                         aux_loss, z_loss, importance_loss, load_loss, mean_abs_logit,
                         logsumexp_sq
     (schema-3 records have no expert_bias, mean_abs_logit, logsumexp_sq: NaN there)
-    timing:             step, rank, phase, seconds
+    timing:             step, rank, phase, seconds (the phases of /timing, which sum to the
+                        step; the sub-breakdowns under /timing/comm are in comm_timing)
+    comm_timing:        step, rank, one column per /timing/comm dataset, '/' written as '_'
+                        (exposed_dispatch, in_flight_combine, hierarchical_dispatch_gather, ...),
+                        and exposed, in_flight, hidden: summed over the kinds, hidden =
+                        in_flight - exposed (empty before schema 7)
     traffic:            step, src, dst, bytes (token rows src sent to dst in the forward dispatch)
+    internode:          step, src_node, dst_node, bytes (token-row bytes of every MoE exchange
+                        of the step, forward and backward, from node to node; empty before 7)
     specialization:     eval_step, layer, expert, category, count
     mutual_information: eval_step, layer, bits
     config:             {key: value} from the `config.<key>` attributes, '-' written as '_'
@@ -90,7 +107,9 @@ class Run:
     routing: pd.DataFrame
     routing_layers: pd.DataFrame
     timing: pd.DataFrame
+    comm_timing: pd.DataFrame
     traffic: pd.DataFrame
+    internode: pd.DataFrame
     specialization: pd.DataFrame
     mutual_information: pd.DataFrame
     name: str = field(init=False)
@@ -121,7 +140,7 @@ def _read_run(path: Path) -> Run:
         _check_schema(f, path)
         try:
             return _run_from_file(f, path)
-        except OSError as err:
+        except (OSError, RuntimeError) as err:  # h5py raises either for a torn read
             raise TornReadError(f"{path}: reading failed ({err}). {TORN_READ_ADVICE}") from err
 
 
@@ -136,7 +155,9 @@ def _run_from_file(f: h5py.File, path: Path) -> Run:
         routing=_routing_frame(f, path, steps),
         routing_layers=_routing_layers_frame(f, path, steps),
         timing=_timing_frame(f, path, steps),
+        comm_timing=_comm_timing_frame(f, path, steps),
         traffic=_traffic_frame(f, path, steps),
+        internode=_internode_frame(f, path, steps),
         specialization=_specialization_frame(f, path, eval_steps),
         mutual_information=_long_frame(
             {"eval_step": eval_steps, "layer": None},
@@ -273,7 +294,10 @@ def _timing_frame(f, path, steps) -> pd.DataFrame:
         raise RecordError(f"{path}: group /timing is missing; the file is damaged or was not "
                           f"written by moesim.")
     frames = []
-    for phase in _phase_order(list(f["timing"])):
+    # Only the datasets right under /timing are phases; groups (/timing/comm)
+    # break a phase down further and must not be added to the step.
+    phases = [name for name, item in f["timing"].items() if isinstance(item, h5py.Dataset)]
+    for phase in _phase_order(phases):
         seconds = _rows(f, f"timing/{phase}", path, steps)
         frame = _long_frame({"step": steps, "rank": None}, {"seconds": seconds})
         frame.insert(2, "phase", phase)
@@ -281,6 +305,31 @@ def _timing_frame(f, path, steps) -> pd.DataFrame:
     frames = frames or [pd.DataFrame(columns=["step", "rank", "phase", "seconds"])]
     return pd.concat(frames, ignore_index=True).sort_values(["step", "rank"], kind="stable",
                                                             ignore_index=True)
+
+
+def _has_comm_datasets(f) -> bool:
+    return int(f.attrs["schema_version"]) >= FIRST_SCHEMA_WITH_COMM
+
+
+def _comm_timing_frame(f, path, steps) -> pd.DataFrame:
+    if not _has_comm_datasets(f):
+        return pd.DataFrame(columns=["step", "rank", "exposed", "in_flight", "hidden"])
+    columns = {name.replace("/", "_"): _rows(f, f"timing/comm/{name}", path, steps)
+               for name in COMM_DATASETS}
+    frame = _long_frame({"step": steps, "rank": None}, columns)
+    for total in ("exposed", "in_flight"):
+        parts = [f"{total}_{kind}" for kind in COMM_KINDS]
+        frame[total] = frame[parts].sum(axis=1, skipna=False)
+    frame["hidden"] = frame["in_flight"] - frame["exposed"]
+    return frame
+
+
+def _internode_frame(f, path, steps) -> pd.DataFrame:
+    if not _has_comm_datasets(f):
+        return pd.DataFrame(columns=["step", "src_node", "dst_node", "bytes"])
+    internode_bytes = _rows(f, "traffic/internode_bytes", path, steps)
+    return _long_frame({"step": steps, "src_node": None, "dst_node": None},
+                       {"bytes": internode_bytes})
 
 
 def _traffic_frame(f, path, steps) -> pd.DataFrame:

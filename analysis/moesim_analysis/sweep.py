@@ -13,8 +13,8 @@ import pandas as pd
 
 from .record import RecordError, Run, load_run
 
-TABLES = ("train", "eval", "routing", "routing_layers", "timing", "traffic", "specialization",
-          "mutual_information")
+TABLES = ("train", "eval", "routing", "routing_layers", "timing", "comm_timing", "traffic",
+          "internode", "specialization", "mutual_information")
 # Attributes set by the launch rather than the config, yet what a sweep over
 # rank counts varies; they join the config columns.
 LAUNCH_ATTRIBUTES = ("world_size", "ep_size")
@@ -39,7 +39,9 @@ class RunSet:
     routing: pd.DataFrame
     routing_layers: pd.DataFrame
     timing: pd.DataFrame
+    comm_timing: pd.DataFrame
     traffic: pd.DataFrame
+    internode: pd.DataFrame
     specialization: pd.DataFrame
     mutual_information: pd.DataFrame
 

@@ -102,7 +102,8 @@ void comm_ep_alltoallv_floats(const Comm *c, const float *send, const int *send_
 void comm_ep_ialltoallv_floats(const Comm *c, const float *send, const int *send_counts,
                                const int *send_displs, float *recv, const int *recv_counts,
                                const int *recv_displs, MPI_Request *request);
-/* Waits for one request; tests a set of them so they keep moving. */
+/* Waits for one request; tests a set of them so they keep moving. A
+ * request that completed is set to MPI_REQUEST_NULL. */
 void comm_wait(MPI_Request *request);
 void comm_test_all(MPI_Request *requests, int n);
 

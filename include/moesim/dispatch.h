@@ -19,6 +19,7 @@
 #define MOESIM_DISPATCH_H
 
 #include "moesim/comm.h"
+#include "moesim/timing.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -58,6 +59,15 @@ typedef struct Dispatch {
     /* MPI argument scratch of the blocking exchange, in floats: send counts,
      * send displacements, receive counts, receive displacements, ep_size each */
     int *args;
+    /* Measured since dispatch_reset_measures: the exchanges' times, and the
+     * token-row bytes this rank handed the exchanges for each EP position
+     * (all-to-all: every rank, itself included; hierarchical: only a
+     * leader sends, one message to each node's leader, its own included).
+     * Count exchanges are timed but not counted in bytes. */
+    CommTimes times;
+    long *sent_bytes;     /* [ep_size] */
+    int outstanding[2];   /* non-blocking dispatch, combine requests not yet seen complete */
+    double busy_since[2]; /* when the outstanding ones' first started */
 } Dispatch;
 
 int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical, int overlap);
@@ -88,6 +98,9 @@ void combine_expert_start(Dispatch *d, int j, const float *owner, float *back, i
 void combine_wait_all(Dispatch *d);
 /* Tests every outstanding request (a Matmul progress hook; arg is the Dispatch). */
 void dispatch_progress(void *arg);
+
+/* Zeroes times and sent_bytes (a step's start). */
+void dispatch_reset_measures(Dispatch *d);
 
 /* Adds the bytes of `width`-float rows this rank sends to each EP rank to
  * bytes[ep_size]. */

@@ -155,6 +155,10 @@ typedef struct Model {
     /* results of the last forward */
     double ce_loss, aux_loss, z_loss, importance_loss, load_loss;
     double phase_s[PHASE_COUNT]; /* seconds per phase, accumulated until reset */
+    /* Communication times of the step beside phase_s (timing.h): the
+     * trainer fills the gradient reduction's and adds each MoE layer's
+     * exchanges (Dispatch.times) at the step's end. */
+    CommTimes comm_times;
 } Model;
 
 /* Allocates everything and initialises the weights from seed: each expert's

@@ -19,7 +19,7 @@ extern "C" {
 #endif
 
 #define MOESIM_VERSION "0.1.0"
-#define MOESIM_SCHEMA_VERSION 6
+#define MOESIM_SCHEMA_VERSION 7
 /* Disk space set aside beside the record (PATH.reserve) for its final
  * status when the disk fills up. */
 #define RECORD_RESERVE_BYTES (256L * 1024)
@@ -32,6 +32,8 @@ typedef struct RecordLayout {
     const char *hostnames;       /* [world_size][hostname_len], NUL-padded */
     int hostname_len;
     const long *param_bytes_per_rank; /* [world_size] */
+    int num_nodes;                    /* nodes of the run (Comm.num_nodes) */
+    const long *node_of_rank;         /* [world_size] node of each rank, 0 .. num_nodes-1 */
     long params_total;                /* every expert counted once */
     long params_active_per_token;     /* dense + top_k experts per MoE layer */
     const Platform *platform;         /* rank 0's BLAS, threads, denormals; NULL = unknown */
@@ -60,6 +62,8 @@ typedef struct StepDetail {
     const double *expert_bias;      /* [L*E] DeepSeek-V3 selection bias, zero without it */
     const double *phase_s;          /* [P*PHASE_COUNT], rank-major */
     const long *dispatch_bytes;     /* [P*P], sender-major */
+    const double *comm_times;       /* [P*COMM_TIMES_COUNT], rank-major (timing.h) */
+    const long *internode_bytes;    /* [nodes*nodes], sender-major */
 } StepDetail;
 
 typedef struct EvalRow {

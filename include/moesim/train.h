@@ -23,6 +23,7 @@ typedef struct StepStats {
     double lr, grad_norm, seconds, flops; /* flops: summed over ranks */
     long tokens, dropped, assignments;    /* global */
     double phase_s[PHASE_COUNT];          /* this rank's time per phase */
+    CommTimes comm_times;                 /* this rank's communication times */
     /* A NaN/Inf loss or gradient norm on any rank: the step made no update
      * (parameters, Adam state and expert biases unchanged). The tensor is an
      * index into Model.tensors, -1 when every gradient is finite. */
@@ -51,6 +52,10 @@ typedef struct Trainer {
     int *inputs, *targets, *categories; /* [B*T] */
     RoutingStats routing;
     long *dispatch_bytes; /* [world] bytes this rank sent to each rank last step */
+    /* [world] token-row bytes this rank handed the MoE exchanges for each
+     * rank in the last step: forward and backward, dispatch and combine
+     * (Dispatch.sent_bytes) */
+    long *exchange_bytes;
     int moe_layers;
     /* The exact reductions of statistics (reduce.h): this rank's per-grain
      * rows [grains][grain_width] (cross-entropy, then each MoE layer's

@@ -132,6 +132,17 @@ RECORD_UNITS = {
     **{f"timing/{phase}": "s" for phase in ("attention", "router", "dispatch", "experts",
                                             "combine", "grad_allreduce", "optimizer", "other")},
 }
+# What schema 7 added: communication times under /timing/comm and the
+# node-to-node bytes.
+COMM_KINDS = ("dispatch", "combine", "grad_reduce")
+HIER_STAGES = tuple(f"{direction}_{stage}" for direction in ("dispatch", "combine")
+                    for stage in ("gather", "leaders", "scatter"))
+COMM_TIMING = (tuple(f"timing/comm/{what}/{kind}" for what in ("exposed", "in_flight")
+                     for kind in COMM_KINDS) +
+               tuple(f"timing/comm/hierarchical/{stage}" for stage in HIER_STAGES))
+ADDED_IN_SCHEMA_7 = (*COMM_TIMING, "traffic/internode_bytes")
+RECORD_UNITS.update({name: "s" for name in COMM_TIMING})
+RECORD_UNITS["traffic/internode_bytes"] = "bytes"
 
 
 # Root attributes schema 5 added to schema 4, as a Zen 3 machine writes them.
@@ -147,8 +158,10 @@ ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/l
 
 
 def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, evals=3,
-                           categories=3, config=None, status="complete", seed=0, schema=6):
-    """Writes a run record of `schema` (6, which these tests read like 5; 4
+                           categories=3, config=None, status="complete", seed=0, schema=7,
+                           nodes=2):
+    """Writes a run record of `schema` (7; 6 without the datasets 7 added
+    (communication times, internode_bytes) and node attributes, read like 5; 4
     without the platform attributes 5 added; 3 also without the datasets 4 added) laid out as
     docs/run-record.md says, with seeded random values that keep the
     documented relations (processed + dropped = tokens, unused
@@ -173,6 +186,7 @@ def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, eval
         "routing/mean_prob": rng.dirichlet(np.ones(E), size=(S, L)),
         "routing/expert_bias": np.cumsum(rng.choice([-1e-3, 1e-3], size=(S, L, E)), axis=0),
         "traffic/dispatch_bytes": rng.integers(0, 10**6, size=(S, P, P)),
+        "traffic/internode_bytes": rng.integers(0, 10**6, size=(S, nodes, nodes)),
         "specialization/counts": rng.integers(0, 50, size=(V, L, E, C)),
     }
     float_shapes = {"train": (S,), "eval": (V,), "routing": (S, L, E), "timing": (S, P),
@@ -188,7 +202,8 @@ def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, eval
         data[f"routing/{name}"] = rng.random((S, L))
     data = {name: np.asarray(values, dtype=np.float64 if values.dtype.kind == "f" else np.int64)
             for name, values in data.items()
-            if schema >= 4 or name not in ADDED_IN_SCHEMA_4}
+            if (schema >= 4 or name not in ADDED_IN_SCHEMA_4) and
+            (schema >= 7 or name not in ADDED_IN_SCHEMA_7)}
     attrs = {"schema_version": schema, "moesim_version": "0.1.0", "git_revision": "test",
              "status": status, "start_time": "2026-01-01T00:00:00Z",
              "end_time": "2026-01-01T00:01:00Z", "steps_done": S, "world_size": P,
@@ -201,6 +216,9 @@ def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, eval
              **{f"config.{key}": value for key, value in config.items()}}
     if schema >= 5:
         attrs.update(PLATFORM_ATTRS)
+    if schema >= 7:
+        attrs.update({"num_nodes": nodes,
+                      "node_of_rank": np.arange(P, dtype=np.int64) * nodes // P})
     _write_record(path, attrs, data)
     return {"attrs": attrs, **data}
 

@@ -115,6 +115,49 @@ def test_timing_and_traffic_frames_hold_every_rank(synthetic):
                                            (S, P, P)), written["traffic/dispatch_bytes"])
 
 
+def test_comm_timing_is_its_own_frame_and_never_a_phase(synthetic):
+    """/timing/comm breaks phases down: summing it into the step would count
+    the same seconds twice, so it is not in `timing` but in `comm_timing`."""
+    path, written = synthetic
+    run = load_run(path)
+    S, P = SHAPE["steps"], SHAPE["ranks"]
+    assert "comm" not in set(run.timing["phase"])
+    comm = run.comm_timing
+    names = [name for name in written if name.startswith("timing/comm/")]
+    assert len(names) == 12
+    for name in names:
+        column = name[len("timing/comm/"):].replace("/", "_")
+        np.testing.assert_array_equal(as_array(comm, ["step", "rank"], column, (S, P)),
+                                      written[name], column)
+    kinds = ("dispatch", "combine", "grad_reduce")
+    for total in ("exposed", "in_flight"):
+        expected = sum(written[f"timing/comm/{total}/{kind}"] for kind in kinds)
+        np.testing.assert_array_equal(as_array(comm, ["step", "rank"], total, (S, P)), expected)
+    np.testing.assert_array_equal(comm["hidden"], comm["in_flight"] - comm["exposed"])
+
+
+def test_internode_frame_holds_every_node_pair(synthetic):
+    path, written = synthetic
+    run = load_run(path)
+    assert list(run.internode.columns) == ["step", "src_node", "dst_node", "bytes"]
+    np.testing.assert_array_equal(
+        as_array(run.internode, ["step", "src_node", "dst_node"], "bytes", (SHAPE["steps"], 2, 2)),
+        written["traffic/internode_bytes"])
+    assert run.attrs["num_nodes"] == 2
+    np.testing.assert_array_equal(run.attrs["node_of_rank"], [0, 1])
+
+
+def test_schema_6_record_loads_without_communication_frames(tmp_path):
+    path = tmp_path / "schema6.h5"
+    written = write_synthetic_record(path, **SHAPE, schema=6)
+    run = load_run(path)
+    assert run.comm_timing.empty and run.internode.empty
+    assert list(dict.fromkeys(run.timing["phase"])) == PHASES
+    np.testing.assert_array_equal(
+        as_array(run.timing[run.timing.phase == "dispatch"], ["step", "rank"], "seconds",
+                 (SHAPE["steps"], SHAPE["ranks"])), written["timing/dispatch"])
+
+
 def test_specialization_frames_name_the_categories(synthetic):
     path, written = synthetic
     run = load_run(path)

@@ -8,7 +8,8 @@ import h5py
 import numpy as np
 import pytest
 
-from moesim_run import BUILD, clean_env, flags, moesim_info, run_moesim, write_synthetic_record
+from moesim_run import (BUILD, RECORD_UNITS, clean_env, flags, moesim_info, run_moesim,
+                        write_synthetic_record)
 
 SMALL = {
     "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16,
@@ -87,8 +88,24 @@ def test_info_summarises_a_run(complete_record):
     for part in ("status complete", "2 layers (2 MoE), hidden 32, 4 experts top-2",
                  "steps: 12 of 12", f"final train {final_train:.4f}",
                  f"final validation {final_val:.4f} (step 12)", "tokens/s", "% of assignments",
-                 "load CV per MoE layer", "attention", "dispatch", "grad_allreduce"):
+                 "load CV per MoE layer", "attention", "dispatch", "grad_allreduce",
+                 "communication per step"):
         assert part in text, f"{part!r} missing from:\n{text}"
+
+
+def test_record_holds_exactly_the_documented_datasets_with_their_units(complete_record):
+    """Schema 7, as docs/run-record.md lists it (RECORD_UNITS mirrors it)."""
+    found = {}
+    with h5py.File(complete_record, "r") as f:
+        assert f.attrs["schema_version"] == 7
+        assert f.attrs["num_nodes"] == 1
+        assert list(f.attrs["node_of_rank"]) == [0]
+        f.visititems(lambda name, obj: found.__setitem__(name, obj.attrs["units"])
+                     if isinstance(obj, h5py.Dataset) else None)
+        assert f["traffic/internode_bytes"].shape == (12, 1, 1)
+        assert f["timing/comm/exposed/dispatch"].shape == (12, 1)
+    assert {name: found[name] for name in RECORD_UNITS} == RECORD_UNITS
+    assert set(found) == set(RECORD_UNITS)
 
 
 def test_info_summarises_a_schema_3_record(tmp_path):
