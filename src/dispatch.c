@@ -438,4 +438,5 @@ void combine_wait_all(Dispatch *d) {
 void dispatch_progress(void *arg) {
     Dispatch *d = arg;
     comm_test_all(d->requests, 2 * d->E_local);
+    if (d->outer_progress) d->outer_progress(d->outer_progress_arg);
 }
