@@ -55,7 +55,8 @@ int grad_overlap_add(GradOverlap *g, int layer, int is_expert, size_t offset, si
     return 0;
 }
 
-void grad_overlap_begin(GradOverlap *g) {
+/* Ready for the next backward pass. */
+static void reset(GradOverlap *g) {
     g->point = 0;
     g->in_flight_s = 0.0;
     for (int b = 0; b < g->count; b++) {
@@ -122,7 +123,7 @@ void grad_overlap_ready(GradOverlap *g, int layer, int is_expert) {
     g->point++;
 }
 
-void grad_overlap_finish(GradOverlap *g) {
+double grad_overlap_finish(GradOverlap *g) {
     for (int i = 0; i < g->count; i++)
         if (g->buckets[i].started_at < 0) start_bucket(g, &g->buckets[i]);
     for (int i = 0; i < g->count; i++) exact_sum_continue(&g->buckets[i].sum);
@@ -132,4 +133,7 @@ void grad_overlap_finish(GradOverlap *g) {
         if (!b->arrived) g->in_flight_s += timer_now_s() - b->start_s;
         b->arrived = 1;
     }
+    double in_flight_s = g->in_flight_s;
+    reset(g);
+    return in_flight_s;
 }

@@ -649,8 +649,7 @@ void model_zero_grad(Model *m) {
 void model_reduce_gradients(Model *m) {
     const ModelShape *s = &m->shape;
     if (s->overlap_grad_reduce) {
-        grad_overlap_finish(&m->grad_overlap);
-        m->grad_reduce_in_flight_s = m->grad_overlap.in_flight_s;
+        m->grad_reduce_in_flight_s = grad_overlap_finish(&m->grad_overlap);
         return;
     }
     int grains = model_grains(s);
@@ -860,7 +859,6 @@ void model_backward(Model *m) {
     const ModelShape *s = &m->shape;
     int N = s->B * s->T, C = s->C;
     double mark = timer_now_s();
-    if (s->overlap_grad_reduce) grad_overlap_begin(&m->grad_overlap);
     test_buckets_between_sgemms(m, 1);
     softmax_cross_entropy_backward(m->probs, m->targets, N, s->V, global_tokens(s));
     matmul_backward(m->dln, m->dw.lm_head_w, m->probs, m->lnf, m->w.lm_head_w, N, C, s->V,

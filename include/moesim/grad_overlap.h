@@ -59,7 +59,7 @@ typedef struct GradOverlap {
     int point;         /* ready points passed in this backward */
     /* Summed over buckets, in this backward: from a bucket's start until its
      * completion was observed (by a test between sgemms, at a ready point or
-     * at the final wait). Above the exposed time when the reduction hides. */
+     * at the final wait). */
     double in_flight_s;
 } GradOverlap;
 
@@ -74,8 +74,6 @@ size_t grad_overlap_bytes(size_t num_params);
  * -1 when memory runs out. */
 int grad_overlap_add(GradOverlap *g, int layer, int is_expert, size_t offset, size_t n);
 
-/* Before a backward pass. */
-void grad_overlap_begin(GradOverlap *g);
 /* The backward pass has finished the gradients of (layer, is_expert): issues
  * the SUM of buckets started at earlier points, starts this point's
  * buckets, and converts the sums that have arrived. Collective. */
@@ -83,9 +81,11 @@ void grad_overlap_ready(GradOverlap *g, int layer, int is_expert);
 /* Tests the requests in flight (a Matmul progress hook; arg is the
  * GradOverlap). Issues nothing. */
 void grad_overlap_progress(void *arg);
-/* After the backward pass: every bucket started, summed and written into
- * grads. Collective. */
-void grad_overlap_finish(GradOverlap *g);
+/* After the backward pass: every bucket started (those no ready point
+ * started start now, so without a backward pass this is the whole
+ * reduction), summed and written into grads; then ready for the next
+ * backward. Returns the buckets' in-flight seconds. Collective. */
+double grad_overlap_finish(GradOverlap *g);
 
 #ifdef __cplusplus
 }

@@ -186,7 +186,8 @@ double model_forward(Model *m, const int *inputs, const int *targets);
 /* Accumulates the gradient of the last forward's total loss into grads.
  * With shape.overlap_grad_reduce it also starts the reduction of each
  * layer's gradients as soon as they are final (collective); then
- * model_reduce_gradients must follow before grads are read. */
+ * model_reduce_gradients must follow, before grads are read and before the
+ * next backward. */
 void model_backward(Model *m);
 void model_zero_grad(Model *m);
 /* grads <- the gradient of the global batch's loss: every grain's partial
@@ -194,8 +195,9 @@ void model_zero_grad(Model *m);
  * expert-data-parallel group, whose ranks together hold one partial per
  * grain for each expert. The same bits in every layout. Collective. */
 void model_reduce_gradients(Model *m);
-/* With --overlap-grad-reduce it finishes what model_backward started: the
- * same bits. */
+/* With --overlap-grad-reduce it finishes what model_backward started (and
+ * sets grad_reduce_in_flight_s): the same bits. Without a backward pass
+ * before it, it reduces every bucket now. */
 
 /* Matmul FLOPs this rank did in the last forward + backward (6 per
  * multiply-add over forward and backward), counting the expert rows it
