@@ -105,6 +105,9 @@ sanitize: $(BUILD)/sanitize/unit_tests $(BUILD)/sanitize/moesim
 	mkdir -p $(BUILD)/sanitize/runs
 	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim train $(SAN_RUN_FLAGS) \
 		--out $(BUILD)/sanitize/runs/train.h5 --overwrite 1
+	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim train $(SAN_RUN_FLAGS) \
+		--overlap-grad-reduce 1 --moe-overlap-chunks 2 \
+		--out $(BUILD)/sanitize/runs/overlap.h5 --overwrite 1
 
 # One rank: MFU. Two ranks (one per core): MFU, exchange cost over a raw
 # MPI_Alltoallv, weak scaling against rank 0 alone, memory against analytic.

@@ -148,6 +148,28 @@ void comm_sum_int64(const Comm *c, CommScope scope, int64_t *values, size_t n) {
         allreduce_in_chunks(values, n, sizeof(int64_t), MPI_INT64_T, MPI_SUM, scope_comm(c, scope));
 }
 
+/* A count beyond int is the caller's bug: buckets are capped below it. */
+static int checked_count(const Comm *c, size_t n) {
+    if (n > (size_t)INT_MAX) {
+        fprintf(stderr, "moesim: internal error: a non-blocking reduction of %zu elements exceeds "
+                        "MPI's int count\n", n);
+        MPI_Abort(c->world, 1);
+    }
+    return (int)n;
+}
+
+void comm_imax_bytes(const Comm *c, CommScope scope, uint8_t *values, size_t n,
+                     MPI_Request *request) {
+    MPI_Iallreduce(MPI_IN_PLACE, values, checked_count(c, n), MPI_UINT8_T, MPI_MAX,
+                   scope_comm(c, scope), request);
+}
+
+void comm_isum_int64(const Comm *c, CommScope scope, int64_t *values, size_t n,
+                     MPI_Request *request) {
+    MPI_Iallreduce(MPI_IN_PLACE, values, checked_count(c, n), MPI_INT64_T, MPI_SUM,
+                   scope_comm(c, scope), request);
+}
+
 void comm_float_allreduce_baseline(const Comm *c, CommScope scope, float *values, size_t n) {
     if (comm_scope_size(c, scope) > 1)
         allreduce_in_chunks(values, n, sizeof(float), MPI_FLOAT, MPI_SUM, scope_comm(c, scope));
@@ -244,4 +266,10 @@ void comm_test_all(MPI_Request *requests, int n) {
         int done = 0;
         if (requests[i] != MPI_REQUEST_NULL) MPI_Test(&requests[i], &done, MPI_STATUS_IGNORE);
     }
+}
+
+int comm_test(MPI_Request *request) {
+    int done = 0;
+    MPI_Test(request, &done, MPI_STATUS_IGNORE);
+    return done;
 }

@@ -185,6 +185,16 @@ static const Option OPTIONS[] = {
      .help = "K > 1: each local expert's rows travel without blocking and expert work on "
              "arrived rows (in K chunks of local experts) hides the rest of the exchange; "
              "bit-identical results; alltoall dispatcher only"},
+    {.name = "overlap-grad-reduce",
+     .group = G_MOE,
+     .type = OPT_BOOL,
+     FIELD(overlap_grad_reduce),
+     .min = 0,
+     .max = 1,
+     .default_text = "0",
+     .help = "1: reduce each layer's gradients (exactly, in buckets, without blocking) as soon "
+             "as its backward is done, hidden behind the backward of the layers below; "
+             "bit-identical results"},
     {.name = "ranks-per-node",
      .group = G_MOE,
      .type = OPT_INT,

@@ -520,9 +520,11 @@ void combine_wait_all(Dispatch *d) {
 
 void dispatch_progress(void *arg) {
     Dispatch *d = arg;
-    if (d->outstanding[0] + d->outstanding[1] == 0) return;
-    comm_test_all(d->requests, 2 * d->E_local);
-    double now = timer_now_s();
-    note_completions(d, 0, now);
-    note_completions(d, 1, now);
+    if (d->outstanding[0] + d->outstanding[1] > 0) {
+        comm_test_all(d->requests, 2 * d->E_local);
+        double now = timer_now_s();
+        note_completions(d, 0, now);
+        note_completions(d, 1, now);
+    }
+    if (d->outer_progress) d->outer_progress(d->outer_progress_arg);
 }

@@ -21,6 +21,7 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->ep_rank = ep_rank;
     s->hierarchical_dispatch = strcmp(cfg->moe_token_dispatcher_type, "hierarchical") == 0;
     s->overlap_chunks = cfg->moe_overlap_chunks;
+    s->overlap_grad_reduce = cfg->overlap_grad_reduce;
     s->V = vocab_size;
     s->T = cfg->seq_length;
     s->C = cfg->hidden_size;
@@ -435,6 +436,40 @@ static void alloc_partials(Model *m, int *failed) {
         .count = grains, .rows = s->grain, .grads = m->grads, .partials = m->dense_partials};
 }
 
+/* The backward step that finishes a tensor's gradient: its layer, the final
+ * norm and LM head (ready point L, the first), or the embeddings (-1, the
+ * last: wte also takes the tied LM head's gradient). */
+static int ready_point(const ModelShape *s, const LayoutEntry *e) {
+    if (e->layer >= 0) return e->layer;
+    return e->field == FIELD_WTE || e->field == FIELD_WPE ? -1 : s->L;
+}
+
+/* --overlap-grad-reduce: a bucket per contiguous run of tensors finished at
+ * the same point. The layout makes each layer's dense tensors one run and
+ * its expert tensors another; the order of parameters stays as it is. */
+static void plan_grad_buckets(Model *m, const Layout *lay, int *failed) {
+    const ModelShape *s = &m->shape;
+    if (!s->overlap_grad_reduce || *failed) return;
+    GradSources src = {.comm = m->comm,
+                       .grads = m->grads,
+                       .num_dense = m->num_dense_params,
+                       .dense_partials = m->dense_partials,
+                       .expert_partials = m->expert_partials,
+                       .dense_count = model_grains(s),
+                       .expert_count = expert_splits(s),
+                       .total_partials = (long)model_grains(s) * m->comm->world_size};
+    if (grad_overlap_init(&m->grad_overlap, &src, m->num_params) != 0) {
+        *failed = 1;
+        return;
+    }
+    for (int i = 0; i < lay->count; i++) {
+        const ParamTensor *t = &lay->tensors[i];
+        if (grad_overlap_add(&m->grad_overlap, ready_point(s, &lay->entries[i]), t->is_expert,
+                             t->offset, t->numel) != 0)
+            *failed = 1;
+    }
+}
+
 static void free_partials(Model *m) {
     if (m->dense_partials)
         for (int g = 1; g < model_grains(&m->shape); g++) free(m->dense_partials[g]);
@@ -444,6 +479,7 @@ static void free_partials(Model *m) {
     free(m->expert_partials);
     free(m->grain_ce);
     exact_sum_free(&m->exact);
+    grad_overlap_free(&m->grad_overlap);
 }
 
 /* What the model will be, before any big allocation: its tensor layout,
@@ -494,6 +530,7 @@ static void plan_model(Model *m, Layout *lay) {
 
 int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
     memset(m, 0, sizeof *m);
+    m->grad_reduce_start_s = -1.0;
     m->shape = *s;
     m->comm = comm;
     int failed = 0;
@@ -521,6 +558,7 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
         bind_views(&m->dw, m->grads, &lay, s->tied);
         init_weights(m, seed);
     }
+    plan_grad_buckets(m, &lay, &failed);
     free(lay.entries);
 
     size_t N = (size_t)s->B * s->T, C = s->C;
@@ -601,6 +639,7 @@ void model_free(Model *m) {
 }
 
 void model_zero_grad(Model *m) {
+    m->grad_reduce_start_s = -1.0;
     memset(m->grads, 0, sizeof(float) * m->num_params);
     size_t expert_n = m->num_params - m->num_dense_params;
     for (int g = 1; g < model_grains(&m->shape); g++)
@@ -611,6 +650,10 @@ void model_zero_grad(Model *m) {
 
 void model_reduce_gradients(Model *m) {
     const ModelShape *s = &m->shape;
+    if (s->overlap_grad_reduce) {
+        grad_overlap_finish(&m->grad_overlap);
+        return;
+    }
     int grains = model_grains(s);
     long total = (long)grains * m->comm->world_size;
     exact_sum_floats(&m->exact, m->comm, COMM_SCOPE_WORLD, m->dense_partials, grains, total,
@@ -758,6 +801,23 @@ double model_forward(Model *m, const int *inputs, const int *targets) {
     return m->ce_loss + m->aux_loss + m->z_loss + m->importance_loss + m->load_loss;
 }
 
+/* --overlap-grad-reduce: the gradients of (layer, is_expert) are final, so
+ * their buckets go out now; the time it takes here is exposed reduction. */
+static void grads_ready(Model *m, int layer, int is_expert) {
+    if (!m->shape.overlap_grad_reduce) return;
+    double mark = timer_now_s();
+    if (m->grad_reduce_start_s < 0) m->grad_reduce_start_s = mark;
+    grad_overlap_ready(&m->grad_overlap, layer, is_expert);
+    timer_charge(m->phase_s, PHASE_GRAD_ALLREDUCE, &mark);
+}
+
+/* The buckets in flight are tested between the backward pass's sgemms. */
+static void test_buckets_between_sgemms(Model *m, int on) {
+    if (!m->shape.overlap_grad_reduce) return;
+    m->matmul.progress = m->router_matmul.progress = on ? grad_overlap_progress : NULL;
+    m->matmul.progress_arg = m->router_matmul.progress_arg = on ? &m->grad_overlap : NULL;
+}
+
 /* On entry m->dresid holds dLoss/d(resid_next); on exit dLoss/d(resid_in). */
 static void layer_backward(Model *m, int l) {
     const ModelShape *s = &m->shape;
@@ -775,6 +835,7 @@ static void layer_backward(Model *m, int l) {
                        m->expert_partials};
         moe_backward(m->dln, &mg, m->dresid, a->ln2, &mw, &m->moe[l], &m->moe_scratch,
                      &m->moe_shape, m->comm, m->phase_s, &m->matmul);
+        grads_ready(m, l, 1);
         mark = timer_now_s();
         if (s->shared_F > 0) {
             ffn_backward(m->dtmp, dw->shared_fc1_w, dw->shared_fc2_w, m->shared_dh, m->dresid,
@@ -794,12 +855,14 @@ static void layer_backward(Model *m, int l) {
     matmul_backward(m->dln, dw->qkv_w, m->dqkv, a->ln1, w->qkv_w, N, C, 3 * C, &m->matmul);
     rmsnorm_backward_split(m, m->dresid, dw->ln1_w, m->dln, a->resid_in, w->ln1_w, a->ln1_rstd);
     timer_charge(m->phase_s, PHASE_ATTENTION, &mark);
+    grads_ready(m, l, 0);
 }
 
 void model_backward(Model *m) {
     const ModelShape *s = &m->shape;
     int N = s->B * s->T, C = s->C;
     double mark = timer_now_s();
+    test_buckets_between_sgemms(m, 1);
     softmax_cross_entropy_backward(m->probs, m->targets, N, s->V, global_tokens(s));
     matmul_backward(m->dln, m->dw.lm_head_w, m->probs, m->lnf, m->w.lm_head_w, N, C, s->V,
                     &m->matmul);
@@ -807,10 +870,13 @@ void model_backward(Model *m) {
     rmsnorm_backward_split(m, m->dresid, m->dw.lnf_w, m->dln, m->resid_out, m->w.lnf_w,
                            m->lnf_rstd);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
+    grads_ready(m, s->L, 0);
     for (int l = s->L - 1; l >= 0; l--) layer_backward(m, l);
     mark = timer_now_s();
     embed_backward(m, m->dw.wte, m->dw.wpe, m->dresid, m->inputs);
     timer_charge(m->phase_s, PHASE_OTHER, &mark);
+    test_buckets_between_sgemms(m, 0);
+    grads_ready(m, -1, 0);
 }
 
 double model_step_flops(const Model *m) {
@@ -848,6 +914,7 @@ size_t model_memory_bytes(const Model *m) {
     const ModelShape *s = &m->shape;
     size_t N = (size_t)s->B * s->T, C = (size_t)s->C;
     size_t bytes = 4 * model_param_bytes(m) + exact_sum_bytes(exact_sum_chunk(m));
+    if (s->overlap_grad_reduce) bytes += grad_overlap_bytes(m->num_params);
     int grains = model_grains(s), splits = expert_splits(s);
     bytes += sizeof(float) * ((size_t)(grains - 1) * m->num_dense_params +
                               (size_t)(splits - 1) * (m->num_params - m->num_dense_params));

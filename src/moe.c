@@ -199,6 +199,8 @@ static Matmul expert_matmul(const Matmul *mm, Dispatch *d, int j, RowSplit *spli
                         .partials = g ? g->partials : NULL};
     view.split = split;
     if (d->overlap) {
+        d->outer_progress = view.progress;
+        d->outer_progress_arg = view.progress_arg;
         view.progress = dispatch_progress;
         view.progress_arg = d;
     }

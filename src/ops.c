@@ -185,6 +185,7 @@ void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float al
     cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
                 transpose_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, a, lda, b, ldb, beta, c,
                 ldc);
+    keep_progress(mm);
 }
 
 /* Per row, sums run in double, one accumulator per lane, then across lanes

@@ -208,8 +208,7 @@ static void from_fixed(float *out, const int64_t *fixed, const uint8_t *exponent
     for (; i < n; i++) out[i] = element_from_fixed(fixed[i], exponent[i]);
 }
 
-void exact_sum_floats(ExactSum *x, const Comm *c, CommScope scope, float *const *partials,
-                      int n_partials, long total_partials, size_t n, float *out) {
+static void check_partials(long total_partials) {
     if (total_partials > EXACT_SUM_MAX_PARTIALS) {
         fprintf(stderr,
                 "moesim: internal error: an exact sum of %ld partials exceeds the %ld its "
@@ -217,14 +216,24 @@ void exact_sum_floats(ExactSum *x, const Comm *c, CommScope scope, float *const 
                 total_partials, EXACT_SUM_MAX_PARTIALS);
         abort();
     }
-    if (total_partials == 1 && comm_scope_size(c, scope) == 1) {
+}
+
+/* A one-rank scope needs no collective: the sum at once. Returns 0 when the
+ * scope has more ranks. */
+static int sum_without_comm(const Comm *c, CommScope scope, float *const *partials,
+                            int n_partials, long total_partials, size_t n, float *out) {
+    if (comm_scope_size(c, scope) > 1) return 0;
+    if (total_partials == 1) {
         if (n_partials == 1 && out != partials[0]) memcpy(out, partials[0], sizeof(float) * n);
-        return;
-    }
-    if (comm_scope_size(c, scope) == 1) {
+    } else
         sum_local(partials, n_partials, n, out);
-        return;
-    }
+    return 1;
+}
+
+void exact_sum_floats(ExactSum *x, const Comm *c, CommScope scope, float *const *partials,
+                      int n_partials, long total_partials, size_t n, float *out) {
+    check_partials(total_partials);
+    if (sum_without_comm(c, scope, partials, n_partials, total_partials, n, out)) return;
     /* Chunks bound the scratch; every rank walks the same chunks. */
     for (size_t off = 0; off < n; off += x->capacity) {
         size_t len = n - off < x->capacity ? n - off : x->capacity;
@@ -236,6 +245,62 @@ void exact_sum_floats(ExactSum *x, const Comm *c, CommScope scope, float *const 
         comm_sum_int64(c, scope, x->fixed, len);
         from_fixed(out + off, x->fixed, x->exponent, len);
     }
+}
+
+/* The bucket's partials, each from the bucket's first element. */
+static void bucket_partials(const ExactSumAsync *a, float **bucket) {
+    for (int p = 0; p < a->n_partials; p++) bucket[p] = a->partials[p] + a->offset;
+}
+
+void exact_sum_start(ExactSumAsync *a, const Comm *c, CommScope scope, float *const *partials,
+                     int n_partials, long total_partials, size_t offset, size_t n, float *out,
+                     uint8_t *exponent, int64_t *fixed) {
+    check_partials(total_partials);
+    *a = (ExactSumAsync){.comm = c,
+                         .scope = scope,
+                         .partials = partials,
+                         .n_partials = n_partials,
+                         .offset = offset,
+                         .n = n,
+                         .out = out,
+                         .exponent = exponent,
+                         .fixed = fixed,
+                         .stage = EXACT_SUM_DONE,
+                         .request = MPI_REQUEST_NULL};
+    float *bucket[n_partials > 0 ? n_partials : 1];
+    bucket_partials(a, bucket);
+    if (sum_without_comm(c, scope, bucket, n_partials, total_partials, n, out)) return;
+    max_exponents(exponent, bucket, n_partials, n);
+    comm_imax_bytes(c, scope, exponent, n, &a->request);
+    a->stage = EXACT_SUM_EXPONENTS;
+}
+
+int exact_sum_test(ExactSumAsync *a) {
+    if (!a->arrived && (a->stage == EXACT_SUM_EXPONENTS || a->stage == EXACT_SUM_FIXED))
+        a->arrived = comm_test(&a->request);
+    return a->arrived || a->stage == EXACT_SUM_DONE;
+}
+
+static void wait_for_stage(ExactSumAsync *a) {
+    if (!a->arrived) comm_wait(&a->request);
+    a->arrived = 0;
+}
+
+void exact_sum_continue(ExactSumAsync *a) {
+    if (a->stage != EXACT_SUM_EXPONENTS) return;
+    wait_for_stage(a);
+    float *bucket[a->n_partials > 0 ? a->n_partials : 1];
+    bucket_partials(a, bucket);
+    add_fixed(a->fixed, a->exponent, bucket, a->n_partials, a->n);
+    comm_isum_int64(a->comm, a->scope, a->fixed, a->n, &a->request);
+    a->stage = EXACT_SUM_FIXED;
+}
+
+void exact_sum_complete(ExactSumAsync *a) {
+    exact_sum_continue(a);
+    if (a->stage == EXACT_SUM_FIXED) wait_for_stage(a);
+    if (a->stage != EXACT_SUM_DONE) from_fixed(a->out, a->fixed, a->exponent, a->n);
+    a->stage = EXACT_SUM_DONE;
 }
 
 void ordered_sum_doubles(const Comm *c, CommScope scope, const double *mine, int rows, int n,

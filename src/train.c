@@ -335,11 +335,14 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     model_forward(m, t->inputs, t->targets);
     model_backward(m);
     mark = timer_now_s();
-    double reduce_start = mark;
+    double reduce_start = m->grad_reduce_start_s >= 0 ? m->grad_reduce_start_s : mark;
     model_reduce_gradients(m);
     timer_charge(m->phase_s, PHASE_GRAD_ALLREDUCE, &mark);
-    /* blocking: all of it waited for, fixed-point conversions included */
-    m->comm_times.exposed_s[COMM_KIND_GRAD_REDUCE] = mark - reduce_start;
+    /* Exposed: all the rank spent on the reduction outside compute (with
+     * --overlap-grad-reduce also the work at each ready point), fixed-point
+     * conversions included. In flight: from the first bucket's start until
+     * the reduction ended; without overlap that is the same stretch. */
+    m->comm_times.exposed_s[COMM_KIND_GRAD_REDUCE] = m->phase_s[PHASE_GRAD_ALLREDUCE];
     m->comm_times.in_flight_s[COMM_KIND_GRAD_REDUCE] = mark - reduce_start;
     collect_comm_measures(t);
     double grad_norm = global_grad_norm(t);

@@ -733,6 +733,22 @@ TEST(ConfigArgs, SwitchWithAWrongValueNamesIt) {
     r = Parse(&cfg, {"train", "--flush-denormals="});
     EXPECT_EQ(r.rc, -1);
     ExpectMentions(r.err, {"--flush-denormals", "not a boolean"});
+    r = Parse(&cfg, {"train", "--overlap-grad-reduce", "2"});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--overlap-grad-reduce", "\"2\"", "not a boolean"});
+}
+
+// --overlap-grad-reduce (Megatron's name) is off unless asked for, with any
+// dispatcher and overlap setting.
+TEST(ConfigArgs, OverlapGradReduceIsAnOptInSwitch) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_EQ(cfg.overlap_grad_reduce, 0);
+    SetResult r = Parse(&cfg, {"train", "--overlap-grad-reduce", "1", "--moe-overlap-chunks", "2"});
+    ASSERT_EQ(r.rc, 0) << r.err;
+    EXPECT_EQ(cfg.overlap_grad_reduce, 1);
+    char err[MOESIM_ERR_MAX] = "";
+    EXPECT_EQ(config_validate_layout(&cfg, 2, err, sizeof err), 0) << err;
 }
 
 // Flags, INI lines and config_set mark a key as given, even at its default
@@ -925,7 +941,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 67u);
+    ASSERT_EQ(keys.size(), 68u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -1013,6 +1029,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"moe-token-dispatcher-type", "hierarchical"},
         {"ranks-per-node", "2"},
         {"moe-overlap-chunks", "3"},
+        {"overlap-grad-reduce", "1"},
         {"save", "/tmp/round/checkpoints"},
         {"save-interval", "25"},
         {"save-keep", "3"},
@@ -1075,6 +1092,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME_STR(moe_token_dispatcher_type);
     EXPECT_SAME(ranks_per_node);
     EXPECT_SAME(moe_overlap_chunks);
+    EXPECT_SAME(overlap_grad_reduce);
     EXPECT_SAME_STR(save);
     EXPECT_SAME(record_flush_interval);
     EXPECT_SAME(untie_embeddings_and_output_weights);

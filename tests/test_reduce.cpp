@@ -1,5 +1,5 @@
 // reduce: exact_sum_floats gives the same bits however the partials are
-// ordered, chunked or split over ranks, and stays within 48 bits of each
+// ordered, chunked, split over ranks or into non-blocking buckets, and stays within 48 bits of each
 // element's largest term; ordered_sum_doubles adds the grains in global grain
 // order. The ExactSum and OrderedSum suites sum over MPI_COMM_SELF, so they
 // pass under any mpirun; DistributedReduce needs mpirun -n 2 and skips
@@ -87,6 +87,54 @@ std::vector<float> self_sum(std::vector<float *> parts, size_t n, size_t capacit
     Comm self;
     comm_attach_self(&self);
     return exact_sum(&self, COMM_SCOPE_WORLD, parts, (long)parts.size(), n, capacity);
+}
+
+// The exact sum of `parts` (n floats each) without blocking, in buckets of
+// the given sizes (summing to n), into `out` (which may be parts[0]): every
+// bucket started before any continues, as the backward pass interleaves them
+// (the first continued while later ones start), tests polled in between.
+void bucketed_sum(const Comm *c, CommScope scope, std::vector<float *> parts, long total,
+                  const std::vector<size_t> &sizes, float *out) {
+    size_t n = 0;
+    for (size_t len : sizes) n += len;
+    std::vector<uint8_t> exponent(n);
+    std::vector<int64_t> fixed(n);
+    std::vector<ExactSumAsync> buckets(sizes.size());
+    float *const *partials = parts.empty() ? nullptr : parts.data();
+    size_t offset = 0;
+    for (size_t b = 0; b < sizes.size(); b++) {
+        exact_sum_start(&buckets[b], c, scope, partials, (int)parts.size(), total, offset,
+                        sizes[b], out + offset, exponent.data() + offset, fixed.data() + offset);
+        offset += sizes[b];
+        for (size_t k = 0; k < b; k++) exact_sum_test(&buckets[k]);
+        if (b > 0) exact_sum_continue(&buckets[b - 1]);
+    }
+    for (auto &bucket : buckets) exact_sum_continue(&bucket);
+    for (auto &bucket : buckets) exact_sum_test(&bucket);
+    for (size_t b = buckets.size(); b-- > 0;) exact_sum_complete(&buckets[b]);
+    for (auto &bucket : buckets) EXPECT_EQ(bucket.stage, EXACT_SUM_DONE);
+}
+
+std::vector<float> bucketed_sum(const Comm *c, CommScope scope, std::vector<float *> parts,
+                                long total, const std::vector<size_t> &sizes) {
+    size_t n = 0;
+    for (size_t len : sizes) n += len;
+    std::vector<float> out(n, from_bits(kUnwritten));
+    bucketed_sum(c, scope, parts, total, sizes, out.data());
+    return out;
+}
+
+// Bucket sizes that put boundaries off the 4-lane grid and leave 1-element
+// buckets, summing to n.
+std::vector<size_t> ragged_buckets(size_t n) {
+    std::vector<size_t> sizes;
+    const size_t pattern[] = {1, 7, 13, 2, 50, 3};
+    for (size_t left = n, k = 0; left > 0; k++) {
+        size_t len = std::min(left, pattern[k % 6]);
+        sizes.push_back(len);
+        left -= len;
+    }
+    return sizes;
 }
 
 // Plain float summation of element i, in the order of `parts`.
@@ -359,6 +407,34 @@ TEST(ExactSum, LengthsAndChunksDoNotChangeAnElement) {
     }
 }
 
+// Protects the overlapped gradient reduction on one rank: buckets started
+// and completed without blocking give exact_sum_floats's bits, out of place
+// and in place, whatever the bucket boundaries.
+TEST(ExactSumAsync, BucketsGiveTheBlockingBitsOnOneRank) {
+    std::mt19937 rng(13);
+    const size_t n = 203;
+    Partials p = mixed_partials(rng, kPartials, n);
+    p[4][10] = INFINITY;
+    p[7][11] = NAN;
+    const std::vector<float> whole = self_sum(pointers(p), n);
+    Comm self;
+    comm_attach_self(&self);
+    for (const auto &sizes : {std::vector<size_t>{n}, ragged_buckets(n)}) {
+        EXPECT_TRUE(SameBits(bucketed_sum(&self, COMM_SCOPE_WORLD, pointers(p), kPartials, sizes),
+                             whole))
+            << sizes.size() << " buckets";
+        Partials copy = p;
+        bucketed_sum(&self, COMM_SCOPE_WORLD, pointers(copy), kPartials, sizes, copy[0].data());
+        EXPECT_TRUE(SameBits(copy[0], whole)) << "in place, " << sizes.size() << " buckets";
+        // a lone partial is copied bit for bit, -0 and inf included
+        Partials lone(1, p[1]);
+        lone[0][3] = -0.0f;
+        lone[0][4] = -INFINITY;
+        EXPECT_TRUE(SameBits(bucketed_sum(&self, COMM_SCOPE_WORLD, pointers(lone), 1, sizes),
+                             lone[0]));
+    }
+}
+
 // 6 rows of n doubles. Column 0 is 1e16, 1, 1, -1e16, 1, 0.5: 1.5 summed in
 // order, but 4 in reverse, 0 as rows 0-2 plus rows 3-5, and 3.5 in the order
 // 0, 3, 1, 4, 2, 5. Other columns are random with mixed magnitudes.
@@ -482,6 +558,43 @@ TEST_F(DistributedReduce, NonFiniteOnOneRankPoisonsTheElementEverywhere) {
     ASSERT_TRUE(std::isnan(reference[2]) && std::isnan(reference[26]));
     std::vector<float> got = exact_sum(&comm, COMM_SCOPE_WORLD, share(p, 6), kPartials, n);
     EXPECT_TRUE(SameBits(got, reference)) << "rank " << comm.rank;
+}
+
+// Protects the overlapped gradient reduction across ranks: non-blocking
+// buckets in flight together (started, tested, continued and completed in
+// the interleaved order of the backward pass) give the bits of the blocking
+// sum and of the 1-rank sum, for splits of the partials over the ranks, in
+// place as in the model, with inf and NaN on either rank, denormals and -0.
+TEST_F(DistributedReduce, BucketsInFlightGiveTheBlockingBits) {
+    std::mt19937 rng(14);
+    const size_t n = 203;
+    Partials p = mixed_partials(rng, kPartials, n);
+    p[9][2] = INFINITY;  // rank 1's with a 6+6 split
+    p[1][26] = NAN;      // rank 0's
+    p[0][40] = -0.0f;
+    const std::vector<float> reference = self_sum(pointers(p), n);
+    for (int k : {6, 3, 11, 0}) {
+        const std::vector<float> blocking =
+            exact_sum(&comm, COMM_SCOPE_WORLD, share(p, k), kPartials, n);
+        ASSERT_TRUE(SameBits(blocking, reference)) << "split " << k;
+        for (const auto &sizes : {std::vector<size_t>{n}, ragged_buckets(n)}) {
+            EXPECT_TRUE(SameBits(
+                bucketed_sum(&comm, COMM_SCOPE_WORLD, share(p, k), kPartials, sizes), blocking))
+                << "rank " << comm.rank << ", split " << k << ", " << sizes.size() << " buckets";
+            Partials copy = p;
+            std::vector<float *> mine = share(copy, k);
+            std::vector<float> out(n);
+            float *target = mine.empty() ? out.data() : mine[0];
+            bucketed_sum(&comm, COMM_SCOPE_WORLD, mine, kPartials, sizes, target);
+            EXPECT_TRUE(SameBits(std::vector<float>(target, target + n), blocking))
+                << "in place, rank " << comm.rank << ", split " << k;
+        }
+    }
+    // a scope of one rank (EDP with EP 2) sums its own partials at once
+    comm_split_groups(&comm, 2);
+    std::vector<float *> mine = share(p, 6);
+    EXPECT_TRUE(SameBits(bucketed_sum(&comm, COMM_SCOPE_EDP, mine, 6, ragged_buckets(n)),
+                         self_sum(mine, n)));
 }
 
 // Protects grain order across ranks: 3 rows per rank sum, on every rank, to

@@ -79,6 +79,13 @@ void comm_sum_longs(const Comm *c, long *values, int n);
 int comm_scope_size(const Comm *c, CommScope scope);
 void comm_max_bytes(const Comm *c, CommScope scope, uint8_t *values, size_t n);
 void comm_sum_int64(const Comm *c, CommScope scope, int64_t *values, size_t n);
+/* The same max and sum without blocking (overlapped gradient reduction);
+ * n <= INT_MAX, scope of more than one rank; values must live, untouched,
+ * until the request completes. */
+void comm_imax_bytes(const Comm *c, CommScope scope, uint8_t *values, size_t n,
+                     MPI_Request *request);
+void comm_isum_int64(const Comm *c, CommScope scope, int64_t *values, size_t n,
+                     MPI_Request *request);
 void comm_allgather_doubles(const Comm *c, CommScope scope, const double *mine, double *all, int n);
 /* The float MPI_Allreduce moesim used before its gradient sums were exact,
  * kept only as `moesim bench`'s baseline for pricing them; nothing reads the
@@ -106,6 +113,8 @@ void comm_ep_ialltoallv_floats(const Comm *c, const float *send, const int *send
  * request that completed is set to MPI_REQUEST_NULL. */
 void comm_wait(MPI_Request *request);
 void comm_test_all(MPI_Request *requests, int n);
+/* 1 once the request has completed (and is freed), else 0; never blocks. */
+int comm_test(MPI_Request *request);
 
 /* The hierarchical exchange's steps, within the EP group: every rank's n
  * ints to every rank; the rows of this EP group's ranks on a node gathered

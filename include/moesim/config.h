@@ -34,6 +34,7 @@ typedef struct Config {
     char moe_token_dispatcher_type[16]; /* alltoall | hierarchical */
     int ranks_per_node;                 /* 0 = from shared memory; N = emulated nodes of N */
     int moe_overlap_chunks;             /* > 1: expert work overlaps the exchange */
+    int overlap_grad_reduce;            /* 1: gradient buckets reduce during backward */
     int moe_router_norm_topk_prob;  /* renormalise the k selected probabilities */
     double moe_expert_capacity_factor;
     double moe_aux_loss_coeff;

@@ -46,6 +46,10 @@ typedef struct Dispatch {
     int overlap;            /* per-expert non-blocking exchanges (dispatch_expert_start) */
     int *async_args;        /* [2][E_local][4 * ep_size]: each request's MPI arguments */
     MPI_Request *requests;  /* [2][E_local]: expert j's dispatch, then its combine */
+    /* The caller's progress hook (gradient buckets in flight), which
+     * dispatch_progress calls too; NULL: none. */
+    void (*outer_progress)(void *arg);
+    void *outer_progress_arg;
     Hierarchy h;
     int grains;             /* per source rank: the finest split of an expert's rows */
     int *rows_per_expert;   /* [E] rows this rank sends to each global expert */
@@ -96,7 +100,8 @@ void dispatch_expert_wait(Dispatch *d, int j);
 void combine_expert_start(Dispatch *d, int j, const float *owner, float *back, int width,
                           const Comm *comm);
 void combine_wait_all(Dispatch *d);
-/* Tests every outstanding request (a Matmul progress hook; arg is the Dispatch). */
+/* Tests every outstanding request, then calls the outer hook (a Matmul
+ * progress hook; arg is the Dispatch). */
 void dispatch_progress(void *arg);
 
 /* Zeroes times and sent_bytes (a step's start). */

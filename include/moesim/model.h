@@ -9,6 +9,7 @@
 
 #include "moesim/comm.h"
 #include "moesim/config.h"
+#include "moesim/grad_overlap.h"
 #include "moesim/moe.h"
 #include "moesim/placement.h"
 #include "moesim/reduce.h"
@@ -24,7 +25,8 @@ typedef struct ModelShape {
     int B;                 /* sequences per micro-batch */
     int ep_size, ep_rank;
     int hierarchical_dispatch; /* --moe-token-dispatcher-type hierarchical */
-    int overlap_chunks;        /* --moe-overlap-chunks */  /* this rank holds experts ep_rank*E/ep_size .. +E/ep_size-1 */
+    int overlap_chunks;        /* --moe-overlap-chunks */
+    int overlap_grad_reduce;   /* --overlap-grad-reduce: buckets reduce during backward */
     int moe_layer_freq;
     int tied; /* LM head shares the token embedding */
     int norm_topk_prob;
@@ -152,6 +154,13 @@ typedef struct Model {
     RowSplit dense_split;
     double *grain_ce; /* [grains] mean cross-entropy of each grain, last forward */
     ExactSum exact;   /* scratch of model_reduce_gradients */
+    /* --overlap-grad-reduce: the buckets model_backward starts and
+     * model_reduce_gradients finishes (grad_overlap.h). */
+    GradOverlap grad_overlap;
+    /* --overlap-grad-reduce: when the backward pass reached its first ready
+     * point this step (timer_now_s), or -1. From then until the reduction
+     * ends, buckets are in flight: the trainer's in_flight/grad_reduce. */
+    double grad_reduce_start_s;
     /* results of the last forward */
     double ce_loss, aux_loss, z_loss, importance_loss, load_loss;
     double phase_s[PHASE_COUNT]; /* seconds per phase, accumulated until reset */
@@ -177,7 +186,11 @@ void model_freeze(Model *m, unsigned groups);
  * group when experts are sharded); returns the total loss
  * (cross-entropy + auxiliary + z-loss) and sets ce_loss, aux_loss, z_loss. */
 double model_forward(Model *m, const int *inputs, const int *targets);
-/* Accumulates the gradient of the last forward's total loss into grads. */
+/* Accumulates the gradient of the last forward's total loss into grads.
+ * With shape.overlap_grad_reduce it also starts the reduction of each
+ * layer's gradients as soon as they are final (collective); then
+ * model_reduce_gradients must follow, before grads are read and before the
+ * next backward. */
 void model_backward(Model *m);
 void model_zero_grad(Model *m);
 /* grads <- the gradient of the global batch's loss: every grain's partial
@@ -185,6 +198,9 @@ void model_zero_grad(Model *m);
  * expert-data-parallel group, whose ranks together hold one partial per
  * grain for each expert. The same bits in every layout. Collective. */
 void model_reduce_gradients(Model *m);
+/* With --overlap-grad-reduce it finishes what model_backward started (and
+ * model_zero_grad reset grad_reduce_start_s): the same bits. Without a backward pass
+ * before it, it reduces every bucket now. */
 
 /* Matmul FLOPs this rank did in the last forward + backward (6 per
  * multiply-add over forward and backward), counting the expert rows it

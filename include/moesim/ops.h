@@ -55,8 +55,9 @@ typedef struct Matmul {
     size_t capacity;       /* floats per buffer; 0 for float32 */
     int owns_scratch;      /* matmul_free releases it (not for matmul_view copies) */
     const RowSplit *split; /* of the token rows; NULL: one call, gradients into dw */
-    /* Called after each sgemm of a split: keeps non-blocking exchanges
-     * moving, as Open MPI has no progress thread. NULL: nothing. */
+    /* Called after each sgemm (of a split, or of matmul_gemm): keeps
+     * non-blocking exchanges moving, as Open MPI has no progress thread.
+     * NULL: nothing. */
     void (*progress)(void *arg);
     void *progress_arg;
 } Matmul;

@@ -53,6 +53,52 @@ size_t exact_sum_bytes(size_t capacity);
 void exact_sum_floats(ExactSum *x, const Comm *c, CommScope scope, float *const *partials,
                       int n_partials, long total_partials, size_t n, float *out);
 
+/* exact_sum_floats without blocking, for one bucket (a contiguous element
+ * range) of the partials, so that the reduction of gradients already final
+ * overlaps the rest of the backward pass. The same three steps per element,
+ * so the same bits as exact_sum_floats over any split into buckets:
+ *   exact_sum_start     local exponents, then a non-blocking MAX;
+ *   exact_sum_continue  (MAX done, waited for if not) fixed point, then a
+ *                       non-blocking SUM;
+ *   exact_sum_complete  (SUM done, waited for if not) back to floats.
+ * exact_sum_test only tests the outstanding collective (cheap; for progress
+ * hooks, as Open MPI has no progress thread) and never issues one: every
+ * rank must start and continue its buckets in the same order at the same
+ * points of its program, since collectives on a communicator match by
+ * order. With a one-rank scope, start computes the sum at once. */
+typedef enum ExactSumStage {
+    EXACT_SUM_DONE,      /* out written (or nothing started) */
+    EXACT_SUM_EXPONENTS, /* MAX of the exponents in flight */
+    EXACT_SUM_FIXED,     /* SUM of the fixed-point terms in flight */
+} ExactSumStage;
+
+typedef struct ExactSumAsync {
+    const Comm *comm;
+    CommScope scope;
+    float *const *partials; /* [n_partials] whole buffers; the bucket starts at offset */
+    int n_partials;
+    size_t offset, n; /* the bucket: elements offset .. offset+n-1 of each partial */
+    float *out;       /* [n] the bucket's result; may alias partials[0] + offset */
+    uint8_t *exponent; /* [n] scratch, untouched by anything else until complete */
+    int64_t *fixed;    /* [n] scratch, likewise */
+    ExactSumStage stage;
+    int arrived; /* the stage's collective completed (exact_sum_test saw it) */
+    MPI_Request request;
+} ExactSumAsync;
+
+/* Arguments as exact_sum_floats, plus the bucket and its scratch; n must fit
+ * an int (EXACT_SUM_MAX_BUCKET). Collective over scope (non-blocking). */
+#define EXACT_SUM_MAX_BUCKET ((size_t)1 << 30)
+void exact_sum_start(ExactSumAsync *a, const Comm *c, CommScope scope, float *const *partials,
+                     int n_partials, long total_partials, size_t offset, size_t n, float *out,
+                     uint8_t *exponent, int64_t *fixed);
+/* Returns 1 when the outstanding collective has completed (or none is). */
+int exact_sum_test(ExactSumAsync *a);
+/* Issues the SUM when the bucket is at EXACT_SUM_EXPONENTS; else nothing. */
+void exact_sum_continue(ExactSumAsync *a);
+/* Continues if needed, waits for the SUM and writes out. */
+void exact_sum_complete(ExactSumAsync *a);
+
 /* out[j] = sum over the scope's grains g, in global grain order, of
  * grain g's value j. Rank r holds grains r*rows .. r*rows+rows-1 of the scope,
  * as mine[rows][n]. Collective; every rank passes the same rows and n.

@@ -54,6 +54,19 @@ for n in (1, 2, 3):
 for k in (2, 4):
     VARIANTS[f"overlap-{k}"] = {"moe-overlap-chunks": k}
 OVERLAP = [("overlap-2", 2, 2), ("overlap-2", 4, 2), ("overlap-4", 6, 2), ("overlap-2", 4, 4)]
+# Gradient buckets reduced during backward (--overlap-grad-reduce 1), alone,
+# with the overlapped exchange and with the hierarchical dispatcher; each run
+# is also compared with the same layout's blocking reduction.
+VARIANTS["grad-overlap"] = {"overlap-grad-reduce": 1}
+VARIANTS["grad-overlap-chunks-2"] = {"overlap-grad-reduce": 1, "moe-overlap-chunks": 2}
+VARIANTS["grad-overlap-hierarchical"] = {"overlap-grad-reduce": 1,
+                                         **VARIANTS["hierarchical-nodes-of-2"]}
+BLOCKING_TWIN = {"grad-overlap": "dropped", "grad-overlap-chunks-2": "overlap-2",
+                 "grad-overlap-hierarchical": "hierarchical-nodes-of-2"}
+# EP 1 and EP 2 of 4 ranks sum expert gradients across ranks too (EDP of 2 or 4).
+GRAD_OVERLAP = [("grad-overlap", 2, 1), ("grad-overlap", 2, 2), ("grad-overlap", 4, 2),
+                ("grad-overlap", 4, 4), ("grad-overlap-chunks-2", 2, 2),
+                ("grad-overlap-chunks-2", 4, 4), ("grad-overlap-hierarchical", 4, 2)]
 # (variant, world, EP): EP groups within a node, across nodes, one rank per
 # node, and groups that straddle a node boundary (world 6, nodes of 3, EP 2).
 HIERARCHICAL = [("hierarchical-nodes-of-1", 2, 2), ("hierarchical-nodes-of-2", 2, 2),
@@ -65,7 +78,8 @@ WORLD_SIZES = [1, 2, 3, 4, 6]  # each divides GLOBAL_BATCH
 MATRIX = [(p, ep) for p in WORLD_SIZES for ep in (1, 2, 4) if p % ep == 0 and EXPERTS % ep == 0]
 SUBSET = [(2, 2), (3, 1), (4, 2), (6, 2)]
 CASES = ([("dropped", p, ep) for p, ep in MATRIX] +
-         [(v, p, ep) for v in VARIANTS if v != "dropped" and not v.startswith(("hierarchical", "overlap"))
+         [(v, p, ep) for v in VARIANTS
+          if v != "dropped" and not v.startswith(("hierarchical", "overlap", "grad-overlap"))
           for p, ep in SUBSET])
 
 # The datasets of the contract, by group; /timing/ and /traffic/ depend on the layout by design.
@@ -181,11 +195,12 @@ def differences(got, want, steps):
     return [line for _, line in sorted(found, key=lambda item: item[0])]
 
 
-def assert_identical(run, ref, what):
+def assert_identical(run, ref, what, reference="the 1-rank run"):
+    """Where "1-rank" appears in a difference line, read `reference`."""
     steps = {name: ref["data"][name] for name in set(STEP_OF_GROUP.values())}
     lines = differences(run["data"], ref["data"], steps) + \
         differences(run["params"], ref["params"], steps)
-    assert not lines, f"{what} is not bit-identical to the 1-rank run:\n  " + "\n  ".join(lines)
+    assert not lines, f"{what} is not bit-identical to {reference}:\n  " + "\n  ".join(lines)
 
 
 # ---- the contract's datasets are what the tests compare -------------------------------
@@ -286,6 +301,22 @@ def test_overlapped_exchange_is_bit_identical_to_one_rank(runs, variant, world, 
     run = runs.get(variant, world, ep)
     assert run["attrs"]["config.moe_overlap_chunks"] == VARIANTS[variant]["moe-overlap-chunks"]
     assert_identical(run, ref, f"{variant}: world {world} EP {ep}")
+
+
+@pytest.mark.parametrize("variant,world,ep", GRAD_OVERLAP,
+                         ids=[f"{v}-world{p}-ep{e}" for v, p, e in GRAD_OVERLAP])
+def test_overlapped_gradient_reduction_is_bit_identical(runs, variant, world, ep):
+    """Buckets of gradients summed without blocking while the backward pass
+    goes on give the blocking reduction's bits: the run equals the base's
+    1-rank run and the same layout with --overlap-grad-reduce 0."""
+    run = runs.get(variant, world, ep)
+    assert run["attrs"]["config.overlap_grad_reduce"] == 1
+    assert (run["attrs"]["world_size"], run["attrs"]["ep_size"]) == (world, ep)
+    assert_identical(run, runs.get("dropped", 1, 1), f"{variant}: world {world} EP {ep}")
+    twin = runs.get(BLOCKING_TWIN[variant], world, ep)
+    assert twin["attrs"]["config.overlap_grad_reduce"] == 0
+    assert_identical(run, twin, f"{variant}: world {world} EP {ep}",
+                     reference=f"{BLOCKING_TWIN[variant]} (--overlap-grad-reduce 0)")
 
 
 def test_two_sequence_groups_split_across_ranks(runs):

@@ -260,3 +260,16 @@ def test_resume_on_other_nodes_keeps_internode_bytes_readable(tmp_path, first, t
     info = moesim_info(out)
     assert info.returncode == 0, info.stderr
     assert "communication per step" in info.stdout, info.stdout
+
+
+def test_overlapped_gradient_reduction_is_in_flight_across_the_backward_pass(tmp_path):
+    """--overlap-grad-reduce 1: exposed is the grad_allreduce phase (ready-point work and the
+    final wait); in flight runs from the first bucket's start, covering the backward compute of
+    the layers below it, so it is longer."""
+    rec = read(train(("alltoall", 2, 1, 1, 2), tmp_path / "grad.h5", **{"overlap-grad-reduce": 1}))
+    exposed, in_flight = comm(rec, "exposed", "grad_reduce"), comm(rec, "in_flight", "grad_reduce")
+    assert np.array_equal(exposed, rec["timing/grad_allreduce"])
+    assert (exposed > 0).all() and (in_flight > exposed).all(), (exposed, in_flight)
+    total = sum(comm(rec, "exposed", kind) for kind in KINDS)
+    assert (total <= phases_sum(rec)).all()
+    assert (total[:, 0] <= rec["train/step_time_s"]).all()
