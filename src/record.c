@@ -147,12 +147,22 @@ enum SeriesId {
     SPEC_STEP,
     SPEC_COUNTS,
     SPEC_MUTUAL_INFORMATION,
+    GROUP_COUNTS_STEP,
+    GROUP_COUNTS,
     TIMING_FIRST,
     SERIES_COUNT = TIMING_FIRST + PHASE_COUNT
 };
 
 /* The shape that follows the row dimension. */
-enum Tail { TAIL_NONE, TAIL_LAYER, TAIL_LAYER_EXPERT, TAIL_RANK, TAIL_RANK_RANK, TAIL_SPEC };
+enum Tail {
+    TAIL_NONE,
+    TAIL_LAYER,
+    TAIL_LAYER_EXPERT,
+    TAIL_RANK,
+    TAIL_RANK_RANK,
+    TAIL_SPEC,
+    TAIL_LAYER_GROUP_EXPERT /* int32 and gzip in the file: the largest rows by far */
+};
 
 typedef struct SeriesSpec {
     enum SeriesId id;
@@ -195,6 +205,8 @@ static const SeriesSpec SERIES[] = {
     {SPEC_STEP, "/specialization/step", 1, TAIL_NONE, "step"},
     {SPEC_COUNTS, "/specialization/counts", 1, TAIL_SPEC, "assignments"},
     {SPEC_MUTUAL_INFORMATION, "/specialization/mutual_information", 0, TAIL_LAYER, "bits"},
+    {GROUP_COUNTS_STEP, "/routing/group_counts_step", 1, TAIL_NONE, "step"},
+    {GROUP_COUNTS, "/routing/group_expert_counts", 1, TAIL_LAYER_GROUP_EXPERT, "assignments"},
 };
 
 struct Record {
@@ -236,6 +248,11 @@ static int tail_dims(const RecordLayout *lay, enum Tail tail, hsize_t *dims) {
             dims[1] = (hsize_t)lay->experts;
             dims[2] = (hsize_t)lay->num_categories;
             return 3;
+        case TAIL_LAYER_GROUP_EXPERT:
+            dims[0] = (hsize_t)lay->moe_layers;
+            dims[1] = (hsize_t)lay->routing_groups;
+            dims[2] = (hsize_t)lay->experts;
+            return 3;
     }
     return 0;
 }
@@ -265,12 +282,12 @@ static int series_chunk_geometry(Series *s) {
  * shape, which a resume on another layout changes: those dimensions grow
  * without limit, and the cells a smaller layout leaves empty read NaN (0 for
  * integers). */
-static int series_create(Series *s, hid_t file, const char *path, int is_long, int tail_ndim,
-                         const hsize_t *tail, const char *units, int per_rank) {
+static int series_create_as(Series *s, hid_t file, const char *path, int is_long,
+                            hid_t file_type, int gzip, int tail_ndim, const hsize_t *tail,
+                            const char *units, int per_rank) {
     memset(s, 0, sizeof *s);
     s->mem_type = is_long ? H5T_NATIVE_LONG : H5T_NATIVE_DOUBLE;
     s->tail_ndim = tail_ndim;
-    hid_t file_type = is_long ? H5T_STD_I64LE : H5T_IEEE_F64LE;
     hsize_t dims[4] = {0}, maxdims[4] = {H5S_UNLIMITED}, chunk[4];
     size_t row_elems = 1;
     /* A dense model has no MoE layer: its routing rows hold zero values, and
@@ -288,6 +305,7 @@ static int series_create(Series *s, hid_t file, const char *path, int is_long, i
     hid_t space = H5Screate_simple(1 + tail_ndim, dims, maxdims);
     hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
     H5Pset_chunk(dcpl, 1 + tail_ndim, chunk);
+    if (gzip) H5Pset_deflate(dcpl, 4);
     double nan = NAN;
     if (per_rank && !is_long) H5Pset_fill_value(dcpl, H5T_NATIVE_DOUBLE, &nan);
     hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
@@ -299,6 +317,24 @@ static int series_create(Series *s, hid_t file, const char *path, int is_long, i
     H5Pclose(dcpl);
     H5Sclose(space);
     return st;
+}
+
+static int series_create(Series *s, hid_t file, const char *path, int is_long, int tail_ndim,
+                         const hsize_t *tail, const char *units, int per_rank) {
+    hid_t file_type = is_long ? H5T_STD_I64LE : H5T_IEEE_F64LE;
+    return series_create_as(s, file, path, is_long, file_type, 0, tail_ndim, tail, units,
+                            per_rank);
+}
+
+/* A spec's series; counts per routing group are int32 (a group holds far
+ * fewer than 2^31 tokens) and compressed: mostly small repeated numbers. */
+static int series_create_spec(Series *s, hid_t file, const SeriesSpec *spec, int tail_ndim,
+                              const hsize_t *tail) {
+    if (spec->tail == TAIL_LAYER_GROUP_EXPERT)
+        return series_create_as(s, file, spec->path, 1, H5T_STD_I32LE, 1, tail_ndim, tail,
+                                spec->units, 0);
+    return series_create(s, file, spec->path, spec->is_long, tail_ndim, tail, spec->units,
+                         spec->tail == TAIL_RANK || spec->tail == TAIL_RANK_RANK);
 }
 
 /* An existing series of a resumed record: its first keep_rows rows stay,
@@ -569,8 +605,7 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
     for (size_t i = 0; i < sizeof SERIES / sizeof SERIES[0]; i++) {
         const SeriesSpec *spec = &SERIES[i];
         int ndim = tail_dims(layout, spec->tail, tail);
-        st |= series_create(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
-                            spec->units, spec->tail == TAIL_RANK || spec->tail == TAIL_RANK_RANK);
+        st |= series_create_spec(&r->series[spec->id], r->file, spec, ndim, tail);
     }
     st |=
         set_string_array_attr(r->series[SPEC_COUNTS].dset, "category_names",
@@ -656,14 +691,16 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
     long train_rows = rows_up_to(r->file, "/train/step", iteration);
     long eval_rows = rows_up_to(r->file, "/eval/step", iteration);
     long spec_rows = rows_up_to(r->file, "/specialization/step", iteration);
+    long group_rows = rows_up_to(r->file, "/routing/group_counts_step", iteration);
     int st = 0;
     hsize_t tail[3];
     for (size_t i = 0; i < sizeof SERIES / sizeof SERIES[0]; i++) {
         const SeriesSpec *spec = &SERIES[i];
         int ndim = tail_dims(layout, spec->tail, tail);
-        long keep = spec->id == EVAL_STEP || spec->id == EVAL_LOSS ? eval_rows
-                    : spec->id >= SPEC_STEP                        ? spec_rows
-                                                                   : train_rows;
+        long keep = spec->id == EVAL_STEP || spec->id == EVAL_LOSS             ? eval_rows
+                    : spec->id == GROUP_COUNTS_STEP || spec->id == GROUP_COUNTS ? group_rows
+                    : spec->id >= SPEC_STEP                                      ? spec_rows
+                                                                                 : train_rows;
         st |= series_reopen(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
                             keep);
     }
@@ -754,6 +791,12 @@ int record_append_train(Record *r, const TrainRow *row, const StepDetail *d) {
         st |= series_push(&s[TIMING_FIRST + p], r->timing_row);
     }
     st |= series_push(&s[TRAFFIC_DISPATCH], d->dispatch_bytes);
+    return st ? -1 : 0;
+}
+
+int record_append_group_counts(Record *r, long step, const long *counts) {
+    int st = series_push(&r->series[GROUP_COUNTS_STEP], &step);
+    st |= series_push(&r->series[GROUP_COUNTS], counts);
     return st ? -1 : 0;
 }
 

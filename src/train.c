@@ -96,6 +96,9 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     t->targets = malloc(sizeof(int) * N);
     t->categories = malloc(sizeof(int) * N);
     t->dispatch_bytes = calloc((size_t)comm->world_size, sizeof(long));
+    t->local_groups = (int)(N / (size_t)shape.G);
+    t->group_counts = calloc((size_t)(t->moe_layers ? t->moe_layers : 1) * t->local_groups * shape.E,
+                             sizeof(long));
     int stats_ok = routing_stats_init(&t->routing, t->moe_layers, shape.E, ds->num_categories) == 0;
     int grains = model_grains(&shape);
     t->grain_width = 1 + t->moe_layers * routing_grain_width(shape.E);
@@ -105,7 +108,8 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     int reduce_ok = t->grain_rows && t->grain_totals && t->gathered;
     int model_ok = model_init(&t->model, &shape, cfg->seed, comm) == 0;
     t->nonfinite_flags = model_ok ? calloc((size_t)t->model.num_tensors, 1) : NULL;
-    if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !stats_ok ||
+    if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !t->group_counts ||
+        !stats_ok ||
         !reduce_ok || !model_ok || !t->nonfinite_flags) {
         snprintf(err, errlen,
                  "out of memory building the model (%d layers, hidden %d, %d "
@@ -134,6 +138,7 @@ void trainer_free(Trainer *t) {
     free(t->categories);
     routing_stats_free(&t->routing);
     free(t->dispatch_bytes);
+    free(t->group_counts);
     free(t->grain_rows);
     free(t->grain_totals);
     free(t->gathered);
@@ -158,6 +163,17 @@ static void sum_grain_statistics(Trainer *t) {
     }
     ordered_sum_doubles(t->comm, COMM_SCOPE_WORLD, t->grain_rows, grains, t->grain_width,
                         t->gathered, t->grain_totals);
+}
+
+/* Kept assignments per (routing group, expert) of MoE layer i: groups are
+ * G consecutive tokens, so a token's group is its index / G. */
+static void count_group_assignments(Trainer *t, const Routing *r, int i) {
+    int E = t->model.shape.E, N = t->model.shape.B * t->model.shape.T;
+    int G = N / t->local_groups;
+    long *counts = t->group_counts + (long)i * t->local_groups * E;
+    memset(counts, 0, sizeof(long) * t->local_groups * E);
+    for (long a = 0; a < (long)N * r->slots; a++)
+        if (r->choice_kept[a]) counts[(a / r->slots / G) * E + r->choice_expert[a]]++;
 }
 
 /* Routing statistics and losses of the global batch, and the bytes of token
@@ -199,6 +215,7 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
         stats->importance_loss += losses[2];
         stats->load_loss += losses[3];
         dispatch_add_bytes_to_ranks(&m->moe[l].dispatch, m->shape.C, to_my_ep_group);
+        count_group_assignments(t, r, i);
         i++;
     }
     stats->loss = stats->ce_loss + stats->aux_loss + stats->z_loss + stats->importance_loss +
@@ -466,6 +483,8 @@ typedef struct RunState {
     char *hostnames;   /* [world][MOESIM_HOSTNAME_MAX] */
     double *phase_all; /* [world * PHASE_COUNT], rank 0 */
     long *bytes_all;   /* [world * world], rank 0 */
+    long *groups_all;  /* [world][moe_layers][local_groups][E] as gathered, rank 0 */
+    long *groups_row;  /* [moe_layers][world * local_groups][E], rank 0 */
 } RunState;
 
 static long params_active_per_token(const Trainer *t) {
@@ -485,7 +504,12 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
     rs->hostnames = calloc((size_t)P * MOESIM_HOSTNAME_MAX, 1);
     rs->phase_all = calloc((size_t)P * PHASE_COUNT, sizeof(double));
     rs->bytes_all = calloc((size_t)P * P, sizeof(long));
-    int ok = rs->param_bytes && rs->hostnames && rs->phase_all && rs->bytes_all;
+    size_t group_cells = (size_t)P * t->local_groups * t->model.shape.E *
+                         (t->moe_layers ? t->moe_layers : 1);
+    rs->groups_all = calloc(group_cells, sizeof(long));
+    rs->groups_row = calloc(group_cells, sizeof(long));
+    int ok = rs->param_bytes && rs->hostnames && rs->phase_all && rs->bytes_all &&
+             rs->groups_all && rs->groups_row;
     if (!ok) snprintf(err, errlen, "out of memory for the run statistics");
     long mine = (long)model_param_bytes(m);
     if (comm_all_ok(comm, ok)) {
@@ -499,6 +523,7 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
                        .moe_layers = t->moe_layers,
                        .experts = t->cfg->num_experts,
                        .top_k = t->cfg->moe_router_topk,
+                       .routing_groups = P * t->local_groups,
                        .num_categories = t->ds->num_categories,
                        .category_names = t->ds->category_names,
                        .hostnames = rs->hostnames,
@@ -521,6 +546,8 @@ static void run_state_free(RunState *rs) {
     free(rs->hostnames);
     free(rs->phase_all);
     free(rs->bytes_all);
+    free(rs->groups_all);
+    free(rs->groups_row);
 }
 
 /* Gathers the per-rank details of a logged step and buffers it (rank 0). */
@@ -555,6 +582,21 @@ static int record_step(RunState *rs, const Trainer *t, long done, const StepStat
                          .phase_s = rs->phase_all,
                          .dispatch_bytes = rs->bytes_all};
     return record_append_train(rs->rec, &row, &detail) == 0;
+}
+
+/* Gathers every rank's group counts and buffers them in global group order
+ * (rank r holds groups r*local_groups ..), the same row on any layout. */
+static int record_group_counts(RunState *rs, const Trainer *t, long done) {
+    const Comm *comm = t->comm;
+    int L = t->moe_layers, E = t->model.shape.E, lg = t->local_groups, P = comm->world_size;
+    long per_rank = (long)L * lg * E;
+    comm_gather_longs(comm, t->group_counts, rs->groups_all, (int)per_rank);
+    if (comm->rank != 0) return 1;
+    for (int r = 0; r < P; r++)
+        for (int i = 0; i < L; i++)
+            memcpy(rs->groups_row + ((long)i * P * lg + (long)r * lg) * E,
+                   rs->groups_all + r * per_rank + (long)i * lg * E, sizeof(long) * lg * E);
+    return record_append_group_counts(rs->rec, done, rs->groups_row) == 0;
 }
 
 static int record_eval(RunState *rs, const Trainer *t, long done, double val_loss) {
@@ -678,6 +720,8 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
         /* A skipped or diverging step is always recorded, whatever the log interval. */
         if (done % cfg->log_interval == 0 || last || stats.nonfinite)
             ok = record_step(&rs, &t, done, &stats) && ok;
+        if (cfg->record_group_counts_interval > 0 && done % cfg->record_group_counts_interval == 0)
+            ok = record_group_counts(&rs, &t, done) && ok;
         /* a diverging step keeps the last good checkpoint */
         int save_now = !diverged && cfg->save[0] &&
                        (last || (cfg->save_interval > 0 && done % cfg->save_interval == 0));

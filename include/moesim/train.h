@@ -51,6 +51,10 @@ typedef struct Trainer {
     int *inputs, *targets, *categories; /* [B*T] */
     RoutingStats routing;
     long *dispatch_bytes; /* [world] bytes this rank sent to each rank last step */
+    /* kept assignments of this rank's routing groups last step,
+     * [moe_layers][local_groups][E]: what `moesim project` replays */
+    int local_groups;
+    long *group_counts;
     int moe_layers;
     /* The exact reductions of statistics (reduce.h): this rank's per-grain
      * rows [grains][grain_width] (cross-entropy, then each MoE layer's
