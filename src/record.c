@@ -491,6 +491,7 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     st |= set_long_attr(file, "seed", cfg->seed);
     if (hosts) st |= set_string_array_attr(file, "hostnames", hosts, lay->world_size);
     st |= set_long_attr(file, "params_total", lay->params_total);
+    st |= set_long_attr(file, "vocab_size", lay->vocab_size);
     st |= set_long_attr(file, "params_active_per_token", lay->params_active_per_token);
     st |= set_long_array_attr(file, "param_bytes_per_rank", lay->param_bytes_per_rank,
                               lay->world_size);
@@ -1602,4 +1603,224 @@ int checkpoint_read_f32(long file, const char *name, int ndim, const long *dims,
 
 int checkpoint_file_close_read(long file) {
     return H5Fclose(file) < 0 ? -1 : 0;
+}
+
+/* ---- moesim project: reading a record, writing a projection --------------------- */
+
+static int read_config_long(hid_t file, const char *key, long fallback, long *value) {
+    char name[96];
+    snprintf(name, sizeof name, "config.%s", key);
+    *value = fallback;
+    if (H5Aexists(file, name) <= 0) return fallback >= 0 ? 0 : -1;
+    hid_t attr = H5Aopen(file, name, H5P_DEFAULT);
+    herr_t st = attr < 0 ? -1 : H5Aread(attr, H5T_NATIVE_LONG, value);
+    if (attr >= 0) H5Aclose(attr);
+    return st < 0 ? -1 : 0;
+}
+
+/* A string config attribute equal to `want`. */
+static int config_string_is(hid_t file, const char *key, const char *want) {
+    char name[96], *value = NULL;
+    snprintf(name, sizeof name, "config.%s", key);
+    if (H5Aexists(file, name) <= 0) return 0;
+    hid_t attr = H5Aopen(file, name, H5P_DEFAULT), type = utf8_string_type();
+    int same = attr >= 0 && H5Aread(attr, type, &value) >= 0 && value && strcmp(value, want) == 0;
+    if (value) H5free_memory(value);
+    H5Tclose(type);
+    if (attr >= 0) H5Aclose(attr);
+    return same;
+}
+
+/* The whole dataset at path as `type` into a new buffer of elem bytes per
+ * value; dims gets its shape. NULL when missing or unreadable. */
+static void *read_whole(hid_t file, const char *path, hid_t type, size_t elem, int want_ndim,
+                        hsize_t *dims) {
+    /* negative (an error, not 0) when a parent group is missing */
+    if (H5Lexists(file, path, H5P_DEFAULT) <= 0) return NULL;
+    hid_t dset = H5Dopen2(file, path, H5P_DEFAULT);
+    if (dset < 0) return NULL;
+    hid_t space = H5Dget_space(dset);
+    int ndim = H5Sget_simple_extent_dims(space, dims, NULL);
+    size_t count = 1;
+    for (int i = 0; i < ndim; i++) count *= dims[i];
+    void *data = ndim == want_ndim ? malloc(elem * (count ? count : 1)) : NULL;
+    if (data && count && H5Dread(dset, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
+        free(data);
+        data = NULL;
+    }
+    H5Sclose(space);
+    H5Dclose(dset);
+    return data;
+}
+
+/* Each group-count row's drops from the logged step with the same step. */
+static int read_projection_drops(hid_t file, ProjectRecord *in) {
+    hsize_t sdims[4] = {0}, ddims[4] = {0};
+    long *steps = read_whole(file, "/train/step", H5T_NATIVE_LONG, sizeof(long), 1, sdims);
+    long *dropped =
+        read_whole(file, "/routing/dropped_per_expert", H5T_NATIVE_LONG, sizeof(long), 3, ddims);
+    size_t LE = (size_t)in->moe_layers * in->experts;
+    in->dropped = calloc((size_t)in->rows * (LE ? LE : 1), sizeof(long));
+    int ok = in->dropped != NULL;
+    for (int r = 0; ok && steps && dropped && ddims[0] == sdims[0] && r < in->rows; r++)
+        for (hsize_t i = 0; i < sdims[0]; i++)
+            if (steps[i] == in->steps[r])
+                memcpy(in->dropped + r * LE, dropped + i * LE, sizeof(long) * LE);
+    free(steps);
+    free(dropped);
+    return ok ? 0 : -1;
+}
+
+int record_read_projection(const char *path, ProjectRecord *in, char *err, size_t errlen) {
+    memset(in, 0, sizeof *in);
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) {
+        snprintf(err, errlen, "cannot open the run record %s; give the --out of a moesim train run",
+                 path);
+        return -1;
+    }
+    long schema = 0, v[14];
+    int st = read_long_attr(file, "schema_version", &schema);
+    if (st != 0 || schema < 7) {
+        snprintf(err, errlen,
+                 "%s has no /routing/group_expert_counts (run record schema %ld; moesim project "
+                 "needs schema 7 or later with --record-group-counts-interval above 0): re-run "
+                 "the training with this moesim",
+                 path, schema);
+        H5Fclose(file);
+        return -1;
+    }
+    const char *keys[] = {"num_experts",       "moe_router_topk",    "micro_batch_size",
+                          "seq_length",        "hidden_size",        "num_attention_heads",
+                          "ffn_hidden_size",   "moe_ffn_hidden_size", "num_layers",
+                          "moe_shared_expert_intermediate_size"};
+    for (int i = 0; i < 10; i++) st |= read_config_long(file, keys[i], i == 9 ? 0 : -1, &v[i]);
+    st |= read_long_attr(file, "world_size", &v[10]);
+    st |= read_long_attr(file, "params_total", &in->params_total);
+    st |= read_long_attr(file, "params_active_per_token", &in->params_active_per_token);
+    if (read_long_attr(file, "vocab_size", &v[11]) != 0) v[11] = 256;
+    hsize_t dims[4] = {0}, sdims[4] = {0};
+    in->group_counts = st ? NULL
+                          : read_whole(file, "/routing/group_expert_counts", H5T_NATIVE_INT,
+                                       sizeof(int), 4, dims);
+    in->steps = in->group_counts ? read_whole(file, "/routing/group_counts_step", H5T_NATIVE_LONG,
+                                              sizeof(long), 1, sdims)
+                                 : NULL;
+    if (!in->group_counts || !in->steps || sdims[0] != dims[0] || dims[0] == 0) {
+        snprintf(err, errlen,
+                 "%s holds no /routing/group_expert_counts rows (trained with "
+                 "--record-group-counts-interval 0, stopped before the first row, or corrupt); "
+                 "re-run the training with --record-group-counts-interval 1",
+                 path);
+        H5Fclose(file);
+        project_record_free(in);
+        return -1;
+    }
+    in->rows = (int)dims[0];
+    in->moe_layers = (int)dims[1];
+    in->routing_groups = (int)dims[2];
+    in->experts = (int)v[0];
+    in->top_k = (int)v[1];
+    in->micro_batch = (int)v[2];
+    in->seq_length = (int)v[3];
+    in->hidden = (int)v[4];
+    in->heads = (int)v[5];
+    in->ffn_hidden = (int)v[6];
+    in->moe_ffn_hidden = (int)v[7];
+    in->num_layers = (int)v[8];
+    in->shared_ffn_hidden = (int)v[9];
+    in->recorded_world = (int)v[10];
+    in->vocab = (int)v[11];
+    in->swiglu = config_string_is(file, "moe_expert_activation", "swiglu");
+    in->bf16 = config_string_is(file, "precision", "bf16");
+    st = (int)dims[3] != in->experts || read_projection_drops(file, in) != 0;
+    H5Fclose(file);
+    if (st) {
+        snprintf(err, errlen, "%s: /routing/group_expert_counts does not match the record's "
+                 "config (corrupt?); re-run the training", path);
+        project_record_free(in);
+        return -1;
+    }
+    return 0;
+}
+
+static int write_projection_array(hid_t file, const char *path, hid_t mem_type, hid_t file_type, int ndim,
+                       const hsize_t *dims, const void *data, const char *units) {
+    hid_t space = H5Screate_simple(ndim, dims, NULL), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
+    H5Pset_create_intermediate_group(lcpl, 1);
+    int empty = 0;
+    for (int i = 0; i < ndim; i++) empty |= dims[i] == 0;
+    if (!empty) {
+        H5Pset_chunk(dcpl, ndim, dims);
+        H5Pset_deflate(dcpl, 4);
+    }
+    hid_t dset = H5Dcreate2(file, path, file_type, space, lcpl, dcpl, H5P_DEFAULT);
+    int st = dset < 0 || (!empty && H5Dwrite(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT,
+                                             data) < 0);
+    if (dset >= 0) st |= set_string_attr(dset, "units", units) != 0;
+    if (dset >= 0) H5Dclose(dset);
+    H5Pclose(lcpl);
+    H5Pclose(dcpl);
+    H5Sclose(space);
+    return st ? -1 : 0;
+}
+
+int record_write_projection(const char *path, const ProjectOutput *o, char *err, size_t errlen) {
+    hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (file < 0) {
+        snprintf(err, errlen,
+                 "cannot create the projection --out %s; check that its directory exists and is "
+                 "writable",
+                 path);
+        return -1;
+    }
+    const ProjectRecord *in = o->in;
+    hsize_t R = (hsize_t)in->rows, P = (hsize_t)o->lay->world, N = (hsize_t)o->nodes;
+    hsize_t L = (hsize_t)in->moe_layers;
+    int st = set_long_attr(file, "schema_version", MOESIM_SCHEMA_VERSION);
+    st |= set_string_attr(file, "moesim_version", MOESIM_VERSION);
+    st |= set_string_attr(file, "cluster", o->cluster_path);
+    st |= set_string_attr(file, "cluster_name", o->cluster->name);
+    st |= set_long_attr(file, "world_size", o->lay->world);
+    st |= set_long_attr(file, "ep_size", o->lay->ep);
+    st |= set_long_attr(file, "ranks_per_node", o->lay->ranks_per_node);
+    st |= set_long_attr(file, "nodes", o->nodes);
+    st |= set_string_attr(file, "dispatcher", o->lay->hierarchical ? "hierarchical" : "alltoall");
+    st |= set_long_attr(file, "overlap_chunks", o->lay->overlap_chunks);
+    st |= set_string_array_attr(file, "phases", phase_names, PHASE_COUNT);
+    hsize_t d1[1] = {R}, d3[3], d3p[3] = {R, P, PHASE_COUNT};
+    st |= write_projection_array(file, "/projection/step", H5T_NATIVE_LONG, H5T_STD_I64LE, 1, d1, in->steps,
+                      "step");
+    if (o->dispatch_bytes) {
+        d3[0] = R, d3[1] = P, d3[2] = P;
+        st |= write_projection_array(file, "/projection/dispatch_bytes", H5T_NATIVE_LONG, H5T_STD_I64LE, 3,
+                          d3, o->dispatch_bytes, "bytes");
+    }
+    d3[0] = R, d3[1] = N, d3[2] = N;
+    st |= write_projection_array(file, "/projection/node_dispatch_bytes", H5T_NATIVE_LONG, H5T_STD_I64LE, 3,
+                      d3, o->node_bytes, "bytes");
+    d3[0] = R, d3[1] = L, d3[2] = P;
+    st |= write_projection_array(file, "/projection/expert_rows", H5T_NATIVE_LONG, H5T_STD_I64LE, 3, d3,
+                      o->expert_rows, "assignments");
+    d3[1] = L, d3[2] = (hsize_t)in->experts;
+    st |= write_projection_array(file, "/projection/dropped_per_expert", H5T_NATIVE_LONG, H5T_STD_I64LE, 3,
+                      d3, in->dropped, "assignments");
+    st |= write_projection_array(file, "/projection/phase_s", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 3, d3p,
+                      o->phase_s, "s");
+    st |= write_projection_array(file, "/projection/balanced_phase_s", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 3,
+                      d3p, o->balanced_phase_s, "s");
+    st |= write_projection_array(file, "/projection/step_time_s", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 1, d1,
+                      o->step_time_s, "s");
+    st |= write_projection_array(file, "/projection/balanced_step_time_s", H5T_NATIVE_DOUBLE,
+                      H5T_IEEE_F64LE, 1, d1, o->balanced_step_time_s, "s");
+    st |= write_projection_array(file, "/projection/mfu", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 1, d1, o->mfu,
+                      "1");
+    st |= H5Fclose(file) < 0;
+    if (st) {
+        snprintf(err, errlen, "cannot write the projection %s (HDF5 error); check free disk space",
+                 path);
+        return -1;
+    }
+    return 0;
 }

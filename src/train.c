@@ -524,6 +524,7 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
                        .experts = t->cfg->num_experts,
                        .top_k = t->cfg->moe_router_topk,
                        .routing_groups = P * t->local_groups,
+                       .vocab_size = t->ds->vocab_size,
                        .num_categories = t->ds->num_categories,
                        .category_names = t->ds->category_names,
                        .hostnames = rs->hostnames,

@@ -12,6 +12,7 @@
 #include "moesim/comm.h"
 #include "moesim/config.h"
 #include "moesim/platform.h"
+#include "moesim/project.h"
 #include "moesim/timing.h"
 
 #ifdef __cplusplus
@@ -28,6 +29,7 @@ extern "C" {
 typedef struct RecordLayout {
     int world_size, ep_size, moe_layers, experts, top_k;
     int routing_groups; /* in the global batch: rows of /routing/group_expert_counts */
+    int vocab_size;
     int num_categories;
     char *const *category_names; /* [num_categories] */
     const char *hostnames;       /* [world_size][hostname_len], NUL-padded */
@@ -156,6 +158,12 @@ int checkpoint_read_long(long file, const char *name, long *value);
 int checkpoint_read_f32(long file, const char *name, int ndim, const long *dims, float *data,
                         long first_row, long rows, char *err, size_t errlen);
 int checkpoint_file_close_read(long file);
+
+/* `moesim project`: what the replay needs from a run record (schema 7 or
+ * later, with /routing/group_expert_counts), and its output file. -1 with a
+ * message naming the file and the fix. */
+int record_read_projection(const char *path, ProjectRecord *in, char *err, size_t errlen);
+int record_write_projection(const char *path, const ProjectOutput *out, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

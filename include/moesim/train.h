@@ -90,6 +90,10 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
 
 /* `moesim bench`: tokens/s and model-FLOP utilisation against the sgemm rate
  * of the kernel in use, measured in the same run. */
+/* `moesim calibrate --out CLUSTER.ini`: measures this machine for `moesim
+ * project` (calibrate.c); 0, or -1 with err on every rank. Needs 2+ ranks. */
+int calibrate_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
+                  size_t errlen);
 int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
               char *err, size_t errlen);
 
