@@ -9,6 +9,7 @@
 #include "moesim/output.h"
 #include "moesim/placement.h"
 #include "moesim/record.h"
+#include "moesim/router.h"
 
 void project_record_free(ProjectRecord *in) {
     free(in->steps);
@@ -168,6 +169,37 @@ int project_resolve_layout(const ProjectRecord *in, const ClusterSpec *c, Projec
                  lay->overlap_chunks);
         return -1;
     }
+    return 0;
+}
+
+/* ---- capacity ------------------------------------------------------------------ */
+
+int project_apply_capacity(ProjectRecord *in, double capacity_factor, char *err, size_t errlen) {
+    if (in->capacity_factor != 0.0 || in->capacity_by_expert) {
+        snprintf(err, errlen,
+                 "--moe-expert-capacity-factor needs a dropless record of a top-k style router "
+                 "(its kept counts are then the router's demand); this one was recorded with "
+                 "capacity factor %g%s: record with --moe-expert-capacity-factor 0, or leave the "
+                 "flag out to replay the recorded capacity",
+                 in->capacity_factor, in->capacity_by_expert ? " and expert_choice/soft routing" : "");
+        return -1;
+    }
+    if (capacity_factor <= 0) return 0; /* dropless again: nothing changes */
+    int E = in->experts, groups = in->routing_groups;
+    int G = (int)(global_tokens(in) / groups);
+    int capacity = router_capacity(capacity_factor, G, in->top_k, E);
+    if (capacity < in->min_capacity) capacity = in->min_capacity;
+    for (int r = 0; r < in->rows; r++)
+        for (int l = 0; l < in->moe_layers; l++) {
+            long *dropped = in->dropped + ((long)r * in->moe_layers + l) * E;
+            int *counts = in->group_counts + ((long)r * in->moe_layers + l) * groups * E;
+            for (long i = 0; i < (long)groups * E; i++)
+                if (counts[i] > capacity) {
+                    dropped[i % E] += counts[i] - capacity;
+                    counts[i] = capacity;
+                }
+        }
+    in->capacity_factor = capacity_factor;
     return 0;
 }
 
@@ -429,6 +461,7 @@ static int parse_int(const char *flag, const char *value, int *out, char *err, s
 
 static int parse_project_args(int argc, char **argv, ProjectArgs *a, char *err, size_t errlen) {
     memset(a, 0, sizeof *a);
+    a->lay.capacity_factor = -1.0;
     for (int i = 0; i < argc; i++) {
         const char *flag = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
         int st = 0;
@@ -453,7 +486,15 @@ static int parse_project_args(int argc, char **argv, ProjectArgs *a, char *err, 
             st = parse_int(flag, value, &a->lay.ranks_per_node, err, errlen);
         else if (strcmp(flag, "--moe-overlap-chunks") == 0)
             st = parse_int(flag, value, &a->lay.overlap_chunks, err, errlen);
-        else if (strcmp(flag, "--moe-token-dispatcher-type") == 0) {
+        else if (strcmp(flag, "--moe-expert-capacity-factor") == 0) {
+            char *end = NULL;
+            a->lay.capacity_factor = value ? strtod(value, &end) : -1.0;
+            if (!value || !end || *end || !(a->lay.capacity_factor >= 0)) {
+                snprintf(err, errlen, "--moe-expert-capacity-factor needs a number >= 0 (0 = "
+                         "dropless), got %s", value ? value : "nothing");
+                return -1;
+            }
+        } else if (strcmp(flag, "--moe-token-dispatcher-type") == 0) {
             if (!value || (strcmp(value, "alltoall") != 0 && strcmp(value, "hierarchical") != 0)) {
                 snprintf(err, errlen, "--moe-token-dispatcher-type is alltoall or hierarchical, "
                          "got %s", value ? value : "nothing");
@@ -465,7 +506,7 @@ static int parse_project_args(int argc, char **argv, ProjectArgs *a, char *err, 
                      "unknown option %s; usage: moesim project RUN.h5 --cluster CLUSTER.ini "
                      "--world-size P [--expert-model-parallel-size EP] [--ranks-per-node N] "
                      "[--moe-token-dispatcher-type alltoall|hierarchical] [--moe-overlap-chunks "
-                     "K] [--out PRED.h5]",
+                     "K] [--moe-expert-capacity-factor CF] [--out PRED.h5]",
                      flag);
             return -1;
         }
@@ -624,6 +665,8 @@ static int run_projection(const ProjectArgs *a, char *err, size_t errlen) {
     ProjectLayout lay = a->lay;
     Projection p;
     int st = project_resolve_layout(&in, &cluster, &lay, err, errlen);
+    if (st == 0 && lay.capacity_factor >= 0)
+        st = project_apply_capacity(&in, lay.capacity_factor, err, errlen);
     if (st == 0 && projection_init(&p, &in, &lay) != 0) {
         snprintf(err, errlen, "out of memory projecting %d ranks; project fewer ranks", lay.world);
         projection_free(&p);

@@ -1732,6 +1732,18 @@ int record_read_projection(const char *path, ProjectRecord *in, char *err, size_
     in->recorded_world = (int)v[10];
     in->vocab = (int)v[11];
     in->swiglu = config_string_is(file, "moe_expert_activation", "swiglu");
+    double cf = 0.0;
+    if (H5Aexists(file, "config.moe_expert_capacity_factor") > 0) {
+        hid_t attr = H5Aopen(file, "config.moe_expert_capacity_factor", H5P_DEFAULT);
+        if (attr < 0 || H5Aread(attr, H5T_NATIVE_DOUBLE, &cf) < 0) cf = -1.0;
+        if (attr >= 0) H5Aclose(attr);
+    }
+    in->capacity_factor = cf;
+    long min_capacity = 0;
+    read_config_long(file, "moe_min_capacity", 0, &min_capacity);
+    in->min_capacity = (int)min_capacity;
+    in->capacity_by_expert = config_string_is(file, "moe_router_type", "expert_choice") ||
+                             config_string_is(file, "moe_router_type", "soft");
     in->bf16 = config_string_is(file, "precision", "bf16");
     st = (int)dims[3] != in->experts || read_projection_drops(file, in) != 0;
     H5Fclose(file);

@@ -32,6 +32,8 @@ typedef struct ProjectRecord {
     int moe_layers, experts, top_k, routing_groups, rows;
     int recorded_world, micro_batch, seq_length, hidden, heads, ffn_hidden, moe_ffn_hidden;
     int shared_ffn_hidden, num_layers, vocab, swiglu, bf16;
+    double capacity_factor; /* the recorded run's; 0 = dropless */
+    int min_capacity, capacity_by_expert; /* capacity_by_expert: expert_choice or soft routing */
     long params_total, params_active_per_token;
     long *steps;          /* [rows] steps done at each row */
     int *group_counts;    /* [rows][L][groups][E] kept assignments */
@@ -43,6 +45,7 @@ void project_record_free(ProjectRecord *in);
 /* The layout to replay on. */
 typedef struct ProjectLayout {
     int world, ep, ranks_per_node, hierarchical, overlap_chunks;
+    double capacity_factor; /* < 0: as recorded; else re-applied to a dropless record */
 } ProjectLayout;
 
 /* CLUSTER.ini: every value positive (project_read_cluster). */
@@ -84,6 +87,13 @@ int project_read_cluster(const char *path, ClusterSpec *c, char *err, size_t err
  * message naming the problem and a value that works. */
 int project_resolve_layout(const ProjectRecord *in, const ClusterSpec *c, ProjectLayout *lay,
                            char *err, size_t errlen);
+
+/* Re-applies capacity to a dropless record's counts (its kept assignments
+ * are the router's demand): per routing group and expert, min(demand,
+ * capacity), the count a top-k router keeps at that capacity factor; the rest
+ * become drops. -1 with a message when the record was not dropless or its
+ * router picks tokens per expert. */
+int project_apply_capacity(ProjectRecord *in, double capacity_factor, char *err, size_t errlen);
 
 /* Rows (kept assignments) rank s sends to rank d in MoE layer `layer` of
  * record row `row`: rows[P*P], sender-major; zero across EP groups. */

@@ -119,6 +119,30 @@ def test_projection_from_a_multi_rank_record_equals_from_one_rank(runs):
     assert np.array_equal(outs[0], outs[1])
 
 
+def test_capacity_reapplied_to_a_dropless_record_matches_a_real_run(runs, tmp_path):
+    """A dropless record's kept counts are the router's demand; capacity
+    factor 1.0 keeps min(demand, capacity) per group and expert. The first MoE
+    layer of the first step routes the same inputs in both runs, so its kept
+    and dropped counts must equal a real capacity-1.0 run's exactly (deeper
+    layers see the drops of the first, and later steps train differently)."""
+    dropless = train(tmp_path, "dropless", 1, {"moe-expert-capacity-factor": 0})
+    out = tmp_path / "cf1.h5"
+    result = project(dropless, runs["cluster"], "--world-size", 2, "--moe-expert-capacity-factor",
+                     1.0, "--out", out)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(runs["real"][(2, 2, "alltoall")], "r") as f:
+        real_processed = f["routing/processed_per_expert"][0, 0]
+        real_dropped = f["routing/dropped_per_expert"][0, 0]
+    with h5py.File(out, "r") as f:
+        expert_rows = f["projection/expert_rows"][0, 0]
+        dropped = f["projection/dropped_per_expert"][0, 0]
+    assert real_dropped.sum() > 0
+    assert np.array_equal(dropped, real_dropped)
+    assert np.array_equal(expert_rows, real_processed.reshape(2, 2).sum(axis=1))
+    refused(project(runs["one"], runs["cluster"], "--world-size", 2,
+                    "--moe-expert-capacity-factor", 2), "needs a dropless record")
+
+
 def test_summary_names_step_time_mfu_and_bottleneck(runs):
     result = project(runs["one"], runs["cluster"], "--world-size", 4,
                      "--expert-model-parallel-size", 4)
