@@ -222,3 +222,21 @@ def test_presets_parse(runs):
     for preset in presets:
         result = project(runs["one"], preset, "--world-size", 2)
         assert result.returncode == 0, f"{preset}: {result.stderr}"
+
+
+def test_python_project_returns_the_binarys_traffic(runs):
+    """moesim_analysis.project runs the binary and reads its --out: the
+    traffic frame equals the real 4-rank run's dispatch bytes."""
+    import sys
+    sys.path.insert(0, str(BUILD.parent / "analysis"))
+    from moesim_analysis import ProjectionError, project as project_py
+    p = project_py(runs["one"], runs["cluster"], world_size=4, ep=2, binary=BUILD / "moesim")
+    with h5py.File(runs["real"][(4, 2, "alltoall")], "r") as f:
+        real = f["traffic/dispatch_bytes"][()]
+    traffic = p.traffic.sort_values(["step", "src", "dst"]).bytes.to_numpy().reshape(real.shape)
+    assert np.array_equal(traffic, real)
+    assert list(p.steps.step) == list(range(1, STEPS + 1))
+    assert (p.steps.imbalance_cost >= 0).all()
+    assert "step time" in p.summary
+    with pytest.raises(ProjectionError, match="splits a sequence"):
+        project_py(runs["one"], runs["cluster"], world_size=3, binary=BUILD / "moesim")
