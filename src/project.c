@@ -652,8 +652,18 @@ static void print_summary(const Projection *p, const ProjectRecord *in, const Pr
     for (int ph = 0; ph < PHASE_COUNT; ph++) printf(" %s %.3g s", phase_names[ph], phase[ph]);
     printf("\nexposed communication %.3g s (%.1f%% of the step)", exposed,
            step > 0 ? 100.0 * exposed / step : 0.0);
-    if (busiest > 0 && p->nodes > 1)
-        printf(" | busiest node link %d -> %d: %.3g MB in one step", from, to, busiest / 1e6);
+    if (busiest > 0 && p->nodes > 1) {
+        double crossing = 0.0, pairs = 0.0;
+        for (int row = 0; row < R; row++)
+            for (int a = 0; a < p->nodes; a++)
+                for (int b = 0; b < p->nodes; b++) {
+                    long v = p->node_bytes[((long)row * p->nodes + a) * p->nodes + b];
+                    if (a != b && v > 0) crossing += (double)v, pairs++;
+                }
+        printf(" | busiest node link %d -> %d: %.3g MB in one step, %.2fx the mean of the %.0f "
+               "node pairs that exchange",
+               from, to, busiest / 1e6, busiest / (crossing / pairs), pairs / R);
+    }
     printf("\n");
 }
 
