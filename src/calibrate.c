@@ -33,7 +33,8 @@ static double sgemm_rate(int m, int n, int k) {
     if (a && b && c) {
         for (size_t i = 0; i < (size_t)m * k; i++) a[i] = (float)(i % 7) * 0.1f;
         for (size_t i = 0; i < (size_t)k * n; i++) b[i] = (float)(i % 5) * 0.1f;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, a, k, b, n, 0.0f, c, n);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, a, k, b, n, 0.0f, c,
+                    n);
         double begin = timer_now_s();
         for (int rep = 0; rep < 3 || timer_now_s() - begin < MEASURE_S; rep++) {
             double start = cpu_now_s();
@@ -114,7 +115,8 @@ typedef struct Calibration {
 
 static int measure_network(const Comm *comm, Calibration *cal) {
     int P = comm->ep_size, big = 1 << 20; /* 4 MB to each peer */
-    float *send = calloc((size_t)P * big, sizeof(float)), *recv = calloc((size_t)P * big, sizeof(float));
+    float *send = calloc((size_t)P * big, sizeof(float)),
+          *recv = calloc((size_t)P * big, sizeof(float));
     int *args = calloc(4 * (size_t)P, sizeof(int));
     int ok = comm_all_ok(comm, send && recv && args);
     if (ok) {
@@ -139,30 +141,32 @@ static int write_cluster_ini(const char *path, const Calibration *c, const Comm 
                              const Config *cfg) {
     FILE *f = fopen(path, "w");
     if (!f) return -1;
-    fprintf(f,
-            "; written by `moesim calibrate` on this machine with %d rank(s): every value below is\n"
-            "; measured here (single BLAS thread per rank as OPENBLAS_NUM_THREADS says).\n"
-            "[cluster]\nname = this machine (calibrated, %d ranks)\n\n[device]\n"
-            "; best sgemm rate, 1024x1024x1024, by the CPU time of the call (a device is dedicated)\npeak_flops_fp32 = %.4g\n"
-            "; bf16 is emulated on CPUs: rounded inputs, then the same sgemm\n"
-            "peak_flops_bf16 = %.4g\n"
-            "; memcpy of 64 MB, read + write bytes per second\nmemory_bandwidth = %.4g\n"
-            "; median sgemm rate at the model's shapes (micro-batch %d x %d tokens, hidden %d) /\n"
-            "; peak: qkv %.3g, projection %.3g, expert fc1 %.3g, expert fc2 %.3g, LM head %.3g,\n"
-            "; dense ffn %.3g FLOP/s\nmatmul_efficiency = %.4g\n\n[node]\n"
-            "; ranks sharing this node's memory in the calibration run\ndevices_per_node = %d\n"
-            "; MPI_Alltoallv over shared memory: (P-1) x 4 MB per rank\nintra_bandwidth = %.4g\n"
-            "; MPI_Alltoallv of one float per peer / (P-1)\nintra_latency = %.4g\n"
-            "; MPI_Allreduce (ring-equivalent bandwidth %.4g B/s, 1 float in %.3g s)\n\n"
-            "[network]\n"
-            "; one node: no inter-node link exists here, so the node's own transport stands in\n"
-            "inter_bandwidth = %.4g\ninter_latency = %.4g\nnics_per_node = 1\n"
-            "oversubscription = 1\nallreduce = ring\n",
-            comm->world_size, comm->world_size, c->peak, c->peak, c->memory_bw, cfg->micro_batch_size,
-            cfg->seq_length, cfg->hidden_size, c->shape_rate[0], c->shape_rate[1], c->shape_rate[2],
-            c->shape_rate[3], c->shape_rate[4], c->shape_rate[5], c->efficiency, c->ranks_on_node,
-            c->a2a_bandwidth, c->a2a_latency, c->allreduce_bandwidth, c->allreduce_small_s,
-            c->a2a_bandwidth, c->a2a_latency);
+    fprintf(
+        f,
+        "; written by `moesim calibrate` on this machine with %d rank(s): every value below is\n"
+        "; measured here (single BLAS thread per rank as OPENBLAS_NUM_THREADS says).\n"
+        "[cluster]\nname = this machine (calibrated, %d ranks)\n\n[device]\n"
+        "; best sgemm rate, 1024x1024x1024, by the CPU time of the call (a device is "
+        "dedicated)\npeak_flops_fp32 = %.4g\n"
+        "; bf16 is emulated on CPUs: rounded inputs, then the same sgemm\n"
+        "peak_flops_bf16 = %.4g\n"
+        "; memcpy of 64 MB, read + write bytes per second\nmemory_bandwidth = %.4g\n"
+        "; median sgemm rate at the model's shapes (micro-batch %d x %d tokens, hidden %d) /\n"
+        "; peak: qkv %.3g, projection %.3g, expert fc1 %.3g, expert fc2 %.3g, LM head %.3g,\n"
+        "; dense ffn %.3g FLOP/s\nmatmul_efficiency = %.4g\n\n[node]\n"
+        "; ranks sharing this node's memory in the calibration run\ndevices_per_node = %d\n"
+        "; MPI_Alltoallv over shared memory: (P-1) x 4 MB per rank\nintra_bandwidth = %.4g\n"
+        "; MPI_Alltoallv of one float per peer / (P-1)\nintra_latency = %.4g\n"
+        "; MPI_Allreduce (ring-equivalent bandwidth %.4g B/s, 1 float in %.3g s)\n\n"
+        "[network]\n"
+        "; one node: no inter-node link exists here, so the node's own transport stands in\n"
+        "inter_bandwidth = %.4g\ninter_latency = %.4g\nnics_per_node = 1\n"
+        "oversubscription = 1\nallreduce = ring\n",
+        comm->world_size, comm->world_size, c->peak, c->peak, c->memory_bw, cfg->micro_batch_size,
+        cfg->seq_length, cfg->hidden_size, c->shape_rate[0], c->shape_rate[1], c->shape_rate[2],
+        c->shape_rate[3], c->shape_rate[4], c->shape_rate[5], c->efficiency, c->ranks_on_node,
+        c->a2a_bandwidth, c->a2a_latency, c->allreduce_bandwidth, c->allreduce_small_s,
+        c->a2a_bandwidth, c->a2a_latency);
     return fclose(f) == 0 ? 0 : -1;
 }
 
@@ -188,7 +192,8 @@ int calibrate_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *
     int w1 = strcmp(cfg->moe_expert_activation, "swiglu") == 0 ? 2 : 1;
     /* every rank measures at once, as ranks train at once on shared cores */
     cal.peak = sgemm_rate(1024, 1024, 1024);
-    int shapes[6][3] = {{N, 3 * C, C}, {N, C, C}, {N, w1 * Fe, C}, {N, C, Fe}, {N, V, C}, {N, F, C}};
+    int shapes[6][3] = {{N, 3 * C, C}, {N, C, C}, {N, w1 * Fe, C},
+                        {N, C, Fe},    {N, V, C}, {N, F, C}};
     double sorted[6];
     for (int i = 0; i < 6; i++) {
         cal.shape_rate[i] = sgemm_rate(shapes[i][0], shapes[i][1], shapes[i][2]);
@@ -208,9 +213,10 @@ int calibrate_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *
         return -1;
     }
     if (comm->rank == 0)
-        printf("calibrated: peak %.3g FLOP/s, efficiency at the model's shapes %.2f, memory "
-               "%.3g B/s, alltoallv %.3g B/s + %.3g s per peer, allreduce %.3g B/s -> %s\n",
-               cal.peak, cal.efficiency, cal.memory_bw, cal.a2a_bandwidth, cal.a2a_latency,
-               cal.allreduce_bandwidth, cfg->out);
+        printf(
+            "calibrated: peak %.3g FLOP/s, efficiency at the model's shapes %.2f, memory "
+            "%.3g B/s, alltoallv %.3g B/s + %.3g s per peer, allreduce %.3g B/s -> %s\n",
+            cal.peak, cal.efficiency, cal.memory_bw, cal.a2a_bandwidth, cal.a2a_latency,
+            cal.allreduce_bandwidth, cfg->out);
     return 0;
 }

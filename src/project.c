@@ -26,8 +26,10 @@ typedef struct ClusterKey {
     int is_int;
 } ClusterKey;
 
-#define CLUSTER_DOUBLE(section, field) {section, #field, offsetof(ClusterSpec, field), 0}
-#define CLUSTER_INT(section, field) {section, #field, offsetof(ClusterSpec, field), 1}
+#define CLUSTER_DOUBLE(section, field) \
+    { section, #field, offsetof(ClusterSpec, field), 0 }
+#define CLUSTER_INT(section, field) \
+    { section, #field, offsetof(ClusterSpec, field), 1 }
 
 static const ClusterKey CLUSTER_KEYS[] = {
     CLUSTER_DOUBLE("device", peak_flops_fp32),   CLUSTER_DOUBLE("device", peak_flops_bf16),
@@ -70,9 +72,8 @@ static int cluster_handle_key(void *user, const char *section, const char *name,
         while (end && (*end == ' ' || *end == '\t')) end++;
         if (!end || end == value || *end || !(v > 0) || !isfinite(v) ||
             (k->is_int && v != floor(v))) {
-            snprintf(p->problem, sizeof p->problem,
-                     "[%s] %s = %s is not a positive %s", section, name, value,
-                     k->is_int ? "whole number" : "number");
+            snprintf(p->problem, sizeof p->problem, "[%s] %s = %s is not a positive %s", section,
+                     name, value, k->is_int ? "whole number" : "number");
             return 1;
         }
         if (k->is_int)
@@ -91,8 +92,10 @@ int project_read_cluster(const char *path, ClusterSpec *c, char *err, size_t err
     ClusterParse p = {.c = c};
     int line = ini_parse(path, cluster_handle_key, &p);
     if (line < 0) {
-        snprintf(err, errlen, "cannot read the cluster file --cluster %s; give an existing "
-                 "CLUSTER.ini (presets in experiments/clusters/)", path);
+        snprintf(err, errlen,
+                 "cannot read the cluster file --cluster %s; give an existing "
+                 "CLUSTER.ini (presets in experiments/clusters/)",
+                 path);
         return -1;
     }
     if (line > 0) snprintf(p.problem, sizeof p.problem, "line %d is not INI syntax", line);
@@ -181,7 +184,8 @@ int project_apply_capacity(ProjectRecord *in, double capacity_factor, char *err,
                  "(its kept counts are then the router's demand); this one was recorded with "
                  "capacity factor %g%s: record with --moe-expert-capacity-factor 0, or leave the "
                  "flag out to replay the recorded capacity",
-                 in->capacity_factor, in->capacity_by_expert ? " and expert_choice/soft routing" : "");
+                 in->capacity_factor,
+                 in->capacity_by_expert ? " and expert_choice/soft routing" : "");
         return -1;
     }
     if (capacity_factor <= 0) return 0; /* dropless again: nothing changes */
@@ -221,8 +225,8 @@ void project_layer_rows(const ProjectRecord *in, const ProjectLayout *lay, int r
     }
 }
 
-void project_dispatch_bytes(const ProjectRecord *in, const ProjectLayout *lay, int row,
-                            long *bytes, long *scratch) {
+void project_dispatch_bytes(const ProjectRecord *in, const ProjectLayout *lay, int row, long *bytes,
+                            long *scratch) {
     long P2 = (long)lay->world * lay->world;
     memset(bytes, 0, sizeof(long) * P2);
     for (int l = 0; l < in->moe_layers; l++) {
@@ -309,15 +313,16 @@ static double hierarchical_exchange_s(const ClusterSpec *c, const ProjectLayout 
         for (int s = leader; s < group + lay->ep && node_of(lay, s) == node; s++)
             for (int d = group; d < group + lay->ep; d++) {
                 int same = node_of(lay, d) == node;
-                if (s != leader) gathered += bytes[(long)s * P + d], scattered += bytes[(long)d * P + s];
+                if (s != leader)
+                    gathered += bytes[(long)s * P + d], scattered += bytes[(long)d * P + s];
                 if (!same) out += bytes[(long)s * P + d], in += bytes[(long)d * P + s];
             }
         for (int d = group; d < group + lay->ep; d++)
-            peers += node_of(lay, d) != node && (d == group || node_of(lay, d) != node_of(lay, d - 1));
+            peers +=
+                node_of(lay, d) != node && (d == group || node_of(lay, d) != node_of(lay, d - 1));
         double nic = c->nics_per_node * c->inter_bandwidth / c->oversubscription;
         double t = gathered / c->intra_bandwidth + scattered / c->intra_bandwidth +
-                   (out > in ? out : in) / nic + peers * c->inter_latency +
-                   2.0 * c->intra_latency;
+                   (out > in ? out : in) / nic + peers * c->inter_latency + 2.0 * c->intra_latency;
         if (t > slowest) slowest = t;
     }
     return slowest;
@@ -344,7 +349,8 @@ double project_step_flops(const ProjectRecord *in, double expert_rows_total) {
     double N = (double)global_tokens(in), C = in->hidden, T = in->seq_length;
     double dense_layers = in->num_layers - in->moe_layers;
     double macs = N * C * in->vocab + in->num_layers * (N * 4 * C * C + 2.0 * N * T * C);
-    macs += in->moe_layers * N * C * (in->experts + (in->swiglu ? 3.0 : 2.0) * in->shared_ffn_hidden);
+    macs +=
+        in->moe_layers * N * C * (in->experts + (in->swiglu ? 3.0 : 2.0) * in->shared_ffn_hidden);
     macs += expert_rows_total * expert_params(in) + dense_layers * 2.0 * N * C * in->ffn_hidden;
     return 6.0 * macs;
 }
@@ -358,15 +364,18 @@ static void fixed_compute_s(const ProjectRecord *in, const ProjectLayout *lay, c
                        B * H * (train_matmul_s(mc, T, T, C / H) + train_matmul_s(mc, T, C / H, T)) +
                        memory_s(mc, 3.0 * 4 * B * H * T * T);
     double router = train_matmul_s(mc, N, E, C) + memory_s(mc, 4.0 * 4 * N * E);
-    double dense_ffn = train_matmul_s(mc, N, in->ffn_hidden, C) + train_matmul_s(mc, N, C, in->ffn_hidden);
+    double dense_ffn =
+        train_matmul_s(mc, N, in->ffn_hidden, C) + train_matmul_s(mc, N, C, in->ffn_hidden);
     double w1 = in->swiglu ? 2.0 : 1.0;
-    double shared = in->shared_ffn_hidden > 0 ? train_matmul_s(mc, N, w1 * in->shared_ffn_hidden, C) +
-                                                    train_matmul_s(mc, N, C, in->shared_ffn_hidden)
-                                              : 0.0;
+    double shared = in->shared_ffn_hidden > 0
+                        ? train_matmul_s(mc, N, w1 * in->shared_ffn_hidden, C) +
+                              train_matmul_s(mc, N, C, in->shared_ffn_hidden)
+                        : 0.0;
     phase[PHASE_ATTENTION] = in->num_layers * attention;
     phase[PHASE_ROUTER] = in->moe_layers * router;
     phase[PHASE_EXPERTS] = (in->num_layers - in->moe_layers) * dense_ffn + in->moe_layers * shared;
-    phase[PHASE_OTHER] = train_matmul_s(mc, N, in->vocab, C) + memory_s(mc, 3.0 * 4 * N * in->vocab);
+    phase[PHASE_OTHER] =
+        train_matmul_s(mc, N, in->vocab, C) + memory_s(mc, 3.0 * 4 * N * in->vocab);
 }
 
 /* Gradient all-reduce and AdamW: dense gradients over every rank, expert
@@ -380,8 +389,9 @@ static void update_s(const ProjectRecord *in, const ProjectLayout *lay, const Ma
     double local_experts = experts_all / EP;
     int dense_spans = node_of(lay, 0) != node_of(lay, P - 1);
     int expert_spans = node_of(lay, 0) != node_of(lay, (P / EP - 1) * EP);
-    phase[PHASE_GRAD_ALLREDUCE] = allreduce_s(mc->c, lay, 9.0 * dense, P, dense_spans) +
-                                  allreduce_s(mc->c, lay, 9.0 * local_experts, P / EP, expert_spans);
+    phase[PHASE_GRAD_ALLREDUCE] =
+        allreduce_s(mc->c, lay, 9.0 * dense, P, dense_spans) +
+        allreduce_s(mc->c, lay, 9.0 * local_experts, P / EP, expert_spans);
     if (P > 1) phase[PHASE_GRAD_ALLREDUCE] += memory_s(mc, 12.0 * (dense + local_experts));
     phase[PHASE_OPTIMIZER] = memory_s(mc, 28.0 * (dense + local_experts));
 }
@@ -412,7 +422,8 @@ double project_step_time(const ProjectRecord *in, const ProjectLayout *lay, cons
         for (int r = 0; r < P; r++) {
             int group = placement_ep_group(lay->ep, r) * lay->ep;
             double slowest = 0.0;
-            for (int q = group; q < group + lay->ep; q++) slowest = expert[q] > slowest ? expert[q] : slowest;
+            for (int q = group; q < group + lay->ep; q++)
+                slowest = expert[q] > slowest ? expert[q] : slowest;
             wait[r] = slowest - expert[r];
         }
         for (int r = 0; r < P; r++) {
@@ -452,7 +463,8 @@ static int parse_int(const char *flag, const char *value, int *out, char *err, s
     char *end = NULL;
     long v = value ? strtol(value, &end, 10) : 0;
     if (!value || !end || end == value || *end || v < 0 || v > 1 << 24) {
-        snprintf(err, errlen, "%s needs a whole number >= 0, got %s", flag, value ? value : "nothing");
+        snprintf(err, errlen, "%s needs a whole number >= 0, got %s", flag,
+                 value ? value : "nothing");
         return -1;
     }
     *out = (int)v;
@@ -490,14 +502,18 @@ static int parse_project_args(int argc, char **argv, ProjectArgs *a, char *err, 
             char *end = NULL;
             a->lay.capacity_factor = value ? strtod(value, &end) : -1.0;
             if (!value || !end || *end || !(a->lay.capacity_factor >= 0)) {
-                snprintf(err, errlen, "--moe-expert-capacity-factor needs a number >= 0 (0 = "
-                         "dropless), got %s", value ? value : "nothing");
+                snprintf(err, errlen,
+                         "--moe-expert-capacity-factor needs a number >= 0 (0 = "
+                         "dropless), got %s",
+                         value ? value : "nothing");
                 return -1;
             }
         } else if (strcmp(flag, "--moe-token-dispatcher-type") == 0) {
             if (!value || (strcmp(value, "alltoall") != 0 && strcmp(value, "hierarchical") != 0)) {
-                snprintf(err, errlen, "--moe-token-dispatcher-type is alltoall or hierarchical, "
-                         "got %s", value ? value : "nothing");
+                snprintf(err, errlen,
+                         "--moe-token-dispatcher-type is alltoall or hierarchical, "
+                         "got %s",
+                         value ? value : "nothing");
                 return -1;
             }
             a->lay.hierarchical = strcmp(value, "hierarchical") == 0;
@@ -600,7 +616,8 @@ static void project_row(Projection *p, const ProjectRecord *in, const ProjectLay
     long *nodes = p->node_bytes + (long)row * p->nodes * p->nodes;
     for (long i = 0; i < P2; i++)
         nodes[node_of(lay, (int)(i / P)) * p->nodes + node_of(lay, (int)(i % P))] += bytes[i];
-    p->step_s[row] = project_step_time(in, lay, c, p->layer_rows, p->phase_s + row * P * PHASE_COUNT);
+    p->step_s[row] =
+        project_step_time(in, lay, c, p->layer_rows, p->phase_s + row * P * PHASE_COUNT);
     Machine mc = machine_of(in, c);
     p->mfu[row] = project_step_flops(in, total_rows) / (p->step_s[row] * P * mc.peak);
     for (int l = 0; l < p->L; l++) balance_rows(lay, p->layer_rows + l * P2);
@@ -640,11 +657,12 @@ static void print_summary(const Projection *p, const ProjectRecord *in, const Pr
                 long v = p->node_bytes[((long)row * p->nodes + a) * p->nodes + b];
                 if (a != b && v > busiest) busiest = v, from = a, to = b;
             }
-    printf("moesim project: %d recorded step(s) of %d routing groups on %s: %d rank(s), EP %d, "
-           "%d rank(s) per node (%d node(s)), %s dispatcher%s\n",
-           R, in->routing_groups, c->name, P, lay->ep, lay->ranks_per_node, p->nodes,
-           lay->hierarchical ? "hierarchical" : "alltoall",
-           lay->overlap_chunks > 1 ? ", overlapped" : "");
+    printf(
+        "moesim project: %d recorded step(s) of %d routing groups on %s: %d rank(s), EP %d, "
+        "%d rank(s) per node (%d node(s)), %s dispatcher%s\n",
+        R, in->routing_groups, c->name, P, lay->ep, lay->ranks_per_node, p->nodes,
+        lay->hierarchical ? "hierarchical" : "alltoall",
+        lay->overlap_chunks > 1 ? ", overlapped" : "");
     printf("step time %.6g s (balanced routing %.6g s: imbalance costs %.1f%%) | MFU %.1f%%\n",
            step, balanced, balanced > 0 ? 100.0 * (step - balanced) / balanced : 0.0,
            100.0 * mean_of(p->mfu, R));
@@ -660,9 +678,10 @@ static void print_summary(const Projection *p, const ProjectRecord *in, const Pr
                     long v = p->node_bytes[((long)row * p->nodes + a) * p->nodes + b];
                     if (a != b && v > 0) crossing += (double)v, pairs++;
                 }
-        printf(" | busiest node link %d -> %d: %.3g MB in one step, %.2fx the mean of the %.0f "
-               "node pairs that exchange",
-               from, to, busiest / 1e6, busiest / (crossing / pairs), pairs / R);
+        printf(
+            " | busiest node link %d -> %d: %.3g MB in one step, %.2fx the mean of the %.0f "
+            "node pairs that exchange",
+            from, to, busiest / 1e6, busiest / (crossing / pairs), pairs / R);
     }
     printf("\n");
 }

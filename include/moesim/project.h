@@ -32,12 +32,12 @@ typedef struct ProjectRecord {
     int moe_layers, experts, top_k, routing_groups, rows;
     int recorded_world, micro_batch, seq_length, hidden, heads, ffn_hidden, moe_ffn_hidden;
     int shared_ffn_hidden, num_layers, vocab, swiglu, bf16;
-    double capacity_factor; /* the recorded run's; 0 = dropless */
+    double capacity_factor;               /* the recorded run's; 0 = dropless */
     int min_capacity, capacity_by_expert; /* capacity_by_expert: expert_choice or soft routing */
     long params_total, params_active_per_token;
-    long *steps;          /* [rows] steps done at each row */
-    int *group_counts;    /* [rows][L][groups][E] kept assignments */
-    long *dropped;        /* [rows][L][E] dropped by capacity (0 where the step was not logged) */
+    long *steps;       /* [rows] steps done at each row */
+    int *group_counts; /* [rows][L][groups][E] kept assignments */
+    long *dropped;     /* [rows][L][E] dropped by capacity (0 where the step was not logged) */
 } ProjectRecord;
 
 void project_record_free(ProjectRecord *in);
@@ -69,14 +69,14 @@ typedef struct ProjectOutput {
     const ClusterSpec *cluster;
     const char *cluster_path;
     int nodes;
-    const long *dispatch_bytes;        /* [rows][P][P]; NULL above PROJECT_RANK_MATRIX_MAX */
-    const long *node_bytes;            /* [rows][nodes][nodes] */
-    const long *expert_rows;           /* [rows][L][P] rows each rank's experts compute */
-    const double *phase_s;             /* [rows][P][PHASE_COUNT] */
-    const double *balanced_phase_s;    /* [rows][P][PHASE_COUNT] */
-    const double *step_time_s;         /* [rows] */
+    const long *dispatch_bytes;         /* [rows][P][P]; NULL above PROJECT_RANK_MATRIX_MAX */
+    const long *node_bytes;             /* [rows][nodes][nodes] */
+    const long *expert_rows;            /* [rows][L][P] rows each rank's experts compute */
+    const double *phase_s;              /* [rows][P][PHASE_COUNT] */
+    const double *balanced_phase_s;     /* [rows][P][PHASE_COUNT] */
+    const double *step_time_s;          /* [rows] */
     const double *balanced_step_time_s; /* [rows] */
-    const double *mfu;                 /* [rows] */
+    const double *mfu;                  /* [rows] */
 } ProjectOutput;
 
 /* Parses a CLUSTER.ini; -1 with a message naming the file, key and fix. */
@@ -103,8 +103,8 @@ void project_layer_rows(const ProjectRecord *in, const ProjectLayout *lay, int r
 /* Bytes of token rows each rank sends to each rank in the forward dispatch of
  * record row `row`, summed over MoE layers, self included: what a real run's
  * /traffic/dispatch_bytes holds. bytes[P*P], scratch[P*P]. */
-void project_dispatch_bytes(const ProjectRecord *in, const ProjectLayout *lay, int row,
-                            long *bytes, long *scratch);
+void project_dispatch_bytes(const ProjectRecord *in, const ProjectLayout *lay, int row, long *bytes,
+                            long *scratch);
 
 /* Modelled seconds of one step per rank and phase (phase_s[P][PHASE_COUNT])
  * from per-layer row matrices rows[L][P*P] (doubles, so the balanced baseline
