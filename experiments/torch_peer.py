@@ -156,7 +156,7 @@ IGNORED_KEYS = {
     "log-interval", "progress-interval", "synthetic-clusters", "synthetic-tokens", "out",
     "record-flush-interval", "save", "save-interval", "save-keep", "load", "finetune",
     "no-load-optim", "overwrite", "skip-nonfinite-steps", "moe-token-dispatcher-type",
-    "ranks-per-node", "moe-overlap-chunks",
+    "ranks-per-node", "moe-overlap-chunks", "record-group-counts-interval",
 }
 # Settings of moesim the peer does not implement, with the value it needs.
 SUPPORTED_ONLY = {
