@@ -67,8 +67,8 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 
            LSAN_OPTIONS=suppressions=$(CURDIR)/tests/lsan.supp:print_suppressions=0 \
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
-.PHONY: all deps run test unit cli pytest sanitize bench sweep test-slurm cf-sweep scaling \
-        specialization test-multinode bench-multinode clean FORCE
+.PHONY: all deps run test unit cli pytest sanitize bench sweep validate-projection test-slurm cf-sweep \
+        scaling specialization test-multinode bench-multinode clean FORCE
 all: $(BUILD)/moesim
 
 deps:
@@ -108,6 +108,10 @@ sanitize: $(BUILD)/sanitize/unit_tests $(BUILD)/sanitize/moesim
 	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim train $(SAN_RUN_FLAGS) \
 		--overlap-grad-reduce 1 --moe-overlap-chunks 2 \
 		--out $(BUILD)/sanitize/runs/overlap.h5 --overwrite 1
+	$(SAN_ENV) $(BUILD)/sanitize/moesim project $(BUILD)/sanitize/runs/train.h5 \
+		--cluster experiments/clusters/h100_nvlink_ib400.ini --world-size 4 \
+		--moe-token-dispatcher-type hierarchical --ranks-per-node 2 \
+		--out $(BUILD)/sanitize/runs/projection.h5
 
 # One rank: MFU. Two ranks (one per core): MFU, exchange cost over a raw
 # MPI_Alltoallv, weak scaling against rank 0 alone, memory against analytic.
@@ -120,6 +124,15 @@ bench: deps
 	$(MPIRUN) -n 1 $(BUILD)/moesim bench --config experiments/bench.ini
 	$(MPIRUN) -n 2 $(BUILD)/moesim bench --config experiments/bench.ini
 	$(PYTHON) experiments/bench_peer --moesim $(BUILD)/moesim
+
+# `moesim project` against real runs: calibrate here, train 1 and 2 ranks over
+# shared memory, predict each run's step and phase times, print the table;
+# fails above 15% median error on the step time. Other launchers (the emulated
+# two-node cluster): VALIDATE_FLAGS='--launcher "mpirun --hostfile H" --worlds 4
+# --ranks-per-node 2 --cluster experiments/clusters/emulated_two_node.ini'.
+validate-projection: deps
+	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	$(PYTHON) tools/validate_projection.py $(VALIDATE_FLAGS)
 
 # A sweep of trainings from a spec: make sweep SPEC=experiments/sweeps/two_point.ini [OUT=dir]
 SPEC ?= experiments/sweeps/two_point.ini

@@ -157,6 +157,7 @@ IGNORED_KEYS = {
     "record-flush-interval", "save", "save-interval", "save-keep", "load", "finetune",
     "no-load-optim", "overwrite", "skip-nonfinite-steps", "moe-token-dispatcher-type",
     "ranks-per-node", "moe-overlap-chunks", "overlap-grad-reduce",
+    "record-group-counts-interval",
 }
 # Settings of moesim the peer does not implement, with the value it needs.
 SUPPORTED_ONLY = {

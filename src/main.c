@@ -14,6 +14,7 @@
 #include "moesim/output.h"
 #include "moesim/platform.h"
 #include "moesim/preempt.h"
+#include "moesim/project.h"
 #include "moesim/record.h"
 #include "moesim/train.h"
 
@@ -24,7 +25,11 @@ static void print_usage(void) {
         "usage: moesim train [--config FILE.ini] [--key value ...]\n"
         "       moesim bench [--config FILE.ini] [--key value ...]\n"
         "       moesim info RUN.h5 | CHECKPOINT.h5 | SAVE_DIR\n"
+        "       moesim calibrate [--config FILE.ini] --out CLUSTER.ini   (under mpirun, 2+ ranks)\n"
         "       moesim platform\n"
+        "       moesim project RUN.h5 --cluster CLUSTER.ini --world-size P [--expert-model-parallel-size EP]\n"
+        "                      [--ranks-per-node N] [--moe-token-dispatcher-type alltoall|hierarchical]\n"
+        "                      [--moe-overlap-chunks K] [--out PRED.h5]\n"
         "       moesim --help | --version\n\n"
         "Trains a decoder-only Mixture-of-Experts transformer and writes an HDF5 run record.\n"
         "Every key below is both a --flag and an INI key (INI files may use '_' or '-').\n"
@@ -110,8 +115,9 @@ static int run_subcommand(const char *name, int argc, char **argv, Comm *comm, P
     } else {
         platform_set_flush_denormals(platform, cfg.flush_denormals);
         warn_if_cores_oversubscribed(platform, comm);
-        int rc = is_train ? train_run(&cfg, &ds, comm, platform, err, sizeof err)
-                          : bench_run(&cfg, &ds, comm, platform, err, sizeof err);
+        int rc = is_train                          ? train_run(&cfg, &ds, comm, platform, err, sizeof err)
+                 : strcmp(name, "calibrate") == 0 ? calibrate_run(&cfg, &ds, comm, err, sizeof err)
+                                                  : bench_run(&cfg, &ds, comm, platform, err, sizeof err);
         status = rc == 0 ? 0 : rc > 0 ? rc : 1; /* rc > 0: an exit status of its own */
         dataset_free(&ds);
         output_release(&lock);
@@ -185,15 +191,20 @@ int main(int argc, char **argv) {
         status = 0;
     } else if (strcmp(cmd, "info") == 0) {
         status = print_info(argc - 2, argv + 2, &comm);
+    } else if (strcmp(cmd, "project") == 0) {
+        /* a model of other ranks, computed by one process */
+        status = comm.rank == 0 ? project_main(argc - 2, argv + 2) : 0;
     } else if (strcmp(cmd, "platform") == 0) {
         status = print_platform(&platform, &comm);
-    } else if (strcmp(cmd, "train") == 0 || strcmp(cmd, "bench") == 0) {
+    } else if (strcmp(cmd, "train") == 0 || strcmp(cmd, "bench") == 0 ||
+               strcmp(cmd, "calibrate") == 0) {
         status = run_subcommand(cmd, argc - 1, argv + 1, &comm, &platform);
     } else {
         if (comm.rank == 0)
             fprintf(stderr,
                     "moesim: error: unknown command \"%s\"; use \"moesim train\", "
-                    "\"moesim bench\", \"moesim info\", \"moesim platform\" or \"moesim --help\"\n",
+                    "\"moesim bench\", \"moesim info\", \"moesim project\", \"moesim platform\" or "
+                    "\"moesim --help\"\n",
                     cmd);
         status = EXIT_USAGE;
     }

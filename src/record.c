@@ -148,6 +148,8 @@ enum SeriesId {
     SPEC_STEP,
     SPEC_COUNTS,
     SPEC_MUTUAL_INFORMATION,
+    GROUP_COUNTS_STEP,
+    GROUP_COUNTS,
     TIMING_FIRST,
     COMM_TIMING_FIRST = TIMING_FIRST + PHASE_COUNT,
     SERIES_COUNT = COMM_TIMING_FIRST + COMM_TIMES_COUNT
@@ -161,7 +163,8 @@ enum Tail {
     TAIL_RANK,
     TAIL_RANK_RANK,
     TAIL_NODE_NODE,
-    TAIL_SPEC
+    TAIL_SPEC,
+    TAIL_LAYER_GROUP_EXPERT /* int32 and gzip in the file: the largest rows by far */
 };
 
 /* Dimensions set by the layout, which a resume may change (series_create). */
@@ -211,6 +214,8 @@ static const SeriesSpec SERIES[] = {
     {SPEC_STEP, "/specialization/step", 1, TAIL_NONE, "step"},
     {SPEC_COUNTS, "/specialization/counts", 1, TAIL_SPEC, "assignments"},
     {SPEC_MUTUAL_INFORMATION, "/specialization/mutual_information", 0, TAIL_LAYER, "bits"},
+    {GROUP_COUNTS_STEP, "/routing/group_counts_step", 1, TAIL_NONE, "step"},
+    {GROUP_COUNTS, "/routing/group_expert_counts", 1, TAIL_LAYER_GROUP_EXPERT, "assignments"},
 };
 
 struct Record {
@@ -268,6 +273,11 @@ static int tail_dims(const RecordLayout *lay, enum Tail tail, hsize_t *dims) {
             dims[1] = (hsize_t)lay->experts;
             dims[2] = (hsize_t)lay->num_categories;
             return 3;
+        case TAIL_LAYER_GROUP_EXPERT:
+            dims[0] = (hsize_t)lay->moe_layers;
+            dims[1] = (hsize_t)lay->routing_groups;
+            dims[2] = (hsize_t)lay->experts;
+            return 3;
     }
     return 0;
 }
@@ -298,12 +308,12 @@ static int series_chunk_geometry(Series *s) {
  * those dimensions grow
  * without limit, and the cells a smaller layout leaves empty read NaN (0 for
  * integers). */
-static int series_create(Series *s, hid_t file, const char *path, int is_long, int tail_ndim,
-                         const hsize_t *tail, const char *units, int per_rank) {
+static int series_create_as(Series *s, hid_t file, const char *path, int is_long,
+                            hid_t file_type, int gzip, int tail_ndim, const hsize_t *tail,
+                            const char *units, int per_rank) {
     memset(s, 0, sizeof *s);
     s->mem_type = is_long ? H5T_NATIVE_LONG : H5T_NATIVE_DOUBLE;
     s->tail_ndim = tail_ndim;
-    hid_t file_type = is_long ? H5T_STD_I64LE : H5T_IEEE_F64LE;
     hsize_t dims[4] = {0}, maxdims[4] = {H5S_UNLIMITED}, chunk[4];
     size_t row_elems = 1;
     /* A dense model has no MoE layer: its routing rows hold zero values, and
@@ -321,6 +331,7 @@ static int series_create(Series *s, hid_t file, const char *path, int is_long, i
     hid_t space = H5Screate_simple(1 + tail_ndim, dims, maxdims);
     hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
     H5Pset_chunk(dcpl, 1 + tail_ndim, chunk);
+    if (gzip) H5Pset_deflate(dcpl, 4);
     double nan = NAN;
     if (per_rank && !is_long) H5Pset_fill_value(dcpl, H5T_NATIVE_DOUBLE, &nan);
     hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
@@ -332,6 +343,24 @@ static int series_create(Series *s, hid_t file, const char *path, int is_long, i
     H5Pclose(dcpl);
     H5Sclose(space);
     return st;
+}
+
+static int series_create(Series *s, hid_t file, const char *path, int is_long, int tail_ndim,
+                         const hsize_t *tail, const char *units, int per_rank) {
+    hid_t file_type = is_long ? H5T_STD_I64LE : H5T_IEEE_F64LE;
+    return series_create_as(s, file, path, is_long, file_type, 0, tail_ndim, tail, units,
+                            per_rank);
+}
+
+/* A spec's series; counts per routing group are int32 (a group holds far
+ * fewer than 2^31 tokens) and compressed: mostly small repeated numbers. */
+static int series_create_spec(Series *s, hid_t file, const SeriesSpec *spec, int tail_ndim,
+                              const hsize_t *tail) {
+    if (spec->tail == TAIL_LAYER_GROUP_EXPERT)
+        return series_create_as(s, file, spec->path, 1, H5T_STD_I32LE, 1, tail_ndim, tail,
+                                spec->units, 0);
+    return series_create(s, file, spec->path, spec->is_long, tail_ndim, tail, spec->units,
+                         tail_grows(spec->tail));
 }
 
 /* An existing series of a resumed record: its first keep_rows rows stay,
@@ -488,6 +517,7 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     st |= set_long_attr(file, "seed", cfg->seed);
     if (hosts) st |= set_string_array_attr(file, "hostnames", hosts, lay->world_size);
     st |= set_long_attr(file, "params_total", lay->params_total);
+    st |= set_long_attr(file, "vocab_size", lay->vocab_size);
     st |= set_long_attr(file, "params_active_per_token", lay->params_active_per_token);
     st |= set_long_array_attr(file, "param_bytes_per_rank", lay->param_bytes_per_rank,
                               lay->world_size);
@@ -604,8 +634,7 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
     for (size_t i = 0; i < sizeof SERIES / sizeof SERIES[0]; i++) {
         const SeriesSpec *spec = &SERIES[i];
         int ndim = tail_dims(layout, spec->tail, tail);
-        st |= series_create(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
-                            spec->units, tail_grows(spec->tail));
+        st |= series_create_spec(&r->series[spec->id], r->file, spec, ndim, tail);
     }
     st |=
         set_string_array_attr(r->series[SPEC_COUNTS].dset, "category_names",
@@ -691,14 +720,16 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
     long train_rows = rows_up_to(r->file, "/train/step", iteration);
     long eval_rows = rows_up_to(r->file, "/eval/step", iteration);
     long spec_rows = rows_up_to(r->file, "/specialization/step", iteration);
+    long group_rows = rows_up_to(r->file, "/routing/group_counts_step", iteration);
     int st = 0;
     hsize_t tail[3];
     for (size_t i = 0; i < sizeof SERIES / sizeof SERIES[0]; i++) {
         const SeriesSpec *spec = &SERIES[i];
         int ndim = tail_dims(layout, spec->tail, tail);
-        long keep = spec->id == EVAL_STEP || spec->id == EVAL_LOSS ? eval_rows
-                    : spec->id >= SPEC_STEP                        ? spec_rows
-                                                                   : train_rows;
+        long keep = spec->id == EVAL_STEP || spec->id == EVAL_LOSS             ? eval_rows
+                    : spec->id == GROUP_COUNTS_STEP || spec->id == GROUP_COUNTS ? group_rows
+                    : spec->id >= SPEC_STEP                                      ? spec_rows
+                                                                                 : train_rows;
         st |= series_reopen(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
                             keep);
     }
@@ -795,6 +826,12 @@ int record_append_train(Record *r, const TrainRow *row, const StepDetail *d) {
     }
     st |= series_push(&s[TRAFFIC_DISPATCH], d->dispatch_bytes);
     st |= series_push(&s[TRAFFIC_INTERNODE], d->internode_bytes);
+    return st ? -1 : 0;
+}
+
+int record_append_group_counts(Record *r, long step, const long *counts) {
+    int st = series_push(&r->series[GROUP_COUNTS_STEP], &step);
+    st |= series_push(&r->series[GROUP_COUNTS], counts);
     return st ? -1 : 0;
 }
 
@@ -1641,4 +1678,236 @@ int checkpoint_read_f32(long file, const char *name, int ndim, const long *dims,
 
 int checkpoint_file_close_read(long file) {
     return H5Fclose(file) < 0 ? -1 : 0;
+}
+
+/* ---- moesim project: reading a record, writing a projection --------------------- */
+
+static int read_config_long(hid_t file, const char *key, long fallback, long *value) {
+    char name[96];
+    snprintf(name, sizeof name, "config.%s", key);
+    *value = fallback;
+    if (H5Aexists(file, name) <= 0) return fallback >= 0 ? 0 : -1;
+    hid_t attr = H5Aopen(file, name, H5P_DEFAULT);
+    herr_t st = attr < 0 ? -1 : H5Aread(attr, H5T_NATIVE_LONG, value);
+    if (attr >= 0) H5Aclose(attr);
+    return st < 0 ? -1 : 0;
+}
+
+/* A string config attribute equal to `want`. */
+static int config_string_is(hid_t file, const char *key, const char *want) {
+    char name[96], *value = NULL;
+    snprintf(name, sizeof name, "config.%s", key);
+    if (H5Aexists(file, name) <= 0) return 0;
+    hid_t attr = H5Aopen(file, name, H5P_DEFAULT), type = utf8_string_type();
+    int same = attr >= 0 && H5Aread(attr, type, &value) >= 0 && value && strcmp(value, want) == 0;
+    if (value) H5free_memory(value);
+    H5Tclose(type);
+    if (attr >= 0) H5Aclose(attr);
+    return same;
+}
+
+/* The whole dataset at path as `type` into a new buffer of elem bytes per
+ * value; dims gets its shape. NULL when missing or unreadable. */
+static void *read_whole(hid_t file, const char *path, hid_t type, size_t elem, int want_ndim,
+                        hsize_t *dims) {
+    /* negative (an error, not 0) when a parent group is missing */
+    if (H5Lexists(file, path, H5P_DEFAULT) <= 0) return NULL;
+    hid_t dset = H5Dopen2(file, path, H5P_DEFAULT);
+    if (dset < 0) return NULL;
+    hid_t space = H5Dget_space(dset);
+    int ndim = H5Sget_simple_extent_dims(space, dims, NULL);
+    size_t count = 1;
+    for (int i = 0; i < ndim; i++) count *= dims[i];
+    void *data = ndim == want_ndim ? malloc(elem * (count ? count : 1)) : NULL;
+    if (data && count && H5Dread(dset, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
+        free(data);
+        data = NULL;
+    }
+    H5Sclose(space);
+    H5Dclose(dset);
+    return data;
+}
+
+/* Each group-count row's drops from the logged step with the same step. */
+static int read_projection_drops(hid_t file, ProjectRecord *in) {
+    hsize_t sdims[4] = {0}, ddims[4] = {0};
+    long *steps = read_whole(file, "/train/step", H5T_NATIVE_LONG, sizeof(long), 1, sdims);
+    long *dropped =
+        read_whole(file, "/routing/dropped_per_expert", H5T_NATIVE_LONG, sizeof(long), 3, ddims);
+    size_t LE = (size_t)in->moe_layers * in->experts;
+    in->dropped = calloc((size_t)in->rows * (LE ? LE : 1), sizeof(long));
+    int ok = in->dropped != NULL;
+    for (int r = 0; ok && steps && dropped && ddims[0] == sdims[0] && r < in->rows; r++)
+        for (hsize_t i = 0; i < sdims[0]; i++)
+            if (steps[i] == in->steps[r])
+                memcpy(in->dropped + r * LE, dropped + i * LE, sizeof(long) * LE);
+    free(steps);
+    free(dropped);
+    return ok ? 0 : -1;
+}
+
+int record_read_projection(const char *path, ProjectRecord *in, char *err, size_t errlen) {
+    memset(in, 0, sizeof *in);
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) {
+        snprintf(err, errlen, "cannot open the run record %s; give the --out of a moesim train run",
+                 path);
+        return -1;
+    }
+    long schema = 0, v[14];
+    int st = read_long_attr(file, "schema_version", &schema);
+    if (st != 0 || schema < 8) {
+        snprintf(err, errlen,
+                 "%s has no /routing/group_expert_counts (run record schema %ld; moesim project "
+                 "needs schema 8 or later with --record-group-counts-interval above 0): re-run "
+                 "the training with this moesim",
+                 path, schema);
+        H5Fclose(file);
+        return -1;
+    }
+    const char *keys[] = {"num_experts",       "moe_router_topk",    "micro_batch_size",
+                          "seq_length",        "hidden_size",        "num_attention_heads",
+                          "ffn_hidden_size",   "moe_ffn_hidden_size", "num_layers",
+                          "moe_shared_expert_intermediate_size"};
+    for (int i = 0; i < 10; i++) st |= read_config_long(file, keys[i], i == 9 ? 0 : -1, &v[i]);
+    st |= read_long_attr(file, "world_size", &v[10]);
+    st |= read_long_attr(file, "params_total", &in->params_total);
+    st |= read_long_attr(file, "params_active_per_token", &in->params_active_per_token);
+    if (read_long_attr(file, "vocab_size", &v[11]) != 0) v[11] = 256;
+    hsize_t dims[4] = {0}, sdims[4] = {0};
+    in->group_counts = st ? NULL
+                          : read_whole(file, "/routing/group_expert_counts", H5T_NATIVE_INT,
+                                       sizeof(int), 4, dims);
+    in->steps = in->group_counts ? read_whole(file, "/routing/group_counts_step", H5T_NATIVE_LONG,
+                                              sizeof(long), 1, sdims)
+                                 : NULL;
+    if (!in->group_counts || !in->steps || sdims[0] != dims[0] || dims[0] == 0) {
+        snprintf(err, errlen,
+                 "%s holds no /routing/group_expert_counts rows (trained with "
+                 "--record-group-counts-interval 0, stopped before the first row, or corrupt); "
+                 "re-run the training with --record-group-counts-interval 1",
+                 path);
+        H5Fclose(file);
+        project_record_free(in);
+        return -1;
+    }
+    in->rows = (int)dims[0];
+    in->moe_layers = (int)dims[1];
+    in->routing_groups = (int)dims[2];
+    in->experts = (int)v[0];
+    in->top_k = (int)v[1];
+    in->micro_batch = (int)v[2];
+    in->seq_length = (int)v[3];
+    in->hidden = (int)v[4];
+    in->heads = (int)v[5];
+    in->ffn_hidden = (int)v[6];
+    in->moe_ffn_hidden = (int)v[7];
+    in->num_layers = (int)v[8];
+    in->shared_ffn_hidden = (int)v[9];
+    in->recorded_world = (int)v[10];
+    in->vocab = (int)v[11];
+    in->swiglu = config_string_is(file, "moe_expert_activation", "swiglu");
+    double cf = 0.0;
+    if (H5Aexists(file, "config.moe_expert_capacity_factor") > 0) {
+        hid_t attr = H5Aopen(file, "config.moe_expert_capacity_factor", H5P_DEFAULT);
+        if (attr < 0 || H5Aread(attr, H5T_NATIVE_DOUBLE, &cf) < 0) cf = -1.0;
+        if (attr >= 0) H5Aclose(attr);
+    }
+    in->capacity_factor = cf;
+    long min_capacity = 0;
+    read_config_long(file, "moe_min_capacity", 0, &min_capacity);
+    in->min_capacity = (int)min_capacity;
+    in->capacity_by_expert = config_string_is(file, "moe_router_type", "expert_choice") ||
+                             config_string_is(file, "moe_router_type", "soft");
+    in->bf16 = config_string_is(file, "precision", "bf16");
+    st = (int)dims[3] != in->experts || read_projection_drops(file, in) != 0;
+    H5Fclose(file);
+    if (st) {
+        snprintf(err, errlen, "%s: /routing/group_expert_counts does not match the record's "
+                 "config (corrupt?); re-run the training", path);
+        project_record_free(in);
+        return -1;
+    }
+    return 0;
+}
+
+static int write_projection_array(hid_t file, const char *path, hid_t mem_type, hid_t file_type, int ndim,
+                       const hsize_t *dims, const void *data, const char *units) {
+    hid_t space = H5Screate_simple(ndim, dims, NULL), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
+    H5Pset_create_intermediate_group(lcpl, 1);
+    int empty = 0;
+    for (int i = 0; i < ndim; i++) empty |= dims[i] == 0;
+    if (!empty) {
+        H5Pset_chunk(dcpl, ndim, dims);
+        H5Pset_deflate(dcpl, 4);
+    }
+    hid_t dset = H5Dcreate2(file, path, file_type, space, lcpl, dcpl, H5P_DEFAULT);
+    int st = dset < 0 || (!empty && H5Dwrite(dset, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT,
+                                             data) < 0);
+    if (dset >= 0) st |= set_string_attr(dset, "units", units) != 0;
+    if (dset >= 0) H5Dclose(dset);
+    H5Pclose(lcpl);
+    H5Pclose(dcpl);
+    H5Sclose(space);
+    return st ? -1 : 0;
+}
+
+int record_write_projection(const char *path, const ProjectOutput *o, char *err, size_t errlen) {
+    hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (file < 0) {
+        snprintf(err, errlen,
+                 "cannot create the projection --out %s; check that its directory exists and is "
+                 "writable",
+                 path);
+        return -1;
+    }
+    const ProjectRecord *in = o->in;
+    hsize_t R = (hsize_t)in->rows, P = (hsize_t)o->lay->world, N = (hsize_t)o->nodes;
+    hsize_t L = (hsize_t)in->moe_layers;
+    int st = set_long_attr(file, "schema_version", MOESIM_SCHEMA_VERSION);
+    st |= set_string_attr(file, "moesim_version", MOESIM_VERSION);
+    st |= set_string_attr(file, "cluster", o->cluster_path);
+    st |= set_string_attr(file, "cluster_name", o->cluster->name);
+    st |= set_long_attr(file, "world_size", o->lay->world);
+    st |= set_long_attr(file, "ep_size", o->lay->ep);
+    st |= set_long_attr(file, "ranks_per_node", o->lay->ranks_per_node);
+    st |= set_long_attr(file, "nodes", o->nodes);
+    st |= set_string_attr(file, "dispatcher", o->lay->hierarchical ? "hierarchical" : "alltoall");
+    st |= set_long_attr(file, "overlap_chunks", o->lay->overlap_chunks);
+    st |= set_string_array_attr(file, "phases", phase_names, PHASE_COUNT);
+    hsize_t d1[1] = {R}, d3[3], d3p[3] = {R, P, PHASE_COUNT};
+    st |= write_projection_array(file, "/projection/step", H5T_NATIVE_LONG, H5T_STD_I64LE, 1, d1, in->steps,
+                      "step");
+    if (o->dispatch_bytes) {
+        d3[0] = R, d3[1] = P, d3[2] = P;
+        st |= write_projection_array(file, "/projection/dispatch_bytes", H5T_NATIVE_LONG, H5T_STD_I64LE, 3,
+                          d3, o->dispatch_bytes, "bytes");
+    }
+    d3[0] = R, d3[1] = N, d3[2] = N;
+    st |= write_projection_array(file, "/projection/node_dispatch_bytes", H5T_NATIVE_LONG, H5T_STD_I64LE, 3,
+                      d3, o->node_bytes, "bytes");
+    d3[0] = R, d3[1] = L, d3[2] = P;
+    st |= write_projection_array(file, "/projection/expert_rows", H5T_NATIVE_LONG, H5T_STD_I64LE, 3, d3,
+                      o->expert_rows, "assignments");
+    d3[1] = L, d3[2] = (hsize_t)in->experts;
+    st |= write_projection_array(file, "/projection/dropped_per_expert", H5T_NATIVE_LONG, H5T_STD_I64LE, 3,
+                      d3, in->dropped, "assignments");
+    st |= write_projection_array(file, "/projection/phase_s", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 3, d3p,
+                      o->phase_s, "s");
+    st |= write_projection_array(file, "/projection/balanced_phase_s", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 3,
+                      d3p, o->balanced_phase_s, "s");
+    st |= write_projection_array(file, "/projection/step_time_s", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 1, d1,
+                      o->step_time_s, "s");
+    st |= write_projection_array(file, "/projection/balanced_step_time_s", H5T_NATIVE_DOUBLE,
+                      H5T_IEEE_F64LE, 1, d1, o->balanced_step_time_s, "s");
+    st |= write_projection_array(file, "/projection/mfu", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 1, d1, o->mfu,
+                      "1");
+    st |= H5Fclose(file) < 0;
+    if (st) {
+        snprintf(err, errlen, "cannot write the projection %s (HDF5 error); check free disk space",
+                 path);
+        return -1;
+    }
+    return 0;
 }

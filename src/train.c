@@ -97,6 +97,9 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     t->categories = malloc(sizeof(int) * N);
     t->dispatch_bytes = calloc((size_t)comm->world_size, sizeof(long));
     t->exchange_bytes = calloc((size_t)comm->world_size, sizeof(long));
+    t->local_groups = (int)(N / (size_t)shape.G);
+    t->group_counts = calloc((size_t)(t->moe_layers ? t->moe_layers : 1) * t->local_groups * shape.E,
+                             sizeof(long));
     int stats_ok = routing_stats_init(&t->routing, t->moe_layers, shape.E, ds->num_categories) == 0;
     int grains = model_grains(&shape);
     t->grain_width = 1 + t->moe_layers * routing_grain_width(shape.E);
@@ -107,7 +110,7 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     int model_ok = model_init(&t->model, &shape, cfg->seed, comm) == 0;
     t->nonfinite_flags = model_ok ? calloc((size_t)t->model.num_tensors, 1) : NULL;
     if (!t->inputs || !t->targets || !t->categories || !t->dispatch_bytes || !t->exchange_bytes ||
-        !stats_ok || !reduce_ok || !model_ok || !t->nonfinite_flags) {
+        !t->group_counts || !stats_ok || !reduce_ok || !model_ok || !t->nonfinite_flags) {
         snprintf(err, errlen,
                  "out of memory building the model (%d layers, hidden %d, %d "
                  "experts, micro-batch %d x %d); make the model or the micro-batch smaller",
@@ -136,6 +139,7 @@ void trainer_free(Trainer *t) {
     routing_stats_free(&t->routing);
     free(t->dispatch_bytes);
     free(t->exchange_bytes);
+    free(t->group_counts);
     free(t->grain_rows);
     free(t->grain_totals);
     free(t->gathered);
@@ -160,6 +164,17 @@ static void sum_grain_statistics(Trainer *t) {
     }
     ordered_sum_doubles(t->comm, COMM_SCOPE_WORLD, t->grain_rows, grains, t->grain_width,
                         t->gathered, t->grain_totals);
+}
+
+/* Kept assignments per (routing group, expert) of MoE layer i: groups are
+ * G consecutive tokens, so a token's group is its index / G. */
+static void count_group_assignments(Trainer *t, const Routing *r, int i) {
+    int E = t->model.shape.E, N = t->model.shape.B * t->model.shape.T;
+    int G = N / t->local_groups;
+    long *counts = t->group_counts + (long)i * t->local_groups * E;
+    memset(counts, 0, sizeof(long) * t->local_groups * E);
+    for (long a = 0; a < (long)N * r->slots; a++)
+        if (r->choice_kept[a]) counts[(a / r->slots / G) * E + r->choice_expert[a]]++;
 }
 
 /* Routing statistics and losses of the global batch, and the bytes of token
@@ -201,6 +216,7 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
         stats->importance_loss += losses[2];
         stats->load_loss += losses[3];
         dispatch_add_bytes_to_ranks(&m->moe[l].dispatch, m->shape.C, to_my_ep_group);
+        count_group_assignments(t, r, i);
         i++;
     }
     stats->loss = stats->ce_loss + stats->aux_loss + stats->z_loss + stats->importance_loss +
@@ -511,6 +527,8 @@ typedef struct RunState {
     long *exchange_all; /* [world * world] every rank's exchange_bytes, rank 0 */
     long *internode;    /* [nodes * nodes] exchange_all summed over node blocks, rank 0 */
     double *comm_all;   /* [world * COMM_TIMES_COUNT], rank 0 */
+    long *groups_all;   /* [world][moe_layers][local_groups][E] as gathered, rank 0 */
+    long *groups_row;   /* [moe_layers][world * local_groups][E], rank 0 */
 } RunState;
 
 static long params_active_per_token(const Trainer *t) {
@@ -534,8 +552,13 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
     rs->exchange_all = calloc((size_t)P * P, sizeof(long));
     rs->internode = calloc((size_t)comm->num_nodes * comm->num_nodes, sizeof(long));
     rs->comm_all = calloc((size_t)P * COMM_TIMES_COUNT, sizeof(double));
+    size_t group_cells = (size_t)P * t->local_groups * t->model.shape.E *
+                         (t->moe_layers ? t->moe_layers : 1);
+    rs->groups_all = calloc(group_cells, sizeof(long));
+    rs->groups_row = calloc(group_cells, sizeof(long));
     int ok = rs->param_bytes && rs->hostnames && rs->phase_all && rs->bytes_all &&
-             rs->node_of_rank && rs->exchange_all && rs->internode && rs->comm_all;
+             rs->node_of_rank && rs->exchange_all && rs->internode && rs->comm_all &&
+             rs->groups_all && rs->groups_row;
     if (!ok) snprintf(err, errlen, "out of memory for the run statistics");
     long mine = (long)model_param_bytes(m), my_node = comm->node;
     if (comm_all_ok(comm, ok)) {
@@ -550,6 +573,8 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
                        .moe_layers = t->moe_layers,
                        .experts = t->cfg->num_experts,
                        .top_k = t->cfg->moe_router_topk,
+                       .routing_groups = P * t->local_groups,
+                       .vocab_size = t->ds->vocab_size,
                        .num_categories = t->ds->num_categories,
                        .category_names = t->ds->category_names,
                        .hostnames = rs->hostnames,
@@ -578,6 +603,8 @@ static void run_state_free(RunState *rs) {
     free(rs->exchange_all);
     free(rs->internode);
     free(rs->comm_all);
+    free(rs->groups_all);
+    free(rs->groups_row);
 }
 
 /* Bytes from node to node: the rank-to-rank bytes summed over node blocks. */
@@ -630,6 +657,21 @@ static int record_step(RunState *rs, const Trainer *t, long done, const StepStat
                          .comm_times = rs->comm_all,
                          .internode_bytes = rs->internode};
     return record_append_train(rs->rec, &row, &detail) == 0;
+}
+
+/* Gathers every rank's group counts and buffers them in global group order
+ * (rank r holds groups r*local_groups ..), the same row on any layout. */
+static int record_group_counts(RunState *rs, const Trainer *t, long done) {
+    const Comm *comm = t->comm;
+    int L = t->moe_layers, E = t->model.shape.E, lg = t->local_groups, P = comm->world_size;
+    long per_rank = (long)L * lg * E;
+    comm_gather_longs(comm, t->group_counts, rs->groups_all, (int)per_rank);
+    if (comm->rank != 0) return 1;
+    for (int r = 0; r < P; r++)
+        for (int i = 0; i < L; i++)
+            memcpy(rs->groups_row + ((long)i * P * lg + (long)r * lg) * E,
+                   rs->groups_all + r * per_rank + (long)i * lg * E, sizeof(long) * lg * E);
+    return record_append_group_counts(rs->rec, done, rs->groups_row) == 0;
 }
 
 static int record_eval(RunState *rs, const Trainer *t, long done, double val_loss) {
@@ -765,6 +807,8 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
         /* A skipped or diverging step is always recorded, whatever the log interval. */
         if (done % cfg->log_interval == 0 || last || stats.nonfinite)
             ok = record_step(&rs, &t, done, &stats) && ok;
+        if (cfg->record_group_counts_interval > 0 && done % cfg->record_group_counts_interval == 0)
+            ok = record_group_counts(&rs, &t, done) && ok;
         /* a diverging step keeps the last good checkpoint */
         int save_now = !diverged && cfg->save[0] &&
                        (last || (cfg->save_interval > 0 && done % cfg->save_interval == 0));

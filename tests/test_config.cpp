@@ -183,6 +183,7 @@ TEST(ConfigDefaults, MatchTheDocumentedSmallModel) {
     EXPECT_EQ(cfg.eval_interval, 100);
     EXPECT_EQ(cfg.eval_iters, 8);
     EXPECT_EQ(cfg.log_interval, 1);
+    EXPECT_EQ(cfg.record_group_counts_interval, 1);
     EXPECT_EQ(cfg.progress_interval, 10);
     EXPECT_DOUBLE_EQ(cfg.lr, 3e-3);
     EXPECT_DOUBLE_EQ(cfg.min_lr, 3e-4);
@@ -941,7 +942,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 68u);
+    ASSERT_EQ(keys.size(), 69u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -1007,6 +1008,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"eval-interval", "33"},
         {"eval-iters", "3"},
         {"log-interval", "5"},
+        {"record-group-counts-interval", "3"},
         {"progress-interval", "11"},
         {"lr", "0.00123456789012345678"},
         {"min-lr", "0"},
@@ -1114,6 +1116,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
     EXPECT_SAME(eval_interval);
     EXPECT_SAME(eval_iters);
     EXPECT_SAME(log_interval);
+    EXPECT_SAME(record_group_counts_interval);
     EXPECT_SAME(progress_interval);
     EXPECT_SAME(lr);
     EXPECT_SAME(min_lr);

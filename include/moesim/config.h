@@ -64,6 +64,7 @@ typedef struct Config {
     int eval_interval;
     int eval_iters;
     int log_interval;
+    int record_group_counts_interval; /* steps between group-count rows; 0 = never */
     int progress_interval;
     double lr;
     double min_lr;

@@ -12,6 +12,7 @@
 #include "moesim/comm.h"
 #include "moesim/config.h"
 #include "moesim/platform.h"
+#include "moesim/project.h"
 #include "moesim/timing.h"
 
 #ifdef __cplusplus
@@ -19,7 +20,7 @@ extern "C" {
 #endif
 
 #define MOESIM_VERSION "0.1.0"
-#define MOESIM_SCHEMA_VERSION 7
+#define MOESIM_SCHEMA_VERSION 8
 /* Disk space set aside beside the record (PATH.reserve) for its final
  * status when the disk fills up. */
 #define RECORD_RESERVE_BYTES (256L * 1024)
@@ -27,6 +28,8 @@ extern "C" {
 /* What the record needs to know about the run's shape. */
 typedef struct RecordLayout {
     int world_size, ep_size, moe_layers, experts, top_k;
+    int routing_groups; /* in the global batch: rows of /routing/group_expert_counts */
+    int vocab_size;
     int num_categories;
     char *const *category_names; /* [num_categories] */
     const char *hostnames;       /* [world_size][hostname_len], NUL-padded */
@@ -96,6 +99,9 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
 /* Buffer one row (no I/O). Return 0, or -1 when memory runs out. */
 int record_append_train(Record *r, const TrainRow *row, const StepDetail *detail);
 int record_append_eval(Record *r, const EvalRow *row);
+/* One row of /routing/group_expert_counts after `step` steps: kept
+ * assignments [L][routing_groups][E], groups in global order. */
+int record_append_group_counts(Record *r, long step, const long *counts);
 /* Appends every buffered row, flushes, and only then sets steps_done and
  * the heartbeat (last_write_time). Nothing is written when the disk lacks
  * room for the rows (a failed HDF5 write can leave rows that read back as
@@ -156,6 +162,12 @@ int checkpoint_read_long(long file, const char *name, long *value);
 int checkpoint_read_f32(long file, const char *name, int ndim, const long *dims, float *data,
                         long first_row, long rows, char *err, size_t errlen);
 int checkpoint_file_close_read(long file);
+
+/* `moesim project`: what the replay needs from a run record (schema 8 or
+ * later, with /routing/group_expert_counts), and its output file. -1 with a
+ * message naming the file and the fix. */
+int record_read_projection(const char *path, ProjectRecord *in, char *err, size_t errlen);
+int record_write_projection(const char *path, const ProjectOutput *out, char *err, size_t errlen);
 
 #ifdef __cplusplus
 }

@@ -56,6 +56,10 @@ typedef struct Trainer {
      * rank in the last step: forward and backward, dispatch and combine
      * (Dispatch.sent_bytes) */
     long *exchange_bytes;
+    /* kept assignments of this rank's routing groups last step,
+     * [moe_layers][local_groups][E]: what `moesim project` replays */
+    int local_groups;
+    long *group_counts;
     int moe_layers;
     /* The exact reductions of statistics (reduce.h): this rank's per-grain
      * rows [grains][grain_width] (cross-entropy, then each MoE layer's
@@ -91,6 +95,10 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
 
 /* `moesim bench`: tokens/s and model-FLOP utilisation against the sgemm rate
  * of the kernel in use, measured in the same run. */
+/* `moesim calibrate --out CLUSTER.ini`: measures this machine for `moesim
+ * project` (calibrate.c); 0, or -1 with err on every rank. Needs 2+ ranks. */
+int calibrate_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
+                  size_t errlen);
 int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
               char *err, size_t errlen);
 

@@ -214,7 +214,8 @@ def test_compared_datasets_cover_the_contract(runs):
     for group in COMPARED_GROUPS:
         assert any(n.startswith(group + "/") for n in names), f"no {group}/ dataset compared"
     for name in ("train/loss", "train/grad_norm", "eval/loss", "routing/tokens_per_expert",
-                 "routing/dropped_per_expert", "routing/mean_prob", "specialization/counts"):
+                 "routing/dropped_per_expert", "routing/mean_prob", "specialization/counts",
+                 "routing/group_expert_counts"):
         assert name in names, name
     assert ref["skipped"], "no timing dataset found in /train/: did the record's names change?"
     assert "train/loss" not in ref["skipped"]
@@ -226,6 +227,19 @@ def test_compared_datasets_cover_the_contract(runs):
 
 
 # ---- the variants test what they claim -------------------------------------------------
+
+def test_group_counts_add_up_to_processed(runs):
+    """/routing/group_expert_counts is what `moesim project` replays: one row
+    per step of kept assignments per (routing group, expert), the groups of the
+    global batch; summed over groups they are processed_per_expert."""
+    data = runs.get("dropped", 1, 1)["data"]
+    counts = data["routing/group_expert_counts"]
+    assert counts.dtype == np.int32
+    assert counts.shape == (STEPS, 2, GLOBAL_BATCH * SEQ // GROUP, EXPERTS)
+    assert np.array_equal(data["routing/group_counts_step"], data["train/step"])
+    assert np.array_equal(counts.sum(axis=2), data["routing/processed_per_expert"])
+    assert (counts.max(axis=(0, 1, 3)) > 0).all(), "a routing group kept nothing"
+
 
 def test_base_variant_drops_tokens(runs):
     data = runs.get("dropped", 1, 1)["data"]

@@ -92,3 +92,29 @@ def test_compare_runs_writes_every_figure(sweep_dir, tmp_path, monkeypatch):
 @pytest.mark.parametrize("notebook_name", ["run_overview.ipynb", "compare_runs.ipynb"])
 def test_committed_notebooks_have_no_outputs(notebook_name):
     read_clean_notebook(notebook_name)
+
+
+PROJECTION_FIGURES = ("step_time_by_phase", "imbalance_cost", "internode_bytes")
+
+
+@NEEDS_MATCHING_BUILD
+def test_projection_notebook_writes_every_figure(tmp_path, monkeypatch):
+    """A dropless record with one sequence per routing group, swept over EP,
+    dispatcher and capacity factor on the H100 preset."""
+    record = tmp_path / "dropless.h5"
+    result = run_moesim("train", {**SMALL_RUN, "micro-batch-size": 8, "train-iters": 4,
+                                  "moe-group-size": 16, "moe-expert-capacity-factor": 0,
+                                  "out": record}, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = tmp_path / "figures"
+    notebook = execute_notebook("projection.ipynb", monkeypatch, MOESIM_RUN=record,
+                                MOESIM_FIGURES=figures)
+    assert_figures(figures, PROJECTION_FIGURES)
+    assert shown_images(notebook) >= len(PROJECTION_FIGURES), "figures are not shown inline"
+    table = next(cell for cell in notebook.cells if "sweep = pd.DataFrame" in cell.source)
+    text = table.outputs[-1]["data"]["text/plain"]
+    assert "hier" in text and "cf 1.0" in text, text
+
+
+def test_projection_notebook_has_no_outputs():
+    read_clean_notebook("projection.ipynb")

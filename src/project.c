@@ -1,0 +1,740 @@
+#include "moesim/project.h"
+
+#include <ini.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "moesim/output.h"
+#include "moesim/placement.h"
+#include "moesim/record.h"
+#include "moesim/router.h"
+
+void project_record_free(ProjectRecord *in) {
+    free(in->steps);
+    free(in->group_counts);
+    free(in->dropped);
+    memset(in, 0, sizeof *in);
+}
+
+/* ---- CLUSTER.ini ------------------------------------------------------------- */
+
+typedef struct ClusterKey {
+    const char *section, *name;
+    size_t offset;
+    int is_int;
+} ClusterKey;
+
+#define CLUSTER_DOUBLE(section, field) \
+    { section, #field, offsetof(ClusterSpec, field), 0 }
+#define CLUSTER_INT(section, field) \
+    { section, #field, offsetof(ClusterSpec, field), 1 }
+
+static const ClusterKey CLUSTER_KEYS[] = {
+    CLUSTER_DOUBLE("device", peak_flops_fp32),   CLUSTER_DOUBLE("device", peak_flops_bf16),
+    CLUSTER_DOUBLE("device", memory_bandwidth),  CLUSTER_DOUBLE("device", matmul_efficiency),
+    CLUSTER_INT("node", devices_per_node),       CLUSTER_DOUBLE("node", intra_bandwidth),
+    CLUSTER_DOUBLE("node", intra_latency),       CLUSTER_DOUBLE("network", inter_bandwidth),
+    CLUSTER_DOUBLE("network", inter_latency),    CLUSTER_INT("network", nics_per_node),
+    CLUSTER_DOUBLE("network", oversubscription),
+};
+enum { CLUSTER_KEY_COUNT = sizeof CLUSTER_KEYS / sizeof CLUSTER_KEYS[0] };
+
+typedef struct ClusterParse {
+    ClusterSpec *c;
+    int seen[CLUSTER_KEY_COUNT];
+    int allreduce_seen;
+    char problem[256];
+} ClusterParse;
+
+static int cluster_handle_key(void *user, const char *section, const char *name,
+                              const char *value) {
+    ClusterParse *p = user;
+    if (p->problem[0]) return 1;
+    if (strcmp(section, "cluster") == 0 && strcmp(name, "name") == 0) {
+        snprintf(p->c->name, sizeof p->c->name, "%s", value);
+        return 1;
+    }
+    if (strcmp(section, "network") == 0 && strcmp(name, "allreduce") == 0) {
+        p->allreduce_seen = 1;
+        if (strcmp(value, "ring") != 0 && strcmp(value, "tree") != 0)
+            snprintf(p->problem, sizeof p->problem,
+                     "[network] allreduce = %s is neither ring nor tree", value);
+        p->c->allreduce_tree = strcmp(value, "tree") == 0;
+        return 1;
+    }
+    for (int i = 0; i < CLUSTER_KEY_COUNT; i++) {
+        const ClusterKey *k = &CLUSTER_KEYS[i];
+        if (strcmp(section, k->section) != 0 || strcmp(name, k->name) != 0) continue;
+        char *end = NULL;
+        double v = strtod(value, &end);
+        while (end && (*end == ' ' || *end == '\t')) end++;
+        if (!end || end == value || *end || !(v > 0) || !isfinite(v) ||
+            (k->is_int && v != floor(v))) {
+            snprintf(p->problem, sizeof p->problem, "[%s] %s = %s is not a positive %s", section,
+                     name, value, k->is_int ? "whole number" : "number");
+            return 1;
+        }
+        if (k->is_int)
+            *(int *)((char *)p->c + k->offset) = (int)v;
+        else
+            *(double *)((char *)p->c + k->offset) = v;
+        p->seen[i] = 1;
+        return 1;
+    }
+    snprintf(p->problem, sizeof p->problem, "unknown key [%s] %s", section, name);
+    return 1;
+}
+
+int project_read_cluster(const char *path, ClusterSpec *c, char *err, size_t errlen) {
+    memset(c, 0, sizeof *c);
+    ClusterParse p = {.c = c};
+    int line = ini_parse(path, cluster_handle_key, &p);
+    if (line < 0) {
+        snprintf(err, errlen,
+                 "cannot read the cluster file --cluster %s; give an existing "
+                 "CLUSTER.ini (presets in experiments/clusters/)",
+                 path);
+        return -1;
+    }
+    if (line > 0) snprintf(p.problem, sizeof p.problem, "line %d is not INI syntax", line);
+    for (int i = 0; !p.problem[0] && i < CLUSTER_KEY_COUNT; i++)
+        if (!p.seen[i])
+            snprintf(p.problem, sizeof p.problem, "[%s] %s is missing", CLUSTER_KEYS[i].section,
+                     CLUSTER_KEYS[i].name);
+    if (!p.problem[0] && c->matmul_efficiency > 1)
+        snprintf(p.problem, sizeof p.problem, "[device] matmul_efficiency = %g is above 1",
+                 c->matmul_efficiency);
+    if (!p.problem[0] && c->oversubscription < 1)
+        snprintf(p.problem, sizeof p.problem, "[network] oversubscription = %g is below 1",
+                 c->oversubscription);
+    if (p.problem[0]) {
+        snprintf(err, errlen,
+                 "cluster file %s: %s; every value must be given and positive (see "
+                 "experiments/clusters/README.md for each key and its unit)",
+                 path, p.problem);
+        return -1;
+    }
+    if (!c->name[0]) snprintf(c->name, sizeof c->name, "%s", path);
+    return 0;
+}
+
+/* ---- layout -------------------------------------------------------------------- */
+
+static long global_tokens(const ProjectRecord *in) {
+    return (long)in->recorded_world * in->micro_batch * in->seq_length;
+}
+
+int project_resolve_layout(const ProjectRecord *in, const ClusterSpec *c, ProjectLayout *lay,
+                           char *err, size_t errlen) {
+    int P = lay->world;
+    long sequences = (long)in->recorded_world * in->micro_batch, tokens = global_tokens(in);
+    long group = tokens / in->routing_groups;
+    if (P < 1) {
+        snprintf(err, errlen, "--world-size %d: give a positive number of virtual ranks", P);
+        return -1;
+    }
+    if (sequences % P != 0 || (tokens / P) % group != 0) {
+        int fit = 1;
+        for (int q = 2; q <= in->routing_groups && q <= sequences; q++)
+            if (sequences % q == 0 && (tokens / q) % group == 0 && abs(q - P) < abs(fit - P))
+                fit = q;
+        snprintf(err, errlen,
+                 "--world-size %d splits %s: the recorded global batch is %ld sequences of %d "
+                 "tokens in %d routing groups of %ld tokens, and each virtual rank must hold "
+                 "whole sequences and whole groups; use a world size dividing both, e.g. %d "
+                 "(or record with a smaller --moe-group-size)",
+                 P, sequences % P != 0 ? "a sequence" : "a routing group", sequences,
+                 in->seq_length, in->routing_groups, group, fit);
+        return -1;
+    }
+    if (lay->ep == 0) lay->ep = P;
+    if (lay->ep < 1 || P % lay->ep != 0 || in->experts % lay->ep != 0) {
+        snprintf(err, errlen,
+                 "--expert-model-parallel-size %d must divide both --world-size %d and the %d "
+                 "experts; e.g. --expert-model-parallel-size 1",
+                 lay->ep, P, in->experts);
+        return -1;
+    }
+    if (lay->ranks_per_node == 0)
+        lay->ranks_per_node = c->devices_per_node < P ? c->devices_per_node : P;
+    if (lay->ranks_per_node < 1 || lay->ranks_per_node > c->devices_per_node) {
+        snprintf(err, errlen,
+                 "--ranks-per-node %d: the cluster has %d devices per node; give 1 to %d",
+                 lay->ranks_per_node, c->devices_per_node, c->devices_per_node);
+        return -1;
+    }
+    if (lay->overlap_chunks < 0 || (lay->overlap_chunks > 1 && lay->hierarchical)) {
+        snprintf(err, errlen,
+                 "--moe-overlap-chunks %d: overlap needs the alltoall dispatcher and at least 0 "
+                 "chunks (0 or 1 = no overlap)",
+                 lay->overlap_chunks);
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- capacity ------------------------------------------------------------------ */
+
+int project_apply_capacity(ProjectRecord *in, double capacity_factor, char *err, size_t errlen) {
+    if (in->capacity_factor != 0.0 || in->capacity_by_expert) {
+        snprintf(err, errlen,
+                 "--moe-expert-capacity-factor needs a dropless record of a top-k style router "
+                 "(its kept counts are then the router's demand); this one was recorded with "
+                 "capacity factor %g%s: record with --moe-expert-capacity-factor 0, or leave the "
+                 "flag out to replay the recorded capacity",
+                 in->capacity_factor,
+                 in->capacity_by_expert ? " and expert_choice/soft routing" : "");
+        return -1;
+    }
+    if (capacity_factor <= 0) return 0; /* dropless again: nothing changes */
+    int E = in->experts, groups = in->routing_groups;
+    int G = (int)(global_tokens(in) / groups);
+    int capacity = router_capacity(capacity_factor, G, in->top_k, E);
+    if (capacity < in->min_capacity) capacity = in->min_capacity;
+    for (int r = 0; r < in->rows; r++)
+        for (int l = 0; l < in->moe_layers; l++) {
+            long *dropped = in->dropped + ((long)r * in->moe_layers + l) * E;
+            int *counts = in->group_counts + ((long)r * in->moe_layers + l) * groups * E;
+            for (long i = 0; i < (long)groups * E; i++)
+                if (counts[i] > capacity) {
+                    dropped[i % E] += counts[i] - capacity;
+                    counts[i] = capacity;
+                }
+        }
+    in->capacity_factor = capacity_factor;
+    return 0;
+}
+
+/* ---- traffic ------------------------------------------------------------------- */
+
+void project_layer_rows(const ProjectRecord *in, const ProjectLayout *lay, int row, int layer,
+                        long *rows) {
+    int P = lay->world, E = in->experts, per_rank = in->routing_groups / P;
+    Placement place = {.num_experts = E, .ep_size = lay->ep};
+    const int *counts =
+        in->group_counts + ((size_t)row * in->moe_layers + layer) * in->routing_groups * E;
+    memset(rows, 0, sizeof(long) * P * P);
+    for (int s = 0; s < P; s++) {
+        int first_in_group = placement_ep_group(lay->ep, s) * lay->ep;
+        for (int g = s * per_rank; g < (s + 1) * per_rank; g++)
+            for (int e = 0; e < E; e++)
+                rows[(long)s * P + first_in_group + placement_owner(&place, e)] +=
+                    counts[(long)g * E + e];
+    }
+}
+
+void project_dispatch_bytes(const ProjectRecord *in, const ProjectLayout *lay, int row, long *bytes,
+                            long *scratch) {
+    long P2 = (long)lay->world * lay->world;
+    memset(bytes, 0, sizeof(long) * P2);
+    for (int l = 0; l < in->moe_layers; l++) {
+        project_layer_rows(in, lay, row, l, scratch);
+        /* a row is hidden-size floats, whatever the matmul precision */
+        for (long i = 0; i < P2; i++) bytes[i] += scratch[i] * in->hidden * (long)sizeof(float);
+    }
+}
+
+/* ---- time ---------------------------------------------------------------------- */
+
+typedef struct Machine {
+    const ClusterSpec *c;
+    double peak, element_bytes;
+} Machine;
+
+static Machine machine_of(const ProjectRecord *in, const ClusterSpec *c) {
+    return (Machine){.c = c,
+                     .peak = in->bf16 ? c->peak_flops_bf16 : c->peak_flops_fp32,
+                     .element_bytes = in->bf16 ? 2.0 : 4.0};
+}
+
+/* One [m,k]x[k,n] product: bound by FLOPs or by moving its three matrices. */
+static double roofline_s(const Machine *mc, double m, double n, double k) {
+    if (m <= 0 || n <= 0 || k <= 0) return 0.0;
+    double compute = 2.0 * m * n * k / (mc->peak * mc->c->matmul_efficiency);
+    double memory = mc->element_bytes * (m * k + k * n + m * n) / mc->c->memory_bandwidth;
+    return compute > memory ? compute : memory;
+}
+
+/* Forward, input gradient and weight gradient of one product. */
+static double train_matmul_s(const Machine *mc, double m, double n, double k) {
+    return roofline_s(mc, m, n, k) + roofline_s(mc, m, k, n) + roofline_s(mc, k, n, m);
+}
+
+static double memory_s(const Machine *mc, double bytes) {
+    return bytes / mc->c->memory_bandwidth;
+}
+
+static int node_of(const ProjectLayout *lay, int rank) {
+    return rank / lay->ranks_per_node;
+}
+
+/* Per-rank bandwidth between nodes when every rank of a node sends at once:
+ * the node's NICs shared, divided by the fat-tree's oversubscription. */
+static double inter_rank_bandwidth(const ClusterSpec *c, const ProjectLayout *lay) {
+    return c->nics_per_node * c->inter_bandwidth / (lay->ranks_per_node * c->oversubscription);
+}
+
+/* Seconds rank r spends in a flat all-to-all of bytes[P*P] (sender-major),
+ * intra-node and inter-node traffic on separate links, each direction
+ * bounded by the busier of sending and receiving. */
+static double flat_exchange_s(const ClusterSpec *c, const ProjectLayout *lay, const double *bytes,
+                              int r) {
+    int P = lay->world, group = placement_ep_group(lay->ep, r) * lay->ep;
+    double out[2] = {0}, in[2] = {0}, latency[2] = {0}, local = 0.0;
+    for (int d = group; d < group + lay->ep; d++) {
+        int inter = node_of(lay, d) != node_of(lay, r);
+        if (d == r) {
+            local = bytes[(long)r * P + r];
+            continue;
+        }
+        out[inter] += bytes[(long)r * P + d];
+        in[inter] += bytes[(long)d * P + r];
+        latency[inter] += inter ? c->inter_latency : c->intra_latency;
+    }
+    double intra = (out[0] > in[0] ? out[0] : in[0]) / c->intra_bandwidth + latency[0];
+    double inter = (out[1] > in[1] ? out[1] : in[1]) / inter_rank_bandwidth(c, lay) + latency[1];
+    return (intra > inter ? intra : inter) + 2.0 * local / c->memory_bandwidth;
+}
+
+/* The hierarchical exchange of rank r's EP group: each node's leader gathers
+ * its ranks' send buffers, the leaders swap one message per node pair over
+ * the node's NICs, and scatter. Every rank of the group waits for the
+ * slowest leader. */
+static double hierarchical_exchange_s(const ClusterSpec *c, const ProjectLayout *lay,
+                                      const double *bytes, int r) {
+    int P = lay->world, group = placement_ep_group(lay->ep, r) * lay->ep;
+    double slowest = 0.0;
+    for (int leader = group; leader < group + lay->ep; leader++) {
+        if (leader != group && node_of(lay, leader) == node_of(lay, leader - 1)) continue;
+        double gathered = 0.0, scattered = 0.0, out = 0.0, in = 0.0, peers = 0.0;
+        int node = node_of(lay, leader);
+        for (int s = leader; s < group + lay->ep && node_of(lay, s) == node; s++)
+            for (int d = group; d < group + lay->ep; d++) {
+                int same = node_of(lay, d) == node;
+                if (s != leader)
+                    gathered += bytes[(long)s * P + d], scattered += bytes[(long)d * P + s];
+                if (!same) out += bytes[(long)s * P + d], in += bytes[(long)d * P + s];
+            }
+        for (int d = group; d < group + lay->ep; d++)
+            peers +=
+                node_of(lay, d) != node && (d == group || node_of(lay, d) != node_of(lay, d - 1));
+        double nic = c->nics_per_node * c->inter_bandwidth / c->oversubscription;
+        double t = gathered / c->intra_bandwidth + scattered / c->intra_bandwidth +
+                   (out > in ? out : in) / nic + peers * c->inter_latency + 2.0 * c->intra_latency;
+        if (t > slowest) slowest = t;
+    }
+    return slowest;
+}
+
+/* Ring or tree all-reduce of `bytes` over n ranks spread over nodes or not. */
+static double allreduce_s(const ClusterSpec *c, const ProjectLayout *lay, double bytes, int n,
+                          int spans_nodes) {
+    if (n <= 1 || bytes <= 0) return 0.0;
+    double bw = spans_nodes ? inter_rank_bandwidth(c, lay) : c->intra_bandwidth;
+    double lat = spans_nodes ? c->inter_latency : c->intra_latency;
+    if (c->allreduce_tree) {
+        double depth = ceil(log2((double)n));
+        return 2.0 * depth * (lat + bytes / bw);
+    }
+    return 2.0 * (n - 1) * (bytes / n / bw + lat);
+}
+
+static double expert_params(const ProjectRecord *in) {
+    return (double)(in->swiglu ? 3 : 2) * in->hidden * in->moe_ffn_hidden;
+}
+
+double project_step_flops(const ProjectRecord *in, double expert_rows_total) {
+    double N = (double)global_tokens(in), C = in->hidden, T = in->seq_length;
+    double dense_layers = in->num_layers - in->moe_layers;
+    double macs = N * C * in->vocab + in->num_layers * (N * 4 * C * C + 2.0 * N * T * C);
+    macs +=
+        in->moe_layers * N * C * (in->experts + (in->swiglu ? 3.0 : 2.0) * in->shared_ffn_hidden);
+    macs += expert_rows_total * expert_params(in) + dense_layers * 2.0 * N * C * in->ffn_hidden;
+    return 6.0 * macs;
+}
+
+/* Compute of every phase but the experts, identical on every rank. */
+static void fixed_compute_s(const ProjectRecord *in, const ProjectLayout *lay, const Machine *mc,
+                            double *phase) {
+    double N = (double)global_tokens(in) / lay->world, C = in->hidden, T = in->seq_length;
+    double B = N / T, H = in->heads, E = in->experts;
+    double attention = train_matmul_s(mc, N, 3 * C, C) + train_matmul_s(mc, N, C, C) +
+                       B * H * (train_matmul_s(mc, T, T, C / H) + train_matmul_s(mc, T, C / H, T)) +
+                       memory_s(mc, 3.0 * 4 * B * H * T * T);
+    double router = train_matmul_s(mc, N, E, C) + memory_s(mc, 4.0 * 4 * N * E);
+    double dense_ffn =
+        train_matmul_s(mc, N, in->ffn_hidden, C) + train_matmul_s(mc, N, C, in->ffn_hidden);
+    double w1 = in->swiglu ? 2.0 : 1.0;
+    double shared = in->shared_ffn_hidden > 0
+                        ? train_matmul_s(mc, N, w1 * in->shared_ffn_hidden, C) +
+                              train_matmul_s(mc, N, C, in->shared_ffn_hidden)
+                        : 0.0;
+    phase[PHASE_ATTENTION] = in->num_layers * attention;
+    phase[PHASE_ROUTER] = in->moe_layers * router;
+    phase[PHASE_EXPERTS] = (in->num_layers - in->moe_layers) * dense_ffn + in->moe_layers * shared;
+    phase[PHASE_OTHER] =
+        train_matmul_s(mc, N, in->vocab, C) + memory_s(mc, 3.0 * 4 * N * in->vocab);
+}
+
+/* Gradient all-reduce and AdamW: dense gradients over every rank, expert
+ * gradients over the ranks holding the same experts; each element travels
+ * as moesim's exact sum does (an int64 and a 1-byte exponent). */
+static void update_s(const ProjectRecord *in, const ProjectLayout *lay, const Machine *mc,
+                     double *phase) {
+    int P = lay->world, EP = lay->ep;
+    double experts_all = in->moe_layers * (double)in->experts * expert_params(in);
+    double dense = (double)in->params_total - experts_all;
+    double local_experts = experts_all / EP;
+    int dense_spans = node_of(lay, 0) != node_of(lay, P - 1);
+    int expert_spans = node_of(lay, 0) != node_of(lay, (P / EP - 1) * EP);
+    phase[PHASE_GRAD_ALLREDUCE] =
+        allreduce_s(mc->c, lay, 9.0 * dense, P, dense_spans) +
+        allreduce_s(mc->c, lay, 9.0 * local_experts, P / EP, expert_spans);
+    if (P > 1) phase[PHASE_GRAD_ALLREDUCE] += memory_s(mc, 12.0 * (dense + local_experts));
+    phase[PHASE_OPTIMIZER] = memory_s(mc, 28.0 * (dense + local_experts));
+}
+
+double project_step_time(const ProjectRecord *in, const ProjectLayout *lay, const ClusterSpec *c,
+                         const double *rows, double *phase_s) {
+    int P = lay->world, L = in->moe_layers;
+    long P2 = (long)P * P;
+    Machine mc = machine_of(in, c);
+    double fixed[PHASE_COUNT] = {0};
+    fixed_compute_s(in, lay, &mc, fixed);
+    update_s(in, lay, &mc, fixed);
+    double *bytes = malloc(sizeof(double) * (P2 + 2 * (size_t)P));
+    if (!bytes) return NAN;
+    double *expert = bytes + P2, *wait = expert + P;
+    for (int r = 0; r < P; r++) memcpy(phase_s + (long)r * PHASE_COUNT, fixed, sizeof fixed);
+    double w1 = in->swiglu ? 2.0 : 1.0;
+    for (int l = 0; l < L; l++) {
+        const double *m = rows + (long)l * P2;
+        for (long i = 0; i < P2; i++) bytes[i] = m[i] * in->hidden * sizeof(float);
+        for (int r = 0; r < P; r++) {
+            double received = 0.0;
+            for (int s = 0; s < P; s++) received += m[(long)s * P + r];
+            expert[r] = train_matmul_s(&mc, received, w1 * in->moe_ffn_hidden, in->hidden) +
+                        train_matmul_s(&mc, received, in->hidden, in->moe_ffn_hidden);
+        }
+        /* the combine cannot finish before the slowest expert of the EP group */
+        for (int r = 0; r < P; r++) {
+            int group = placement_ep_group(lay->ep, r) * lay->ep;
+            double slowest = 0.0;
+            for (int q = group; q < group + lay->ep; q++)
+                slowest = expert[q] > slowest ? expert[q] : slowest;
+            wait[r] = slowest - expert[r];
+        }
+        for (int r = 0; r < P; r++) {
+            /* forward rows out and their gradients back in the backward: twice each way */
+            double exchange = lay->hierarchical ? hierarchical_exchange_s(c, lay, bytes, r)
+                                                : flat_exchange_s(c, lay, bytes, r);
+            double counts = lay->ep > 1 ? (lay->ep - 1) * c->intra_latency : 0.0;
+            double exposed = exchange;
+            if (lay->overlap_chunks > 1) {
+                double k = lay->overlap_chunks, hidden = expert[r] * (k - 1) / k;
+                exposed = exchange / k > exchange - hidden ? exchange / k : exchange - hidden;
+            }
+            double *ph = phase_s + (long)r * PHASE_COUNT;
+            ph[PHASE_DISPATCH] += 2.0 * exposed + counts;
+            ph[PHASE_COMBINE] += 2.0 * exposed + wait[r];
+            ph[PHASE_EXPERTS] += expert[r];
+        }
+    }
+    free(bytes);
+    double step = 0.0;
+    for (int r = 0; r < P; r++) {
+        double total = 0.0;
+        for (int p = 0; p < PHASE_COUNT; p++) total += phase_s[(long)r * PHASE_COUNT + p];
+        if (total > step) step = total;
+    }
+    return step;
+}
+
+/* ---- the command ----------------------------------------------------------------- */
+
+typedef struct ProjectArgs {
+    const char *record, *cluster, *out;
+    ProjectLayout lay;
+} ProjectArgs;
+
+static int parse_int(const char *flag, const char *value, int *out, char *err, size_t errlen) {
+    char *end = NULL;
+    long v = value ? strtol(value, &end, 10) : 0;
+    if (!value || !end || end == value || *end || v < 0 || v > 1 << 24) {
+        snprintf(err, errlen, "%s needs a whole number >= 0, got %s", flag,
+                 value ? value : "nothing");
+        return -1;
+    }
+    *out = (int)v;
+    return 0;
+}
+
+static int parse_project_args(int argc, char **argv, ProjectArgs *a, char *err, size_t errlen) {
+    memset(a, 0, sizeof *a);
+    a->lay.capacity_factor = -1.0;
+    for (int i = 0; i < argc; i++) {
+        const char *flag = argv[i], *value = i + 1 < argc ? argv[i + 1] : NULL;
+        int st = 0;
+        if (flag[0] != '-') {
+            if (a->record) {
+                snprintf(err, errlen, "moesim project takes one run record, got %s and %s",
+                         a->record, flag);
+                return -1;
+            }
+            a->record = flag;
+            continue;
+        }
+        if (strcmp(flag, "--cluster") == 0)
+            a->cluster = value;
+        else if (strcmp(flag, "--out") == 0)
+            a->out = value;
+        else if (strcmp(flag, "--world-size") == 0)
+            st = parse_int(flag, value, &a->lay.world, err, errlen);
+        else if (strcmp(flag, "--expert-model-parallel-size") == 0)
+            st = parse_int(flag, value, &a->lay.ep, err, errlen);
+        else if (strcmp(flag, "--ranks-per-node") == 0)
+            st = parse_int(flag, value, &a->lay.ranks_per_node, err, errlen);
+        else if (strcmp(flag, "--moe-overlap-chunks") == 0)
+            st = parse_int(flag, value, &a->lay.overlap_chunks, err, errlen);
+        else if (strcmp(flag, "--moe-expert-capacity-factor") == 0) {
+            char *end = NULL;
+            a->lay.capacity_factor = value ? strtod(value, &end) : -1.0;
+            if (!value || !end || *end || !(a->lay.capacity_factor >= 0)) {
+                snprintf(err, errlen,
+                         "--moe-expert-capacity-factor needs a number >= 0 (0 = "
+                         "dropless), got %s",
+                         value ? value : "nothing");
+                return -1;
+            }
+        } else if (strcmp(flag, "--moe-token-dispatcher-type") == 0) {
+            if (!value || (strcmp(value, "alltoall") != 0 && strcmp(value, "hierarchical") != 0)) {
+                snprintf(err, errlen,
+                         "--moe-token-dispatcher-type is alltoall or hierarchical, "
+                         "got %s",
+                         value ? value : "nothing");
+                return -1;
+            }
+            a->lay.hierarchical = strcmp(value, "hierarchical") == 0;
+        } else {
+            snprintf(err, errlen,
+                     "unknown option %s; usage: moesim project RUN.h5 --cluster CLUSTER.ini "
+                     "--world-size P [--expert-model-parallel-size EP] [--ranks-per-node N] "
+                     "[--moe-token-dispatcher-type alltoall|hierarchical] [--moe-overlap-chunks "
+                     "K] [--moe-expert-capacity-factor CF] [--out PRED.h5]",
+                     flag);
+            return -1;
+        }
+        if (st) return -1;
+        if (!value) {
+            snprintf(err, errlen, "%s needs a value", flag);
+            return -1;
+        }
+        i++;
+    }
+    if (!a->record || !a->cluster || a->lay.world == 0) {
+        snprintf(err, errlen,
+                 "moesim project needs a run record, --cluster CLUSTER.ini and --world-size P "
+                 "(e.g. moesim project run.h5 --cluster experiments/clusters/h100.ini "
+                 "--world-size 16)");
+        return -1;
+    }
+    return 0;
+}
+
+/* Everything one projection computes, per record row. */
+typedef struct Projection {
+    int rows, P, L, nodes;
+    long *dispatch_bytes, *node_bytes, *expert_rows, *scratch;
+    double *layer_rows, *phase_s, *balanced_phase_s, *step_s, *balanced_s, *mfu;
+} Projection;
+
+static void projection_free(Projection *p) {
+    free(p->dispatch_bytes);
+    free(p->node_bytes);
+    free(p->expert_rows);
+    free(p->scratch);
+    free(p->layer_rows);
+    free(p->phase_s);
+    free(p->balanced_phase_s);
+    free(p->step_s);
+    free(p->balanced_s);
+    free(p->mfu);
+}
+
+static int projection_init(Projection *p, const ProjectRecord *in, const ProjectLayout *lay) {
+    memset(p, 0, sizeof *p);
+    p->rows = in->rows, p->P = lay->world, p->L = in->moe_layers;
+    p->nodes = (lay->world + lay->ranks_per_node - 1) / lay->ranks_per_node;
+    size_t R = (size_t)p->rows, P2 = (size_t)p->P * p->P, L = (size_t)(p->L ? p->L : 1);
+    if (p->P <= PROJECT_RANK_MATRIX_MAX) p->dispatch_bytes = calloc(R * P2, sizeof(long));
+    p->node_bytes = calloc(R * p->nodes * p->nodes, sizeof(long));
+    p->expert_rows = calloc(R * L * p->P, sizeof(long));
+    p->scratch = calloc(2 * P2, sizeof(long));
+    p->layer_rows = calloc(L * P2, sizeof(double));
+    p->phase_s = calloc(R * p->P * PHASE_COUNT, sizeof(double));
+    p->balanced_phase_s = calloc(R * p->P * PHASE_COUNT, sizeof(double));
+    p->step_s = calloc(R, sizeof(double));
+    p->balanced_s = calloc(R, sizeof(double));
+    p->mfu = calloc(R, sizeof(double));
+    return (p->dispatch_bytes || p->P > PROJECT_RANK_MATRIX_MAX) && p->node_bytes &&
+                   p->expert_rows && p->scratch && p->layer_rows && p->phase_s &&
+                   p->balanced_phase_s && p->step_s && p->balanced_s && p->mfu
+               ? 0
+               : -1;
+}
+
+/* Every expert equally loaded: each rank's kept rows spread evenly over all
+ * E experts, so each EP peer receives E_local/E of them. */
+static void balance_rows(const ProjectLayout *lay, double *rows) {
+    int P = lay->world;
+    for (int s = 0; s < P; s++) {
+        int group = placement_ep_group(lay->ep, s) * lay->ep;
+        double sent = 0.0;
+        for (int d = group; d < group + lay->ep; d++) sent += rows[(long)s * P + d];
+        for (int d = group; d < group + lay->ep; d++) rows[(long)s * P + d] = sent / lay->ep;
+    }
+}
+
+static void project_row(Projection *p, const ProjectRecord *in, const ProjectLayout *lay,
+                        const ClusterSpec *c, int row) {
+    long P = p->P, P2 = P * P;
+    long *bytes = p->scratch + P2, *layer = p->scratch;
+    double total_rows = 0.0;
+    memset(bytes, 0, sizeof(long) * P2);
+    for (int l = 0; l < p->L; l++) {
+        project_layer_rows(in, lay, row, l, layer);
+        for (long i = 0; i < P2; i++) {
+            bytes[i] += layer[i] * in->hidden * (long)sizeof(float);
+            p->layer_rows[l * P2 + i] = (double)layer[i];
+            total_rows += (double)layer[i];
+            p->expert_rows[((long)row * p->L + l) * P + i % P] += layer[i];
+        }
+    }
+    if (p->dispatch_bytes) memcpy(p->dispatch_bytes + row * P2, bytes, sizeof(long) * P2);
+    long *nodes = p->node_bytes + (long)row * p->nodes * p->nodes;
+    for (long i = 0; i < P2; i++)
+        nodes[node_of(lay, (int)(i / P)) * p->nodes + node_of(lay, (int)(i % P))] += bytes[i];
+    p->step_s[row] =
+        project_step_time(in, lay, c, p->layer_rows, p->phase_s + row * P * PHASE_COUNT);
+    Machine mc = machine_of(in, c);
+    p->mfu[row] = project_step_flops(in, total_rows) / (p->step_s[row] * P * mc.peak);
+    for (int l = 0; l < p->L; l++) balance_rows(lay, p->layer_rows + l * P2);
+    p->balanced_s[row] =
+        project_step_time(in, lay, c, p->layer_rows, p->balanced_phase_s + row * P * PHASE_COUNT);
+}
+
+static double mean_of(const double *v, int n) {
+    double s = 0.0;
+    for (int i = 0; i < n; i++) s += v[i];
+    return n ? s / n : 0.0;
+}
+
+static void print_summary(const Projection *p, const ProjectRecord *in, const ProjectLayout *lay,
+                          const ClusterSpec *c) {
+    int R = p->rows, P = p->P;
+    double step = mean_of(p->step_s, R), balanced = mean_of(p->balanced_s, R);
+    double phase[PHASE_COUNT] = {0}, exposed = 0.0;
+    int slowest_rank = 0;
+    double slowest = -1.0;
+    for (int r = 0; r < P; r++) {
+        double total = 0.0;
+        for (int row = 0; row < R; row++)
+            for (int ph = 0; ph < PHASE_COUNT; ph++)
+                total += p->phase_s[((long)row * P + r) * PHASE_COUNT + ph];
+        if (total > slowest) slowest = total, slowest_rank = r;
+    }
+    for (int row = 0; row < R; row++)
+        for (int ph = 0; ph < PHASE_COUNT; ph++)
+            phase[ph] += p->phase_s[((long)row * P + slowest_rank) * PHASE_COUNT + ph] / R;
+    exposed = phase[PHASE_DISPATCH] + phase[PHASE_COMBINE] + phase[PHASE_GRAD_ALLREDUCE];
+    long busiest = 0;
+    int from = 0, to = 0;
+    for (int row = 0; row < R; row++)
+        for (int a = 0; a < p->nodes; a++)
+            for (int b = 0; b < p->nodes; b++) {
+                long v = p->node_bytes[((long)row * p->nodes + a) * p->nodes + b];
+                if (a != b && v > busiest) busiest = v, from = a, to = b;
+            }
+    printf(
+        "moesim project: %d recorded step(s) of %d routing groups on %s: %d rank(s), EP %d, "
+        "%d rank(s) per node (%d node(s)), %s dispatcher%s\n",
+        R, in->routing_groups, c->name, P, lay->ep, lay->ranks_per_node, p->nodes,
+        lay->hierarchical ? "hierarchical" : "alltoall",
+        lay->overlap_chunks > 1 ? ", overlapped" : "");
+    printf("step time %.6g s (balanced routing %.6g s: imbalance costs %.1f%%) | MFU %.1f%%\n",
+           step, balanced, balanced > 0 ? 100.0 * (step - balanced) / balanced : 0.0,
+           100.0 * mean_of(p->mfu, R));
+    printf("bottleneck rank %d:", slowest_rank);
+    for (int ph = 0; ph < PHASE_COUNT; ph++) printf(" %s %.3g s", phase_names[ph], phase[ph]);
+    printf("\nexposed communication %.3g s (%.1f%% of the step)", exposed,
+           step > 0 ? 100.0 * exposed / step : 0.0);
+    if (busiest > 0 && p->nodes > 1) {
+        double crossing = 0.0, pairs = 0.0;
+        for (int row = 0; row < R; row++)
+            for (int a = 0; a < p->nodes; a++)
+                for (int b = 0; b < p->nodes; b++) {
+                    long v = p->node_bytes[((long)row * p->nodes + a) * p->nodes + b];
+                    if (a != b && v > 0) crossing += (double)v, pairs++;
+                }
+        printf(
+            " | busiest node link %d -> %d: %.3g MB in one step, %.2fx the mean of the %.0f "
+            "node pairs that exchange",
+            from, to, busiest / 1e6, busiest / (crossing / pairs), pairs / R);
+    }
+    printf("\n");
+}
+
+static int run_projection(const ProjectArgs *a, char *err, size_t errlen) {
+    ProjectRecord in;
+    ClusterSpec cluster;
+    if (project_read_cluster(a->cluster, &cluster, err, errlen) != 0) return -1;
+    if (record_read_projection(a->record, &in, err, errlen) != 0) return -1;
+    ProjectLayout lay = a->lay;
+    Projection p;
+    int st = project_resolve_layout(&in, &cluster, &lay, err, errlen);
+    if (st == 0 && lay.capacity_factor >= 0)
+        st = project_apply_capacity(&in, lay.capacity_factor, err, errlen);
+    if (st == 0 && projection_init(&p, &in, &lay) != 0) {
+        snprintf(err, errlen, "out of memory projecting %d ranks; project fewer ranks", lay.world);
+        projection_free(&p);
+        st = -1;
+    }
+    if (st != 0) {
+        project_record_free(&in);
+        return -1;
+    }
+    for (int row = 0; row < in.rows; row++) project_row(&p, &in, &lay, &cluster, row);
+    print_summary(&p, &in, &lay, &cluster);
+    if (a->out) {
+        ProjectOutput out = {.in = &in,
+                             .lay = &lay,
+                             .cluster = &cluster,
+                             .cluster_path = a->cluster,
+                             .nodes = p.nodes,
+                             .dispatch_bytes = p.dispatch_bytes,
+                             .node_bytes = p.node_bytes,
+                             .expert_rows = p.expert_rows,
+                             .phase_s = p.phase_s,
+                             .balanced_phase_s = p.balanced_phase_s,
+                             .step_time_s = p.step_s,
+                             .balanced_step_time_s = p.balanced_s,
+                             .mfu = p.mfu};
+        st = record_write_projection(a->out, &out, err, errlen);
+        if (st == 0) printf("projection %s\n", a->out);
+    }
+    projection_free(&p);
+    project_record_free(&in);
+    return st;
+}
+
+int project_main(int argc, char **argv) {
+    char err[MOESIM_ERR_MAX] = "";
+    ProjectArgs args;
+    int st = parse_project_args(argc, argv, &args, err, sizeof err);
+    if (st == 0) st = run_projection(&args, err, sizeof err);
+    if (st != 0) fprintf(stderr, "moesim: error: %s\n", err);
+    fflush(stdout);
+    return st == 0 ? 0 : 1;
+}

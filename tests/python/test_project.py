@@ -1,0 +1,242 @@
+"""`moesim project` (issue 15): replaying a recorded run on other layouts.
+
+Exact traffic: the projection of a 1-rank run to P = 2 and 4 ranks (EP = P
+and EP = P/2) must equal, byte for byte (np.array_equal), the
+/traffic/dispatch_bytes that real P-rank runs of the same config record.
+Bad input: each refusal is one clear message and a non-zero exit.
+"""
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+
+from moesim_run import BUILD, clean_env, run_moesim, run_mpi
+
+SEQ = 16
+GLOBAL_BATCH = 8   # sequences per step, whatever the layout
+GROUP = SEQ        # one sequence per routing group
+STEPS = 6
+CLUSTERS = BUILD.parent / "experiments" / "clusters"
+
+TINY = {
+    "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": SEQ,
+    "num-experts": 4, "moe-router-topk": 2, "moe-ffn-hidden-size": 32, "ffn-hidden-size": 64,
+    "train-iters": STEPS, "eval-interval": 100, "eval-iters": 1, "progress-interval": 1000,
+    "data-format": "synthetic", "synthetic-tokens": 20000, "moe-expert-capacity-factor": 1.0,
+    "moe-group-size": GROUP,
+}
+# (world, EP, dispatcher): the layouts whose real traffic the projection must reproduce.
+LAYOUTS = [(2, 2, "alltoall"), (2, 1, "alltoall"), (4, 4, "alltoall"), (4, 2, "alltoall"),
+           (4, 2, "hierarchical")]
+
+CLUSTER_INI = """[cluster]
+name = test
+[device]
+peak_flops_fp32 = 1e11
+peak_flops_bf16 = 2e11
+memory_bandwidth = 2e10
+matmul_efficiency = 0.5
+[node]
+devices_per_node = 2
+intra_bandwidth = 5e9
+intra_latency = 2e-6
+[network]
+inter_bandwidth = 1.25e8
+inter_latency = 5e-5
+nics_per_node = 1
+oversubscription = 1
+allreduce = ring
+"""
+
+
+def project(record, cluster, *args, timeout=120):
+    cmd = [str(BUILD / "moesim"), "project", str(record), "--cluster", str(cluster), *map(str, args)]
+    return subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def train(tmp, name, world, extra=None):
+    out = tmp / f"{name}.h5"
+    options = {**TINY, "micro-batch-size": GLOBAL_BATCH // world, "out": out, **(extra or {})}
+    result = run_moesim("train", options, timeout=120) if world == 1 else \
+        run_mpi(world, "train", options, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("project")
+    cluster = tmp / "cluster.ini"
+    cluster.write_text(CLUSTER_INI)
+    one = train(tmp, "one", 1)
+    real = {}
+    for world, ep, dispatcher in LAYOUTS:
+        extra = {"expert-model-parallel-size": ep, "moe-token-dispatcher-type": dispatcher}
+        if dispatcher == "hierarchical":
+            extra["ranks-per-node"] = 2
+        real[(world, ep, dispatcher)] = train(tmp, f"p{world}-ep{ep}-{dispatcher}", world, extra)
+    return {"tmp": tmp, "cluster": cluster, "one": one, "real": real}
+
+
+@pytest.mark.parametrize("world,ep,dispatcher", LAYOUTS)
+def test_projected_traffic_equals_real_runs(runs, world, ep, dispatcher):
+    out = runs["tmp"] / f"pred-{world}-{ep}-{dispatcher}.h5"
+    result = project(runs["one"], runs["cluster"], "--world-size", world,
+                     "--expert-model-parallel-size", ep, "--ranks-per-node", 2,
+                     "--moe-token-dispatcher-type", dispatcher, "--out", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with h5py.File(runs["real"][(world, ep, dispatcher)], "r") as f:
+        real = f["traffic/dispatch_bytes"][()]
+        processed = f["routing/processed_per_expert"][()]
+    with h5py.File(out, "r") as f:
+        predicted = f["projection/dispatch_bytes"][()]
+        expert_rows = f["projection/expert_rows"][()]
+        steps = f["projection/step"][()]
+        step_time = f["projection/step_time_s"][()]
+        balanced = f["projection/balanced_step_time_s"][()]
+        phases = f["projection/phase_s"][()]
+    assert real.shape == (STEPS, world, world)
+    assert np.array_equal(steps, np.arange(1, STEPS + 1))
+    assert np.array_equal(predicted, real), (predicted[0], real[0])
+    # each rank's experts compute what its EP peers send it: the step's kept rows in total
+    assert np.array_equal(expert_rows.sum(axis=2), processed.sum(axis=2))
+    assert phases.shape == (STEPS, world, 8)
+    assert (step_time > 0).all() and (balanced > 0).all()
+    assert np.allclose(step_time, phases.sum(axis=2).max(axis=1), rtol=1e-12)
+
+
+def test_projection_from_a_multi_rank_record_equals_from_one_rank(runs):
+    """The record of a 2-rank run replays like the 1-rank run's: group counts
+    are layout-invariant, so any record of the config projects alike."""
+    outs = []
+    for name, record in (("from1", runs["one"]), ("from2", runs["real"][(2, 2, "alltoall")])):
+        out = runs["tmp"] / f"{name}.h5"
+        result = project(record, runs["cluster"], "--world-size", 4, "--out", out)
+        assert result.returncode == 0, result.stderr
+        with h5py.File(out, "r") as f:
+            outs.append(f["projection/dispatch_bytes"][()])
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_capacity_reapplied_to_a_dropless_record_matches_a_real_run(runs, tmp_path):
+    """A dropless record's kept counts are the router's demand; capacity
+    factor 1.0 keeps min(demand, capacity) per group and expert. The first MoE
+    layer of the first step routes the same inputs in both runs, so its kept
+    and dropped counts must equal a real capacity-1.0 run's exactly (deeper
+    layers see the drops of the first, and later steps train differently)."""
+    dropless = train(tmp_path, "dropless", 1, {"moe-expert-capacity-factor": 0})
+    out = tmp_path / "cf1.h5"
+    result = project(dropless, runs["cluster"], "--world-size", 2, "--moe-expert-capacity-factor",
+                     1.0, "--out", out)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(runs["real"][(2, 2, "alltoall")], "r") as f:
+        real_processed = f["routing/processed_per_expert"][0, 0]
+        real_dropped = f["routing/dropped_per_expert"][0, 0]
+    with h5py.File(out, "r") as f:
+        expert_rows = f["projection/expert_rows"][0, 0]
+        dropped = f["projection/dropped_per_expert"][0, 0]
+    assert real_dropped.sum() > 0
+    assert np.array_equal(dropped, real_dropped)
+    assert np.array_equal(expert_rows, real_processed.reshape(2, 2).sum(axis=1))
+    refused(project(runs["one"], runs["cluster"], "--world-size", 2,
+                    "--moe-expert-capacity-factor", 2), "needs a dropless record")
+
+
+def test_summary_names_step_time_mfu_and_bottleneck(runs):
+    result = project(runs["one"], runs["cluster"], "--world-size", 4,
+                     "--expert-model-parallel-size", 4)
+    assert result.returncode == 0, result.stderr
+    for words in ("step time", "balanced routing", "imbalance costs", "MFU", "bottleneck rank",
+                  "exposed communication", "busiest node link"):
+        assert words in result.stdout, result.stdout
+
+
+def test_imbalance_never_beats_balanced_routing(runs):
+    out = runs["tmp"] / "balanced.h5"
+    assert project(runs["one"], runs["cluster"], "--world-size", 4, "--out", out).returncode == 0
+    with h5py.File(out, "r") as f:
+        assert (f["projection/step_time_s"][()] >= f["projection/balanced_step_time_s"][()]).all()
+
+
+# ---- bad input ------------------------------------------------------------------------
+
+def refused(result, *words):
+    assert result.returncode != 0, result.stdout
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("edit,words", [
+    (("memory_bandwidth = 2e10\n", ""), ("[device] memory_bandwidth is missing",)),
+    (("inter_latency = 5e-5", "inter_latency = 0"), ("inter_latency = 0", "positive")),
+    (("nics_per_node = 1", "nics_per_node = -2"), ("nics_per_node = -2", "positive")),
+    (("allreduce = ring", "allreduce = star"), ("neither ring nor tree",)),
+])
+def test_bad_cluster_file_is_refused(runs, edit, words):
+    bad = runs["tmp"] / "bad.ini"
+    bad.write_text(CLUSTER_INI.replace(*edit))
+    refused(project(runs["one"], bad, "--world-size", 2), str(bad), *words)
+
+
+def test_world_size_splitting_a_routing_group_is_refused(runs, tmp_path):
+    record = train(tmp_path, "big-groups", 1, {"moe-group-size": 4 * SEQ})
+    line = refused(project(record, runs["cluster"], "--world-size", 4), "splits a routing group",
+                   "--world-size 4")
+    assert "e.g. 2" in line
+
+
+def test_world_size_splitting_a_sequence_is_refused(runs):
+    refused(project(runs["one"], runs["cluster"], "--world-size", 3), "splits a sequence")
+
+
+@pytest.mark.parametrize("world,ep", [(4, 3), (2, 4)])
+def test_ep_not_dividing_is_refused(runs, world, ep):
+    refused(project(runs["one"], runs["cluster"], "--world-size", world,
+                    "--expert-model-parallel-size", ep),
+            f"--expert-model-parallel-size {ep} must divide")
+
+
+def test_record_without_group_counts_is_refused(runs, tmp_path):
+    record = train(tmp_path, "no-groups", 1, {"record-group-counts-interval": 0})
+    refused(project(record, runs["cluster"], "--world-size", 2), "group_expert_counts",
+            "--record-group-counts-interval")
+
+
+def test_older_schema_is_refused(runs, tmp_path):
+    old = tmp_path / "old.h5"
+    with h5py.File(runs["one"], "r") as src, h5py.File(old, "w") as dst:
+        for name, value in src.attrs.items():
+            dst.attrs[name] = value
+        dst.attrs["schema_version"] = np.int64(7)
+        src.copy("train", dst)
+    refused(project(old, runs["cluster"], "--world-size", 2), "schema 7", "re-run")
+
+
+def test_presets_parse(runs):
+    presets = sorted(CLUSTERS.glob("*.ini"))
+    assert len(presets) >= 4, presets
+    for preset in presets:
+        result = project(runs["one"], preset, "--world-size", 2)
+        assert result.returncode == 0, f"{preset}: {result.stderr}"
+
+
+def test_python_project_returns_the_binarys_traffic(runs):
+    """moesim_analysis.project runs the binary and reads its --out: the
+    traffic frame equals the real 4-rank run's dispatch bytes."""
+    import sys
+    sys.path.insert(0, str(BUILD.parent / "analysis"))
+    from moesim_analysis import ProjectionError, project as project_py
+    p = project_py(runs["one"], runs["cluster"], world_size=4, ep=2, binary=BUILD / "moesim")
+    with h5py.File(runs["real"][(4, 2, "alltoall")], "r") as f:
+        real = f["traffic/dispatch_bytes"][()]
+    traffic = p.traffic.sort_values(["step", "src", "dst"]).bytes.to_numpy().reshape(real.shape)
+    assert np.array_equal(traffic, real)
+    assert list(p.steps.step) == list(range(1, STEPS + 1))
+    assert (p.steps.imbalance_cost >= 0).all()
+    assert "step time" in p.summary
+    with pytest.raises(ProjectionError, match="splits a sequence"):
+        project_py(runs["one"], runs["cluster"], world_size=3, binary=BUILD / "moesim")
