@@ -1374,15 +1374,23 @@ int record_print_info(const char *path, char *err, size_t errlen) {
     char failure[FAILURE_MAX];
     string_attr(file, "failure", failure, sizeof failure);
     if (strcmp(failure, "?") != 0 && failure[0]) printf("  failure: %s\n", failure);
-    printf(
-        "  model: %ld layers (%ld MoE), hidden %ld, %ld experts top-%ld, capacity factor "
-        "%.3g, expert ffn %ld | %ld parameters, %ld active per token\n",
-        layers, moe_freq > 0 ? layers / moe_freq : 0, long_attr_or(file, "config.hidden_size", 0),
-        long_attr_or(file, "config.num_experts", 0),
-        long_attr_or(file, "config.moe_router_topk", 0),
-        double_attr_or(file, "config.moe_expert_capacity_factor", NAN),
-        long_attr_or(file, "config.moe_ffn_hidden_size", 0), long_attr_or(file, "params_total", 0),
-        long_attr_or(file, "params_active_per_token", 0));
+    long moe_layers = moe_freq > 0 ? layers / moe_freq : 0;
+    if (moe_layers == 0)
+        printf("  model: %ld layers, dense (no MoE layers), FFN %ld, hidden %ld | %ld "
+               "parameters, %ld active per token\n",
+               layers, long_attr_or(file, "config.ffn_hidden_size", 0),
+               long_attr_or(file, "config.hidden_size", 0), long_attr_or(file, "params_total", 0),
+               long_attr_or(file, "params_active_per_token", 0));
+    else
+        printf("  model: %ld layers (%ld MoE), hidden %ld, %ld experts top-%ld, capacity factor "
+               "%.3g, expert ffn %ld | %ld parameters, %ld active per token\n",
+               layers, moe_layers, long_attr_or(file, "config.hidden_size", 0),
+               long_attr_or(file, "config.num_experts", 0),
+               long_attr_or(file, "config.moe_router_topk", 0),
+               double_attr_or(file, "config.moe_expert_capacity_factor", NAN),
+               long_attr_or(file, "config.moe_ffn_hidden_size", 0),
+               long_attr_or(file, "params_total", 0),
+               long_attr_or(file, "params_active_per_token", 0));
     printf(
         "  run: %ld ranks, expert-parallel size %ld | data %s | seq %ld x micro-batch %ld per "
         "rank | seed %ld\n",

@@ -5,10 +5,10 @@ DataFrames and matplotlib figures.
     run = load_run("runs/default.h5")
     plots.loss_curves(run, save="loss.png")
 """
-from . import experiment_plots, experiments, plots
+from . import experiment_plots, experiments, paths, plots
 from .record import PHASES, SCHEMA_VERSION, RecordError, Run, load_run
 from .sweep import RunSet, load_runs, summarize_runs, varying_config_columns
 
 __all__ = ["PHASES", "SCHEMA_VERSION", "RecordError", "Run", "RunSet", "experiment_plots",
-           "experiments", "load_run", "load_runs", "plots", "summarize_runs",
+           "experiments", "load_run", "paths", "load_runs", "plots", "summarize_runs",
            "varying_config_columns"]
