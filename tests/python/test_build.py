@@ -112,3 +112,19 @@ def test_missing_mpicc_is_named(tmp_path):
                   "CC=no-such-mpicc")
     assert result.returncode != 0
     assert "'no-such-mpicc' is not on PATH" in result.stderr and "module load" in result.stderr
+
+
+@pytest.mark.parametrize("how", ["MOESIM_NO_APT=1", "no apt-get on PATH"])
+def test_make_deps_without_apt_installs_nothing_and_says_what_to_load(tmp_path, how):
+    env = no_pkg_config_env(tmp_path)
+    if how == "MOESIM_NO_APT=1":
+        env["MOESIM_NO_APT"] = "1"
+    else:
+        env["PATH"] = str(tmp_path / "empty-bin")  # bash built-ins only: no apt-get, no dpkg
+    result = subprocess.run(["/bin/bash", str(REPO / "tools" / "deps.sh")], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    why = "MOESIM_NO_APT=1" if how == "MOESIM_NO_APT=1" else "no apt-get/dpkg on this machine"
+    assert f"make deps: skipped ({why}); installing nothing" in result.stdout
+    assert "module load openmpi hdf5/parallel openblas" in result.stdout
+    assert "Building on a cluster" in result.stdout
