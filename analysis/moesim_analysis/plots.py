@@ -69,26 +69,43 @@ def loss_curves(runs, save=None) -> Figure:
     return _save(fig, save)
 
 
+def _ratio_colorbar(fig: Figure, mappable, axes, label: str, max_log2: int):
+    """A colour bar of log2 values labelled as the ratios they stand for."""
+    colorbar = fig.colorbar(mappable, ax=axes, label=label)
+    ticks = np.arange(-max_log2, max_log2 + 1)
+    colorbar.ax.yaxis.set_major_locator(FixedLocator(ticks))
+    colorbar.ax.set_yticklabels([f"{2.0 ** t:g}" if t >= 0 else f"1/{2 ** -t:g}"
+                                 for t in ticks])
+    return colorbar
+
+
+MAX_LOG2_LOAD = 3  # the load colour scale ends at 8x and 1/8 of an even share
+
+
 def expert_load_heatmap(run: Run, save=None) -> Figure:
     """Router demand (tokens_per_expert, before capacity) of each expert per
     step, as a multiple of an even share so 1 means balanced whatever the
-    batch size; one panel per MoE layer."""
+    batch size; one panel per MoE layer, on a diverging log scale centred at
+    1 (red: over-loaded, blue: under-used; an unused expert shows as 1/8)."""
     routing = run.routing
     layers = sorted(routing["layer"].unique())
-    fig, axes = _layer_panels(len(layers), f"{run.name}: expert load (router demand)")
+    fig, axes = _layer_panels(len(layers), f"{run.name}: expert load (router demand per step)")
     load = routing.pivot_table(index=["layer", "expert"], columns="step", values="tokens")
     share = load / load.groupby(level="layer").transform("mean")
-    vmax = max(float(np.nanmax(share.to_numpy())) if share.size else 1.0, 1.0)
+    norm = TwoSlopeNorm(vcenter=0, vmin=-MAX_LOG2_LOAD, vmax=MAX_LOG2_LOAD)
     mesh = None
     for ax, layer in zip(axes, layers):
         panel = share.loc[layer]
-        mesh = ax.pcolormesh(panel.columns, panel.index, panel.to_numpy(), shading="nearest",
-                             cmap="viridis", vmin=0, vmax=vmax)
+        with np.errstate(divide="ignore"):
+            log_share = np.clip(np.log2(panel.to_numpy(dtype=float)), -MAX_LOG2_LOAD,
+                                MAX_LOG2_LOAD)
+        mesh = ax.pcolormesh(panel.columns, panel.index, log_share, shading="nearest",
+                             cmap="RdBu_r", norm=norm)
         ax.set_ylabel(f"layer {layer}\nexpert")
         ax.set_yticks(panel.index)
     axes[-1].set_xlabel("step")
     if mesh is not None:
-        fig.colorbar(mesh, ax=list(axes), label="load / even share (1 = balanced)")
+        _ratio_colorbar(fig, mesh, list(axes), "load / even share (1 = balanced)", MAX_LOG2_LOAD)
     return _save(fig, save)
 
 
@@ -163,7 +180,7 @@ def traffic_matrix(run: Run, save=None) -> Figure:
     mean = run.traffic.groupby(["src", "dst"])["bytes"].mean().unstack("dst")
     fig = Figure(figsize=(5, 4.2), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(mean.to_numpy(), cmap="Blues", vmin=0)
+    image = ax.imshow(mean.to_numpy() / 1e6, cmap="Blues", vmin=0)
     ax.set_xticks(range(len(mean.columns)), mean.columns)
     ax.set_yticks(range(len(mean.index)), mean.index)
     if len(mean) <= MAX_ANNOTATED_RANKS:
@@ -172,8 +189,8 @@ def traffic_matrix(run: Run, save=None) -> Figure:
                     color="white" if value > 0.6 * np.nanmax(mean.to_numpy()) else "black")
     ax.set_xlabel("destination rank")
     ax.set_ylabel("source rank")
-    ax.set_title(f"{run.name}: dispatch traffic")
-    fig.colorbar(image, ax=ax, label="mean bytes per step")
+    ax.set_title(f"{run.name}: token rows dispatched per step", fontsize="medium")
+    fig.colorbar(image, ax=ax, label="mean MB per step (forward dispatch)")
     return _save(fig, save)
 
 
@@ -269,12 +286,8 @@ def specialization_heatmap(run: Run, eval_step=None, save=None,
     axes[-1].set_xticks(range(len(columns)), labels, rotation=45, ha="right")
     axes[-1].set_xlabel("data category (share of assignments), largest first; \"other\": "
                         f"under {min_expected:g} assignments per expert")
-    colorbar = fig.colorbar(image, ax=list(axes), label="lift: expert's share of the category "
-                            "/ category's share (1 = no preference)")
-    ticks = np.arange(-MAX_LOG2_LIFT, MAX_LOG2_LIFT + 1)
-    colorbar.ax.yaxis.set_major_locator(FixedLocator(ticks))
-    colorbar.ax.set_yticklabels([f"{2.0 ** t:g}" if t >= 0 else f"1/{2 ** -t:g}"
-                                 for t in ticks])
+    _ratio_colorbar(fig, image, list(axes), "lift: expert's share of the category / "
+                    "category's share (1 = no preference)", MAX_LOG2_LIFT)
     return _save(fig, save)
 
 

@@ -391,6 +391,19 @@ def test_specialization_heatmap_shows_log2_lift_centred_at_one(synthetic):
         plots.specialization_heatmap(run, eval_step=7)
 
 
+def test_expert_load_is_shown_as_log2_of_the_even_share(synthetic):
+    run = load_run(synthetic[0])
+    fig = plots.expert_load_heatmap(run)
+    tokens = run.routing[run.routing["layer"] == 0].pivot(index="expert", columns="step",
+                                                          values="tokens").to_numpy(dtype=float)
+    with np.errstate(divide="ignore"):
+        expected = np.clip(np.log2(tokens / tokens.mean(axis=0)), -plots.MAX_LOG2_LOAD,
+                           plots.MAX_LOG2_LOAD)
+    mesh = fig.axes[0].collections[0]
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(expected.shape), expected)
+    assert mesh.norm.vcenter == 0
+
+
 def test_lift_is_one_without_preference_and_small_categories_fold_into_other():
     # Expert 1 takes every "b" token; "c" and "d" are too small to estimate.
     counts = pd.DataFrame({"a": [60, 60], "b": [0, 40], "c": [3, 1], "d": [1, 2]},
