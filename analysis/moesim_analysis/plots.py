@@ -315,6 +315,15 @@ def mutual_information_curves(run: Run, save=None, baseline_samples: int = 200) 
     return _save(fig, save)
 
 
+# Axis labels with units for summarize_runs' metrics.
+METRIC_LABELS = {
+    "final_eval_loss": "final validation loss (nats/token)",
+    "final_train_loss": "final train loss (nats/token, mean of the last 10 steps)",
+    "tokens_per_s": "throughput (tokens/s, median over steps)",
+    "drop_rate": "drop rate (share of assignments, whole run)",
+}
+
+
 def metric_vs_config(runs: RunSet, key: str, metric: str = "final_eval_loss", save=None) -> Figure:
     """One point per run: a summarize_runs metric (final_eval_loss,
     final_train_loss, tokens_per_s, drop_rate) against a config column of the
@@ -336,8 +345,11 @@ def metric_vs_config(runs: RunSet, key: str, metric: str = "final_eval_loss", sa
     for position, value, name in zip(positions, points[metric], points["run"]):
         ax.annotate(name, (position, value), fontsize="x-small", xytext=(3, 3),
                     textcoords="offset points")
+    label = METRIC_LABELS.get(metric, metric)
     ax.set_xlabel(key)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs {key}")
+    ax.set_ylabel(label)
+    if metric == "drop_rate":
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title(f"{label.split(' (')[0]} vs {key}", fontsize="medium")
     ax.grid(alpha=0.3)
     return _save(fig, save)
