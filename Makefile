@@ -1,9 +1,11 @@
 # moesim — build, run, test, bench. On a fresh Debian 12 machine `make run`
 # and `make test` are the only two commands: both install what is missing.
 
+# On a cluster without root: load MPI, parallel HDF5 and OpenBLAS modules and
+# run `make`; see README, "Building on a cluster", for the variables below.
+
 CC       := mpicc
 CXX      := mpicxx
-PKGS     := hdf5-openmpi openblas inih
 PYTHON   := /usr/bin/python3
 BUILD    := build
 
@@ -11,9 +13,63 @@ BUILD    := build
 # the library the default goal).
 .DEFAULT_GOAL := all
 
-# pkg-config only answers once `make deps` has installed the packages.
-PKG_CFLAGS = $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-PKG_LIBS   = $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm
+# ---- Dependencies, found in the environment; every one can be given instead.
+# pkg-config only answers once `make deps` (or a module) has provided them.
+pkg_first = $(firstword $(foreach pkg,$(1),$(shell pkg-config --exists $(pkg) 2>/dev/null && echo $(pkg))))
+
+# Parallel HDF5: HDF5_CFLAGS/HDF5_LIBS as given; else HDF5_DIR (the prefix of
+# an installation: include/, lib/ or lib64/); else the first of HDF5_PKGS that
+# pkg-config knows; else h5pcc on PATH when `h5pcc -showconfig` says parallel.
+HDF5_PKGS := hdf5-openmpi hdf5_parallel hdf5-mpi hdf5
+ifneq ($(strip $(HDF5_LIBS)),)
+  HDF5_FROM := HDF5_LIBS
+else ifneq ($(strip $(HDF5_DIR)),)
+  HDF5_LIBDIR := $(if $(wildcard $(HDF5_DIR)/lib64/libhdf5.*),$(HDF5_DIR)/lib64,$(HDF5_DIR)/lib)
+  HDF5_CFLAGS := -I$(HDF5_DIR)/include
+  HDF5_LIBS   := -L$(HDF5_LIBDIR) -Wl,-rpath,$(HDF5_LIBDIR) -lhdf5
+  HDF5_FROM   := HDF5_DIR
+else
+  HDF5_PKG := $(call pkg_first,$(HDF5_PKGS))
+  ifneq ($(HDF5_PKG),)
+    HDF5_CFLAGS := $(shell pkg-config --cflags $(HDF5_PKG))
+    HDF5_LIBS   := $(shell pkg-config --libs $(HDF5_PKG))
+    HDF5_FROM   := pkg-config $(HDF5_PKG)
+  else ifneq ($(shell h5pcc -showconfig 2>/dev/null | grep -i 'parallel hdf5: *yes'),)
+    H5PCC_SHOW  := $(shell h5pcc -show 2>/dev/null)
+    HDF5_CFLAGS := $(filter -I%,$(H5PCC_SHOW))
+    HDF5_LIBS   := $(foreach dir,$(patsubst -L%,%,$(filter -L%,$(H5PCC_SHOW))),-L$(dir) -Wl,-rpath,$(dir)) -lhdf5
+    HDF5_FROM   := h5pcc
+  else
+    HDF5_LIBS := -lhdf5
+    HDF5_FROM := default
+  endif
+endif
+
+# BLAS with cblas.h (OpenBLAS: moesim asks it for its kernel): BLAS_CFLAGS/
+# BLAS_LIBS as given; else the first of BLAS_PKGS that pkg-config knows.
+BLAS_PKGS := openblas blas
+ifneq ($(strip $(BLAS_LIBS)),)
+  BLAS_FROM := BLAS_LIBS
+else
+  BLAS_PKG := $(call pkg_first,$(BLAS_PKGS))
+  ifneq ($(BLAS_PKG),)
+    BLAS_CFLAGS := $(shell pkg-config --cflags $(BLAS_PKG))
+    BLAS_LIBS   := $(shell pkg-config --libs $(BLAS_PKG))
+    BLAS_FROM   := pkg-config $(BLAS_PKG)
+  else
+    BLAS_LIBS := -lopenblas
+    BLAS_FROM := default
+  endif
+endif
+
+# inih (INI parsing): INIH_CFLAGS/INIH_LIBS, else pkg-config inih, else -linih.
+ifeq ($(strip $(INIH_LIBS)),)
+  INIH_CFLAGS := $(shell pkg-config --cflags inih 2>/dev/null)
+  INIH_LIBS   := $(or $(shell pkg-config --libs inih 2>/dev/null),-linih)
+endif
+
+PKG_CFLAGS = $(HDF5_CFLAGS) $(BLAS_CFLAGS) $(INIH_CFLAGS)
+PKG_LIBS   = $(HDF5_LIBS) $(BLAS_LIBS) $(INIH_LIBS) -lm
 WARN     := -Wall -Wextra -Werror
 # AVX2, not -march=native: GCC 12 with AVX-512 (-march=native on these Zen
 # machines, or x86-64-v4) miscompiles `std::vector<int>{1,1,1,1,0,0,0,0}` into
@@ -32,9 +88,9 @@ TEST_SRC := $(filter-out tests/test_cli.cpp,$(wildcard tests/*.cpp))
 define variant
 $(1)_OBJ  := $$(patsubst src/%.c,$(2)/obj/%.o,$$(LIB_SRC))
 $(1)_TOBJ := $$(patsubst tests/%.cpp,$(2)/obj/tests/%.o,$$(TEST_SRC))
-$(2)/obj/%.o: src/%.c $$(wildcard include/moesim/*.h) | $(2)/obj
+$(2)/obj/%.o: src/%.c $$(wildcard include/moesim/*.h) | $(2)/obj $(DEPS_CHECK)
 	$$(CC) $$(CFLAGS) -c $$< -o $$@
-$(2)/obj/tests/%.o: tests/%.cpp $$(wildcard include/moesim/*.h) $$(wildcard tests/*.h) | $(2)/obj/tests
+$(2)/obj/tests/%.o: tests/%.cpp $$(wildcard include/moesim/*.h) $$(wildcard tests/*.h) | $(2)/obj/tests $(DEPS_CHECK)
 	$$(CXX) $$(CXXFLAGS) -c $$< -o $$@
 $(2)/libmoesim.a: $$($(1)_OBJ)
 	ar rcs $$@ $$^
@@ -54,6 +110,22 @@ $(2)/revision: FORCE | $(2)/obj
 $(2)/obj $(2)/obj/tests:
 	mkdir -p $$@
 endef
+
+# Before compiling anything: mpicc, HDF5, BLAS and inih compile and link, or
+# one message names the variable to fix. Checked again when a setting changes.
+DEPS_CHECK := $(BUILD)/deps/ok
+DEPS_SETTINGS = CC=$(CC) HDF5_FROM=$(HDF5_FROM) HDF5_CFLAGS=$(HDF5_CFLAGS) HDF5_LIBS=$(HDF5_LIBS) \
+	BLAS_FROM=$(BLAS_FROM) BLAS_CFLAGS=$(BLAS_CFLAGS) BLAS_LIBS=$(BLAS_LIBS) \
+	INIH_CFLAGS=$(INIH_CFLAGS) INIH_LIBS=$(INIH_LIBS)
+$(BUILD)/deps/settings: FORCE
+	@mkdir -p $(@D)
+	@echo '$(DEPS_SETTINGS)' | cmp -s - $@ || echo '$(DEPS_SETTINGS)' > $@
+$(DEPS_CHECK): $(BUILD)/deps/settings tools/check_deps.sh
+	@CC='$(CC)' HDF5_FROM='$(HDF5_FROM)' HDF5_DIR='$(HDF5_DIR)' HDF5_CFLAGS='$(HDF5_CFLAGS)' \
+		HDF5_LIBS='$(HDF5_LIBS)' BLAS_FROM='$(BLAS_FROM)' BLAS_CFLAGS='$(BLAS_CFLAGS)' \
+		BLAS_LIBS='$(BLAS_LIBS)' INIH_CFLAGS='$(INIH_CFLAGS)' INIH_LIBS='$(INIH_LIBS)' \
+		bash tools/check_deps.sh $(@D)
+	@touch $@
 
 $(eval $(call variant,REL,$(BUILD)))
 $(eval $(call variant,SAN,$(BUILD)/sanitize))

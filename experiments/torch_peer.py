@@ -131,6 +131,7 @@ RMSNORM_EPS = 1e-5
 DEFAULTS = {
     "num-layers": "4", "hidden-size": "128", "num-attention-heads": "4",
     "ffn-hidden-size": "512", "seq-length": "128", "untie-embeddings-and-output-weights": "0",
+    "dense": "0",
     "num-experts": "8", "moe-router-topk": "2", "moe-layer-freq": "1",
     "moe-ffn-hidden-size": "256", "moe-group-size": "0", "moe-router-norm-topk-prob": "1",
     "moe-expert-capacity-factor": "1.25", "moe-aux-loss-coeff": "0.01",
@@ -190,7 +191,8 @@ class Config:
         return self.moe_group_size or self.tokens_per_step
 
     def is_moe_layer(self, layer):
-        return self.moe_layer_freq > 0 and (layer + 1) % self.moe_layer_freq == 0
+        return (not self.dense and self.moe_layer_freq > 0
+                and (layer + 1) % self.moe_layer_freq == 0)
 
 
 def load_config(path=None, **overrides):

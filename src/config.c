@@ -98,6 +98,17 @@ static const Option OPTIONS[] = {
      .max = 1 << 17,
      .default_text = "128",
      .help = "tokens per sequence"},
+    {.name = "dense",
+     .group = G_MODEL,
+     .type = OPT_BOOL,
+     FIELD(dense),
+     .min = 0,
+     .max = 1,
+     .default_text = "0",
+     .help = "1: a dense baseline, no MoE layers: every FFN is a dense FFN of "
+             "--ffn-hidden-size (give it k x --moe-ffn-hidden-size to match top-k's active "
+             "FLOPs); the MoE keys are then unused. The same model as a --moe-layer-freq "
+             "larger than --num-layers"},
     {.name = "untie-embeddings-and-output-weights",
      .group = G_MODEL,
      .type = OPT_BOOL,
@@ -147,9 +158,10 @@ static const Option OPTIONS[] = {
      .type = OPT_INT,
      FIELD(moe_layer_freq),
      .min = 1,
-     .max = 1024,
+     .max = 1025, /* one past --num-layers' bound: where --dense puts it */
      .default_text = "1",
-     .help = "every n-th layer's FFN is an MoE layer (1 = all)"},
+     .help = "every n-th layer's FFN is an MoE layer (1 = all; larger than --num-layers: "
+             "none, a dense model, see --dense)"},
     {.name = "moe-ffn-hidden-size",
      .group = G_MOE,
      .type = OPT_INT,
@@ -396,7 +408,8 @@ static const Option OPTIONS[] = {
      .min = 0,
      .max = 1e9,
      .default_text = "50",
-     .help = "steps of linear warm-up"},
+     .help = "steps of linear warm-up to --lr; one you give must be shorter than "
+             "--train-iters (the default gives way: a run shorter than it never reaches --lr)"},
     {.name = "eval-interval",
      .group = G_TRAIN,
      .type = OPT_INT,
@@ -1494,6 +1507,34 @@ static int validate_freeze(const Config *cfg, char *err, size_t errlen) {
                 cfg->freeze, moe ? "" : " (it has no MoE layers: non-moe is all of it)");
 }
 
+/* --dense 1 beside a --moe-layer-freq that places MoE layers asks for two
+ * different models; a frequency beyond the layer count says the same thing
+ * as --dense and is accepted (sweeps written before --dense use it). */
+static int validate_dense(const Config *cfg, char *err, size_t errlen) {
+    if (!cfg->dense || !chosen_by_user(cfg, "moe-layer-freq") ||
+        cfg->moe_layer_freq > cfg->num_layers)
+        return 0;
+    return fail(err, errlen,
+                "--dense 1 asks for a model without MoE layers but --moe-layer-freq %d places "
+                "MoE layers among its %d layers; leave --moe-layer-freq out for a dense model, "
+                "or drop --dense for an MoE model",
+                cfg->moe_layer_freq, cfg->num_layers);
+}
+
+/* The peak learning rate is reached at the end of the warm-up; a warm-up the
+ * user chose that outlasts the run never gets there. */
+static int validate_warmup(const Config *cfg, char *err, size_t errlen) {
+    if (!chosen_by_user(cfg, "lr-warmup-iters") || cfg->lr_warmup_iters < cfg->train_iters)
+        return 0;
+    int suggestion = cfg->train_iters / 10;
+    return fail(err, errlen,
+                "--lr-warmup-iters %d is not shorter than --train-iters %d, so the learning rate "
+                "never reaches --lr; give --lr-warmup-iters below %d (e.g. %d, a tenth of the "
+                "run) or raise --train-iters above %d",
+                cfg->lr_warmup_iters, cfg->train_iters, cfg->train_iters, suggestion,
+                cfg->lr_warmup_iters);
+}
+
 int config_continues_record(const Config *cfg) {
     return cfg->load[0] && !cfg->finetune;
 }
@@ -1501,6 +1542,8 @@ int config_continues_record(const Config *cfg) {
 int config_validate(const Config *cfg, char *err, size_t errlen) {
     if (validate_values(cfg, err, errlen) != 0) return -1;
     if (validate_model_shape(cfg, err, errlen) != 0) return -1;
+    if (validate_dense(cfg, err, errlen) != 0) return -1;
+    if (validate_warmup(cfg, err, errlen) != 0) return -1;
     if (validate_router_type(cfg, err, errlen) != 0) return -1;
     if (validate_routing(cfg, err, errlen) != 0) return -1;
     if (validate_freeze(cfg, err, errlen) != 0) return -1;
@@ -1571,6 +1614,8 @@ int config_ep_size(const Config *cfg, int world_size) {
 }
 
 void config_resolve(Config *cfg) {
+    /* Everything downstream (model, record, analysis) asks the frequency. */
+    if (cfg->dense) cfg->moe_layer_freq = cfg->num_layers + 1;
     /* Validation let only a default capacity factor through: soft routing is dropless. */
     if (router_is(cfg, "soft")) cfg->moe_expert_capacity_factor = 0;
     int implied = implied_topk(cfg);
@@ -1637,7 +1682,7 @@ int config_layer_freq_is_moe(int layer, int moe_layer_freq) {
 }
 
 int config_is_moe_layer(const Config *cfg, int layer) {
-    return config_layer_freq_is_moe(layer, cfg->moe_layer_freq);
+    return !cfg->dense && config_layer_freq_is_moe(layer, cfg->moe_layer_freq);
 }
 
 int config_num_moe_layers(const Config *cfg) {

@@ -106,7 +106,8 @@ static int run_subcommand(const char *name, int argc, char **argv, Comm *comm, P
     char err[MOESIM_ERR_MAX] = "";
     int status = 0;
     int is_train = strcmp(name, "train") == 0;
-    if (!platform_usable(platform, comm, err, sizeof err) ||
+    if (record_require_parallel_hdf5(record_hdf5_is_parallel(), err, sizeof err) != 0 ||
+        !platform_usable(platform, comm, err, sizeof err) ||
         load_run_inputs(&cfg, &ds, comm, argc, argv, err, sizeof err) != 0) {
         status = EXIT_USAGE;
     } else if (is_train && claim_record(&cfg, comm, &lock, err, sizeof err) != 0) {

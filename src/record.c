@@ -1492,15 +1492,23 @@ int record_print_info(const char *path, char *err, size_t errlen) {
     char failure[FAILURE_MAX];
     string_attr(file, "failure", failure, sizeof failure);
     if (strcmp(failure, "?") != 0 && failure[0]) printf("  failure: %s\n", failure);
-    printf(
-        "  model: %ld layers (%ld MoE), hidden %ld, %ld experts top-%ld, capacity factor "
-        "%.3g, expert ffn %ld | %ld parameters, %ld active per token\n",
-        layers, moe_freq > 0 ? layers / moe_freq : 0, long_attr_or(file, "config.hidden_size", 0),
-        long_attr_or(file, "config.num_experts", 0),
-        long_attr_or(file, "config.moe_router_topk", 0),
-        double_attr_or(file, "config.moe_expert_capacity_factor", NAN),
-        long_attr_or(file, "config.moe_ffn_hidden_size", 0), long_attr_or(file, "params_total", 0),
-        long_attr_or(file, "params_active_per_token", 0));
+    long moe_layers = moe_freq > 0 ? layers / moe_freq : 0;
+    if (moe_layers == 0)
+        printf("  model: %ld layers, dense (no MoE layers), FFN %ld, hidden %ld | %ld "
+               "parameters, %ld active per token\n",
+               layers, long_attr_or(file, "config.ffn_hidden_size", 0),
+               long_attr_or(file, "config.hidden_size", 0), long_attr_or(file, "params_total", 0),
+               long_attr_or(file, "params_active_per_token", 0));
+    else
+        printf("  model: %ld layers (%ld MoE), hidden %ld, %ld experts top-%ld, capacity factor "
+               "%.3g, expert ffn %ld | %ld parameters, %ld active per token\n",
+               layers, moe_layers, long_attr_or(file, "config.hidden_size", 0),
+               long_attr_or(file, "config.num_experts", 0),
+               long_attr_or(file, "config.moe_router_topk", 0),
+               double_attr_or(file, "config.moe_expert_capacity_factor", NAN),
+               long_attr_or(file, "config.moe_ffn_hidden_size", 0),
+               long_attr_or(file, "params_total", 0),
+               long_attr_or(file, "params_active_per_token", 0));
     printf(
         "  run: %ld ranks, expert-parallel size %ld | data %s | seq %ld x micro-batch %ld per "
         "rank | seed %ld\n",
@@ -1571,12 +1579,40 @@ int tensor_file_close(long file) {
     return H5Fclose(file) < 0 ? -1 : 0;
 }
 
+/* ---- the HDF5 this binary was built with ------------------------------------------ */
+
+int record_hdf5_is_parallel(void) {
+#ifdef H5_HAVE_PARALLEL
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+int record_require_parallel_hdf5(int is_parallel, char *err, size_t errlen) {
+    if (is_parallel) return 0;
+    unsigned major = 0, minor = 0, release = 0;
+    H5get_libversion(&major, &minor, &release);
+    snprintf(err, errlen,
+             "this moesim was built with HDF5 %u.%u.%u without parallel (MPI-IO) support, and "
+             "every rank writes its experts into one checkpoint through parallel HDF5; rebuild "
+             "with a parallel HDF5: load its module (e.g. `module load hdf5/parallel` or "
+             "`module load hdf5-mpi`), or point HDF5_DIR (or HDF5_CFLAGS and HDF5_LIBS) at it, "
+             "then `make clean && make` (README, \"Building on a cluster\")",
+             major, minor, release);
+    return -1;
+}
+
 /* ---- checkpoints ----------------------------------------------------------------- */
 
 long checkpoint_file_create(const char *path, const Comm *comm) {
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     hid_t fapl = H5Pcreate(H5P_FILE_ACCESS);
+#ifdef H5_HAVE_PARALLEL
     H5Pset_fapl_mpio(fapl, comm->world, MPI_INFO_NULL);
+#else
+    (void)comm; /* never reached: main refuses a serial HDF5 (record_require_parallel_hdf5) */
+#endif
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, fapl);
     H5Pclose(fapl);
     return file;

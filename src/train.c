@@ -472,24 +472,37 @@ static long frozen_params_total(const Model *m) {
     return total;
 }
 
+/* "dense (no MoE layers)" rather than an expert count no layer uses. */
+static void describe_layers(char *buf, size_t len, const Config *cfg, int moe_layers) {
+    if (moe_layers == 0)
+        snprintf(buf, len, "dense (no MoE layers), FFN %d", cfg->ffn_hidden_size);
+    else
+        snprintf(buf, len, "%d MoE, %d experts, top-%d", moe_layers, cfg->num_experts,
+                 cfg->moe_router_topk);
+}
+
 static void print_header(const Trainer *t, const RecordLayout *layout) {
     const Config *cfg = t->cfg;
     char platform[512];
     platform_describe(layout->platform, platform, sizeof platform);
     const Model *m = &t->model;
     size_t expert_bytes = (m->num_params - m->num_dense_params) * sizeof(float);
-    printf(
-        "moesim %s | %d rank(s), expert-parallel size %d | %ld parameters | %d layers (%d MoE, "
-        "%d experts, top-%d) | %d tokens/step | record %s\n",
-        MOESIM_VERSION, layout->world_size, layout->ep_size, layout->params_total, cfg->num_layers,
-        t->moe_layers, cfg->num_experts, cfg->moe_router_topk,
-        cfg->micro_batch_size * cfg->seq_length * layout->world_size, cfg->out);
-    printf(
-        "parameters per rank: %.2f MB (dense replica %.2f MB + %d of %d experts per MoE layer "
-        "%.2f MB); with gradients and Adam state %.2f MB\n",
-        model_param_bytes(m) / 1e6, m->num_dense_params * sizeof(float) / 1e6,
-        model_local_experts(&m->shape), cfg->num_experts, expert_bytes / 1e6,
-        4.0 * model_param_bytes(m) / 1e6);
+    char layers[96];
+    describe_layers(layers, sizeof layers, cfg, t->moe_layers);
+    printf("moesim %s | %d rank(s), expert-parallel size %d | %ld parameters | %d layers (%s) | "
+           "%d tokens/step | record %s\n",
+           MOESIM_VERSION, layout->world_size, layout->ep_size, layout->params_total,
+           cfg->num_layers, layers, cfg->micro_batch_size * cfg->seq_length * layout->world_size,
+           cfg->out);
+    if (t->moe_layers == 0)
+        printf("parameters per rank: %.2f MB; with gradients and Adam state %.2f MB\n",
+               model_param_bytes(m) / 1e6, 4.0 * model_param_bytes(m) / 1e6);
+    else
+        printf("parameters per rank: %.2f MB (dense replica %.2f MB + %d of %d experts per MoE "
+               "layer %.2f MB); with gradients and Adam state %.2f MB\n",
+               model_param_bytes(m) / 1e6, m->num_dense_params * sizeof(float) / 1e6,
+               model_local_experts(&m->shape), cfg->num_experts, expert_bytes / 1e6,
+               4.0 * model_param_bytes(m) / 1e6);
     printf("platform: %s\n", platform);
     printf("exchange: %s dispatcher, %d node(s)%s", cfg->moe_token_dispatcher_type,
            t->comm->num_nodes, cfg->ranks_per_node ? " (emulated by --ranks-per-node)" : "");

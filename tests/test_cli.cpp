@@ -262,6 +262,17 @@ TEST_F(CliConfigError, LoadLossWithTopkRouting) {
                      {"--moe-load-loss-coeff 0.01", "--moe-router-type noisy_topk", "not topk"});
 }
 
+TEST_F(CliConfigError, DenseWithAnMoeLayerFrequency) {
+    ExpectUsageError(TrainArgs({"--dense", "1", "--moe-layer-freq", "1"}),
+                     {"--dense 1", "--moe-layer-freq 1", "leave --moe-layer-freq out"});
+}
+
+TEST_F(CliConfigError, WarmupLongerThanTheRun) {
+    ExpectUsageError(TrainArgs({"--lr-warmup-iters", "100", "--train-iters", "20"}),
+                     {"--lr-warmup-iters 100", "--train-iters 20", "never reaches --lr",
+                      "below 20"});
+}
+
 TEST_F(CliConfigError, MissingDataPath) {
     std::string missing = dir_ + "/no-such-corpus.txt";
     ExpectUsageError({"train", "--data-path", missing, "--train-iters", "1", "--out", out_},
@@ -427,6 +438,27 @@ TEST_F(CliRun, SoftRoutingAloneRunsDropless) {
         << info.output;
 }
 
+// The banner and `moesim info` say "dense", not the expert count no layer
+// uses, whether --dense or a frequency past the layers made it so.
+TEST_F(CliRun, DenseModelIsCalledDense) {
+    for (const char *flag : {"--dense", "--moe-layer-freq"}) {
+        std::string out = dir_ + "/dense" + flag + ".h5";
+        RunResult r = RunMoesim(Train(out, {flag, std::string(flag) == "--dense" ? "1" : "1000"}));
+        ASSERT_EQ(r.status, 0) << r.output;
+        EXPECT_NE(r.output.find("2 layers (dense (no MoE layers), FFN 64)"), std::string::npos)
+            << flag << "\n" << r.output;
+        EXPECT_EQ(r.output.find("experts"), std::string::npos) << flag << "\n" << r.output;
+        RunResult info = RunMoesim({"info", out});
+        EXPECT_EQ(info.status, 0) << info.output;
+        EXPECT_NE(info.output.find("2 layers, dense (no MoE layers), FFN 64"), std::string::npos)
+            << info.output;
+    }
+    RunResult moe = RunMoesim(Train(dir_ + "/moe.h5", {}));
+    ASSERT_EQ(moe.status, 0) << moe.output;
+    EXPECT_NE(moe.output.find("2 layers (2 MoE, 4 experts, top-2)"), std::string::npos)
+        << moe.output;
+}
+
 TEST_F(CliRun, BareExpertBiasSwitchRunsWithTheDefaultRate) {
     RunResult r = RunMoesim(Train(dir_ + "/bias.h5", {"--moe-router-enable-expert-bias"}));
     EXPECT_EQ(r.status, 0) << r.output;
@@ -471,7 +503,8 @@ TEST(CliInfo, HelpListsEveryGroupOfFlags) {
     EXPECT_EQ(r.status, 0) << r.output;
     for (const char *part : {"moesim train", "--config FILE", "--num-experts", "--hidden-size",
                              "--moe-expert-capacity-factor", "--data-path", "--out",
-                             "--moe-router-type", "--moe-eval-capacity-factor"})
+                             "--moe-router-type", "--moe-eval-capacity-factor", "--dense [0|1]",
+                             "no MoE layers"})
         EXPECT_NE(r.output.find(part), std::string::npos) << part << "\n" << r.output;
     EXPECT_EQ(r.output.find("error"), std::string::npos) << r.output;
 }

@@ -942,7 +942,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 69u);
+    ASSERT_EQ(keys.size(), 70u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -990,6 +990,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"num-attention-heads", "3"},
         {"ffn-hidden-size", "384"},
         {"seq-length", "64"},
+        {"dense", "1"},
         {"untie-embeddings-and-output-weights", "on"},
         {"precision", "bf16"},
         {"moe-router-precision", "bf16"},
@@ -1185,6 +1186,20 @@ TEST(ConfigDerived, MoeLayerFrequencyCountsFromTheFirstLayer) {
     EXPECT_EQ(config_num_moe_layers(&cfg), 1);
 
     cfg.moe_layer_freq = 5;
+    EXPECT_EQ(config_num_moe_layers(&cfg), 0);
+}
+
+TEST(ConfigDerived, DenseHasNoMoeLayerBeforeAndAfterResolving) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_EQ(cfg.dense, 0);
+    ASSERT_EQ(Set(&cfg, "dense", "1").rc, 0);
+    EXPECT_EQ(config_num_moe_layers(&cfg), 0);
+    for (int layer = 0; layer < cfg.num_layers; layer++) EXPECT_FALSE(config_is_moe_layer(&cfg, layer));
+    config_resolve(&cfg);
+    EXPECT_EQ(cfg.moe_layer_freq, cfg.num_layers + 1) << "the record and model read the frequency";
+    EXPECT_EQ(config_num_moe_layers(&cfg), 0);
+    cfg.dense = 0;
     EXPECT_EQ(config_num_moe_layers(&cfg), 0);
 }
 
@@ -1405,6 +1420,38 @@ TEST_F(ConfigValidate, ExpertBiasNeedsTheTopkRouterAndARate) {
 
 // The default rate without the bias is no choice of the user's; a rate the
 // user gave, even the default one, is.
+TEST_F(ConfigValidate, DenseRefusesAFrequencyThatPlacesMoeLayers) {
+    ASSERT_EQ(Set(&cfg_, "dense", "1").rc, 0);
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    ASSERT_EQ(Set(&cfg_, "moe-layer-freq", "1").rc, 0);
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--dense 1", "--moe-layer-freq 1", "leave --moe-layer-freq out",
+                           "drop --dense"});
+    ASSERT_EQ(Set(&cfg_, "moe-layer-freq", "4").rc, 0);
+    EXPECT_EQ(Validate(cfg_).rc, -1) << "layer 3 would be an MoE layer";
+    ASSERT_EQ(Set(&cfg_, "moe-layer-freq", "1000").rc, 0);
+    EXPECT_EQ(Validate(cfg_).rc, 0) << "a frequency past the layers says dense too";
+    ASSERT_EQ(Set(&cfg_, "dense", "0").rc, 0);
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+}
+
+TEST_F(ConfigValidate, WarmupTheUserGaveMustBeShorterThanTheRun) {
+    ASSERT_EQ(Set(&cfg_, "train-iters", "20").rc, 0);
+    EXPECT_EQ(Validate(cfg_).rc, 0) << "the default warm-up gives way: " << Validate(cfg_).err;
+    ASSERT_EQ(Set(&cfg_, "lr-warmup-iters", "100").rc, 0);
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--lr-warmup-iters 100", "--train-iters 20", "never reaches --lr",
+                           "below 20", "e.g. 2", "raise --train-iters above 100"});
+    ASSERT_EQ(Set(&cfg_, "lr-warmup-iters", "20").rc, 0);
+    EXPECT_EQ(Validate(cfg_).rc, -1) << "a warm-up as long as the run never reaches --lr either";
+    ASSERT_EQ(Set(&cfg_, "lr-warmup-iters", "19").rc, 0);
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    ASSERT_EQ(Set(&cfg_, "lr-warmup-iters", "0").rc, 0);
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+}
+
 TEST_F(ConfigValidate, BiasRateWithoutTheBiasIsAnError) {
     EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
     cfg_.moe_router_bias_update_rate = 0.01;

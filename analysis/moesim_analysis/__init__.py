@@ -5,11 +5,11 @@ DataFrames and matplotlib figures.
     run = load_run("runs/default.h5")
     plots.loss_curves(run, save="loss.png")
 """
-from . import experiment_plots, experiments, plots
+from . import experiment_plots, experiments, paths, plots
 from .projection import Projection, ProjectionError, project, read_projection
 from .record import PHASES, SCHEMA_VERSION, RecordError, Run, load_run
 from .sweep import RunSet, load_runs, summarize_runs, varying_config_columns
 
 __all__ = ["PHASES", "Projection", "ProjectionError", "SCHEMA_VERSION", "RecordError", "Run",
-           "RunSet", "experiment_plots", "experiments", "load_run", "load_runs", "plots",
+           "RunSet", "experiment_plots", "experiments", "load_run", "load_runs", "paths", "plots",
            "project", "read_projection", "summarize_runs", "varying_config_columns"]

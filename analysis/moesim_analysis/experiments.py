@@ -237,20 +237,24 @@ def mutual_information_bits(counts) -> np.ndarray:
 def random_router_mutual_information(counts, samples: int = 200, seed: int = 0,
                                      quantile: float = 0.95) -> tuple:
     """The mutual information a router ignoring the category would show with
-    the same number of assignments and the same expert and category
-    marginals: `samples` count matrices drawn from the multinomial of the
-    product of the marginals of `counts` [E, Cat], so the finite-sample bias
-    (about (E-1)(Cat-1) / (2 N ln 2) bits for N assignments) is included.
+    exactly the same expert loads and category sizes as `counts` [E, Cat]:
+    `samples` random pairings of the same assignments' experts and categories
+    (a permutation test), so the finite-sample bias (about
+    (E-1)(Cat-1) / (2 N ln 2) bits for N assignments) is included.
     Returns (mean, `quantile`) of their mutual information in bits."""
     counts = np.asarray(counts, dtype=np.int64)
     total = int(counts.sum())
     if total == 0:
         return 0.0, 0.0
-    independent = np.outer(counts.sum(axis=1), counts.sum(axis=0)).astype(np.float64)
-    independent /= independent.sum()
+    experts, categories = counts.shape
+    expert_of = np.repeat(np.arange(experts), counts.sum(axis=1))
+    category_of = np.repeat(np.arange(categories), counts.sum(axis=0))
     rng = np.random.default_rng(seed)
-    drawn = rng.multinomial(total, independent.ravel(), size=samples).reshape(
-        samples, *counts.shape)
+    drawn = np.empty((samples, experts, categories), dtype=np.int64)
+    for sample in range(samples):
+        cell = expert_of * categories + rng.permutation(category_of)
+        drawn[sample] = np.bincount(cell, minlength=experts * categories).reshape(
+            experts, categories)
     bits = mutual_information_bits(drawn)
     return float(bits.mean()), float(np.quantile(bits, quantile))
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import FixedLocator, PercentFormatter
 
+from . import experiments
 from .record import Run
 from .sweep import RunSet, summarize_runs
 
@@ -66,26 +69,43 @@ def loss_curves(runs, save=None) -> Figure:
     return _save(fig, save)
 
 
+def _ratio_colorbar(fig: Figure, mappable, axes, label: str, max_log2: int):
+    """A colour bar of log2 values labelled as the ratios they stand for."""
+    colorbar = fig.colorbar(mappable, ax=axes, label=label)
+    ticks = np.arange(-max_log2, max_log2 + 1)
+    colorbar.ax.yaxis.set_major_locator(FixedLocator(ticks))
+    colorbar.ax.set_yticklabels([f"{2.0 ** t:g}" if t >= 0 else f"1/{2 ** -t:g}"
+                                 for t in ticks])
+    return colorbar
+
+
+MAX_LOG2_LOAD = 3  # the load colour scale ends at 8x and 1/8 of an even share
+
+
 def expert_load_heatmap(run: Run, save=None) -> Figure:
     """Router demand (tokens_per_expert, before capacity) of each expert per
     step, as a multiple of an even share so 1 means balanced whatever the
-    batch size; one panel per MoE layer."""
+    batch size; one panel per MoE layer, on a diverging log scale centred at
+    1 (red: over-loaded, blue: under-used; an unused expert shows as 1/8)."""
     routing = run.routing
     layers = sorted(routing["layer"].unique())
-    fig, axes = _layer_panels(len(layers), f"{run.name}: expert load (router demand)")
+    fig, axes = _layer_panels(len(layers), f"{run.name}: expert load (router demand per step)")
     load = routing.pivot_table(index=["layer", "expert"], columns="step", values="tokens")
     share = load / load.groupby(level="layer").transform("mean")
-    vmax = max(float(np.nanmax(share.to_numpy())) if share.size else 1.0, 1.0)
+    norm = TwoSlopeNorm(vcenter=0, vmin=-MAX_LOG2_LOAD, vmax=MAX_LOG2_LOAD)
     mesh = None
     for ax, layer in zip(axes, layers):
         panel = share.loc[layer]
-        mesh = ax.pcolormesh(panel.columns, panel.index, panel.to_numpy(), shading="nearest",
-                             cmap="viridis", vmin=0, vmax=vmax)
+        with np.errstate(divide="ignore"):
+            log_share = np.clip(np.log2(panel.to_numpy(dtype=float)), -MAX_LOG2_LOAD,
+                                MAX_LOG2_LOAD)
+        mesh = ax.pcolormesh(panel.columns, panel.index, log_share, shading="nearest",
+                             cmap="RdBu_r", norm=norm)
         ax.set_ylabel(f"layer {layer}\nexpert")
         ax.set_yticks(panel.index)
     axes[-1].set_xlabel("step")
     if mesh is not None:
-        fig.colorbar(mesh, ax=list(axes), label="load / even share (1 = balanced)")
+        _ratio_colorbar(fig, mesh, list(axes), "load / even share (1 = balanced)", MAX_LOG2_LOAD)
     return _save(fig, save)
 
 
@@ -160,7 +180,7 @@ def traffic_matrix(run: Run, save=None) -> Figure:
     mean = run.traffic.groupby(["src", "dst"])["bytes"].mean().unstack("dst")
     fig = Figure(figsize=(5, 4.2), layout="constrained")
     ax = fig.subplots()
-    image = ax.imshow(mean.to_numpy(), cmap="Blues", vmin=0)
+    image = ax.imshow(mean.to_numpy() / 1e6, cmap="Blues", vmin=0)
     ax.set_xticks(range(len(mean.columns)), mean.columns)
     ax.set_yticks(range(len(mean.index)), mean.index)
     if len(mean) <= MAX_ANNOTATED_RANKS:
@@ -169,8 +189,8 @@ def traffic_matrix(run: Run, save=None) -> Figure:
                     color="white" if value > 0.6 * np.nanmax(mean.to_numpy()) else "black")
     ax.set_xlabel("destination rank")
     ax.set_ylabel("source rank")
-    ax.set_title(f"{run.name}: dispatch traffic")
-    fig.colorbar(image, ax=ax, label="mean bytes per step")
+    ax.set_title(f"{run.name}: token rows dispatched per step", fontsize="medium")
+    fig.colorbar(image, ax=ax, label="mean MB per step (forward dispatch)")
     return _save(fig, save)
 
 
@@ -186,47 +206,122 @@ def _chosen_eval_step(run: Run, eval_step):
     return eval_step
 
 
-def specialization_heatmap(run: Run, eval_step=None, save=None) -> Figure:
-    """Which data categories each expert gets at one evaluation (default the
-    last): each expert's row is its assignments split by category, summing to 1."""
+# A category with fewer assignments per expert than this, if it had no
+# preference, gives lifts that are mostly noise: it is folded into "other".
+MIN_EXPECTED_PER_EXPERT = 10
+MAX_LOG2_LIFT = 3  # the colour scale ends at 8x and 1/8 of the category's share
+
+
+def specialization_lift(counts: pd.DataFrame,
+                        min_expected: float = MIN_EXPECTED_PER_EXPERT) -> pd.DataFrame:
+    """Lift of an expert x category count table: the expert's share of a
+    category over that category's share of all assignments (1 = no
+    preference, 2 = twice as often as an expert ignoring the category).
+    Columns are sorted by size; categories with fewer than `min_expected`
+    assignments per expert are summed into "other". An unused expert's row is NaN."""
+    counts = fold_small_categories(counts, min_expected)
+    total = counts.to_numpy().sum()
+    expert_totals = counts.sum(axis=1).replace(0, np.nan)
+    category_share = counts.sum(axis=0) / total if total else counts.sum(axis=0) * np.nan
+    return counts.div(expert_totals, axis=0).div(category_share.replace(0, np.nan), axis=1)
+
+
+def fold_small_categories(counts: pd.DataFrame, min_expected: float) -> pd.DataFrame:
+    """Columns sorted by size (largest first), those with fewer than
+    `min_expected` assignments per expert (row) summed into a last "other"."""
+    sizes = counts.sum(axis=0).sort_values(ascending=False, kind="stable")
+    small = sizes.index[sizes < min_expected * len(counts.index)]
+    kept = counts[[c for c in sizes.index if c not in set(small)]]
+    if len(small) == 0:
+        return kept
+    return kept.assign(other=counts[list(small)].sum(axis=1))
+
+
+def specialization_heatmap(run: Run, eval_step=None, save=None,
+                           min_expected: float = MIN_EXPECTED_PER_EXPERT,
+                           baseline_samples: int = 200) -> Figure:
+    """Do experts prefer categories? At one evaluation (default the last),
+    per MoE layer, each expert's lift for each category (its share of the
+    category over the category's overall share; 1 = no preference) on a
+    diverging log scale centred at 1. Categories are sorted by size and
+    those with fewer than `min_expected` assignments per expert are folded
+    into "other". Each panel's title gives the mutual information beside a
+    random router's with the same expert loads and category sizes."""
     eval_step = _chosen_eval_step(run, eval_step)
     spec = run.specialization[run.specialization["eval_step"] == eval_step]
     bits = run.mutual_information.set_index(["eval_step", "layer"])["bits"]
-    categories = list(dict.fromkeys(spec["category"]))
     layers = sorted(spec["layer"].unique())
-    fig = Figure(figsize=(max(5, 1.5 + 0.45 * len(categories)), 2.4 * len(layers) + 1),
+    order = list(dict.fromkeys(spec["category"]))
+    tables = {layer: spec[spec["layer"] == layer].pivot(index="expert", columns="category",
+                                                        values="count")[order]
+              for layer in layers}
+    # One set of columns for every panel: sizes over all layers.
+    folded_all = fold_small_categories(sum(tables.values()), min_expected * len(layers))
+    columns = list(folded_all.columns)
+    shares = folded_all.sum(axis=0) / folded_all.to_numpy().sum()
+    fig = Figure(figsize=(max(6, 2.5 + 0.42 * len(columns)), 2.2 * len(layers) + 1.6),
                  layout="constrained")
     axes = fig.subplots(len(layers), 1, sharex=True, squeeze=False)[:, 0]
-    fig.suptitle(f"{run.name}: expert specialisation at step {eval_step}")
+    fig.suptitle(f"{run.name}: expert preference for data categories at step {eval_step}")
+    norm = TwoSlopeNorm(vcenter=0, vmin=-MAX_LOG2_LIFT, vmax=MAX_LOG2_LIFT)
     image = None
     for ax, layer in zip(axes, layers):
-        counts = spec[spec["layer"] == layer].pivot(index="expert", columns="category",
-                                                    values="count")[categories]
-        totals = counts.sum(axis=1).replace(0, np.nan)  # an unused expert has no split
-        image = ax.imshow(counts.div(totals, axis=0).to_numpy(), cmap="magma", vmin=0,
-                          vmax=1, aspect="auto")
+        counts = tables[layer]
+        lift = specialization_lift(counts, min_expected).reindex(columns=columns)
+        with np.errstate(divide="ignore"):
+            log_lift = np.log2(lift.to_numpy(dtype=float))
+        log_lift = np.clip(log_lift, -MAX_LOG2_LIFT, MAX_LOG2_LIFT)  # 0 assignments: 1/8
+        image = ax.imshow(np.ma.masked_invalid(log_lift), cmap="RdBu_r", norm=norm,
+                          aspect="auto")
+        ax.set_facecolor("0.85")  # an unused expert
         ax.set_yticks(range(len(counts.index)), counts.index)
         ax.set_ylabel("expert")
-        ax.set_title(f"layer {layer}: mutual information {bits.get((eval_step, layer), np.nan):.3f}"
-                     f" bits", fontsize="medium")
-    axes[-1].set_xticks(range(len(categories)), categories, rotation=45, ha="right")
-    axes[-1].set_xlabel("category")
-    fig.colorbar(image, ax=list(axes), label="share of the expert's assignments")
+        mean, q95 = experiments.random_router_mutual_information(
+            counts.fillna(0).to_numpy(dtype=np.int64), baseline_samples, seed=layer)
+        ax.set_title(f"layer {layer}: I(expert; category) "
+                     f"{bits.get((eval_step, layer), np.nan):.3f} bits, random router "
+                     f"{mean:.3f} (95%: {q95:.3f})", fontsize="medium")
+    labels = [f"{name} ({share:.0%})" if share >= 0.01 else f"{name} ({share:.1%})"
+              for name, share in shares.items()]
+    axes[-1].set_xticks(range(len(columns)), labels, rotation=45, ha="right")
+    axes[-1].set_xlabel("data category (share of assignments), largest first; \"other\": "
+                        f"under {min_expected:g} assignments per expert")
+    _ratio_colorbar(fig, image, list(axes), "lift: expert's share of the category / "
+                    "category's share (1 = no preference)", MAX_LOG2_LIFT)
     return _save(fig, save)
 
 
-def mutual_information_curves(run: Run, save=None) -> Figure:
-    """Mutual information between expert and category at each evaluation, per MoE layer."""
+def mutual_information_curves(run: Run, save=None, baseline_samples: int = 200) -> Figure:
+    """Mutual information between expert and category at each evaluation, per
+    MoE layer (solid), beside a random router's with the same expert loads and
+    category sizes (dashed: its mean, shaded: up to its 95th percentile): the
+    gap is what the router learnt about the category."""
+    frame = experiments.specialization_vs_random(run, baseline_samples)
     fig = Figure(figsize=(PANEL_WIDTH_IN, 3.5), layout="constrained")
     ax = fig.subplots()
-    for layer, rows in run.mutual_information.groupby("layer"):
-        ax.plot(rows["eval_step"], rows["bits"], marker="o", label=f"layer {layer}")
+    for layer, rows in frame.groupby("layer"):
+        color = f"C{layer % 10}"
+        ax.plot(rows["eval_step"], rows["bits"], marker="o", color=color, label=f"layer {layer}")
+        ax.plot(rows["eval_step"], rows["random_bits"], linestyle="--", color=color, alpha=0.8)
+        ax.fill_between(rows["eval_step"], 0, rows["random_bits_q95"], color=color, alpha=0.08)
+    ax.plot([], [], linestyle="--", color="gray", label="random router, same loads")
     ax.set_xlabel("step")
     ax.set_ylabel("I(expert; category) (bits)")
-    ax.set_title(f"{run.name}: expert-category mutual information")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{run.name}: expert-category mutual information vs a random router",
+                 fontsize="medium")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, save)
+
+
+# Axis labels with units for summarize_runs' metrics.
+METRIC_LABELS = {
+    "final_eval_loss": "final validation loss (nats/token)",
+    "final_train_loss": "final train loss (nats/token, mean of the last 10 steps)",
+    "tokens_per_s": "throughput (tokens/s, median over steps)",
+    "drop_rate": "drop rate (share of assignments, whole run)",
+}
 
 
 def metric_vs_config(runs: RunSet, key: str, metric: str = "final_eval_loss", save=None) -> Figure:
@@ -250,8 +345,11 @@ def metric_vs_config(runs: RunSet, key: str, metric: str = "final_eval_loss", sa
     for position, value, name in zip(positions, points[metric], points["run"]):
         ax.annotate(name, (position, value), fontsize="x-small", xytext=(3, 3),
                     textcoords="offset points")
+    label = METRIC_LABELS.get(metric, metric)
     ax.set_xlabel(key)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs {key}")
+    ax.set_ylabel(label)
+    if metric == "drop_rate":
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.set_title(f"{label.split(' (')[0]} vs {key}", fontsize="medium")
     ax.grid(alpha=0.3)
     return _save(fig, save)

@@ -169,8 +169,10 @@ def _run_from_file(f: h5py.File, path: Path) -> Run:
 
 def _open_record(path: Path) -> h5py.File:
     if not path.exists():
-        raise RecordError(f"{path}: no such file. Check the path, or write a record with "
-                          f"`moesim train --out {path}`.")
+        # The absolute path: a relative one says nothing when the reader runs
+        # somewhere else than the user thinks (a notebook's kernel).
+        raise RecordError(f"{path.absolute()}: no such file. Check the path, or write a record "
+                          f"with `moesim train --out {path}`.")
     if path.is_dir():
         raise RecordError(f"{path} is a directory, not a run record. Pass one .h5 file, "
                           f"or a glob such as '{path}/*.h5' to load_runs.")

@@ -72,8 +72,8 @@ def _record_paths(paths_or_glob) -> list:
             return [Path(pattern)]
         paths = sorted(glob.glob(pattern, recursive=True))
         if not paths:
-            raise RecordError(f"no run records match {pattern!r} (relative to "
-                              f"{os.getcwd()}). Check the pattern and the directory.")
+            raise RecordError(f"no run records match {os.path.abspath(pattern)!r}. Check the "
+                              f"pattern and the directory.")
         return [Path(p) for p in paths]
     paths = [Path(p) for p in paths_or_glob]
     if not paths:

@@ -21,6 +21,7 @@ typedef struct Config {
     int num_attention_heads;
     int ffn_hidden_size;
     int seq_length;
+    int dense; /* 1: no MoE layer, every FFN dense (config_resolve sets moe_layer_freq) */
     int untie_embeddings_and_output_weights; /* 0: LM head shares the token embedding */
     char precision[8];            /* fp32 | bf16: inputs of every matmul but the router's */
     char moe_router_precision[8]; /* fp32 | bf16: inputs of the router's matmuls */

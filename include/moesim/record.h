@@ -126,6 +126,13 @@ const char *record_status_name(RecordStatus status);
 int record_close(Record *r, RecordStatus status, long steps_done, const char *reason, char *err,
                  size_t errlen);
 
+/* 1 when the HDF5 this binary was compiled against has parallel (MPI-IO)
+ * support (H5_HAVE_PARALLEL). */
+int record_hdf5_is_parallel(void);
+/* 0 for a parallel HDF5; otherwise -1 with a message naming the HDF5 and the
+ * fix in err. */
+int record_require_parallel_hdf5(int is_parallel, char *err, size_t errlen);
+
 /* `moesim info`: a human summary of a run record or of a checkpoint file
  * (told apart by their attributes) on stdout, printed only after every
  * dataset and attribute has been read back. A running record is said to be

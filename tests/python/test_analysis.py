@@ -410,15 +410,56 @@ def test_router_logits_draw_each_layer_of_both_statistics(synthetic):
             np.testing.assert_array_equal(line.get_ydata(), written[f"routing/{name}"][:, layer])
 
 
-def test_specialization_rows_are_shares_of_each_expert(synthetic):
+def test_specialization_heatmap_shows_log2_lift_centred_at_one(synthetic):
     run = load_run(synthetic[0])
     first = int(run.eval["step"].iloc[0])
-    fig = plots.specialization_heatmap(run, eval_step=first)
-    shares = fig.axes[0].images[0].get_array()
-    np.testing.assert_allclose(shares.sum(axis=1), 1.0)
+    fig = plots.specialization_heatmap(run, eval_step=first, min_expected=0)
+    at_first = run.specialization[run.specialization["eval_step"] == first]
+    spec = at_first[at_first["layer"] == 0]
+    counts = spec.pivot(index="expert", columns="category", values="count")
+    # Columns in order of size over every layer, the same in every panel.
+    sizes = at_first.groupby("category", sort=False)["count"].sum()
+    order = sizes.sort_values(ascending=False, kind="stable").index
+    counts = counts[order].to_numpy(dtype=float)
+    share_of_expert = counts / counts.sum(axis=1, keepdims=True)
+    lift = share_of_expert / (counts.sum(axis=0) / counts.sum())
+    with np.errstate(divide="ignore"):
+        expected = np.clip(np.log2(lift), -plots.MAX_LOG2_LIFT, plots.MAX_LOG2_LIFT)
+    shown = fig.axes[0].images[0]
+    np.testing.assert_allclose(np.ma.filled(shown.get_array(), np.nan), expected)
+    assert shown.norm.vcenter == 0 and shown.norm.vmin == -shown.norm.vmax  # log2 1 = 0
     assert f"step {first}" in fig._suptitle.get_text()
+    assert "random router" in fig.axes[0].get_title()
     with pytest.raises(ValueError, match="no evaluation at step 7"):
         plots.specialization_heatmap(run, eval_step=7)
+
+
+def test_expert_load_is_shown_as_log2_of_the_even_share(synthetic):
+    run = load_run(synthetic[0])
+    fig = plots.expert_load_heatmap(run)
+    tokens = run.routing[run.routing["layer"] == 0].pivot(index="expert", columns="step",
+                                                          values="tokens").to_numpy(dtype=float)
+    with np.errstate(divide="ignore"):
+        expected = np.clip(np.log2(tokens / tokens.mean(axis=0)), -plots.MAX_LOG2_LOAD,
+                           plots.MAX_LOG2_LOAD)
+    mesh = fig.axes[0].collections[0]
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(expected.shape), expected)
+    assert mesh.norm.vcenter == 0
+
+
+def test_lift_is_one_without_preference_and_small_categories_fold_into_other():
+    # Expert 1 takes every "b" token; "c" and "d" are too small to estimate.
+    counts = pd.DataFrame({"a": [60, 60], "b": [0, 40], "c": [3, 1], "d": [1, 2]},
+                          index=pd.Index([0, 1], name="expert"))
+    lift = plots.specialization_lift(counts, min_expected=10)
+    assert list(lift.columns) == ["a", "b", "other"]  # by size, "other" last
+    total, expert_totals = 167, np.array([64, 103])
+    share_a = 120 / total
+    np.testing.assert_allclose(lift["a"], (np.array([60, 60]) / expert_totals) / share_a)
+    assert lift.loc[0, "b"] == 0 and lift.loc[1, "b"] == pytest.approx((40 / 103) / (40 / total))
+    np.testing.assert_allclose(lift["other"], (np.array([4, 3]) / expert_totals) / (7 / total))
+    even = pd.DataFrame({"a": [10, 20], "b": [30, 60]}, index=[0, 1])
+    np.testing.assert_allclose(plots.specialization_lift(even, min_expected=0), 1.0)
 
 
 def test_plot_arguments_are_checked(synthetic, sweep, tmp_path):

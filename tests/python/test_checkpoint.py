@@ -322,7 +322,8 @@ def test_experts_keep_their_global_index_across_resharding(uninterrupted, tmp_pa
     assert len(set(before)) == len(before), "two experts were equal to begin with"
     out, save = tmp_path / "run.h5", tmp_path / "ckpt"
     result = run(world, ep, out, save, load=uninterrupted / "ckpt", finetune=1, lr=1e-30,
-                 **{"min-lr": 1e-30, "train-iters": 1, "save-interval": 0})
+                 **{"min-lr": 1e-30, "train-iters": 1, "lr-warmup-iters": 0,
+                    "save-interval": 0})
     assert result.returncode == 0, result.stdout + result.stderr
     with h5py.File(uninterrupted / "run.h5", "r") as f, h5py.File(out, "r") as g:
         assert g["eval/loss"][0] == f["eval/loss"][-1]

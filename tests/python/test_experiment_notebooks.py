@@ -239,6 +239,26 @@ def test_random_router_baseline_matches_independent_counts_and_not_specialised_o
     assert experiments.random_router_mutual_information(np.zeros((2, 2))) == (0.0, 0.0)
 
 
+def test_random_router_baseline_keeps_loads_and_sizes_and_matches_the_analytic_bias():
+    # Uneven loads and sizes, no preference: the permutation baseline's mean
+    # is the finite-sample bias, and the observed MI sits inside its spread.
+    experts, categories = 6, 4
+    loads, sizes = np.array([500, 300, 800, 200, 700, 500]), np.array([1500, 900, 400, 200])
+    counts = np.round(np.outer(loads, sizes) / sizes.sum()).astype(np.int64)
+    assignments = counts.sum()
+    mean, q95 = experiments.random_router_mutual_information(counts, samples=400, seed=3)
+    bias = (experts - 1) * (categories - 1) / (2 * assignments * math.log(2))
+    assert mean == pytest.approx(bias, rel=0.15)
+    assert mean < q95 < 3 * mean
+    # A router that keeps loads and sizes but sends category i to experts i, i+1
+    # is far above it.
+    specialised = np.zeros((experts, categories), dtype=np.int64)
+    for category in range(categories):
+        specialised[category, category] = specialised[category + 1, category] = 100
+    assert experiments.mutual_information_bits(specialised) > 20 * \
+        experiments.random_router_mutual_information(specialised, samples=100)[1]
+
+
 @NEEDS_MATCHING_BUILD
 def test_specialization_counts_and_mutual_information_match_the_record(specialization_sweep):
     run = load_run(specialization_sweep / "topk_fortunes.h5")
