@@ -93,6 +93,7 @@ int routing_init(Routing *r, const RouterShape *s) {
         ALLOC(r->load_z, NE);
         ALLOC(r->load_threshold, NE);
     }
+    if (s->type == ROUTER_GSHARD_TOP2) ALLOC(r->second_draw, N);
     ALLOC(r->h, NE);
     ALLOC(r->probs, NE);
     ALLOC(r->lse, N);
@@ -136,6 +137,7 @@ size_t routing_bytes(const RouterShape *s) {
     if (s->jitter_eps > 0) bytes += 3 * sizeof(float) * N * C;
     if (s->type == ROUTER_NOISY_TOPK)
         bytes += sizeof(float) * 5 * NE + sizeof(double) * groups * E + sizeof(int) * NE;
+    if (s->type == ROUTER_GSHARD_TOP2) bytes += sizeof(double) * N;
     return bytes;
 }
 
@@ -172,7 +174,8 @@ void routing_free(Routing *r) {
                      r->sinkhorn_d,
                      r->gate_sum,
                      r->prob_sum,
-                     r->grain_stats};
+                     r->grain_stats,
+                     r->second_draw};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     memset(r, 0, sizeof *r);
 }
@@ -322,6 +325,7 @@ static void select_top_k_slots(Routing *r, const RouterShape *s, const RouterCon
         /* GShard: the second expert gets the token with probability 2*g2. */
         if (s->type == ROUTER_GSHARD_TOP2 && ctx->training && K == 2) {
             double u = uniform_at(DOMAIN_SECOND_EXPERT, ctx, (uint64_t)(ctx->first_token + t));
+            r->second_draw[t] = u;
             r->choice_routed[(long)t * K + 1] = u < 2.0 * gate[1];
         }
     }

@@ -136,6 +136,8 @@ typedef struct Routing {
     double *load;                 /* [groups, E] smooth load (load loss) */
     float *load_z;                /* [N,E] standardised margin of the load estimator */
     int *load_threshold;          /* [N,E] expert whose noisy logit is the threshold */
+    double *second_draw;          /* [N] gshard_top2: the uniform draw that decides whether
+                                     the second expert gets the token (training) */
     long *tokens_per_expert;      /* [E] routed assignments, before capacity */
     long *dropped_per_expert;     /* [E] routed assignments dropped by capacity */
     float *dprobs, *dh, *dnoise;  /* [N,E] backward scratch */
