@@ -511,6 +511,17 @@ static double cv_squared_grad(const double *v, int E, int e) {
     return 2.0 / (E * mean * mean) * (v[e] - mean - var / mean);
 }
 
+/* What the balancing loss averages into P_e for token t: the probability,
+ * or with sigmoid scores the scores normalised to sum to 1 (DeepSeek-V3's
+ * s'_{i,t} = s_{i,t} / sum_j s_{j,t}; Megatron-Core does the same). Returns
+ * the factor that turns the token's scores into those. */
+static double balance_normaliser(const Routing *r, const RouterShape *s, int t) {
+    if (!s->sigmoid_scores) return 1.0;
+    double sum = 0.0;
+    for (int e = 0; e < s->E; e++) sum += r->probs[(long)t * s->E + e];
+    return 1.0 / sum;
+}
+
 /* Switch: coeff * E * sum_e f_e * P_e per balancing unit (group or sequence),
  * averaged over units; or with f from the global batch's counts. */
 static double load_balancing_loss(Routing *r, const RouterShape *s,
@@ -521,7 +532,9 @@ static double load_balancing_loss(Routing *r, const RouterShape *s,
     memset(r->unit_prob, 0, sizeof(double) * units * E);
     for (int t = 0; t < s->N; t++) {
         int u = t / unit_tokens;
-        for (int e = 0; e < E; e++) r->unit_prob[(long)u * E + e] += r->probs[(long)t * E + e];
+        double norm = balance_normaliser(r, s, t);
+        for (int e = 0; e < E; e++)
+            r->unit_prob[(long)u * E + e] += norm * r->probs[(long)t * E + e];
         for (int k = 0; k < r->slots; k++) {
             long a = (long)t * r->slots + k;
             if (r->choice_routed[a]) r->unit_fraction[(long)u * E + r->choice_expert[a]] += 1.0f;
@@ -536,8 +549,8 @@ static double load_balancing_loss(Routing *r, const RouterShape *s,
      * grains, and global_aux_loss's one unit contributes token by token. */
     for (int t = 0; t < s->N; t++) {
         const float *f = r->unit_fraction + (long)(t / unit_tokens) * E;
-        double term = 0.0;
-        for (int e = 0; e < E; e++) term += f[e] * (double)r->probs[(long)t * E + e];
+        double term = 0.0, norm = balance_normaliser(r, s, t);
+        for (int e = 0; e < E; e++) term += f[e] * norm * (double)r->probs[(long)t * E + e];
         r->grain_stats[(long)(t / grain_tokens) * width + 2 * E + GRAIN_AUX] += term;
     }
     double total = 0.0;
@@ -676,7 +689,14 @@ static void balancing_backward(const Routing *r, const RouterShape *s, int t, fl
     int E = s->E, units = balancing_units(s), unit_tokens = s->N / units;
     const float *fraction = r->unit_fraction + (long)(t / unit_tokens) * E;
     float scale = (float)(s->aux_loss_coeff * E / ((double)units * unit_tokens * world_of(s)));
-    for (int e = 0; e < E; e++) dscore[e] += scale * fraction[e];
+    if (!s->sigmoid_scores) {
+        for (int e = 0; e < E; e++) dscore[e] += scale * fraction[e];
+        return;
+    }
+    /* through the normalisation q = p / sum(p): d/dp_e = (f_e - f·q) / sum(p) */
+    double norm = balance_normaliser(r, s, t), f_dot_q = 0.0;
+    for (int e = 0; e < E; e++) f_dot_q += fraction[e] * norm * r->probs[(long)t * E + e];
+    for (int e = 0; e < E; e++) dscore[e] += (float)(scale * norm * (fraction[e] - f_dot_q));
 }
 
 /* Load loss: gradients into clean logits, noise std and the threshold's

@@ -282,14 +282,16 @@ def route(x, router_w, noise_w, s, draws):
 
     # Switch load balancing: coeff * E * sum_e f_e * P_e per unit (routing
     # group, sequence, or the whole batch), f = the unit's share of its
-    # tokens * k routed assignments (no gradient), P = its mean score.
+    # tokens * k routed assignments (no gradient), P = its mean probability.
     if s.balancing == "none" or s.aux_loss_coeff == 0:
         aux_loss = torch.zeros((), dtype=x.dtype)
     else:
         unit = {"aux_loss": G, "seq_aux_loss": s.T, "global_aux_loss": N}[s.balancing]
         demand = torch.zeros(N, E, dtype=x.dtype).scatter_add(1, choice_expert, routed.to(x.dtype))
         f = demand.view(N // unit, unit, E).sum(1) / (unit * K)
-        P = probs.view(N // unit, unit, E).mean(1)
+        # DeepSeek-V3: with sigmoid scores, P averages s' = s / sum_j s_j
+        scores = probs / probs.sum(-1, keepdim=True) if s.sigmoid_scores else probs
+        P = scores.view(N // unit, unit, E).mean(1)
         aux_loss = s.aux_loss_coeff * E * (f * P).sum(-1).mean()
     lse = h.logsumexp(-1)
     z_loss = s.z_loss_coeff * lse.pow(2).mean()
