@@ -295,7 +295,7 @@ static void router_losses_with_counts(MoeLayer *m, const RouterShape *rs, const 
         router_losses(&m->routing, rs, &m->ctx, NULL, 0);
         return;
     }
-    memcpy(m->global_demand, m->routing.tokens_per_expert, sizeof(long) * rs->E);
+    memcpy(m->global_demand, m->routing.balanced_demand, sizeof(long) * rs->E);
     comm_sum_longs(comm, m->global_demand, rs->E);
     router_losses(&m->routing, rs, &m->ctx, m->global_demand, (long)rs->N * comm->world_size);
 }

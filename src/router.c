@@ -106,6 +106,7 @@ int routing_init(Routing *r, const RouterShape *s) {
     ALLOC(r->unit_prob, units * E);
     ALLOC(r->importance, groups * E);
     ALLOC(r->tokens_per_expert, E);
+    ALLOC(r->balanced_demand, E);
     ALLOC(r->dropped_per_expert, E);
     ALLOC(r->dprobs, NE);
     ALLOC(r->dh, NE);
@@ -129,7 +130,7 @@ size_t routing_bytes(const RouterShape *s) {
     size_t NS = N * router_slots(s), groups = (size_t)(s->N / s->G);
     size_t units = (size_t)balancing_units(s);
     size_t order = NS > E ? NS : E;
-    size_t bytes = sizeof(float) * (6 * NE + N + NS) + sizeof(int) * (NS + E + order) + 2 * NS +
+    size_t bytes = sizeof(float) * (6 * NE + N + NS) + sizeof(int) * (NS + E + order) + 2 * NS + sizeof(long) * E +
                    sizeof(float) * (size_t)router_slots(s) + sizeof(float) * units * E +
                    sizeof(double) * (units * E + groups * E) + 2 * sizeof(long) * E +
                    sizeof(double) * ((size_t)s->G + E + 2 * E) +
@@ -163,6 +164,7 @@ void routing_free(Routing *r) {
                      r->load_z,
                      r->load_threshold,
                      r->tokens_per_expert,
+                     r->balanced_demand,
                      r->dropped_per_expert,
                      r->dprobs,
                      r->dh,
@@ -429,18 +431,30 @@ static void apply_capacity(Routing *r, const RouterShape *s, const RouterContext
     }
 }
 
+/* GShard's balancing loss counts each token's first choice only (c_e of
+ * its Algorithm 1); the others count every routed assignment. */
+static int balanced_slots(const RouterShape *s) {
+    return s->type == ROUTER_GSHARD_TOP2 ? 1 : s->K;
+}
+
+static int counts_for_balance(const RouterShape *s, int slot) {
+    return s->type != ROUTER_GSHARD_TOP2 || slot == 0;
+}
+
 /* The record's statistics, per grain and (for callers on one rank) in
  * total. Each grain's sums run over its own tokens in order, so they are the
  * same numbers in every layout. */
 static void count_assignments(Routing *r, const RouterShape *s) {
     int E = s->E, width = routing_grain_width(E), grain_tokens = routing_grain_tokens(s);
     memset(r->tokens_per_expert, 0, sizeof(long) * E);
+    memset(r->balanced_demand, 0, sizeof(long) * E);
     memset(r->dropped_per_expert, 0, sizeof(long) * E);
     memset(r->grain_stats, 0, sizeof(double) * routing_grains(s) * width);
     for (long a = 0; a < (long)s->N * r->slots; a++) {
         if (!r->choice_routed[a]) continue;
         int e = r->choice_expert[a];
         r->tokens_per_expert[e]++;
+        r->balanced_demand[e] += counts_for_balance(s, (int)(a % r->slots));
         r->dropped_per_expert[e] += !r->choice_kept[a];
         r->grain_stats[(a / r->slots / grain_tokens) * width + e] += r->choice_gate[a];
     }
@@ -526,7 +540,7 @@ static double balance_normaliser(const Routing *r, const RouterShape *s, int t) 
  * averaged over units; or with f from the global batch's counts. */
 static double load_balancing_loss(Routing *r, const RouterShape *s,
                                   const long *global_tokens_per_expert, long global_tokens) {
-    int E = s->E, K = s->K, units = balancing_units(s), width = routing_grain_width(E);
+    int E = s->E, K = balanced_slots(s), units = balancing_units(s), width = routing_grain_width(E);
     int unit_tokens = s->N / units, grain_tokens = routing_grain_tokens(s);
     memset(r->unit_fraction, 0, sizeof(float) * units * E);
     memset(r->unit_prob, 0, sizeof(double) * units * E);
@@ -537,7 +551,8 @@ static double load_balancing_loss(Routing *r, const RouterShape *s,
             r->unit_prob[(long)u * E + e] += norm * r->probs[(long)t * E + e];
         for (int k = 0; k < r->slots; k++) {
             long a = (long)t * r->slots + k;
-            if (r->choice_routed[a]) r->unit_fraction[(long)u * E + r->choice_expert[a]] += 1.0f;
+            if (r->choice_routed[a] && counts_for_balance(s, k))
+                r->unit_fraction[(long)u * E + r->choice_expert[a]] += 1.0f;
         }
     }
     if (s->balancing == BALANCE_GLOBAL_AUX_LOSS)
@@ -649,7 +664,7 @@ void routing_global_losses(const RouterShape *s, const double *summed, double lo
 void router_forward(Routing *r, const float *x, const RouterWeights *w, const RouterShape *s,
                     const RouterContext *ctx) {
     router_route(r, x, w, s, ctx);
-    router_losses(r, s, ctx, r->tokens_per_expert, s->N);
+    router_losses(r, s, ctx, r->balanced_demand, s->N);
 }
 
 /* ---- backward ------------------------------------------------------------------ */

@@ -113,7 +113,7 @@ struct GradRouter {
         RouterWeights w = weights();
         router_route(&routing, x.data(), &w, &shape, &ctx);
         // One rank: this router's demand is the whole global batch's.
-        router_losses(&routing, &shape, &ctx, routing.tokens_per_expert, shape.N);
+        router_losses(&routing, &shape, &ctx, routing.balanced_demand, shape.N);
         double s = routing.aux_loss + routing.z_loss + routing.importance_loss + routing.load_loss;
         for (size_t a = 0; a < assignments(); a++)
             if (routing.choice_kept[a]) s += (double)slot_weights[a] * routing.choice_gate[a];
@@ -539,6 +539,32 @@ TEST(RoutersGshard, DecisionsAreAFunctionOfContextAndGlobalTokenIndex) {
     half.ctx.first_token = N / 2;
     half.route(r.x.data() + (size_t)(N / 2) * r.shape.C);
     EXPECT_TRUE(std::equal(first.begin() + N, first.end(), half.routed().begin()));
+}
+
+TEST(RoutersGshard, BalancingLossCountsFirstChoicesOnly) {
+    // GShard's Algorithm 1: l_aux = mean_e (c_e / S) * m_e with c_e the
+    // tokens whose first choice is e; in our coeff * E * sum_e f_e P_e form,
+    // f_e = first choices of e / S, whatever happens to the second choices.
+    const int N = 64, E = 4;
+    RouterShape s = gshard_shape(N);
+    s.aux_loss_coeff = 0.5;
+    RandomRouter r(s, 83);
+    r.route();
+    router_losses(&r.routing, &s, &r.ctx, r.routing.balanced_demand, N);
+    std::vector<double> first(E, 0.0), mean_prob(E, 0.0);
+    long second_routed = 0;
+    for (int t = 0; t < N; t++) {
+        first[r.routing.choice_expert[2 * t]] += 1.0 / N;
+        second_routed += r.routing.choice_routed[2 * t + 1];
+        for (int e = 0; e < E; e++) mean_prob[e] += r.routing.probs[t * E + e] / N;
+    }
+    ASSERT_GT(second_routed, 0) << "some second choices must be routed";
+    double expected = 0.0;
+    for (int e = 0; e < E; e++) {
+        expected += 0.5 * E * first[e] * mean_prob[e];
+        EXPECT_EQ(r.routing.balanced_demand[e], std::lround(first[e] * N)) << "expert " << e;
+    }
+    EXPECT_NEAR(r.routing.aux_loss, expected, 1e-6);
 }
 
 RouterShape noisy_shape(int N) {

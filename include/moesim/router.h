@@ -139,6 +139,8 @@ typedef struct Routing {
     double *second_draw;          /* [N] gshard_top2: the uniform draw that decides whether
                                      the second expert gets the token (training) */
     long *tokens_per_expert;      /* [E] routed assignments, before capacity */
+    long *balanced_demand;        /* [E] the routed assignments the balancing loss counts:
+                                     all, or the first choices for gshard_top2 */
     long *dropped_per_expert;     /* [E] routed assignments dropped by capacity */
     float *dprobs, *dh, *dnoise;  /* [N,E] backward scratch */
     float *dx_in;                 /* [N,C] backward scratch (jitter) */
@@ -174,7 +176,7 @@ size_t routing_bytes(const RouterShape *s);
  * losses. x[N,C]. */
 void router_route(Routing *r, const float *x, const RouterWeights *w, const RouterShape *s,
                   const RouterContext *ctx);
-/* The auxiliary losses. global_tokens_per_expert/global_tokens: router demand
+/* The auxiliary losses. global_tokens_per_expert/global_tokens: balanced_demand
  * and tokens of the whole global batch, for global_aux_loss (else NULL/0). */
 void router_losses(Routing *r, const RouterShape *s, const RouterContext *ctx,
                    const long *global_tokens_per_expert, long global_tokens);

@@ -84,6 +84,10 @@ CONFIGS = {
     "gshard-top2-drop": (
         {**SYNTHETIC, "moe-router-type": "gshard_top2", "moe-group-size": 32,
          "moe-expert-capacity-factor": 0.75, "moe-min-capacity": 0}, True),
+    "gshard-top2-global-aux-seq16": (
+        {**SYNTHETIC, "moe-router-type": "gshard_top2", "seq-length": 16,
+         "moe-router-load-balancing-type": "global_aux_loss", "moe-group-size": 16,
+         "moe-expert-capacity-factor": 1.0, "moe-min-capacity": 0}, True),
     "gshard-top2-large-weights-dropless": (
         {**SYNTHETIC, "weight-scale": 10, "moe-router-type": "gshard_top2",
          "moe-expert-capacity-factor": 0}, False),

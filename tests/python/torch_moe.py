@@ -287,8 +287,12 @@ def route(x, router_w, noise_w, s, draws):
         aux_loss = torch.zeros((), dtype=x.dtype)
     else:
         unit = {"aux_loss": G, "seq_aux_loss": s.T, "global_aux_loss": N}[s.balancing]
-        demand = torch.zeros(N, E, dtype=x.dtype).scatter_add(1, choice_expert, routed.to(x.dtype))
-        f = demand.view(N // unit, unit, E).sum(1) / (unit * K)
+        # GShard (Algorithm 1): c_e counts each token's first choice only
+        counted = routed.clone()
+        if kind == "gshard_top2":
+            counted[:, 1:] = False
+        demand = torch.zeros(N, E, dtype=x.dtype).scatter_add(1, choice_expert, counted.to(x.dtype))
+        f = demand.view(N // unit, unit, E).sum(1) / (unit * (1 if kind == "gshard_top2" else K))
         # DeepSeek-V3: with sigmoid scores, P averages s' = s / sum_j s_j
         scores = probs / probs.sum(-1, keepdim=True) if s.sigmoid_scores else probs
         P = scores.view(N // unit, unit, E).mean(1)
