@@ -53,6 +53,8 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->expert_activation =
         strcmp(cfg->moe_expert_activation, "swiglu") == 0 ? FFN_SWIGLU : FFN_GELU;
     s->shared_F = cfg->moe_shared_expert_intermediate_size;
+    s->router_groups = cfg->moe_router_num_groups;
+    s->router_group_topk = cfg->moe_router_group_topk;
     s->precision = strcmp(cfg->precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
     s->router_precision =
         strcmp(cfg->moe_router_precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
@@ -482,6 +484,8 @@ static void plan_model(Model *m, Layout *lay) {
                                          .importance_loss_coeff = s->importance_loss_coeff,
                                          .load_loss_coeff = s->load_loss_coeff,
                                          .jitter_eps = s->jitter_eps,
+                                         .num_groups = s->router_groups,
+                                         .group_topk = s->router_group_topk,
                                          .world = s->world,
                                          .grain = s->grain},
                               .F = s->Fe,

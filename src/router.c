@@ -114,6 +114,8 @@ int routing_init(Routing *r, const RouterShape *s) {
     ALLOC(r->order, NS > E ? NS : E);
     ALLOC(r->slot_scratch, (size_t)r->slots);
     ALLOC(r->sinkhorn_d, (size_t)s->G + E);
+    ALLOC(r->group_score, E);
+    ALLOC(r->group_rank, E);
     ALLOC(r->gate_sum, E);
     ALLOC(r->prob_sum, E);
     ALLOC(r->grain_stats, (size_t)routing_grains(s) * routing_grain_width(s->E));
@@ -133,7 +135,7 @@ size_t routing_bytes(const RouterShape *s) {
     size_t bytes = sizeof(float) * (6 * NE + N + NS) + sizeof(int) * (NS + E + order) + 2 * NS + sizeof(long) * E +
                    sizeof(float) * (size_t)router_slots(s) + sizeof(float) * units * E +
                    sizeof(double) * (units * E + groups * E) + 2 * sizeof(long) * E +
-                   sizeof(double) * ((size_t)s->G + E + 2 * E) +
+                   sizeof(double) * ((size_t)s->G + E + 2 * E) + (sizeof(float) + sizeof(int)) * E +
                    sizeof(double) * (size_t)routing_grains(s) * routing_grain_width(s->E);
     if (s->jitter_eps > 0) bytes += 3 * sizeof(float) * N * C;
     if (s->type == ROUTER_NOISY_TOPK)
@@ -177,7 +179,9 @@ void routing_free(Routing *r) {
                      r->gate_sum,
                      r->prob_sum,
                      r->grain_stats,
-                     r->second_draw};
+                     r->second_draw,
+                     r->group_score,
+                     r->group_rank};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     memset(r, 0, sizeof *r);
 }
@@ -301,6 +305,31 @@ static void fill_selection_scores(Routing *r, const RouterShape *s, const Router
     if (ctx->expert_bias)
         for (int t = 0; t < N; t++)
             for (int e = 0; e < E; e++) r->select_scores[(long)t * E + e] += ctx->expert_bias[e];
+}
+
+/* Group-limited routing (DeepSeek-V3, Megatron-Core's group_limited_topk):
+ * a group's score is the sum of its top (k / group_topk) selection scores;
+ * the experts outside the token's group_topk best groups become
+ * unselectable. Ties go to the lower group, as for experts. */
+static void limit_to_best_groups(Routing *r, const RouterShape *s) {
+    int E = s->E, groups = s->num_groups, per_group = E / groups, M = s->group_topk;
+    int summed = s->K / M < 1 ? 1 : s->K / M > per_group ? per_group : s->K / M;
+    for (int t = 0; t < s->N; t++) {
+        float *scores = r->select_scores + (long)t * E;
+        for (int g = 0; g < groups; g++) {
+            select_top_k(r->group_rank, scores + g * per_group, per_group, summed);
+            float sum = 0.0f;
+            for (int i = 0; i < summed; i++) sum += scores[g * per_group + r->group_rank[i]];
+            r->group_score[g] = sum;
+        }
+        select_top_k(r->group_rank, r->group_score, groups, M);
+        for (int g = 0; g < groups; g++) {
+            int allowed = 0;
+            for (int i = 0; i < M; i++) allowed |= r->group_rank[i] == g;
+            if (!allowed)
+                for (int e = g * per_group; e < (g + 1) * per_group; e++) scores[e] = -INFINITY;
+        }
+    }
 }
 
 /* A softmax over the k selected logits equals the selected probabilities
@@ -500,6 +529,7 @@ void router_route(Routing *r, const float *x, const RouterWeights *w, const Rout
         select_soft(r, s);
     } else {
         fill_selection_scores(r, s, ctx);
+        if (s->num_groups > 0) limit_to_best_groups(r, s);
         select_top_k_slots(r, s, ctx);
         apply_capacity(r, s, ctx);
     }

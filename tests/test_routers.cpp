@@ -231,6 +231,21 @@ const GradCase kGradCases[] = {
      false, true},
     {"dropless", [](RouterShape &, RouterContext &ctx) { ctx.capacity_factor = 0.0; }, false,
      false},
+    {"group_limited",
+     [](RouterShape &s, RouterContext &ctx) {
+         ctx.capacity_factor = 0.5;
+         s.num_groups = 2;
+         s.group_topk = 1;
+     },
+     false, true},
+    {"group_limited_sigmoid_bias",
+     [](RouterShape &s, RouterContext &) {
+         s.sigmoid_scores = 1;
+         s.norm_topk_prob = 1;
+         s.num_groups = 4;
+         s.group_topk = 2;
+     },
+     true, true},
 };
 
 INSTANTIATE_TEST_SUITE_P(RoutersEveryScheme, RoutersGrad, ::testing::ValuesIn(kGradCases),
@@ -565,6 +580,64 @@ TEST(RoutersGshard, BalancingLossCountsFirstChoicesOnly) {
         EXPECT_EQ(r.routing.balanced_demand[e], std::lround(first[e] * N)) << "expert " << e;
     }
     EXPECT_NEAR(r.routing.aux_loss, expected, 1e-6);
+}
+
+// DeepSeek-V3's group-limited routing: every token's experts lie in its
+// group_topk best groups, a group scoring the sum of its top k/group_topk
+// expert scores, and within them the choice is plain top-k.
+TEST(RoutersGroupLimited, ExpertsComeFromTheBestGroupsOnly) {
+    const int N = 256, E = 8, K = 4, groups = 4, M = 2, per_group = E / groups;
+    RouterShape s = classic_router(N, 8, E, K, N, 0, 0.0, 0.0, 0.0);
+    RandomRouter plain(s, 84);
+    s.num_groups = groups;
+    s.group_topk = M;
+    RandomRouter limited(s, 84);
+    plain.route();
+    limited.route();
+    int changed = 0;
+    for (int t = 0; t < N; t++) {
+        const float *p = limited.routing.probs + (size_t)t * E;
+        std::vector<double> score(groups);
+        for (int g = 0; g < groups; g++) {
+            std::vector<float> members(p + g * per_group, p + (g + 1) * per_group);
+            std::sort(members.rbegin(), members.rend());
+            score[g] = members[0] + members[1];  // top k / M = 2
+        }
+        std::vector<int> order(groups);
+        for (int g = 0; g < groups; g++) order[g] = g;
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int a, int b) { return score[a] > score[b]; });
+        std::vector<int> allowed;
+        for (int e = 0; e < E; e++)
+            if (e / per_group == order[0] || e / per_group == order[1]) allowed.push_back(e);
+        std::stable_sort(allowed.begin(), allowed.end(),
+                         [&](int a, int b) { return p[a] > p[b]; });
+        for (int k = 0; k < K; k++)
+            EXPECT_EQ(limited.routing.choice_expert[t * K + k], allowed[k])
+                << "token " << t << " slot " << k;
+        changed += !std::equal(plain.routing.choice_expert + t * K,
+                               plain.routing.choice_expert + (t + 1) * K,
+                               limited.routing.choice_expert + t * K);
+    }
+    EXPECT_GT(changed, N / 4) << "the group limit must change many selections";
+}
+
+// Groups = EP ranks (placement: consecutive experts per rank) and one group
+// per token: every token's k rows go to one rank.
+TEST(RoutersGroupLimited, OneGroupPerTokenReachesOneRank) {
+    const int N = 128, E = 8, K = 3, ranks = 2;
+    RouterShape s = classic_router(N, 8, E, K, N, 0, 0.0, 0.0, 0.0);
+    s.num_groups = ranks;
+    s.group_topk = 1;
+    RandomRouter r(s, 85);
+    r.route();
+    int split = 0;
+    for (int t = 0; t < N; t++) {
+        std::vector<int> owners;
+        for (int k = 0; k < K; k++) owners.push_back(r.routing.choice_expert[t * K + k] / (E / ranks));
+        split += std::count(owners.begin(), owners.end(), owners[0]) != K;
+    }
+    EXPECT_EQ(split, 0);
 }
 
 RouterShape noisy_shape(int N) {

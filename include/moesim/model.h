@@ -37,6 +37,7 @@ typedef struct ModelShape {
     int expert_bias; /* DeepSeek-V3 selection bias per expert */
     FfnActivation expert_activation;
     int shared_F;                     /* shared expert hidden size; 0 = none */
+    int router_groups, router_group_topk; /* group-limited routing; 0 = off */
     MatmulPrecision precision;        /* inputs of every matmul but the router's */
     MatmulPrecision router_precision; /* the router's (Switch's selective precision) */
     /* Layout invariance (reduce.h): grain = tokens every layout keeps on one

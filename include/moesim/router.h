@@ -63,6 +63,10 @@ typedef struct RouterShape {
     int T; /* tokens per sequence, for seq_aux_loss */
     double importance_loss_coeff, load_loss_coeff;
     double jitter_eps; /* multiplicative router-input jitter in training */
+    /* Group-limited routing (DeepSeek-V3): the experts form num_groups groups
+     * of consecutive experts; a token selects only among those of its
+     * group_topk best groups. 0 = off. Top-k family only. */
+    int num_groups, group_topk;
     /* Layout invariance (reduce.h): the loss is a mean over the global batch,
      * world micro-batches of N tokens (0 counts as 1), and statistics are
      * kept per grain of `grain` tokens (0: the whole micro-batch), a multiple
@@ -148,6 +152,8 @@ typedef struct Routing {
     int *order;                   /* [max(N*slots, E)] scratch for sorting */
     float *slot_scratch;          /* [slots] */
     double *sinkhorn_d;           /* [G+E] scratch */
+    float *group_score;           /* [E] scratch: group-limited routing's group scores */
+    int *group_rank;              /* [E] scratch */
     int capacity;                 /* per expert per group; 0 when dropless */
     double aux_loss, z_loss, importance_loss, load_loss; /* coefficients included */
     /* statistics for the record, summed over this micro-batch's tokens */

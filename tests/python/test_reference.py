@@ -129,6 +129,20 @@ CONFIGS = {
     "mixtral-softmax-over-selected-jitter": (
         {**SYNTHETIC, "moe-router-topk": 2, "moe-router-pre-softmax": 0,
          "moe-input-jitter-eps": 0.1, "moe-expert-capacity-factor": 1.0}, False),
+    # DeepSeek-V3 group-limited routing: 8 experts in 4 groups, 2 groups per token
+    "group-limited-sigmoid-bias-top4": (
+        {**SYNTHETIC, "num-experts": 8, "moe-router-num-groups": 4, "moe-router-group-topk": 2,
+         "moe-router-score-function": "sigmoid", "moe-router-enable-expert-bias": 1,
+         "moe-router-topk": 4, "moe-expert-capacity-factor": 1.0, "moe-min-capacity": 0},
+        True),
+    "group-limited-top2-one-group-large-weights": (
+        {**SYNTHETIC, "weight-scale": 10, "num-experts": 8, "moe-router-num-groups": 2,
+         "moe-router-group-topk": 1, "moe-router-topk": 2, "moe-expert-capacity-factor": 0},
+        False),
+    "group-limited-gshard-drop": (
+        {**SYNTHETIC, "num-experts": 8, "moe-router-num-groups": 4, "moe-router-group-topk": 1,
+         "moe-router-type": "gshard_top2", "moe-expert-capacity-factor": 0.75,
+         "moe-min-capacity": 0}, True),
     "swiglu-shared-top2-drop": (
         {**SYNTHETIC, "moe-expert-activation": "swiglu",
          "moe-shared-expert-intermediate-size": 24, "moe-router-topk": 2,

@@ -51,6 +51,8 @@ class Shape:
     expert_bias: bool = False
     swiglu: bool = False
     shared_F: int = 0
+    num_groups: int = 0
+    group_topk: int = 0
 
     def is_moe_layer(self, layer):
         return (layer + 1) % self.moe_layer_freq == 0
@@ -82,7 +84,7 @@ BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 
 def load_export(path):
     int_keys = ("V", "T", "C", "NH", "L", "F", "E", "K", "Fe", "G", "B", "moe_layer_freq",
-                "min_capacity", "shared_F")
+                "min_capacity", "shared_F", "num_groups", "group_topk")
     float_keys = ("capacity_factor", "aux_loss_coeff", "z_loss_coeff", "importance_loss_coeff",
                   "load_loss_coeff")
     bool_keys = ("tied", "norm_topk_prob", "sigmoid_scores", "softmax_over_selected",
@@ -165,6 +167,21 @@ def sinkhorn(h, tol=1e-4, max_iterations=200):
         if error < tol:
             break
     return d0[:, None] * cost * d1
+
+
+def limit_to_best_groups(select, num_groups, group_topk, K):
+    """DeepSeek-V3's group-limited routing as Megatron-Core defines it: the
+    experts form num_groups groups of consecutive experts; a group scores the
+    sum of its top max(1, K // group_topk) selection scores; every expert
+    outside a token's group_topk best groups gets -inf."""
+    N, E = select.shape
+    per_group = E // num_groups
+    summed = min(max(1, K // group_topk), per_group)
+    by_group = select.view(N, num_groups, per_group)
+    group_score = torch.sort(by_group, dim=-1, descending=True)[0][..., :summed].sum(-1)
+    best = torch.sort(group_score, dim=-1, descending=True, stable=True)[1][:, :group_topk]
+    allowed = torch.zeros(N, num_groups, dtype=torch.bool).scatter(1, best, True)
+    return by_group.masked_fill(~allowed[..., None], float("-inf")).view(N, E)
 
 
 def keep_within_capacity(choice_expert, routed, order_key, G, E, capacity):
@@ -253,6 +270,8 @@ def route(x, router_w, noise_w, s, draws):
             select = torch.cat([sinkhorn(h.detach()[g * G:(g + 1) * G]) for g in range(N // G)])
         if "expert_bias" in draws:
             select = select + tensor("expert_bias")   # DeepSeek-V3: selection only
+        if s.num_groups > 0:
+            select = limit_to_best_groups(select, s.num_groups, s.group_topk, K)
         # A stable descending sort puts the lower expert first among equal
         # scores, which is the tie rule.
         choice_expert = torch.sort(select, dim=-1, descending=True, stable=True)[1][:, :K]

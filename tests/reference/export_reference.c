@@ -75,6 +75,8 @@ static void put_config(Export *ex, const ModelShape *s) {
     put_scalar(ex, "config/expert_bias", s->expert_bias);
     put_scalar(ex, "config/swiglu", s->expert_activation == FFN_SWIGLU);
     put_scalar(ex, "config/shared_F", s->shared_F);
+    put_scalar(ex, "config/num_groups", s->router_groups);
+    put_scalar(ex, "config/group_topk", s->router_group_topk);
 }
 
 /* One group per tensor-table entry; when tied, lm_head_w is no entry of the
