@@ -362,6 +362,19 @@ static const Option OPTIONS[] = {
      .max = 1 << 20,
      .default_text = "0",
      .help = "hidden width of a shared expert every token also passes through; 0 = none"},
+    {.name = "init-method-std",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(init_method_std),
+     .min = 0,
+     .min_open = 1,
+     .max = 1,
+     .default_text = "0.02",
+     .help = "standard deviation of every normally initialised weight matrix (Megatron's "
+             "name): embeddings, attention, router, dense, expert and shared-expert FFNs, LM "
+             "head; residual projections get it / sqrt(2 x layers). Switch's reduced "
+             "initialisation (scale s = 0.1, std = sqrt(s / fan-in)) is this times sqrt(0.1): "
+             "0.0063"},
     {.name = "moe-router-num-groups",
      .group = G_MOE,
      .type = OPT_INT,

@@ -2,6 +2,8 @@
 // router (with aux and z losses), the MoE layer with drops, the whole model.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include <cstring>
 #include <vector>
 
@@ -285,6 +287,7 @@ struct ModelVariant {
     FfnActivation expert_activation;
     int shared_F;
     RouterType router;
+    int router_groups = 0, router_group_topk = 0;
 };
 
 class GradModel : public ::testing::TestWithParam<ModelVariant> {};
@@ -295,6 +298,8 @@ TEST_P(GradModel, EveryTensor) {
     s.expert_activation = v.expert_activation;
     s.shared_F = v.shared_F;
     s.router_type = v.router;
+    s.router_groups = v.router_groups;
+    s.router_group_topk = v.router_group_topk;
     tiny_model_shape(&s);
     Model m;
     Comm self;
@@ -329,11 +334,51 @@ TEST_P(GradModel, EveryTensor) {
     model_free(&m);
 }
 
+// --init-method-std scales every normally initialised tensor (Switch's
+// reduced initialisation is one value of it) and leaves the norms' ones and
+// the noise weights' zeros alone; residual projections keep their 1/sqrt(2L).
+TEST(ModelInit, InitMethodStdScalesEveryNormalTensorOnly) {
+    Comm self;
+    comm_attach_self(&self);
+    Model models[2];
+    const double stds[2] = {0.0, 0.02 * std::sqrt(0.1)};  // default 0.02, Switch's reduced
+    for (int i = 0; i < 2; i++) {
+        ModelShape s{};
+        s.router_type = ROUTER_NOISY_TOPK;
+        s.init_std = stds[i];
+        tiny_model_shape(&s);
+        ASSERT_EQ(model_init(&models[i], &s, 7, &self), 0);
+    }
+    int normal = 0;
+    for (int i = 0; i < models[0].num_tensors; i++) {
+        const ParamTensor &t = models[0].tensors[i];
+        const float *a = models[0].params + t.offset, *b = models[1].params + t.offset;
+        if (t.init != PARAM_INIT_NORMAL) {
+            EXPECT_TRUE(std::equal(a, a + t.numel, b)) << t.name << " is not drawn at random";
+            continue;
+        }
+        normal++;
+        EXPECT_NEAR(models[1].tensors[i].init_std / t.init_std, std::sqrt(0.1), 1e-12) << t.name;
+        double sum_sq = 0.0;
+        for (size_t j = 0; j < t.numel; j++) {
+            EXPECT_NEAR(b[j], a[j] * std::sqrt(0.1), 1e-6 * std::fabs(a[j]) + 1e-12) << t.name;
+            sum_sq += (double)b[j] * b[j];
+        }
+        double sample_std = std::sqrt(sum_sq / t.numel);
+        if (t.numel >= 1000) {
+            EXPECT_NEAR(sample_std / models[1].tensors[i].init_std, 1.0, 0.1) << t.name;
+        }
+    }
+    EXPECT_GE(normal, 8) << "embeddings, attention, router, FFNs, experts";
+    for (Model &m : models) model_free(&m);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     GradVariants, GradModel,
     ::testing::Values(ModelVariant{"gelu", FFN_GELU, 0, ROUTER_TOPK},
                       ModelVariant{"swiglu_shared", FFN_SWIGLU, 5, ROUTER_TOPK},
-                      ModelVariant{"noisy_topk", FFN_GELU, 0, ROUTER_NOISY_TOPK}),
+                      ModelVariant{"noisy_topk", FFN_GELU, 0, ROUTER_NOISY_TOPK},
+                      ModelVariant{"group_limited", FFN_GELU, 0, ROUTER_TOPK, 2, 1}),
     [](const ::testing::TestParamInfo<ModelVariant> &info) { return info.param.name; });
 
 }  // namespace
