@@ -362,6 +362,17 @@ static const Option OPTIONS[] = {
      .max = 1 << 20,
      .default_text = "0",
      .help = "hidden width of a shared expert every token also passes through; 0 = none"},
+    {.name = "moe-expert-dropout",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(moe_expert_dropout),
+     .min = 0,
+     .max = 1,
+     .max_open = 1,
+     .default_text = "0",
+     .help = "dropout on each expert's hidden units in training (Switch's expert dropout, "
+             "0.4 in its fine-tuning); the mask is a function of the seed, step, layer, "
+             "expert and token, so every layout drops the same units; 0 = none"},
     {.name = "init-method-std",
      .group = G_MOE,
      .type = OPT_DOUBLE,

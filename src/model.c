@@ -56,6 +56,7 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->router_groups = cfg->moe_router_num_groups;
     s->router_group_topk = cfg->moe_router_group_topk;
     s->init_std = cfg->init_method_std;
+    s->expert_dropout = cfg->moe_expert_dropout;
     s->precision = strcmp(cfg->precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
     s->router_precision =
         strcmp(cfg->moe_router_precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
@@ -495,7 +496,8 @@ static void plan_model(Model *m, Layout *lay) {
                               .E_local = model_local_experts(s),
                               .hierarchical = s->hierarchical_dispatch,
                               .overlap_chunks = s->overlap_chunks,
-                              .activation = s->expert_activation};
+                              .activation = s->expert_activation,
+                              .expert_dropout = s->expert_dropout};
 }
 
 int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
@@ -714,13 +716,13 @@ static void layer_forward(Model *m, int l, float *resid_next) {
         if (s->shared_F > 0) {
             /* the shared expert sees every token; its output adds to the routed one */
             ffn_forward(m->dtmp, a->shared_h_pre, a->shared_h_act, a->ln2, w->shared_fc1_w,
-                        w->shared_fc2_w, N, C, s->shared_F, s->expert_activation, &m->matmul);
+                        w->shared_fc2_w, N, C, s->shared_F, s->expert_activation, &m->matmul, NULL);
             add_into(m->tmp, m->tmp, m->dtmp, (long)N * C);
             timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
         }
     } else {
         ffn_forward(m->tmp, a->h_pre, a->h_act, a->ln2, w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU,
-                    &m->matmul);
+                    &m->matmul, NULL);
         timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
     }
     add_into(resid_next, a->resid_mid, m->tmp, (long)N * C);
@@ -785,13 +787,13 @@ static void layer_backward(Model *m, int l) {
         if (s->shared_F > 0) {
             ffn_backward(m->dtmp, dw->shared_fc1_w, dw->shared_fc2_w, m->shared_dh, m->dresid,
                          a->ln2, a->shared_h_pre, a->shared_h_act, w->shared_fc1_w, w->shared_fc2_w,
-                         N, C, s->shared_F, s->expert_activation, &m->matmul);
+                         N, C, s->shared_F, s->expert_activation, &m->matmul, NULL);
             add_into(m->dln, m->dln, m->dtmp, (long)N * C);
             timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
         }
     } else {
         ffn_backward(m->dln, dw->fc1_w, dw->fc2_w, m->dh, m->dresid, a->ln2, a->h_pre, a->h_act,
-                     w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU, &m->matmul);
+                     w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU, &m->matmul, NULL);
         timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
     }
     rmsnorm_backward_split(m, m->dresid, dw->ln2_w, m->dln, a->resid_mid, w->ln2_w, a->ln2_rstd);

@@ -925,7 +925,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 70u);
+    ASSERT_EQ(keys.size(), 71u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -946,6 +946,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
         "moe-load-loss-coeff",
         "moe-expert-activation",
         "moe-shared-expert-intermediate-size",
+        "moe-expert-dropout",
         "init-method-std",
         "moe-router-num-groups",
         "moe-router-group-topk",
@@ -1037,6 +1038,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"moe-load-loss-coeff", "0.07"},
         {"moe-expert-activation", "swiglu"},
         {"moe-shared-expert-intermediate-size", "64"},
+        {"moe-expert-dropout", "0.4"},
         {"init-method-std", "0.0063"},
         {"moe-router-num-groups", "2"},
         {"moe-router-group-topk", "1"},
