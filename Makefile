@@ -140,7 +140,7 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 .PHONY: all deps run test unit cli pytest sanitize bench sweep validate-projection test-slurm cf-sweep \
-        scaling specialization test-multinode bench-multinode clean FORCE
+        switch-study scaling specialization test-multinode bench-multinode clean FORCE
 all: $(BUILD)/moesim
 
 deps:
@@ -243,6 +243,21 @@ cf-sweep: deps
 	$(PYTHON) experiments/sweep experiments/sweeps/cf_sweep.ini --out runs/cf_sweep
 	MOESIM_SWEEP=$(CURDIR)/runs/cf_sweep MOESIM_FIGURES=$(CURDIR)/runs/cf_sweep/figures \
 		$(EXECUTE_NOTEBOOK) analysis/notebooks/capacity_factor.ipynb --output-dir runs/cf_sweep
+
+# Switch top-1 vs dense at equal active FLOPs, with the recipe's ablations
+# (issue 17): about 60 minutes on 2 idle cores. STEPS=N runs a copy of the
+# spec shortened to N steps (evaluating every N/10) into runs/switch_study_N:
+# a check of the pipeline, not the study.
+SWITCH_STUDY_OUT = runs/switch_study$(if $(STEPS),_$(STEPS))
+SWITCH_STUDY_SPEC = $(if $(STEPS),$(SWITCH_STUDY_OUT)/switch_study.ini,experiments/sweeps/switch_study.ini)
+switch-study: deps
+	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	$(if $(STEPS),mkdir -p $(SWITCH_STUDY_OUT) && sed -e 's/^train-iters = .*/train-iters = $(STEPS)/' \
+		-e 's/^eval-interval = .*/eval-interval = $(shell expr $(STEPS) / 10)/' \
+		experiments/sweeps/switch_study.ini > $(SWITCH_STUDY_SPEC))
+	$(PYTHON) experiments/sweep $(SWITCH_STUDY_SPEC) --out $(SWITCH_STUDY_OUT)
+	MOESIM_SWEEP=$(CURDIR)/$(SWITCH_STUDY_OUT) MOESIM_FIGURES=$(CURDIR)/$(SWITCH_STUDY_OUT)/figures \
+		$(EXECUTE_NOTEBOOK) analysis/notebooks/switch_study.ipynb --output-dir $(SWITCH_STUDY_OUT)
 
 scaling: deps
 	@$(MAKE) --no-print-directory $(BUILD)/moesim

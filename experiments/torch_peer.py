@@ -146,6 +146,8 @@ DEFAULTS = {
     "min-lr": "3e-4", "weight-decay": "0.1", "clip-grad": "1.0", "adam-beta1": "0.9",
     "adam-beta2": "0.95", "adam-eps": "1e-8", "seed": "1234", "flush-denormals": "1",
     "precision": "fp32", "moe-router-precision": "fp32", "freeze": "",
+    "moe-router-num-groups": "0", "moe-router-group-topk": "0", "moe-expert-dropout": "0",
+    "init-method-std": "0.02",
 }
 DATA_DEFAULTS = {"data-path": "/usr/share/games/fortunes", "data-format": "auto",
                  "val-fraction": "0.1"}
@@ -166,7 +168,8 @@ SUPPORTED_ONLY = {
     "moe-router-enable-expert-bias": "0", "moe-input-jitter-eps": "0",
     "moe-token-drop-policy": "position", "moe-importance-loss-coeff": "0",
     "moe-load-loss-coeff": "0", "precision": "fp32", "moe-router-precision": "fp32",
-    "freeze": "",
+    "freeze": "", "moe-router-num-groups": "0", "moe-router-group-topk": "0",
+    "moe-expert-dropout": "0", "init-method-std": "0.02",
 }
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 

@@ -384,6 +384,50 @@ static const Option OPTIONS[] = {
      .max = 1 << 20,
      .default_text = "0",
      .help = "hidden width of a shared expert every token also passes through; 0 = none"},
+    {.name = "moe-expert-dropout",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(moe_expert_dropout),
+     .min = 0,
+     .max = 1,
+     .max_open = 1,
+     .default_text = "0",
+     .help = "dropout on each expert's hidden units in training (Switch's expert dropout, "
+             "0.4 in its fine-tuning); the mask is a function of the seed, step, layer, "
+             "expert and token, so every layout drops the same units; 0 = none"},
+    {.name = "init-method-std",
+     .group = G_MOE,
+     .type = OPT_DOUBLE,
+     FIELD(init_method_std),
+     .min = 0,
+     .min_open = 1,
+     .max = 1,
+     .default_text = "0.02",
+     .help = "standard deviation of every normally initialised weight matrix (Megatron's "
+             "name): embeddings, attention, router, dense, expert and shared-expert FFNs, LM "
+             "head; residual projections get it / sqrt(2 x layers). Switch's reduced "
+             "initialisation (scale s = 0.1, std = sqrt(s / fan-in)) is this times sqrt(0.1): "
+             "0.0063"},
+    {.name = "moe-router-num-groups",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_router_num_groups),
+     .min = 0,
+     .max = 1 << 20,
+     .default_text = "0",
+     .help = "group-limited routing (DeepSeek-V3, Megatron's name): split the experts into "
+             "this many groups of consecutive experts (= EP ranks or nodes, which then bounds "
+             "the ranks or nodes a token's rows reach); 0 = off. Needs "
+             "--moe-router-group-topk"},
+    {.name = "moe-router-group-topk",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_router_group_topk),
+     .min = 0,
+     .max = 1 << 20,
+     .default_text = "0",
+     .help = "groups each token may route to: the best by the sum of their top "
+             "(k / group-topk) expert scores; the token's k experts come from these groups"},
 
     {.name = "micro-batch-size",
      .group = G_TRAIN,
@@ -1394,6 +1438,46 @@ static int validate_router_type(const Config *cfg, char *err, size_t errlen) {
     return 0;
 }
 
+/* Group-limited routing: a token's k experts come from its best groups. */
+static int validate_router_groups(const Config *cfg, char *err, size_t errlen) {
+    int groups = cfg->moe_router_num_groups, group_topk = cfg->moe_router_group_topk;
+    if (groups == 0 && group_topk == 0) return 0;
+    if (groups == 0 || group_topk == 0)
+        return fail(err, errlen,
+                    "--moe-router-num-groups %d with --moe-router-group-topk %d: group-limited "
+                    "routing needs both (e.g. --moe-router-num-groups 4 --moe-router-group-topk "
+                    "2), or neither",
+                    groups, group_topk);
+    if (cfg->num_experts % groups != 0)
+        return fail(err, errlen,
+                    "--moe-router-num-groups %d does not divide --num-experts %d: every group "
+                    "holds the same number of consecutive experts; use a divisor of %d such as "
+                    "the expert-parallel size",
+                    groups, cfg->num_experts, cfg->num_experts);
+    if (group_topk > groups)
+        return fail(err, errlen,
+                    "--moe-router-group-topk %d is larger than --moe-router-num-groups %d: a "
+                    "token cannot use more groups than there are; use at most %d",
+                    group_topk, groups, groups);
+    if (router_is(cfg, "expert_choice") || router_is(cfg, "soft") || router_is(cfg, "noisy_topk"))
+        return fail(err, errlen,
+                    "--moe-router-num-groups works with the top-k routers (topk, switch, "
+                    "gshard_top2, sinkhorn), not --moe-router-type %s: %s; drop the group flags "
+                    "or choose a top-k router",
+                    cfg->moe_router_type,
+                    router_is(cfg, "noisy_topk")
+                        ? "its load loss assumes every expert is a candidate"
+                        : "there tokens do not pick their experts");
+    int k = implied_topk(cfg) ? implied_topk(cfg) : cfg->moe_router_topk;
+    int reachable = group_topk * (cfg->num_experts / groups);
+    if (k > reachable)
+        return fail(err, errlen,
+                    "--moe-router-group-topk %d of %d groups leaves %d experts per token, fewer "
+                    "than the %d it routes to; raise --moe-router-group-topk or lower the top-k",
+                    group_topk, groups, reachable, k);
+    return 0;
+}
+
 static int validate_routing(const Config *cfg, char *err, size_t errlen) {
     long long tokens = (long long)cfg->micro_batch_size * cfg->seq_length;
     if (tokens > INT_MAX)
@@ -1545,6 +1629,7 @@ int config_validate(const Config *cfg, char *err, size_t errlen) {
     if (validate_dense(cfg, err, errlen) != 0) return -1;
     if (validate_warmup(cfg, err, errlen) != 0) return -1;
     if (validate_router_type(cfg, err, errlen) != 0) return -1;
+    if (validate_router_groups(cfg, err, errlen) != 0) return -1;
     if (validate_routing(cfg, err, errlen) != 0) return -1;
     if (validate_freeze(cfg, err, errlen) != 0) return -1;
     if (validate_data_path(cfg, err, errlen) != 0) return -1;

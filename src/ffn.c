@@ -60,27 +60,31 @@ static void swiglu_backward(float *dh, const float *h_pre, const float *dact, in
 }
 
 void ffn_forward(float *out, float *h_pre, float *h_act, const float *x, const float *w1,
-                 const float *w2, int n, int C, int F, FfnActivation act, const Matmul *mm) {
+                 const float *w2, int n, int C, int F, FfnActivation act, const Matmul *mm,
+                 const FfnDropout *dropout) {
     if (n == 0) return;
     int rows = ffn_w1_rows_per_unit(act);
     matmul_forward(h_pre, x, w1, n, C, rows * F, mm);
     if (act == FFN_SWIGLU) swiglu_forward(h_act, h_pre, n, F);
     else gelu_forward(h_act, h_pre, (long)n * F);
+    if (dropout) dropout->apply(dropout->arg, h_act, n, F);
     matmul_forward(out, h_act, w2, n, F, C, mm);
 }
 
 void ffn_backward(float *dx, float *dw1, float *dw2, float *dh, const float *dout,
                   const float *x, const float *h_pre, const float *h_act, const float *w1,
                   const float *w2, int n, int C, int F, FfnActivation act,
-                  const Matmul *mm) {
+                  const Matmul *mm, const FfnDropout *dropout) {
     if (n == 0) return;
     int rows = ffn_w1_rows_per_unit(act);
     if (act == FFN_SWIGLU) {
         float *dact = dh + (long)n * F; /* the upper half of the [n, 2F] scratch */
         matmul_backward(dact, dw2, dout, h_act, w2, n, F, C, mm);
+        if (dropout) dropout->apply(dropout->arg, dact, n, F);
         swiglu_backward(dh, h_pre, dact, n, F);
     } else {
         matmul_backward(dh, dw2, dout, h_act, w2, n, F, C, mm);
+        if (dropout) dropout->apply(dropout->arg, dh, n, F);
         gelu_backward(dh, h_pre, dh, (long)n * F);
     }
     matmul_backward(dx, dw1, dh, x, w1, n, C, rows * F, mm);

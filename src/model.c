@@ -11,7 +11,7 @@
 #include "moesim/rng.h"
 #include "moesim/vecmath.h"
 
-#define INIT_STD 0.02
+#define DEFAULT_INIT_STD 0.02 /* GPT-2's and Megatron's --init-method-std */
 #define ZEROS (-1.0) /* add_tensor's init_std for tensors that start at zero */
 
 void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, int ep_size,
@@ -54,6 +54,10 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->expert_activation =
         strcmp(cfg->moe_expert_activation, "swiglu") == 0 ? FFN_SWIGLU : FFN_GELU;
     s->shared_F = cfg->moe_shared_expert_intermediate_size;
+    s->router_groups = cfg->moe_router_num_groups;
+    s->router_group_topk = cfg->moe_router_group_topk;
+    s->init_std = cfg->init_method_std;
+    s->expert_dropout = cfg->moe_expert_dropout;
     s->precision = strcmp(cfg->precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
     s->router_precision =
         strcmp(cfg->moe_router_precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
@@ -201,40 +205,41 @@ static void add_tensor(Layout *lay, enum ParamField field, int layer, const char
  * one contiguous tail that a single all-reduce over the expert group covers. */
 static void describe_layout(Layout *lay, const ModelShape *s) {
     int C = s->C;
-    double proj_std = INIT_STD / sqrt(2.0 * s->L); /* GPT-2: residual projections scaled */
+    const double init_std = s->init_std > 0 ? s->init_std : DEFAULT_INIT_STD;
+    double proj_std = init_std / sqrt(2.0 * s->L); /* GPT-2: residual projections scaled */
     char name[48];
-    add_tensor(lay, FIELD_WTE, -1, "wte", 2, s->V, C, 0, 0, INIT_STD);
-    add_tensor(lay, FIELD_WPE, -1, "wpe", 2, s->T, C, 0, 0, INIT_STD);
+    add_tensor(lay, FIELD_WTE, -1, "wte", 2, s->V, C, 0, 0, init_std);
+    add_tensor(lay, FIELD_WPE, -1, "wpe", 2, s->T, C, 0, 0, init_std);
     for (int l = 0; l < s->L; l++) {
 #define LAYER_NAME(suffix) (snprintf(name, sizeof name, "layers.%d.%s", l, suffix), name)
         add_tensor(lay, FIELD_LN1, l, LAYER_NAME("ln1_w"), 1, C, 0, 0, 0, 0.0);
-        add_tensor(lay, FIELD_QKV, l, LAYER_NAME("qkv_w"), 2, 3 * C, C, 0, 0, INIT_STD);
+        add_tensor(lay, FIELD_QKV, l, LAYER_NAME("qkv_w"), 2, 3 * C, C, 0, 0, init_std);
         add_tensor(lay, FIELD_PROJ, l, LAYER_NAME("proj_w"), 2, C, C, 0, 0, proj_std);
         add_tensor(lay, FIELD_LN2, l, LAYER_NAME("ln2_w"), 1, C, 0, 0, 0, 0.0);
         if (model_is_moe_layer(s, l)) {
-            add_tensor(lay, FIELD_ROUTER, l, LAYER_NAME("router_w"), 2, s->E, C, 0, 0, INIT_STD);
+            add_tensor(lay, FIELD_ROUTER, l, LAYER_NAME("router_w"), 2, s->E, C, 0, 0, init_std);
             /* Shazeer 2017 starts the noise weights at zero: softplus(0) noise. */
             if (s->router_type == ROUTER_NOISY_TOPK)
                 add_tensor(lay, FIELD_NOISE, l, LAYER_NAME("noise_w"), 2, s->E, C, 0, 0, ZEROS);
             if (s->shared_F > 0) {
                 add_tensor(lay, FIELD_SHARED_FC1, l, LAYER_NAME("shared_fc1_w"), 2,
                            s->shared_F * ffn_w1_rows_per_unit(s->expert_activation), C, 0, 0,
-                           INIT_STD);
+                           init_std);
                 add_tensor(lay, FIELD_SHARED_FC2, l, LAYER_NAME("shared_fc2_w"), 2, C, s->shared_F,
                            0, 0, proj_std);
             }
         } else {
-            add_tensor(lay, FIELD_FC1, l, LAYER_NAME("fc1_w"), 2, s->F, C, 0, 0, INIT_STD);
+            add_tensor(lay, FIELD_FC1, l, LAYER_NAME("fc1_w"), 2, s->F, C, 0, 0, init_std);
             add_tensor(lay, FIELD_FC2, l, LAYER_NAME("fc2_w"), 2, C, s->F, 0, 0, proj_std);
         }
     }
     add_tensor(lay, FIELD_LNF, -1, "lnf_w", 1, C, 0, 0, 0, 0.0);
-    if (!s->tied) add_tensor(lay, FIELD_LM_HEAD, -1, "lm_head_w", 2, s->V, C, 0, 0, INIT_STD);
+    if (!s->tied) add_tensor(lay, FIELD_LM_HEAD, -1, "lm_head_w", 2, s->V, C, 0, 0, init_std);
     for (int l = 0; l < s->L; l++) {
         if (!model_is_moe_layer(s, l)) continue;
         int E_local = model_local_experts(s);
         add_tensor(lay, FIELD_EXPERT_FC1, l, LAYER_NAME("experts.fc1_w"), 3, E_local,
-                   s->Fe * ffn_w1_rows_per_unit(s->expert_activation), C, 1, INIT_STD);
+                   s->Fe * ffn_w1_rows_per_unit(s->expert_activation), C, 1, init_std);
         add_tensor(lay, FIELD_EXPERT_FC2, l, LAYER_NAME("experts.fc2_w"), 3, E_local, C, s->Fe, 1,
                    proj_std);
 #undef LAYER_NAME
@@ -518,6 +523,8 @@ static void plan_model(Model *m, Layout *lay) {
                                          .importance_loss_coeff = s->importance_loss_coeff,
                                          .load_loss_coeff = s->load_loss_coeff,
                                          .jitter_eps = s->jitter_eps,
+                                         .num_groups = s->router_groups,
+                                         .group_topk = s->router_group_topk,
                                          .world = s->world,
                                          .grain = s->grain},
                               .F = s->Fe,
@@ -525,7 +532,8 @@ static void plan_model(Model *m, Layout *lay) {
                               .E_local = model_local_experts(s),
                               .hierarchical = s->hierarchical_dispatch,
                               .overlap_chunks = s->overlap_chunks,
-                              .activation = s->expert_activation};
+                              .activation = s->expert_activation,
+                              .expert_dropout = s->expert_dropout};
 }
 
 int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
@@ -751,13 +759,13 @@ static void layer_forward(Model *m, int l, float *resid_next) {
         if (s->shared_F > 0) {
             /* the shared expert sees every token; its output adds to the routed one */
             ffn_forward(m->dtmp, a->shared_h_pre, a->shared_h_act, a->ln2, w->shared_fc1_w,
-                        w->shared_fc2_w, N, C, s->shared_F, s->expert_activation, &m->matmul);
+                        w->shared_fc2_w, N, C, s->shared_F, s->expert_activation, &m->matmul, NULL);
             add_into(m->tmp, m->tmp, m->dtmp, (long)N * C);
             timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
         }
     } else {
         ffn_forward(m->tmp, a->h_pre, a->h_act, a->ln2, w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU,
-                    &m->matmul);
+                    &m->matmul, NULL);
         timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
     }
     add_into(resid_next, a->resid_mid, m->tmp, (long)N * C);
@@ -840,13 +848,13 @@ static void layer_backward(Model *m, int l) {
         if (s->shared_F > 0) {
             ffn_backward(m->dtmp, dw->shared_fc1_w, dw->shared_fc2_w, m->shared_dh, m->dresid,
                          a->ln2, a->shared_h_pre, a->shared_h_act, w->shared_fc1_w, w->shared_fc2_w,
-                         N, C, s->shared_F, s->expert_activation, &m->matmul);
+                         N, C, s->shared_F, s->expert_activation, &m->matmul, NULL);
             add_into(m->dln, m->dln, m->dtmp, (long)N * C);
             timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
         }
     } else {
         ffn_backward(m->dln, dw->fc1_w, dw->fc2_w, m->dh, m->dresid, a->ln2, a->h_pre, a->h_act,
-                     w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU, &m->matmul);
+                     w->fc1_w, w->fc2_w, N, C, s->F, FFN_GELU, &m->matmul, NULL);
         timer_charge(m->phase_s, PHASE_EXPERTS, &mark);
     }
     rmsnorm_backward_split(m, m->dresid, dw->ln2_w, m->dln, a->resid_mid, w->ln2_w, a->ln2_rstd);

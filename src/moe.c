@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "moesim/ffn.h"
+#include "moesim/rng.h"
 #include "moesim/timing.h"
 #include "moesim/vecmath.h"
 
@@ -207,6 +208,51 @@ static Matmul expert_matmul(const Matmul *mm, Dispatch *d, int j, RowSplit *spli
     return view;
 }
 
+/* Switch's expert dropout. A row of local expert j's block is the i-th row
+ * of some (source rank, grain) split: the i-th kept assignment of that
+ * global expert among the grain's tokens in token order, the same token in
+ * every layout. The mask is a hash of (seed, step, layer, global expert,
+ * global grain, i, hidden unit), so it never depends on which rank computes
+ * the row. */
+#define DOMAIN_EXPERT_DROPOUT 0x6564726f70ull
+typedef struct ExpertDropout {
+    const MoeLayer *m;
+    const MoeShape *s;
+    int j;
+} ExpertDropout;
+
+static void apply_expert_dropout(void *arg, float *v, int n, int F) {
+    const ExpertDropout *d = arg;
+    const RouterContext *ctx = &d->m->ctx;
+    int count, grains = routing_grains(&d->s->router);
+    const int *begin = dispatch_expert_splits(&d->m->dispatch, d->j, &count);
+    float rate = (float)d->s->expert_dropout, scale = 1.0f / (1.0f - rate);
+    uint64_t key = rng_hash3(DOMAIN_EXPERT_DROPOUT ^ ctx->seed, (uint64_t)ctx->step,
+                             (uint64_t)ctx->layer);
+    uint64_t expert = (uint64_t)(d->m->first_local_expert + d->j);
+    for (int i = 0; i < count; i++) {
+        uint64_t grain = (uint64_t)(d->m->ep_group_first_rank + i / grains) * grains + i % grains;
+        for (int row = begin[i]; row < begin[i + 1] && row < n; row++) {
+            uint64_t row_key = rng_hash3(key, expert * 0x100000001ull + grain,
+                                         (uint64_t)(row - begin[i]));
+            float *r = v + (long)row * F;
+            for (int f = 0; f < F; f++) {
+                float u = (float)(rng_mix64(row_key ^ (uint64_t)f) >> 40) * 0x1p-24f;
+                r[f] = u < rate ? 0.0f : r[f] * scale;
+            }
+        }
+    }
+}
+
+/* The dropout of local expert j in training, or NULL. */
+static const FfnDropout *expert_dropout(const MoeLayer *m, const MoeShape *s, int j,
+                                        ExpertDropout *d, FfnDropout *out) {
+    if (!m->ctx.training || s->expert_dropout <= 0) return NULL;
+    *d = (ExpertDropout){m, s, j};
+    *out = (FfnDropout){apply_expert_dropout, d};
+    return out;
+}
+
 static void run_local_expert(MoeLayer *m, const MoeWeights *w, const MoeShape *s, const Matmul *mm,
                              int j) {
     int C = s->router.C, F = s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
@@ -214,9 +260,11 @@ static void run_local_expert(MoeLayer *m, const MoeWeights *w, const MoeShape *s
     long b = begin[j];
     RowSplit split;
     Matmul em = expert_matmul(mm, &m->dispatch, j, &split, NULL);
+    ExpertDropout d;
+    FfnDropout dropout;
     ffn_forward(m->expert_out + b * C, m->h_pre + b * FW, m->h_act + b * F, m->expert_in + b * C,
                 w->w1 + (long)j * FW * C, w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F,
-                s->activation, &em);
+                s->activation, &em, expert_dropout(m, s, j, &d, &dropout));
 }
 
 static void expert_backward(MoeLayer *m, const MoeGrads *g, const MoeWeights *w, MoeScratch *sc,
@@ -226,10 +274,13 @@ static void expert_backward(MoeLayer *m, const MoeGrads *g, const MoeWeights *w,
     long b = begin[j];
     RowSplit split;
     Matmul em = expert_matmul(mm, &m->dispatch, j, &split, g->partials ? g : NULL);
+    ExpertDropout d;
+    FfnDropout dropout;
     ffn_backward(sc->dx_expert + b * C, g->w1 + (long)j * FW * C, g->w2 + (long)j * C * F,
                  sc->dh + b * FW, sc->dy_expert + b * C, m->expert_in + b * C, m->h_pre + b * FW,
                  m->h_act + b * F, w->w1 + (long)j * FW * C, w->w2 + (long)j * C * F,
-                 begin[j + 1] - begin[j], C, F, s->activation, &em);
+                 begin[j + 1] - begin[j], C, F, s->activation, &em,
+                 expert_dropout(m, s, j, &d, &dropout));
 }
 
 /* One direction of an MoE layer with its exchange overlapped: every local
@@ -297,7 +348,7 @@ static void router_losses_with_counts(MoeLayer *m, const RouterShape *rs, const 
         router_losses(&m->routing, rs, &m->ctx, NULL, 0);
         return;
     }
-    memcpy(m->global_demand, m->routing.tokens_per_expert, sizeof(long) * rs->E);
+    memcpy(m->global_demand, m->routing.balanced_demand, sizeof(long) * rs->E);
     comm_sum_longs(comm, m->global_demand, rs->E);
     router_losses(&m->routing, rs, &m->ctx, m->global_demand, (long)rs->N * comm->world_size);
 }
@@ -308,6 +359,8 @@ void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w, c
     int C = rs->C, S = m->routing.slots;
     double mark = timer_now_s();
     m->ctx = *ctx;
+    m->first_local_expert = comm->ep_rank * s->E_local;
+    m->ep_group_first_rank = comm->rank - comm->ep_rank;
     router_route(&m->routing, x, &w->router, rs, ctx);
     router_losses_with_counts(m, rs, comm);
     build_send_order(m, rs);

@@ -1571,6 +1571,11 @@ int tensor_file_write_i32(long file, const char *name, const int *data, int ndim
     return write_array(file, name, H5T_NATIVE_INT, data, ndim, dims);
 }
 
+int tensor_file_write_f64(long file, const char *name, const double *data, int ndim,
+                          const long *dims) {
+    return write_array(file, name, H5T_NATIVE_DOUBLE, data, ndim, dims);
+}
+
 int tensor_file_write_scalar(long file, const char *name, double value) {
     return write_array(file, name, H5T_NATIVE_DOUBLE, &value, 0, NULL);
 }

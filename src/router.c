@@ -93,6 +93,7 @@ int routing_init(Routing *r, const RouterShape *s) {
         ALLOC(r->load_z, NE);
         ALLOC(r->load_threshold, NE);
     }
+    if (s->type == ROUTER_GSHARD_TOP2) ALLOC(r->second_draw, N);
     ALLOC(r->h, NE);
     ALLOC(r->probs, NE);
     ALLOC(r->lse, N);
@@ -105,6 +106,7 @@ int routing_init(Routing *r, const RouterShape *s) {
     ALLOC(r->unit_prob, units * E);
     ALLOC(r->importance, groups * E);
     ALLOC(r->tokens_per_expert, E);
+    ALLOC(r->balanced_demand, E);
     ALLOC(r->dropped_per_expert, E);
     ALLOC(r->dprobs, NE);
     ALLOC(r->dh, NE);
@@ -112,6 +114,8 @@ int routing_init(Routing *r, const RouterShape *s) {
     ALLOC(r->order, NS > E ? NS : E);
     ALLOC(r->slot_scratch, (size_t)r->slots);
     ALLOC(r->sinkhorn_d, (size_t)s->G + E);
+    ALLOC(r->group_score, E);
+    ALLOC(r->group_rank, E);
     ALLOC(r->gate_sum, E);
     ALLOC(r->prob_sum, E);
     ALLOC(r->grain_stats, (size_t)routing_grains(s) * routing_grain_width(s->E));
@@ -128,14 +132,15 @@ size_t routing_bytes(const RouterShape *s) {
     size_t NS = N * router_slots(s), groups = (size_t)(s->N / s->G);
     size_t units = (size_t)balancing_units(s);
     size_t order = NS > E ? NS : E;
-    size_t bytes = sizeof(float) * (6 * NE + N + NS) + sizeof(int) * (NS + E + order) + 2 * NS +
+    size_t bytes = sizeof(float) * (6 * NE + N + NS) + sizeof(int) * (NS + E + order) + 2 * NS + sizeof(long) * E +
                    sizeof(float) * (size_t)router_slots(s) + sizeof(float) * units * E +
                    sizeof(double) * (units * E + groups * E) + 2 * sizeof(long) * E +
-                   sizeof(double) * ((size_t)s->G + E + 2 * E) +
+                   sizeof(double) * ((size_t)s->G + E + 2 * E) + (sizeof(float) + sizeof(int)) * E +
                    sizeof(double) * (size_t)routing_grains(s) * routing_grain_width(s->E);
     if (s->jitter_eps > 0) bytes += 3 * sizeof(float) * N * C;
     if (s->type == ROUTER_NOISY_TOPK)
         bytes += sizeof(float) * 5 * NE + sizeof(double) * groups * E + sizeof(int) * NE;
+    if (s->type == ROUTER_GSHARD_TOP2) bytes += sizeof(double) * N;
     return bytes;
 }
 
@@ -161,6 +166,7 @@ void routing_free(Routing *r) {
                      r->load_z,
                      r->load_threshold,
                      r->tokens_per_expert,
+                     r->balanced_demand,
                      r->dropped_per_expert,
                      r->dprobs,
                      r->dh,
@@ -172,7 +178,10 @@ void routing_free(Routing *r) {
                      r->sinkhorn_d,
                      r->gate_sum,
                      r->prob_sum,
-                     r->grain_stats};
+                     r->grain_stats,
+                     r->second_draw,
+                     r->group_score,
+                     r->group_rank};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     memset(r, 0, sizeof *r);
 }
@@ -298,6 +307,31 @@ static void fill_selection_scores(Routing *r, const RouterShape *s, const Router
             for (int e = 0; e < E; e++) r->select_scores[(long)t * E + e] += ctx->expert_bias[e];
 }
 
+/* Group-limited routing (DeepSeek-V3, Megatron-Core's group_limited_topk):
+ * a group's score is the sum of its top (k / group_topk) selection scores;
+ * the experts outside the token's group_topk best groups become
+ * unselectable. Ties go to the lower group, as for experts. */
+static void limit_to_best_groups(Routing *r, const RouterShape *s) {
+    int E = s->E, groups = s->num_groups, per_group = E / groups, M = s->group_topk;
+    int summed = s->K / M < 1 ? 1 : s->K / M > per_group ? per_group : s->K / M;
+    for (int t = 0; t < s->N; t++) {
+        float *scores = r->select_scores + (long)t * E;
+        for (int g = 0; g < groups; g++) {
+            select_top_k(r->group_rank, scores + g * per_group, per_group, summed);
+            float sum = 0.0f;
+            for (int i = 0; i < summed; i++) sum += scores[g * per_group + r->group_rank[i]];
+            r->group_score[g] = sum;
+        }
+        select_top_k(r->group_rank, r->group_score, groups, M);
+        for (int g = 0; g < groups; g++) {
+            int allowed = 0;
+            for (int i = 0; i < M; i++) allowed |= r->group_rank[i] == g;
+            if (!allowed)
+                for (int e = g * per_group; e < (g + 1) * per_group; e++) scores[e] = -INFINITY;
+        }
+    }
+}
+
 /* A softmax over the k selected logits equals the selected probabilities
  * renormalised, gradients included. */
 static int renormalises(const RouterShape *s) {
@@ -322,6 +356,7 @@ static void select_top_k_slots(Routing *r, const RouterShape *s, const RouterCon
         /* GShard: the second expert gets the token with probability 2*g2. */
         if (s->type == ROUTER_GSHARD_TOP2 && ctx->training && K == 2) {
             double u = uniform_at(DOMAIN_SECOND_EXPERT, ctx, (uint64_t)(ctx->first_token + t));
+            r->second_draw[t] = u;
             r->choice_routed[(long)t * K + 1] = u < 2.0 * gate[1];
         }
     }
@@ -425,18 +460,30 @@ static void apply_capacity(Routing *r, const RouterShape *s, const RouterContext
     }
 }
 
+/* GShard's balancing loss counts each token's first choice only (c_e of
+ * its Algorithm 1); the others count every routed assignment. */
+static int balanced_slots(const RouterShape *s) {
+    return s->type == ROUTER_GSHARD_TOP2 ? 1 : s->K;
+}
+
+static int counts_for_balance(const RouterShape *s, int slot) {
+    return s->type != ROUTER_GSHARD_TOP2 || slot == 0;
+}
+
 /* The record's statistics, per grain and (for callers on one rank) in
  * total. Each grain's sums run over its own tokens in order, so they are the
  * same numbers in every layout. */
 static void count_assignments(Routing *r, const RouterShape *s) {
     int E = s->E, width = routing_grain_width(E), grain_tokens = routing_grain_tokens(s);
     memset(r->tokens_per_expert, 0, sizeof(long) * E);
+    memset(r->balanced_demand, 0, sizeof(long) * E);
     memset(r->dropped_per_expert, 0, sizeof(long) * E);
     memset(r->grain_stats, 0, sizeof(double) * routing_grains(s) * width);
     for (long a = 0; a < (long)s->N * r->slots; a++) {
         if (!r->choice_routed[a]) continue;
         int e = r->choice_expert[a];
         r->tokens_per_expert[e]++;
+        r->balanced_demand[e] += counts_for_balance(s, (int)(a % r->slots));
         r->dropped_per_expert[e] += !r->choice_kept[a];
         r->grain_stats[(a / r->slots / grain_tokens) * width + e] += r->choice_gate[a];
     }
@@ -482,6 +529,7 @@ void router_route(Routing *r, const float *x, const RouterWeights *w, const Rout
         select_soft(r, s);
     } else {
         fill_selection_scores(r, s, ctx);
+        if (s->num_groups > 0) limit_to_best_groups(r, s);
         select_top_k_slots(r, s, ctx);
         apply_capacity(r, s, ctx);
     }
@@ -507,20 +555,34 @@ static double cv_squared_grad(const double *v, int E, int e) {
     return 2.0 / (E * mean * mean) * (v[e] - mean - var / mean);
 }
 
+/* What the balancing loss averages into P_e for token t: the probability,
+ * or with sigmoid scores the scores normalised to sum to 1 (DeepSeek-V3's
+ * s'_{i,t} = s_{i,t} / sum_j s_{j,t}; Megatron-Core does the same). Returns
+ * the factor that turns the token's scores into those. */
+static double balance_normaliser(const Routing *r, const RouterShape *s, int t) {
+    if (!s->sigmoid_scores) return 1.0;
+    double sum = 0.0;
+    for (int e = 0; e < s->E; e++) sum += r->probs[(long)t * s->E + e];
+    return 1.0 / sum;
+}
+
 /* Switch: coeff * E * sum_e f_e * P_e per balancing unit (group or sequence),
  * averaged over units; or with f from the global batch's counts. */
 static double load_balancing_loss(Routing *r, const RouterShape *s,
                                   const long *global_tokens_per_expert, long global_tokens) {
-    int E = s->E, K = s->K, units = balancing_units(s), width = routing_grain_width(E);
+    int E = s->E, K = balanced_slots(s), units = balancing_units(s), width = routing_grain_width(E);
     int unit_tokens = s->N / units, grain_tokens = routing_grain_tokens(s);
     memset(r->unit_fraction, 0, sizeof(float) * units * E);
     memset(r->unit_prob, 0, sizeof(double) * units * E);
     for (int t = 0; t < s->N; t++) {
         int u = t / unit_tokens;
-        for (int e = 0; e < E; e++) r->unit_prob[(long)u * E + e] += r->probs[(long)t * E + e];
+        double norm = balance_normaliser(r, s, t);
+        for (int e = 0; e < E; e++)
+            r->unit_prob[(long)u * E + e] += norm * r->probs[(long)t * E + e];
         for (int k = 0; k < r->slots; k++) {
             long a = (long)t * r->slots + k;
-            if (r->choice_routed[a]) r->unit_fraction[(long)u * E + r->choice_expert[a]] += 1.0f;
+            if (r->choice_routed[a] && counts_for_balance(s, k))
+                r->unit_fraction[(long)u * E + r->choice_expert[a]] += 1.0f;
         }
     }
     if (s->balancing == BALANCE_GLOBAL_AUX_LOSS)
@@ -532,8 +594,8 @@ static double load_balancing_loss(Routing *r, const RouterShape *s,
      * grains, and global_aux_loss's one unit contributes token by token. */
     for (int t = 0; t < s->N; t++) {
         const float *f = r->unit_fraction + (long)(t / unit_tokens) * E;
-        double term = 0.0;
-        for (int e = 0; e < E; e++) term += f[e] * (double)r->probs[(long)t * E + e];
+        double term = 0.0, norm = balance_normaliser(r, s, t);
+        for (int e = 0; e < E; e++) term += f[e] * norm * (double)r->probs[(long)t * E + e];
         r->grain_stats[(long)(t / grain_tokens) * width + 2 * E + GRAIN_AUX] += term;
     }
     double total = 0.0;
@@ -632,7 +694,7 @@ void routing_global_losses(const RouterShape *s, const double *summed, double lo
 void router_forward(Routing *r, const float *x, const RouterWeights *w, const RouterShape *s,
                     const RouterContext *ctx) {
     router_route(r, x, w, s, ctx);
-    router_losses(r, s, ctx, r->tokens_per_expert, s->N);
+    router_losses(r, s, ctx, r->balanced_demand, s->N);
 }
 
 /* ---- backward ------------------------------------------------------------------ */
@@ -672,7 +734,14 @@ static void balancing_backward(const Routing *r, const RouterShape *s, int t, fl
     int E = s->E, units = balancing_units(s), unit_tokens = s->N / units;
     const float *fraction = r->unit_fraction + (long)(t / unit_tokens) * E;
     float scale = (float)(s->aux_loss_coeff * E / ((double)units * unit_tokens * world_of(s)));
-    for (int e = 0; e < E; e++) dscore[e] += scale * fraction[e];
+    if (!s->sigmoid_scores) {
+        for (int e = 0; e < E; e++) dscore[e] += scale * fraction[e];
+        return;
+    }
+    /* through the normalisation q = p / sum(p): d/dp_e = (f_e - f·q) / sum(p) */
+    double norm = balance_normaliser(r, s, t), f_dot_q = 0.0;
+    for (int e = 0; e < E; e++) f_dot_q += fraction[e] * norm * r->probs[(long)t * E + e];
+    for (int e = 0; e < E; e++) dscore[e] += (float)(scale * norm * (fraction[e] - f_dot_q));
 }
 
 /* Load loss: gradients into clean logits, noise std and the threshold's

@@ -241,6 +241,18 @@ TEST_F(CliConfigError, SigmoidScoresWithSwitchRouting) {
         {"--moe-router-score-function sigmoid", "not switch", "--moe-router-type topk"});
 }
 
+TEST_F(CliConfigError, RouterGroupsNotDividingTheExperts) {
+    ExpectUsageError(TrainArgs({"--num-experts", "8", "--moe-router-num-groups", "3",
+                                "--moe-router-group-topk", "1"}),
+                     {"--moe-router-num-groups 3", "does not divide", "--num-experts 8"});
+}
+
+TEST_F(CliConfigError, RouterGroupTopkLargerThanGroups) {
+    ExpectUsageError(TrainArgs({"--num-experts", "8", "--moe-router-num-groups", "2",
+                                "--moe-router-group-topk", "3"}),
+                     {"--moe-router-group-topk 3", "--moe-router-num-groups 2", "at most 2"});
+}
+
 TEST_F(CliConfigError, BiasUpdateRateWithoutExpertBias) {
     ExpectUsageError(TrainArgs({"--moe-router-bias-update-rate", "1e-3"}),
                      {"--moe-router-bias-update-rate 0.001", "--moe-router-enable-expert-bias"});

@@ -942,7 +942,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 70u);
+    ASSERT_EQ(keys.size(), 74u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -963,6 +963,10 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
         "moe-load-loss-coeff",
         "moe-expert-activation",
         "moe-shared-expert-intermediate-size",
+        "moe-expert-dropout",
+        "init-method-std",
+        "moe-router-num-groups",
+        "moe-router-group-topk",
         "micro-batch-size",
     };
     auto at = std::find(keys.begin(), keys.end(), routing_keys.front());
@@ -1054,6 +1058,10 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"moe-load-loss-coeff", "0.07"},
         {"moe-expert-activation", "swiglu"},
         {"moe-shared-expert-intermediate-size", "64"},
+        {"moe-expert-dropout", "0.4"},
+        {"init-method-std", "0.0063"},
+        {"moe-router-num-groups", "2"},
+        {"moe-router-group-topk", "1"},
         {"flush-denormals", "0"},
     };
     for (auto &change : changes) {
@@ -1235,6 +1243,40 @@ TEST_F(ConfigValidate, TopkLargerThanExperts) {
     ExpectMentions(r.err, {"--moe-router-topk 4", "--num-experts 2", "lower", "raise"});
     cfg_.moe_router_topk = 2;
     EXPECT_EQ(Validate(cfg_).rc, 0);
+}
+
+TEST_F(ConfigValidate, GroupLimitedRouting) {
+    cfg_.num_experts = 8;
+    cfg_.moe_router_topk = 2;
+    cfg_.moe_router_num_groups = 4;
+    cfg_.moe_router_group_topk = 2;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+
+    cfg_.moe_router_group_topk = 0;
+    ExpectMentions(Validate(cfg_).err, {"--moe-router-num-groups 4", "--moe-router-group-topk 0",
+                                        "needs both"});
+    cfg_.moe_router_num_groups = 3;
+    cfg_.moe_router_group_topk = 1;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-router-num-groups 3", "does not divide", "--num-experts 8"});
+    cfg_.moe_router_num_groups = 4;
+    cfg_.moe_router_group_topk = 5;
+    ExpectMentions(Validate(cfg_).err, {"--moe-router-group-topk 5", "larger than",
+                                        "--moe-router-num-groups 4", "at most 4"});
+    cfg_.moe_router_group_topk = 1;
+    cfg_.moe_router_topk = 3;
+    ExpectMentions(Validate(cfg_).err, {"leaves 2 experts per token", "fewer than the 3"});
+    cfg_.moe_router_topk = 2;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    for (const char *type : {"expert_choice", "soft", "noisy_topk"}) {
+        strcpy(cfg_.moe_router_type, type);
+        if (strcmp(type, "soft") == 0) cfg_.moe_expert_capacity_factor = 0;
+        r = Validate(cfg_);
+        EXPECT_EQ(r.rc, -1) << type;
+        std::string named = std::string("--moe-router-type ") + type;
+        ExpectMentions(r.err, {"--moe-router-num-groups", named.c_str()});
+    }
 }
 
 TEST_F(ConfigValidate, HiddenSizeNotDivisibleByHeads) {

@@ -2,6 +2,8 @@
 // router (with aux and z losses), the MoE layer with drops, the whole model.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include <cstring>
 #include <vector>
 
@@ -137,12 +139,12 @@ TEST_P(GradFfn, InputAndWeights) {
     std::vector<float> dw1(W * C, 0.0f), dw2(C * F, 0.0f);
     auto loss = [&] {
         ffn_forward(out.data(), h_pre.data(), h_act.data(), x.data(), w1.data(), w2.data(), n, C,
-                    F, act, nullptr);
+                    F, act, nullptr, nullptr);
         return weighted_sum(out.data(), r);
     };
     loss();
     ffn_backward(dx.data(), dw1.data(), dw2.data(), dh.data(), r.data(), x.data(), h_pre.data(),
-                 h_act.data(), w1.data(), w2.data(), n, C, F, act, nullptr);
+                 h_act.data(), w1.data(), w2.data(), n, C, F, act, nullptr, nullptr);
     for (auto [p, g, name] : {std::tuple{&x, &dx, "x"}, {&w1, &dw1, "w1"}, {&w2, &dw2, "w2"}}) {
         auto res = check_gradient(p->data(), p->size(), g->data(), loss, 150, 1e-2f, 24);
         EXPECT_LT(res.max_error, kTolerance) << name << ": " << describe(res);
@@ -155,7 +157,7 @@ TEST(GradFfn, SwigluIsSiluGateTimesUp) {
     const int C = 2, F = 1;
     float x[2] = {1.0f, -2.0f}, w1[4] = {0.5f, 0.25f, -1.0f, 0.5f}, w2[2] = {2.0f, -1.0f};
     float h_pre[2], h_act[1], out[2];
-    ffn_forward(out, h_pre, h_act, x, w1, w2, 1, C, F, FFN_SWIGLU, nullptr);
+    ffn_forward(out, h_pre, h_act, x, w1, w2, 1, C, F, FFN_SWIGLU, nullptr, nullptr);
     double gate = 0.5 * 1 + 0.25 * -2, up = -1.0 * 1 + 0.5 * -2;
     double act = gate / (1 + std::exp(-gate)) * up;
     EXPECT_NEAR(out[0], 2.0 * act, 1e-6);
@@ -285,6 +287,8 @@ struct ModelVariant {
     FfnActivation expert_activation;
     int shared_F;
     RouterType router;
+    int router_groups = 0, router_group_topk = 0;
+    double expert_dropout = 0.0;
 };
 
 class GradModel : public ::testing::TestWithParam<ModelVariant> {};
@@ -295,6 +299,9 @@ TEST_P(GradModel, EveryTensor) {
     s.expert_activation = v.expert_activation;
     s.shared_F = v.shared_F;
     s.router_type = v.router;
+    s.router_groups = v.router_groups;
+    s.router_group_topk = v.router_group_topk;
+    s.expert_dropout = v.expert_dropout;
     tiny_model_shape(&s);
     Model m;
     Comm self;
@@ -329,11 +336,106 @@ TEST_P(GradModel, EveryTensor) {
     model_free(&m);
 }
 
+// --init-method-std scales every normally initialised tensor (Switch's
+// reduced initialisation is one value of it) and leaves the norms' ones and
+// the noise weights' zeros alone; residual projections keep their 1/sqrt(2L).
+TEST(ModelInit, InitMethodStdScalesEveryNormalTensorOnly) {
+    Comm self;
+    comm_attach_self(&self);
+    Model models[2];
+    const double stds[2] = {0.0, 0.02 * std::sqrt(0.1)};  // default 0.02, Switch's reduced
+    for (int i = 0; i < 2; i++) {
+        ModelShape s{};
+        s.router_type = ROUTER_NOISY_TOPK;
+        s.init_std = stds[i];
+        tiny_model_shape(&s);
+        ASSERT_EQ(model_init(&models[i], &s, 7, &self), 0);
+    }
+    int normal = 0;
+    for (int i = 0; i < models[0].num_tensors; i++) {
+        const ParamTensor &t = models[0].tensors[i];
+        const float *a = models[0].params + t.offset, *b = models[1].params + t.offset;
+        if (t.init != PARAM_INIT_NORMAL) {
+            EXPECT_TRUE(std::equal(a, a + t.numel, b)) << t.name << " is not drawn at random";
+            continue;
+        }
+        normal++;
+        EXPECT_NEAR(models[1].tensors[i].init_std / t.init_std, std::sqrt(0.1), 1e-12) << t.name;
+        double sum_sq = 0.0;
+        for (size_t j = 0; j < t.numel; j++) {
+            EXPECT_NEAR(b[j], a[j] * std::sqrt(0.1), 1e-6 * std::fabs(a[j]) + 1e-12) << t.name;
+            sum_sq += (double)b[j] * b[j];
+        }
+        double sample_std = std::sqrt(sum_sq / t.numel);
+        if (t.numel >= 1000) {
+            EXPECT_NEAR(sample_std / models[1].tensors[i].init_std, 1.0, 0.1) << t.name;
+        }
+    }
+    EXPECT_GE(normal, 8) << "embeddings, attention, router, FFNs, experts";
+    for (Model &m : models) model_free(&m);
+}
+
+// Switch's expert dropout: in training each expert hidden unit is zeroed
+// with the given rate and the rest scaled by 1/(1 - rate), the same units in
+// the forward and in a repeated forward; at evaluation nothing is dropped.
+TEST(ModelExpertDropout, DropsHiddenUnitsInTrainingOnly) {
+    const double rate = 0.3;
+    ModelShape s{};
+    s.expert_dropout = rate;
+    tiny_model_shape(&s);
+    s.Fe = 64;  // enough hidden units to count the dropped share
+    s.B = 8;
+    s.capacity_factor = 0.0;
+    Model m;
+    Comm self;
+    comm_attach_self(&self);
+    ASSERT_EQ(model_init(&m, &s, 7, &self), 0);
+    std::vector<int> inputs, targets;
+    tiny_model_amplify_and_batch(&m, &inputs, &targets);
+    auto gelu = [](double v) {
+        return 0.5 * v * (1.0 + std::tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)));
+    };
+    const MoeLayer &layer = m.moe[1];
+    for (int training = 1; training >= 0; training--) {
+        m.router_ctx.training = training;
+        model_forward(&m, inputs.data(), targets.data());
+        long n = (long)layer.dispatch.expert_row_begin[model_local_experts(&s)] * s.Fe;
+        ASSERT_GT(n, 1000);
+        std::vector<float> first(layer.h_act, layer.h_act + n);
+        long dropped = 0;
+        for (long i = 0; i < n; i++) {
+            double plain = gelu(layer.h_pre[i]), got = layer.h_act[i];
+            if (got == 0.0 && plain != 0.0) {
+                dropped++;
+            } else {
+                double want = training ? plain / (1.0 - rate) : plain;
+                EXPECT_NEAR(got, want, 1e-5 * std::fabs(want) + 1e-6) << "unit " << i;  // vector GELU
+            }
+        }
+        if (training) {
+            double share = (double)dropped / n;
+            EXPECT_NEAR(share, rate, 4.0 * std::sqrt(rate * (1 - rate) / n)) << dropped << "/" << n;
+            model_forward(&m, inputs.data(), targets.data());
+            EXPECT_TRUE(std::equal(first.begin(), first.end(), layer.h_act)) << "same mask again";
+            m.router_ctx.step = 1;
+            model_forward(&m, inputs.data(), targets.data());
+            EXPECT_FALSE(std::equal(first.begin(), first.end(), layer.h_act)) << "new step, new mask";
+            m.router_ctx.step = 0;
+        } else {
+            EXPECT_EQ(dropped, 0) << "evaluation drops nothing";
+        }
+    }
+    model_free(&m);
+}
+
 INSTANTIATE_TEST_SUITE_P(
     GradVariants, GradModel,
     ::testing::Values(ModelVariant{"gelu", FFN_GELU, 0, ROUTER_TOPK},
                       ModelVariant{"swiglu_shared", FFN_SWIGLU, 5, ROUTER_TOPK},
-                      ModelVariant{"noisy_topk", FFN_GELU, 0, ROUTER_NOISY_TOPK}),
+                      ModelVariant{"noisy_topk", FFN_GELU, 0, ROUTER_NOISY_TOPK},
+                      ModelVariant{"group_limited", FFN_GELU, 0, ROUTER_TOPK, 2, 1},
+                      ModelVariant{"expert_dropout", FFN_GELU, 0, ROUTER_TOPK, 0, 0, 0.3},
+                      ModelVariant{"expert_dropout_swiglu", FFN_SWIGLU, 5, ROUTER_TOPK, 0, 0, 0.5}),
     [](const ::testing::TestParamInfo<ModelVariant> &info) { return info.param.name; });
 
 }  // namespace

@@ -113,7 +113,7 @@ struct GradRouter {
         RouterWeights w = weights();
         router_route(&routing, x.data(), &w, &shape, &ctx);
         // One rank: this router's demand is the whole global batch's.
-        router_losses(&routing, &shape, &ctx, routing.tokens_per_expert, shape.N);
+        router_losses(&routing, &shape, &ctx, routing.balanced_demand, shape.N);
         double s = routing.aux_loss + routing.z_loss + routing.importance_loss + routing.load_loss;
         for (size_t a = 0; a < assignments(); a++)
             if (routing.choice_kept[a]) s += (double)slot_weights[a] * routing.choice_gate[a];
@@ -231,6 +231,21 @@ const GradCase kGradCases[] = {
      false, true},
     {"dropless", [](RouterShape &, RouterContext &ctx) { ctx.capacity_factor = 0.0; }, false,
      false},
+    {"group_limited",
+     [](RouterShape &s, RouterContext &ctx) {
+         ctx.capacity_factor = 0.5;
+         s.num_groups = 2;
+         s.group_topk = 1;
+     },
+     false, true},
+    {"group_limited_sigmoid_bias",
+     [](RouterShape &s, RouterContext &) {
+         s.sigmoid_scores = 1;
+         s.norm_topk_prob = 1;
+         s.num_groups = 4;
+         s.group_topk = 2;
+     },
+     true, true},
 };
 
 INSTANTIATE_TEST_SUITE_P(RoutersEveryScheme, RoutersGrad, ::testing::ValuesIn(kGradCases),
@@ -539,6 +554,90 @@ TEST(RoutersGshard, DecisionsAreAFunctionOfContextAndGlobalTokenIndex) {
     half.ctx.first_token = N / 2;
     half.route(r.x.data() + (size_t)(N / 2) * r.shape.C);
     EXPECT_TRUE(std::equal(first.begin() + N, first.end(), half.routed().begin()));
+}
+
+TEST(RoutersGshard, BalancingLossCountsFirstChoicesOnly) {
+    // GShard's Algorithm 1: l_aux = mean_e (c_e / S) * m_e with c_e the
+    // tokens whose first choice is e; in our coeff * E * sum_e f_e P_e form,
+    // f_e = first choices of e / S, whatever happens to the second choices.
+    const int N = 64, E = 4;
+    RouterShape s = gshard_shape(N);
+    s.aux_loss_coeff = 0.5;
+    RandomRouter r(s, 83);
+    r.route();
+    router_losses(&r.routing, &s, &r.ctx, r.routing.balanced_demand, N);
+    std::vector<double> first(E, 0.0), mean_prob(E, 0.0);
+    long second_routed = 0;
+    for (int t = 0; t < N; t++) {
+        first[r.routing.choice_expert[2 * t]] += 1.0 / N;
+        second_routed += r.routing.choice_routed[2 * t + 1];
+        for (int e = 0; e < E; e++) mean_prob[e] += r.routing.probs[t * E + e] / N;
+    }
+    ASSERT_GT(second_routed, 0) << "some second choices must be routed";
+    double expected = 0.0;
+    for (int e = 0; e < E; e++) {
+        expected += 0.5 * E * first[e] * mean_prob[e];
+        EXPECT_EQ(r.routing.balanced_demand[e], std::lround(first[e] * N)) << "expert " << e;
+    }
+    EXPECT_NEAR(r.routing.aux_loss, expected, 1e-6);
+}
+
+// DeepSeek-V3's group-limited routing: every token's experts lie in its
+// group_topk best groups, a group scoring the sum of its top k/group_topk
+// expert scores, and within them the choice is plain top-k.
+TEST(RoutersGroupLimited, ExpertsComeFromTheBestGroupsOnly) {
+    const int N = 256, E = 8, K = 4, groups = 4, M = 2, per_group = E / groups;
+    RouterShape s = classic_router(N, 8, E, K, N, 0, 0.0, 0.0, 0.0);
+    RandomRouter plain(s, 84);
+    s.num_groups = groups;
+    s.group_topk = M;
+    RandomRouter limited(s, 84);
+    plain.route();
+    limited.route();
+    int changed = 0;
+    for (int t = 0; t < N; t++) {
+        const float *p = limited.routing.probs + (size_t)t * E;
+        std::vector<double> score(groups);
+        for (int g = 0; g < groups; g++) {
+            std::vector<float> members(p + g * per_group, p + (g + 1) * per_group);
+            std::sort(members.rbegin(), members.rend());
+            score[g] = members[0] + members[1];  // top k / M = 2
+        }
+        std::vector<int> order(groups);
+        for (int g = 0; g < groups; g++) order[g] = g;
+        std::stable_sort(order.begin(), order.end(),
+                         [&](int a, int b) { return score[a] > score[b]; });
+        std::vector<int> allowed;
+        for (int e = 0; e < E; e++)
+            if (e / per_group == order[0] || e / per_group == order[1]) allowed.push_back(e);
+        std::stable_sort(allowed.begin(), allowed.end(),
+                         [&](int a, int b) { return p[a] > p[b]; });
+        for (int k = 0; k < K; k++)
+            EXPECT_EQ(limited.routing.choice_expert[t * K + k], allowed[k])
+                << "token " << t << " slot " << k;
+        changed += !std::equal(plain.routing.choice_expert + t * K,
+                               plain.routing.choice_expert + (t + 1) * K,
+                               limited.routing.choice_expert + t * K);
+    }
+    EXPECT_GT(changed, N / 4) << "the group limit must change many selections";
+}
+
+// Groups = EP ranks (placement: consecutive experts per rank) and one group
+// per token: every token's k rows go to one rank.
+TEST(RoutersGroupLimited, OneGroupPerTokenReachesOneRank) {
+    const int N = 128, E = 8, K = 3, ranks = 2;
+    RouterShape s = classic_router(N, 8, E, K, N, 0, 0.0, 0.0, 0.0);
+    s.num_groups = ranks;
+    s.group_topk = 1;
+    RandomRouter r(s, 85);
+    r.route();
+    int split = 0;
+    for (int t = 0; t < N; t++) {
+        std::vector<int> owners;
+        for (int k = 0; k < K; k++) owners.push_back(r.routing.choice_expert[t * K + k] / (E / ranks));
+        split += std::count(owners.begin(), owners.end(), owners[0]) != K;
+    }
+    EXPECT_EQ(split, 0);
 }
 
 RouterShape noisy_shape(int N) {

@@ -175,3 +175,30 @@ def mutual_information_vs_random(frames: dict, save=None) -> Figure:
     for ax in axes[len(frames):]:
         ax.set_visible(False)
     return _save(fig, save)
+
+
+def study_loss_curves(curves: pd.DataFrame, x: str, save=None) -> Figure:
+    """Validation loss against `x` ("step" or "train_s"), one panel per number
+    of active experts (the dense run of equal active FLOPs in black), a line
+    per run."""
+    ks = sorted(curves["top_k"].unique())
+    fig = Figure(figsize=(PANEL_WIDTH_IN * len(ks) * 0.9 + 1, 4.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(ks), sharey=True, squeeze=False)[0])
+    colors = colormaps["tab10"]
+    for ax, k in zip(axes, ks):
+        panel = curves[curves["top_k"] == k]
+        for index, (run, rows) in enumerate(panel.groupby("run", sort=False)):
+            dense = bool(rows["dense"].iloc[0])
+            ax.plot(rows[x], rows["loss"], label=run, marker="" if dense else ".",
+                    color="black" if dense else colors(index % 10),
+                    linestyle="--" if dense else "-", linewidth=2 if dense else 1)
+        ax.set_title(f"{k} active expert{'s' if k > 1 else ''} per token")
+        ax.set_xlabel("step" if x == "step" else "training time (s, evaluations excluded)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    axes[0].set_ylabel("validation loss (nats/token)")
+    finals = curves.groupby("run")["loss"].last().to_numpy()
+    if np.isfinite(finals).any():
+        low, high = np.nanmin(finals), np.nanmax(finals)
+        axes[0].set_ylim(low - 0.1 * max(high - low, 0.1), high + 4 * max(high - low, 0.1))
+    return _save(fig, save)

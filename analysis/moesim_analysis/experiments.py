@@ -1,10 +1,13 @@
-"""experiments: the numbers behind the experiment notebooks (capacity_factor,
+"""experiments: the numbers behind the experiment notebooks (capacity_factor, switch_study,
 scaling, specialization in analysis/notebooks), computed from the RunSet of a
 sweep (experiments/sweeps/*.ini) or from one Run.
 
 - capacity factor (Switch Transformer Table 1): `capacity_factor_table`, one
   row per run with model, capacity factor, quality, steps to a quality
   threshold, tokens/s and drop rate; `switch_table` puts it in Table 1's form.
+- Switch study: `study_curves` (validation loss against steps and training
+  time) and `overtaking_table` (when each MoE run gets and stays below the
+  dense run of equal active FLOPs).
 - scaling: `scaling_table` (throughput, speedup and efficiency per rank count)
   and `phase_groups` (where a step's time goes).
 - specialisation: `mutual_information_bits` and the random-router baseline
@@ -293,4 +296,67 @@ def specialization_vs_random(run: Run, samples: int = 200, seed: int = 0) -> pd.
                          "random_bits": mean, "random_bits_q95": q95,
                          "excess_bits": bits - mean,
                          "assignments": int(counts[v, layer].sum())})
+    return pd.DataFrame(rows)
+
+
+# ---- Switch study (make switch-study) --------------------------------------------------
+
+def study_curves(runs: RunSet) -> pd.DataFrame:
+    """Validation loss against steps and against training wall-clock time:
+    run, model, top_k, dense, step, loss, train_s (the summed step times of
+    steps 1..step, evaluations excluded, so runs interrupted by different
+    evaluation loads compare fairly). One row per evaluation."""
+    frames = []
+    for run in runs:
+        steps = run.train[["step", "step_time_s"]].sort_values("step")
+        elapsed = pd.Series(steps["step_time_s"].cumsum().to_numpy(), index=steps["step"])
+        evaluation = run.eval.sort_values("step")
+        train_s = [float(elapsed.loc[:step].iloc[-1]) if step > 0 and len(elapsed.loc[:step])
+                   else 0.0 for step in evaluation["step"]]
+        frames.append(pd.DataFrame({
+            "run": run.name, "model": model_label(run.config),
+            "top_k": active_experts(run.config), "dense": is_dense(run.config),
+            "step": evaluation["step"].to_numpy(), "loss": evaluation["loss"].to_numpy(),
+            "train_s": train_s}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _overtaking_step(moe: pd.DataFrame, dense: pd.DataFrame) -> float:
+    """The first evaluated step from which the MoE run's validation loss stays
+    strictly below the dense run's at every later common evaluation; NaN if
+    it is not below at the last one."""
+    both = moe.merge(dense, on="step", suffixes=("", "_dense")).sort_values("step")
+    below = (both["loss"] < both["loss_dense"]).to_numpy()
+    if not len(below) or not below[-1]:
+        return math.nan
+    above = np.flatnonzero(~below)
+    return float(both["step"].iloc[above[-1] + 1 if len(above) else 0])
+
+
+def overtaking_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """One row per MoE run against the dense run of equal active FLOPs per
+    token (same top_k; the first such dense run): run, model, dense_run,
+    final_loss, dense_final_loss, gap (MoE - dense at the last common
+    evaluation, negative = MoE better), overtakes_at_step (see
+    _overtaking_step), overtakes_at_train_s (the MoE run's training time
+    there)."""
+    dense_of = {}
+    for run, rows in curves[curves["dense"]].groupby("run", sort=False):
+        dense_of.setdefault(int(rows["top_k"].iloc[0]), run)
+    rows = []
+    for run, moe in curves[~curves["dense"]].groupby("run", sort=False):
+        k = int(moe["top_k"].iloc[0])
+        dense_run = dense_of.get(k)
+        dense = curves[curves["run"] == dense_run] if dense_run else moe.iloc[:0]
+        both = moe.merge(dense, on="step", suffixes=("", "_dense"))
+        step = _overtaking_step(moe[["step", "loss"]], dense[["step", "loss"]])
+        at = moe.loc[moe["step"] == step, "train_s"]
+        rows.append({"run": run, "model": moe["model"].iloc[0], "dense_run": dense_run,
+                     "final_loss": float(moe["loss"].iloc[-1]),
+                     "dense_final_loss": float(dense["loss"].iloc[-1]) if len(dense)
+                     else math.nan,
+                     "gap": float(both["loss"].iloc[-1] - both["loss_dense"].iloc[-1])
+                     if len(both) else math.nan,
+                     "overtakes_at_step": step,
+                     "overtakes_at_train_s": float(at.iloc[0]) if len(at) else math.nan})
     return pd.DataFrame(rows)

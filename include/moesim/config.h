@@ -58,6 +58,10 @@ typedef struct Config {
     double moe_load_loss_coeff;           /* Shazeer 2017 CV^2 of smooth load (noisy_topk) */
     char moe_expert_activation[8];        /* gelu | swiglu */
     int moe_shared_expert_intermediate_size; /* 0 = no shared expert */
+    double moe_expert_dropout;            /* rate inside the experts in training; 0 = none */
+    double init_method_std;               /* std of every normal-initialised weight */
+    int moe_router_num_groups;            /* expert groups for group-limited routing; 0 = off */
+    int moe_router_group_topk;            /* groups each token may use (DeepSeek-V3) */
     /* training */
     int micro_batch_size;
     int train_iters;

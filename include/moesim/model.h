@@ -39,6 +39,9 @@ typedef struct ModelShape {
     int expert_bias; /* DeepSeek-V3 selection bias per expert */
     FfnActivation expert_activation;
     int shared_F;                     /* shared expert hidden size; 0 = none */
+    int router_groups, router_group_topk; /* group-limited routing; 0 = off */
+    double init_std;                      /* --init-method-std; 0 (hand-built shapes) = 0.02 */
+    double expert_dropout;                /* --moe-expert-dropout */
     MatmulPrecision precision;        /* inputs of every matmul but the router's */
     MatmulPrecision router_precision; /* the router's (Switch's selective precision) */
     /* Layout invariance (reduce.h): grain = tokens every layout keeps on one

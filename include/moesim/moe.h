@@ -24,6 +24,7 @@ typedef struct MoeShape {
     int hierarchical; /* dispatch through node leaders (dispatch.h) */
     int overlap_chunks; /* > 1: expert work overlaps the exchange, in this many chunks */
     FfnActivation activation;
+    double expert_dropout; /* rate on the experts' hidden units in training (Switch) */
 } MoeShape;
 
 /* Most rows a rank sends and most it receives in one layer: from capacity,
@@ -35,6 +36,8 @@ long moe_max_recv_rows(const MoeShape *s);
 typedef struct MoeLayer {
     Routing routing;
     RouterContext ctx;   /* of the last forward, reused by its backward */
+    int first_local_expert;  /* global index of local expert 0 (of the last forward) */
+    int ep_group_first_rank; /* world rank of position 0 of this rank's EP group */
     long *global_demand; /* [E] router demand of the global batch (global_aux_loss) */
     Dispatch dispatch;
     int *rows_per_expert; /* [E * grains] kept assignments per (global expert, grain) */

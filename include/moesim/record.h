@@ -141,11 +141,13 @@ int record_require_parallel_hdf5(int is_parallel, char *err, size_t errlen);
  * file, newer schema, corrupt: something in it cannot be read). */
 int record_print_info(const char *path, char *err, size_t errlen);
 
-/* Tensor files: flat float32/int32 datasets by name, for reference exports. */
+/* Tensor files: flat float32/float64/int32 datasets by name, for reference exports. */
 long tensor_file_create(const char *path);
 int tensor_file_write_f32(long file, const char *name, const float *data, int ndim,
                           const long *dims);
 int tensor_file_write_i32(long file, const char *name, const int *data, int ndim, const long *dims);
+int tensor_file_write_f64(long file, const char *name, const double *data, int ndim,
+                          const long *dims);
 int tensor_file_write_scalar(long file, const char *name, double value);
 int tensor_file_close(long file);
 

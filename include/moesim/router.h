@@ -63,6 +63,10 @@ typedef struct RouterShape {
     int T; /* tokens per sequence, for seq_aux_loss */
     double importance_loss_coeff, load_loss_coeff;
     double jitter_eps; /* multiplicative router-input jitter in training */
+    /* Group-limited routing (DeepSeek-V3): the experts form num_groups groups
+     * of consecutive experts; a token selects only among those of its
+     * group_topk best groups. 0 = off. Top-k family only. */
+    int num_groups, group_topk;
     /* Layout invariance (reduce.h): the loss is a mean over the global batch,
      * world micro-batches of N tokens (0 counts as 1), and statistics are
      * kept per grain of `grain` tokens (0: the whole micro-batch), a multiple
@@ -136,7 +140,11 @@ typedef struct Routing {
     double *load;                 /* [groups, E] smooth load (load loss) */
     float *load_z;                /* [N,E] standardised margin of the load estimator */
     int *load_threshold;          /* [N,E] expert whose noisy logit is the threshold */
+    double *second_draw;          /* [N] gshard_top2: the uniform draw that decides whether
+                                     the second expert gets the token (training) */
     long *tokens_per_expert;      /* [E] routed assignments, before capacity */
+    long *balanced_demand;        /* [E] the routed assignments the balancing loss counts:
+                                     all, or the first choices for gshard_top2 */
     long *dropped_per_expert;     /* [E] routed assignments dropped by capacity */
     float *dprobs, *dh, *dnoise;  /* [N,E] backward scratch */
     float *dx_in;                 /* [N,C] backward scratch (jitter) */
@@ -144,6 +152,8 @@ typedef struct Routing {
     int *order;                   /* [max(N*slots, E)] scratch for sorting */
     float *slot_scratch;          /* [slots] */
     double *sinkhorn_d;           /* [G+E] scratch */
+    float *group_score;           /* [E] scratch: group-limited routing's group scores */
+    int *group_rank;              /* [E] scratch */
     int capacity;                 /* per expert per group; 0 when dropless */
     double aux_loss, z_loss, importance_loss, load_loss; /* coefficients included */
     /* statistics for the record, summed over this micro-batch's tokens */
@@ -172,7 +182,7 @@ size_t routing_bytes(const RouterShape *s);
  * losses. x[N,C]. */
 void router_route(Routing *r, const float *x, const RouterWeights *w, const RouterShape *s,
                   const RouterContext *ctx);
-/* The auxiliary losses. global_tokens_per_expert/global_tokens: router demand
+/* The auxiliary losses. global_tokens_per_expert/global_tokens: balanced_demand
  * and tokens of the whole global batch, for global_aux_loss (else NULL/0). */
 void router_losses(Routing *r, const RouterShape *s, const RouterContext *ctx,
                    const long *global_tokens_per_expert, long global_tokens);

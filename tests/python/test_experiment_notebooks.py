@@ -24,7 +24,8 @@ ANALYSIS = Path(__file__).resolve().parents[2] / "analysis"
 sys.path.insert(0, str(ANALYSIS))
 from moesim_analysis import PHASES, SCHEMA_VERSION, experiments, load_run, load_runs  # noqa: E402
 
-EXPERIMENT_NOTEBOOKS = ("capacity_factor.ipynb", "scaling.ipynb", "specialization.ipynb")
+EXPERIMENT_NOTEBOOKS = ("capacity_factor.ipynb", "scaling.ipynb", "specialization.ipynb",
+                       "switch_study.ipynb")
 BUILD_SCHEMA = record_schema_version()
 NEEDS_MATCHING_BUILD = pytest.mark.skipif(
     BUILD_SCHEMA != SCHEMA_VERSION,
@@ -56,6 +57,14 @@ SCALING_POINTS = {
     "strong": {"ws1_mbs4": (1, {"micro-batch-size": 4, "moe-group-size": 64}),
                "ws2_mbs2": (2, {"micro-batch-size": 2, "moe-group-size": 64})},
 }
+# Points of experiments/sweeps/switch_study.ini in miniature (dense FFN = k x expert width).
+STUDY_POINTS = {
+    "dense_ffn32": {"moe-layer-freq": 1000, "ffn-hidden-size": 32},
+    "dense_ffn64": {"moe-layer-freq": 1000, "ffn-hidden-size": 64},
+    "switch_e4": {"moe-router-type": "switch", "moe-expert-capacity-factor": 1.0},
+    "switch_e4_reduced_init": {"moe-router-type": "switch", "init-method-std": 0.0063},
+    "top2_e4": {"moe-router-type": "topk", "moe-router-topk": 2},
+}
 SPEC_POINTS = {
     "topk_synthetic": {"moe-router-type": "topk"},
     "switch_synthetic": {"moe-router-type": "switch"},
@@ -72,6 +81,14 @@ def train(out, options, ranks=1):
 def cf_sweep(tmp_path_factory):
     directory = tmp_path_factory.mktemp("cf_sweep")
     for name, options in CF_POINTS.items():
+        train(directory / f"{name}.h5", options)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def study_sweep(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("switch_study")
+    for name, options in STUDY_POINTS.items():
         train(directory / f"{name}.h5", options)
     return directory
 
@@ -140,6 +157,30 @@ def test_capacity_factor_notebook_writes_figures_and_table1(cf_sweep, tmp_path, 
 
 
 @NEEDS_MATCHING_BUILD
+def test_switch_study_notebook_draws_loss_against_steps_and_time(study_sweep, tmp_path,
+                                                                monkeypatch):
+    figures = tmp_path / "figures"
+    notebook = execute_notebook("switch_study.ipynb", monkeypatch, MOESIM_SWEEP=study_sweep,
+                                MOESIM_FIGURES=figures)
+    assert_files(figures, ["switch_study_loss_vs_steps.png", "switch_study_loss_vs_time.png",
+                           "switch_study_curves.csv", "switch_study_overtaking.csv",
+                           "switch_study_overtaking.md"])
+    curves = pd.read_csv(figures / "switch_study_curves.csv")
+    evaluations = TINY["train-iters"] // TINY["eval-interval"] + 1  # step 0 included
+    assert sorted(curves["run"].unique()) == sorted(STUDY_POINTS)
+    assert (curves.groupby("run").size() == evaluations).all()
+    for run, rows in curves.groupby("run"):
+        assert rows["train_s"].iloc[0] == 0.0 and rows["train_s"].is_monotonic_increasing, run
+        recorded = load_run(study_sweep / f"{run}.h5").train["step_time_s"].sum()
+        assert rows["train_s"].iloc[-1] == pytest.approx(recorded), run
+    table = pd.read_csv(figures / "switch_study_overtaking.csv").set_index("run")
+    assert sorted(table.index) == ["switch_e4", "switch_e4_reduced_init", "top2_e4"]
+    assert table.loc["switch_e4", "dense_run"] == "dense_ffn32"
+    assert table.loc["top2_e4", "dense_run"] == "dense_ffn64"
+    assert "overtakes_at_step" in printed(notebook)
+
+
+@NEEDS_MATCHING_BUILD
 def test_scaling_notebook_writes_efficiency_and_phase_breakdown(scaling_sweep, tmp_path,
                                                                monkeypatch):
     figures = tmp_path / "figures"
@@ -197,6 +238,28 @@ def test_models_are_told_apart_by_config():
     assert experiments.is_dense(dense) and not experiments.is_dense(moe)
     assert experiments.active_experts(dense) == 2
     assert experiments.model_label(dense) == "dense (FFN 512)"
+
+
+def test_overtaking_is_the_first_evaluation_from_which_moe_stays_below_dense():
+    def curve(run, losses, dense=False, k=1):
+        return pd.DataFrame({"run": run, "model": run, "top_k": k, "dense": dense,
+                             "step": [0, 10, 20, 30, 40], "loss": losses,
+                             "train_s": [0.0, 1.0, 2.0, 3.0, 4.0]})
+    curves = pd.concat([
+        curve("dense1", [5.0, 4.0, 3.0, 2.5, 2.2], dense=True),
+        curve("dense2", [5.0, 3.9, 2.9, 2.4, 2.1], dense=True, k=2),
+        curve("late", [5.0, 3.5, 3.1, 2.4, 2.1]),     # below at 10, above at 20, below from 30
+        curve("never", [5.0, 4.1, 3.1, 2.6, 2.3]),
+        curve("top2", [5.0, 3.8, 2.8, 2.3, 2.05], k=2),
+    ])
+    table = experiments.overtaking_table(curves).set_index("run")
+    assert table.loc["late", "overtakes_at_step"] == 30
+    assert table.loc["late", "overtakes_at_train_s"] == 3.0
+    assert table.loc["late", "gap"] == pytest.approx(-0.1)
+    assert math.isnan(table.loc["never", "overtakes_at_step"])
+    # step 0 ties (same start): from 10 on below
+    assert table.loc["top2", "dense_run"] == "dense2"
+    assert table.loc["top2", "overtakes_at_step"] == 10
 
 
 def test_steps_to_threshold_is_the_first_evaluation_at_or_below_it():

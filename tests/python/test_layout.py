@@ -44,6 +44,13 @@ VARIANTS = {
     "noisy-topk": {"moe-router-type": "noisy_topk"},
     "gshard-top2": {"moe-router-type": "gshard_top2"},
     "expert-bias": {"moe-router-enable-expert-bias": 1, "moe-router-bias-update-rate": 1e-3},
+    # DeepSeek-V3 group-limited routing: 2 groups of 2 experts, one group per token
+    "group-limited": {"moe-router-num-groups": 2, "moe-router-group-topk": 1},
+    # Switch's expert dropout: masks keyed by (seed, step, layer, expert, token)
+    "expert-dropout": {"moe-expert-dropout": 0.3},
+    "expert-dropout-overlap": {"moe-expert-dropout": 0.3, "moe-overlap-chunks": 2},
+    "expert-dropout-hier": {"moe-expert-dropout": 0.3, "moe-token-dispatcher-type": "hierarchical",
+                            "ranks-per-node": 1},
 }
 # The hierarchical dispatcher on emulated nodes of n ranks: the dropped base
 # moved by another transport, so its reference is the base's 1-rank run.

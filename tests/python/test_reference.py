@@ -64,6 +64,93 @@ CONFIGS = {
     "large-weights-top2-norm-tied-drop": (
         {**SYNTHETIC, "weight-scale": 10, "moe-router-topk": 2, "moe-router-norm-topk-prob": 1,
          "moe-expert-capacity-factor": 0.75}, True),
+    # ---- every other router, and the options around them (issue 17) ----
+    "switch-groups16-drop": (
+        {**SYNTHETIC, "moe-router-type": "switch", "moe-group-size": 16,
+         "moe-expert-capacity-factor": 0.5, "moe-min-capacity": 0}, True),
+    "switch-dropless-untied": (
+        {**SYNTHETIC, "moe-router-type": "switch", "moe-expert-capacity-factor": 0,
+         "untie-embeddings-and-output-weights": 1}, False),
+    "switch-large-weights-drop": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-router-type": "switch",
+         "moe-expert-capacity-factor": 1.0, "moe-min-capacity": 0}, True),
+    "noisy-top2-importance-load-drop": (
+        {**SYNTHETIC, "moe-router-type": "noisy_topk", "moe-router-topk": 2,
+         "moe-importance-loss-coeff": 0.1, "moe-load-loss-coeff": 0.1, "moe-group-size": 32,
+         "moe-expert-capacity-factor": 0.75, "moe-min-capacity": 0}, True),
+    "noisy-top1-large-weights": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-router-type": "noisy_topk", "moe-router-topk": 1,
+         "moe-load-loss-coeff": 0.1, "moe-expert-capacity-factor": 0}, False),
+    "gshard-top2-drop": (
+        {**SYNTHETIC, "moe-router-type": "gshard_top2", "moe-group-size": 32,
+         "moe-expert-capacity-factor": 0.75, "moe-min-capacity": 0}, True),
+    "gshard-top2-global-aux-seq16": (
+        {**SYNTHETIC, "moe-router-type": "gshard_top2", "seq-length": 16,
+         "moe-router-load-balancing-type": "global_aux_loss", "moe-group-size": 16,
+         "moe-expert-capacity-factor": 1.0, "moe-min-capacity": 0}, True),
+    "gshard-top2-large-weights-dropless": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-router-type": "gshard_top2",
+         "moe-expert-capacity-factor": 0}, False),
+    "expert-choice-k1-groups16": (
+        {**SYNTHETIC, "moe-router-type": "expert_choice", "moe-router-topk": 1,
+         "moe-group-size": 16, "moe-expert-capacity-factor": 1.0}, True),
+    "expert-choice-k2-large-weights": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-router-type": "expert_choice",
+         "moe-router-topk": 2, "moe-expert-capacity-factor": 1.0}, True),
+    "sinkhorn-top1-drop": (
+        {**SYNTHETIC, "moe-router-type": "sinkhorn", "moe-router-topk": 1,
+         "moe-group-size": 32, "moe-expert-capacity-factor": 0.75, "moe-min-capacity": 0}, True),
+    "sinkhorn-top2-large-weights": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-router-type": "sinkhorn", "moe-router-topk": 2,
+         "moe-expert-capacity-factor": 1.0, "moe-min-capacity": 0}, False),
+    "soft-large-weights": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-router-type": "soft",
+         "moe-importance-loss-coeff": 0.1}, False),
+    "sigmoid-bias-top2-norm-drop": (
+        {**SYNTHETIC, "moe-router-score-function": "sigmoid", "moe-router-enable-expert-bias": 1,
+         "moe-router-topk": 2, "moe-router-norm-topk-prob": 1,
+         "moe-router-load-balancing-type": "seq_aux_loss", "moe-expert-capacity-factor": 0.75,
+         "moe-min-capacity": 0}, True),
+    "sigmoid-bias-top2-nonorm-large-weights": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-router-score-function": "sigmoid",
+         "moe-router-enable-expert-bias": 1, "moe-router-topk": 2,
+         "moe-router-norm-topk-prob": 0, "moe-expert-capacity-factor": 0}, False),
+    "drop-by-probs-top2-nonorm": (
+        {**SYNTHETIC, "moe-router-topk": 2, "moe-router-norm-topk-prob": 0,
+         "moe-token-drop-policy": "probs", "moe-group-size": 16,
+         "moe-expert-capacity-factor": 0.5, "moe-min-capacity": 0}, True),
+    "drop-by-probs-top1-large-weights": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-router-topk": 1, "moe-router-norm-topk-prob": 0,
+         "moe-token-drop-policy": "probs", "moe-expert-capacity-factor": 0.75,
+         "moe-min-capacity": 0}, True),
+    "dropless-top2-global-aux": (
+        {**SYNTHETIC, "moe-router-topk": 2, "moe-expert-capacity-factor": 0,
+         "moe-router-load-balancing-type": "global_aux_loss"}, False),
+    "mixtral-softmax-over-selected-jitter": (
+        {**SYNTHETIC, "moe-router-topk": 2, "moe-router-pre-softmax": 0,
+         "moe-input-jitter-eps": 0.1, "moe-expert-capacity-factor": 1.0}, False),
+    # DeepSeek-V3 group-limited routing: 8 experts in 4 groups, 2 groups per token
+    "group-limited-sigmoid-bias-top4": (
+        {**SYNTHETIC, "num-experts": 8, "moe-router-num-groups": 4, "moe-router-group-topk": 2,
+         "moe-router-score-function": "sigmoid", "moe-router-enable-expert-bias": 1,
+         "moe-router-topk": 4, "moe-expert-capacity-factor": 1.0, "moe-min-capacity": 0},
+        True),
+    "group-limited-top2-one-group-large-weights": (
+        {**SYNTHETIC, "weight-scale": 10, "num-experts": 8, "moe-router-num-groups": 2,
+         "moe-router-group-topk": 1, "moe-router-topk": 2, "moe-expert-capacity-factor": 0},
+        False),
+    "group-limited-gshard-drop": (
+        {**SYNTHETIC, "num-experts": 8, "moe-router-num-groups": 4, "moe-router-group-topk": 1,
+         "moe-router-type": "gshard_top2", "moe-expert-capacity-factor": 0.75,
+         "moe-min-capacity": 0}, True),
+    "swiglu-shared-top2-drop": (
+        {**SYNTHETIC, "moe-expert-activation": "swiglu",
+         "moe-shared-expert-intermediate-size": 24, "moe-router-topk": 2,
+         "moe-expert-capacity-factor": 0.75, "moe-min-capacity": 0}, True),
+    "swiglu-shared-switch-large-weights": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-expert-activation": "swiglu",
+         "moe-shared-expert-intermediate-size": 16, "moe-router-type": "switch",
+         "moe-layer-freq": 2, "moe-expert-capacity-factor": 0}, False),
 }
 
 
@@ -134,8 +221,11 @@ def compare(export, ref, ref_grads):
               theirs["choice_expert"].numpy())
         exact(f"routing/{l}/choice_kept", mine["choice_kept"],
               theirs["choice_kept"].numpy().astype(np.int32))
+        if "choice_routed" in mine:
+            exact(f"routing/{l}/choice_routed", mine["choice_routed"],
+                  theirs["choice_routed"].numpy().astype(np.int32))
     value("logits", export.logits, ref["logits"].detach().numpy())
-    for name in ("loss", "ce_loss", "aux_loss", "z_loss"):
+    for name in ("loss", "ce_loss") + torch_moe.LOSS_TERMS:
         value(name, getattr(export, name), ref[name].item())
     exact("gradient names", sorted(export.grads), sorted(ref_grads))
     exact("parameter names", sorted(export.params), sorted(export.grads))

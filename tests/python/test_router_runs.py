@@ -98,3 +98,34 @@ def test_expert_bias_moves_by_the_sign_of_the_load_error_every_step(tmp_path):
 def test_without_the_flag_the_recorded_expert_bias_is_zero(tmp_path):
     run = bias_run(tmp_path, "nobias")
     assert np.all(run["routing/expert_bias"] == 0.0)
+
+
+# ---- group-limited routing in /traffic ------------------------------------------------
+
+def dispatch_bytes(tmp_path, name, **options):
+    """/traffic/dispatch_bytes [steps, P, P] and /train/tokens of a 2-rank,
+    EP 2, dropless, top-2 run over 8 experts."""
+    out = tmp_path / f"{name}.h5"
+    options = {**SMALL, "num-experts": 8, "moe-router-topk": 2, "moe-expert-capacity-factor": 0,
+               "micro-batch-size": 2, "train-iters": 10, "eval-interval": 10, **options,
+               "out": out}
+    with h5py.File(train_record(options, 2, timeout=RUN_TIMEOUT), "r") as f:
+        return f["traffic/dispatch_bytes"][()]
+
+
+def test_group_limited_routing_sends_each_token_to_one_rank(tmp_path):
+    """Groups = EP ranks (each rank owns 4 consecutive experts) and one group per
+    token: each token's two rows go to one rank, so every cell of the traffic
+    matrix, in every step, is a whole number of token pairs. Plain top-2
+    splits some tokens across the ranks, and then some cell holds an odd
+    number of rows."""
+    plain = dispatch_bytes(tmp_path, "plain")
+    limited = dispatch_bytes(tmp_path, "limited", **{"moe-router-num-groups": 2,
+                                                     "moe-router-group-topk": 1})
+    # dropless: every step moves tokens x k x MoE layers rows in all
+    rows = 2 * 2 * 16 * 2 * 2  # ranks x micro-batch x seq x k x layers
+    row_bytes = plain[0].sum() // rows
+    assert plain[0].sum() == rows * row_bytes and limited.sum() == plain.sum()
+    assert row_bytes > 0
+    assert np.all(limited % (2 * row_bytes) == 0), limited // row_bytes
+    assert np.any(plain % (2 * row_bytes) != 0), "plain top-2 should split some tokens"

@@ -64,6 +64,19 @@ static void put_config(Export *ex, const ModelShape *s) {
     put_scalar(ex, "config/min_capacity", s->min_capacity);
     put_scalar(ex, "config/aux_loss_coeff", s->aux_loss_coeff);
     put_scalar(ex, "config/z_loss_coeff", s->z_loss_coeff);
+    put_scalar(ex, "config/router_type", s->router_type);
+    put_scalar(ex, "config/sigmoid_scores", s->sigmoid_scores);
+    put_scalar(ex, "config/softmax_over_selected", s->softmax_over_selected);
+    put_scalar(ex, "config/drop_by_prob", s->drop_by_prob);
+    put_scalar(ex, "config/balancing", s->balancing);
+    put_scalar(ex, "config/importance_loss_coeff", s->importance_loss_coeff);
+    put_scalar(ex, "config/load_loss_coeff", s->load_loss_coeff);
+    put_scalar(ex, "config/jitter_eps", s->jitter_eps);
+    put_scalar(ex, "config/expert_bias", s->expert_bias);
+    put_scalar(ex, "config/swiglu", s->expert_activation == FFN_SWIGLU);
+    put_scalar(ex, "config/shared_F", s->shared_F);
+    put_scalar(ex, "config/num_groups", s->router_groups);
+    put_scalar(ex, "config/group_topk", s->router_group_topk);
 }
 
 /* One group per tensor-table entry; when tied, lm_head_w is no entry of the
@@ -79,24 +92,46 @@ static void put_tensors(Export *ex, const Model *m, const char *group, const flo
     }
 }
 
-/* choice_kept is unsigned char in the router; int32 is what h5py and the
- * test compare most simply. */
-static void put_routing(Export *ex, const Model *m, int *kept_scratch) {
+/* Every routing decision, and every random draw behind one, so the reference
+ * can recompute the rest: choice_kept and choice_routed are unsigned char in
+ * the router; int32 is what h5py and the test compare most simply. */
+static void put_routing(Export *ex, const Model *m, int *flag_scratch) {
     const ModelShape *s = &m->shape;
     long N = (long)s->B * s->T;
-    long dims[2] = {N, s->K};
     for (int l = 0; l < s->L; l++) {
         if (!model_is_moe_layer(s, l)) continue;
         const Routing *r = &m->moe[l].routing;
+        long dims[2] = {N, r->slots}, noise_dims[2] = {N, s->E}, jitter_dims[2] = {N, s->C};
+        long token_dims[1] = {N}, expert_dims[1] = {s->E};
         char name[96];
-        for (long a = 0; a < N * s->K; a++) kept_scratch[a] = r->choice_kept[a];
-        snprintf(name, sizeof name, "routing/%d/choice_expert", l);
-        put_i32(ex, name, r->choice_expert, 2, dims);
-        snprintf(name, sizeof name, "routing/%d/choice_kept", l);
-        put_i32(ex, name, kept_scratch, 2, dims);
-        snprintf(name, sizeof name, "routing/%d/capacity", l);
-        put_scalar(ex, name, r->capacity);
+#define NAME(what) (snprintf(name, sizeof name, "routing/%d/%s", l, what), name)
+        put_i32(ex, NAME("choice_expert"), r->choice_expert, 2, dims);
+        for (long a = 0; a < N * r->slots; a++) flag_scratch[a] = r->choice_kept[a];
+        put_i32(ex, NAME("choice_kept"), flag_scratch, 2, dims);
+        for (long a = 0; a < N * r->slots; a++) flag_scratch[a] = r->choice_routed[a];
+        put_i32(ex, NAME("choice_routed"), flag_scratch, 2, dims);
+        put_scalar(ex, NAME("capacity"), r->capacity);
+        if (r->noise) put_f32(ex, NAME("noise"), r->noise, 2, noise_dims);
+        if (r->jitter) put_f32(ex, NAME("jitter"), r->jitter, 2, jitter_dims);
+        if (r->second_draw)
+            note(ex, tensor_file_write_f64(ex->file, NAME("second_draw"), r->second_draw, 1,
+                                           token_dims),
+                 name);
+        if (m->expert_bias && m->expert_bias[l])
+            put_f32(ex, NAME("expert_bias"), m->expert_bias[l], 1, expert_dims);
+#undef NAME
     }
+}
+
+/* A fresh model's expert bias is zero, which would leave biased selection
+ * untested: give each layer a distinct spread of a few hundredths, enough to
+ * move selections between near-equal scores. */
+static void spread_expert_bias(Model *m) {
+    const ModelShape *s = &m->shape;
+    for (int l = 0; l < s->L; l++)
+        if (m->expert_bias && m->expert_bias[l])
+            for (int e = 0; e < s->E; e++)
+                m->expert_bias[l][e] = 0.02f * (float)((e * 5 + l) % s->E - (s->E - 1) / 2.0);
 }
 
 /* Scales every initialised-at-random tensor: at the default 0.02 init the FFN
@@ -138,12 +173,13 @@ static int run(const char *out_path, double weight_scale, int argc, char **argv,
         return -1;
     }
     scale_weights(&model, weight_scale);
+    spread_expert_bias(&model);
     model.router_ctx = (RouterContext){.training = 1, .seed = (uint64_t)cfg.seed};
     long N = (long)shape.B * shape.T;
     int *inputs = malloc(sizeof(int) * N);
     int *targets = malloc(sizeof(int) * N);
     int *categories = malloc(sizeof(int) * N);
-    int *kept = malloc(sizeof(int) * N * shape.K);
+    int *kept = malloc(sizeof(int) * N * (shape.K > shape.E ? shape.K : shape.E));
     float *logits = malloc(sizeof(float) * N * shape.V);
     int rc = -1;
     if (!inputs || !targets || !categories || !kept || !logits) {
@@ -178,6 +214,8 @@ static int run(const char *out_path, double weight_scale, int argc, char **argv,
     put_scalar(&ex, "ce_loss", model.ce_loss);
     put_scalar(&ex, "aux_loss", model.aux_loss);
     put_scalar(&ex, "z_loss", model.z_loss);
+    put_scalar(&ex, "importance_loss", model.importance_loss);
+    put_scalar(&ex, "load_loss", model.load_loss);
     put_routing(&ex, &model, kept);
     note(&ex, tensor_file_close(ex.file), "(closing the file)");
     if (ex.failed) {
