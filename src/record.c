@@ -1404,6 +1404,20 @@ static void count_tensors(hid_t file, const char *group, long *tensors, long *el
 }
 
 /* `moesim info` on a checkpoint file (checkpoint.c writes them). */
+/* A checkpoint's feed-forward layers: how many are MoE and their experts,
+ * or "dense (no MoE layers)" as the trainer's banner says. */
+static void describe_ffn_layers(hid_t file, long layers, long moe_freq, char *buf, size_t len) {
+    long moe_layers = moe_freq > 0 ? layers / moe_freq : 0;
+    if (moe_layers == 0)
+        snprintf(buf, len, "dense (no MoE layers), FFN %ld",
+                 long_attr_or(file, "config.ffn_hidden_size", 0));
+    else
+        snprintf(buf, len, "%ld MoE with %ld experts top-%ld, expert ffn %ld", moe_layers,
+                 long_attr_or(file, "config.num_experts", 0),
+                 long_attr_or(file, "config.moe_router_topk", 0),
+                 long_attr_or(file, "config.moe_ffn_hidden_size", 0));
+}
+
 static int print_checkpoint_info(hid_t file, const char *path) {
     char version[64], revision[64], data[MOESIM_PATH_MAX];
     string_attr(file, "moesim_version", version, sizeof version);
@@ -1432,15 +1446,12 @@ static int print_checkpoint_info(hid_t file, const char *path) {
     else
         printf(
             "  saved on a layout it does not record (an older moesim); any layout can load it\n");
-    printf(
-        "  model: %ld layers (%ld MoE), hidden %ld, %ld heads, %ld experts top-%ld, expert ffn "
-        "%ld, seq %ld | %ld tensors, %ld parameters\n",
-        layers, moe_freq > 0 ? layers / moe_freq : 0, long_attr_or(file, "config.hidden_size", 0),
-        long_attr_or(file, "config.num_attention_heads", 0),
-        long_attr_or(file, "config.num_experts", 0),
-        long_attr_or(file, "config.moe_router_topk", 0),
-        long_attr_or(file, "config.moe_ffn_hidden_size", 0),
-        long_attr_or(file, "config.seq_length", 0), tensors, params);
+    char ffn[128];
+    describe_ffn_layers(file, layers, moe_freq, ffn, sizeof ffn);
+    printf("  model: %ld layers, %s, hidden %ld, %ld heads, seq %ld | %ld tensors, %ld parameters\n",
+           layers, ffn, long_attr_or(file, "config.hidden_size", 0),
+           long_attr_or(file, "config.num_attention_heads", 0),
+           long_attr_or(file, "config.seq_length", 0), tensors, params);
     int adam = m_tensors == tensors && v_tensors == tensors && m_values == params &&
                v_values == params && tensors > 0;
     char bias_note[64] = "none";

@@ -257,11 +257,20 @@ def test_info_summarises_a_checkpoint_and_its_directory(uninterrupted):
     assert lines.startswith(f"moesim checkpoint {path} (")
     assert f"checkpoint schema 1 | iteration {STEPS}, optimizer step {STEPS} of {STEPS}" in lines
     assert "saved on 2 ranks, expert-parallel size 2" in lines, lines
-    assert f"4 experts top-2, expert ffn 32, seq {SEQ} | {tensors} tensors, {parameters} " \
-        "parameters" in lines, lines
+    assert f"model: 2 layers, 2 MoE with 4 experts top-2, expert ffn 32, hidden 32, 2 heads, " \
+        f"seq {SEQ} | {tensors} tensors, {parameters} parameters" in lines, lines
     assert "Adam moments present" in lines, lines
     directory = moesim_info(uninterrupted / "ckpt")
     assert directory.returncode == 0 and directory.stdout == info.stdout, directory.stderr
+
+
+def test_info_calls_a_dense_checkpoint_dense(tmp_path):
+    result = run(1, 1, tmp_path / "dense.h5", tmp_path / "ckpt", **{"dense": 1, "train-iters": 10})
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = moesim_info(tmp_path / "ckpt")
+    assert info.returncode == 0, info.stdout + info.stderr
+    assert "model: 2 layers, dense (no MoE layers), FFN 64, hidden 32" in info.stdout, info.stdout
+    assert "experts" not in info.stdout.split("model:")[1].splitlines()[0], info.stdout
 
 
 def test_info_reports_a_truncated_checkpoint_as_corrupt(uninterrupted, tmp_path):
