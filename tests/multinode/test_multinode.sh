@@ -7,7 +7,8 @@
 #      and at EP 2 (ranks by node: 0,2 on node0, 1,3 on node1, so each EP
 #      group spans both nodes), with the hierarchical dispatcher on the nodes
 #      Open MPI found (EP 4) and with expert work overlapping the exchange
-#      (EP 2, 2 chunks); the records name the node of every rank;
+#      and the gradient reduction overlapping backward (EP 2, 2 chunks,
+#      --overlap-grad-reduce 1); the records name the node of every rank;
 #   2. Open MPI's verbose output shows TCP between nodes, to the veth
 #      addresses only, and vader (shared memory) within a node; the veth
 #      counters carry at least the bytes the record says crossed nodes;
@@ -157,7 +158,7 @@ grep -q "exchange: hierarchical dispatcher, 2 node(s)$" "$scratch/hier.log" ||
   fail "$scratch/hier.log: the hierarchical run did not see 2 nodes: $(grep '^exchange:' "$scratch/hier.log")"
 run_logged "$run_timeout_s" "$scratch/overlap.log" "${mpi_cluster[@]}" -n 4 --map-by node \
   "$moesim" train "${tiny[@]}" --train-iters "$steps" --micro-batch-size "$micro_batch" \
-  --expert-model-parallel-size 2 --moe-overlap-chunks 2 --out "$scratch/overlap.h5"
+  --expert-model-parallel-size 2 --moe-overlap-chunks 2 --overlap-grad-reduce 1 --out "$scratch/overlap.h5"
 echo "test-multinode: 4 ranks on 2 nodes, $steps steps: EP 4 in $ep4_ms ms (verbose), EP 2 in $ep2_ms ms"
 $python tests/multinode/compare_records.py "$scratch/ref.h5" \
   "$scratch/ep4.h5:$node0,$node0,$node1,$node1" "$scratch/ep2.h5:$node0,$node1,$node0,$node1" \
