@@ -83,10 +83,10 @@ def assert_failed_record_reads_back(out, error):
 
 
 # The first flush of this model's record allocates one chunk per dataset, up
-# to 1.6 MB by record_flush's bound: 800k holds the new record and its 256 kB
-# reserve but not that; 2400k holds it, and the run fills the disk when its
-# rows reach the second chunks (row 1025).
-@pytest.mark.parametrize("size, first_flush", [("800k", True), ("2400k", False)])
+# to 2.2 MB by record_flush's bound (schema 8): 800k holds the new record and
+# its 256 kB reserve but not that; 3000k holds it, and the run fills the disk
+# when its rows reach the second chunks (row 1025).
+@pytest.mark.parametrize("size, first_flush", [("800k", True), ("3000k", False)])
 def test_a_full_disk_leaves_a_whole_failed_record(tmp_path, size, first_flush):
     with tmpfs(tmp_path / "disk", size) as disk:
         out = disk / "run.h5"

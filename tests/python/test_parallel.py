@@ -326,12 +326,12 @@ FAULT_TIMEOUT = 120
 
 @pytest.fixture(scope="module")
 def tiny_tmpfs(tmp_path_factory):
-    """A 2400 KiB tmpfs: the run record fits it for its first 1024 rows, and its
+    """A 3000 KiB tmpfs: the run record fits it for its first 1024 rows, and its
     first flush past them does not (test_disk_full.py has the details)."""
     mnt = tmp_path_factory.mktemp("tiny")
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2400k", "tmpfs", str(mnt)],
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3000k", "tmpfs", str(mnt)],
                            capture_output=True, text=True, timeout=30)
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
