@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from .experiments import capacity_positions
 from .plots import PANEL_WIDTH_IN, _save, integer_steps
@@ -30,10 +30,12 @@ def capacity_factor_metric(table: pd.DataFrame, metric: str, ylabel: str, title:
     for index, (model, rows) in enumerate(moe.groupby("model", sort=False)):
         rows = rows.assign(x=rows["capacity_factor"].map(positions)).sort_values("x")
         finite = rows[rows["capacity_factor"] > 0]
-        ax.plot(finite["x"], finite[metric], marker="o", color=f"C{index}", label=model)
+        # unclipped: a 0 on an axis that starts at 0 shows a whole marker
+        ax.plot(finite["x"], finite[metric], marker="o", color=f"C{index}", label=model,
+                clip_on=False)
         dropless = rows[rows["capacity_factor"] == 0]
         ax.plot(dropless["x"], dropless[metric], marker="D", markersize=8, linestyle="none",
-                color=f"C{index}")
+                color=f"C{index}", clip_on=False)
         if len(finite) and len(dropless):  # dotted: dropless is no point on the cf axis
             ax.plot([finite["x"].iloc[-1], dropless["x"].iloc[0]],
                     [finite[metric].iloc[-1], dropless[metric].iloc[0]], linestyle=":",
@@ -51,8 +53,11 @@ def capacity_factor_metric(table: pd.DataFrame, metric: str, ylabel: str, title:
                        color="gray", linewidth=0.8, alpha=0.5)
     if percent:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
-    if metric in ZERO_BASED_METRICS:  # a cut axis would make a 10% change look 2x
-        ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 0))
+    if metric in ZERO_BASED_METRICS and ax.get_ylim()[1] > 0:
+        # from 0, since a cut axis makes a 10% change look 2x; headroom for a dense line on top
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
+    if metric == "steps_to_threshold":
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("capacity factor (training and evaluation)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -360,7 +360,7 @@ def metric_vs_config(runs: RunSet, key: str, metric: str = "final_eval_loss", sa
     positions = points[key] if numeric else points[key].astype(str)
     fig = Figure(figsize=(PANEL_WIDTH_IN, 4), layout="constrained")
     ax = fig.subplots()
-    ax.scatter(positions, points[metric], zorder=3)
+    ax.scatter(positions, points[metric], zorder=3, clip_on=False)  # whole marker at 0
     means = points.assign(position=positions).groupby("position")[metric].mean()
     ax.plot(means.index, means.to_numpy(), color="gray", linewidth=1)
     for position, value, name in zip(positions, points[metric], points["run"]):

@@ -394,6 +394,10 @@ def test_capacity_factor_figures_say_what_they_plot_and_start_ratios_at_zero():
         assert ax.get_xlabel() == "capacity factor (training and evaluation)"
         assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "dropless"]
         assert (ax.get_ylim()[0] == 0) == (metric != "quality"), metric
+        assert ax.get_ylim()[1] > table[metric].max(), f"{metric}: the top line is cut"
+    steps = experiment_plots.capacity_factor_metric(table, "steps_to_threshold", "steps", "")
+    ticks = steps.axes[0].get_yticks()
+    np.testing.assert_array_equal(ticks, np.round(ticks))
     runs = [SimpleNamespace(name=run, eval=pd.DataFrame({"step": [0, 5, 10, 15, 20],
                                                           "loss": [5.5, 5.48, 5.45, 5.43, q]}))
             for run, q in zip(table["run"], table["quality"])]
