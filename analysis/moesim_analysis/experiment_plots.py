@@ -8,12 +8,14 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from .experiments import capacity_positions
-from .plots import PANEL_WIDTH_IN, _save
+from .plots import PANEL_WIDTH_IN, _save, integer_steps
 
 DENSE_STYLES = ("--", ":", "-.")
+# capacity_factor_table columns whose ratio matters: their axis starts at 0.
+ZERO_BASED_METRICS = ("tokens_per_s", "drop_rate", "steps_to_threshold")
 
 
 def capacity_factor_metric(table: pd.DataFrame, metric: str, ylabel: str, title: str,
@@ -28,10 +30,12 @@ def capacity_factor_metric(table: pd.DataFrame, metric: str, ylabel: str, title:
     for index, (model, rows) in enumerate(moe.groupby("model", sort=False)):
         rows = rows.assign(x=rows["capacity_factor"].map(positions)).sort_values("x")
         finite = rows[rows["capacity_factor"] > 0]
-        ax.plot(finite["x"], finite[metric], marker="o", color=f"C{index}", label=model)
+        # unclipped: a 0 on an axis that starts at 0 shows a whole marker
+        ax.plot(finite["x"], finite[metric], marker="o", color=f"C{index}", label=model,
+                clip_on=False)
         dropless = rows[rows["capacity_factor"] == 0]
         ax.plot(dropless["x"], dropless[metric], marker="D", markersize=8, linestyle="none",
-                color=f"C{index}")
+                color=f"C{index}", clip_on=False)
         if len(finite) and len(dropless):  # dotted: dropless is no point on the cf axis
             ax.plot([finite["x"].iloc[-1], dropless["x"].iloc[0]],
                     [finite[metric].iloc[-1], dropless[metric].iloc[0]], linestyle=":",
@@ -49,6 +53,11 @@ def capacity_factor_metric(table: pd.DataFrame, metric: str, ylabel: str, title:
                        color="gray", linewidth=0.8, alpha=0.5)
     if percent:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if metric in ZERO_BASED_METRICS and ax.get_ylim()[1] > 0:
+        # from 0, since a cut axis makes a 10% change look 2x; headroom for a dense line on top
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.05)
+    if metric == "steps_to_threshold":
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("capacity factor (training and evaluation)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -68,6 +77,7 @@ def capacity_factor_loss_curves(runs, table: pd.DataFrame, threshold: float,
     fig = Figure(figsize=(PANEL_WIDTH_IN * len(models) * 0.8 + 1, 4), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(models), sharey=True, squeeze=False)[0])
     colors = colormaps["viridis_r"]
+    fig.suptitle("validation loss over training, per capacity factor")
     for ax, model in zip(axes, models):
         rows = moe[moe["model"] == model]
         factors = rows["capacity_factor"].map(lambda cf: np.inf if cf == 0 else cf)
@@ -85,6 +95,7 @@ def capacity_factor_loss_curves(runs, table: pd.DataFrame, threshold: float,
             ax.axhline(threshold, color="red", linewidth=1, label=f"threshold {threshold:.3f}")
         ax.set_title(model)
         ax.set_xlabel("step")
+        integer_steps(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
     axes[0].set_ylabel("validation loss (nats/token)")
@@ -106,20 +117,27 @@ def scaling_efficiency(tables: dict, save=None) -> Figure:
                 label="efficiency")
         ax.axhline(1.0, color="gray", linestyle="--", label="ideal")
         for row in table.itertuples():
+            low = row.efficiency < 0.3  # below the point the label would cross the x axis
             ax.annotate(f"{row.efficiency:.0%}\n({row.speedup:.2f}x tokens/s)",
-                        (row.world_size, row.efficiency), xytext=(5, -4),
-                        textcoords="offset points", fontsize="small", va="top")
+                        (row.world_size, row.efficiency), xytext=(5, 4 if low else -4),
+                        textcoords="offset points", fontsize="small",
+                        va="bottom" if low else "top")
         ax.set_xticks(table["world_size"])
         ax.set_xlim(table["world_size"].min() - 0.3, table["world_size"].max() + 0.9)
         ax.set_ylim(0, max(1.15, table["efficiency"].max() + 0.1))
         ax.set_xlabel("ranks")
-        ax.set_ylabel("efficiency")
+        ax.set_ylabel("efficiency (1 = ideal)")
         ax.set_title({"weak": "weak scaling: per-rank tokens/s / 1 rank's",
                       "strong": "strong scaling: speedup / ranks"}.get(kind, kind),
                      fontsize="medium")
         ax.legend(fontsize="small", loc="lower left")
         ax.grid(alpha=0.3)
     return _save(fig, save)
+
+
+def seconds_label(seconds: float) -> str:
+    """Three significant digits, in ms below a second ("0.002 s" hid 2.3 vs 1.6 ms)."""
+    return f"{seconds:.3g} s" if seconds >= 1 else f"{seconds * 1e3:.3g} ms"
 
 
 def phase_group_bars(groups: dict, save=None) -> Figure:
@@ -136,7 +154,7 @@ def phase_group_bars(groups: dict, save=None) -> Figure:
             ax.bar(positions, seconds, bottom=bottom, color=f"C{index}", label=group)
             bottom += seconds
         for position, total in zip(positions, bottom):
-            ax.annotate(f"{total:.3f} s", (position, total), ha="center", va="bottom",
+            ax.annotate(seconds_label(total), (position, total), ha="center", va="bottom",
                         fontsize="small")
         ax.set_xticks(positions, [str(ws) for ws in frame.index])
         ax.set_xlabel("ranks")
@@ -156,6 +174,9 @@ def mutual_information_vs_random(frames: dict, save=None) -> Figure:
     rows = -(-count // columns)
     fig = Figure(figsize=(PANEL_WIDTH_IN * columns, 3.3 * rows), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    fig.suptitle("mutual information between expert and data category: measured (solid)\nvs "
+                 "a random router with the same loads (dashed: mean, shaded: to its 95th "
+                 "percentile)", fontsize="medium")
     for ax, (name, frame) in zip(axes, frames.items()):
         for layer, layer_rows in frame.groupby("layer"):
             color = f"C{layer % 10}"
@@ -165,9 +186,11 @@ def mutual_information_vs_random(frames: dict, save=None) -> Figure:
                     color=color, alpha=0.8)
             ax.fill_between(layer_rows["eval_step"], 0, layer_rows["random_bits_q95"],
                             color=color, alpha=0.08)
-        ax.plot([], [], linestyle="--", color="gray", label="random router (dashed)")
+        ax.plot([], [], linestyle="--", color="gray", label="random router (mean)")
+        ax.fill_between([], [], color="gray", alpha=0.15, label="random router (to 95th pct)")
         ax.set_title(name, fontsize="medium")
         ax.set_xlabel("step")
+        integer_steps(ax)
         ax.set_ylabel("I(expert; category) (bits)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
@@ -194,6 +217,8 @@ def study_loss_curves(curves: pd.DataFrame, x: str, save=None) -> Figure:
                     linestyle="--" if dense else "-", linewidth=2 if dense else 1)
         ax.set_title(f"{k} active expert{'s' if k > 1 else ''} per token")
         ax.set_xlabel("step" if x == "step" else "training time (s, evaluations excluded)")
+        if x == "step":
+            integer_steps(ax)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
     axes[0].set_ylabel("validation loss (nats/token)")

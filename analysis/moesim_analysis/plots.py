@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, PercentFormatter
+from matplotlib.ticker import FixedLocator, MaxNLocator, PercentFormatter
 
 from . import experiments
 from .record import Run
@@ -37,6 +37,11 @@ def _save(fig: Figure, save) -> Figure:
     return fig
 
 
+def integer_steps(ax) -> None:
+    """Step axes tick at whole steps (no 2.5 on a 20-step run)."""
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+
+
 def _as_runs(runs) -> list:
     if isinstance(runs, Run):
         return [runs]
@@ -53,17 +58,20 @@ def _layer_panels(count: int, title: str):
 
 def loss_curves(runs, save=None) -> Figure:
     """Train loss per logged step (line) and eval loss (markers), one colour per run."""
+    runs = _as_runs(runs)
     fig = Figure(figsize=(PANEL_WIDTH_IN + 1, 4), layout="constrained")
     ax = fig.subplots()
-    for index, run in enumerate(_as_runs(runs)):
+    for index, run in enumerate(runs):
         color = f"C{index % 10}"
         ax.plot(run.train["step"], run.train["loss"], color=color, alpha=0.6, linewidth=1,
                 label=f"{run.name} train")
         ax.plot(run.eval["step"], run.eval["loss"], color=color, marker="o", linestyle="--",
                 label=f"{run.name} eval")
     ax.set_xlabel("step")
+    integer_steps(ax)
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("loss")
+    subject = runs[0].name if len(runs) == 1 else f"{len(runs)} runs"
+    ax.set_title(f"{subject}: train loss (lines) and validation loss (markers)")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     return _save(fig, save)
@@ -122,6 +130,7 @@ def drop_rate_curves(run: Run, save=None) -> Figure:
             label="all layers")
     ax.yaxis.set_major_formatter(PercentFormatter(1.0))
     ax.set_xlabel("step")
+    integer_steps(ax)
     ax.set_ylabel("dropped assignments")
     ax.set_title(f"{run.name}: drop rate")
     ax.legend(fontsize="small")
@@ -145,6 +154,7 @@ def router_logits(run: Run, save=None) -> Figure:
                       f"{run.config.get('moe_z_loss_coeff', '?')})")
     axes[0].legend(fontsize="small")
     axes[1].set_xlabel("step")
+    integer_steps(axes[1])
     return _save(fig, save)
 
 
@@ -232,9 +242,10 @@ def fold_small_categories(counts: pd.DataFrame, min_expected: float) -> pd.DataF
     sizes = counts.sum(axis=0).sort_values(ascending=False, kind="stable")
     small = sizes.index[sizes < min_expected * len(counts.index)]
     kept = counts[[c for c in sizes.index if c not in set(small)]]
-    if len(small) == 0:
+    other = counts[list(small)].sum(axis=1)
+    if other.sum() == 0:  # no assignments at all (e.g. no validation text): nothing to show
         return kept
-    return kept.assign(other=counts[list(small)].sum(axis=1))
+    return kept.assign(other=other)
 
 
 def specialization_heatmap(run: Run, eval_step=None, save=None,
@@ -264,13 +275,14 @@ def specialization_heatmap(run: Run, eval_step=None, save=None,
     axes = fig.subplots(len(layers), 1, sharex=True, squeeze=False)[:, 0]
     fig.suptitle(f"{run.name}: expert preference for data categories at step {eval_step}")
     norm = TwoSlopeNorm(vcenter=0, vmin=-MAX_LOG2_LIFT, vmax=MAX_LOG2_LIFT)
-    image = None
+    image, unused_expert = None, False
     for ax, layer in zip(axes, layers):
         counts = tables[layer]
         lift = specialization_lift(counts, min_expected).reindex(columns=columns)
         with np.errstate(divide="ignore"):
             log_lift = np.log2(lift.to_numpy(dtype=float))
         log_lift = np.clip(log_lift, -MAX_LOG2_LIFT, MAX_LOG2_LIFT)  # 0 assignments: 1/8
+        unused_expert |= bool(lift.isna().all(axis=1).any())
         image = ax.imshow(np.ma.masked_invalid(log_lift), cmap="RdBu_r", norm=norm,
                           aspect="auto")
         ax.set_facecolor("0.85")  # an unused expert
@@ -284,8 +296,12 @@ def specialization_heatmap(run: Run, eval_step=None, save=None,
     labels = [f"{name} ({share:.0%})" if share >= 0.01 else f"{name} ({share:.1%})"
               for name, share in shares.items()]
     axes[-1].set_xticks(range(len(columns)), labels, rotation=45, ha="right")
-    axes[-1].set_xlabel("data category (share of assignments), largest first; \"other\": "
-                        f"under {min_expected:g} assignments per expert")
+    notes = ["data category (share of assignments), largest first"]
+    if "other" in columns:
+        notes.append(f"\"other\": under {min_expected:g} assignments per expert")
+    if unused_expert:
+        notes.append("grey: expert unused")
+    axes[-1].set_xlabel("; ".join(notes))
     _ratio_colorbar(fig, image, list(axes), "lift: expert's share of the category / "
                     "category's share (1 = no preference)", MAX_LOG2_LIFT)
     return _save(fig, save)
@@ -306,6 +322,7 @@ def mutual_information_curves(run: Run, save=None, baseline_samples: int = 200) 
         ax.fill_between(rows["eval_step"], 0, rows["random_bits_q95"], color=color, alpha=0.08)
     ax.plot([], [], linestyle="--", color="gray", label="random router, same loads")
     ax.set_xlabel("step")
+    integer_steps(ax)
     ax.set_ylabel("I(expert; category) (bits)")
     ax.set_ylim(bottom=0)
     ax.set_title(f"{run.name}: expert-category mutual information vs a random router",
@@ -324,6 +341,10 @@ METRIC_LABELS = {
 }
 
 
+# Quantities whose ratio matters: their axis starts at 0.
+ZERO_BASED_METRICS = ("tokens_per_s", "drop_rate")
+
+
 def metric_vs_config(runs: RunSet, key: str, metric: str = "final_eval_loss", save=None) -> Figure:
     """One point per run: a summarize_runs metric (final_eval_loss,
     final_train_loss, tokens_per_s, drop_rate) against a config column of the
@@ -339,7 +360,7 @@ def metric_vs_config(runs: RunSet, key: str, metric: str = "final_eval_loss", sa
     positions = points[key] if numeric else points[key].astype(str)
     fig = Figure(figsize=(PANEL_WIDTH_IN, 4), layout="constrained")
     ax = fig.subplots()
-    ax.scatter(positions, points[metric], zorder=3)
+    ax.scatter(positions, points[metric], zorder=3, clip_on=False)  # whole marker at 0
     means = points.assign(position=positions).groupby("position")[metric].mean()
     ax.plot(means.index, means.to_numpy(), color="gray", linewidth=1)
     for position, value, name in zip(positions, points[metric], points["run"]):
@@ -350,6 +371,9 @@ def metric_vs_config(runs: RunSet, key: str, metric: str = "final_eval_loss", sa
     ax.set_ylabel(label)
     if metric == "drop_rate":
         ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    if metric in ZERO_BASED_METRICS:  # a cut axis would make a 10% change look 2x
+        ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 0))
+    ax.margins(x=0.1)  # room for the run names right of the last point
     ax.set_title(f"{label.split(' (')[0]} vs {key}", fontsize="medium")
     ax.grid(alpha=0.3)
     return _save(fig, save)

@@ -387,8 +387,28 @@ def test_metric_vs_config_plots_one_point_per_run(metric, sweep, tmp_path):
         runs, "moe_expert_capacity_factor", metric, save=path))
 
 
+def test_ratio_metrics_start_at_zero_and_name_their_units(sweep):
+    runs = load_runs(str(sweep[0] / "*.h5"))
+    for metric in plots.ZERO_BASED_METRICS:
+        ax = plots.metric_vs_config(runs, "moe_expert_capacity_factor", metric).axes[0]
+        assert ax.get_ylim()[0] == 0, f"{metric}: a cut axis exaggerates differences"
+        assert ax.get_ylabel() == plots.METRIC_LABELS[metric] and "(" in ax.get_ylabel()
+        assert ax.get_xlabel() == "moe_expert_capacity_factor" and ax.get_title()
+
+
+def test_step_axes_tick_at_whole_steps(synthetic):
+    run = load_run(synthetic[0])
+    for fig in (plots.loss_curves(run), plots.drop_rate_curves(run), plots.router_logits(run),
+                plots.mutual_information_curves(run, baseline_samples=5)):
+        ax = next(ax for ax in fig.axes if ax.get_xlabel() == "step")
+        ticks = ax.get_xticks()
+        np.testing.assert_array_equal(ticks, np.round(ticks))
+
+
 def test_loss_curves_overlay_runs(sweep):
     runs = load_runs(str(sweep[0] / "*.h5"))
+    title = plots.loss_curves(runs).axes[0].get_title()
+    assert title == f"{len(runs)} runs: train loss (lines) and validation loss (markers)"
     lines = plots.loss_curves(runs).axes[0].get_lines()
     assert len(lines) == 2 * len(runs)  # train and eval per run
     np.testing.assert_array_equal(lines[0].get_ydata(), runs.runs[0].train["loss"])
@@ -430,6 +450,9 @@ def test_specialization_heatmap_shows_log2_lift_centred_at_one(synthetic):
     assert shown.norm.vcenter == 0 and shown.norm.vmin == -shown.norm.vmax  # log2 1 = 0
     assert f"step {first}" in fig._suptitle.get_text()
     assert "random router" in fig.axes[0].get_title()
+    xlabel = fig.axes[SHAPE["moe_layers"] - 1].get_xlabel()
+    assert xlabel.startswith("data category (share of assignments)")
+    assert "other" not in xlabel  # nothing folded at min_expected=0
     with pytest.raises(ValueError, match="no evaluation at step 7"):
         plots.specialization_heatmap(run, eval_step=7)
 
@@ -458,6 +481,12 @@ def test_lift_is_one_without_preference_and_small_categories_fold_into_other():
     np.testing.assert_allclose(lift["a"], (np.array([60, 60]) / expert_totals) / share_a)
     assert lift.loc[0, "b"] == 0 and lift.loc[1, "b"] == pytest.approx((40 / 103) / (40 / total))
     np.testing.assert_allclose(lift["other"], (np.array([4, 3]) / expert_totals) / (7 / total))
+    # Categories without a single assignment (no validation text) make no empty "other".
+    unseen = counts.assign(e=0, f=0)
+    assert list(plots.specialization_lift(unseen, min_expected=10).columns) == \
+        ["a", "b", "other"]
+    assert list(plots.specialization_lift(unseen[["a", "b", "e", "f"]], min_expected=10)
+                .columns) == ["a", "b"]
     even = pd.DataFrame({"a": [10, 20], "b": [30, 60]}, index=[0, 1])
     np.testing.assert_allclose(plots.specialization_lift(even, min_expected=0), 1.0)
 

@@ -13,6 +13,7 @@ import csv
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -22,7 +23,8 @@ from moesim_run import execute_notebook, read_clean_notebook, record_schema_vers
 
 ANALYSIS = Path(__file__).resolve().parents[2] / "analysis"
 sys.path.insert(0, str(ANALYSIS))
-from moesim_analysis import PHASES, SCHEMA_VERSION, experiments, load_run, load_runs  # noqa: E402
+from moesim_analysis import (PHASES, SCHEMA_VERSION, experiment_plots, experiments,  # noqa: E402
+                             load_run, load_runs)
 
 EXPERIMENT_NOTEBOOKS = ("capacity_factor.ipynb", "scaling.ipynb", "specialization.ipynb",
                        "switch_study.ipynb")
@@ -364,3 +366,75 @@ def test_phase_groups_cover_every_phase_and_sum_to_the_step_time(scaling_sweep):
                                weak["tokens_per_s_per_rank"] / weak["tokens_per_s_per_rank"][0])
     with pytest.raises(ValueError, match="weak.*strong"):
         experiments.scaling_table(runs, "medium")
+
+
+# ---- the figures: titles, units, scales --------------------------------------------------
+
+def capacity_table():
+    """A capacity_factor_table in miniature: two MoE models at cf 1 and dropless, one dense."""
+    return pd.DataFrame({
+        "run": ["s1", "s0", "t1", "t0", "dense"],
+        "model": ["switch (top-1)"] * 2 + ["topk (top-2)"] * 2 + ["dense (FFN 64)"],
+        "dense": [False, False, False, False, True],
+        "capacity_factor": [1.0, 0.0, 1.0, 0.0, np.nan],
+        "quality": [5.40, 5.39, 5.41, 5.38, 5.43],
+        "drop_rate": [0.1, 0.0, 0.05, 0.0, np.nan],
+        "tokens_per_s": [95000.0, 90000.0, 80000.0, 78000.0, 100000.0],
+        "steps_to_threshold": [15.0, 15.0, 20.0, 15.0, 20.0],
+    })
+
+
+def test_capacity_factor_figures_say_what_they_plot_and_start_ratios_at_zero():
+    table = capacity_table()
+    for metric in ("quality", *experiment_plots.ZERO_BASED_METRICS):
+        ax = experiment_plots.capacity_factor_metric(table, metric, f"{metric} (unit)",
+                                                     f"{metric} vs capacity factor").axes[0]
+        assert ax.get_title() == f"{metric} vs capacity factor"
+        assert ax.get_ylabel() == f"{metric} (unit)"
+        assert ax.get_xlabel() == "capacity factor (training and evaluation)"
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "dropless"]
+        assert (ax.get_ylim()[0] == 0) == (metric != "quality"), metric
+        assert ax.get_ylim()[1] > table[metric].max(), f"{metric}: the top line is cut"
+    steps = experiment_plots.capacity_factor_metric(table, "steps_to_threshold", "steps", "")
+    ticks = steps.axes[0].get_yticks()
+    np.testing.assert_array_equal(ticks, np.round(ticks))
+    runs = [SimpleNamespace(name=run, eval=pd.DataFrame({"step": [0, 5, 10, 15, 20],
+                                                          "loss": [5.5, 5.48, 5.45, 5.43, q]}))
+            for run, q in zip(table["run"], table["quality"])]
+    fig = experiment_plots.capacity_factor_loss_curves(runs, table, 5.43)
+    assert fig._suptitle.get_text() == "validation loss over training, per capacity factor"
+    assert fig.axes[0].get_ylabel() == "validation loss (nats/token)"
+    assert all(tick % 5 == 0 for tick in fig.axes[0].get_xticks()), "steps 0, 5, 10, ..."
+
+
+def test_scaling_labels_stay_inside_the_axes_and_times_keep_three_digits():
+    weak = pd.DataFrame({"world_size": [1, 2], "efficiency": [1.0, 0.02],
+                         "speedup": [1.0, 0.04]})
+    ax = experiment_plots.scaling_efficiency({"weak": weak}).axes[0]
+    assert ax.get_ylabel() == "efficiency (1 = ideal)"
+    low = ax.texts[1]
+    assert low.get_text() == "2%\n(0.04x tokens/s)"
+    assert low.xyann[1] > 0 and low.get_va() == "bottom", "a label below 2% crosses the x axis"
+    assert experiment_plots.seconds_label(0.00231) == "2.31 ms"
+    assert experiment_plots.seconds_label(0.0656) == "65.6 ms"
+    assert experiment_plots.seconds_label(1.234) == "1.23 s"
+    groups = pd.DataFrame({"compute": [0.0014, 0.0008], "dispatch + combine": [0.0001, 0.004]},
+                          index=pd.Index([1, 2], name="world_size"))
+    ax = experiment_plots.phase_group_bars({"strong": groups}).axes[0]
+    assert [t.get_text() for t in ax.texts] == ["1.5 ms", "4.8 ms"]
+    assert ax.get_ylabel() == "mean seconds per step (mean over ranks)"
+
+
+def test_mutual_information_figure_names_the_baseline_and_its_band():
+    frame = pd.DataFrame({"eval_step": [0, 5, 10] * 2, "layer": [0] * 3 + [1] * 3,
+                          "bits": [0.01, 0.02, 0.03] * 2, "random_bits": [0.005] * 6,
+                          "random_bits_q95": [0.009] * 6})
+    fig = experiment_plots.mutual_information_vs_random({"a": frame, "b": frame})
+    assert "random router" in fig._suptitle.get_text()
+    assert "95th percentile" in fig._suptitle.get_text()
+    ax = fig.axes[0]
+    assert ax.get_title() == "a" and ax.get_ylabel() == "I(expert; category) (bits)"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["layer 0", "layer 1", "random router (mean)",
+                      "random router (to 95th pct)"]
+    np.testing.assert_array_equal(ax.get_xticks(), np.round(ax.get_xticks()))
