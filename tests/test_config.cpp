@@ -1279,6 +1279,52 @@ TEST_F(ConfigValidate, GroupLimitedRouting) {
     }
 }
 
+TEST_F(ConfigValidate, HierarchicalMoe) {
+    cfg_.num_experts = 8;
+    cfg_.moe_router_topk = 2;
+    cfg_.moe_hierarchical_groups = 4;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    cfg_.moe_hierarchical_group_topk = 2;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+
+    cfg_.moe_hierarchical_groups = 3;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-hierarchical-groups 3", "does not divide", "--num-experts 8"});
+    cfg_.moe_hierarchical_groups = 2;
+    cfg_.moe_hierarchical_group_topk = 3;
+    ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-group-topk 3", "larger than",
+                                        "--moe-hierarchical-groups 2", "at most 2"});
+    // 4 groups of 2 experts: k_1 = 1 leaves k_2 = 3 > 2; k_1 = 2 does not divide k = 3
+    cfg_.moe_hierarchical_groups = 4;
+    cfg_.moe_hierarchical_group_topk = 1;
+    cfg_.moe_router_topk = 3;
+    ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-group-topk 1", "top-k 3",
+                                        "2 experts per group", "at most 2"});
+    cfg_.moe_hierarchical_group_topk = 2;
+    ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-group-topk 2", "must divide k"});
+    cfg_.moe_router_topk = 2;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    for (const char *type : {"expert_choice", "soft", "noisy_topk", "gshard_top2", "sinkhorn"}) {
+        strcpy(cfg_.moe_router_type, type);
+        cfg_.moe_expert_capacity_factor = strcmp(type, "soft") == 0 ? 0 : 1.25;
+        r = Validate(cfg_);
+        EXPECT_EQ(r.rc, -1) << type;
+        std::string named = std::string("not ") + type;
+        ExpectMentions(r.err, {"--moe-hierarchical-groups", named.c_str()});
+    }
+    strcpy(cfg_.moe_router_type, "topk");
+    cfg_.moe_router_num_groups = 2;
+    cfg_.moe_router_group_topk = 1;
+    ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-groups", "--moe-router-num-groups",
+                                        "use one of them"});
+    cfg_.moe_router_num_groups = cfg_.moe_router_group_topk = 0;
+    strcpy(cfg_.moe_router_score_function, "sigmoid");
+    ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-groups", "sigmoid", "use softmax"});
+    strcpy(cfg_.moe_router_score_function, "softmax");
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+}
+
 TEST_F(ConfigValidate, HiddenSizeNotDivisibleByHeads) {
     cfg_.hidden_size = 130;
     cfg_.num_attention_heads = 4;
