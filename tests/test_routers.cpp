@@ -614,6 +614,61 @@ TEST(RoutersGshard, BalancingLossCountsFirstChoicesOnly) {
     EXPECT_NEAR(r.routing.aux_loss, expected, 1e-6);
 }
 
+// Shazeer 2017's hierarchical MoE, by hand: one token, C = 1, x = 1, so the
+// weights are the logits. Primary logits [0, ln 1.5]: P = [0.4, 0.6]. Group
+// 0's logits [ln 9, 0]: q = [0.9, 0.1]; group 1's [0, 0]: q = [0.5, 0.5].
+// Scores P_i * q_j = [0.36, 0.04, 0.3, 0.3]: flat top-1 would take expert
+// 0, the hierarchical router takes group 1 and in it expert 2 (the tie goes
+// to the lower expert).
+struct HandRouted {
+    std::vector<int> experts;
+    std::vector<float> gates, probs;
+};
+
+HandRouted route_by_hand(int K, int group_topk, int norm_topk_prob) {
+    RouterShape s = classic_router(1, 1, 4, K, 1, norm_topk_prob, 0.0, 0.0, 0.0);
+    s.T = 1;
+    s.hier_groups = 2;
+    s.hier_group_topk = group_topk;
+    std::vector<float> x = {1.0f}, router_w = {logf(9.0f), 0.0f, 0.0f, 0.0f},
+                       group_w = {0.0f, logf(1.5f)};
+    RouterWeights w = {router_w.data(), nullptr, group_w.data()};
+    RouterContext ctx = training_context(s);
+    Routing r;
+    EXPECT_EQ(routing_init(&r, &s), 0);
+    router_forward(&r, x.data(), &w, &s, &ctx);
+    HandRouted out{std::vector<int>(r.choice_expert, r.choice_expert + K),
+                   std::vector<float>(r.choice_gate, r.choice_gate + K),
+                   std::vector<float>(r.probs, r.probs + 4)};
+    routing_free(&r);
+    return out;
+}
+
+TEST(RoutersHierarchical, HandComputedRouting) {
+    HandRouted top1 = route_by_hand(1, 1, 0);
+    const float expected_probs[] = {0.36f, 0.04f, 0.3f, 0.3f};
+    for (int e = 0; e < 4; e++) EXPECT_NEAR(top1.probs[e], expected_probs[e], 1e-6) << e;
+    EXPECT_EQ(top1.experts, std::vector<int>({2}));
+    EXPECT_NEAR(top1.gates[0], 0.3f, 1e-6);
+
+    // k_1 = 1, k_2 = 2: both experts of group 1, gates P_1 * q_j ...
+    HandRouted top2 = route_by_hand(2, 1, 0);
+    EXPECT_EQ(top2.experts, std::vector<int>({2, 3}));
+    EXPECT_NEAR(top2.gates[0], 0.3f, 1e-6);
+    EXPECT_NEAR(top2.gates[1], 0.3f, 1e-6);
+    // ... or renormalised over the token's k: Softmax(KeepTopK) in the group
+    HandRouted renormalised = route_by_hand(2, 1, 1);
+    EXPECT_EQ(renormalised.experts, std::vector<int>({2, 3}));
+    EXPECT_NEAR(renormalised.gates[0], 0.5f, 1e-6);
+    EXPECT_NEAR(renormalised.gates[1], 0.5f, 1e-6);
+
+    // k_1 = 2 groups, k_2 = 1 each: the better group's expert first
+    HandRouted both = route_by_hand(2, 2, 0);
+    EXPECT_EQ(both.experts, std::vector<int>({2, 0}));
+    EXPECT_NEAR(both.gates[0], 0.3f, 1e-6);
+    EXPECT_NEAR(both.gates[1], 0.36f, 1e-6);
+}
+
 // DeepSeek-V3's group-limited routing: every token's experts lie in its
 // group_topk best groups, a group scoring the sum of its top k/group_topk
 // expert scores, and within them the choice is plain top-k.
