@@ -942,7 +942,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 74u);
+    ASSERT_EQ(keys.size(), 76u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -967,6 +967,8 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
         "init-method-std",
         "moe-router-num-groups",
         "moe-router-group-topk",
+        "moe-hierarchical-groups",
+        "moe-hierarchical-group-topk",
         "micro-batch-size",
     };
     auto at = std::find(keys.begin(), keys.end(), routing_keys.front());
@@ -1062,6 +1064,8 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"init-method-std", "0.0063"},
         {"moe-router-num-groups", "2"},
         {"moe-router-group-topk", "1"},
+        {"moe-hierarchical-groups", "4"},
+        {"moe-hierarchical-group-topk", "2"},
         {"flush-denormals", "0"},
     };
     for (auto &change : changes) {
