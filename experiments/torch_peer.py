@@ -147,7 +147,7 @@ DEFAULTS = {
     "adam-beta2": "0.95", "adam-eps": "1e-8", "seed": "1234", "flush-denormals": "1",
     "precision": "fp32", "moe-router-precision": "fp32", "freeze": "",
     "moe-router-num-groups": "0", "moe-router-group-topk": "0", "moe-expert-dropout": "0",
-    "init-method-std": "0.02",
+    "init-method-std": "0.02", "moe-hierarchical-groups": "0", "moe-hierarchical-group-topk": "1",
 }
 DATA_DEFAULTS = {"data-path": "/usr/share/games/fortunes", "data-format": "auto",
                  "val-fraction": "0.1"}
@@ -169,7 +169,7 @@ SUPPORTED_ONLY = {
     "moe-token-drop-policy": "position", "moe-importance-loss-coeff": "0",
     "moe-load-loss-coeff": "0", "precision": "fp32", "moe-router-precision": "fp32",
     "freeze": "", "moe-router-num-groups": "0", "moe-router-group-topk": "0",
-    "moe-expert-dropout": "0", "init-method-std": "0.02",
+    "moe-expert-dropout": "0", "init-method-std": "0.02", "moe-hierarchical-groups": "0",
 }
 BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "none")
 

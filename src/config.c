@@ -428,6 +428,28 @@ static const Option OPTIONS[] = {
      .default_text = "0",
      .help = "groups each token may route to: the best by the sum of their top "
              "(k / group-topk) expert scores; the token's k experts come from these groups"},
+    {.name = "moe-hierarchical-groups",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_hierarchical_groups),
+     .min = 0,
+     .max = 1 << 20,
+     .default_text = "0",
+     .help = "two-level hierarchical MoE (Shazeer et al. 2017, appendix B): a primary router "
+             "(layers.N.router_group_w, one row per group) picks among this many groups of E / "
+             "groups consecutive experts, then the group's rows of router_w pick experts "
+             "within it; expert (i,j) scores softmax(primary)_i x softmax(group "
+             "i)_j. --moe-router-topk is the experts per token, k / group-topk from each "
+             "chosen group. topk and switch routers only; 0 = off"},
+    {.name = "moe-hierarchical-group-topk",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_hierarchical_group_topk),
+     .min = 1,
+     .max = 1 << 20,
+     .default_text = "1",
+     .help = "groups the hierarchical primary router picks per token (k_1; the paper's "
+             "experiments use 1); it must divide the top-k"},
 
     {.name = "micro-batch-size",
      .group = G_TRAIN,
@@ -1478,6 +1500,59 @@ static int validate_router_groups(const Config *cfg, char *err, size_t errlen) {
     return 0;
 }
 
+/* Hierarchical MoE: k experts per token, k / group-topk from each of the
+ * group-topk groups the primary router picks. */
+static int validate_hierarchical(const Config *cfg, char *err, size_t errlen) {
+    int groups = cfg->moe_hierarchical_groups, group_topk = cfg->moe_hierarchical_group_topk;
+    if (groups == 0) {
+        if (group_topk != 1 && chosen_by_user(cfg, "moe-hierarchical-group-topk"))
+            return fail(err, errlen,
+                        "--moe-hierarchical-group-topk %d without --moe-hierarchical-groups: "
+                        "give the number of groups too (e.g. --moe-hierarchical-groups 4), or "
+                        "drop the group top-k",
+                        group_topk);
+        return 0;
+    }
+    if (cfg->num_experts % groups != 0)
+        return fail(err, errlen,
+                    "--moe-hierarchical-groups %d does not divide --num-experts %d: every group "
+                    "holds the same number of consecutive experts; use a divisor of %d",
+                    groups, cfg->num_experts, cfg->num_experts);
+    if (group_topk > groups)
+        return fail(err, errlen,
+                    "--moe-hierarchical-group-topk %d is larger than --moe-hierarchical-groups "
+                    "%d: the primary router cannot pick more groups than there are; use at "
+                    "most %d",
+                    group_topk, groups, groups);
+    if (!router_is(cfg, "topk") && !router_is(cfg, "switch"))
+        return fail(err, errlen,
+                    "--moe-hierarchical-groups works with --moe-router-type topk or switch, not "
+                    "%s: the hierarchical router picks experts itself by top-k within groups; "
+                    "drop --moe-hierarchical-groups or choose topk",
+                    cfg->moe_router_type);
+    if (cfg->moe_router_num_groups > 0)
+        return fail(err, errlen,
+                    "--moe-hierarchical-groups with --moe-router-num-groups: both restrict a "
+                    "token to groups of experts, in different ways; use one of them");
+    if (strcmp(cfg->moe_router_score_function, "sigmoid") == 0)
+        return fail(err, errlen,
+                    "--moe-hierarchical-groups with --moe-router-score-function sigmoid: the "
+                    "hierarchical scores are products of two softmaxes; use softmax");
+    if (cfg->moe_router_enable_expert_bias)
+        return fail(err, errlen,
+                    "--moe-hierarchical-groups with --moe-router-enable-expert-bias: the bias "
+                    "would only act within a group, not on the primary router's choice; drop "
+                    "one of them");
+    int k = implied_topk(cfg) ? implied_topk(cfg) : cfg->moe_router_topk;
+    if (k % group_topk != 0 || k / group_topk > cfg->num_experts / groups)
+        return fail(err, errlen,
+                    "--moe-hierarchical-group-topk %d with top-k %d and %d experts per group: "
+                    "each chosen group gives k / group-topk experts, so the group top-k must "
+                    "divide k and k / group-topk be at most %d",
+                    group_topk, k, cfg->num_experts / groups, cfg->num_experts / groups);
+    return 0;
+}
+
 static int validate_routing(const Config *cfg, char *err, size_t errlen) {
     long long tokens = (long long)cfg->micro_batch_size * cfg->seq_length;
     if (tokens > INT_MAX)
@@ -1630,6 +1705,7 @@ int config_validate(const Config *cfg, char *err, size_t errlen) {
     if (validate_warmup(cfg, err, errlen) != 0) return -1;
     if (validate_router_type(cfg, err, errlen) != 0) return -1;
     if (validate_router_groups(cfg, err, errlen) != 0) return -1;
+    if (validate_hierarchical(cfg, err, errlen) != 0) return -1;
     if (validate_routing(cfg, err, errlen) != 0) return -1;
     if (validate_freeze(cfg, err, errlen) != 0) return -1;
     if (validate_data_path(cfg, err, errlen) != 0) return -1;

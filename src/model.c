@@ -56,6 +56,8 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->shared_F = cfg->moe_shared_expert_intermediate_size;
     s->router_groups = cfg->moe_router_num_groups;
     s->router_group_topk = cfg->moe_router_group_topk;
+    s->hier_groups = cfg->moe_hierarchical_groups;
+    s->hier_group_topk = cfg->moe_hierarchical_groups > 0 ? cfg->moe_hierarchical_group_topk : 0;
     s->init_std = cfg->init_method_std;
     s->expert_dropout = cfg->moe_expert_dropout;
     s->precision = strcmp(cfg->precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
@@ -92,6 +94,7 @@ int model_local_experts(const ModelShape *s) {
 
 enum ParamField {
     FIELD_NOISE,
+    FIELD_ROUTER_GROUP,
     FIELD_SHARED_FC1,
     FIELD_SHARED_FC2,
     FIELD_WTE,
@@ -140,6 +143,7 @@ static ParamRole field_role(enum ParamField field) {
             return PARAM_ROLE_HEAD;
         case FIELD_ROUTER:
         case FIELD_NOISE:
+        case FIELD_ROUTER_GROUP:
             return PARAM_ROLE_ROUTER;
         case FIELD_SHARED_FC1:
         case FIELD_SHARED_FC2:
@@ -218,6 +222,11 @@ static void describe_layout(Layout *lay, const ModelShape *s) {
         add_tensor(lay, FIELD_LN2, l, LAYER_NAME("ln2_w"), 1, C, 0, 0, 0, 0.0);
         if (model_is_moe_layer(s, l)) {
             add_tensor(lay, FIELD_ROUTER, l, LAYER_NAME("router_w"), 2, s->E, C, 0, 0, init_std);
+            /* Hierarchical MoE: the primary router, one row per group; the
+             * secondary router of group i is rows [i*E/G, (i+1)*E/G) of router_w. */
+            if (s->hier_groups > 0)
+                add_tensor(lay, FIELD_ROUTER_GROUP, l, LAYER_NAME("router_group_w"), 2,
+                           s->hier_groups, C, 0, 0, init_std);
             /* Shazeer 2017 starts the noise weights at zero: softplus(0) noise. */
             if (s->router_type == ROUTER_NOISY_TOPK)
                 add_tensor(lay, FIELD_NOISE, l, LAYER_NAME("noise_w"), 2, s->E, C, 0, 0, ZEROS);
@@ -283,6 +292,9 @@ static void bind_views(Weights *w, float *base, const Layout *lay, int tied) {
                 break;
             case FIELD_NOISE:
                 lw->noise_w = p;
+                break;
+            case FIELD_ROUTER_GROUP:
+                lw->router_group_w = p;
                 break;
             case FIELD_SHARED_FC1:
                 lw->shared_fc1_w = p;
@@ -525,6 +537,8 @@ static void plan_model(Model *m, Layout *lay) {
                                          .jitter_eps = s->jitter_eps,
                                          .num_groups = s->router_groups,
                                          .group_topk = s->router_group_topk,
+                                         .hier_groups = s->hier_groups,
+                                         .hier_group_topk = s->hier_group_topk,
                                          .world = s->world,
                                          .grain = s->grain},
                               .F = s->Fe,
@@ -723,7 +737,8 @@ static void rmsnorm_backward_split(const Model *m, float *dinp, float *dw, const
 }
 
 static MoeWeights moe_weights(const LayerWeights *w) {
-    return (MoeWeights){{w->router_w, w->noise_w}, w->expert_fc1_w, w->expert_fc2_w};
+    return (MoeWeights){
+        {w->router_w, w->noise_w, w->router_group_w}, w->expert_fc1_w, w->expert_fc2_w};
 }
 
 /* The routing context of layer l: the trainer's, plus this layer's bias
@@ -836,7 +851,7 @@ static void layer_backward(Model *m, int l) {
     double mark = timer_now_s();
     if (model_is_moe_layer(s, l)) {
         MoeWeights mw = moe_weights(w);
-        MoeGrads mg = {{dw->router_w, dw->noise_w},
+        MoeGrads mg = {{dw->router_w, dw->noise_w, dw->router_group_w},
                        dw->expert_fc1_w,
                        dw->expert_fc2_w,
                        m->grads + m->num_dense_params,

@@ -94,6 +94,11 @@ int routing_init(Routing *r, const RouterShape *s) {
         ALLOC(r->load_threshold, NE);
     }
     if (s->type == ROUTER_GSHARD_TOP2) ALLOC(r->second_draw, N);
+    if (s->hier_groups > 0) {
+        ALLOC(r->group_logits, N * (size_t)s->hier_groups);
+        ALLOC(r->group_probs, N * (size_t)s->hier_groups);
+        ALLOC(r->dgroup, N * (size_t)s->hier_groups);
+    }
     ALLOC(r->h, NE);
     ALLOC(r->probs, NE);
     ALLOC(r->lse, N);
@@ -115,7 +120,7 @@ int routing_init(Routing *r, const RouterShape *s) {
     ALLOC(r->slot_scratch, (size_t)r->slots);
     ALLOC(r->sinkhorn_d, (size_t)s->G + E);
     ALLOC(r->group_score, E);
-    ALLOC(r->group_rank, E);
+    ALLOC(r->group_rank, 2 * E); /* hierarchical: ranks, then the best groups */
     ALLOC(r->gate_sum, E);
     ALLOC(r->prob_sum, E);
     ALLOC(r->grain_stats, (size_t)routing_grains(s) * routing_grain_width(s->E));
@@ -141,6 +146,7 @@ size_t routing_bytes(const RouterShape *s) {
     if (s->type == ROUTER_NOISY_TOPK)
         bytes += sizeof(float) * 5 * NE + sizeof(double) * groups * E + sizeof(int) * NE;
     if (s->type == ROUTER_GSHARD_TOP2) bytes += sizeof(double) * N;
+    bytes += sizeof(float) * 3 * N * (size_t)s->hier_groups + sizeof(int) * E;
     return bytes;
 }
 
@@ -181,7 +187,10 @@ void routing_free(Routing *r) {
                      r->grain_stats,
                      r->second_draw,
                      r->group_score,
-                     r->group_rank};
+                     r->group_rank,
+                     r->group_logits,
+                     r->group_probs,
+                     r->dgroup};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     memset(r, 0, sizeof *r);
 }
@@ -237,7 +246,26 @@ static void add_gating_noise(Routing *r, const float *x_in, const RouterWeights 
     }
 }
 
-static void compute_scores(Routing *r, const RouterShape *s) {
+/* Hierarchical: the score of expert j of group i is P_i * q_j, P the
+ * softmax of the primary logits, q the softmax of group i's logits. */
+static void hierarchical_scores(Routing *r, const float *x_in, const RouterWeights *w,
+                                const RouterShape *s, const RouterContext *ctx) {
+    int E = s->E, groups = s->hier_groups, per_group = E / groups;
+    matmul_forward(r->group_logits, x_in, w->group_w, s->N, s->C, groups, ctx->matmul);
+    for (int t = 0; t < s->N; t++) {
+        float *P = r->group_probs + (long)t * groups, *p = r->probs + (long)t * E;
+        memcpy(P, r->group_logits + (long)t * groups, sizeof(float) * groups);
+        softmax_row(P, groups);
+        memcpy(p, r->h + (long)t * E, sizeof(float) * E);
+        for (int i = 0; i < groups; i++) {
+            softmax_row(p + i * per_group, per_group);
+            for (int j = 0; j < per_group; j++) p[i * per_group + j] *= P[i];
+        }
+    }
+}
+
+static void compute_scores(Routing *r, const float *x_in, const RouterWeights *w,
+                           const RouterShape *s, const RouterContext *ctx) {
     int E = s->E;
     for (int t = 0; t < s->N; t++) {
         const float *h = r->h + (long)t * E;
@@ -247,6 +275,7 @@ static void compute_scores(Routing *r, const RouterShape *s) {
         if (s->sigmoid_scores)
             for (int e = 0; e < E; e++) p[e] = sigmoid(h[e]);
     }
+    if (s->hier_groups > 0) hierarchical_scores(r, x_in, w, s, ctx);
 }
 
 /* ---- selection ------------------------------------------------------------ */
@@ -339,6 +368,23 @@ static int renormalises(const RouterShape *s) {
            s->type == ROUTER_GSHARD_TOP2;
 }
 
+/* Hierarchical: the hier_group_topk best groups by primary logit, best
+ * first, then within each the K / hier_group_topk best experts by score.
+ * Ties go to the lower index at both levels. */
+static void select_hierarchical(int *chosen, Routing *r, const RouterShape *s, int t) {
+    int groups = s->hier_groups, per_group = s->E / groups, M = s->hier_group_topk;
+    int within = s->K / M;
+    select_top_k(r->group_rank, r->group_logits + (long)t * groups, groups, M);
+    int *best_groups = r->group_rank + groups; /* group_rank holds E >= 2 * groups ints */
+    memcpy(best_groups, r->group_rank, sizeof(int) * M);
+    for (int m = 0; m < M; m++) {
+        int first = best_groups[m] * per_group;
+        select_top_k(chosen + m * within, r->select_scores + (long)t * s->E + first, per_group,
+                     within);
+        for (int k = 0; k < within; k++) chosen[m * within + k] += first;
+    }
+}
+
 /* Top-k family: k slots per token, gates from the scores of the selected. */
 static void select_top_k_slots(Routing *r, const RouterShape *s, const RouterContext *ctx) {
     int E = s->E, K = s->K;
@@ -346,7 +392,10 @@ static void select_top_k_slots(Routing *r, const RouterShape *s, const RouterCon
         int *chosen = r->choice_expert + (long)t * K;
         float *gate = r->choice_gate + (long)t * K;
         const float *p = r->probs + (long)t * E;
-        select_top_k(chosen, r->select_scores + (long)t * E, E, K);
+        if (s->hier_groups > 0)
+            select_hierarchical(chosen, r, s, t);
+        else
+            select_top_k(chosen, r->select_scores + (long)t * E, E, K);
         float sum = 0.0f;
         for (int k = 0; k < K; k++) sum += p[chosen[k]];
         for (int k = 0; k < K; k++) {
@@ -520,7 +569,7 @@ void router_route(Routing *r, const float *x, const RouterWeights *w, const Rout
     matmul_forward(r->logits, x_in, w->router_w, N, s->C, E, ctx->matmul);
     memcpy(r->h, r->logits, sizeof(float) * (size_t)N * E);
     if (s->type == ROUTER_NOISY_TOPK) add_gating_noise(r, x_in, w, s, ctx);
-    compute_scores(r, s);
+    compute_scores(r, x_in, w, s, ctx);
     if (s->type == ROUTER_EXPERT_CHOICE) {
         r->capacity = router_capacity(ctx->capacity_factor, s->G, s->K, E);
         select_expert_choice(r, s, r->capacity);
@@ -765,6 +814,29 @@ static void load_backward(Routing *r, const RouterShape *s, float *dlogits) {
     }
 }
 
+/* Through p_(i,j) = P_i * q_j: dq_j = dp_j * P_i and dP_i = sum_j dp_j * q_j,
+ * then each through its softmax. Fills the token's d logits [E] and
+ * d primary logits [hier_groups]. */
+static void hierarchical_backward(Routing *r, const RouterShape *s, int t, const float *dp,
+                                  float *dh) {
+    int groups = s->hier_groups, per_group = s->E / groups;
+    const float *P = r->group_probs + (long)t * groups, *p = r->probs + (long)t * s->E;
+    float *dgroup = r->dgroup + (long)t * groups;
+    double dP_dot = 0.0;
+    for (int i = 0; i < groups; i++) {
+        const float *pi = p + i * per_group, *dpi = dp + i * per_group;
+        double dP = 0.0, dq_dot = 0.0;
+        /* q_j = p_j / P_i; dq_j = dp_j * P_i, so q_j * dq_j = p_j * dp_j */
+        for (int j = 0; j < per_group; j++) dq_dot += (double)pi[j] * dpi[j];
+        dP = P[i] > 0 ? dq_dot / P[i] : 0.0;
+        for (int j = 0; j < per_group; j++)
+            dh[i * per_group + j] = (float)((double)pi[j] * (dpi[j] - dP));
+        dgroup[i] = (float)dP;
+        dP_dot += (double)P[i] * dP;
+    }
+    for (int i = 0; i < groups; i++) dgroup[i] = (float)(P[i] * (dgroup[i] - dP_dot));
+}
+
 void router_backward(float *dx, const RouterGrads *g, const float *dgate, const float *x,
                      const RouterWeights *w, Routing *r, const RouterShape *s,
                      const RouterContext *ctx) {
@@ -777,7 +849,9 @@ void router_backward(float *dx, const RouterGrads *g, const float *dgate, const 
         const float *p = r->probs + (long)t * E, *h = r->h + (long)t * E;
         gate_backward(r, s, dgate + (long)t * r->slots, t, ds);
         balancing_backward(r, s, t, ds);
-        if (s->sigmoid_scores) {
+        if (s->hier_groups > 0) {
+            hierarchical_backward(r, s, t, ds, dht);
+        } else if (s->sigmoid_scores) {
             for (int e = 0; e < E; e++) dht[e] = ds[e] * p[e] * (1.0f - p[e]);
         } else {
             double dot = 0.0;
@@ -801,6 +875,9 @@ void router_backward(float *dx, const RouterGrads *g, const float *dgate, const 
     matmul_backward_into(dx_in, beta, g->router_w, dlogits, x_in, w->router_w, N, C, E, mm);
     if (noisy)
         matmul_backward_into(dx_in, 1.0f, g->noise_w, r->dnoise, x_in, w->noise_w, N, C, E, mm);
+    if (s->hier_groups > 0)
+        matmul_backward_into(dx_in, 1.0f, g->group_w, r->dgroup, x_in, w->group_w, N, C,
+                             s->hier_groups, mm);
     if (dx_in != dx)
         for (long i = 0; i < (long)N * C; i++) dx[i] += dx_in[i] * r->jitter[i];
 }

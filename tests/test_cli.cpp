@@ -253,6 +253,28 @@ TEST_F(CliConfigError, RouterGroupTopkLargerThanGroups) {
                      {"--moe-router-group-topk 3", "--moe-router-num-groups 2", "at most 2"});
 }
 
+TEST_F(CliConfigError, HierarchicalGroupsNotDividingTheExperts) {
+    ExpectUsageError(TrainArgs({"--num-experts", "8", "--moe-hierarchical-groups", "3"}),
+                     {"--moe-hierarchical-groups 3", "does not divide", "--num-experts 8"});
+}
+
+TEST_F(CliConfigError, HierarchicalGroupTopkLargerThanGroups) {
+    ExpectUsageError(TrainArgs({"--num-experts", "8", "--moe-hierarchical-groups", "2",
+                                "--moe-hierarchical-group-topk", "3"}),
+                     {"--moe-hierarchical-group-topk 3", "--moe-hierarchical-groups 2",
+                      "at most 2"});
+}
+
+TEST_F(CliConfigError, HierarchicalGroupsWithExpertChoiceOrSoftRouting) {
+    ExpectUsageError(TrainArgs({"--num-experts", "8", "--moe-hierarchical-groups", "2",
+                                "--moe-router-type", "expert_choice"}),
+                     {"--moe-hierarchical-groups", "not expert_choice", "choose topk"});
+    ExpectUsageError(TrainArgs({"--num-experts", "8", "--moe-hierarchical-groups", "2",
+                                "--moe-router-type", "soft", "--moe-expert-capacity-factor",
+                                "0"}),
+                     {"--moe-hierarchical-groups", "not soft", "choose topk"});
+}
+
 TEST_F(CliConfigError, BiasUpdateRateWithoutExpertBias) {
     ExpectUsageError(TrainArgs({"--moe-router-bias-update-rate", "1e-3"}),
                      {"--moe-router-bias-update-rate 0.001", "--moe-router-enable-expert-bias"});

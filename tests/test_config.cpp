@@ -942,7 +942,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 74u);
+    ASSERT_EQ(keys.size(), 76u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "flush-denormals");
@@ -967,6 +967,8 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
         "init-method-std",
         "moe-router-num-groups",
         "moe-router-group-topk",
+        "moe-hierarchical-groups",
+        "moe-hierarchical-group-topk",
         "micro-batch-size",
     };
     auto at = std::find(keys.begin(), keys.end(), routing_keys.front());
@@ -1062,6 +1064,8 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"init-method-std", "0.0063"},
         {"moe-router-num-groups", "2"},
         {"moe-router-group-topk", "1"},
+        {"moe-hierarchical-groups", "4"},
+        {"moe-hierarchical-group-topk", "2"},
         {"flush-denormals", "0"},
     };
     for (auto &change : changes) {
@@ -1277,6 +1281,52 @@ TEST_F(ConfigValidate, GroupLimitedRouting) {
         std::string named = std::string("--moe-router-type ") + type;
         ExpectMentions(r.err, {"--moe-router-num-groups", named.c_str()});
     }
+}
+
+TEST_F(ConfigValidate, HierarchicalMoe) {
+    cfg_.num_experts = 8;
+    cfg_.moe_router_topk = 2;
+    cfg_.moe_hierarchical_groups = 4;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    cfg_.moe_hierarchical_group_topk = 2;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+
+    cfg_.moe_hierarchical_groups = 3;
+    SetResult r = Validate(cfg_);
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--moe-hierarchical-groups 3", "does not divide", "--num-experts 8"});
+    cfg_.moe_hierarchical_groups = 2;
+    cfg_.moe_hierarchical_group_topk = 3;
+    ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-group-topk 3", "larger than",
+                                        "--moe-hierarchical-groups 2", "at most 2"});
+    // 4 groups of 2 experts: k_1 = 1 leaves k_2 = 3 > 2; k_1 = 2 does not divide k = 3
+    cfg_.moe_hierarchical_groups = 4;
+    cfg_.moe_hierarchical_group_topk = 1;
+    cfg_.moe_router_topk = 3;
+    ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-group-topk 1", "top-k 3",
+                                        "2 experts per group", "at most 2"});
+    cfg_.moe_hierarchical_group_topk = 2;
+    ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-group-topk 2", "must divide k"});
+    cfg_.moe_router_topk = 2;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    for (const char *type : {"expert_choice", "soft", "noisy_topk", "gshard_top2", "sinkhorn"}) {
+        strcpy(cfg_.moe_router_type, type);
+        cfg_.moe_expert_capacity_factor = strcmp(type, "soft") == 0 ? 0 : 1.25;
+        r = Validate(cfg_);
+        EXPECT_EQ(r.rc, -1) << type;
+        std::string named = std::string("not ") + type;
+        ExpectMentions(r.err, {"--moe-hierarchical-groups", named.c_str()});
+    }
+    strcpy(cfg_.moe_router_type, "topk");
+    cfg_.moe_router_num_groups = 2;
+    cfg_.moe_router_group_topk = 1;
+    ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-groups", "--moe-router-num-groups",
+                                        "use one of them"});
+    cfg_.moe_router_num_groups = cfg_.moe_router_group_topk = 0;
+    strcpy(cfg_.moe_router_score_function, "sigmoid");
+    ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-groups", "sigmoid", "use softmax"});
+    strcpy(cfg_.moe_router_score_function, "softmax");
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
 }
 
 TEST_F(ConfigValidate, HiddenSizeNotDivisibleByHeads) {

@@ -74,7 +74,7 @@ struct GradRouter {
     RouterShape shape;
     RouterContext ctx;
     Routing routing{};
-    std::vector<float> x, router_w, noise_w, bias, slot_weights;
+    std::vector<float> x, router_w, noise_w, group_w, bias, slot_weights;
     std::vector<int> base_expert, base_threshold;
     std::vector<unsigned char> base_routed, base_kept;
 
@@ -89,6 +89,7 @@ struct GradRouter {
         x = random_vector((size_t)shape.N * shape.C, 60);
         router_w = random_vector((size_t)shape.E * shape.C, 61, 1.5);
         noise_w = random_vector((size_t)shape.E * shape.C, 62, 0.7);
+        group_w = random_vector((size_t)shape.hier_groups * shape.C, 64, 1.5);
         slot_weights = random_vector(assignments(), 63);
         loss();
         base_expert.assign(routing.choice_expert, routing.choice_expert + assignments());
@@ -101,13 +102,15 @@ struct GradRouter {
     GradRouter &operator=(const GradRouter &) = delete;
 
     bool noisy() const { return shape.type == ROUTER_NOISY_TOPK; }
+    bool hierarchical() const { return shape.hier_groups > 0; }
     size_t assignments() const { return (size_t)shape.N * router_slots(&shape); }
     std::vector<int> thresholds() const {
         return std::vector<int>(routing.load_threshold,
                                 routing.load_threshold + (size_t)shape.N * shape.E);
     }
     RouterWeights weights() const {
-        return RouterWeights{router_w.data(), noisy() ? noise_w.data() : nullptr};
+        return RouterWeights{router_w.data(), noisy() ? noise_w.data() : nullptr,
+                             hierarchical() ? group_w.data() : nullptr};
     }
     double loss() {
         RouterWeights w = weights();
@@ -130,8 +133,9 @@ struct GradRouter {
                (!noisy() || thresholds() == base_threshold);
     }
     long dropped() const { return sum_longs(routing.dropped_per_expert, shape.E); }
-    // Gradients at the current point: dx, d router_w, d noise_w.
-    void backward(std::vector<float> &dx, std::vector<float> &dw, std::vector<float> &dnw) {
+    // Gradients at the current point: dx, d router_w, d noise_w, d group_w.
+    void backward(std::vector<float> &dx, std::vector<float> &dw, std::vector<float> &dnw,
+                  std::vector<float> &dgw) {
         loss();
         std::vector<float> dgate(assignments());
         for (size_t a = 0; a < assignments(); a++)
@@ -139,8 +143,10 @@ struct GradRouter {
         dx.assign(x.size(), 0.0f);
         dw.assign(router_w.size(), 0.0f);
         dnw.assign(noise_w.size(), 0.0f);
+        dgw.assign(group_w.size(), 0.0f);
         RouterWeights w = weights();
-        RouterGrads g = {dw.data(), noisy() ? dnw.data() : nullptr};
+        RouterGrads g = {dw.data(), noisy() ? dnw.data() : nullptr,
+                         hierarchical() ? dgw.data() : nullptr};
         router_backward(dx.data(), &g, dgate.data(), x.data(), &w, &routing, &shape, &ctx);
     }
 };
@@ -166,8 +172,8 @@ TEST_P(RoutersGrad, MatchesFiniteDifferences) {
         EXPECT_GT(f.routing.load_loss, 0.0);
     }
 
-    std::vector<float> dx, dw, dnw;
-    f.backward(dx, dw, dnw);
+    std::vector<float> dx, dw, dnw, dgw;
+    f.backward(dx, dw, dnw, dgw);
     auto loss = [&] { return f.loss(); };
     auto stable = [&] { return f.stable(); };
     struct Tensor {
@@ -176,6 +182,7 @@ TEST_P(RoutersGrad, MatchesFiniteDifferences) {
     };
     std::vector<Tensor> tensors = {{&f.x, &dx, "x"}, {&f.router_w, &dw, "router_w"}};
     if (f.noisy()) tensors.push_back({&f.noise_w, &dnw, "noise_w"});
+    if (f.hierarchical()) tensors.push_back({&f.group_w, &dgw, "group_w"});
     for (const Tensor &t : tensors) {
         auto res =
             check_gradient(t.p->data(), t.p->size(), t.g->data(), loss, 200, kEps, 64, stable);
@@ -246,6 +253,31 @@ const GradCase kGradCases[] = {
          s.group_topk = 2;
      },
      true, true},
+    // Shazeer 2017's hierarchical MoE, 2 groups of 2 experts: k_1 = 1 group,
+    // k_2 = 2 experts, gates P_i * q_j (the primary router learns from the
+    // gates) and renormalised (it learns from the balancing loss only).
+    {"hierarchical",
+     [](RouterShape &s, RouterContext &ctx) {
+         ctx.capacity_factor = 0.5;
+         s.hier_groups = 2;
+         s.hier_group_topk = 1;
+     },
+     false, true},
+    {"hierarchical_norm_switch",
+     [](RouterShape &s, RouterContext &) {
+         s.type = ROUTER_SWITCH;
+         s.K = 1;
+         s.norm_topk_prob = 1;
+         s.hier_groups = 2;
+         s.hier_group_topk = 1;
+     },
+     false, true},
+    {"hierarchical_four_groups_pick_two",
+     [](RouterShape &s, RouterContext &) {
+         s.hier_groups = 4;
+         s.hier_group_topk = 2;
+     },
+     false, true},
 };
 
 INSTANTIATE_TEST_SUITE_P(RoutersEveryScheme, RoutersGrad, ::testing::ValuesIn(kGradCases),
@@ -274,7 +306,7 @@ struct LogitRouter {
     LogitRouter &operator=(const LogitRouter &) = delete;
 
     void route(const std::vector<float> &logits) {
-        RouterWeights weights = {w.data(), noise_w.data()};
+        RouterWeights weights = {w.data(), noise_w.data(), nullptr};
         router_forward(&routing, logits.data(), &weights, &shape, &ctx);
     }
     int slots() const { return routing.slots; }
@@ -497,7 +529,7 @@ struct RandomRouter {
     RandomRouter &operator=(const RandomRouter &) = delete;
 
     void route(const float *tokens = nullptr) {
-        RouterWeights w = {router_w.data(), noise_w.data()};
+        RouterWeights w = {router_w.data(), noise_w.data(), nullptr};
         router_forward(&routing, tokens ? tokens : x.data(), &w, &shape, &ctx);
     }
     std::vector<unsigned char> routed() const {
@@ -580,6 +612,61 @@ TEST(RoutersGshard, BalancingLossCountsFirstChoicesOnly) {
         EXPECT_EQ(r.routing.balanced_demand[e], std::lround(first[e] * N)) << "expert " << e;
     }
     EXPECT_NEAR(r.routing.aux_loss, expected, 1e-6);
+}
+
+// Shazeer 2017's hierarchical MoE, by hand: one token, C = 1, x = 1, so the
+// weights are the logits. Primary logits [0, ln 1.5]: P = [0.4, 0.6]. Group
+// 0's logits [ln 9, 0]: q = [0.9, 0.1]; group 1's [0, 0]: q = [0.5, 0.5].
+// Scores P_i * q_j = [0.36, 0.04, 0.3, 0.3]: flat top-1 would take expert
+// 0, the hierarchical router takes group 1 and in it expert 2 (the tie goes
+// to the lower expert).
+struct HandRouted {
+    std::vector<int> experts;
+    std::vector<float> gates, probs;
+};
+
+HandRouted route_by_hand(int K, int group_topk, int norm_topk_prob) {
+    RouterShape s = classic_router(1, 1, 4, K, 1, norm_topk_prob, 0.0, 0.0, 0.0);
+    s.T = 1;
+    s.hier_groups = 2;
+    s.hier_group_topk = group_topk;
+    std::vector<float> x = {1.0f}, router_w = {logf(9.0f), 0.0f, 0.0f, 0.0f},
+                       group_w = {0.0f, logf(1.5f)};
+    RouterWeights w = {router_w.data(), nullptr, group_w.data()};
+    RouterContext ctx = training_context(s);
+    Routing r;
+    EXPECT_EQ(routing_init(&r, &s), 0);
+    router_forward(&r, x.data(), &w, &s, &ctx);
+    HandRouted out{std::vector<int>(r.choice_expert, r.choice_expert + K),
+                   std::vector<float>(r.choice_gate, r.choice_gate + K),
+                   std::vector<float>(r.probs, r.probs + 4)};
+    routing_free(&r);
+    return out;
+}
+
+TEST(RoutersHierarchical, HandComputedRouting) {
+    HandRouted top1 = route_by_hand(1, 1, 0);
+    const float expected_probs[] = {0.36f, 0.04f, 0.3f, 0.3f};
+    for (int e = 0; e < 4; e++) EXPECT_NEAR(top1.probs[e], expected_probs[e], 1e-6) << e;
+    EXPECT_EQ(top1.experts, std::vector<int>({2}));
+    EXPECT_NEAR(top1.gates[0], 0.3f, 1e-6);
+
+    // k_1 = 1, k_2 = 2: both experts of group 1, gates P_1 * q_j ...
+    HandRouted top2 = route_by_hand(2, 1, 0);
+    EXPECT_EQ(top2.experts, std::vector<int>({2, 3}));
+    EXPECT_NEAR(top2.gates[0], 0.3f, 1e-6);
+    EXPECT_NEAR(top2.gates[1], 0.3f, 1e-6);
+    // ... or renormalised over the token's k: Softmax(KeepTopK) in the group
+    HandRouted renormalised = route_by_hand(2, 1, 1);
+    EXPECT_EQ(renormalised.experts, std::vector<int>({2, 3}));
+    EXPECT_NEAR(renormalised.gates[0], 0.5f, 1e-6);
+    EXPECT_NEAR(renormalised.gates[1], 0.5f, 1e-6);
+
+    // k_1 = 2 groups, k_2 = 1 each: the better group's expert first
+    HandRouted both = route_by_hand(2, 2, 0);
+    EXPECT_EQ(both.experts, std::vector<int>({2, 0}));
+    EXPECT_NEAR(both.gates[0], 0.3f, 1e-6);
+    EXPECT_NEAR(both.gates[1], 0.36f, 1e-6);
 }
 
 // DeepSeek-V3's group-limited routing: every token's experts lie in its
@@ -833,9 +920,9 @@ TEST(RoutersExpertBias, LeavesGradientsUnchanged) {
     GradRouter plain(c), biased(c);
     std::vector<float> small_bias = {1e-5f, -1e-5f, 2e-5f, 0.0f};
     biased.ctx.expert_bias = small_bias.data();
-    std::vector<float> dx[2], dw[2], dnw[2];
-    plain.backward(dx[0], dw[0], dnw[0]);
-    biased.backward(dx[1], dw[1], dnw[1]);
+    std::vector<float> dx[2], dw[2], dnw[2], dgw[2];
+    plain.backward(dx[0], dw[0], dnw[0], dgw[0]);
+    biased.backward(dx[1], dw[1], dnw[1], dgw[1]);
     ASSERT_TRUE(biased.stable()) << "the bias must be too small to change a decision";
     EXPECT_EQ(dx[0], dx[1]);
     EXPECT_EQ(dw[0], dw[1]);
@@ -946,7 +1033,7 @@ TEST(RoutersBalancing, GlobalUsesTheGlobalCounts) {
     s.aux_loss_coeff = coeff;
     s.balancing = BALANCE_GLOBAL_AUX_LOSS;
     LogitRouter r(s);
-    RouterWeights w = {r.w.data(), nullptr};
+    RouterWeights w = {r.w.data(), nullptr, nullptr};
     router_route(&r.routing, logits.data(), &w, &s, &r.ctx);
     // As if three ranks routed 18 tokens: 12 to expert 0, 5 to 1, 1 to 2.
     std::vector<long> global = {12, 5, 1};
@@ -1027,8 +1114,8 @@ LogitSize logits_after_descent(double z_loss_coeff) {
     r.ctx.capacity_factor = 0.0;
     auto slot_weights = random_vector((size_t)N * K, 151);
     std::vector<float> dgate(N * K), dx(N * C), dw(E * C);
-    RouterWeights w = {r.router_w.data(), nullptr};
-    RouterGrads g = {dw.data(), nullptr};
+    RouterWeights w = {r.router_w.data(), nullptr, nullptr};
+    RouterGrads g = {dw.data(), nullptr, nullptr};
     for (int step = 0; step < steps; step++) {
         r.route();
         for (int a = 0; a < N * K; a++) dgate[a] = r.routing.choice_kept[a] ? slot_weights[a] : 0;

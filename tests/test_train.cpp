@@ -157,7 +157,7 @@ bool IsAttention(const std::string &n) {
     return EndsWith(n, ".ln1_w") || EndsWith(n, ".qkv_w") || EndsWith(n, ".proj_w");
 }
 bool IsRouter(const std::string &n) {
-    return EndsWith(n, ".router_w") || EndsWith(n, ".noise_w");
+    return EndsWith(n, ".router_w") || EndsWith(n, ".noise_w") || EndsWith(n, ".router_group_w");
 }
 bool IsExpert(const std::string &n) {
     return n.find(".experts.") != std::string::npos || n.find(".shared_fc") != std::string::npos;
@@ -183,6 +183,8 @@ const char *const kEveryTensor =
     "moe-layer-freq 2 moe-shared-expert-intermediate-size 16 "
     "untie-embeddings-and-output-weights 1 ";
 const char *const kNoisy = "moe-router-type noisy_topk moe-router-enable-expert-bias 0 ";
+const char *const kHierarchical =
+    "moe-hierarchical-groups 2 moe-router-pre-softmax 1 moe-router-enable-expert-bias 0 ";
 
 class TrainFreeze : public ::testing::TestWithParam<const char *> {
   protected:
@@ -248,6 +250,21 @@ TEST_P(TrainFreeze, FrozenTensorsAndTheirMomentsStayBitForBit) {
 
 TEST_P(TrainFreeze, NoisyRouterWeightsFollowTheRouter) {
     CheckThreeSteps(std::string(kEveryTensor) + kNoisy);
+}
+
+TEST_P(TrainFreeze, HierarchicalPrimaryRouterFollowsTheRouter) {
+    CheckThreeSteps(std::string(kEveryTensor) + kHierarchical);
+    // the primary router is a named tensor of the MoE layer only: [groups, C]
+    TinyTrainer tiny(&comm_, 1, std::string(kEveryTensor) + kHierarchical);
+    ASSERT_TRUE(tiny.ok());
+    const Model &m = tiny.get()->model;
+    std::vector<std::string> primary;
+    for (int i = 0; i < m.num_tensors; i++)
+        if (EndsWith(m.tensors[i].name, ".router_group_w")) {
+            primary.push_back(m.tensors[i].name);
+            EXPECT_EQ(m.tensors[i].numel, 2u * 32u);
+        }
+    EXPECT_EQ(primary, std::vector<std::string>({"layers.1.router_group_w"}));
 }
 
 INSTANTIATE_TEST_SUITE_P(TrainFreezeGroups, TrainFreeze,

@@ -62,6 +62,8 @@ typedef struct Config {
     double init_method_std;               /* std of every normal-initialised weight */
     int moe_router_num_groups;            /* expert groups for group-limited routing; 0 = off */
     int moe_router_group_topk;            /* groups each token may use (DeepSeek-V3) */
+    int moe_hierarchical_groups;          /* Shazeer 2017 hierarchical MoE groups; 0 = off */
+    int moe_hierarchical_group_topk;      /* groups the primary router picks per token */
     /* training */
     int micro_batch_size;
     int train_iters;

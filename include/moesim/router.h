@@ -67,6 +67,13 @@ typedef struct RouterShape {
      * of consecutive experts; a token selects only among those of its
      * group_topk best groups. 0 = off. Top-k family only. */
     int num_groups, group_topk;
+    /* Hierarchical MoE (Shazeer et al. 2017, appendix B): a primary router
+     * [hier_groups, C] picks the token's hier_group_topk best groups of
+     * E / hier_groups consecutive experts; within each, the group's rows of
+     * router_w pick the K / hier_group_topk best experts. The score of expert
+     * j of group i is softmax(primary)_i * softmax(group i's logits)_j, a
+     * distribution over all E experts. 0 = off. Top-k family only. */
+    int hier_groups, hier_group_topk;
     /* Layout invariance (reduce.h): the loss is a mean over the global batch,
      * world micro-batches of N tokens (0 counts as 1), and statistics are
      * kept per grain of `grain` tokens (0: the whole micro-batch), a multiple
@@ -110,10 +117,11 @@ typedef struct RouterContext {
 typedef struct RouterWeights {
     const float *router_w; /* [E, C] */
     const float *noise_w;  /* [E, C], noisy_topk only */
+    const float *group_w;  /* [hier_groups, C], hierarchical only */
 } RouterWeights;
 
 typedef struct RouterGrads {
-    float *router_w, *noise_w;
+    float *router_w, *noise_w, *group_w;
 } RouterGrads;
 
 /* Everything one MoE layer's router decides for one micro-batch. Buffers are
@@ -128,6 +136,9 @@ typedef struct Routing {
     float *noise;                 /* [N,E] standard normal draws, 0 outside training */
     float *h;                     /* [N,E] logits + noise * std: what scores are made of */
     float *probs;                 /* [N,E] softmax(h), or sigmoid(h) for sigmoid scores */
+    float *group_logits;          /* [N,hier_groups] x·Wgroup^T (hierarchical) */
+    float *group_probs;           /* [N,hier_groups] softmax(group_logits) */
+    float *dgroup;                /* [N,hier_groups] d group_logits */
     float *lse;                   /* [N] log-sum-exp of h, for the z-loss */
     float *select_scores;         /* [N,E] what selection ranks (bias, sinkhorn) */
     int *choice_expert;           /* [N,slots] */

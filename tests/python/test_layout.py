@@ -46,6 +46,8 @@ VARIANTS = {
     "expert-bias": {"moe-router-enable-expert-bias": 1, "moe-router-bias-update-rate": 1e-3},
     # DeepSeek-V3 group-limited routing: 2 groups of 2 experts, one group per token
     "group-limited": {"moe-router-num-groups": 2, "moe-router-group-topk": 1},
+    # Shazeer 2017 hierarchical MoE: a primary router picks 1 of 2 groups of 2 experts
+    "hier-moe": {"moe-hierarchical-groups": 2, "moe-router-pre-softmax": 1},
     # Switch's expert dropout: masks keyed by (seed, step, layer, expert, token)
     "expert-dropout": {"moe-expert-dropout": 0.3},
     "expert-dropout-overlap": {"moe-expert-dropout": 0.3, "moe-overlap-chunks": 2},

@@ -143,6 +143,22 @@ CONFIGS = {
         {**SYNTHETIC, "num-experts": 8, "moe-router-num-groups": 4, "moe-router-group-topk": 1,
          "moe-router-type": "gshard_top2", "moe-expert-capacity-factor": 0.75,
          "moe-min-capacity": 0}, True),
+    # Shazeer 2017's hierarchical MoE: 8 experts in groups of 4 or 2, a primary
+    # router [groups, C] (layers.N.router_group_w) and one softmax per group
+    "hierarchical-top2-one-group-drop": (
+        {**SYNTHETIC, "num-experts": 8, "moe-hierarchical-groups": 2, "moe-router-topk": 2,
+         "moe-router-pre-softmax": 1, "moe-router-norm-topk-prob": 0,
+         "moe-importance-loss-coeff": 0.1, "moe-expert-capacity-factor": 0.75,
+         "moe-min-capacity": 0}, True),
+    "hierarchical-top4-two-of-four-groups-renormalised": (
+        {**SYNTHETIC, "num-experts": 8, "moe-hierarchical-groups": 4,
+         "moe-hierarchical-group-topk": 2, "moe-router-topk": 4,
+         "moe-router-pre-softmax": 0, "moe-expert-capacity-factor": 1.0,
+         "moe-min-capacity": 0}, True),
+    "hierarchical-switch-large-weights-dropless": (
+        {**SYNTHETIC, "weight-scale": 10, "num-experts": 8, "moe-hierarchical-groups": 2,
+         "moe-router-type": "switch", "moe-expert-capacity-factor": 0,
+         "moe-router-load-balancing-type": "seq_aux_loss"}, False),
     "swiglu-shared-top2-drop": (
         {**SYNTHETIC, "moe-expert-activation": "swiglu",
          "moe-shared-expert-intermediate-size": 24, "moe-router-topk": 2,

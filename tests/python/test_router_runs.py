@@ -129,3 +129,23 @@ def test_group_limited_routing_sends_each_token_to_one_rank(tmp_path):
     assert row_bytes > 0
     assert np.all(limited % (2 * row_bytes) == 0), limited // row_bytes
     assert np.any(plain % (2 * row_bytes) != 0), "plain top-2 should split some tokens"
+
+
+def test_hierarchical_moe_sends_each_token_to_one_rank(tmp_path):
+    """Shazeer 2017's hierarchical MoE with its groups = EP ranks and k_1 = 1
+    group per token: as for group-limited routing, each token's two rows go
+    to one rank, so every traffic cell is a whole number of token pairs.
+    With k_1 = 2 groups of one expert each a token's two rows always reach
+    both ranks: every cell off the diagonal is nonzero and no token pair
+    stays whole."""
+    plain = dispatch_bytes(tmp_path, "plain")
+    one_group = dispatch_bytes(tmp_path, "hier1", **{"moe-hierarchical-groups": 2})
+    both = dispatch_bytes(tmp_path, "hier2", **{"moe-hierarchical-groups": 2,
+                                                "moe-hierarchical-group-topk": 2})
+    rows = 2 * 2 * 16 * 2 * 2  # ranks x micro-batch x seq x k x layers
+    row_bytes = plain[0].sum() // rows
+    assert row_bytes > 0 and one_group.sum() == plain.sum() == both.sum()
+    assert np.all(one_group % (2 * row_bytes) == 0), one_group // row_bytes
+    # k_1 = 2: every token sends exactly one row to each rank
+    per_step = both.reshape(len(both), 2, 2) // row_bytes
+    assert np.all(per_step == rows // 4), per_step[0]

@@ -53,6 +53,8 @@ class Shape:
     shared_F: int = 0
     num_groups: int = 0
     group_topk: int = 0
+    hier_groups: int = 0
+    hier_group_topk: int = 0
 
     def is_moe_layer(self, layer):
         return (layer + 1) % self.moe_layer_freq == 0
@@ -84,7 +86,8 @@ BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 
 def load_export(path):
     int_keys = ("V", "T", "C", "NH", "L", "F", "E", "K", "Fe", "G", "B", "moe_layer_freq",
-                "min_capacity", "shared_F", "num_groups", "group_topk")
+                "min_capacity", "shared_F", "num_groups", "group_topk", "hier_groups",
+                "hier_group_topk")
     float_keys = ("capacity_factor", "aux_loss_coeff", "z_loss_coeff", "importance_loss_coeff",
                   "load_loss_coeff")
     bool_keys = ("tied", "norm_topk_prob", "sigmoid_scores", "softmax_over_selected",
@@ -214,6 +217,12 @@ def cv_squared(v):
 def top_k_gates(h, probs, choice_expert, s):
     """The combine weights of the k selected experts [N, K]."""
     selected = probs.gather(1, choice_expert)
+    if s.hier_groups > 0:
+        # the products P_i * q_j, renormalised over the token's k experts
+        # or not; with one group per token (the paper's k_1 = 1) the former is
+        # Softmax(KeepTopK) of the group's logits: Shazeer 2017 at both levels
+        renormalise = s.norm_topk_prob or s.softmax_over_selected
+        return selected / selected.sum(-1, keepdim=True) if renormalise else selected
     if s.sigmoid_scores:
         # DeepSeek-V3: g = s / sum of the selected s
         renormalise = s.norm_topk_prob or s.softmax_over_selected
@@ -227,7 +236,33 @@ def top_k_gates(h, probs, choice_expert, s):
     return selected  # Switch: the expert's output scaled by its probability
 
 
-def route(x, router_w, noise_w, s, draws):
+def hierarchical_probs(x_in, logits, group_w, groups):
+    """Shazeer 2017, appendix B: the score of expert j of group i is
+    G_primary(x)_i * G_i(x)_j, a softmax over the primary logits x·Wgroup
+    times a softmax over group i's own logits (its E / groups rows of
+    router_w). Returns (probs [N, E], primary logits [N, groups])."""
+    N, E = logits.shape
+    primary = x_in @ group_w.T
+    within = logits.view(N, groups, E // groups).softmax(-1)
+    return (primary.softmax(-1)[:, :, None] * within).view(N, E), primary
+
+
+def hierarchical_choice(select, primary, groups, group_topk, K):
+    """[N, K]: the group_topk best groups by primary logit, best first; in
+    each, its K / group_topk best experts by score. Ties to the lower index."""
+    N, E = select.shape
+    per_group = E // groups
+    best = torch.sort(primary.detach(), dim=-1, descending=True, stable=True)[1][:, :group_topk]
+    by_group = select.view(N, groups, per_group)
+    chosen = []
+    for m in range(group_topk):
+        scores = by_group.gather(1, best[:, m, None, None].expand(N, 1, per_group)).squeeze(1)
+        within = torch.sort(scores, dim=-1, descending=True, stable=True)[1][:, :K // group_topk]
+        chosen.append(within + best[:, m, None] * per_group)
+    return torch.cat(chosen, dim=1)
+
+
+def route(x, router_w, noise_w, s, draws, group_w=None):
     """Router decisions and losses for N tokens x[N, C] in groups of G, each
     router as its paper (or Megatron-Core) defines it. draws: what the C side
     drew at random (noise [N, E], jitter [N, C], second_draw [N]) and the
@@ -248,6 +283,8 @@ def route(x, router_w, noise_w, s, draws):
         noise_std = F.softplus(x_in @ noise_w.T)
         h = logits + tensor("noise") * noise_std
     probs = h.sigmoid() if s.sigmoid_scores else h.softmax(-1)
+    if s.hier_groups > 0:
+        probs, primary = hierarchical_probs(x_in, logits, group_w, s.hier_groups)
 
     every_expert = torch.arange(E).expand(N, E)
     if kind == "soft":
@@ -274,7 +311,11 @@ def route(x, router_w, noise_w, s, draws):
             select = limit_to_best_groups(select, s.num_groups, s.group_topk, K)
         # A stable descending sort puts the lower expert first among equal
         # scores, which is the tie rule.
-        choice_expert = torch.sort(select, dim=-1, descending=True, stable=True)[1][:, :K]
+        if s.hier_groups > 0:
+            choice_expert = hierarchical_choice(select, primary, s.hier_groups,
+                                                s.hier_group_topk, K)
+        else:
+            choice_expert = torch.sort(select, dim=-1, descending=True, stable=True)[1][:, :K]
         gates = top_k_gates(h, probs, choice_expert, s)
         routed = torch.ones(N, K, dtype=torch.bool)
         if kind == "gshard_top2":
@@ -345,7 +386,7 @@ def route(x, router_w, noise_w, s, draws):
 
 def moe_ffn(x, p, s, draws):
     """One MoE layer; p(name) gives the layer's parameter."""
-    combine, info = route(x, p("router_w"), p("noise_w"), s, draws)
+    combine, info = route(x, p("router_w"), p("noise_w"), s, draws, p("router_group_w"))
     h = torch.einsum("nc,efc->enf", x, p("experts.fc1_w"))         # every expert, every token
     if s.swiglu:
         gate, up = h.chunk(2, dim=-1)

@@ -77,6 +77,8 @@ static void put_config(Export *ex, const ModelShape *s) {
     put_scalar(ex, "config/shared_F", s->shared_F);
     put_scalar(ex, "config/num_groups", s->router_groups);
     put_scalar(ex, "config/group_topk", s->router_group_topk);
+    put_scalar(ex, "config/hier_groups", s->hier_groups);
+    put_scalar(ex, "config/hier_group_topk", s->hier_group_topk);
 }
 
 /* One group per tensor-table entry; when tied, lm_head_w is no entry of the
