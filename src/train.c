@@ -788,6 +788,14 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     }
     int is_root = comm->rank == 0;
     if (is_root) print_header(&t, &rs.layout);
+    /* A warm-up the user gave that long is refused (config.c); the default
+     * one only meets a short run, which may be meant (a smoke test). */
+    if (is_root && cfg->lr_warmup_iters >= cfg->train_iters && cfg->lr_warmup_iters > 0)
+        fprintf(stderr,
+                "moesim: warning: the default learning-rate warm-up of %d steps is not shorter "
+                "than --train-iters %d, so the learning rate never reaches --lr %g; give "
+                "--lr-warmup-iters below %d\n",
+                cfg->lr_warmup_iters, cfg->train_iters, cfg->lr, cfg->train_iters);
     if (is_root && resumes)
         printf("resumed from %s at step %ld on %d rank(s), expert-parallel size %d%s\n", cfg->load,
                start, comm->world_size, comm->ep_size,

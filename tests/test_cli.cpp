@@ -405,6 +405,18 @@ TEST_F(CliRun, MissingOutputDirectoryIsCreated) {
     EXPECT_FALSE(PathExists(out + ".lock")) << "the run leaves its lock file behind";
 }
 
+TEST_F(CliRun, DefaultWarmupLongerThanTheRunIsNamed) {
+    RunResult r = RunMoesim(Train(dir_ + "/short.h5", {}));
+    EXPECT_EQ(r.status, 0) << r.output;
+    EXPECT_EQ(CountOccurrences(r.output, "moesim: warning: the default learning-rate warm-up of "
+                                         "50 steps is not shorter than --train-iters 2"),
+              1u)
+        << r.output;
+    RunResult warmed = RunMoesim(Train(dir_ + "/warm.h5", {"--lr-warmup-iters", "1"}));
+    EXPECT_EQ(warmed.status, 0) << warmed.output;
+    EXPECT_EQ(CountOccurrences(warmed.output, "warm-up"), 0u) << warmed.output;
+}
+
 TEST_F(CliRun, ExistingRecordIsKeptUnlessOverwriteIsGiven) {
     std::string out = dir_ + "/run.h5";
     RunResult first = RunMoesim(Train(out, {}));
