@@ -2,6 +2,7 @@
 under mpirun, with the environment of any enclosing mpirun removed. Also the
 record schema the binary writes, and synthetic records of the schema for tests of
 the analysis package that need no run."""
+import contextlib
 import os
 import re
 import signal
@@ -11,8 +12,26 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 
 BUILD = Path(os.environ.get("MOESIM_BUILD", Path(__file__).resolve().parents[2] / "build"))
+
+
+@contextlib.contextmanager
+def tmpfs(path, size):
+    """A tmpfs of `size` at path, unmounted on the way out."""
+    path.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                           capture_output=True, text=True, timeout=30)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True, timeout=30).returncode:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
 def clean_env():
@@ -251,7 +270,6 @@ NOTEBOOK_CELL_TIMEOUT_S = 120
 def needs_matching_build(package_schema):
     """Skip marker for tests on real records when build/moesim writes another
     run-record schema than the analysis package reads."""
-    import pytest
     build_schema = record_schema_version()
     return pytest.mark.skipif(
         build_schema != package_schema,

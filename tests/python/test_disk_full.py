@@ -4,16 +4,14 @@ file and the fix; the record stays readable up to its last good flush, says
 `failed` and why, and its steps_done counts exactly the rows on disk; a
 checkpoint that does not fit leaves nothing behind and the previous one the
 latest. Real small tmpfs mounts (root only); every run has a timeout."""
-import contextlib
 import os
 import re
 import signal
 import subprocess
 
-import h5py
 import pytest
 
-from moesim_run import BUILD, clean_env, flags, moesim_info, read_everything
+from moesim_run import BUILD, clean_env, flags, moesim_info, read_everything, tmpfs
 
 SMALL = {
     "num-layers": 2, "hidden-size": 32, "num-attention-heads": 2, "seq-length": 16,
@@ -23,23 +21,6 @@ SMALL = {
 }
 TIMEOUT = 120
 FIX = "free space on that disk or choose another --out"
-
-
-@contextlib.contextmanager
-def tmpfs(path, size):
-    """A tmpfs of `size` at path, unmounted on the way out."""
-    path.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                           capture_output=True, text=True, timeout=30)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True, timeout=30).returncode:
-            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
 
 
 def run_two_ranks(options):

@@ -12,7 +12,6 @@ failure seen by rank 0 alone stops every rank.
 
 Every run goes through moesim_run with a timeout, so no test can hang.
 """
-import os
 import re
 import subprocess
 import time
@@ -22,7 +21,7 @@ import h5py
 import numpy as np
 import pytest
 
-from moesim_run import BUILD, clean_env, final_checkpoint, run_moesim, run_mpi
+from moesim_run import BUILD, clean_env, final_checkpoint, run_moesim, run_mpi, tmpfs
 
 SEQ = 16
 TOPK = 2
@@ -328,18 +327,8 @@ FAULT_TIMEOUT = 120
 def tiny_tmpfs(tmp_path_factory):
     """A 3000 KiB tmpfs: the run record fits it for its first 1024 rows, and its
     first flush past them does not (test_disk_full.py has the details)."""
-    mnt = tmp_path_factory.mktemp("tiny")
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3000k", "tmpfs", str(mnt)],
-                           capture_output=True, text=True, timeout=30)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path_factory.mktemp("tiny") / "disk", "3000k") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], capture_output=True, timeout=30).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
 @pytest.fixture(scope="module")
