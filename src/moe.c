@@ -221,24 +221,40 @@ typedef struct ExpertDropout {
     int j;
 } ExpertDropout;
 
+static uint64_t dropout_row_key(const RouterContext *ctx, uint64_t expert, uint64_t grain,
+                                uint64_t row) {
+    uint64_t key = rng_hash3(DOMAIN_EXPERT_DROPOUT ^ ctx->seed, (uint64_t)ctx->step,
+                             (uint64_t)ctx->layer);
+    return rng_hash3(key, expert * 0x100000001ull + grain, row);
+}
+
+static float dropout_factor(uint64_t row_key, int f, float rate, float scale) {
+    float u = (float)(rng_mix64(row_key ^ (uint64_t)f) >> 40) * 0x1p-24f;
+    return u < rate ? 0.0f : scale;
+}
+
+void moe_expert_dropout_mask(float *mask, int F, double rate, const RouterContext *ctx,
+                             long expert, long grain, long row) {
+    float r = (float)rate, scale = 1.0f / (1.0f - r);
+    uint64_t row_key = dropout_row_key(ctx, (uint64_t)expert, (uint64_t)grain, (uint64_t)row);
+    for (int f = 0; f < F; f++) mask[f] = dropout_factor(row_key, f, r, scale);
+}
+
 static void apply_expert_dropout(void *arg, float *v, int n, int F) {
     const ExpertDropout *d = arg;
     const RouterContext *ctx = &d->m->ctx;
     int count, grains = routing_grains(&d->s->router);
     const int *begin = dispatch_expert_splits(&d->m->dispatch, d->j, &count);
     float rate = (float)d->s->expert_dropout, scale = 1.0f / (1.0f - rate);
-    uint64_t key = rng_hash3(DOMAIN_EXPERT_DROPOUT ^ ctx->seed, (uint64_t)ctx->step,
-                             (uint64_t)ctx->layer);
     uint64_t expert = (uint64_t)(d->m->first_local_expert + d->j);
     for (int i = 0; i < count; i++) {
         uint64_t grain = (uint64_t)(d->m->ep_group_first_rank + i / grains) * grains + i % grains;
         for (int row = begin[i]; row < begin[i + 1] && row < n; row++) {
-            uint64_t row_key = rng_hash3(key, expert * 0x100000001ull + grain,
-                                         (uint64_t)(row - begin[i]));
+            uint64_t row_key = dropout_row_key(ctx, expert, grain, (uint64_t)(row - begin[i]));
             float *r = v + (long)row * F;
             for (int f = 0; f < F; f++) {
-                float u = (float)(rng_mix64(row_key ^ (uint64_t)f) >> 40) * 0x1p-24f;
-                r[f] = u < rate ? 0.0f : r[f] * scale;
+                float factor = dropout_factor(row_key, f, rate, scale);
+                r[f] = factor == 0.0f ? 0.0f : r[f] * factor;
             }
         }
     }

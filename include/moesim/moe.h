@@ -32,6 +32,14 @@ typedef struct MoeShape {
 long moe_max_send_rows(const MoeShape *s);
 long moe_max_recv_rows(const MoeShape *s);
 
+/* Switch's expert dropout factors [F] (0 or 1 / (1 - rate)) of the row-th
+ * kept assignment of global expert `expert` among the tokens of global grain
+ * `grain`, in token order: what training multiplies that row's hidden units
+ * by. For checks from outside (the PyTorch reference); the layer computes
+ * the same factors in place. */
+void moe_expert_dropout_mask(float *mask, int F, double rate, const RouterContext *ctx,
+                             long expert, long grain, long row);
+
 /* Per-layer state kept from forward to backward. */
 typedef struct MoeLayer {
     Routing routing;

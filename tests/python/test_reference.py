@@ -167,6 +167,19 @@ CONFIGS = {
         {**SYNTHETIC, "weight-scale": 10, "moe-expert-activation": "swiglu",
          "moe-shared-expert-intermediate-size": 16, "moe-router-type": "switch",
          "moe-layer-freq": 2, "moe-expert-capacity-factor": 0}, False),
+    # Switch's expert dropout: the C side exports each kept assignment's mask
+    "expert-dropout-top2-drop": (
+        {**SYNTHETIC, "moe-expert-dropout": 0.3, "moe-router-topk": 2,
+         "moe-router-norm-topk-prob": 1, "moe-group-size": 16,
+         "moe-expert-capacity-factor": 0.75, "moe-min-capacity": 0}, True),
+    "expert-dropout-switch-groups16-large-weights": (
+        {**SYNTHETIC, "weight-scale": 10, "moe-expert-dropout": 0.4, "moe-router-type": "switch",
+         "moe-group-size": 16, "moe-expert-capacity-factor": 1.0, "moe-min-capacity": 0},
+        True),
+    "expert-dropout-swiglu-shared-switch-dropless": (
+        {**SYNTHETIC, "moe-expert-dropout": 0.5, "moe-expert-activation": "swiglu",
+         "moe-shared-expert-intermediate-size": 16, "moe-router-type": "switch",
+         "moe-expert-capacity-factor": 0}, False),
 }
 
 

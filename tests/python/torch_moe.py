@@ -55,6 +55,7 @@ class Shape:
     group_topk: int = 0
     hier_groups: int = 0
     hier_group_topk: int = 0
+    expert_dropout: float = 0.0
 
     def is_moe_layer(self, layer):
         return (layer + 1) % self.moe_layer_freq == 0
@@ -76,7 +77,8 @@ class Export:
     importance_loss: float
     load_loss: float
     routing: dict    # layer -> {"choice_expert", "choice_kept", "choice_routed", "capacity",
-                     #           and the draws: "noise", "jitter", "second_draw", "expert_bias"}
+                     #           and the draws: "noise", "jitter", "second_draw", "expert_bias",
+                     #           "dropout_mask"}
 
 
 # The C enums' order (router.h): RouterType and BalancingType.
@@ -89,7 +91,7 @@ def load_export(path):
                 "min_capacity", "shared_F", "num_groups", "group_topk", "hier_groups",
                 "hier_group_topk")
     float_keys = ("capacity_factor", "aux_loss_coeff", "z_loss_coeff", "importance_loss_coeff",
-                  "load_loss_coeff")
+                  "load_loss_coeff", "expert_dropout")
     bool_keys = ("tied", "norm_topk_prob", "sigmoid_scores", "softmax_over_selected",
                  "drop_by_prob", "expert_bias", "swiglu")
     with h5py.File(path, "r") as f:
@@ -384,6 +386,19 @@ def route(x, router_w, noise_w, s, draws, group_w=None):
                      "load_loss": load_loss}
 
 
+def expert_dropout_factors(info, mask, E):
+    """[E, N, F]: Switch's expert dropout as the C side drew it, mask [N,
+    slots, F] holding each kept assignment's factors (0 or 1 / (1 - rate));
+    ones where a token has no kept assignment, whose combine weight is 0."""
+    N, S, Fe = mask.shape
+    factors = torch.ones(E, N, Fe, dtype=mask.dtype)
+    kept = info["choice_kept"]
+    tokens = torch.arange(N)[:, None].expand(N, S)
+    experts = info["choice_expert"]
+    factors[experts[kept], tokens[kept]] = mask[kept]
+    return factors
+
+
 def moe_ffn(x, p, s, draws):
     """One MoE layer; p(name) gives the layer's parameter."""
     combine, info = route(x, p("router_w"), p("noise_w"), s, draws, p("router_group_w"))
@@ -393,6 +408,9 @@ def moe_ffn(x, p, s, draws):
         act = F.silu(gate) * up
     else:
         act = F.gelu(h, approximate="tanh")
+    if "dropout_mask" in draws:
+        act = act * expert_dropout_factors(info, torch.tensor(draws["dropout_mask"],
+                                                              dtype=x.dtype), s.E)
     y = torch.einsum("enf,ecf->enc", act, p("experts.fc2_w"))
     out = torch.einsum("ne,enc->nc", combine, y)
     if s.shared_F > 0:
@@ -440,7 +458,7 @@ def reference_step(export):
               for k, v in export.params.items()}
     inputs = torch.tensor(export.inputs, dtype=torch.long)
     targets = torch.tensor(export.targets, dtype=torch.long)
-    draw_names = ("noise", "jitter", "second_draw", "expert_bias")
+    draw_names = ("noise", "jitter", "second_draw", "expert_bias", "dropout_mask")
     draws = {l: {k: v for k, v in r.items() if k in draw_names}
              for l, r in export.routing.items()}
     out = forward(params, export.shape, inputs, targets, draws)

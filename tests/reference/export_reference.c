@@ -15,6 +15,7 @@
 #include "moesim/config.h"
 #include "moesim/data.h"
 #include "moesim/model.h"
+#include "moesim/moe.h"
 #include "moesim/ops.h"
 #include "moesim/platform.h"
 #include "moesim/record.h"
@@ -79,6 +80,7 @@ static void put_config(Export *ex, const ModelShape *s) {
     put_scalar(ex, "config/group_topk", s->router_group_topk);
     put_scalar(ex, "config/hier_groups", s->hier_groups);
     put_scalar(ex, "config/hier_group_topk", s->hier_group_topk);
+    put_scalar(ex, "config/expert_dropout", s->expert_dropout);
 }
 
 /* One group per tensor-table entry; when tied, lm_head_w is no entry of the
@@ -92,6 +94,44 @@ static void put_tensors(Export *ex, const Model *m, const char *group, const flo
         snprintf(name, sizeof name, "%s/%s", group, t->name);
         put_f32(ex, name, base + t->offset, t->ndim, dims);
     }
+}
+
+/* Expert dropout's factors [N, slots, Fe] for every kept assignment (ones
+ * elsewhere): the row-th kept assignment of an expert among a grain's tokens,
+ * in token order, gets moe_expert_dropout_mask of (expert, grain, row), the
+ * layer's layout-invariant definition; the reference multiplies the
+ * assignment's hidden units by them. */
+static int put_dropout_masks(Export *ex, const Model *m, int l) {
+    const ModelShape *s = &m->shape;
+    const Routing *r = &m->moe[l].routing;
+    long N = (long)s->B * s->T, slots = r->slots;
+    int grain_tokens = routing_grain_tokens(&m->moe_shape.router);
+    float *mask = malloc(sizeof(float) * N * slots * s->Fe);
+    int *rows = calloc((size_t)s->E, sizeof(int));
+    if (!mask || !rows) {
+        free(mask);
+        free(rows);
+        return -1;
+    }
+    for (long a = 0; a < N * slots; a++) {
+        float *row_mask = mask + a * s->Fe;
+        long t = a / slots;
+        if (t % grain_tokens == 0 && a % slots == 0) memset(rows, 0, sizeof(int) * s->E);
+        if (!r->choice_kept[a]) {
+            for (int f = 0; f < s->Fe; f++) row_mask[f] = 1.0f;
+            continue;
+        }
+        int e = r->choice_expert[a];
+        moe_expert_dropout_mask(row_mask, s->Fe, s->expert_dropout, &m->moe[l].ctx, e,
+                                t / grain_tokens, rows[e]++);
+    }
+    long dims[3] = {N, slots, s->Fe};
+    char name[96];
+    snprintf(name, sizeof name, "routing/%d/dropout_mask", l);
+    put_f32(ex, name, mask, 3, dims);
+    free(mask);
+    free(rows);
+    return 0;
 }
 
 /* Every routing decision, and every random draw behind one, so the reference
@@ -121,6 +161,8 @@ static void put_routing(Export *ex, const Model *m, int *flag_scratch) {
                  name);
         if (m->expert_bias && m->expert_bias[l])
             put_f32(ex, NAME("expert_bias"), m->expert_bias[l], 1, expert_dims);
+        if (s->expert_dropout > 0 && put_dropout_masks(ex, m, l) != 0)
+            note(ex, -1, NAME("dropout_mask (out of memory)"));
 #undef NAME
     }
 }
