@@ -440,7 +440,9 @@ static const Option OPTIONS[] = {
              "groups consecutive experts, then the group's rows of router_w pick experts "
              "within it; expert (i,j) scores softmax(primary)_i x softmax(group "
              "i)_j. --moe-router-topk is the experts per token, k / group-topk from each "
-             "chosen group. topk and switch routers only; 0 = off"},
+             "chosen group. topk, switch and noisy_topk routers only; with noisy_topk both "
+             "levels are noisy (layers.N.router_group_noise_w) and --moe-load-loss-coeff is "
+             "the paper's hierarchical Load_H; 0 = off"},
     {.name = "moe-hierarchical-group-topk",
      .group = G_MOE,
      .type = OPT_INT,
@@ -1524,11 +1526,11 @@ static int validate_hierarchical(const Config *cfg, char *err, size_t errlen) {
                     "%d: the primary router cannot pick more groups than there are; use at "
                     "most %d",
                     group_topk, groups, groups);
-    if (!router_is(cfg, "topk") && !router_is(cfg, "switch"))
+    if (!router_is(cfg, "topk") && !router_is(cfg, "switch") && !router_is(cfg, "noisy_topk"))
         return fail(err, errlen,
-                    "--moe-hierarchical-groups works with --moe-router-type topk or switch, not "
-                    "%s: the hierarchical router picks experts itself by top-k within groups; "
-                    "drop --moe-hierarchical-groups or choose topk",
+                    "--moe-hierarchical-groups works with --moe-router-type topk, switch or "
+                    "noisy_topk, not %s: the hierarchical router picks experts itself by top-k "
+                    "within groups; drop --moe-hierarchical-groups or choose topk",
                     cfg->moe_router_type);
     if (cfg->moe_router_num_groups > 0)
         return fail(err, errlen,

@@ -95,6 +95,7 @@ int model_local_experts(const ModelShape *s) {
 enum ParamField {
     FIELD_NOISE,
     FIELD_ROUTER_GROUP,
+    FIELD_ROUTER_GROUP_NOISE,
     FIELD_SHARED_FC1,
     FIELD_SHARED_FC2,
     FIELD_WTE,
@@ -144,6 +145,7 @@ static ParamRole field_role(enum ParamField field) {
         case FIELD_ROUTER:
         case FIELD_NOISE:
         case FIELD_ROUTER_GROUP:
+        case FIELD_ROUTER_GROUP_NOISE:
             return PARAM_ROLE_ROUTER;
         case FIELD_SHARED_FC1:
         case FIELD_SHARED_FC2:
@@ -230,6 +232,10 @@ static void describe_layout(Layout *lay, const ModelShape *s) {
             /* Shazeer 2017 starts the noise weights at zero: softplus(0) noise. */
             if (s->router_type == ROUTER_NOISY_TOPK)
                 add_tensor(lay, FIELD_NOISE, l, LAYER_NAME("noise_w"), 2, s->E, C, 0, 0, ZEROS);
+            /* ... at both levels of a hierarchical one (appendix B) */
+            if (s->router_type == ROUTER_NOISY_TOPK && s->hier_groups > 0)
+                add_tensor(lay, FIELD_ROUTER_GROUP_NOISE, l, LAYER_NAME("router_group_noise_w"),
+                           2, s->hier_groups, C, 0, 0, ZEROS);
             if (s->shared_F > 0) {
                 add_tensor(lay, FIELD_SHARED_FC1, l, LAYER_NAME("shared_fc1_w"), 2,
                            s->shared_F * ffn_w1_rows_per_unit(s->expert_activation), C, 0, 0,
@@ -295,6 +301,9 @@ static void bind_views(Weights *w, float *base, const Layout *lay, int tied) {
                 break;
             case FIELD_ROUTER_GROUP:
                 lw->router_group_w = p;
+                break;
+            case FIELD_ROUTER_GROUP_NOISE:
+                lw->router_group_noise_w = p;
                 break;
             case FIELD_SHARED_FC1:
                 lw->shared_fc1_w = p;
@@ -388,7 +397,7 @@ static void free_layer_acts(LayerActs *a) {
 }
 
 static int max_tensors(const ModelShape *s) {
-    return 4 + 10 * s->L;
+    return 4 + 12 * s->L;
 }
 
 static size_t max_size(size_t a, size_t b) {
@@ -738,7 +747,7 @@ static void rmsnorm_backward_split(const Model *m, float *dinp, float *dw, const
 
 static MoeWeights moe_weights(const LayerWeights *w) {
     return (MoeWeights){
-        {w->router_w, w->noise_w, w->router_group_w}, w->expert_fc1_w, w->expert_fc2_w};
+        {w->router_w, w->noise_w, w->router_group_w, w->router_group_noise_w}, w->expert_fc1_w, w->expert_fc2_w};
 }
 
 /* The routing context of layer l: the trainer's, plus this layer's bias
@@ -851,7 +860,7 @@ static void layer_backward(Model *m, int l) {
     double mark = timer_now_s();
     if (model_is_moe_layer(s, l)) {
         MoeWeights mw = moe_weights(w);
-        MoeGrads mg = {{dw->router_w, dw->noise_w, dw->router_group_w},
+        MoeGrads mg = {{dw->router_w, dw->noise_w, dw->router_group_w, dw->router_group_noise_w},
                        dw->expert_fc1_w,
                        dw->expert_fc2_w,
                        m->grads + m->num_dense_params,

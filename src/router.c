@@ -12,6 +12,7 @@
 #define DOMAIN_NOISE 0x6e6f697365ull
 #define DOMAIN_JITTER 0x6a6974746572ull
 #define DOMAIN_SECOND_EXPERT 0x67736861726dull
+#define DOMAIN_GROUP_NOISE 0x67726f75706eull
 #define SINKHORN_TOLERANCE 1e-4
 #define SINKHORN_MAX_ITERATIONS 200
 
@@ -95,9 +96,24 @@ int routing_init(Routing *r, const RouterShape *s) {
     }
     if (s->type == ROUTER_GSHARD_TOP2) ALLOC(r->second_draw, N);
     if (s->hier_groups > 0) {
-        ALLOC(r->group_logits, N * (size_t)s->hier_groups);
-        ALLOC(r->group_probs, N * (size_t)s->hier_groups);
-        ALLOC(r->dgroup, N * (size_t)s->hier_groups);
+        size_t NG = N * (size_t)s->hier_groups, groups_hg = groups * (size_t)s->hier_groups;
+        ALLOC(r->group_logits, NG);
+        ALLOC(r->group_h, NG);
+        ALLOC(r->group_probs, NG);
+        ALLOC(r->dgroup, NG);
+        if (noisy) {
+            ALLOC(r->group_noise_pre, NG);
+            ALLOC(r->group_noise_std, NG);
+            ALLOC(r->group_noise, NG);
+            ALLOC(r->dgroup_noise, NG);
+            ALLOC(r->group_load_z, NG);
+            ALLOC(r->group_load_threshold, NG);
+            ALLOC(r->load_primary, groups_hg);
+            ALLOC(r->dload_primary, groups_hg);
+            ALLOC(r->group_tokens, groups_hg);
+            ALLOC(r->load_within, groups * E);
+            ALLOC(r->dload_within, groups * E);
+        }
     }
     ALLOC(r->h, NE);
     ALLOC(r->probs, NE);
@@ -146,7 +162,10 @@ size_t routing_bytes(const RouterShape *s) {
     if (s->type == ROUTER_NOISY_TOPK)
         bytes += sizeof(float) * 5 * NE + sizeof(double) * groups * E + sizeof(int) * NE;
     if (s->type == ROUTER_GSHARD_TOP2) bytes += sizeof(double) * N;
-    bytes += sizeof(float) * 3 * N * (size_t)s->hier_groups + sizeof(int) * E;
+    bytes += sizeof(float) * 4 * N * (size_t)s->hier_groups + sizeof(int) * E;
+    if (s->hier_groups > 0 && s->type == ROUTER_NOISY_TOPK)
+        bytes += (sizeof(float) * 5 + sizeof(int)) * N * (size_t)s->hier_groups +
+                 sizeof(double) * (3 * groups * (size_t)s->hier_groups + 2 * groups * E);
     return bytes;
 }
 
@@ -190,7 +209,19 @@ void routing_free(Routing *r) {
                      r->group_rank,
                      r->group_logits,
                      r->group_probs,
-                     r->dgroup};
+                     r->dgroup,
+                     r->group_h,
+                     r->group_noise_pre,
+                     r->group_noise_std,
+                     r->group_noise,
+                     r->dgroup_noise,
+                     r->group_load_z,
+                     r->group_load_threshold,
+                     r->load_primary,
+                     r->dload_primary,
+                     r->group_tokens,
+                     r->load_within,
+                     r->dload_within};
     for (size_t i = 0; i < sizeof owned / sizeof owned[0]; i++) free(owned[i]);
     memset(r, 0, sizeof *r);
 }
@@ -246,15 +277,31 @@ static void add_gating_noise(Routing *r, const float *x_in, const RouterWeights 
     }
 }
 
+/* The primary router's noise (Shazeer 2017 gates noisily at both levels):
+ * its own draws, keyed by global token and group. */
+static void add_primary_noise(Routing *r, const float *x_in, const RouterWeights *w,
+                              const RouterShape *s, const RouterContext *ctx) {
+    int groups = s->hier_groups;
+    matmul_forward(r->group_noise_pre, x_in, w->group_noise_w, s->N, s->C, groups, ctx->matmul);
+    for (long i = 0; i < (long)s->N * groups; i++) {
+        r->group_noise_std[i] = softplus(r->group_noise_pre[i]);
+        uint64_t index = (uint64_t)(ctx->first_token * groups + i);
+        r->group_noise[i] = ctx->training ? (float)normal_at(DOMAIN_GROUP_NOISE, ctx, index) : 0.0f;
+        r->group_h[i] += r->group_noise[i] * r->group_noise_std[i];
+    }
+}
+
 /* Hierarchical: the score of expert j of group i is P_i * q_j, P the
- * softmax of the primary logits, q the softmax of group i's logits. */
+ * softmax of the (noisy) primary logits, q the softmax of group i's. */
 static void hierarchical_scores(Routing *r, const float *x_in, const RouterWeights *w,
                                 const RouterShape *s, const RouterContext *ctx) {
     int E = s->E, groups = s->hier_groups, per_group = E / groups;
     matmul_forward(r->group_logits, x_in, w->group_w, s->N, s->C, groups, ctx->matmul);
+    memcpy(r->group_h, r->group_logits, sizeof(float) * (size_t)s->N * groups);
+    if (s->type == ROUTER_NOISY_TOPK) add_primary_noise(r, x_in, w, s, ctx);
     for (int t = 0; t < s->N; t++) {
         float *P = r->group_probs + (long)t * groups, *p = r->probs + (long)t * E;
-        memcpy(P, r->group_logits + (long)t * groups, sizeof(float) * groups);
+        memcpy(P, r->group_h + (long)t * groups, sizeof(float) * groups);
         softmax_row(P, groups);
         memcpy(p, r->h + (long)t * E, sizeof(float) * E);
         for (int i = 0; i < groups; i++) {
@@ -368,13 +415,13 @@ static int renormalises(const RouterShape *s) {
            s->type == ROUTER_GSHARD_TOP2;
 }
 
-/* Hierarchical: the hier_group_topk best groups by primary logit, best
+/* Hierarchical: the hier_group_topk best groups by (noisy) primary logit, best
  * first, then within each the K / hier_group_topk best experts by score.
  * Ties go to the lower index at both levels. */
 static void select_hierarchical(int *chosen, Routing *r, const RouterShape *s, int t) {
     int groups = s->hier_groups, per_group = s->E / groups, M = s->hier_group_topk;
     int within = s->K / M;
-    select_top_k(r->group_rank, r->group_logits + (long)t * groups, groups, M);
+    select_top_k(r->group_rank, r->group_h + (long)t * groups, groups, M);
     int *best_groups = r->group_rank + groups; /* group_rank holds E >= 2 * groups ints */
     memcpy(best_groups, r->group_rank, sizeof(int) * M);
     for (int m = 0; m < M; m++) {
@@ -676,6 +723,26 @@ static double importance_loss(Routing *r, const RouterShape *s) {
     return s->importance_loss_coeff * total / groups;
 }
 
+/* Shazeer's smooth load of one token over n experts (logits clean, noisy h,
+ * noise std), k of them chosen (chosen[] - first are their indices among
+ * the n): P(picks e) = Phi((logit - threshold) / std), the threshold being
+ * the k-th largest noisy logit among the other experts; added to load[n].
+ * Keeps z and the threshold's index for the backward. order: k+1 ints. */
+static void smooth_load_row(double *load, float *load_z, int *load_threshold, const float *logits,
+                            const float *h, const float *std, int n, const int *chosen, int k,
+                            int first, int *order) {
+    select_top_k(order, h, n, k + 1);
+    for (int e = 0; e < n; e++) {
+        int selected = 0;
+        for (int c = 0; c < k; c++) selected |= chosen[c] - first == e;
+        int threshold = selected ? order[k] : order[k - 1];
+        float z = (logits[e] - h[threshold]) / std[e];
+        load_z[e] = z;
+        load_threshold[e] = threshold;
+        load[e] += 0.5 * erfc(-z / sqrt(2.0));
+    }
+}
+
 /* Shazeer's smooth load: P(token t picks e) = Phi((logit - threshold) / std),
  * the threshold being the k-th largest noisy logit among the other experts. */
 static double load_loss(Routing *r, const RouterShape *s) {
@@ -683,23 +750,77 @@ static double load_loss(Routing *r, const RouterShape *s) {
     memset(r->load, 0, sizeof(double) * groups * E);
     if (K >= E) return 0.0;
     for (int t = 0; t < s->N; t++) {
-        const float *h = r->h + (long)t * E;
+        long row = (long)t * E;
+        smooth_load_row(r->load + (long)(t / G) * E, r->load_z + row, r->load_threshold + row,
+                        r->logits + row, r->h + row, r->noise_std + row, E,
+                        r->choice_expert + (long)t * K, K, 0, r->order);
+    }
+    double total = 0.0;
+    for (int g = 0; g < groups; g++) {
+        double cv2 = cv_squared(r->load + (long)g * E, E);
+        grain_scalars(r, s, g)[GRAIN_LOAD] += cv2;
+        total += cv2;
+    }
+    return s->load_loss_coeff * total / groups;
+}
+
+/* The smooth load of one token over n experts of which it takes all n:
+ * each for sure, with no gradient (threshold -1). */
+static void certain_load_row(double *load, int *load_threshold, int n) {
+    for (int e = 0; e < n; e++) {
+        load[e] += 1.0;
+        load_threshold[e] = -1;
+    }
+}
+
+/* Shazeer 2017, appendix B: Load_H(X)_(i,j) = Load_primary(X)_i *
+ * Load_i(X^(i))_j / |X^(i)|, X^(i) the group's tokens that picked group i,
+ * both loads the smooth estimator of each level's noisy top-k, and 0 where
+ * no token picked group i. CV^2 over all E per routing group. */
+static double hierarchical_load_loss(Routing *r, const RouterShape *s) {
+    int E = s->E, K = s->K, G = s->G, groups = s->N / G, hg = s->hier_groups;
+    int per_group = E / hg, M = s->hier_group_topk, within = K / M;
+    memset(r->load_primary, 0, sizeof(double) * groups * hg);
+    memset(r->group_tokens, 0, sizeof(double) * groups * hg);
+    memset(r->load_within, 0, sizeof(double) * groups * E);
+    int *picked = r->group_rank + hg; /* group_rank holds 2E >= 2 hg ints */
+    for (int t = 0; t < s->N; t++) {
+        long g = t / G, row = (long)t * E, grow = (long)t * hg;
         const int *chosen = r->choice_expert + (long)t * K;
-        int *order = r->order; /* K+1 <= E entries of scratch */
-        select_top_k(order, h, E, K + 1);
-        for (int e = 0; e < E; e++) {
-            int selected = 0;
-            for (int k = 0; k < K; k++) selected |= chosen[k] == e;
-            int threshold = selected ? order[K] : order[K - 1];
-            long i = (long)t * E + e;
-            float z = (r->logits[i] - h[threshold]) / r->noise_std[i];
-            r->load_z[i] = z;
-            r->load_threshold[i] = threshold;
-            r->load[(long)(t / G) * E + e] += 0.5 * erfc(-z / sqrt(2.0));
+        for (int m = 0; m < M; m++) picked[m] = chosen[m * within] / per_group;
+        if (M < hg)
+            smooth_load_row(r->load_primary + g * hg, r->group_load_z + grow,
+                            r->group_load_threshold + grow, r->group_logits + grow,
+                            r->group_h + grow, r->group_noise_std + grow, hg, picked, M, 0,
+                            r->order);
+        else
+            certain_load_row(r->load_primary + g * hg, r->group_load_threshold + grow, hg);
+        for (int e = 0; e < E; e++) r->load_threshold[row + e] = -1;
+        for (int m = 0; m < M; m++) {
+            int first = picked[m] * per_group;
+            long at = row + first;
+            r->group_tokens[g * hg + picked[m]] += 1.0;
+            if (within < per_group) {
+                smooth_load_row(r->load_within + g * E + first, r->load_z + at,
+                                r->load_threshold + at, r->logits + at, r->h + at,
+                                r->noise_std + at, per_group, chosen + m * within, within, first,
+                                r->order);
+                for (int j = 0; j < per_group; j++) r->load_threshold[at + j] += first;
+            } else {
+                certain_load_row(r->load_within + g * E + first, r->load_threshold + at,
+                                 per_group);
+            }
         }
     }
     double total = 0.0;
     for (int g = 0; g < groups; g++) {
+        for (int e = 0; e < E; e++) {
+            long i = (long)g * hg + e / per_group;
+            r->load[(long)g * E + e] = r->group_tokens[i] > 0 ? r->load_primary[i] *
+                                                                     r->load_within[(long)g * E + e] /
+                                                                     r->group_tokens[i]
+                                                               : 0.0;
+        }
         double cv2 = cv_squared(r->load + (long)g * E, E);
         grain_scalars(r, s, g)[GRAIN_LOAD] += cv2;
         total += cv2;
@@ -725,9 +846,10 @@ void router_losses(Routing *r, const RouterShape *s, const RouterContext *ctx,
                       : load_balancing_loss(r, s, global_tokens_per_expert, global_tokens);
     r->z_loss = z_loss(r, s);
     r->importance_loss = s->importance_loss_coeff > 0 ? importance_loss(r, s) : 0.0;
-    r->load_loss = s->load_loss_coeff > 0 && s->type == ROUTER_NOISY_TOPK && ctx->training
-                       ? load_loss(r, s)
-                       : 0.0;
+    int load_on = s->load_loss_coeff > 0 && s->type == ROUTER_NOISY_TOPK && ctx->training;
+    r->load_loss = !load_on              ? 0.0
+                   : s->hier_groups > 0 ? hierarchical_load_loss(r, s)
+                                        : load_loss(r, s);
 }
 
 void routing_global_losses(const RouterShape *s, const double *summed, double losses[4]) {
@@ -793,6 +915,21 @@ static void balancing_backward(const Routing *r, const RouterShape *s, int t, fl
     for (int e = 0; e < E; e++) dscore[e] += (float)(scale * norm * (fraction[e] - f_dot_q));
 }
 
+/* One smooth-load probability Phi(z) of entry i, z = (logit_i -
+ * h_threshold) / std_i: its gradient dload into the clean logits, the noise
+ * stds (dstd) and the threshold's noisy logit, of one token's row. */
+static void smooth_load_backward(double dload, long i, long threshold, const float *load_z,
+                                 const float *std, const float *noise, float *dlogits,
+                                 float *dstd) {
+    float z = load_z[i];
+    float dz = (float)(dload * exp(-0.5 * z * z) / sqrt(2.0 * M_PI));
+    dlogits[i] += dz / std[i];
+    dstd[i] -= dz * z / std[i];
+    /* the threshold is a noisy logit: logit + noise * std */
+    dlogits[threshold] -= dz / std[i];
+    dstd[threshold] -= dz / std[i] * noise[threshold];
+}
+
 /* Load loss: gradients into clean logits, noise std and the threshold's
  * noisy logit, for every (token, expert). */
 static void load_backward(Routing *r, const RouterShape *s, float *dlogits) {
@@ -802,15 +939,48 @@ static void load_backward(Routing *r, const RouterShape *s, float *dlogits) {
             long i = (long)t * E + e;
             double dload = s->load_loss_coeff / (groups * world_of(s)) *
                            cv_squared_grad(r->load + (long)(t / G) * E, E, e);
-            float z = r->load_z[i], std = r->noise_std[i];
-            float dz = (float)(dload * exp(-0.5 * z * z) / sqrt(2.0 * M_PI));
-            long threshold = (long)t * E + r->load_threshold[i];
-            dlogits[i] += dz / std;
-            r->dnoise[i] -= dz * z / std; /* d std */
-            /* the threshold is a noisy logit: logit + noise * std */
-            dlogits[threshold] -= dz / std;
-            r->dnoise[threshold] -= dz / std * r->noise[threshold];
+            smooth_load_backward(dload, i, (long)t * E + r->load_threshold[i], r->load_z,
+                                 r->noise_std, r->noise, dlogits, r->dnoise);
         }
+    }
+}
+
+/* Through Load_H = load_primary * load_within / group_tokens: the loss's
+ * gradient with respect to each factor, per routing group. */
+static void hierarchical_load_factor_grads(Routing *r, const RouterShape *s) {
+    int E = s->E, groups = s->N / s->G, hg = s->hier_groups, per_group = E / hg;
+    double scale = s->load_loss_coeff / (groups * world_of(s));
+    memset(r->dload_primary, 0, sizeof(double) * groups * hg);
+    for (int g = 0; g < groups; g++) {
+        for (int e = 0; e < E; e++) {
+            long i = (long)g * hg + e / per_group, ge = (long)g * E + e;
+            double n = r->group_tokens[i];
+            double dLH = n > 0 ? scale * cv_squared_grad(r->load + (long)g * E, E, e) / n : 0.0;
+            r->dload_primary[i] += dLH * r->load_within[ge];
+            r->dload_within[ge] = dLH * r->load_primary[i];
+        }
+    }
+}
+
+/* Hierarchical load loss: into both levels' clean logits, noise stds and
+ * thresholds, through each level's smooth load. dgroup: d clean primary
+ * logits. */
+static void hierarchical_load_backward(Routing *r, const RouterShape *s, float *dlogits) {
+    int E = s->E, G = s->G, hg = s->hier_groups;
+    hierarchical_load_factor_grads(r, s);
+    for (int t = 0; t < s->N; t++) {
+        long g = t / G, row = (long)t * E, grow = (long)t * hg;
+        for (int i = 0; i < hg; i++)
+            if (r->group_load_threshold[grow + i] >= 0)
+                smooth_load_backward(r->dload_primary[g * hg + i], grow + i,
+                                     grow + r->group_load_threshold[grow + i], r->group_load_z,
+                                     r->group_noise_std, r->group_noise, r->dgroup,
+                                     r->dgroup_noise);
+        for (int e = 0; e < E; e++)
+            if (r->load_threshold[row + e] >= 0)
+                smooth_load_backward(r->dload_within[g * E + e], row + e,
+                                     row + r->load_threshold[row + e], r->load_z, r->noise_std,
+                                     r->noise, dlogits, r->dnoise);
     }
 }
 
@@ -863,10 +1033,21 @@ void router_backward(float *dx, const RouterGrads *g, const float *dgate, const 
     /* h = logits (+ noise * std): dh flows to the clean logits unchanged. */
     float *dlogits = dh;
     int noisy = s->type == ROUTER_NOISY_TOPK;
+    int noisy_groups = noisy && s->hier_groups > 0;
+    long NG = (long)N * s->hier_groups;
     if (noisy) {
         for (long i = 0; i < (long)N * E; i++) r->dnoise[i] = dh[i] * r->noise[i];
-        if (s->load_loss_coeff > 0 && ctx->training) load_backward(r, s, dlogits);
+        if (noisy_groups)
+            for (long i = 0; i < NG; i++) r->dgroup_noise[i] = r->dgroup[i] * r->group_noise[i];
+        if (s->load_loss_coeff > 0 && ctx->training) {
+            if (noisy_groups)
+                hierarchical_load_backward(r, s, dlogits);
+            else
+                load_backward(r, s, dlogits);
+        }
         for (long i = 0; i < (long)N * E; i++) r->dnoise[i] *= sigmoid(r->noise_pre[i]);
+        if (noisy_groups)
+            for (long i = 0; i < NG; i++) r->dgroup_noise[i] *= sigmoid(r->group_noise_pre[i]);
     }
     const float *x_in = ctx->training && s->jitter_eps > 0 ? r->x_in : x;
     float *dx_in = ctx->training && s->jitter_eps > 0 ? r->dx_in : dx;
@@ -878,6 +1059,9 @@ void router_backward(float *dx, const RouterGrads *g, const float *dgate, const 
     if (s->hier_groups > 0)
         matmul_backward_into(dx_in, 1.0f, g->group_w, r->dgroup, x_in, w->group_w, N, C,
                              s->hier_groups, mm);
+    if (noisy_groups)
+        matmul_backward_into(dx_in, 1.0f, g->group_noise_w, r->dgroup_noise, x_in,
+                             w->group_noise_w, N, C, s->hier_groups, mm);
     if (dx_in != dx)
         for (long i = 0; i < (long)N * C; i++) dx[i] += dx_in[i] * r->jitter[i];
 }

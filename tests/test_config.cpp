@@ -1309,7 +1309,7 @@ TEST_F(ConfigValidate, HierarchicalMoe) {
     ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-group-topk 2", "must divide k"});
     cfg_.moe_router_topk = 2;
     EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
-    for (const char *type : {"expert_choice", "soft", "noisy_topk", "gshard_top2", "sinkhorn"}) {
+    for (const char *type : {"expert_choice", "soft", "gshard_top2", "sinkhorn"}) {
         strcpy(cfg_.moe_router_type, type);
         cfg_.moe_expert_capacity_factor = strcmp(type, "soft") == 0 ? 0 : 1.25;
         r = Validate(cfg_);
@@ -1317,7 +1317,16 @@ TEST_F(ConfigValidate, HierarchicalMoe) {
         std::string named = std::string("not ") + type;
         ExpectMentions(r.err, {"--moe-hierarchical-groups", named.c_str()});
     }
+    // Shazeer 2017's own hierarchical router: noisy at both levels, with Load_H
+    strcpy(cfg_.moe_router_type, "noisy_topk");
+    cfg_.moe_expert_capacity_factor = 1.25;
+    cfg_.moe_load_loss_coeff = 0.01;
+    cfg_.moe_importance_loss_coeff = 0.01;
+    EXPECT_EQ(Validate(cfg_).rc, 0) << Validate(cfg_).err;
+    // ... while the load loss still needs the noisy router
     strcpy(cfg_.moe_router_type, "topk");
+    ExpectMentions(Validate(cfg_).err, {"--moe-load-loss-coeff", "noisy_topk"});
+    cfg_.moe_load_loss_coeff = cfg_.moe_importance_loss_coeff = 0;
     cfg_.moe_router_num_groups = 2;
     cfg_.moe_router_group_topk = 1;
     ExpectMentions(Validate(cfg_).err, {"--moe-hierarchical-groups", "--moe-router-num-groups",

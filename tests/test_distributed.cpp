@@ -74,7 +74,7 @@ struct ShardedMoe {
     }
     // Sum over ranks of each rank's weighted output plus its auxiliary losses.
     double global_loss() {
-        MoeWeights w = {{router_w.data(), nullptr, nullptr}, w1.data(), w2.data()};
+        MoeWeights w = {{router_w.data(), nullptr, nullptr, nullptr}, w1.data(), w2.data()};
         RouterContext ctx = training_context(shape.router, 0, (long)comm->rank * N);
         moe_forward(out.data(), &layer, x.data(), &w, &shape, &ctx, comm, nullptr, nullptr);
         double loss = weighted_sum(out.data(), r) + layer.routing.aux_loss + layer.routing.z_loss;
@@ -155,8 +155,8 @@ TEST_F(Distributed, MoeGradientsThroughTheExchange) {
     std::vector<float> dx(f.x.size()), drw(f.router_w.size(), 0.0f), dw1(f.w1.size(), 0.0f),
         dw2(f.w2.size(), 0.0f);
     f.global_loss();
-    MoeWeights w = {{f.router_w.data(), nullptr, nullptr}, f.w1.data(), f.w2.data()};
-    MoeGrads g = {{drw.data(), nullptr, nullptr}, dw1.data(), dw2.data(), nullptr, nullptr};
+    MoeWeights w = {{f.router_w.data(), nullptr, nullptr, nullptr}, f.w1.data(), f.w2.data()};
+    MoeGrads g = {{drw.data(), nullptr, nullptr, nullptr}, dw1.data(), dw2.data(), nullptr, nullptr};
     moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape, &comm,
                  nullptr, nullptr);
     struct Case {
@@ -192,8 +192,8 @@ TEST_F(Distributed, ExchangesMeasureTheirBytesAndTimes) {
         f.global_loss();
         std::vector<float> dx(f.x.size()), drw(f.router_w.size(), 0.0f), dw1(f.w1.size(), 0.0f),
             dw2(f.w2.size(), 0.0f);
-        MoeWeights w = {{f.router_w.data(), nullptr, nullptr}, f.w1.data(), f.w2.data()};
-        MoeGrads g = {{drw.data(), nullptr, nullptr}, dw1.data(), dw2.data(), nullptr, nullptr};
+        MoeWeights w = {{f.router_w.data(), nullptr, nullptr, nullptr}, f.w1.data(), f.w2.data()};
+        MoeGrads g = {{drw.data(), nullptr, nullptr, nullptr}, dw1.data(), dw2.data(), nullptr, nullptr};
         moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape,
                      &comm, nullptr, nullptr);
         const Dispatch &d = f.layer.dispatch;

@@ -199,7 +199,7 @@ struct MoeFixture {
         moe_scratch_free(&scratch);
     }
     double loss() {
-        MoeWeights w = {{router_w.data(), nullptr, nullptr}, w1.data(), w2.data()};
+        MoeWeights w = {{router_w.data(), nullptr, nullptr, nullptr}, w1.data(), w2.data()};
         RouterContext ctx = training_context(shape.router);
         moe_forward(out.data(), &layer, x.data(), &w, &shape, &ctx, &comm, nullptr, nullptr);
         return weighted_sum(out.data(), r) + layer.routing.aux_loss + layer.routing.z_loss;
@@ -226,8 +226,8 @@ TEST_P(GradMoe, LayerWithDropsAndAuxLosses) {
     std::vector<float> dx(rs.N * rs.C), drw(f.router_w.size(), 0.0f), dw1(f.w1.size(), 0.0f),
         dw2(f.w2.size(), 0.0f);
     f.loss();
-    MoeWeights w = {{f.router_w.data(), nullptr, nullptr}, f.w1.data(), f.w2.data()};
-    MoeGrads g = {{drw.data(), nullptr, nullptr}, dw1.data(), dw2.data(), nullptr, nullptr};
+    MoeWeights w = {{f.router_w.data(), nullptr, nullptr, nullptr}, f.w1.data(), f.w2.data()};
+    MoeGrads g = {{drw.data(), nullptr, nullptr, nullptr}, dw1.data(), dw2.data(), nullptr, nullptr};
     moe_backward(dx.data(), &g, f.r.data(), f.x.data(), &w, &f.layer, &f.scratch, &f.shape, &f.comm,
                  nullptr, nullptr);
     auto loss = [&] { return f.loss(); };
@@ -251,7 +251,7 @@ TEST_P(GradMoe, RouterAloneThroughGatesAuxAndZ) {
     const RouterShape &rs = f.shape.router;
     auto gate_weights = random_vector(rs.N * rs.K, 36);
     auto loss = [&] {
-        RouterWeights w = {f.router_w.data(), nullptr, nullptr};
+        RouterWeights w = {f.router_w.data(), nullptr, nullptr, nullptr};
         RouterContext ctx = training_context(rs);
         router_forward(&f.layer.routing, f.x.data(), &w, &rs, &ctx);
         double s = f.layer.routing.aux_loss + f.layer.routing.z_loss;
@@ -264,8 +264,8 @@ TEST_P(GradMoe, RouterAloneThroughGatesAuxAndZ) {
     std::vector<float> dgate(rs.N * rs.K), dx(rs.N * rs.C, 0.0f), dw(f.router_w.size(), 0.0f);
     for (int a = 0; a < rs.N * rs.K; a++)
         dgate[a] = f.layer.routing.choice_kept[a] ? gate_weights[a] : 0.0f;
-    RouterWeights rw = {f.router_w.data(), nullptr, nullptr};
-    RouterGrads rg = {dw.data(), nullptr, nullptr};
+    RouterWeights rw = {f.router_w.data(), nullptr, nullptr, nullptr};
+    RouterGrads rg = {dw.data(), nullptr, nullptr, nullptr};
     RouterContext ctx = training_context(rs);
     router_backward(dx.data(), &rg, dgate.data(), f.x.data(), &rw, &f.layer.routing, &rs, &ctx);
     auto stable = [&] { return f.routing_unchanged(); };

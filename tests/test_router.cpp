@@ -34,7 +34,7 @@ struct HandRouter {
     }
     ~HandRouter() { routing_free(&routing); }
     void route(const std::vector<float> &logits) {
-        RouterWeights weights = {w.data(), nullptr, nullptr};
+        RouterWeights weights = {w.data(), nullptr, nullptr, nullptr};
         RouterContext ctx = training_context(shape);
         router_forward(&routing, logits.data(), &weights, &shape, &ctx);
     }
@@ -138,7 +138,7 @@ TEST(MoeCombine, DroppedTokenOutputIsZeroAndKeptIsGateTimesExpert) {
     std::vector<float> router_w = {1.0f, 0.0f, 0.0f, 1.0f};
     std::vector<float> w1 = {1.0f, 0.0f, 0.0f, 1.0f, 1.0f, 0.0f, 0.0f, 1.0f};
     std::vector<float> w2 = w1, out(6, -1.0f);
-    MoeWeights w = {{router_w.data(), nullptr, nullptr}, w1.data(), w2.data()};
+    MoeWeights w = {{router_w.data(), nullptr, nullptr, nullptr}, w1.data(), w2.data()};
     RouterContext ctx = training_context(s.router);
     moe_forward(out.data(), &m, x.data(), &w, &s, &ctx, &self, nullptr, nullptr);
     EXPECT_EQ(m.dispatch.num_send_rows, 1);
@@ -171,7 +171,7 @@ TEST(RouterDrops, GshardFillsFirstChoicesBeforeSecondChoices) {
         EXPECT_EQ(routing_init(&r, &s), 0);
         RouterContext ctx = training_context(s);
         ctx.training = 0;  // GShard's second expert is then always dispatched
-        RouterWeights weights = {w.data(), nullptr, nullptr};
+        RouterWeights weights = {w.data(), nullptr, nullptr, nullptr};
         router_forward(&r, logits.data(), &weights, &s, &ctx);
         std::vector<int> kept(r.choice_kept, r.choice_kept + N * K);
         EXPECT_EQ(r.capacity, 2);

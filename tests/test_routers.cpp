@@ -74,8 +74,8 @@ struct GradRouter {
     RouterShape shape;
     RouterContext ctx;
     Routing routing{};
-    std::vector<float> x, router_w, noise_w, group_w, bias, slot_weights;
-    std::vector<int> base_expert, base_threshold;
+    std::vector<float> x, router_w, noise_w, group_w, group_noise_w, bias, slot_weights;
+    std::vector<int> base_expert, base_threshold, base_group_threshold;
     std::vector<unsigned char> base_routed, base_kept;
 
     explicit GradRouter(const GradCase &c) {
@@ -90,12 +90,14 @@ struct GradRouter {
         router_w = random_vector((size_t)shape.E * shape.C, 61, 1.5);
         noise_w = random_vector((size_t)shape.E * shape.C, 62, 0.7);
         group_w = random_vector((size_t)shape.hier_groups * shape.C, 64, 1.5);
+        group_noise_w = random_vector((size_t)shape.hier_groups * shape.C, 65, 0.7);
         slot_weights = random_vector(assignments(), 63);
         loss();
         base_expert.assign(routing.choice_expert, routing.choice_expert + assignments());
         base_routed.assign(routing.choice_routed, routing.choice_routed + assignments());
         base_kept.assign(routing.choice_kept, routing.choice_kept + assignments());
         if (noisy()) base_threshold = thresholds();
+        if (noisy_groups()) base_group_threshold = group_thresholds();
     }
     ~GradRouter() { routing_free(&routing); }
     GradRouter(const GradRouter &) = delete;
@@ -103,6 +105,11 @@ struct GradRouter {
 
     bool noisy() const { return shape.type == ROUTER_NOISY_TOPK; }
     bool hierarchical() const { return shape.hier_groups > 0; }
+    bool noisy_groups() const { return noisy() && hierarchical(); }
+    std::vector<int> group_thresholds() const {
+        return std::vector<int>(routing.group_load_threshold,
+                                routing.group_load_threshold + (size_t)shape.N * shape.hier_groups);
+    }
     size_t assignments() const { return (size_t)shape.N * router_slots(&shape); }
     std::vector<int> thresholds() const {
         return std::vector<int>(routing.load_threshold,
@@ -110,7 +117,8 @@ struct GradRouter {
     }
     RouterWeights weights() const {
         return RouterWeights{router_w.data(), noisy() ? noise_w.data() : nullptr,
-                             hierarchical() ? group_w.data() : nullptr};
+                             hierarchical() ? group_w.data() : nullptr,
+                             noisy_groups() ? group_noise_w.data() : nullptr};
     }
     double loss() {
         RouterWeights w = weights();
@@ -130,12 +138,14 @@ struct GradRouter {
                           routing.choice_routed + n) &&
                std::equal(base_kept.begin(), base_kept.end(), routing.choice_kept,
                           routing.choice_kept + n) &&
-               (!noisy() || thresholds() == base_threshold);
+               (!noisy() || thresholds() == base_threshold) &&
+               (!noisy_groups() || group_thresholds() == base_group_threshold);
     }
     long dropped() const { return sum_longs(routing.dropped_per_expert, shape.E); }
-    // Gradients at the current point: dx, d router_w, d noise_w, d group_w.
+    // Gradients at the current point: dx, d router_w, d noise_w, d group_w,
+    // d group_noise_w.
     void backward(std::vector<float> &dx, std::vector<float> &dw, std::vector<float> &dnw,
-                  std::vector<float> &dgw) {
+                  std::vector<float> &dgw, std::vector<float> &dgnw) {
         loss();
         std::vector<float> dgate(assignments());
         for (size_t a = 0; a < assignments(); a++)
@@ -144,9 +154,11 @@ struct GradRouter {
         dw.assign(router_w.size(), 0.0f);
         dnw.assign(noise_w.size(), 0.0f);
         dgw.assign(group_w.size(), 0.0f);
+        dgnw.assign(group_noise_w.size(), 0.0f);
         RouterWeights w = weights();
         RouterGrads g = {dw.data(), noisy() ? dnw.data() : nullptr,
-                         hierarchical() ? dgw.data() : nullptr};
+                         hierarchical() ? dgw.data() : nullptr,
+                         noisy_groups() ? dgnw.data() : nullptr};
         router_backward(dx.data(), &g, dgate.data(), x.data(), &w, &routing, &shape, &ctx);
     }
 };
@@ -172,8 +184,8 @@ TEST_P(RoutersGrad, MatchesFiniteDifferences) {
         EXPECT_GT(f.routing.load_loss, 0.0);
     }
 
-    std::vector<float> dx, dw, dnw, dgw;
-    f.backward(dx, dw, dnw, dgw);
+    std::vector<float> dx, dw, dnw, dgw, dgnw;
+    f.backward(dx, dw, dnw, dgw, dgnw);
     auto loss = [&] { return f.loss(); };
     auto stable = [&] { return f.stable(); };
     struct Tensor {
@@ -183,6 +195,7 @@ TEST_P(RoutersGrad, MatchesFiniteDifferences) {
     std::vector<Tensor> tensors = {{&f.x, &dx, "x"}, {&f.router_w, &dw, "router_w"}};
     if (f.noisy()) tensors.push_back({&f.noise_w, &dnw, "noise_w"});
     if (f.hierarchical()) tensors.push_back({&f.group_w, &dgw, "group_w"});
+    if (f.noisy_groups()) tensors.push_back({&f.group_noise_w, &dgnw, "group_noise_w"});
     for (const Tensor &t : tensors) {
         auto res =
             check_gradient(t.p->data(), t.p->size(), t.g->data(), loss, 200, kEps, 64, stable);
@@ -278,6 +291,28 @@ const GradCase kGradCases[] = {
          s.hier_group_topk = 2;
      },
      false, true},
+    // Noisy at both levels with the paper's Load_H: 8 experts, so that each
+    // level's smooth load has a threshold (k_1 < groups, k_2 < group size);
+    // a load weight large enough that its gradients into the primary router
+    // stand above the float32 rounding of the loss.
+    {"hierarchical_noisy_load_one_group",
+     [](RouterShape &s, RouterContext &) {
+         s.type = ROUTER_NOISY_TOPK;
+         s.load_loss_coeff = 2.0;
+         s.E = 8;
+         s.hier_groups = 2;
+         s.hier_group_topk = 1;
+     },
+     false, true},
+    {"hierarchical_noisy_load_two_of_four_groups",
+     [](RouterShape &s, RouterContext &) {
+         s.type = ROUTER_NOISY_TOPK;
+         s.load_loss_coeff = 2.0;
+         s.E = 8;
+         s.hier_groups = 4;
+         s.hier_group_topk = 2;
+     },
+     false, true},
 };
 
 INSTANTIATE_TEST_SUITE_P(RoutersEveryScheme, RoutersGrad, ::testing::ValuesIn(kGradCases),
@@ -306,7 +341,7 @@ struct LogitRouter {
     LogitRouter &operator=(const LogitRouter &) = delete;
 
     void route(const std::vector<float> &logits) {
-        RouterWeights weights = {w.data(), noise_w.data(), nullptr};
+        RouterWeights weights = {w.data(), noise_w.data(), nullptr, nullptr};
         router_forward(&routing, logits.data(), &weights, &shape, &ctx);
     }
     int slots() const { return routing.slots; }
@@ -529,7 +564,7 @@ struct RandomRouter {
     RandomRouter &operator=(const RandomRouter &) = delete;
 
     void route(const float *tokens = nullptr) {
-        RouterWeights w = {router_w.data(), noise_w.data(), nullptr};
+        RouterWeights w = {router_w.data(), noise_w.data(), nullptr, nullptr};
         router_forward(&routing, tokens ? tokens : x.data(), &w, &shape, &ctx);
     }
     std::vector<unsigned char> routed() const {
@@ -632,7 +667,7 @@ HandRouted route_by_hand(int K, int group_topk, int norm_topk_prob) {
     s.hier_group_topk = group_topk;
     std::vector<float> x = {1.0f}, router_w = {logf(9.0f), 0.0f, 0.0f, 0.0f},
                        group_w = {0.0f, logf(1.5f)};
-    RouterWeights w = {router_w.data(), nullptr, group_w.data()};
+    RouterWeights w = {router_w.data(), nullptr, group_w.data(), nullptr};
     RouterContext ctx = training_context(s);
     Routing r;
     EXPECT_EQ(routing_init(&r, &s), 0);
@@ -920,9 +955,9 @@ TEST(RoutersExpertBias, LeavesGradientsUnchanged) {
     GradRouter plain(c), biased(c);
     std::vector<float> small_bias = {1e-5f, -1e-5f, 2e-5f, 0.0f};
     biased.ctx.expert_bias = small_bias.data();
-    std::vector<float> dx[2], dw[2], dnw[2], dgw[2];
-    plain.backward(dx[0], dw[0], dnw[0], dgw[0]);
-    biased.backward(dx[1], dw[1], dnw[1], dgw[1]);
+    std::vector<float> dx[2], dw[2], dnw[2], dgw[2], dgnw[2];
+    plain.backward(dx[0], dw[0], dnw[0], dgw[0], dgnw[0]);
+    biased.backward(dx[1], dw[1], dnw[1], dgw[1], dgnw[1]);
     ASSERT_TRUE(biased.stable()) << "the bias must be too small to change a decision";
     EXPECT_EQ(dx[0], dx[1]);
     EXPECT_EQ(dw[0], dw[1]);
@@ -1033,7 +1068,7 @@ TEST(RoutersBalancing, GlobalUsesTheGlobalCounts) {
     s.aux_loss_coeff = coeff;
     s.balancing = BALANCE_GLOBAL_AUX_LOSS;
     LogitRouter r(s);
-    RouterWeights w = {r.w.data(), nullptr, nullptr};
+    RouterWeights w = {r.w.data(), nullptr, nullptr, nullptr};
     router_route(&r.routing, logits.data(), &w, &s, &r.ctx);
     // As if three ranks routed 18 tokens: 12 to expert 0, 5 to 1, 1 to 2.
     std::vector<long> global = {12, 5, 1};
@@ -1114,8 +1149,8 @@ LogitSize logits_after_descent(double z_loss_coeff) {
     r.ctx.capacity_factor = 0.0;
     auto slot_weights = random_vector((size_t)N * K, 151);
     std::vector<float> dgate(N * K), dx(N * C), dw(E * C);
-    RouterWeights w = {r.router_w.data(), nullptr, nullptr};
-    RouterGrads g = {dw.data(), nullptr, nullptr};
+    RouterWeights w = {r.router_w.data(), nullptr, nullptr, nullptr};
+    RouterGrads g = {dw.data(), nullptr, nullptr, nullptr};
     for (int step = 0; step < steps; step++) {
         r.route();
         for (int a = 0; a < N * K; a++) dgate[a] = r.routing.choice_kept[a] ? slot_weights[a] : 0;

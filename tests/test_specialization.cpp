@@ -63,7 +63,7 @@ struct RandomRouter {
         x = random_vector((size_t)shape.N * shape.C, 90);
         router_w = random_vector((size_t)shape.E * shape.C, 91, 1.5);
         noise_w = random_vector((size_t)shape.E * shape.C, 92, 0.7);
-        RouterWeights w = {router_w.data(), noise_w.data(), nullptr};
+        RouterWeights w = {router_w.data(), noise_w.data(), nullptr, nullptr};
         router_forward(&routing, x.data(), &w, &shape, &ctx);
         for (int n = 0; n < shape.N; n++) categories.push_back((n * 7 + n / 5) % kCategories);
     }
@@ -199,7 +199,7 @@ TEST(Specialization, ExpertChoiceCountsEachExpertsChosenTokens) {
     ASSERT_EQ(routing_init(&routing, &s), 0);
     std::vector<float> w = {1, 0, 0, 0, 1, 0, 0, 0, 1};
     std::vector<float> logits = {4, 4, 0, 3, 3, 0, 0, 0, 4, 0, 0, 3, 0, 0, 0, 0, 0, 0};
-    RouterWeights weights = {w.data(), nullptr, nullptr};
+    RouterWeights weights = {w.data(), nullptr, nullptr, nullptr};
     router_forward(&routing, logits.data(), &weights, &s, &ctx);
     ASSERT_EQ(routing.capacity, 2);
     std::vector<int> categories = {0, 0, 1, 1, 0, 1};

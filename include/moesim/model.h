@@ -72,6 +72,7 @@ typedef struct LayerWeights {
     float *router_w;     /* [E, C]   MoE layers */
     float *noise_w;      /* [E, C]   noisy_topk MoE layers */
     float *router_group_w; /* [hier_groups, C] hierarchical MoE layers: the primary router */
+    float *router_group_noise_w; /* [hier_groups, C] hierarchical noisy_topk: its noise weights */
     float *shared_fc1_w; /* [shared_F * rows, C] MoE layers with a shared expert */
     float *shared_fc2_w; /* [C, shared_F] */
     float *expert_fc1_w; /* [E_local, Fe, C] MoE layers, this rank's experts */
@@ -95,7 +96,7 @@ typedef enum ParamRole {
     PARAM_ROLE_NORM,          /* ln2 (before the FFN or MoE layer), lnf */
     PARAM_ROLE_DENSE_FFN,     /* fc1, fc2 of dense layers */
     PARAM_ROLE_HEAD,          /* lm_head when untied */
-    PARAM_ROLE_ROUTER,        /* router_w, noise_w, router_group_w */
+    PARAM_ROLE_ROUTER,        /* router_w, noise_w, router_group_w, router_group_noise_w */
     PARAM_ROLE_SHARED_EXPERT, /* the always-on expert of an MoE layer */
     PARAM_ROLE_EXPERT         /* routed experts (is_expert) */
 } ParamRole;

@@ -118,10 +118,12 @@ typedef struct RouterWeights {
     const float *router_w; /* [E, C] */
     const float *noise_w;  /* [E, C], noisy_topk only */
     const float *group_w;  /* [hier_groups, C], hierarchical only */
+    const float *group_noise_w; /* [hier_groups, C], hierarchical noisy_topk only: the
+                                   primary router's noise weights */
 } RouterWeights;
 
 typedef struct RouterGrads {
-    float *router_w, *noise_w, *group_w;
+    float *router_w, *noise_w, *group_w, *group_noise_w;
 } RouterGrads;
 
 /* Everything one MoE layer's router decides for one micro-batch. Buffers are
@@ -137,8 +139,19 @@ typedef struct Routing {
     float *h;                     /* [N,E] logits + noise * std: what scores are made of */
     float *probs;                 /* [N,E] softmax(h), or sigmoid(h) for sigmoid scores */
     float *group_logits;          /* [N,hier_groups] x·Wgroup^T (hierarchical) */
-    float *group_probs;           /* [N,hier_groups] softmax(group_logits) */
-    float *dgroup;                /* [N,hier_groups] d group_logits */
+    float *group_h;               /* [N,hier_groups] group_logits + primary noise * std */
+    float *group_probs;           /* [N,hier_groups] softmax(group_h) */
+    float *dgroup;                /* [N,hier_groups] d group_h */
+    /* Hierarchical noisy_topk: the primary router's noise, as noise_pre..dnoise */
+    float *group_noise_pre, *group_noise_std, *group_noise, *dgroup_noise; /* [N,hier_groups] */
+    /* Shazeer 2017's hierarchical load (appendix B), per routing group:
+     * Load_H[i*b+j] = load_primary[i] * load_within[i*b+j] / group_tokens[i],
+     * kept in `load`; the d loss / d of the two factors for the backward. */
+    double *load_primary, *dload_primary; /* [groups, hier_groups] */
+    double *load_within, *dload_within;   /* [groups, E] over the tokens that picked group i */
+    double *group_tokens;                 /* [groups, hier_groups] |X^(i)| */
+    float *group_load_z;                  /* [N,hier_groups] the primary's load_z */
+    int *group_load_threshold;            /* [N,hier_groups] the primary's load_threshold */
     float *lse;                   /* [N] log-sum-exp of h, for the z-loss */
     float *select_scores;         /* [N,E] what selection ranks (bias, sinkhorn) */
     int *choice_expert;           /* [N,slots] */
@@ -150,7 +163,9 @@ typedef struct Routing {
     double *importance;           /* [groups, E] sum of gates (importance loss) */
     double *load;                 /* [groups, E] smooth load (load loss) */
     float *load_z;                /* [N,E] standardised margin of the load estimator */
-    int *load_threshold;          /* [N,E] expert whose noisy logit is the threshold */
+    int *load_threshold;          /* [N,E] expert whose noisy logit is the threshold; -1
+                                     when the load has no gradient there (hierarchical: a
+                                     group the token did not pick, or one it takes whole) */
     double *second_draw;          /* [N] gshard_top2: the uniform draw that decides whether
                                      the second expert gets the token (training) */
     long *tokens_per_expert;      /* [E] routed assignments, before capacity */
