@@ -77,7 +77,8 @@ class Export:
     importance_loss: float
     load_loss: float
     routing: dict    # layer -> {"choice_expert", "choice_kept", "choice_routed", "capacity",
-                     #           and the draws: "noise", "jitter", "second_draw", "expert_bias",
+                     #           and the draws: "noise", "group_noise", "jitter",
+                     #           "second_draw", "expert_bias",
                      #           "dropout_mask"}
 
 
@@ -222,8 +223,9 @@ def top_k_gates(h, probs, choice_expert, s):
     if s.hier_groups > 0:
         # the products P_i * q_j, renormalised over the token's k experts
         # or not; with one group per token (the paper's k_1 = 1) the former is
-        # Softmax(KeepTopK) of the group's logits: Shazeer 2017 at both levels
-        renormalise = s.norm_topk_prob or s.softmax_over_selected
+        # Softmax(KeepTopK) of the group's logits: Shazeer 2017 at both levels.
+        # noisy_topk always renormalises, as its flat form does
+        renormalise = s.norm_topk_prob or s.softmax_over_selected or s.router_type == "noisy_topk"
         return selected / selected.sum(-1, keepdim=True) if renormalise else selected
     if s.sigmoid_scores:
         # DeepSeek-V3: g = s / sum of the selected s
@@ -238,15 +240,21 @@ def top_k_gates(h, probs, choice_expert, s):
     return selected  # Switch: the expert's output scaled by its probability
 
 
-def hierarchical_probs(x_in, logits, group_w, groups):
+def hierarchical_probs(x_in, h, group_w, groups, group_noise_w=None, group_noise=None):
     """Shazeer 2017, appendix B: the score of expert j of group i is
     G_primary(x)_i * G_i(x)_j, a softmax over the primary logits x·Wgroup
-    times a softmax over group i's own logits (its E / groups rows of
-    router_w). Returns (probs [N, E], primary logits [N, groups])."""
-    N, E = logits.shape
-    primary = x_in @ group_w.T
-    within = logits.view(N, groups, E // groups).softmax(-1)
-    return (primary.softmax(-1)[:, :, None] * within).view(N, E), primary
+    times a softmax over group i's own (noisy) logits h (its E / groups rows
+    of router_w). With noisy_topk the primary is noisy too: x·Wgroup +
+    StandardNormal() · Softplus(x·Wgroup_noise). Returns (probs [N, E],
+    primary: clean logits, noisy logits and noise std [N, groups])."""
+    N, E = h.shape
+    clean = x_in @ group_w.T
+    noisy, std = clean, None
+    if group_noise_w is not None:
+        std = F.softplus(x_in @ group_noise_w.T)
+        noisy = clean + group_noise * std
+    within = h.view(N, groups, E // groups).softmax(-1)
+    return (noisy.softmax(-1)[:, :, None] * within).view(N, E), (clean, noisy, std)
 
 
 def hierarchical_choice(select, primary, groups, group_topk, K):
@@ -264,7 +272,42 @@ def hierarchical_choice(select, primary, groups, group_topk, K):
     return torch.cat(chosen, dim=1)
 
 
-def route(x, router_w, noise_w, s, draws, group_w=None):
+def smooth_load(clean, noisy, std, chosen, k):
+    """Shazeer 2017's P(x, i) over the last axis of n experts, chosen the
+    bool mask of the k a token took: Phi((clean_i - kth_excluding(noisy, k,
+    i)) / std_i). With k >= n every expert is taken for sure: 1."""
+    n = clean.shape[-1]
+    if k >= n:
+        return torch.ones_like(clean)
+    ranked = torch.sort(noisy, dim=-1, descending=True)[0]
+    threshold = torch.where(chosen, ranked[..., k:k + 1], ranked[..., k - 1:k])
+    return 0.5 * torch.erfc(-(clean - threshold) / std / math.sqrt(2.0))
+
+
+def hierarchical_load(primary, logits, h, noise_std, choice_expert, s):
+    """Shazeer 2017, appendix B, per routing group of G tokens [groups, E]:
+    Load_H(X)_(i,j) = Load_primary(X)_i * Load_i(X^(i))_j / |X^(i)|, X^(i)
+    the tokens that took group i, each load the smooth estimator of its
+    level's noisy top-k; 0 where no token took group i."""
+    clean, noisy, std = primary
+    N, E = logits.shape
+    hg, G = s.hier_groups, s.G
+    b, k1 = E // hg, s.hier_group_topk
+    took_group = torch.zeros(N, hg, dtype=torch.bool).scatter(1, choice_expert // b, True)
+    took_expert = torch.zeros(N, E, dtype=torch.bool).scatter(1, choice_expert, True)
+    load_primary = smooth_load(clean, noisy, std, took_group, k1)
+    load_within = smooth_load(logits.view(N, hg, b), h.view(N, hg, b), noise_std.view(N, hg, b),
+                              took_expert.view(N, hg, b), s.K // k1) * took_group[..., None]
+    groups = N // G
+    Lp = load_primary.view(groups, G, hg).sum(1)
+    Lw = load_within.view(groups, G, hg, b).sum(1)
+    n = took_group.view(groups, G, hg).sum(1).to(logits.dtype)
+    load = torch.where(n[..., None] > 0, Lp[..., None] * Lw / n.clamp_min(1)[..., None],
+                       torch.zeros_like(Lw))
+    return load.view(groups, E)
+
+
+def route(x, router_w, noise_w, s, draws, group_w=None, group_noise_w=None):
     """Router decisions and losses for N tokens x[N, C] in groups of G, each
     router as its paper (or Megatron-Core) defines it. draws: what the C side
     drew at random (noise [N, E], jitter [N, C], second_draw [N]) and the
@@ -286,7 +329,10 @@ def route(x, router_w, noise_w, s, draws, group_w=None):
         h = logits + tensor("noise") * noise_std
     probs = h.sigmoid() if s.sigmoid_scores else h.softmax(-1)
     if s.hier_groups > 0:
-        probs, primary = hierarchical_probs(x_in, logits, group_w, s.hier_groups)
+        noisy_primary = kind == "noisy_topk"
+        probs, primary = hierarchical_probs(
+            x_in, h, group_w, s.hier_groups, group_noise_w if noisy_primary else None,
+            tensor("group_noise") if noisy_primary else None)
 
     every_expert = torch.arange(E).expand(N, E)
     if kind == "soft":
@@ -314,7 +360,7 @@ def route(x, router_w, noise_w, s, draws, group_w=None):
         # A stable descending sort puts the lower expert first among equal
         # scores, which is the tie rule.
         if s.hier_groups > 0:
-            choice_expert = hierarchical_choice(select, primary, s.hier_groups,
+            choice_expert = hierarchical_choice(select, primary[1], s.hier_groups,
                                                 s.hier_group_topk, K)
         else:
             choice_expert = torch.sort(select, dim=-1, descending=True, stable=True)[1][:, :K]
@@ -371,7 +417,10 @@ def route(x, router_w, noise_w, s, draws, group_w=None):
         importance_loss = torch.zeros((), dtype=x.dtype)
     # Shazeer 2017's smooth load: P(x, i) = Phi((x·Wg_i - kth_excluding(H, k, i)) / std_i),
     # the k-th largest noisy logit among the other experts
-    if kind == "noisy_topk" and s.load_loss_coeff > 0 and K < E:
+    if kind == "noisy_topk" and s.load_loss_coeff > 0 and s.hier_groups > 0:
+        load = hierarchical_load(primary, logits, h, noise_std, choice_expert, s)
+        load_loss = s.load_loss_coeff * cv_squared(load).mean()
+    elif kind == "noisy_topk" and s.load_loss_coeff > 0 and K < E:
         ranked = torch.sort(h, dim=-1, descending=True)[0]
         in_top_k = torch.zeros(N, E, dtype=torch.bool).scatter(1, choice_expert, True)
         threshold = torch.where(in_top_k, ranked[:, K:K + 1], ranked[:, K - 1:K])
@@ -401,7 +450,8 @@ def expert_dropout_factors(info, mask, E):
 
 def moe_ffn(x, p, s, draws):
     """One MoE layer; p(name) gives the layer's parameter."""
-    combine, info = route(x, p("router_w"), p("noise_w"), s, draws, p("router_group_w"))
+    combine, info = route(x, p("router_w"), p("noise_w"), s, draws, p("router_group_w"),
+                          p("router_group_noise_w"))
     h = torch.einsum("nc,efc->enf", x, p("experts.fc1_w"))         # every expert, every token
     if s.swiglu:
         gate, up = h.chunk(2, dim=-1)
@@ -458,7 +508,8 @@ def reference_step(export):
               for k, v in export.params.items()}
     inputs = torch.tensor(export.inputs, dtype=torch.long)
     targets = torch.tensor(export.targets, dtype=torch.long)
-    draw_names = ("noise", "jitter", "second_draw", "expert_bias", "dropout_mask")
+    draw_names = ("noise", "group_noise", "jitter", "second_draw", "expert_bias",
+                  "dropout_mask")
     draws = {l: {k: v for k, v in r.items() if k in draw_names}
              for l, r in export.routing.items()}
     out = forward(params, export.shape, inputs, targets, draws)

@@ -144,7 +144,7 @@ static void put_routing(Export *ex, const Model *m, int *flag_scratch) {
         if (!model_is_moe_layer(s, l)) continue;
         const Routing *r = &m->moe[l].routing;
         long dims[2] = {N, r->slots}, noise_dims[2] = {N, s->E}, jitter_dims[2] = {N, s->C};
-        long token_dims[1] = {N}, expert_dims[1] = {s->E};
+        long token_dims[1] = {N}, expert_dims[1] = {s->E}, group_dims[2] = {N, s->hier_groups};
         char name[96];
 #define NAME(what) (snprintf(name, sizeof name, "routing/%d/%s", l, what), name)
         put_i32(ex, NAME("choice_expert"), r->choice_expert, 2, dims);
@@ -154,6 +154,7 @@ static void put_routing(Export *ex, const Model *m, int *flag_scratch) {
         put_i32(ex, NAME("choice_routed"), flag_scratch, 2, dims);
         put_scalar(ex, NAME("capacity"), r->capacity);
         if (r->noise) put_f32(ex, NAME("noise"), r->noise, 2, noise_dims);
+        if (r->group_noise) put_f32(ex, NAME("group_noise"), r->group_noise, 2, group_dims);
         if (r->jitter) put_f32(ex, NAME("jitter"), r->jitter, 2, jitter_dims);
         if (r->second_draw)
             note(ex, tensor_file_write_f64(ex->file, NAME("second_draw"), r->second_draw, 1,
