@@ -48,6 +48,11 @@ VARIANTS = {
     "group-limited": {"moe-router-num-groups": 2, "moe-router-group-topk": 1},
     # Shazeer 2017 hierarchical MoE: a primary router picks 1 of 2 groups of 2 experts
     "hier-moe": {"moe-hierarchical-groups": 2, "moe-router-pre-softmax": 1},
+    # ... noisy at both levels with the paper's importance and Load_H losses; top-1,
+    # so that both levels' smooth loads have a threshold (1 of 2 groups, 1 of 2 experts)
+    "hier-moe-noisy-losses": {"moe-hierarchical-groups": 2, "moe-router-type": "noisy_topk",
+                              "moe-router-topk": 1, "moe-importance-loss-coeff": 0.01,
+                              "moe-load-loss-coeff": 0.01},
     # Switch's expert dropout: masks keyed by (seed, step, layer, expert, token)
     "expert-dropout": {"moe-expert-dropout": 0.3},
     "expert-dropout-overlap": {"moe-expert-dropout": 0.3, "moe-overlap-chunks": 2},
