@@ -432,6 +432,30 @@ static void select_hierarchical(int *chosen, Routing *r, const RouterShape *s, i
     }
 }
 
+/* Hierarchical noisy_topk gates as in Shazeer 2017, appendix B:
+ * G_primary(x)_i * G_i(x)_j, each a softmax over its level's kept noisy
+ * logits, i.e. P_i over the kept groups' P times p_(i,j) over group i's kept
+ * p. With k_1 = 1 the first factor is 1 and these are the products
+ * renormalised over the token's k experts, as for the other routers. */
+static int two_level_gates(const RouterShape *s) {
+    return s->hier_groups > 0 && s->type == ROUTER_NOISY_TOPK;
+}
+
+static void two_level_gates_forward(float *gate, const int *chosen, const Routing *r,
+                                    const RouterShape *s, int t) {
+    int per_group = s->E / s->hier_groups, within = s->K / s->hier_group_topk;
+    const float *P = r->group_probs + (long)t * s->hier_groups, *p = r->probs + (long)t * s->E;
+    float kept_primary = 0.0f;
+    for (int m = 0; m < s->hier_group_topk; m++) kept_primary += P[chosen[m * within] / per_group];
+    for (int m = 0; m < s->hier_group_topk; m++) {
+        const int *e = chosen + m * within;
+        float kept = 0.0f;
+        for (int k = 0; k < within; k++) kept += p[e[k]];
+        float primary = P[e[0] / per_group] / kept_primary;
+        for (int k = 0; k < within; k++) gate[m * within + k] = primary * (p[e[k]] / kept);
+    }
+}
+
 /* Top-k family: k slots per token, gates from the scores of the selected. */
 static void select_top_k_slots(Routing *r, const RouterShape *s, const RouterContext *ctx) {
     int E = s->E, K = s->K;
@@ -449,6 +473,7 @@ static void select_top_k_slots(Routing *r, const RouterShape *s, const RouterCon
             gate[k] = renormalises(s) ? p[chosen[k]] / sum : p[chosen[k]];
             r->choice_routed[(long)t * K + k] = 1;
         }
+        if (two_level_gates(s)) two_level_gates_forward(gate, chosen, r, s, t);
         /* GShard: the second expert gets the token with probability 2*g2. */
         if (s->type == ROUTER_GSHARD_TOP2 && ctx->training && K == 2) {
             double u = uniform_at(DOMAIN_SECOND_EXPERT, ctx, (uint64_t)(ctx->first_token + t));
@@ -886,6 +911,7 @@ static void gate_backward(Routing *r, const RouterShape *s, const float *dgate_r
             dgate[k] += (float)(s->importance_loss_coeff / (groups * world_of(s)) *
                                 cv_squared_grad(r->importance + (long)(t / G) * E, E, expert[k]));
     }
+    if (two_level_gates(s)) return; /* two_level_gates_backward, from slot_scratch */
     int normalised = s->type != ROUTER_EXPERT_CHOICE && s->type != ROUTER_SOFT && renormalises(s);
     if (!normalised) {
         for (int k = 0; k < S; k++) dscore[expert[k]] += dgate[k];
@@ -984,6 +1010,51 @@ static void hierarchical_load_backward(Routing *r, const RouterShape *s, float *
     }
 }
 
+/* d G_primary(x)_i of the kept group of token t's m-th kept group, from the
+ * gates' gradients dgate [K]: sum over its experts of dgate * G_i(x)_j. */
+static double primary_gate_grad(const Routing *r, const RouterShape *s, int t, const float *dgate,
+                                int m) {
+    int within = s->K / s->hier_group_topk;
+    const int *e = r->choice_expert + (long)t * s->K + m * within;
+    const float *p = r->probs + (long)t * s->E;
+    float kept = 0.0f;
+    for (int k = 0; k < within; k++) kept += p[e[k]];
+    double dG = 0.0;
+    for (int k = 0; k < within; k++) dG += (double)dgate[m * within + k] * (p[e[k]] / kept);
+    return dG;
+}
+
+/* The two-level gates' gradients (dgate [K], gate_backward's, importance
+ * loss included): each softmax over kept logits back onto those logits,
+ * added to token t's d noisy logits dh [E] and d noisy primary logits. */
+static void two_level_gates_backward(Routing *r, const RouterShape *s, int t, const float *dgate,
+                                     float *dh) {
+    int M = s->hier_group_topk, per_group = s->E / s->hier_groups, within = s->K / M;
+    const int *chosen = r->choice_expert + (long)t * s->K;
+    const float *P = r->group_probs + (long)t * s->hier_groups, *p = r->probs + (long)t * s->E;
+    float *dgroup = r->dgroup + (long)t * s->hier_groups;
+    float kept_primary = 0.0f;
+    for (int m = 0; m < M; m++) kept_primary += P[chosen[m * within] / per_group];
+    double primary_dot = 0.0;
+    for (int m = 0; m < M; m++) {
+        const int *e = chosen + m * within;
+        double primary = P[e[0] / per_group] / kept_primary;
+        primary_dot += primary * primary_gate_grad(r, s, t, dgate, m);
+        float kept = 0.0f;
+        for (int k = 0; k < within; k++) kept += p[e[k]];
+        double within_dot = 0.0;
+        for (int k = 0; k < within; k++)
+            within_dot += (double)(p[e[k]] / kept) * dgate[m * within + k] * primary;
+        for (int k = 0; k < within; k++)
+            dh[e[k]] += (float)((p[e[k]] / kept) * (dgate[m * within + k] * primary - within_dot));
+    }
+    for (int m = 0; m < M; m++) {
+        int i = chosen[m * within] / per_group;
+        double primary = P[i] / kept_primary;
+        dgroup[i] += (float)(primary * (primary_gate_grad(r, s, t, dgate, m) - primary_dot));
+    }
+}
+
 /* Through p_(i,j) = P_i * q_j: dq_j = dp_j * P_i and dP_i = sum_j dp_j * q_j,
  * then each through its softmax. Fills the token's d logits [E] and
  * d primary logits [hier_groups]. */
@@ -1021,6 +1092,7 @@ void router_backward(float *dx, const RouterGrads *g, const float *dgate, const 
         balancing_backward(r, s, t, ds);
         if (s->hier_groups > 0) {
             hierarchical_backward(r, s, t, ds, dht);
+            if (two_level_gates(s)) two_level_gates_backward(r, s, t, r->slot_scratch, dht);
         } else if (s->sigmoid_scores) {
             for (int e = 0; e < E; e++) dht[e] = ds[e] * p[e] * (1.0f - p[e]);
         } else {

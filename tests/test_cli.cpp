@@ -275,6 +275,13 @@ TEST_F(CliConfigError, HierarchicalGroupsWithExpertChoiceOrSoftRouting) {
                      {"--moe-hierarchical-groups", "not soft", "choose topk"});
 }
 
+TEST_F(CliConfigError, HierarchicalLoadLossWithoutNoisyRouting) {
+    // Load_H is built from the noisy gates' smooth load: topk has no noise
+    ExpectUsageError(TrainArgs({"--num-experts", "8", "--moe-hierarchical-groups", "2",
+                                "--moe-load-loss-coeff", "0.01"}),
+                     {"--moe-load-loss-coeff 0.01", "--moe-router-type noisy_topk", "not topk"});
+}
+
 TEST_F(CliConfigError, BiasUpdateRateWithoutExpertBias) {
     ExpectUsageError(TrainArgs({"--moe-router-bias-update-rate", "1e-3"}),
                      {"--moe-router-bias-update-rate 0.001", "--moe-router-enable-expert-bias"});

@@ -313,6 +313,18 @@ const GradCase kGradCases[] = {
          s.hier_group_topk = 2;
      },
      false, true},
+    // both groups, 2 of 4 experts in each: the gates' two softmaxes over kept
+    // logits both live, and the primary's load certain (no threshold)
+    {"hierarchical_noisy_load_both_groups_top4",
+     [](RouterShape &s, RouterContext &) {
+         s.type = ROUTER_NOISY_TOPK;
+         s.load_loss_coeff = 2.0;
+         s.E = 8;
+         s.K = 4;
+         s.hier_groups = 2;
+         s.hier_group_topk = 2;
+     },
+     false, true},
 };
 
 INSTANTIATE_TEST_SUITE_P(RoutersEveryScheme, RoutersGrad, ::testing::ValuesIn(kGradCases),

@@ -157,7 +157,8 @@ bool IsAttention(const std::string &n) {
     return EndsWith(n, ".ln1_w") || EndsWith(n, ".qkv_w") || EndsWith(n, ".proj_w");
 }
 bool IsRouter(const std::string &n) {
-    return EndsWith(n, ".router_w") || EndsWith(n, ".noise_w") || EndsWith(n, ".router_group_w");
+    return EndsWith(n, ".router_w") || EndsWith(n, ".noise_w") || EndsWith(n, ".router_group_w") ||
+           EndsWith(n, ".router_group_noise_w");
 }
 bool IsExpert(const std::string &n) {
     return n.find(".experts.") != std::string::npos || n.find(".shared_fc") != std::string::npos;
@@ -265,6 +266,23 @@ TEST_P(TrainFreeze, HierarchicalPrimaryRouterFollowsTheRouter) {
             EXPECT_EQ(m.tensors[i].numel, 2u * 32u);
         }
     EXPECT_EQ(primary, std::vector<std::string>({"layers.1.router_group_w"}));
+}
+
+TEST_P(TrainFreeze, HierarchicalNoisyPrimaryFollowsTheRouter) {
+    std::string flags = std::string(kEveryTensor) + kHierarchical + kNoisy +
+                        "moe-importance-loss-coeff 0.01 moe-load-loss-coeff 0.01 ";
+    CheckThreeSteps(flags);
+    // the primary's noise weights: [groups, C], only with noisy_topk
+    TinyTrainer tiny(&comm_, 1, flags);
+    ASSERT_TRUE(tiny.ok());
+    const Model &m = tiny.get()->model;
+    std::vector<std::string> noise;
+    for (int i = 0; i < m.num_tensors; i++)
+        if (EndsWith(m.tensors[i].name, ".router_group_noise_w")) {
+            noise.push_back(m.tensors[i].name);
+            EXPECT_EQ(m.tensors[i].numel, 2u * 32u);
+        }
+    EXPECT_EQ(noise, std::vector<std::string>({"layers.1.router_group_noise_w"}));
 }
 
 INSTANTIATE_TEST_SUITE_P(TrainFreezeGroups, TrainFreeze,

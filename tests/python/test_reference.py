@@ -160,8 +160,8 @@ CONFIGS = {
          "moe-router-type": "switch", "moe-expert-capacity-factor": 0,
          "moe-router-load-balancing-type": "seq_aux_loss"}, False),
     # ... and as the paper has it: noisy gating at both levels (the primary's
-    # noise weights layers.N.router_group_noise_w), importance over the final
-    # gates and the hierarchical load Load_H
+    # noise weights layers.N.router_group_noise_w), gates G_primary_i * G_i_j,
+    # importance over them (Importance_H) and the hierarchical load Load_H
     "hierarchical-noisy-one-group-importance-load-drop": (
         {**SYNTHETIC, "num-experts": 8, "moe-hierarchical-groups": 2, "moe-router-topk": 2,
          "moe-router-type": "noisy_topk", "moe-importance-loss-coeff": 0.1,
@@ -172,6 +172,11 @@ CONFIGS = {
          "moe-hierarchical-group-topk": 2, "moe-router-topk": 2, "moe-router-type": "noisy_topk",
          "moe-importance-loss-coeff": 0.1, "moe-load-loss-coeff": 0.1,
          "moe-expert-capacity-factor": 1.0, "moe-min-capacity": 0}, False),
+    "hierarchical-noisy-both-groups-top4-importance-load-drop": (
+        {**SYNTHETIC, "num-experts": 8, "moe-hierarchical-groups": 2,
+         "moe-hierarchical-group-topk": 2, "moe-router-topk": 4, "moe-router-type": "noisy_topk",
+         "moe-importance-loss-coeff": 0.1, "moe-load-loss-coeff": 0.1, "moe-group-size": 16,
+         "moe-expert-capacity-factor": 0.75, "moe-min-capacity": 0}, True),
     "hierarchical-noisy-top1-large-weights-dropless": (
         {**SYNTHETIC, "weight-scale": 10, "num-experts": 8, "moe-hierarchical-groups": 2,
          "moe-router-topk": 1, "moe-router-type": "noisy_topk",

@@ -217,15 +217,24 @@ def cv_squared(v):
     return torch.where(mean > 0, var / mean.clamp_min(1e-300).pow(2), torch.zeros_like(mean))
 
 
-def top_k_gates(h, probs, choice_expert, s):
+def top_k_gates(h, probs, choice_expert, s, primary=None):
     """The combine weights of the k selected experts [N, K]."""
     selected = probs.gather(1, choice_expert)
+    if s.hier_groups > 0 and s.router_type == "noisy_topk":
+        # Shazeer 2017, appendix B: G_primary(x)_i * G_i(x)_j, each
+        # Softmax(KeepTopK) of its level's noisy logits
+        N, K = choice_expert.shape
+        k1 = s.hier_group_topk
+        within = K // k1
+        kept_groups = choice_expert[:, ::within] // (s.E // s.hier_groups)
+        G_primary = primary[1].gather(1, kept_groups).softmax(-1)
+        G_within = h.gather(1, choice_expert).view(N, k1, within).softmax(-1)
+        return (G_primary[..., None] * G_within).view(N, K)
     if s.hier_groups > 0:
         # the products P_i * q_j, renormalised over the token's k experts
         # or not; with one group per token (the paper's k_1 = 1) the former is
-        # Softmax(KeepTopK) of the group's logits: Shazeer 2017 at both levels.
-        # noisy_topk always renormalises, as its flat form does
-        renormalise = s.norm_topk_prob or s.softmax_over_selected or s.router_type == "noisy_topk"
+        # Softmax(KeepTopK) of the group's logits: Shazeer 2017 at both levels
+        renormalise = s.norm_topk_prob or s.softmax_over_selected
         return selected / selected.sum(-1, keepdim=True) if renormalise else selected
     if s.sigmoid_scores:
         # DeepSeek-V3: g = s / sum of the selected s
@@ -364,7 +373,7 @@ def route(x, router_w, noise_w, s, draws, group_w=None, group_noise_w=None):
                                                 s.hier_group_topk, K)
         else:
             choice_expert = torch.sort(select, dim=-1, descending=True, stable=True)[1][:, :K]
-        gates = top_k_gates(h, probs, choice_expert, s)
+        gates = top_k_gates(h, probs, choice_expert, s, primary if s.hier_groups > 0 else None)
         routed = torch.ones(N, K, dtype=torch.bool)
         if kind == "gshard_top2":
             # GShard: the second expert gets the token with probability 2 * g2
