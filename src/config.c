@@ -359,7 +359,8 @@ static const Option OPTIONS[] = {
      .min = 0,
      .max = 100,
      .default_text = "0",
-     .help = "weight of Shazeer 2017's importance loss (CV^2 of each expert's summed gates)"},
+     .help = "weight of Shazeer 2017's importance loss (CV^2 of each expert's summed gates; "
+             "with --moe-hierarchical-groups and noisy_topk the paper's Importance_H)"},
     {.name = "moe-load-loss-coeff",
      .group = G_MOE,
      .type = OPT_DOUBLE,
@@ -368,7 +369,8 @@ static const Option OPTIONS[] = {
      .max = 100,
      .default_text = "0",
      .help = "weight of Shazeer 2017's load loss (CV^2 of the smooth load estimate; "
-             "noisy_topk only)"},
+             "noisy_topk only; with --moe-hierarchical-groups the paper's hierarchical "
+             "Load_H)"},
     {.name = "moe-expert-activation",
      .group = G_MOE,
      .type = OPT_STRING,

@@ -72,7 +72,9 @@ typedef struct RouterShape {
      * E / hier_groups consecutive experts; within each, the group's rows of
      * router_w pick the K / hier_group_topk best experts. The score of expert
      * j of group i is softmax(primary)_i * softmax(group i's logits)_j, a
-     * distribution over all E experts. 0 = off. Top-k family only. */
+     * distribution over all E experts. 0 = off. Top-k family only. With
+     * noisy_topk both levels are noisy, the gates are G_primary_i * G_i_j and
+     * the load loss is the paper's Load_H. */
     int hier_groups, hier_group_topk;
     /* Layout invariance (reduce.h): the loss is a mean over the global batch,
      * world micro-batches of N tokens (0 counts as 1), and statistics are
