@@ -351,11 +351,14 @@ static double hierarchical_exchange_s(const ClusterSpec *c, const ProjectLayout 
     return slowest;
 }
 
-/* Ring or tree all-reduce of `bytes` over n ranks spread over nodes or not. */
-static double allreduce_s(const ClusterSpec *c, const ProjectLayout *lay, double bytes, int n,
-                          int spans_nodes) {
+/* Ring or tree all-reduce of `bytes` over n ranks spread over nodes or not.
+ * A ring in rank order leaves each node by one hop and enters it by one, so
+ * the slowest hop has a node's NICs to itself, not a rank's share of them. */
+static double allreduce_s(const ClusterSpec *c, double bytes, int n, int spans_nodes) {
     if (n <= 1 || bytes <= 0) return 0.0;
-    double bw = spans_nodes ? inter_rank_bandwidth(c, lay) : c->intra_bandwidth;
+    double node_nics = c->nics_per_node * c->inter_bandwidth / c->oversubscription;
+    double bw = spans_nodes ? (node_nics < c->intra_bandwidth ? node_nics : c->intra_bandwidth)
+                            : c->intra_bandwidth;
     double lat = spans_nodes ? c->inter_latency : c->intra_latency;
     if (c->allreduce_tree) {
         double depth = ceil(log2((double)n));
@@ -413,8 +416,8 @@ static void update_s(const ProjectRecord *in, const ProjectLayout *lay, const Ma
     int dense_spans = node_of(lay, 0) != node_of(lay, P - 1);
     int expert_spans = node_of(lay, 0) != node_of(lay, (P / EP - 1) * EP);
     phase[PHASE_GRAD_ALLREDUCE] =
-        allreduce_s(mc->c, lay, 9.0 * dense, P, dense_spans) +
-        allreduce_s(mc->c, lay, 9.0 * local_experts, P / EP, expert_spans);
+        allreduce_s(mc->c, 9.0 * dense, P, dense_spans) +
+        allreduce_s(mc->c, 9.0 * local_experts, P / EP, expert_spans);
     if (P > 1) phase[PHASE_GRAD_ALLREDUCE] += memory_s(mc, 12.0 * (dense + local_experts));
     phase[PHASE_OPTIMIZER] = memory_s(mc, 28.0 * (dense + local_experts));
 }

@@ -10,17 +10,21 @@ predicted step time and per-phase times with the relative error. Fails
 exceeds 15%.
 
 Shared memory here (default): 1 and 2 ranks. The emulated two-node cluster
-(run by whoever may create the namespaces) passes its launcher; calibration
-then runs on the cluster too:
+(run by whoever may create the namespaces) passes its launcher and takes the
+shaped links from the preset, the compute calibrated here:
 
-    tools/validate_projection.py --launcher "tests/multinode/cluster_mpirun.sh ID" \\
-        --worlds 4 --ranks-per-node 2
+    tests/multinode/cluster.sh up
+    tools/validate_projection.py --launcher "bash tests/multinode/cluster_mpirun.sh \\
+        --map-by slot" --worlds 4 --ranks-per-node 2 \\
+        --network-from experiments/clusters/emulated_two_node.ini
 
 Measured phase times are the median over steps (the first step is left out:
 it warms caches and page tables) of the mean over ranks; the step time is the
 median of /train/step_time_s. Predicted: the projection of the same steps.
 """
 import argparse
+import configparser
+import os
 import shlex
 import subprocess
 import sys
@@ -34,7 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("attention", "router", "dispatch", "experts", "combine", "grad_allreduce", "optimizer",
           "other")
 ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-       "OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin:/usr/local/bin"}
+       "OPENBLAS_NUM_THREADS": "1", "PATH": "/usr/bin:/bin:/usr/local/bin",
+       # the emulated cluster's launcher finds its cluster by these
+       **{k: v for k, v in os.environ.items() if k.startswith("MOESIM_CLUSTER_")}}
 
 
 def run(cmd):
@@ -66,6 +72,20 @@ def predicted(projection):
         ph = f["projection/phase_s"][1:]  # [S, P, phases]
         phases = {p: np.median(ph[:, :, i].mean(axis=1)) for i, p in enumerate(PHASES)}
     return step, phases
+
+
+def with_network_of(calibrated, links, out):
+    """The calibrated device, node and [vector] values with the [network] of
+    another cluster file (the emulated cluster's shaped links)."""
+    merged = configparser.ConfigParser()
+    merged.read(calibrated)
+    other = configparser.ConfigParser()
+    other.read(links)
+    merged["network"] = dict(other["network"])
+    with open(out, "w") as f:
+        f.write(f"; {calibrated} with the [network] of {links}\n")
+        merged.write(f)
+    return out
 
 
 def simulate_big(moesim, out):
@@ -101,6 +121,9 @@ def main():
     parser.add_argument("--ranks-per-node", type=int, default=0)
     parser.add_argument("--cluster", help="a cluster file; default: calibrate here first")
     parser.add_argument("--launcher", default="", help='e.g. "mpirun --hostfile HOSTS"')
+    parser.add_argument("--network-from",
+                        help="a cluster file whose [network] replaces the calibrated one (the "
+                             "emulated cluster's shaped links; compute is calibrated here)")
     parser.add_argument("--out-dir", default=str(ROOT / "runs" / "validate-projection"))
     parser.add_argument("--max-error", type=float, default=0.15)
     args = parser.parse_args()
@@ -111,8 +134,15 @@ def main():
     if not cluster:
         cluster = out / "this_machine.ini"
         calibrate_world = max(2, min(map(int, args.worlds.split(","))))
-        run([*launch(args, calibrate_world), moesim, "calibrate", "--config",
-             args.calibrate_config, "--out", cluster])
+        # with --network-from the compute is calibrated here, the links come from the file
+        launcher = [] if args.network_from else launch(args, calibrate_world)
+        if args.network_from:
+            # as many ranks as the cluster runs put on this machine's cores
+            launcher = ["mpirun", "--oversubscribe", "--bind-to", "none", "-n",
+                        str(calibrate_world)]
+        run([*launcher, moesim, "calibrate", "--config", args.calibrate_config, "--out", cluster])
+        if args.network_from:
+            cluster = with_network_of(cluster, Path(args.network_from), out / "cluster.ini")
     rows, errors = [], []
     runs = [(config, world) for config in args.configs.split(",")
             for world in map(int, args.worlds.split(","))]

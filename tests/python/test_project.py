@@ -196,8 +196,9 @@ def test_vector_rates_add_their_units_at_their_rate(runs):
 
 def test_calibrate_writes_a_cluster_file_with_fitted_vector_rates(tmp_path):
     """`moesim calibrate` trains a few steps of the config and writes, per
-    phase, the seconds measured and modelled; a rate only where the
-    measurement exceeds the model, and `moesim project` reads the file."""
+    phase, the seconds measured and modelled; a rate only for a compute
+    phase whose measurement exceeds the model, and `moesim project` reads
+    the file."""
     out = tmp_path / "here.ini"
     options = {**TINY, "micro-batch-size": GLOBAL_BATCH // 2, "out": out}
     result = run_mpi(2, "calibrate", options, timeout=300)
@@ -213,7 +214,8 @@ def test_calibrate_writes_a_cluster_file_with_fitted_vector_rates(tmp_path):
                               (line.split("measured ")[1].split(" s")[0],
                                line.split("without this key ")[1].split(" s")[0]))
         rate = [l for l in vector.splitlines() if l.startswith(f"{phase} = ")]
-        assert bool(rate) == (measured > modelled), (phase, line, rate)
+        communication = phase in ("dispatch", "combine", "grad_allreduce")
+        assert bool(rate) == (measured > modelled and not communication), (phase, line, rate)
         fitted += bool(rate)
     assert fitted >= 3, vector   # CPU softmaxes, selection and AdamW are never free
     record = tmp_path / "one.h5"
