@@ -1,19 +1,28 @@
 /* calibrate: measures this machine for `moesim project` and writes a
  * CLUSTER.ini (project.h): sgemm at the model's shapes against a large
  * square sgemm (the peak and the efficiency reached at these shapes), memory
- * bandwidth (memcpy), and MPI_Alltoallv / MPI_Allreduce alpha-beta over the
- * transport the ranks use. */
+ * bandwidth (memcpy), MPI_Alltoallv / MPI_Allreduce alpha-beta over the
+ * transport the ranks use, and the [vector] rates: a few training steps of
+ * the config, each phase's seconds beyond what those values model. */
 #include <cblas.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
+#include "moesim/comm.h"
+#include "moesim/config.h"
 #include "moesim/ffn.h"
+#include "moesim/project.h"
 #include "moesim/timing.h"
 #include "moesim/train.h"
 
 #define MEASURE_S 0.3
+/* Training steps timed for the [vector] rates, the first ones left out:
+ * they warm caches, page tables and the allocator. */
+#define CALIBRATION_STEPS 10
+#define CALIBRATION_WARMUP 3
 
 /* CPU seconds of this thread: a device of the modelled cluster is dedicated
  * to its rank, so compute is timed by the time it ran, not by the wall time
@@ -35,13 +44,17 @@ static double sgemm_rate(int m, int n, int k) {
         for (size_t i = 0; i < (size_t)k * n; i++) b[i] = (float)(i % 5) * 0.1f;
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, a, k, b, n, 0.0f, c,
                     n);
+        /* a small product is timed over enough calls to span many clock ticks */
+        double flops = 2.0 * m * n * k;
+        int calls = flops < 1e8 ? (int)(1e8 / flops) : 1;
         double begin = timer_now_s();
         for (int rep = 0; rep < 3 || timer_now_s() - begin < MEASURE_S; rep++) {
             double start = cpu_now_s();
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, a, k, b, n, 0.0f,
-                        c, n);
-            double t = cpu_now_s() - start;
-            best = t < best ? t : best;
+            for (int call = 0; call < calls; call++)
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, 1.0f, a, k, b, n,
+                            0.0f, c, n);
+            double t = (cpu_now_s() - start) / calls;
+            if (t > 0) best = t < best ? t : best;
         }
     }
     free(a);
@@ -111,6 +124,10 @@ typedef struct Calibration {
     double peak, efficiency, memory_bw, shape_rate[6];
     double a2a_latency, a2a_bandwidth, allreduce_bandwidth, allreduce_small_s;
     int ranks_on_node;
+    double core_share; /* of a core each rank gets: 1, or cores / ranks when oversubscribed */
+    /* the config's own training steps: measured and modelled seconds per
+     * phase (mean over ranks) and the [vector] rates fitted from them */
+    double step_s[PHASE_COUNT], modelled_s[PHASE_COUNT], vector_rate[PHASE_COUNT];
 } Calibration;
 
 static int measure_network(const Comm *comm, Calibration *cal) {
@@ -137,6 +154,161 @@ static int measure_network(const Comm *comm, Calibration *cal) {
     return ok ? 0 : -1;
 }
 
+/* The rates above are CPU time: a dedicated core. When more ranks share
+ * this machine than it has cores (an emulated cluster oversubscribes it),
+ * each rank's device is its share of the cores and of their memory. */
+static void share_cores(Calibration *cal) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    cal->core_share =
+        cores > 0 && cal->ranks_on_node > cores ? (double)cores / cal->ranks_on_node : 1.0;
+    cal->peak *= cal->core_share;
+    cal->memory_bw *= cal->core_share;
+}
+
+/* The calibrated values as the cluster file will give them, [vector] rates
+ * left out: the model's share without them. */
+static ClusterSpec cluster_of(const Calibration *cal) {
+    ClusterSpec c = {.peak_flops_fp32 = cal->peak,
+                     .peak_flops_bf16 = cal->peak,
+                     .memory_bandwidth = cal->memory_bw,
+                     .matmul_efficiency = cal->efficiency,
+                     .devices_per_node = cal->ranks_on_node,
+                     .intra_bandwidth = cal->a2a_bandwidth,
+                     .intra_latency = cal->a2a_latency,
+                     .inter_bandwidth = cal->a2a_bandwidth,
+                     .inter_latency = cal->a2a_latency,
+                     .nics_per_node = 1,
+                     .oversubscription = 1.0};
+    snprintf(c.name, sizeof c.name, "calibration");
+    return c;
+}
+
+/* The config as `moesim project` reads it from a record. */
+static ProjectRecord shape_of(const Trainer *t) {
+    const Config *cfg = t->cfg;
+    const Model *m = &t->model;
+    double expert_params = (double)(strcmp(cfg->moe_expert_activation, "swiglu") == 0 ? 3 : 2) *
+                           cfg->hidden_size * cfg->moe_ffn_hidden_size;
+    return (ProjectRecord){
+        .moe_layers = t->moe_layers,
+        .experts = cfg->num_experts,
+        .top_k = cfg->moe_router_topk,
+        .recorded_world = t->comm->world_size,
+        .micro_batch = cfg->micro_batch_size,
+        .seq_length = cfg->seq_length,
+        .hidden = cfg->hidden_size,
+        .heads = cfg->num_attention_heads,
+        .ffn_hidden = cfg->ffn_hidden_size,
+        .moe_ffn_hidden = cfg->moe_ffn_hidden_size,
+        .shared_ffn_hidden = cfg->moe_shared_expert_intermediate_size,
+        .num_layers = cfg->num_layers,
+        .vocab = t->ds->vocab_size,
+        .swiglu = strcmp(cfg->moe_expert_activation, "swiglu") == 0,
+        .bf16 = config_uses_bf16(cfg),
+        .params_total = (long)((double)m->num_dense_params +
+                               t->moe_layers * expert_params * cfg->num_experts)};
+}
+
+static int compare_doubles(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* The exchanges' and the all-reduce's seconds here hold waits for the other
+ * ranks (their skew and imbalance), which are not work of this layout's
+ * size: those phases keep the network model alone. */
+static int is_compute_phase(int ph) {
+    return ph != PHASE_DISPATCH && ph != PHASE_COMBINE && ph != PHASE_GRAD_ALLREDUCE;
+}
+
+/* Trains CALIBRATION_STEPS steps of the config and fits, per phase, the rate
+ * at which the [vector] units of project_vector_units go by: the measured
+ * seconds beyond what the model gives with the calibrated peak, memory and
+ * network. A phase the model already accounts for gets no rate. */
+static int fit_vector_rates(const Config *cfg, const Dataset *ds, const Comm *comm,
+                            Calibration *cal, char *err, size_t errlen) {
+    Trainer t;
+    if (!comm_all_ok(comm, trainer_init(&t, cfg, ds, comm, err, errlen) == 0)) return -1;
+    int P = comm->world_size, timed = CALIBRATION_STEPS - CALIBRATION_WARMUP;
+    double samples[PHASE_COUNT][CALIBRATION_STEPS];
+    double *mine = calloc((size_t)PHASE_COUNT + P, sizeof(double));
+    double *all = calloc((size_t)P * (PHASE_COUNT + P), sizeof(double));
+    int L = t.moe_layers > 0 ? t.moe_layers : 1;
+    double *rows = calloc((size_t)L * P * P, sizeof(double));
+    double *phase_s = calloc((size_t)P * PHASE_COUNT, sizeof(double));
+    int ok = comm_all_ok(comm, mine && all && rows && phase_s);
+    StepStats stats;
+    for (int step = 0; ok && step < CALIBRATION_STEPS; step++) {
+        trainer_step(&t, step, &stats);
+        if (step < CALIBRATION_WARMUP) continue;
+        for (int ph = 0; ph < PHASE_COUNT; ph++)
+            samples[ph][step - CALIBRATION_WARMUP] = t.model.phase_s[ph];
+        /* forward dispatch rows to each rank, summed over layers */
+        for (int q = 0; q < P; q++)
+            mine[PHASE_COUNT + q] +=
+                (double)t.dispatch_bytes[q] / (sizeof(float) * cfg->hidden_size) / timed;
+    }
+    if (ok) {
+        for (int ph = 0; ph < PHASE_COUNT; ph++) {
+            qsort(samples[ph], (size_t)timed, sizeof(double), compare_doubles);
+            mine[ph] = samples[ph][timed / 2];
+        }
+        comm_allgather_doubles(comm, COMM_SCOPE_WORLD, mine, all, PHASE_COUNT + P);
+        ProjectRecord in = shape_of(&t);
+        ProjectLayout lay = {.world = P, .ep = comm->ep_size, .ranks_per_node = P};
+        ClusterSpec c = cluster_of(cal);
+        for (int l = 0; l < L; l++)
+            for (int s = 0; s < P; s++)
+                for (int d = 0; d < P; d++)
+                    rows[((long)l * P + s) * P + d] =
+                        t.moe_layers > 0 ? all[(long)s * (PHASE_COUNT + P) + PHASE_COUNT + d] / L
+                                         : 0.0;
+        project_step_time(&in, &lay, &c, rows, phase_s);
+        double units[PHASE_COUNT], mean_units[PHASE_COUNT] = {0};
+        for (int r = 0; r < P; r++) {
+            project_vector_units(&in, &lay, rows, r, units);
+            for (int ph = 0; ph < PHASE_COUNT; ph++) {
+                mean_units[ph] += units[ph] / P;
+                cal->step_s[ph] += all[(long)r * (PHASE_COUNT + P) + ph] / P;
+                cal->modelled_s[ph] += phase_s[(long)r * PHASE_COUNT + ph] / P;
+            }
+        }
+        for (int ph = 0; ph < PHASE_COUNT; ph++) {
+            double beyond = cal->step_s[ph] - cal->modelled_s[ph];
+            cal->vector_rate[ph] = is_compute_phase(ph) && beyond > 0 && mean_units[ph] > 0
+                                       ? mean_units[ph] / beyond
+                                       : 0;
+        }
+    }
+    free(mine);
+    free(all);
+    free(rows);
+    free(phase_s);
+    trainer_free(&t);
+    if (!ok) snprintf(err, errlen, "out of memory for the calibration steps");
+    return ok ? 0 : -1;
+}
+
+/* The fitted rates, each with the seconds it was fitted from. */
+static void write_vector_section(FILE *f, const Calibration *c, const Config *cfg) {
+    fprintf(f,
+            "\n[vector]\n"
+            "; work units per second of each phase's kernels besides matmuls and messages\n"
+            "; (norms, softmaxes, selection, activations, row copies, exact sums, AdamW; units in\n"
+            "; experiments/clusters/README.md), fitted from %d training steps here of the\n"
+            "; --config (%d layers, hidden %d, %d experts top-%d, micro-batch %d x %d tokens):\n"
+            "; the median step's seconds beyond what the values above give. A phase the\n"
+            "; values above already account for has no key, nor have the exchanges and the\n"
+            "; all-reduce: their seconds here include waits for the other ranks.\n",
+            CALIBRATION_STEPS - CALIBRATION_WARMUP, cfg->num_layers, cfg->hidden_size,
+            cfg->num_experts, cfg->moe_router_topk, cfg->micro_batch_size, cfg->seq_length);
+    for (int ph = 0; ph < PHASE_COUNT; ph++) {
+        fprintf(f, "; %s: measured %.4g s, modelled without this key %.4g s\n", phase_names[ph],
+                c->step_s[ph], c->modelled_s[ph]);
+        if (c->vector_rate[ph] > 0) fprintf(f, "%s = %.4g\n", phase_names[ph], c->vector_rate[ph]);
+    }
+}
+
 static int write_cluster_ini(const char *path, const Calibration *c, const Comm *comm,
                              const Config *cfg) {
     FILE *f = fopen(path, "w");
@@ -147,7 +319,8 @@ static int write_cluster_ini(const char *path, const Calibration *c, const Comm 
         "; measured here (single BLAS thread per rank as OPENBLAS_NUM_THREADS says).\n"
         "[cluster]\nname = this machine (calibrated, %d ranks)\n\n[device]\n"
         "; best sgemm rate, 1024x1024x1024, by the CPU time of the call (a device is "
-        "dedicated)\npeak_flops_fp32 = %.4g\n"
+        "dedicated),\n; times each rank's share of the cores, %.3g (below 1 when more ranks "
+        "than cores\n; share this machine; memory_bandwidth too)\npeak_flops_fp32 = %.4g\n"
         "; bf16 is emulated on CPUs: rounded inputs, then the same sgemm\n"
         "peak_flops_bf16 = %.4g\n"
         "; memcpy of 64 MB, read + write bytes per second\nmemory_bandwidth = %.4g\n"
@@ -162,17 +335,13 @@ static int write_cluster_ini(const char *path, const Calibration *c, const Comm 
         "; one node: no inter-node link exists here, so the node's own transport stands in\n"
         "inter_bandwidth = %.4g\ninter_latency = %.4g\nnics_per_node = 1\n"
         "oversubscription = 1\nallreduce = ring\n",
-        comm->world_size, comm->world_size, c->peak, c->peak, c->memory_bw, cfg->micro_batch_size,
+        comm->world_size, comm->world_size, c->core_share, c->peak, c->peak, c->memory_bw, cfg->micro_batch_size,
         cfg->seq_length, cfg->hidden_size, c->shape_rate[0], c->shape_rate[1], c->shape_rate[2],
         c->shape_rate[3], c->shape_rate[4], c->shape_rate[5], c->efficiency, c->ranks_on_node,
         c->a2a_bandwidth, c->a2a_latency, c->allreduce_bandwidth, c->allreduce_small_s,
         c->a2a_bandwidth, c->a2a_latency);
+    write_vector_section(f, c, cfg);
     return fclose(f) == 0 ? 0 : -1;
-}
-
-static int compare_doubles(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 int calibrate_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
@@ -203,10 +372,12 @@ int calibrate_run(const Config *cfg, const Dataset *ds, const Comm *comm, char *
     qsort(sorted, 6, sizeof(double), compare_doubles);
     cal.efficiency = (sorted[2] + sorted[3]) / 2 / cal.peak;
     cal.memory_bw = memory_bandwidth();
+    share_cores(&cal);
     if (measure_network(comm, &cal) != 0) {
         snprintf(err, errlen, "out of memory for the 4 MB-per-peer exchange buffers");
         return -1;
     }
+    if (fit_vector_rates(cfg, ds, comm, &cal, err, errlen) != 0) return -1;
     int ok = comm->rank != 0 || write_cluster_ini(cfg->out, &cal, comm, cfg) == 0;
     if (!comm_all_ok(comm, ok)) {
         snprintf(err, errlen, "cannot write --out %s; check that its directory exists", cfg->out);

@@ -48,6 +48,31 @@ typedef struct ClusterParse {
     char problem[256];
 } ClusterParse;
 
+static int parse_positive(const char *value, double *out) {
+    char *end = NULL;
+    double v = strtod(value, &end);
+    while (end && (*end == ' ' || *end == '\t')) end++;
+    if (!end || end == value || *end || !(v > 0) || !isfinite(v)) return -1;
+    *out = v;
+    return 0;
+}
+
+/* [vector] <phase> = rate: optional, one per phase name. */
+static int vector_rate_key(ClusterParse *p, const char *name, const char *value) {
+    for (int ph = 0; ph < PHASE_COUNT; ph++) {
+        if (strcmp(name, phase_names[ph]) != 0) continue;
+        if (parse_positive(value, &p->c->vector_rate[ph]) != 0)
+            snprintf(p->problem, sizeof p->problem, "[vector] %s = %s is not a positive number",
+                     name, value);
+        return 1;
+    }
+    snprintf(p->problem, sizeof p->problem,
+             "unknown key [vector] %s (the keys are the phases: attention, router, dispatch, "
+             "experts, combine, grad_allreduce, optimizer, other)",
+             name);
+    return 1;
+}
+
 static int cluster_handle_key(void *user, const char *section, const char *name,
                               const char *value) {
     ClusterParse *p = user;
@@ -64,14 +89,12 @@ static int cluster_handle_key(void *user, const char *section, const char *name,
         p->c->allreduce_tree = strcmp(value, "tree") == 0;
         return 1;
     }
+    if (strcmp(section, "vector") == 0) return vector_rate_key(p, name, value);
     for (int i = 0; i < CLUSTER_KEY_COUNT; i++) {
         const ClusterKey *k = &CLUSTER_KEYS[i];
         if (strcmp(section, k->section) != 0 || strcmp(name, k->name) != 0) continue;
-        char *end = NULL;
-        double v = strtod(value, &end);
-        while (end && (*end == ' ' || *end == '\t')) end++;
-        if (!end || end == value || *end || !(v > 0) || !isfinite(v) ||
-            (k->is_int && v != floor(v))) {
+        double v = 0.0;
+        if (parse_positive(value, &v) != 0 || (k->is_int && v != floor(v))) {
             snprintf(p->problem, sizeof p->problem, "[%s] %s = %s is not a positive %s", section,
                      name, value, k->is_int ? "whole number" : "number");
             return 1;
@@ -328,11 +351,14 @@ static double hierarchical_exchange_s(const ClusterSpec *c, const ProjectLayout 
     return slowest;
 }
 
-/* Ring or tree all-reduce of `bytes` over n ranks spread over nodes or not. */
-static double allreduce_s(const ClusterSpec *c, const ProjectLayout *lay, double bytes, int n,
-                          int spans_nodes) {
+/* Ring or tree all-reduce of `bytes` over n ranks spread over nodes or not.
+ * A ring in rank order leaves each node by one hop and enters it by one, so
+ * the slowest hop has a node's NICs to itself, not a rank's share of them. */
+static double allreduce_s(const ClusterSpec *c, double bytes, int n, int spans_nodes) {
     if (n <= 1 || bytes <= 0) return 0.0;
-    double bw = spans_nodes ? inter_rank_bandwidth(c, lay) : c->intra_bandwidth;
+    double node_nics = c->nics_per_node * c->inter_bandwidth / c->oversubscription;
+    double bw = spans_nodes ? (node_nics < c->intra_bandwidth ? node_nics : c->intra_bandwidth)
+                            : c->intra_bandwidth;
     double lat = spans_nodes ? c->inter_latency : c->intra_latency;
     if (c->allreduce_tree) {
         double depth = ceil(log2((double)n));
@@ -390,10 +416,51 @@ static void update_s(const ProjectRecord *in, const ProjectLayout *lay, const Ma
     int dense_spans = node_of(lay, 0) != node_of(lay, P - 1);
     int expert_spans = node_of(lay, 0) != node_of(lay, (P / EP - 1) * EP);
     phase[PHASE_GRAD_ALLREDUCE] =
-        allreduce_s(mc->c, lay, 9.0 * dense, P, dense_spans) +
-        allreduce_s(mc->c, lay, 9.0 * local_experts, P / EP, expert_spans);
+        allreduce_s(mc->c, 9.0 * dense, P, dense_spans) +
+        allreduce_s(mc->c, 9.0 * local_experts, P / EP, expert_spans);
     if (P > 1) phase[PHASE_GRAD_ALLREDUCE] += memory_s(mc, 12.0 * (dense + local_experts));
     phase[PHASE_OPTIMIZER] = memory_s(mc, 28.0 * (dense + local_experts));
+}
+
+void project_vector_units(const ProjectRecord *in, const ProjectLayout *lay, const double *rows,
+                          int r, double units[PHASE_COUNT]) {
+    int P = lay->world, L = in->moe_layers;
+    double N = (double)global_tokens(in) / P, C = in->hidden, T = in->seq_length;
+    double E = in->experts, K = in->top_k, w1 = in->swiglu ? 2.0 : 1.0;
+    double sent = 0.0, received = 0.0;
+    for (int l = 0; l < L; l++)
+        for (int q = 0; q < P; q++) {
+            sent += rows[(long)l * P * P + (long)r * P + q];
+            received += rows[(long)l * P * P + (long)q * P + r];
+        }
+    double experts_all = L * E * expert_params(in);
+    double local = (double)in->params_total - experts_all + experts_all / lay->ep;
+    memset(units, 0, sizeof(double) * PHASE_COUNT);
+    /* norms and residuals over C, the attention softmax over T per head */
+    units[PHASE_ATTENTION] = in->num_layers * N * (C + in->heads * T);
+    /* scores, selection among E for each of K choices, capacity, statistics */
+    units[PHASE_ROUTER] = L * N * E * (1.0 + K);
+    units[PHASE_DISPATCH] = sent * C;
+    units[PHASE_COMBINE] = received * C + sent * C;
+    units[PHASE_EXPERTS] = received * w1 * in->moe_ffn_hidden +
+                           (in->num_layers - L) * N * in->ffn_hidden +
+                           L * N * w1 * in->shared_ffn_hidden;
+    units[PHASE_GRAD_ALLREDUCE] = P > 1 ? local : 0.0;
+    units[PHASE_OPTIMIZER] = local;
+    /* embedding, the LM head's softmax and loss, the step's bookkeeping */
+    units[PHASE_OTHER] = N * (in->vocab + C);
+}
+
+/* The [vector] rates' share: each phase's units at its calibrated rate. */
+static void add_vector_s(const ProjectRecord *in, const ProjectLayout *lay, const ClusterSpec *c,
+                         const double *rows, double *phase_s) {
+    double units[PHASE_COUNT];
+    for (int r = 0; r < lay->world; r++) {
+        project_vector_units(in, lay, rows, r, units);
+        for (int ph = 0; ph < PHASE_COUNT; ph++)
+            if (c->vector_rate[ph] > 0)
+                phase_s[(long)r * PHASE_COUNT + ph] += units[ph] / c->vector_rate[ph];
+    }
 }
 
 double project_step_time(const ProjectRecord *in, const ProjectLayout *lay, const ClusterSpec *c,
@@ -443,6 +510,7 @@ double project_step_time(const ProjectRecord *in, const ProjectLayout *lay, cons
         }
     }
     free(bytes);
+    add_vector_s(in, lay, c, rows, phase_s);
     double step = 0.0;
     for (int r = 0; r < P; r++) {
         double total = 0.0;

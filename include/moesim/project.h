@@ -11,8 +11,9 @@
  *
  * Time comes from a model of the cluster (ClusterSpec, CLUSTER.ini): a
  * roofline per matmul shape for compute, alpha-beta links for the all-to-all
- * (flat or hierarchical, with overlap), ring or tree all-reduce, and a
- * memory-bound optimizer. */
+ * (flat or hierarchical, with overlap), ring or tree all-reduce, a
+ * memory-bound optimizer, and optional per-phase rates for the work besides
+ * matmuls and messages ([vector], fitted by `moesim calibrate`). */
 #ifndef MOESIM_PROJECT_H
 #define MOESIM_PROJECT_H
 
@@ -60,6 +61,10 @@ typedef struct ClusterSpec {
     int nics_per_node;
     double oversubscription; /* fat-tree: >= 1, inter-node bandwidth divided by it */
     int allreduce_tree;      /* 0: ring, 1: tree */
+    /* [vector] <phase>: work units per second of the phase's kernels besides
+     * matmuls and messages (project_vector_units); 0 = not given, the phase
+     * is then matmuls, messages and memory traffic only. */
+    double vector_rate[PHASE_COUNT];
 } ClusterSpec;
 
 /* What `moesim project --out` writes (record_write_projection). */
@@ -111,6 +116,13 @@ void project_dispatch_bytes(const ProjectRecord *in, const ProjectLayout *lay, i
  * can spread rows evenly). Returns the step time (the slowest rank). */
 double project_step_time(const ProjectRecord *in, const ProjectLayout *lay, const ClusterSpec *c,
                          const double *rows, double *phase_s);
+
+/* Rank r's work besides matmuls and messages, per phase, in the units of
+ * the [vector] rates: elements its norms, softmaxes, selections,
+ * activations, row copies, exact sums and optimizer touch in one step.
+ * rows[L][P*P] as for project_step_time. */
+void project_vector_units(const ProjectRecord *in, const ProjectLayout *lay, const double *rows,
+                          int r, double units[PHASE_COUNT]);
 
 /* Model FLOPs of one step over all ranks for the given total expert rows. */
 double project_step_flops(const ProjectRecord *in, double expert_rows_total);

@@ -159,6 +159,72 @@ def test_imbalance_never_beats_balanced_routing(runs):
         assert (f["projection/step_time_s"][()] >= f["projection/balanced_step_time_s"][()]).all()
 
 
+def phases_of(path):
+    with h5py.File(path, "r") as f:
+        names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs["phases"]]
+        return names, f["projection/phase_s"][()]
+
+
+def test_vector_rates_add_their_units_at_their_rate(runs):
+    """[vector] <phase> = rate adds, per rank, the phase's units over the
+    rate and nothing else: the optimizer's units are the rank's parameters
+    (dense + its share of the experts), the other phase's N (V + C)."""
+    world, ep, rates = 2, 2, {"optimizer": 1e6, "other": 2e6}
+    plain, vector = runs["tmp"] / "plain.h5", runs["tmp"] / "vector.h5"
+    cluster = runs["tmp"] / "vector.ini"
+    cluster.write_text(CLUSTER_INI + "[vector]\n" +
+                       "".join(f"{k} = {v}\n" for k, v in rates.items()))
+    for ini, out in ((runs["cluster"], plain), (cluster, vector)):
+        result = project(runs["one"], ini, "--world-size", world, "--expert-model-parallel-size",
+                         ep, "--out", out)
+        assert result.returncode == 0, result.stderr
+    names, before = phases_of(plain)
+    _, after = phases_of(vector)
+    with h5py.File(runs["one"], "r") as f:
+        C, F, E = (int(f.attrs[f"config.{k}"]) for k in
+                   ("hidden_size", "moe_ffn_hidden_size", "num_experts"))
+        L, V = int(f.attrs["config.num_layers"]), int(f.attrs["vocab_size"])
+        experts_all = L * E * 2 * C * F   # every layer is an MoE layer in TINY
+        local = int(f.attrs["params_total"]) - experts_all + experts_all // ep
+    N = GLOBAL_BATCH * SEQ / world
+    added = after - before
+    expected = {"optimizer": local / rates["optimizer"], "other": N * (V + C) / rates["other"]}
+    for i, name in enumerate(names):
+        want = expected.get(name, 0.0)
+        np.testing.assert_allclose(added[:, :, i], want, rtol=1e-9, atol=1e-15, err_msg=name)
+
+
+def test_calibrate_writes_a_cluster_file_with_fitted_vector_rates(tmp_path):
+    """`moesim calibrate` trains a few steps of the config and writes, per
+    phase, the seconds measured and modelled; a rate only for a compute
+    phase whose measurement exceeds the model, and `moesim project` reads
+    the file."""
+    out = tmp_path / "here.ini"
+    options = {**TINY, "micro-batch-size": GLOBAL_BATCH // 2, "out": out}
+    result = run_mpi(2, "calibrate", options, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = out.read_text()
+    assert "[vector]" in text, text
+    vector = text.split("[vector]")[1]
+    fitted = 0
+    for phase in ("attention", "router", "dispatch", "experts", "combine", "grad_allreduce",
+                  "optimizer", "other"):
+        line = next(l for l in vector.splitlines() if l.startswith(f"; {phase}: measured"))
+        measured, modelled = (float(w) for w in
+                              (line.split("measured ")[1].split(" s")[0],
+                               line.split("without this key ")[1].split(" s")[0]))
+        rate = [l for l in vector.splitlines() if l.startswith(f"{phase} = ")]
+        communication = phase in ("dispatch", "combine", "grad_allreduce")
+        assert bool(rate) == (measured > modelled and not communication), (phase, line, rate)
+        fitted += bool(rate)
+    assert fitted >= 3, vector   # CPU softmaxes, selection and AdamW are never free
+    record = tmp_path / "one.h5"
+    train_result = run_moesim("train", {**TINY, "micro-batch-size": GLOBAL_BATCH, "out": record},
+                              timeout=120)
+    assert train_result.returncode == 0, train_result.stderr
+    assert project(record, out, "--world-size", 2).returncode == 0
+
+
 # ---- bad input ------------------------------------------------------------------------
 
 def refused(result, *words):
@@ -175,6 +241,10 @@ def refused(result, *words):
     (("inter_latency = 5e-5", "inter_latency = 0"), ("inter_latency = 0", "positive")),
     (("nics_per_node = 1", "nics_per_node = -2"), ("nics_per_node = -2", "positive")),
     (("allreduce = ring", "allreduce = star"), ("neither ring nor tree",)),
+    (("allreduce = ring", "allreduce = ring\n[vector]\nattn = 1e9"),
+     ("unknown key [vector] attn", "the keys are the phases")),
+    (("allreduce = ring", "allreduce = ring\n[vector]\noptimizer = 0"),
+     ("[vector] optimizer = 0", "positive")),
 ])
 def test_bad_cluster_file_is_refused(runs, edit, words):
     bad = runs["tmp"] / "bad.ini"
