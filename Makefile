@@ -197,11 +197,13 @@ bench: deps
 	$(MPIRUN) -n 2 $(BUILD)/moesim bench --config experiments/bench.ini
 	$(PYTHON) experiments/bench_peer --moesim $(BUILD)/moesim
 
-# `moesim project` against real runs: calibrate here, train 1 and 2 ranks over
-# shared memory, predict each run's step and phase times, print the table;
-# fails above 15% median error on the step time. Other launchers (the emulated
-# two-node cluster): VALIDATE_FLAGS='--launcher "mpirun --hostfile H" --worlds 4
-# --ranks-per-node 2 --cluster experiments/clusters/emulated_two_node.ini'.
+# `moesim project` against real runs: calibrate here on small.ini, train small,
+# bench and tiny (the last two held out) on 1 and 2 ranks over shared memory,
+# predict each run's step and phase times, print the table; fails above 15%
+# median error on the step time. The emulated two-node cluster (after
+# tests/multinode/cluster.sh up): VALIDATE_FLAGS='--launcher "bash
+# tests/multinode/cluster_mpirun.sh --map-by node" --worlds 2 --ranks-per-node 1
+# --network-from experiments/clusters/emulated_two_node.ini'.
 validate-projection: deps
 	@$(MAKE) --no-print-directory $(BUILD)/moesim
 	$(PYTHON) tools/validate_projection.py $(VALIDATE_FLAGS)
