@@ -14,6 +14,7 @@
 void project_record_free(ProjectRecord *in) {
     free(in->steps);
     free(in->group_counts);
+    free(in->group_drops);
     free(in->dropped);
     memset(in, 0, sizeof *in);
 }
@@ -213,16 +214,26 @@ int project_apply_capacity(ProjectRecord *in, double capacity_factor, char *err,
     }
     if (capacity_factor <= 0) return 0; /* dropless again: nothing changes */
     int E = in->experts, groups = in->routing_groups;
+    size_t cells = (size_t)in->rows * in->moe_layers * groups * E;
+    /* a dropless record dropped nothing: every drop is this capacity's */
+    free(in->group_drops);
+    in->group_drops = calloc(cells ? cells : 1, sizeof(int));
+    if (!in->group_drops) {
+        snprintf(err, errlen, "out of memory re-applying the capacity factor");
+        return -1;
+    }
     int G = (int)(global_tokens(in) / groups);
     int capacity = router_capacity(capacity_factor, G, in->top_k, E);
     if (capacity < in->min_capacity) capacity = in->min_capacity;
     for (int r = 0; r < in->rows; r++)
         for (int l = 0; l < in->moe_layers; l++) {
             long *dropped = in->dropped + ((long)r * in->moe_layers + l) * E;
-            int *counts = in->group_counts + ((long)r * in->moe_layers + l) * groups * E;
+            long cell = ((long)r * in->moe_layers + l) * groups * E;
+            int *counts = in->group_counts + cell, *drops = in->group_drops + cell;
             for (long i = 0; i < (long)groups * E; i++)
                 if (counts[i] > capacity) {
                     dropped[i % E] += counts[i] - capacity;
+                    drops[i] = counts[i] - capacity;
                     counts[i] = capacity;
                 }
         }
@@ -245,6 +256,22 @@ void project_layer_rows(const ProjectRecord *in, const ProjectLayout *lay, int r
             for (int e = 0; e < E; e++)
                 rows[(long)s * P + first_in_group + placement_owner(&place, e)] +=
                     counts[(long)g * E + e];
+    }
+}
+
+void project_layer_drops(const ProjectRecord *in, const ProjectLayout *lay, int row, int layer,
+                         long *dropped) {
+    int P = lay->world, E = in->experts, per_rank = in->routing_groups / P;
+    Placement place = {.num_experts = E, .ep_size = lay->ep};
+    memset(dropped, 0, sizeof(long) * P);
+    if (!in->group_drops) return;
+    const int *drops =
+        in->group_drops + ((size_t)row * in->moe_layers + layer) * in->routing_groups * E;
+    for (int s = 0; s < P; s++) {
+        int first_in_group = placement_ep_group(lay->ep, s) * lay->ep;
+        for (int g = s * per_rank; g < (s + 1) * per_rank; g++)
+            for (int e = 0; e < E; e++)
+                dropped[first_in_group + placement_owner(&place, e)] += drops[(long)g * E + e];
     }
 }
 
@@ -614,7 +641,7 @@ static int parse_project_args(int argc, char **argv, ProjectArgs *a, char *err, 
 /* Everything one projection computes, per record row. */
 typedef struct Projection {
     int rows, P, L, nodes;
-    long *dispatch_bytes, *node_bytes, *expert_rows, *scratch;
+    long *dispatch_bytes, *node_bytes, *expert_rows, *dropped_per_rank, *scratch;
     double *layer_rows, *phase_s, *balanced_phase_s, *step_s, *balanced_s, *mfu;
 } Projection;
 
@@ -622,6 +649,7 @@ static void projection_free(Projection *p) {
     free(p->dispatch_bytes);
     free(p->node_bytes);
     free(p->expert_rows);
+    free(p->dropped_per_rank);
     free(p->scratch);
     free(p->layer_rows);
     free(p->phase_s);
@@ -639,6 +667,7 @@ static int projection_init(Projection *p, const ProjectRecord *in, const Project
     if (p->P <= PROJECT_RANK_MATRIX_MAX) p->dispatch_bytes = calloc(R * P2, sizeof(long));
     p->node_bytes = calloc(R * p->nodes * p->nodes, sizeof(long));
     p->expert_rows = calloc(R * L * p->P, sizeof(long));
+    p->dropped_per_rank = calloc(R * L * p->P, sizeof(long));
     p->scratch = calloc(2 * P2, sizeof(long));
     p->layer_rows = calloc(L * P2, sizeof(double));
     p->phase_s = calloc(R * p->P * PHASE_COUNT, sizeof(double));
@@ -647,7 +676,7 @@ static int projection_init(Projection *p, const ProjectRecord *in, const Project
     p->balanced_s = calloc(R, sizeof(double));
     p->mfu = calloc(R, sizeof(double));
     return (p->dispatch_bytes || p->P > PROJECT_RANK_MATRIX_MAX) && p->node_bytes &&
-                   p->expert_rows && p->scratch && p->layer_rows && p->phase_s &&
+                   p->expert_rows && p->dropped_per_rank && p->scratch && p->layer_rows && p->phase_s &&
                    p->balanced_phase_s && p->step_s && p->balanced_s && p->mfu
                ? 0
                : -1;
@@ -679,6 +708,7 @@ static void project_row(Projection *p, const ProjectRecord *in, const ProjectLay
             total_rows += (double)layer[i];
             p->expert_rows[((long)row * p->L + l) * P + i % P] += layer[i];
         }
+        project_layer_drops(in, lay, row, l, p->dropped_per_rank + ((long)row * p->L + l) * P);
     }
     if (p->dispatch_bytes) memcpy(p->dispatch_bytes + row * P2, bytes, sizeof(long) * P2);
     long *nodes = p->node_bytes + (long)row * p->nodes * p->nodes;
@@ -784,6 +814,7 @@ static int run_projection(const ProjectArgs *a, char *err, size_t errlen) {
                              .dispatch_bytes = p.dispatch_bytes,
                              .node_bytes = p.node_bytes,
                              .expert_rows = p.expert_rows,
+                             .dropped_per_rank = in.group_drops ? p.dropped_per_rank : NULL,
                              .phase_s = p.phase_s,
                              .balanced_phase_s = p.balanced_phase_s,
                              .step_time_s = p.step_s,

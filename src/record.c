@@ -150,6 +150,7 @@ enum SeriesId {
     SPEC_MUTUAL_INFORMATION,
     GROUP_COUNTS_STEP,
     GROUP_COUNTS,
+    GROUP_DROPS,
     TIMING_FIRST,
     COMM_TIMING_FIRST = TIMING_FIRST + PHASE_COUNT,
     SERIES_COUNT = COMM_TIMING_FIRST + COMM_TIMES_COUNT
@@ -216,6 +217,7 @@ static const SeriesSpec SERIES[] = {
     {SPEC_MUTUAL_INFORMATION, "/specialization/mutual_information", 0, TAIL_LAYER, "bits"},
     {GROUP_COUNTS_STEP, "/routing/group_counts_step", 1, TAIL_NONE, "step"},
     {GROUP_COUNTS, "/routing/group_expert_counts", 1, TAIL_LAYER_GROUP_EXPERT, "assignments"},
+    {GROUP_DROPS, "/routing/group_expert_drops", 1, TAIL_LAYER_GROUP_EXPERT, "assignments"},
 };
 
 struct Record {
@@ -727,7 +729,9 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
         const SeriesSpec *spec = &SERIES[i];
         int ndim = tail_dims(layout, spec->tail, tail);
         long keep = spec->id == EVAL_STEP || spec->id == EVAL_LOSS             ? eval_rows
-                    : spec->id == GROUP_COUNTS_STEP || spec->id == GROUP_COUNTS ? group_rows
+                    : spec->id == GROUP_COUNTS_STEP || spec->id == GROUP_COUNTS ||
+                            spec->id == GROUP_DROPS
+                        ? group_rows
                     : spec->id >= SPEC_STEP                                      ? spec_rows
                                                                                  : train_rows;
         st |= series_reopen(&r->series[spec->id], r->file, spec->path, spec->is_long, ndim, tail,
@@ -829,9 +833,10 @@ int record_append_train(Record *r, const TrainRow *row, const StepDetail *d) {
     return st ? -1 : 0;
 }
 
-int record_append_group_counts(Record *r, long step, const long *counts) {
+int record_append_group_counts(Record *r, long step, const long *counts, const long *drops) {
     int st = series_push(&r->series[GROUP_COUNTS_STEP], &step);
     st |= series_push(&r->series[GROUP_COUNTS], counts);
+    st |= series_push(&r->series[GROUP_DROPS], drops);
     return st ? -1 : 0;
 }
 
@@ -1798,6 +1803,16 @@ static int read_projection_drops(hid_t file, ProjectRecord *in) {
     return ok ? 0 : -1;
 }
 
+/* /routing/group_expert_drops (schema 9), shaped as the kept counts; a
+ * schema-8 record has none, and the projection then has no drops per rank. */
+static int read_group_drops(hid_t file, ProjectRecord *in, const hsize_t *count_dims) {
+    if (H5Lexists(file, "/routing/group_expert_drops", H5P_DEFAULT) <= 0) return 0;
+    hsize_t dims[4] = {0};
+    in->group_drops =
+        read_whole(file, "/routing/group_expert_drops", H5T_NATIVE_INT, sizeof(int), 4, dims);
+    return in->group_drops && memcmp(dims, count_dims, sizeof dims) == 0 ? 0 : -1;
+}
+
 int record_read_projection(const char *path, ProjectRecord *in, char *err, size_t errlen) {
     memset(in, 0, sizeof *in);
     hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
@@ -1872,7 +1887,8 @@ int record_read_projection(const char *path, ProjectRecord *in, char *err, size_
     in->capacity_by_expert = config_string_is(file, "moe_router_type", "expert_choice") ||
                              config_string_is(file, "moe_router_type", "soft");
     in->bf16 = config_string_is(file, "precision", "bf16");
-    st = (int)dims[3] != in->experts || read_projection_drops(file, in) != 0;
+    st = (int)dims[3] != in->experts || read_projection_drops(file, in) != 0 ||
+         read_group_drops(file, in, dims) != 0;
     H5Fclose(file);
     if (st) {
         snprintf(err, errlen, "%s: /routing/group_expert_counts does not match the record's "
@@ -1945,6 +1961,10 @@ int record_write_projection(const char *path, const ProjectOutput *o, char *err,
     d3[1] = L, d3[2] = (hsize_t)in->experts;
     st |= write_projection_array(file, "/projection/dropped_per_expert", H5T_NATIVE_LONG, H5T_STD_I64LE, 3,
                       d3, in->dropped, "assignments");
+    d3[2] = P;
+    if (o->dropped_per_rank)
+        st |= write_projection_array(file, "/projection/dropped_per_rank", H5T_NATIVE_LONG,
+                                     H5T_STD_I64LE, 3, d3, o->dropped_per_rank, "assignments");
     st |= write_projection_array(file, "/projection/phase_s", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 3, d3p,
                       o->phase_s, "s");
     st |= write_projection_array(file, "/projection/balanced_phase_s", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 3,

@@ -98,7 +98,8 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
     t->dispatch_bytes = calloc((size_t)comm->world_size, sizeof(long));
     t->exchange_bytes = calloc((size_t)comm->world_size, sizeof(long));
     t->local_groups = (int)(N / (size_t)shape.G);
-    t->group_counts = calloc((size_t)(t->moe_layers ? t->moe_layers : 1) * t->local_groups * shape.E,
+    t->group_counts = calloc(2 * (size_t)(t->moe_layers ? t->moe_layers : 1) * t->local_groups *
+                                 shape.E,
                              sizeof(long));
     int stats_ok = routing_stats_init(&t->routing, t->moe_layers, shape.E, ds->num_categories) == 0;
     int grains = model_grains(&shape);
@@ -166,15 +167,24 @@ static void sum_grain_statistics(Trainer *t) {
                         t->gathered, t->grain_totals);
 }
 
-/* Kept assignments per (routing group, expert) of MoE layer i: groups are
- * G consecutive tokens, so a token's group is its index / G. */
+/* Kept and dropped assignments per (routing group, expert) of MoE layer i:
+ * groups are G consecutive tokens, so a token's group is its index / G. */
 static void count_group_assignments(Trainer *t, const Routing *r, int i) {
     int E = t->model.shape.E, N = t->model.shape.B * t->model.shape.T;
     int G = N / t->local_groups;
-    long *counts = t->group_counts + (long)i * t->local_groups * E;
-    memset(counts, 0, sizeof(long) * t->local_groups * E);
-    for (long a = 0; a < (long)N * r->slots; a++)
-        if (r->choice_kept[a]) counts[(a / r->slots / G) * E + r->choice_expert[a]]++;
+    long cells = (long)t->local_groups * E;
+    long *counts = t->group_counts + i * cells;
+    long *drops = t->group_counts + (long)t->moe_layers * cells + i * cells;
+    memset(counts, 0, sizeof(long) * cells);
+    memset(drops, 0, sizeof(long) * cells);
+    for (long a = 0; a < (long)N * r->slots; a++) {
+        if (!r->choice_routed[a]) continue;
+        long cell = (a / r->slots / G) * E + r->choice_expert[a];
+        if (r->choice_kept[a])
+            counts[cell]++;
+        else
+            drops[cell]++;
+    }
 }
 
 /* Routing statistics and losses of the global batch, and the bytes of token
@@ -540,8 +550,10 @@ typedef struct RunState {
     long *exchange_all; /* [world * world] every rank's exchange_bytes, rank 0 */
     long *internode;    /* [nodes * nodes] exchange_all summed over node blocks, rank 0 */
     double *comm_all;   /* [world * COMM_TIMES_COUNT], rank 0 */
-    long *groups_all;   /* [world][moe_layers][local_groups][E] as gathered, rank 0 */
-    long *groups_row;   /* [moe_layers][world * local_groups][E], rank 0 */
+    /* kept, then dropped: [world][2][moe_layers][local_groups][E] as gathered
+     * and [2][moe_layers][world * local_groups][E] in global group order,
+     * rank 0 */
+    long *groups_all, *groups_row;
 } RunState;
 
 static long params_active_per_token(const Trainer *t) {
@@ -565,7 +577,7 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
     rs->exchange_all = calloc((size_t)P * P, sizeof(long));
     rs->internode = calloc((size_t)comm->num_nodes * comm->num_nodes, sizeof(long));
     rs->comm_all = calloc((size_t)P * COMM_TIMES_COUNT, sizeof(double));
-    size_t group_cells = (size_t)P * t->local_groups * t->model.shape.E *
+    size_t group_cells = 2 * (size_t)P * t->local_groups * t->model.shape.E *
                          (t->moe_layers ? t->moe_layers : 1);
     rs->groups_all = calloc(group_cells, sizeof(long));
     rs->groups_row = calloc(group_cells, sizeof(long));
@@ -672,19 +684,22 @@ static int record_step(RunState *rs, const Trainer *t, long done, const StepStat
     return record_append_train(rs->rec, &row, &detail) == 0;
 }
 
-/* Gathers every rank's group counts and buffers them in global group order
- * (rank r holds groups r*local_groups ..), the same row on any layout. */
+/* Gathers every rank's group counts (kept, then dropped) and buffers them in
+ * global group order (rank r holds groups r*local_groups ..), the same rows
+ * on any layout. */
 static int record_group_counts(RunState *rs, const Trainer *t, long done) {
     const Comm *comm = t->comm;
     int L = t->moe_layers, E = t->model.shape.E, lg = t->local_groups, P = comm->world_size;
-    long per_rank = (long)L * lg * E;
+    long per_kind = (long)L * lg * E, per_rank = 2 * per_kind, row = (long)P * per_kind;
     comm_gather_longs(comm, t->group_counts, rs->groups_all, (int)per_rank);
     if (comm->rank != 0) return 1;
-    for (int r = 0; r < P; r++)
-        for (int i = 0; i < L; i++)
-            memcpy(rs->groups_row + ((long)i * P * lg + (long)r * lg) * E,
-                   rs->groups_all + r * per_rank + (long)i * lg * E, sizeof(long) * lg * E);
-    return record_append_group_counts(rs->rec, done, rs->groups_row) == 0;
+    for (int kind = 0; kind < 2; kind++)
+        for (int r = 0; r < P; r++)
+            for (int i = 0; i < L; i++)
+                memcpy(rs->groups_row + kind * row + ((long)i * P * lg + (long)r * lg) * E,
+                       rs->groups_all + r * per_rank + kind * per_kind + (long)i * lg * E,
+                       sizeof(long) * lg * E);
+    return record_append_group_counts(rs->rec, done, rs->groups_row, rs->groups_row + row) == 0;
 }
 
 static int record_eval(RunState *rs, const Trainer *t, long done, double val_loss) {

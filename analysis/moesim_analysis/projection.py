@@ -7,7 +7,7 @@
     p.phases         # step, rank, phase, seconds, balanced_seconds
     p.traffic        # step, src, dst, bytes (rank pairs; empty above 256 ranks)
     p.node_traffic   # step, src_node, dst_node, bytes
-    p.expert_rows    # step, layer, rank, rows
+    p.expert_rows    # step, layer, rank, rows, dropped (at the rank's experts)
 
 The model and the traffic are the binary's (build/moesim project), not a
 second implementation, so Python and the command line agree by construction;
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pandas as pd
 
 from .record import PHASES
@@ -69,6 +70,7 @@ def read_projection(path) -> Projection:
         rank_bytes = g["dispatch_bytes"][()] if "dispatch_bytes" in g else None
         node_bytes = g["node_dispatch_bytes"][()]
         rows = g["expert_rows"][()]
+        dropped = g["dropped_per_rank"][()] if "dropped_per_rank" in g else None
         mfu = g["mfu"][()]
     S, P, _ = phase.shape
     index = pd.MultiIndex.from_product([steps, range(P), PHASES], names=["step", "rank", "phase"])
@@ -82,7 +84,10 @@ def read_projection(path) -> Projection:
     node_traffic = _matrix_frame(node_bytes, steps, ("src_node", "dst_node"))
     L = rows.shape[1]
     index = pd.MultiIndex.from_product([steps, range(L), range(P)], names=["step", "layer", "rank"])
-    expert_rows = pd.DataFrame({"rows": rows.reshape(-1)}, index=index).reset_index()
+    # drops at each rank's experts: NaN when the record had no group drops (schema 8)
+    drops = dropped.reshape(-1) if dropped is not None else np.full(rows.size, np.nan)
+    expert_rows = pd.DataFrame({"rows": rows.reshape(-1), "dropped": drops},
+                               index=index).reset_index()
     return Projection(attrs, summary, phases, traffic, node_traffic, expert_rows, "")
 
 

@@ -1,4 +1,4 @@
-"""record: reads one moesim run record (HDF5, schema 8 down to 3, docs/run-record.md)
+"""record: reads one moesim run record (HDF5, schema 9 down to 3, docs/run-record.md)
 into a `Run` of pandas DataFrames. `load_run` is the entry point; every problem
 with the file is a `RecordError` that names the path and the fix."""
 from __future__ import annotations
@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # Oldest schema still read: 4 only added datasets, which read as NaN from a
 # schema-3 record, and 5 only root attributes (the platform: BLAS kernel,
 # threads, denormals), absent from `Run.attrs` of older records, so a sweep

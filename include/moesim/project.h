@@ -38,6 +38,7 @@ typedef struct ProjectRecord {
     long params_total, params_active_per_token;
     long *steps;       /* [rows] steps done at each row */
     int *group_counts; /* [rows][L][groups][E] kept assignments */
+    int *group_drops;  /* [rows][L][groups][E] dropped ones; NULL in a schema-8 record */
     long *dropped;     /* [rows][L][E] dropped by capacity (0 where the step was not logged) */
 } ProjectRecord;
 
@@ -77,6 +78,7 @@ typedef struct ProjectOutput {
     const long *dispatch_bytes;         /* [rows][P][P]; NULL above PROJECT_RANK_MATRIX_MAX */
     const long *node_bytes;             /* [rows][nodes][nodes] */
     const long *expert_rows;            /* [rows][L][P] rows each rank's experts compute */
+    const long *dropped_per_rank;       /* [rows][L][P] dropped at each rank's experts */
     const double *phase_s;              /* [rows][P][PHASE_COUNT] */
     const double *balanced_phase_s;     /* [rows][P][PHASE_COUNT] */
     const double *step_time_s;          /* [rows] */
@@ -104,6 +106,13 @@ int project_apply_capacity(ProjectRecord *in, double capacity_factor, char *err,
  * record row `row`: rows[P*P], sender-major; zero across EP groups. */
 void project_layer_rows(const ProjectRecord *in, const ProjectLayout *lay, int row, int layer,
                         long *rows);
+
+/* Assignments dropped at each virtual rank's experts in MoE layer `layer`
+ * of record row `row`: dropped[P], each routing group's drops charged to
+ * the rank holding the expert for that group's EP group. 0 without
+ * group_drops. */
+void project_layer_drops(const ProjectRecord *in, const ProjectLayout *lay, int row, int layer,
+                         long *dropped);
 
 /* Bytes of token rows each rank sends to each rank in the forward dispatch of
  * record row `row`, summed over MoE layers, self included: what a real run's

@@ -20,7 +20,7 @@ extern "C" {
 #endif
 
 #define MOESIM_VERSION "0.1.0"
-#define MOESIM_SCHEMA_VERSION 8
+#define MOESIM_SCHEMA_VERSION 9
 /* Disk space set aside beside the record (PATH.reserve) for its final
  * status when the disk fills up. */
 #define RECORD_RESERVE_BYTES (256L * 1024)
@@ -99,9 +99,10 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
 /* Buffer one row (no I/O). Return 0, or -1 when memory runs out. */
 int record_append_train(Record *r, const TrainRow *row, const StepDetail *detail);
 int record_append_eval(Record *r, const EvalRow *row);
-/* One row of /routing/group_expert_counts after `step` steps: kept
- * assignments [L][routing_groups][E], groups in global order. */
-int record_append_group_counts(Record *r, long step, const long *counts);
+/* One row of /routing/group_expert_counts and /routing/group_expert_drops
+ * after `step` steps: kept and dropped assignments [L][routing_groups][E],
+ * groups in global order. */
+int record_append_group_counts(Record *r, long step, const long *counts, const long *drops);
 /* Appends every buffered row, flushes, and only then sets steps_done and
  * the heartbeat (last_write_time). Nothing is written when the disk lacks
  * room for the rows (a failed HDF5 write can leave rows that read back as

@@ -56,8 +56,8 @@ typedef struct Trainer {
      * rank in the last step: forward and backward, dispatch and combine
      * (Dispatch.sent_bytes) */
     long *exchange_bytes;
-    /* kept assignments of this rank's routing groups last step,
-     * [moe_layers][local_groups][E]: what `moesim project` replays */
+    /* kept, then dropped, assignments of this rank's routing groups last
+     * step, [2][moe_layers][local_groups][E]: what `moesim project` replays */
     int local_groups;
     long *group_counts;
     int moe_layers;

@@ -147,6 +147,7 @@ RECORD_UNITS = {
     "routing/load_loss": "loss", "routing/expert_bias": "1", "routing/mean_abs_logit": "1",
     "routing/logsumexp_sq": "1", "traffic/dispatch_bytes": "bytes",
     "routing/group_counts_step": "step", "routing/group_expert_counts": "assignments",
+    "routing/group_expert_drops": "assignments",
     "eval/step": "step", "eval/loss": "nats/token", "specialization/step": "step",
     "specialization/counts": "assignments", "specialization/mutual_information": "bits",
     **{f"timing/{phase}": "s" for phase in ("attention", "router", "dispatch", "experts",
@@ -178,9 +179,10 @@ ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/l
 
 
 def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, evals=3,
-                           categories=3, config=None, status="complete", seed=0, schema=8,
+                           categories=3, config=None, status="complete", seed=0, schema=9,
                            nodes=2):
-    """Writes a run record of `schema` (8; 7 without the group counts 8 added; 6 also without
+    """Writes a run record of `schema` (9; 8 without the group drops 9 added; 7 also without the
+    group counts 8 added; 6 also without
     the datasets 7 added (communication times, internode_bytes) and node attributes, read like 5; 4
     without the platform attributes 5 added; 3 also without the datasets 4 added) laid out as
     docs/run-record.md says, with seeded random values that keep the
@@ -212,6 +214,10 @@ def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, eval
     if schema >= 8:  # one routing group per rank's micro-batch
         data["routing/group_counts_step"] = data["train/step"]
         data["routing/group_expert_counts"] = rng.integers(0, 64, size=(S, L, P, E))
+    if schema >= 9:  # every drop charged to the first group: the sums still hold
+        drops = np.zeros((S, L, P, E), dtype=np.int64)
+        drops[:, :, 0, :] = tokens - processed
+        data["routing/group_expert_drops"] = drops
     float_shapes = {"train": (S,), "eval": (V,), "routing": (S, L, E), "timing": (S, P),
                     "specialization": (V, L)}
     for name in ("train/loss", "train/aux_loss", "train/z_loss",

@@ -229,7 +229,7 @@ def test_compared_datasets_cover_the_contract(runs):
         assert any(n.startswith(group + "/") for n in names), f"no {group}/ dataset compared"
     for name in ("train/loss", "train/grad_norm", "eval/loss", "routing/tokens_per_expert",
                  "routing/dropped_per_expert", "routing/mean_prob", "specialization/counts",
-                 "routing/group_expert_counts"):
+                 "routing/group_expert_counts", "routing/group_expert_drops"):
         assert name in names, name
     assert ref["skipped"], "no timing dataset found in /train/: did the record's names change?"
     assert "train/loss" not in ref["skipped"]
@@ -253,6 +253,11 @@ def test_group_counts_add_up_to_processed(runs):
     assert np.array_equal(data["routing/group_counts_step"], data["train/step"])
     assert np.array_equal(counts.sum(axis=2), data["routing/processed_per_expert"])
     assert (counts.max(axis=(0, 1, 3)) > 0).all(), "a routing group kept nothing"
+    # and the dropped ones, summed over groups, are dropped_per_expert
+    drops = data["routing/group_expert_drops"]
+    assert drops.dtype == np.int32 and drops.shape == counts.shape
+    assert drops.sum() > 0, "the dropping variant dropped nothing: the check is vacuous"
+    assert np.array_equal(drops.sum(axis=2), data["routing/dropped_per_expert"])
 
 
 def test_base_variant_drops_tokens(runs):

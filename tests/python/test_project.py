@@ -106,6 +106,38 @@ def test_projected_traffic_equals_real_runs(runs, world, ep, dispatcher):
     assert np.allclose(step_time, phases.sum(axis=2).max(axis=1), rtol=1e-12)
 
 
+@pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)])
+def test_drops_per_virtual_rank_are_those_of_its_experts_groups(runs, world, ep):
+    """Each routing group's drops are charged to the rank holding the expert
+    for that group's EP group: with EP = P a rank's drops are its experts'
+    dropped_per_expert; with EP < P the replicas split an expert's drops by
+    the groups they serve. Computed here from /routing/group_expert_drops."""
+    out = runs["tmp"] / f"drops-{world}-{ep}.h5"
+    result = project(runs["one"], runs["cluster"], "--world-size", world,
+                     "--expert-model-parallel-size", ep, "--out", out)
+    assert result.returncode == 0, result.stderr
+    with h5py.File(runs["one"], "r") as f:
+        drops = f["routing/group_expert_drops"][()]        # [S, L, groups, E]
+        per_expert = f["routing/dropped_per_expert"][()]
+    with h5py.File(out, "r") as f:
+        per_rank = f["projection/dropped_per_rank"][()]    # [S, L, P]
+        projected_per_expert = f["projection/dropped_per_expert"][()]
+    S, L, groups, E = drops.shape
+    assert drops.sum() > 0, "TINY at capacity 1.0 dropped nothing: the check is vacuous"
+    expected = np.zeros((S, L, world), dtype=np.int64)
+    per_group_rank = groups // world
+    for g in range(groups):
+        source = g // per_group_rank
+        first = source // ep * ep
+        for e in range(E):
+            expected[:, :, first + e // (E // ep)] += drops[:, :, g, e]
+    assert np.array_equal(per_rank, expected)
+    assert np.array_equal(per_rank.sum(axis=2), projected_per_expert.sum(axis=2))
+    assert np.array_equal(projected_per_expert, per_expert)
+    if ep == world:
+        assert np.array_equal(per_rank, per_expert.reshape(S, L, world, E // world).sum(axis=3))
+
+
 def test_projection_from_a_multi_rank_record_equals_from_one_rank(runs):
     """The record of a 2-rank run replays like the 1-rank run's: group counts
     are layout-invariant, so any record of the config projects alike."""
@@ -136,8 +168,13 @@ def test_capacity_reapplied_to_a_dropless_record_matches_a_real_run(runs, tmp_pa
     with h5py.File(out, "r") as f:
         expert_rows = f["projection/expert_rows"][0, 0]
         dropped = f["projection/dropped_per_expert"][0, 0]
+        dropped_per_rank = f["projection/dropped_per_rank"][0, 0]
+    with h5py.File(runs["real"][(2, 2, "alltoall")], "r") as f:
+        real_group_drops = f["routing/group_expert_drops"][0, 0]   # [groups, E]
     assert real_dropped.sum() > 0
     assert np.array_equal(dropped, real_dropped)
+    # the real run's drops at each rank's experts (EP 2: experts 0-1 on rank 0)
+    assert np.array_equal(dropped_per_rank, real_group_drops.sum(axis=0).reshape(2, 2).sum(axis=1))
     assert np.array_equal(expert_rows, real_processed.reshape(2, 2).sum(axis=1))
     refused(project(runs["one"], runs["cluster"], "--world-size", 2,
                     "--moe-expert-capacity-factor", 2), "needs a dropless record")
@@ -308,5 +345,9 @@ def test_python_project_returns_the_binarys_traffic(runs):
     assert list(p.steps.step) == list(range(1, STEPS + 1))
     assert (p.steps.imbalance_cost >= 0).all()
     assert "step time" in p.summary
+    with h5py.File(runs["one"], "r") as f:
+        dropped = f["routing/dropped_per_expert"][()]
+    per_step = p.expert_rows.groupby("step").dropped.sum().to_numpy()
+    assert np.array_equal(per_step, dropped.sum(axis=(1, 2)))
     with pytest.raises(ProjectionError, match="splits a sequence"):
         project_py(runs["one"], runs["cluster"], world_size=3, binary=BUILD / "moesim")
