@@ -1742,9 +1742,11 @@ static int fail_implicit_ep(const Config *cfg, int world_size, char *err, size_t
 
 int config_validate_layout(const Config *cfg, int world_size, char *err, size_t errlen) {
     int ep = config_ep_size(cfg, world_size);
-    if (cfg->expert_model_parallel_size == 0 && cfg->num_experts % ep != 0)
+    /* a model without MoE layers has no experts to share out */
+    int has_experts = config_num_moe_layers(cfg) > 0;
+    if (has_experts && cfg->expert_model_parallel_size == 0 && cfg->num_experts % ep != 0)
         return fail_implicit_ep(cfg, world_size, err, errlen);
-    if (ep > cfg->num_experts)
+    if (has_experts && ep > cfg->num_experts)
         return fail(err, errlen,
                     "--expert-model-parallel-size %d is larger than --num-experts %d: every "
                     "rank of an expert-parallel group must own at least one expert; lower "
@@ -1765,7 +1767,7 @@ int config_validate_layout(const Config *cfg, int world_size, char *err, size_t 
                     "--ranks-per-node %d does not divide the %d ranks of this run into whole "
                     "nodes; use a divisor of %d, or 0 to take the nodes from shared memory",
                     cfg->ranks_per_node, world_size, world_size);
-    if (cfg->num_experts % ep != 0)
+    if (has_experts && cfg->num_experts % ep != 0)
         return fail(err, errlen,
                     "--num-experts %d is not divisible by --expert-model-parallel-size %d; each "
                     "rank must own the same number of experts, so make the experts a multiple "

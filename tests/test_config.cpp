@@ -1876,6 +1876,20 @@ TEST(ConfigLayout, ExpertParallelSizeMustFitTheRanksAndExperts) {
     EXPECT_EQ(config_ep_size(&cfg, 4), 2);
 }
 
+TEST(ConfigLayout, ADenseModelHasNoExpertsToShareOut) {
+    Config cfg;
+    config_defaults(&cfg);
+    cfg.num_experts = 3;  // what --num-experts says is unused without MoE layers
+    char err[MOESIM_ERR_MAX] = "";
+    EXPECT_EQ(config_validate_layout(&cfg, 2, err, sizeof err), -1) << "the MoE model is refused";
+    cfg.dense = 1;
+    EXPECT_EQ(config_validate_layout(&cfg, 2, err, sizeof err), 0) << err;
+    cfg.expert_model_parallel_size = 4;  // larger than the experts: still irrelevant
+    EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), 0) << err;
+    cfg.expert_model_parallel_size = 3;  // but the ranks must still divide into EP groups
+    EXPECT_EQ(config_validate_layout(&cfg, 4, err, sizeof err), -1);
+}
+
 TEST(ConfigLayout, RanksPerNodeMustMakeWholeNodes) {
     Config cfg;
     config_defaults(&cfg);

@@ -411,3 +411,23 @@ def test_layout_splitting_a_routing_group_is_refused(tmp_path):
     assert suggested, f"no working --micro-batch-size suggested: {error}"
     assert record_status(out) in (None, "unreadable", "failed"), record_status(out)
     assert not save.exists() or not any(save.iterdir())
+
+
+def test_dense_model_ignores_the_expert_count_and_keeps_the_contract(tmp_path):
+    """--dense 1 has no experts to share out: 3 experts on 2 ranks are accepted
+    (an MoE model is refused), and the 2-rank run equals the 1-rank run."""
+    options = {**TINY, "dense": 1, "num-experts": 3, "train-iters": 8, "moe-group-size": GROUP}
+    losses = []
+    for world in (1, 2):
+        out = tmp_path / f"dense{world}.h5"
+        opts = {**options, "micro-batch-size": GLOBAL_BATCH // world, "out": out}
+        result = run_moesim("train", opts, timeout=RUN_TIMEOUT) if world == 1 else \
+            run_mpi(world, "train", opts, timeout=RUN_TIMEOUT)
+        assert result.returncode == 0, result.stdout + result.stderr
+        with h5py.File(out, "r") as f:
+            losses.append((f["train/loss"][()], f["eval/loss"][()]))
+    assert np.array_equal(losses[0][0], losses[1][0])
+    assert np.array_equal(losses[0][1], losses[1][1])
+    moe = run_mpi(2, "train", {**options, "dense": 0, "micro-batch-size": GLOBAL_BATCH // 2,
+                               "out": tmp_path / "moe.h5"}, timeout=RUN_TIMEOUT)
+    assert moe.returncode != 0 and "cannot share --num-experts 3" in moe.stderr, moe.stderr
