@@ -698,6 +698,8 @@ static int append_resume(hid_t file, long iteration, const RecordLayout *layout)
     return st;
 }
 
+static long long_attr_or(hid_t loc, const char *name, long fallback);
+
 Record *record_resume(const char *path, const RecordLayout *layout, long iteration, char *err,
                       size_t errlen) {
     Record *r = record_alloc(path, layout, err, errlen);
@@ -716,6 +718,17 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
                  "cannot reopen the run record --out %s to continue it from step %ld; give the "
                  "--out of the run that wrote the checkpoint",
                  path, iteration);
+        record_free(r);
+        return NULL;
+    }
+    long schema = long_attr_or(r->file, "schema_version", 0);
+    if (schema != MOESIM_SCHEMA_VERSION) {
+        snprintf(err, errlen,
+                 "the run record --out %s has schema %ld and this moesim writes schema %d, so it "
+                 "cannot continue it from step %ld: resume with the moesim that started the run, "
+                 "or start a new record from the checkpoint's parameters with this one "
+                 "(--finetune 1 --out NEW.h5)",
+                 path, schema, MOESIM_SCHEMA_VERSION, iteration);
         record_free(r);
         return NULL;
     }
@@ -742,6 +755,14 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
         timing_series_path(p, name, sizeof name);
         int ndim = tail_dims(layout, TAIL_RANK, tail);
         st |= series_reopen(&r->series[TIMING_FIRST + p], r->file, name, 0, ndim, tail, train_rows);
+    }
+    if (st != 0) { /* the record stays as it was: no status of a live run on a mismatch */
+        snprintf(err, errlen,
+                 "the run record --out %s cannot continue from step %ld: it is not the record of "
+                 "the run that wrote the checkpoint (another model, or rows missing)",
+                 path, iteration);
+        record_free(r);
+        return NULL;
     }
     st |= set_string_attr(r->file, "status", "running");
     st |= set_string_attr(r->file, "failure", "");

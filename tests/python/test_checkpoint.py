@@ -164,6 +164,32 @@ def test_checkpoint_of_another_model_is_refused_naming_the_tensor(uninterrupted,
         errors[0]
 
 
+def test_record_of_an_older_schema_is_refused_and_left_as_it_was(uninterrupted, tmp_path):
+    """A record written by an older moesim cannot take this one's rows: the
+    resume stops before touching it (no "running" status left behind) and
+    names both schemas and the fixes."""
+    record = tmp_path / "run.h5"
+    record.write_bytes((uninterrupted / "run.h5").read_bytes())
+    with h5py.File(record, "r+") as f:
+        f.attrs["schema_version"] = np.int64(f.attrs["schema_version"] - 1)
+        f.attrs["steps_done"] = np.int64(STEPS // 2)   # as if stopped half-way
+        status = f.attrs["status"]
+    before = hashlib.sha256(record.read_bytes()).hexdigest()
+    checkpoints = tmp_path / "ckpt"
+    checkpoints.mkdir()
+    half = sorted((uninterrupted / "ckpt").glob("iter_*.h5"))[0]
+    (checkpoints / half.name).write_bytes(half.read_bytes())
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text(str(int(half.stem[5:])))
+    result = run(1, 1, record, tmp_path / "save", load=checkpoints)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "moesim: error:" in line]
+    assert len(errors) == 1, result.stderr
+    assert "has schema" in errors[0] and "--finetune 1" in errors[0], errors[0]
+    assert hashlib.sha256(record.read_bytes()).hexdigest() == before
+    with h5py.File(record, "r") as f:
+        assert f.attrs["status"] == status
+
+
 def test_load_without_a_checkpoint_says_what_to_do(tmp_path):
     result = run(1, 1, tmp_path / "run.h5", tmp_path / "ckpt", load=tmp_path / "nothing")
     output = result.stdout + result.stderr
