@@ -184,6 +184,11 @@ sanitize: $(BUILD)/sanitize/unit_tests $(BUILD)/sanitize/moesim
 		--cluster experiments/clusters/h100_nvlink_ib400.ini --world-size 4 \
 		--moe-token-dispatcher-type hierarchical --ranks-per-node 2 \
 		--out $(BUILD)/sanitize/runs/projection.h5
+	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim calibrate $(SAN_RUN_FLAGS) \
+		--out $(BUILD)/sanitize/runs/here.ini
+	$(SAN_ENV) $(BUILD)/sanitize/moesim project $(BUILD)/sanitize/runs/train.h5 \
+		--cluster $(BUILD)/sanitize/runs/here.ini --world-size 2 \
+		--out $(BUILD)/sanitize/runs/projection-here.h5
 
 # One rank: MFU. Two ranks (one per core): MFU, exchange cost over a raw
 # MPI_Alltoallv, weak scaling against rank 0 alone, memory against analytic.
