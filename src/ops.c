@@ -267,9 +267,10 @@ void gelu_backward(float *dinp, const float *inp, const float *dout, long n) {
                           tail);
 }
 
-/* The row's values are summed in double, lane by lane, then across lanes:
- * the order depends only on n, never on other rows. */
-float softmax_row(float *row, int n) {
+/* In place: the row becomes exp(row - max), returned with its sum through
+ * *sum and the max. The values are summed in double, lane by lane, then
+ * across lanes: the order depends only on n, never on other rows. */
+static float exp_row_minus_max(float *row, int n, double *sum) {
     vec_f vmax = vec_splat(row[0]);
     int i = 0;
     for (; i + VEC_LANES <= n; i += VEC_LANES) vmax = vec_max(vmax, vec_load(row + i));
@@ -287,11 +288,28 @@ float softmax_row(float *row, int n) {
         vec_store_partial(row + i, e, n - i);
         vsum += vec_to_double(e);
     }
-    double sum = vec_d_sum(&vsum);
-    vec_f inv = vec_splat((float)(1.0 / sum));
-    for (i = 0; i + VEC_LANES <= n; i += VEC_LANES) vec_store(row + i, vec_load(row + i) * inv);
-    for (; i < n; i++) row[i] *= inv[0];
+    *sum = vec_d_sum(&vsum);
+    return max;
+}
+
+static void scale_row(float *row, int n, float factor) {
+    vec_f f = vec_splat(factor);
+    int i = 0;
+    for (; i + VEC_LANES <= n; i += VEC_LANES) vec_store(row + i, vec_load(row + i) * f);
+    for (; i < n; i++) row[i] *= factor;
+}
+
+float softmax_row(float *row, int n) {
+    double sum;
+    float max = exp_row_minus_max(row, n, &sum);
+    scale_row(row, n, (float)(1.0 / sum));
     return max + (float)log(sum);
+}
+
+void softmax_row_probs(float *row, int n) {
+    double sum;
+    exp_row_minus_max(row, n, &sum);
+    scale_row(row, n, (float)(1.0 / sum));
 }
 
 double softmax_cross_entropy_forward(float *logits_to_probs, const int *targets, int N, int V) {

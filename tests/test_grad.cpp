@@ -128,6 +128,83 @@ TEST(GradAttention, IsCausal) {
         for (int j = t + 1; j < T; j++) EXPECT_EQ(att[t * T + j], 0.0f);
 }
 
+// Causal attention of one (sequence, head) written out in double: the
+// probabilities p[t][j], the output o[t], and the gradients of q, k, v for
+// an output gradient dout.
+struct AttentionDouble {
+    std::vector<double> o, dq, dk, dv;
+};
+
+static AttentionDouble attention_double(const float *qkv, const float *dout, int T, int C,
+                                        int hs, int h) {
+    auto at = [&](int t, int part, int c) { return (double)qkv[(size_t)t * 3 * C + part * C + h * hs + c]; };
+    auto dO = [&](int t, int c) { return (double)dout[(size_t)t * C + h * hs + c]; };
+    double scale = 1.0 / std::sqrt((double)hs);
+    std::vector<double> p((size_t)T * T, 0.0), dp((size_t)T * T, 0.0);
+    AttentionDouble r{std::vector<double>((size_t)T * hs, 0.0), std::vector<double>((size_t)T * hs, 0.0),
+                      std::vector<double>((size_t)T * hs, 0.0), std::vector<double>((size_t)T * hs, 0.0)};
+    for (int t = 0; t < T; t++) {
+        double max = -1e300, sum = 0.0, dot_pd = 0.0;
+        for (int j = 0; j <= t; j++) {
+            double s = 0.0;
+            for (int c = 0; c < hs; c++) s += at(t, 0, c) * at(j, 1, c);
+            p[(size_t)t * T + j] = s * scale;
+            max = std::max(max, s * scale);
+        }
+        for (int j = 0; j <= t; j++) sum += (p[(size_t)t * T + j] = std::exp(p[(size_t)t * T + j] - max));
+        for (int j = 0; j <= t; j++) {
+            double pj = (p[(size_t)t * T + j] /= sum), d = 0.0;
+            for (int c = 0; c < hs; c++) {
+                r.o[(size_t)t * hs + c] += pj * at(j, 2, c);
+                r.dv[(size_t)j * hs + c] += pj * dO(t, c);
+                d += dO(t, c) * at(j, 2, c);
+            }
+            dp[(size_t)t * T + j] = d;
+            dot_pd += pj * d;
+        }
+        for (int j = 0; j <= t; j++) {
+            double ds = p[(size_t)t * T + j] * (dp[(size_t)t * T + j] - dot_pd) * scale;
+            for (int c = 0; c < hs; c++) {
+                r.dq[(size_t)t * hs + c] += ds * at(j, 1, c);
+                r.dk[(size_t)j * hs + c] += ds * at(t, 0, c);
+            }
+        }
+    }
+    return r;
+}
+
+// Sequences longer than one query block, the last block short: the later
+// blocks multiply keys of the earlier ones, and dk/dv gather rows from
+// several blocks. Forward and backward against attention_double.
+TEST(GradAttention, MatchesDoubleAcrossQueryBlocks) {
+    const int B = 2, T = 2 * ATTENTION_QUERY_BLOCK + 3, C = 8, NH = 2, hs = C / NH;
+    auto qkv = random_vector(B * T * 3 * C, 27, 1.5), dout = random_vector(B * T * C, 28);
+    std::vector<float> out(B * T * C), att(B * NH * T * T), dqkv(qkv.size()), scratch(T * T);
+    attention_forward(out.data(), att.data(), qkv.data(), B, T, C, NH, nullptr);
+    attention_backward(dqkv.data(), scratch.data(), dout.data(), qkv.data(), att.data(), B, T, C,
+                       NH, nullptr);
+    double out_error = 0.0, grad_error = 0.0;
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < NH; h++) {
+            const float *seq_qkv = &qkv[(size_t)b * T * 3 * C];
+            AttentionDouble ref = attention_double(seq_qkv, &dout[(size_t)b * T * C], T, C, hs, h);
+            for (int t = 0; t < T; t++) {
+                const float *g = &dqkv[((size_t)b * T + t) * 3 * C + h * hs];
+                for (int c = 0; c < hs; c++) {
+                    size_t i = (size_t)t * hs + c;
+                    out_error = std::max(out_error, std::fabs(ref.o[i] - out[((size_t)b * T + t) * C + h * hs + c]));
+                    grad_error = std::max({grad_error, std::fabs(ref.dq[i] - g[c]),
+                                           std::fabs(ref.dk[i] - g[C + c]),
+                                           std::fabs(ref.dv[i] - g[2 * C + c])});
+                }
+                const float *a = &att[(((size_t)b * NH + h) * T + t) * T];
+                for (int j = t + 1; j < T; j++) EXPECT_EQ(a[j], 0.0f);
+            }
+        }
+    EXPECT_LT(out_error, 1e-5);
+    EXPECT_LT(grad_error, 1e-5);
+}
+
 class GradFfn : public ::testing::TestWithParam<FfnActivation> {};
 
 TEST_P(GradFfn, InputAndWeights) {

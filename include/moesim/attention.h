@@ -1,6 +1,7 @@
 /* attention: causal multi-head self-attention over a packed qkv tensor
  * (q, k, v side by side in each row, heads as column blocks), one sgemm pair
- * per (sequence, head). */
+ * per (sequence, head, block of ATTENTION_QUERY_BLOCK query rows); a block
+ * multiplies only the keys its rows can see. */
 #ifndef MOESIM_ATTENTION_H
 #define MOESIM_ATTENTION_H
 
@@ -9,6 +10,9 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* Query rows per block of the causal products. */
+#define ATTENTION_QUERY_BLOCK 32
 
 /* out[B*T, C] from qkv[B*T, 3C]; att[B, NH, T, T] keeps the softmax
  * probabilities (zero above the diagonal) for the backward pass. The four

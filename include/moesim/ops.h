@@ -118,6 +118,8 @@ void softmax_cross_entropy_backward(float *probs_to_dlogits, const int *targets,
 /* Numerically stable softmax of one row of n values, in place; returns the
  * row's log-sum-exp. */
 float softmax_row(float *row, int n);
+/* softmax_row without the log-sum-exp (the same probabilities). */
+void softmax_row_probs(float *row, int n);
 
 #ifdef __cplusplus
 }
