@@ -700,6 +700,16 @@ static int append_resume(hid_t file, long iteration, const RecordLayout *layout)
 
 static long long_attr_or(hid_t loc, const char *name, long fallback);
 
+static Record *resume_mismatch(Record *r, const char *path, long iteration, char *err,
+                               size_t errlen) {
+    snprintf(err, errlen,
+             "the run record --out %s cannot continue from step %ld: it is not the record of "
+             "the run that wrote the checkpoint (another model, or rows missing)",
+             path, iteration);
+    record_free(r);
+    return NULL;
+}
+
 Record *record_resume(const char *path, const RecordLayout *layout, long iteration, char *err,
                       size_t errlen) {
     Record *r = record_alloc(path, layout, err, errlen);
@@ -757,12 +767,7 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
         st |= series_reopen(&r->series[TIMING_FIRST + p], r->file, name, 0, ndim, tail, train_rows);
     }
     if (st != 0) { /* the record stays as it was: no status of a live run on a mismatch */
-        snprintf(err, errlen,
-                 "the run record --out %s cannot continue from step %ld: it is not the record of "
-                 "the run that wrote the checkpoint (another model, or rows missing)",
-                 path, iteration);
-        record_free(r);
-        return NULL;
+        return resume_mismatch(r, path, iteration, err, errlen);
     }
     st |= set_string_attr(r->file, "status", "running");
     st |= set_string_attr(r->file, "failure", "");
@@ -771,12 +776,7 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
     r->steps_on_disk = iteration;
     st |= append_resume(r->file, iteration, layout);
     if (st != 0 || H5Fflush(r->file, H5F_SCOPE_GLOBAL) < 0) {
-        snprintf(err, errlen,
-                 "the run record --out %s cannot continue from step %ld: it is not the record of "
-                 "the run that wrote the checkpoint (another model, or rows missing)",
-                 path, iteration);
-        record_free(r);
-        return NULL;
+        return resume_mismatch(r, path, iteration, err, errlen);
     }
     return r;
 }

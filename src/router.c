@@ -264,31 +264,39 @@ static float sigmoid(float v) {
     return 1.0f / (1.0f + expf(-v));
 }
 
-/* h = logits + noise * softplus(x·Wnoise^T), noise only in training. */
+/* Noisy gating over `width` logits per token: h += noise * softplus(x·Wnoise^T),
+ * noise only in training, each draw keyed by global token and column. */
+typedef struct NoisyGate {
+    float *h, *pre, *std, *noise;
+    const float *noise_w;
+    int width;
+    uint64_t domain;
+} NoisyGate;
+
+static void add_noise(const NoisyGate *g, const float *x_in, const RouterShape *s,
+                      const RouterContext *ctx) {
+    matmul_forward(g->pre, x_in, g->noise_w, s->N, s->C, g->width, ctx->matmul);
+    for (long i = 0; i < (long)s->N * g->width; i++) {
+        g->std[i] = softplus(g->pre[i]);
+        uint64_t index = (uint64_t)(ctx->first_token * g->width + i);
+        g->noise[i] = ctx->training ? (float)normal_at(g->domain, ctx, index) : 0.0f;
+        g->h[i] += g->noise[i] * g->std[i];
+    }
+}
+
 static void add_gating_noise(Routing *r, const float *x_in, const RouterWeights *w,
                              const RouterShape *s, const RouterContext *ctx) {
-    int N = s->N, E = s->E;
-    matmul_forward(r->noise_pre, x_in, w->noise_w, N, s->C, E, ctx->matmul);
-    for (long i = 0; i < (long)N * E; i++) {
-        r->noise_std[i] = softplus(r->noise_pre[i]);
-        uint64_t index = (uint64_t)(ctx->first_token * E + i);
-        r->noise[i] = ctx->training ? (float)normal_at(DOMAIN_NOISE, ctx, index) : 0.0f;
-        r->h[i] += r->noise[i] * r->noise_std[i];
-    }
+    NoisyGate g = {r->h, r->noise_pre, r->noise_std, r->noise, w->noise_w, s->E, DOMAIN_NOISE};
+    add_noise(&g, x_in, s, ctx);
 }
 
 /* The primary router's noise (Shazeer 2017 gates noisily at both levels):
  * its own draws, keyed by global token and group. */
 static void add_primary_noise(Routing *r, const float *x_in, const RouterWeights *w,
                               const RouterShape *s, const RouterContext *ctx) {
-    int groups = s->hier_groups;
-    matmul_forward(r->group_noise_pre, x_in, w->group_noise_w, s->N, s->C, groups, ctx->matmul);
-    for (long i = 0; i < (long)s->N * groups; i++) {
-        r->group_noise_std[i] = softplus(r->group_noise_pre[i]);
-        uint64_t index = (uint64_t)(ctx->first_token * groups + i);
-        r->group_noise[i] = ctx->training ? (float)normal_at(DOMAIN_GROUP_NOISE, ctx, index) : 0.0f;
-        r->group_h[i] += r->group_noise[i] * r->group_noise_std[i];
-    }
+    NoisyGate g = {r->group_h,     r->group_noise_pre, r->group_noise_std, r->group_noise,
+                   w->group_noise_w, s->hier_groups,   DOMAIN_GROUP_NOISE};
+    add_noise(&g, x_in, s, ctx);
 }
 
 /* Hierarchical: the score of expert j of group i is P_i * q_j, P the

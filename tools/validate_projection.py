@@ -134,12 +134,10 @@ def main():
     if not cluster:
         cluster = out / "this_machine.ini"
         calibrate_world = max(2, min(map(int, args.worlds.split(","))))
-        # with --network-from the compute is calibrated here, the links come from the file
-        launcher = [] if args.network_from else launch(args, calibrate_world)
-        if args.network_from:
-            # as many ranks as the cluster runs put on this machine's cores
-            launcher = ["mpirun", "--oversubscribe", "--bind-to", "none", "-n",
-                        str(calibrate_world)]
+        # with --network-from the compute is calibrated here, with as many ranks as the
+        # cluster runs put on this machine's cores; the links come from the file
+        launcher = (["mpirun", "--oversubscribe", "--bind-to", "none", "-n", str(calibrate_world)]
+                    if args.network_from else launch(args, calibrate_world))
         run([*launcher, moesim, "calibrate", "--config", args.calibrate_config, "--out", cluster])
         if args.network_from:
             cluster = with_network_of(cluster, Path(args.network_from), out / "cluster.ini")
