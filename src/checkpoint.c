@@ -11,6 +11,8 @@
 #include "moesim/record.h"
 
 #define LATEST_FILE "latest_checkpointed_iteration.txt"
+/* The run record image (record_resume says why a checkpoint carries it). */
+#define RECORD_IMAGE "run_record"
 #define PATH_LEN (MOESIM_PATH_MAX + 64)
 
 void checkpoint_path(char *buf, size_t len, const char *dir, long iteration) {
@@ -151,6 +153,10 @@ static long read_latest(const char *dir) {
     return it;
 }
 
+int checkpoint_record_image(const char *path, char **bytes, long *len) {
+    return checkpoint_read_bytes(path, RECORD_IMAGE, bytes, len);
+}
+
 int checkpoint_latest_file(const char *dir, char *path, size_t len) {
     long latest = read_latest(dir);
     if (latest < 0) return -1;
@@ -176,11 +182,12 @@ static long checkpoint_bytes_bound(const Trainer *t) {
  * the previous checkpoint stays the latest), but only after every rank has
  * written into it and MPI-IO has printed a line per failed write; asked
  * first, the answer is one clear message. */
-static int room_for_checkpoint(const Trainer *t, const char *dir, const char *final, char *err,
-                               size_t errlen) {
+static int room_for_checkpoint(const Trainer *t, const char *dir, const char *final,
+                               long record_len, char *err, size_t errlen) {
     struct statvfs fs;
     if (statvfs(dir, &fs) != 0) return 1;
-    long free_bytes = (long)(fs.f_bavail * fs.f_frsize), need = checkpoint_bytes_bound(t);
+    long free_bytes = (long)(fs.f_bavail * fs.f_frsize),
+         need = checkpoint_bytes_bound(t) + record_len;
     if (free_bytes >= need) return 1;
     long latest = read_latest(dir);
     char kept[64] = "there is no earlier checkpoint";
@@ -192,13 +199,15 @@ static int room_for_checkpoint(const Trainer *t, const char *dir, const char *fi
     return 0;
 }
 
-int checkpoint_save(const Trainer *t, long iteration, char *err, size_t errlen) {
+int checkpoint_save(const Trainer *t, long iteration, const char *record, long record_len,
+                    char *err, size_t errlen) {
     const Comm *c = t->comm;
     const char *dir = t->cfg->save;
     char tmp[PATH_LEN], final[PATH_LEN];
     snprintf(tmp, sizeof tmp, "%s/.iter_%07ld.h5.tmp", dir, iteration);
     checkpoint_path(final, sizeof final, dir, iteration);
-    int room = c->rank != 0 || room_for_checkpoint(t, dir, final, err, errlen);
+    comm_broadcast_longs(c, &record_len, 1);
+    int room = c->rank != 0 || room_for_checkpoint(t, dir, final, record_len, err, errlen);
     if (comm_first_failed_rank(c, room) >= 0) {
         comm_share_error(c, 0, err, errlen);
         return -1;
@@ -207,6 +216,8 @@ int checkpoint_save(const Trainer *t, long iteration, char *err, size_t errlen) 
     int ok = comm_all_ok(c, file >= 0);
     if (ok) {
         ok = write_state(t, file);
+        ok =
+            checkpoint_write_bytes(file, RECORD_IMAGE, record, record_len, c->rank == 0) == 0 && ok;
         ok = checkpoint_write_attributes(file, t->cfg, iteration, t->opt.t, c->world_size,
                                          c->ep_size) == 0 &&
              ok;
@@ -262,8 +273,8 @@ static int load_file(Trainer *t, const char *path, int load_optimizer, long *ite
     return failed < 0 ? 0 : -1;
 }
 
-int checkpoint_load(Trainer *t, const char *dir, int load_optimizer, long *iteration, char *err,
-                    size_t errlen) {
+int checkpoint_load(Trainer *t, const char *dir, int load_optimizer, long *iteration, char *loaded,
+                    size_t loaded_len, char *err, size_t errlen) {
     long latest = read_latest(dir), candidates[MAX_CHECKPOINTS];
     int n = list_iterations(dir, candidates, MAX_CHECKPOINTS);
     /* every rank must try the same files: rank 0's view decides */
@@ -284,6 +295,7 @@ int checkpoint_load(Trainer *t, const char *dir, int load_optimizer, long *itera
         char path[PATH_LEN];
         checkpoint_path(path, sizeof path, dir, candidates[i]);
         if (load_file(t, path, load_optimizer, iteration, err, errlen) == 0) {
+            snprintf(loaded, loaded_len, "%s", path);
             if (t->comm->rank == 0 && candidates[i] != latest)
                 printf(
                     "moesim: warning: checkpoint %ld in %s cannot be used (%s); resumed from "

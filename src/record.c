@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <time.h>
@@ -498,10 +499,20 @@ static int write_platform_attributes(hid_t file, const Platform *p) {
     return st;
 }
 
+/* 64 random bits in hex: what tells this run's record from another's when a
+ * resume restores its image over --out (record_resume). */
+static void new_run_id(char *buf, size_t len) {
+    unsigned long long bits = 0;
+    if (getrandom(&bits, sizeof bits, 0) != (ssize_t)sizeof bits)
+        bits = (unsigned long long)time(NULL) * 2654435761ULL ^ (unsigned long long)getpid();
+    snprintf(buf, len, "%016llx", bits);
+}
+
 static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayout *lay) {
     char *ini = config_to_ini(cfg);
-    char started[32];
+    char started[32], run_id[20];
     iso8601_now(started, sizeof started);
+    new_run_id(run_id, sizeof run_id);
     const char **hosts = malloc(sizeof(char *) * lay->world_size);
     int st = !ini || !hosts;
     for (int r = 0; hosts && r < lay->world_size; r++)
@@ -511,6 +522,7 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     st |= set_string_attr(file, "git_revision", MOESIM_GIT_REVISION);
     st |= set_string_attr(file, "status", "running");
     st |= set_string_attr(file, "start_time", started);
+    st |= set_string_attr(file, "run_id", run_id);
     st |= set_string_attr(file, "end_time", "");
     st |= set_string_attr(file, "failure", "");
     st |= set_long_attr(file, "steps_done", 0);
@@ -699,6 +711,157 @@ static int append_resume(hid_t file, long iteration, const RecordLayout *layout)
 }
 
 static long long_attr_or(hid_t loc, const char *name, long fallback);
+static void string_attr(hid_t loc, const char *name, char *buf, size_t len);
+
+/* ---- the record image a checkpoint carries ----------------------------------------- *
+ * A SIGKILL can land inside an H5Fflush, and HDF5 1.10 writes metadata in no
+ * crash-safe order: the record left behind may claim an end of file it never
+ * reached (it does not open), or index chunks that were never written (it
+ * opens, and a resume that appends to it fails at its first flush; seen once
+ * in 36 killed runs under load). So each checkpoint carries the record's bytes
+ * as they stood when its step was flushed, and a resume restores that image
+ * over --out instead of trusting what the killed run left there. */
+
+int record_image(const Record *r, char **bytes, long *len) {
+    *bytes = NULL;
+    *len = 0;
+    FILE *f = fopen(r->path, "rb");
+    if (!f) return -1;
+    long size = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : -1;
+    char *buf = size > 0 ? malloc((size_t)size) : NULL;
+    int ok = buf && fseek(f, 0, SEEK_SET) == 0 && fread(buf, 1, (size_t)size, f) == (size_t)size;
+    fclose(f);
+    if (!ok) {
+        free(buf);
+        return -1;
+    }
+    *bytes = buf;
+    *len = size;
+    return 0;
+}
+
+/* Which run a record belongs to: its run_id and start time. */
+static void record_identity(hid_t file, char *buf, size_t len) {
+    char id[32], started[32];
+    string_attr(file, "run_id", id, sizeof id);
+    string_attr(file, "start_time", started, sizeof started);
+    snprintf(buf, len, "%s started %s", id, started);
+}
+
+static int schema_mismatch(const char *path, long schema, long iteration, char *err,
+                           size_t errlen) {
+    snprintf(err, errlen,
+             "the run record --out %s has schema %ld and this moesim writes schema %d, so it "
+             "cannot continue it from step %ld: resume with the moesim that started the run, "
+             "or start a new record from the checkpoint's parameters with this one "
+             "(--finetune 1 --out NEW.h5)",
+             path, schema, MOESIM_SCHEMA_VERSION, iteration);
+    return -1;
+}
+
+static int write_synced(const char *path, const char *bytes, long len) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) return -1;
+    long done = 0;
+    while (done < len) {
+        ssize_t n = write(fd, bytes + done, (size_t)(len - done));
+        if (n <= 0) break;
+        done += n;
+    }
+    int ok = done == len && fsync(fd) == 0;
+    ok = close(fd) == 0 && ok;
+    return ok ? 0 : -1;
+}
+
+static void sync_parent_dir(const char *path) {
+    char dir[MOESIM_PATH_MAX];
+    snprintf(dir, sizeof dir, "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = '\0';
+    int fd = open(slash ? (dir[0] ? dir : "/") : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) return;
+    fsync(fd);
+    close(fd);
+}
+
+/* The identity of the record image written at tmp, or -1 with err when this
+ * moesim cannot continue it. */
+static int image_identity(const char *tmp, const char *path, long iteration, char *id, size_t len,
+                          char *err, size_t errlen) {
+    hid_t file = H5Fopen(tmp, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) {
+        snprintf(err, errlen,
+                 "the run record image in checkpoint %ld cannot be read (the checkpoint is "
+                 "damaged); resume from an earlier checkpoint, or start a new record from its "
+                 "parameters (--finetune 1 --out NEW.h5)",
+                 iteration);
+        return -1;
+    }
+    long schema = long_attr_or(file, "schema_version", 0);
+    record_identity(file, id, len);
+    H5Fclose(file);
+    if (schema != MOESIM_SCHEMA_VERSION)
+        return schema_mismatch(path, schema, iteration, err, errlen);
+    return 0;
+}
+
+/* Puts the checkpoint's record image at path, unless path holds another
+ * run's record, or one this moesim cannot continue: then nothing is touched.
+ * A file at path that HDF5 cannot open (a record the kill damaged) is kept as
+ * PATH.damaged. */
+static int restore_image(const char *path, const char *image, long len, long iteration, char *err,
+                         size_t errlen) {
+    char there[80] = "", ours[80], tmp[MOESIM_PATH_MAX + 16], kept[MOESIM_PATH_MAX + 16];
+    int exists = access(path, F_OK) == 0, damaged = 0;
+    if (exists) {
+        hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+        damaged = file < 0;
+        if (!damaged) {
+            long schema = long_attr_or(file, "schema_version", 0);
+            record_identity(file, there, sizeof there);
+            H5Fclose(file);
+            if (schema != MOESIM_SCHEMA_VERSION)
+                return schema_mismatch(path, schema, iteration, err, errlen);
+        }
+    }
+    snprintf(tmp, sizeof tmp, "%s.restore.tmp", path);
+    if (write_synced(tmp, image, len) != 0) {
+        snprintf(err, errlen,
+                 "cannot write the run record of checkpoint %ld beside --out %s (%s): check "
+                 "free disk space and that its directory is writable",
+                 iteration, path, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    if (image_identity(tmp, path, iteration, ours, sizeof ours, err, errlen) != 0) {
+        unlink(tmp);
+        return -1;
+    }
+    if (exists && !damaged && strcmp(there, ours) != 0) {
+        snprintf(err, errlen,
+                 "the run record --out %s belongs to another run (%s) than the one that wrote "
+                 "checkpoint %ld (%s): give the --out of that run, or a new path to restore its "
+                 "record there",
+                 path, there, iteration, ours);
+        unlink(tmp);
+        return -1;
+    }
+    snprintf(kept, sizeof kept, "%s.damaged", path);
+    if (damaged && rename(path, kept) == 0)
+        fprintf(stderr,
+                "moesim: warning: the run record %s cannot be opened (the run was killed while "
+                "writing it?); it is kept as %s, and the record continues from the copy saved "
+                "with checkpoint %ld\n",
+                path, kept, iteration);
+    if (rename(tmp, path) != 0) {
+        snprintf(err, errlen, "cannot replace the run record --out %s with checkpoint %ld's (%s)",
+                 path, iteration, strerror(errno));
+        unlink(tmp);
+        return -1;
+    }
+    sync_parent_dir(path);
+    return 0;
+}
 
 static Record *resume_mismatch(Record *r, const char *path, long iteration, char *err,
                                size_t errlen) {
@@ -710,8 +873,9 @@ static Record *resume_mismatch(Record *r, const char *path, long iteration, char
     return NULL;
 }
 
-Record *record_resume(const char *path, const RecordLayout *layout, long iteration, char *err,
-                      size_t errlen) {
+Record *record_resume(const char *path, const RecordLayout *layout, long iteration,
+                      const char *image, long image_len, char *err, size_t errlen) {
+    if (image && restore_image(path, image, image_len, iteration, err, errlen) != 0) return NULL;
     Record *r = record_alloc(path, layout, err, errlen);
     if (!r) return NULL;
     if (reserve_take(r) != 0) {
@@ -733,12 +897,7 @@ Record *record_resume(const char *path, const RecordLayout *layout, long iterati
     }
     long schema = long_attr_or(r->file, "schema_version", 0);
     if (schema != MOESIM_SCHEMA_VERSION) {
-        snprintf(err, errlen,
-                 "the run record --out %s has schema %ld and this moesim writes schema %d, so it "
-                 "cannot continue it from step %ld: resume with the moesim that started the run, "
-                 "or start a new record from the checkpoint's parameters with this one "
-                 "(--finetune 1 --out NEW.h5)",
-                 path, schema, MOESIM_SCHEMA_VERSION, iteration);
+        schema_mismatch(path, schema, iteration, err, errlen);
         record_free(r);
         return NULL;
     }
@@ -1682,6 +1841,45 @@ int checkpoint_write_f32(long file, const char *name, int ndim, const long *dims
     H5Pclose(lcpl);
     H5Sclose(space);
     return st < 0 ? -1 : 0;
+}
+
+int checkpoint_write_bytes(long file, const char *name, const char *data, long len, int writes) {
+    hsize_t dims[1] = {(hsize_t)len};
+    hid_t space = H5Screate_simple(1, dims, NULL);
+    /* creation is collective: every rank, the same length */
+    hid_t dset = H5Dcreate2(file, name, H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+    herr_t st = dset < 0 ? -1 : 0;
+    if (dset >= 0 && writes && len > 0)
+        st = H5Dwrite(dset, H5T_NATIVE_UCHAR, H5S_ALL, H5S_ALL, H5P_DEFAULT, data);
+    if (dset >= 0) H5Dclose(dset);
+    H5Sclose(space);
+    return st < 0 ? -1 : 0;
+}
+
+int checkpoint_read_bytes(const char *path, const char *name, char **data, long *len) {
+    *data = NULL;
+    *len = 0;
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) return -1;
+    int found = H5Lexists(file, name, H5P_DEFAULT) > 0, st = found ? -1 : 0;
+    hid_t dset = found ? H5Dopen2(file, name, H5P_DEFAULT) : -1;
+    if (dset >= 0) {
+        hid_t space = H5Dget_space(dset);
+        hssize_t n = H5Sget_simple_extent_npoints(space);
+        char *buf = n > 0 ? malloc((size_t)n) : NULL;
+        if (buf && H5Dread(dset, H5T_NATIVE_UCHAR, H5S_ALL, H5S_ALL, H5P_DEFAULT, buf) >= 0) {
+            *data = buf;
+            *len = (long)n;
+            st = 1;
+        } else {
+            free(buf);
+        }
+        H5Sclose(space);
+        H5Dclose(dset);
+    }
+    H5Fclose(file);
+    return st;
 }
 
 int checkpoint_write_attributes(long file, const Config *cfg, long iteration, long optimizer_steps,

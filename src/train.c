@@ -1,5 +1,6 @@
 #include "moesim/train.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -562,9 +563,29 @@ static long params_active_per_token(const Trainer *t) {
     return (long)t->model.num_dense_params + (long)t->moe_layers * s->K * per_expert;
 }
 
-/* resume_from: the step of the checkpoint the run resumed from, or -1. */
+/* The record of a resumed run, continued from the record image in the
+ * checkpoint it loaded (none in an older moesim's checkpoint). */
+static Record *resume_record(const Config *cfg, const RecordLayout *layout, long iteration,
+                             const char *checkpoint, char *err, size_t errlen) {
+    char *image = NULL;
+    long len = 0;
+    if (checkpoint_record_image(checkpoint, &image, &len) < 0) {
+        snprintf(err, errlen,
+                 "the run record saved in checkpoint %s cannot be read; resume from an earlier "
+                 "checkpoint, or start a new record from its parameters (--finetune 1 --out "
+                 "NEW.h5)",
+                 checkpoint);
+        return NULL;
+    }
+    Record *r = record_resume(cfg->out, layout, iteration, image, len, err, errlen);
+    free(image);
+    return r;
+}
+
+/* resume_from: the step of the checkpoint the run resumed from, or -1;
+ * checkpoint: that checkpoint's file. */
 static int run_state_init(RunState *rs, const Trainer *t, const Platform *platform,
-                          long resume_from, char *err, size_t errlen) {
+                          long resume_from, const char *checkpoint, char *err, size_t errlen) {
     const Comm *comm = t->comm;
     const Model *m = &t->model;
     int P = comm->world_size;
@@ -612,7 +633,7 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
                        .platform = platform};
     if (ok && comm->rank == 0) {
         rs->rec = resume_from >= 0
-                      ? record_resume(t->cfg->out, &rs->layout, resume_from, err, errlen)
+                      ? resume_record(t->cfg, &rs->layout, resume_from, checkpoint, err, errlen)
                       : record_open(t->cfg->out, t->cfg, &rs->layout, err, errlen);
         ok = rs->rec != NULL;
     }
@@ -767,6 +788,29 @@ static int stop_on_nonfinite(const Trainer *t, long *skipped, long done, const S
     return 1;
 }
 
+/* A checkpoint after `done` steps, carrying the record as it stands then:
+ * the record is flushed through that step first, so a resume continues it
+ * from there. Collective. */
+static int save_checkpoint(const Trainer *t, RunState *rs, long done, char *err, size_t errlen) {
+    char *image = NULL;
+    long len = 0;
+    int ok = 1;
+    if (t->comm->rank == 0) {
+        ok = record_flush(rs->rec, done, err, errlen) == 0;
+        if (ok && record_image(rs->rec, &image, &len) != 0) {
+            snprintf(err, errlen,
+                     "cannot read back the run record %s to save it with checkpoint %ld (%s)",
+                     t->cfg->out, done, strerror(errno));
+            ok = 0;
+        }
+    }
+    int st = all_ok_or_share(t->comm, ok, err, errlen)
+                 ? checkpoint_save(t, done, image, len, err, errlen)
+                 : -1;
+    free(image);
+    return st;
+}
+
 int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
               char *err, size_t errlen) {
     Trainer t;
@@ -777,7 +821,9 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     }
     long start = 0;
     int load_optimizer = !cfg->finetune && !cfg->no_load_optim;
-    if (cfg->load[0] && checkpoint_load(&t, cfg->load, load_optimizer, &start, err, errlen) != 0) {
+    char loaded[MOESIM_PATH_MAX + 64] = "";
+    if (cfg->load[0] && checkpoint_load(&t, cfg->load, load_optimizer, &start, loaded,
+                                        sizeof loaded, err, errlen) != 0) {
         trainer_free(&t);
         return -1;
     }
@@ -796,7 +842,7 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
         return 0;
     }
     RunState rs;
-    if (run_state_init(&rs, &t, platform, resumes ? start : -1, err, errlen) != 0) {
+    if (run_state_init(&rs, &t, platform, resumes ? start : -1, loaded, err, errlen) != 0) {
         run_state_free(&rs);
         trainer_free(&t);
         return -1;
@@ -848,19 +894,17 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
         /* a diverging step keeps the last good checkpoint */
         int save_now = !diverged && cfg->save[0] &&
                        (last || (cfg->save_interval > 0 && done % cfg->save_interval == 0));
-        /* a checkpoint's step must be on disk in the record before the
-         * checkpoint is: a resume continues the record from there */
         if (!ok)
             snprintf(err, errlen, "out of memory buffering step %ld for the run record %s", done,
                      cfg->out);
-        else if (is_root && (save_now || done % cfg->record_flush_interval == 0))
+        else if (is_root && !save_now && done % cfg->record_flush_interval == 0)
             ok = record_flush(rs.rec, done, err, errlen) == 0;
         if (!all_ok_or_share(comm, ok, err, errlen) || diverged) break;
-        if (save_now && checkpoint_save(&t, done, err, errlen) != 0) break;
+        if (save_now && save_checkpoint(&t, &rs, done, err, errlen) != 0) break;
         /* a signal during the last step: the run is done anyway */
         if (!last && (interrupted = comm_max_int(comm, preempt_signal())) != 0) {
             step++;
-            if (cfg->save[0] && !save_now && checkpoint_save(&t, done, err, errlen) != 0)
+            if (cfg->save[0] && !save_now && save_checkpoint(&t, &rs, done, err, errlen) != 0)
                 interrupted = 0; /* the failed save is the error to report */
             break;
         }

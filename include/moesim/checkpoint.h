@@ -10,7 +10,12 @@
  *
  * A save is atomic: the file is written under a temporary name, synced and
  * renamed, and only then does DIR/latest_checkpointed_iteration.txt name it,
- * so a crash during a save leaves the previous checkpoint as the latest. */
+ * so a crash during a save leaves the previous checkpoint as the latest.
+ *
+ * Each checkpoint also carries the run record's bytes as they stood at its
+ * step (run_record, written by rank 0): a resume restores them over --out,
+ * because a run killed mid-flush can leave the record itself damaged
+ * (record_resume). */
 #ifndef MOESIM_CHECKPOINT_H
 #define MOESIM_CHECKPOINT_H
 
@@ -22,15 +27,23 @@
 extern "C" {
 #endif
 
-/* Saves the trainer's state after `iteration` steps into cfg->save and keeps
- * the newest cfg->save_keep. Collective; 0, or -1 with err on every rank. */
-int checkpoint_save(const Trainer *t, long iteration, char *err, size_t errlen);
+/* Saves the trainer's state after `iteration` steps into cfg->save, with
+ * rank 0's record image (record_image; its record_len counts, other ranks'
+ * are ignored), and keeps the newest cfg->save_keep. Collective; 0, or -1
+ * with err on every rank. */
+int checkpoint_save(const Trainer *t, long iteration, const char *record, long record_len,
+                    char *err, size_t errlen);
 
 /* Restores parameters, the expert biases and (with load_optimizer) the Adam
  * moments and step from the latest checkpoint in dir; *iteration is its
- * step. Collective; 0, or -1 with err (the same on every rank). */
-int checkpoint_load(Trainer *t, const char *dir, int load_optimizer, long *iteration, char *err,
-                    size_t errlen);
+ * step and `loaded` the file it came from (an earlier one when the latest is
+ * damaged). Collective; 0, or -1 with err (the same on every rank). */
+int checkpoint_load(Trainer *t, const char *dir, int load_optimizer, long *iteration, char *loaded,
+                    size_t loaded_len, char *err, size_t errlen);
+
+/* The record image in the checkpoint at path, into a new buffer: 1, 0 when
+ * it has none (an older moesim's), -1 when it cannot be read. No MPI. */
+int checkpoint_record_image(const char *path, char **bytes, long *len);
 
 /* The path of iteration's checkpoint in dir. */
 void checkpoint_path(char *buf, size_t len, const char *dir, long iteration);

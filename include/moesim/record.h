@@ -92,10 +92,19 @@ Record *record_open(const char *path, const Config *cfg, const RecordLayout *lay
                     size_t errlen);
 /* Reopens the record of a run resumed after `iteration` steps: rows of
  * later steps are dropped (they will be recomputed), a /resumes row notes
- * the restart and its layout, and appending continues. NULL with err when
- * the file is not that run's record. Rank 0 only. */
-Record *record_resume(const char *path, const RecordLayout *layout, long iteration, char *err,
-                      size_t errlen);
+ * the restart and its layout, and appending continues. With the record
+ * image of the checkpoint it resumes from (record_image), that image first
+ * replaces whatever the stopped run left at path (a SIGKILL mid-flush can
+ * leave it damaged); a file there that HDF5 cannot open is kept as
+ * PATH.damaged. Without an image (a checkpoint of an older moesim) the file
+ * at path is continued in place. NULL with err when path holds another run's
+ * record or a schema this moesim does not write; nothing is touched then.
+ * Rank 0 only. */
+Record *record_resume(const char *path, const RecordLayout *layout, long iteration,
+                      const char *image, long image_len, char *err, size_t errlen);
+/* The record file's bytes as they are on disk (right after record_flush,
+ * a whole readable HDF5 file), into a new buffer. 0, or -1. */
+int record_image(const Record *r, char **bytes, long *len);
 /* Buffer one row (no I/O). Return 0, or -1 when memory runs out. */
 int record_append_train(Record *r, const TrainRow *row, const StepDetail *detail);
 int record_append_eval(Record *r, const EvalRow *row);
@@ -164,6 +173,12 @@ int checkpoint_write_f32(long file, const char *name, int ndim, const long *dims
  * layout it was saved on (world and expert-parallel sizes). */
 int checkpoint_write_attributes(long file, const Config *cfg, long iteration, long optimizer_steps,
                                 int world_size, int ep_size);
+/* A 1-D byte dataset of len bytes (every rank the same len), written by the
+ * ranks with `writes`. */
+int checkpoint_write_bytes(long file, const char *name, const char *data, long len, int writes);
+/* The byte dataset `name` of the checkpoint at path into a new buffer:
+ * 1, 0 when it has none, -1 when it cannot be read. No MPI. */
+int checkpoint_read_bytes(const char *path, const char *name, char **data, long *len);
 int checkpoint_file_close(long file);
 long checkpoint_file_open(const char *path);
 int checkpoint_read_long(long file, const char *name, long *value);

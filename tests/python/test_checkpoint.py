@@ -30,8 +30,11 @@ TINY = {
 }
 GLOBAL_BATCH = 12
 TIMEOUT = 120
-# Layout-dependent by design: timings, throughput, traffic, and the restarts.
-NOT_COMPARED = ("timing/", "traffic/", "resumes/", "train/step_time_s", "train/tokens_per_s")
+# Layout-dependent by design: timings, throughput, traffic, and the restarts;
+# and a checkpoint's copy of the record, which holds them (the record itself
+# is compared).
+NOT_COMPARED = ("timing/", "traffic/", "resumes/", "train/step_time_s", "train/tokens_per_s",
+                "run_record")
 
 
 def run(world, ep, out, save, **extra):
@@ -149,6 +152,83 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(uninterrupted, tmp
     assert_same(uninterrupted / "run.h5", out, "record")
     assert_same(final_checkpoint(uninterrupted / "ckpt"), final_checkpoint(save),
                 "final checkpoint")
+
+
+def save_dir_at(uninterrupted, tmp_path, step):
+    """A --save directory whose latest checkpoint is the uninterrupted run's at step."""
+    save = tmp_path / "ckpt"
+    save.mkdir()
+    name = f"iter_{step:07d}.h5"
+    (save / name).write_bytes((uninterrupted / "ckpt" / name).read_bytes())
+    (save / "latest_checkpointed_iteration.txt").write_text(f"{step}\n")
+    return save
+
+
+def test_checkpoint_carries_the_record_as_of_its_step(uninterrupted, tmp_path):
+    step = STEPS - 10
+    with h5py.File(uninterrupted / "ckpt" / f"iter_{step:07d}.h5", "r") as f:
+        image = f["run_record"][()].tobytes()
+    path = tmp_path / "image.h5"
+    path.write_bytes(image)
+    with h5py.File(path, "r") as f, h5py.File(uninterrupted / "run.h5", "r") as g:
+        assert f.attrs["steps_done"] == step and f.attrs["status"] == "running"
+        assert f.attrs["run_id"] == g.attrs["run_id"] and len(g.attrs["run_id"]) == 16
+        assert list(f["train/step"][()]) == list(range(1, step + 1))
+        assert np.array_equal(f["train/loss"][()], g["train/loss"][:step])
+        assert np.array_equal(f["routing/tokens_per_expert"][()],
+                              g["routing/tokens_per_expert"][:step])
+
+
+@pytest.mark.parametrize("left", ["damaged", "missing", "intact, checkpoint without image"])
+def test_resume_restores_the_record_saved_with_the_checkpoint(uninterrupted, tmp_path, left):
+    """A SIGKILL inside a record flush can leave a record whose superblock
+    claims an end of file that was never written (HDF5 cannot open it), or
+    one that opens but fails at the next write. The resume restores the copy
+    the checkpoint carries and ends as the uninterrupted run; a damaged file
+    is kept aside, never deleted. A checkpoint of an older moesim, without
+    the copy, continues the record in place as before."""
+    step = STEPS - 10
+    save = save_dir_at(uninterrupted, tmp_path, step)
+    out = tmp_path / "run.h5"
+    record = (uninterrupted / "run.h5").read_bytes()
+    if left == "damaged":  # as the killed run in CI left it: cut short of its stored end
+        out.write_bytes(record[:len(record) - 1500])
+        with pytest.raises(OSError):
+            h5py.File(out, "r")
+    if left.startswith("intact"):
+        out.write_bytes(record)
+        with h5py.File(save / f"iter_{step:07d}.h5", "r+") as f:
+            del f["run_record"]
+    result = run(1, 1, out, save, load=save)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert_same(uninterrupted / "run.h5", out, "record")
+    kept = tmp_path / "run.h5.damaged"
+    if left == "damaged":
+        assert f"it is kept as {kept}" in output, output
+        assert kept.read_bytes() == record[:len(record) - 1500]
+    else:
+        assert not kept.exists()
+    assert not list(tmp_path.glob("*.restore.tmp")), "a temporary file was left behind"
+
+
+def test_record_of_another_run_is_refused_and_left_as_it_was(uninterrupted, tmp_path):
+    """--out names another run's record (another run_id): restoring the
+    checkpoint's record there would destroy it, so nothing is touched."""
+    save = save_dir_at(uninterrupted, tmp_path, STEPS - 10)
+    out = tmp_path / "run.h5"
+    out.write_bytes((uninterrupted / "run.h5").read_bytes())
+    with h5py.File(out, "r+") as f:
+        f.attrs["run_id"] = "0123456789abcdef"
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    result = run(1, 1, out, save, load=save)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "moesim: error:" in line]
+    assert len(errors) == 1, result.stderr
+    assert "belongs to another run (0123456789abcdef" in errors[0], errors[0]
+    assert "give the --out of that run" in errors[0], errors[0]
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "run.h5"]
 
 
 def test_checkpoint_of_another_model_is_refused_naming_the_tensor(uninterrupted, tmp_path):

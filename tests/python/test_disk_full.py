@@ -96,10 +96,11 @@ def test_a_full_disk_refuses_a_new_record_at_once(tmp_path):
 
 
 def test_a_checkpoint_that_does_not_fit_leaves_the_previous_one_latest(tmp_path):
-    """--save on a disk with room for one checkpoint (0.44 MB; the bound says
-    up to 0.66 MB): the second save is refused, no file of it is left, the
-    first stays the latest and loads, and the record (elsewhere) says why."""
-    with tmpfs(tmp_path / "disk", "1000k") as disk:
+    """--save on a disk with room for one checkpoint (1.75 MB, of which the
+    record's copy is 1.3 MB; the bound says up to 1.95 MB): the second save is
+    refused, no file of it is left, the first stays the latest and loads, and
+    the record (elsewhere) says why."""
+    with tmpfs(tmp_path / "disk", "3000k") as disk:
         save = disk / "ckpt"
         out = tmp_path / "run.h5"
         statuses, errors, output = run_two_ranks(
