@@ -1647,6 +1647,16 @@ static int print_checkpoint_info(hid_t file, const char *path) {
            bias_note);
     printf("  data %s | seed %ld\n", data,
            long_attr_or(file, "seed", long_attr_or(file, "config.seed", 0)));
+    hid_t copy = H5Lexists(file, "run_record", H5P_DEFAULT) > 0
+                     ? H5Dopen2(file, "run_record", H5P_DEFAULT)
+                     : -1;
+    if (copy >= 0) {
+        printf("  run record: a copy as of this step (%.2f MB), put over --out by a resume\n",
+               (double)H5Dget_storage_size(copy) / 1e6);
+        H5Dclose(copy);
+    }
+    else
+        printf("  run record: no copy (an older moesim); a resume continues --out in place\n");
     return 0;
 }
 

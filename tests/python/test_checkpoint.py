@@ -366,6 +366,9 @@ def test_info_summarises_a_checkpoint_and_its_directory(uninterrupted):
     assert f"model: 2 layers, 2 MoE with 4 experts top-2, expert ffn 32, hidden 32, 2 heads, " \
         f"seq {SEQ} | {tensors} tensors, {parameters} parameters" in lines, lines
     assert "Adam moments present" in lines, lines
+    with h5py.File(path, "r") as f:
+        copy = f["run_record"].size / 1e6
+    assert f"run record: a copy as of this step ({copy:.2f} MB)" in lines, lines
     directory = moesim_info(uninterrupted / "ckpt")
     assert directory.returncode == 0 and directory.stdout == info.stdout, directory.stderr
 
