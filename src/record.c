@@ -531,8 +531,7 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     st |= set_string_array_attr(file, "category_names", (const char *const *)lay->category_names,
                                 lay->num_categories);
     if (lay->platform) st |= write_platform_attributes(file, lay->platform);
-    /* Every CPU runs bf16 the same way today; a native bf16 GEMM would say so here. */
-    st |= set_string_attr(file, "bf16_gemm", config_uses_bf16(cfg) ? "emulated" : "none");
+    st |= set_string_attr(file, "bf16_gemm", lay->bf16_gemm ? lay->bf16_gemm : "none");
     free(hosts);
     free(ini);
     return st;
