@@ -47,6 +47,15 @@ const char *bf16_gemm_describe(const Bf16Gemm *g) {
     return "emulated";
 }
 
+long bf16_gemm_min_macs(const Bf16Gemm *g) {
+    (void)g;
+    return BF16_GEMM_MIN_MACS;
+}
+
+void bf16_gemm_set_min_macs(Bf16Gemm *g, long macs) {
+    (void)g, (void)macs;
+}
+
 void bf16_gemm_run(Bf16Gemm *g, int transpose_a, int transpose_b, int M, int N, int K, float alpha,
                    const uint16_t *a, int lda, const uint16_t *b, int ldb, float beta, float *c,
                    int ldc) {
@@ -72,7 +81,10 @@ struct Bf16Gemm {
     dnnl_primitive_t primitive[PRIMITIVES];
     float alpha;              /* the runtime output scale, read at execution */
     dnnl_memory_t alpha_mem;  /* wraps alpha */
-    char description[96];
+    long min_macs;            /* smaller products are emulated */
+    char impl_name[64];       /* oneDNN's implementation, e.g. "gemm:jit" */
+    const char *feature;      /* avx512_bf16 or amx_bf16 */
+    char description[128];
 };
 
 static int primitive_index(int transpose_a, int transpose_b, int beta_one) {
@@ -188,7 +200,9 @@ Bf16Gemm *bf16_gemm_create(char *problem, size_t problem_len) {
         bf16_gemm_free(g);
         return NULL;
     }
-    snprintf(g->description, sizeof g->description, "onednn (%s, %s)", impl, feature);
+    snprintf(g->impl_name, sizeof g->impl_name, "%s", impl);
+    g->feature = feature;
+    bf16_gemm_set_min_macs(g, BF16_GEMM_MIN_MACS);
     return g;
 }
 
@@ -204,6 +218,19 @@ void bf16_gemm_free(Bf16Gemm *g) {
 
 const char *bf16_gemm_describe(const Bf16Gemm *g) {
     return g->description;
+}
+
+long bf16_gemm_min_macs(const Bf16Gemm *g) {
+    return g->min_macs;
+}
+
+void bf16_gemm_set_min_macs(Bf16Gemm *g, long macs) {
+    g->min_macs = macs;
+    int n = snprintf(g->description, sizeof g->description, "onednn (%s, %s)", g->impl_name,
+                     g->feature);
+    if (macs > 0 && n > 0 && (size_t)n < sizeof g->description)
+        snprintf(g->description + n, sizeof g->description - (size_t)n,
+                 ", emulated under %ld multiply-adds", macs);
 }
 
 static void check(dnnl_status_t st, const char *what) {

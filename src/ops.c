@@ -147,14 +147,31 @@ static void bf16_rows(uint16_t *dst, const float *src, int rows, int cols, int l
     }
 }
 
+/* A linear layer's products are split over token rows (RowSplit), and their
+ * operands are converted once for all splits, so whether they run natively
+ * is decided from the weight's dimensions at a nominal split of this many
+ * rows (attention's query block): never from the rows a rank holds, so a
+ * call is native on every layout or on none. */
+#define NATIVE_NOMINAL_ROWS 32
+
+/* Whether a bf16 product of `macs` multiply-adds runs on the native GEMM. */
+static int runs_native(const Matmul *mm, long macs) {
+    return mm && mm->precision == MATMUL_BF16 && mm->gemm && macs >= bf16_gemm_min_macs(mm->gemm);
+}
+
+static int linear_runs_native(const Matmul *mm, int in_dim, int out_dim) {
+    return runs_native(mm, (long)NATIVE_NOMINAL_ROWS * in_dim * out_dim);
+}
+
 /* The operand src[rows, cols] (leading dimension ld) as mm wants it: itself
  * for float32; else converted into scratch slot `slot`, packed (leading
- * dimension cols): bf16 bit patterns for the native GEMM, bf16-rounded
- * floats for the emulation. The bit patterns take half the slot. */
-static Operand operand(const Matmul *mm, int slot, const float *src, int rows, int cols, int ld) {
+ * dimension cols): bf16 bit patterns for the native GEMM (native), bf16-
+ * rounded floats for the emulation. The bit patterns take half the slot. */
+static Operand operand(const Matmul *mm, int native, int slot, const float *src, int rows,
+                       int cols, int ld) {
     if (!mm || mm->precision == MATMUL_FP32) return (Operand){src, NULL, ld};
     check_capacity(mm, rows, cols);
-    if (mm->gemm) { /* an empty operand's product is empty: bf16_gemm_run returns early */
+    if (native) { /* an empty operand's product is empty: bf16_gemm_run returns early */
         uint16_t *bits = (uint16_t *)mm->rounded[slot];
         bf16_rows(bits, src, rows, cols, ld);
         return (Operand){NULL, bits, cols};
@@ -199,8 +216,9 @@ static void keep_progress(const Matmul *mm) {
 
 void matmul_forward(float *out, const float *inp, const float *w, int N, int in_dim, int out_dim,
                     const Matmul *mm) {
-    Operand x = operand(mm, 0, inp, N, in_dim, in_dim);
-    Operand weights = operand(mm, 1, w, out_dim, in_dim, in_dim);
+    int native = linear_runs_native(mm, in_dim, out_dim);
+    Operand x = operand(mm, native, 0, inp, N, in_dim, in_dim);
+    Operand weights = operand(mm, native, 1, w, out_dim, in_dim, in_dim);
     const RowSplit *split = mm ? mm->split : NULL;
     for (int i = 0, count = row_split_count(split, N); i < count; i++) {
         int first = row_split_begin(split, i, N), rows = row_split_begin(split, i + 1, N) - first;
@@ -215,11 +233,12 @@ void matmul_backward_into(float *dinp, float dinp_beta, float *dw, const float *
                           const float *inp, const float *w, int N, int in_dim, int out_dim,
                           const Matmul *mm) {
     if (N == 0) return;
-    Operand grad = operand(mm, 0, dout, N, out_dim, out_dim); /* shared by both products */
+    int native = linear_runs_native(mm, in_dim, out_dim);
+    Operand grad = operand(mm, native, 0, dout, N, out_dim, out_dim); /* shared by both products */
     const RowSplit *split = mm ? mm->split : NULL;
     int count = row_split_count(split, N);
     if (dinp) {
-        Operand weights = operand(mm, 1, w, out_dim, in_dim, in_dim);
+        Operand weights = operand(mm, native, 1, w, out_dim, in_dim, in_dim);
         for (int i = 0; i < count; i++) {
             int first = row_split_begin(split, i, N);
             int rows = row_split_begin(split, i + 1, N) - first;
@@ -229,7 +248,7 @@ void matmul_backward_into(float *dinp, float dinp_beta, float *dw, const float *
             keep_progress(mm);
         }
     }
-    Operand x = operand(mm, 1, inp, N, in_dim, in_dim);
+    Operand x = operand(mm, native, 1, inp, N, in_dim, in_dim);
     for (int i = 0; i < count; i++) {
         int first = row_split_begin(split, i, N), rows = row_split_begin(split, i + 1, N) - first;
         if (rows == 0) continue;
@@ -247,8 +266,9 @@ void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp
 void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc,
                  const Matmul *mm) {
-    Operand op_a = operand(mm, 0, a, transpose_a ? K : M, transpose_a ? M : K, lda);
-    Operand op_b = operand(mm, 1, b, transpose_b ? N : K, transpose_b ? K : N, ldb);
+    int native = runs_native(mm, (long)M * N * K);
+    Operand op_a = operand(mm, native, 0, a, transpose_a ? K : M, transpose_a ? M : K, lda);
+    Operand op_b = operand(mm, native, 1, b, transpose_b ? N : K, transpose_b ? K : N, ldb);
     product(transpose_a, transpose_b, M, N, K, alpha, op_a, op_b, beta, c, ldc, mm);
     keep_progress(mm);
 }

@@ -224,10 +224,13 @@ std::vector<float> nudged_grid(size_t n, unsigned seed) {
     return v;
 }
 
+// The native GEMM for every product, however small, beside the emulation.
 struct Backends {
     Bf16Matmul native, emulated;
     explicit Backends(size_t floats)
-        : native(floats, BF16_GEMM_ONEDNN), emulated(floats, BF16_GEMM_EMULATED) {}
+        : native(floats, BF16_GEMM_ONEDNN), emulated(floats, BF16_GEMM_EMULATED) {
+        if (native.mm.gemm) bf16_gemm_set_min_macs(native.mm.gemm, 0);
+    }
 };
 
 struct Shape {
@@ -246,7 +249,8 @@ TEST_P(NativeBf16, LinearLayerEqualsTheEmulationBitForBit) {
     const int N = sh.rows, I = sh.in, O = sh.out;
     Backends b((size_t)std::max(N, O) * std::max(I, O));
     ASSERT_NE(b.native.mm.gemm, nullptr);
-    EXPECT_EQ(std::string(matmul_bf16_gemm(&b.native.mm)).rfind("onednn (", 0), 0u);
+    EXPECT_EQ(std::string(matmul_bf16_gemm(&b.native.mm)).rfind("onednn (", 0), 0u)
+        << matmul_bf16_gemm(&b.native.mm);
     const int begin[] = {0, N / 3, N / 3, N};  // one split empty
     RowSplit split{3, 0, begin, nullptr, nullptr};
     b.native.mm.split = b.emulated.mm.split = &split;
@@ -338,6 +342,34 @@ INSTANTIATE_TEST_SUITE_P(Shapes, NativeBf16,
                              return std::to_string(s.rows) + "x" + std::to_string(s.in) + "x" +
                                     std::to_string(s.out);
                          });
+
+// Products below BF16_GEMM_MIN_MACS multiply-adds (attention's 32-row blocks
+// at head size 32) run emulated, bit for bit, on the native Matmul too, and
+// the description says so; larger ones do not.
+TEST(NativeBf16Choice, SmallProductsRunEmulated) {
+    SKIP_WITHOUT_NATIVE_BF16();
+    Bf16Matmul native(64 * 64, BF16_GEMM_ONEDNN), emulated(64 * 64, BF16_GEMM_EMULATED);
+    EXPECT_NE(std::string(matmul_bf16_gemm(&native.mm)).find("emulated under 524288"),
+              std::string::npos)
+        << matmul_bf16_gemm(&native.mm);
+    auto a = random_vector(32 * 64, 60), b = random_vector(64 * 64, 61);
+    std::vector<float> c_n(32 * 64), c_e(32 * 64);
+    for (int K : {32, 64}) {  // 2^15, then 2^16 multiply-adds: below the threshold
+        matmul_gemm(0, 1, 32, 32, K, 1.0f, a.data(), K, b.data(), K, 0.0f, c_n.data(), 32,
+                    &native.mm);
+        matmul_gemm(0, 1, 32, 32, K, 1.0f, a.data(), K, b.data(), K, 0.0f, c_e.data(), 32,
+                    &emulated.mm);
+        EXPECT_TRUE(bit_equal(c_n, c_e)) << "K " << K;
+    }
+    // A linear layer of 128 x 128 (2^19 at a nominal 32-row split) runs natively
+    // whatever its rows: one row differs from the emulation somewhere.
+    auto x = random_vector(128 * 128, 62), w = random_vector(128 * 128, 63);
+    Bf16Matmul wide(128 * 128, BF16_GEMM_ONEDNN), wide_e(128 * 128, BF16_GEMM_EMULATED);
+    std::vector<float> y_n(3 * 128), y_e(3 * 128);
+    matmul_forward(y_n.data(), x.data(), w.data(), 3, 128, 128, &wide.mm);
+    matmul_forward(y_e.data(), x.data(), w.data(), 3, 128, 128, &wide_e.mm);
+    EXPECT_FALSE(bit_equal(y_n, y_e)) << "the 128 x 128 layer ran emulated";
+}
 
 // --bf16-gemm emulated never builds the native GEMM; auto does where it runs.
 TEST(NativeBf16Choice, EmulatedAndAutoChooseAsAsked) {

@@ -27,9 +27,19 @@ typedef struct Bf16Gemm Bf16Gemm;
  * feature, oneDNN implementation or build option, and the fix). */
 Bf16Gemm *bf16_gemm_create(char *problem, size_t problem_len);
 void bf16_gemm_free(Bf16Gemm *g);
-/* "onednn (gemm:jit, avx512_bf16)": the library, its implementation and the
- * CPU feature that runs it. */
+/* "onednn (gemm:jit, avx512_bf16), emulated under 524288 multiply-adds": the
+ * library, its implementation, the CPU feature that runs it, and which
+ * products stay emulated (bf16_gemm_min_macs). */
 const char *bf16_gemm_describe(const Bf16Gemm *g);
+
+/* oneDNN's bf16 matmul costs a few microseconds more per call than sgemm, so
+ * small products run faster emulated: on Zen 5 the two are at par near
+ * 64 x 64 x 64 and oneDNN is 1.5-2x faster from 2^19 multiply-adds up. */
+#define BF16_GEMM_MIN_MACS (1L << 19)
+/* Products of fewer multiply-adds are emulated (BF16_GEMM_MIN_MACS unless set). */
+long bf16_gemm_min_macs(const Bf16Gemm *g);
+/* Tests: 0 runs every product on oneDNN. */
+void bf16_gemm_set_min_macs(Bf16Gemm *g, long macs);
 
 /* For `choice`: *gemm becomes the native GEMM (auto where available, onednn)
  * or NULL (emulated, or auto where it is not). Returns 0, or -1 with err set
