@@ -34,7 +34,7 @@ struct Bf16Gemm {
 Bf16Gemm *bf16_gemm_create(char *problem, size_t problem_len) {
     snprintf(problem, problem_len,
              "this moesim was built without oneDNN; install libdnnl-dev (make deps) and "
-             "rebuild with make ONEDNN=1");
+             "rebuild (make finds it; ONEDNN=1 insists on it)");
     return NULL;
 }
 
