@@ -198,6 +198,9 @@ sanitize: $(BUILD)/sanitize/unit_tests $(BUILD)/sanitize/moesim
 	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim train $(SAN_RUN_FLAGS) \
 		--overlap-grad-reduce 1 --moe-overlap-chunks 2 \
 		--out $(BUILD)/sanitize/runs/overlap.h5 --overwrite 1
+	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim train $(SAN_RUN_FLAGS) --precision bf16 \
+		--hidden-size 128 --ffn-hidden-size 128 --moe-ffn-hidden-size 128 \
+		--out $(BUILD)/sanitize/runs/bf16.h5 --overwrite 1
 	$(SAN_ENV) $(BUILD)/sanitize/moesim project $(BUILD)/sanitize/runs/train.h5 \
 		--cluster experiments/clusters/h100_nvlink_ib400.ini --world-size 4 \
 		--moe-token-dispatcher-type hierarchical --ranks-per-node 2 \

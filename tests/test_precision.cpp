@@ -400,6 +400,9 @@ struct SmallModel {
         tiny_model_shape(&s);
         comm_attach_self(&self);
         EXPECT_EQ(model_init(&m, &s, 7, &self), 0);
+        // This model's products are far below BF16_GEMM_MIN_MACS: run them
+        // all on the native GEMM, or it would not be tested here.
+        if (m.matmul.gemm) bf16_gemm_set_min_macs(m.matmul.gemm, 0);
         m.router_ctx.training = 1;
         tiny_model_amplify_and_batch(&m, &inputs, &targets);
     }
@@ -453,6 +456,7 @@ TEST_P(SelectivePrecision, RouterAndOtherMatmulsEachAtTheirOwnPrecision) {
     int l = 1;  // the MoE layer (moe_layer_freq 2)
     ASSERT_TRUE(model_is_moe_layer(&f.s, l));
     Bf16Matmul bf((size_t)f.N() * 3 * f.s.C, c.gemm);
+    if (bf.mm.gemm) bf16_gemm_set_min_macs(bf.mm.gemm, 0);
     Recomputed fp32 = recompute(f, l, nullptr), bf16 = recompute(f, l, &bf.mm);
     const Routing &r = f.m.moe[l].routing;
     int N = f.N(), C = f.s.C, E = f.s.E;
