@@ -371,6 +371,24 @@ TEST(NativeBf16Choice, SmallProductsRunEmulated) {
     EXPECT_FALSE(bit_equal(y_n, y_e)) << "the 128 x 128 layer ran emulated";
 }
 
+// AVX512-BF16's dot products treat denormal inputs and results as zero
+// whatever MXCSR says, as --flush-denormals 1 (the default) makes sgemm do:
+// with --flush-denormals 0 the two GEMMs differ there (README).
+TEST(NativeBf16Choice, DenormalsAreFlushed) {
+    SKIP_WITHOUT_NATIVE_BF16();
+    Bf16Matmul native(4, BF16_GEMM_ONEDNN);
+    bf16_gemm_set_min_macs(native.mm.gemm, 0);
+    const float one = 1.0f, tiny = 1e-20f;
+    const float smallest = from_bits(0x00010000u);  // bf16's smallest denormal
+    float c = -1.0f;
+    matmul_gemm(0, 1, 1, 1, 1, 1.0f, &smallest, 1, &one, 1, 0.0f, &c, 1, &native.mm);
+    EXPECT_EQ(c, 0.0f) << "a denormal input";
+    matmul_gemm(0, 1, 1, 1, 1, 1.0f, &tiny, 1, &tiny, 1, 0.0f, &c, 1, &native.mm);
+    EXPECT_EQ(c, 0.0f) << "a denormal product";
+    matmul_gemm(0, 1, 1, 1, 1, 1.0f, &one, 1, &one, 1, 0.0f, &c, 1, &native.mm);
+    EXPECT_EQ(c, 1.0f);
+}
+
 // --bf16-gemm emulated never builds the native GEMM; auto does where it runs.
 TEST(NativeBf16Choice, EmulatedAndAutoChooseAsAsked) {
     Bf16Matmul emulated(16, BF16_GEMM_EMULATED), automatic(16, BF16_GEMM_AUTO);
