@@ -25,8 +25,8 @@ typedef enum MatmulPrecision { MATMUL_FP32, MATMUL_BF16 } MatmulPrecision;
 /* How one group of matmuls computes. bf16 inputs (activations, weights,
  * incoming gradients) are rounded to bfloat16 (round to nearest even) into a
  * scratch copy: as bf16 bit patterns for oneDNN's native bf16 GEMM
- * (bf16_gemm.h) where the CPU has one, else as floats that cblas_sgemm
- * multiplies (an exact emulation). Both accumulate in float32 and give the
+ * (bf16_gemm.h) where the CPU has one and the product is large enough to
+ * gain, else as floats that cblas_sgemm multiplies (an exact emulation). Both accumulate in float32 and give the
  * same numbers up to accumulation order. The two scratch buffers hold one
  * operand each, so they are sized for the largest operand of any call
  * (matmul_init); a larger operand aborts with a message. The scratch is
@@ -105,7 +105,9 @@ void matmul_backward_into(float *dinp, float dinp_beta, float *dw, const float *
  * + beta * c, op(a)[M,K] = a or a^T (transpose_a), op(b)[K,N] likewise. For
  * the products that are not a linear layer (attention, the router's
  * backward). On the native bf16 GEMM beta is 0 or 1, like every beta of
- * matmul_backward_into. */
+ * matmul_backward_into. Whether a bf16 product runs natively depends on
+ * M * N * K (bf16_gemm_min_macs; a linear layer's on in_dim * out_dim), so
+ * like every shape here it must not depend on the layout. */
 void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc, const Matmul *mm);
 
