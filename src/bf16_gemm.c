@@ -79,11 +79,11 @@ struct Bf16Gemm {
     dnnl_engine_t engine;
     dnnl_stream_t stream;
     dnnl_primitive_t primitive[PRIMITIVES];
-    float alpha;              /* the runtime output scale, read at execution */
-    dnnl_memory_t alpha_mem;  /* wraps alpha */
-    long min_macs;            /* smaller products are emulated */
-    char impl_name[64];       /* oneDNN's implementation, e.g. "gemm:jit" */
-    const char *feature;      /* avx512_bf16 or amx_bf16 */
+    float alpha;             /* the runtime output scale, read at execution */
+    dnnl_memory_t alpha_mem; /* wraps alpha */
+    long min_macs;           /* smaller products are emulated */
+    char impl_name[64];      /* oneDNN's implementation, e.g. "gemm:jit" */
+    const char *feature;     /* avx512_bf16 or amx_bf16 */
     char description[128];
 };
 
@@ -140,8 +140,8 @@ static int is_reference(const char *impl) {
 static int create_primitives(Bf16Gemm *g, char *problem, size_t problem_len, char *impl,
                              size_t impl_len) {
     for (int i = 0; i < PRIMITIVES; i++) {
-        dnnl_status_t st = create_primitive(g, (i >> 2) & 1, (i >> 1) & 1, i & 1,
-                                            &g->primitive[i], impl, impl_len);
+        dnnl_status_t st = create_primitive(g, (i >> 2) & 1, (i >> 1) & 1, i & 1, &g->primitive[i],
+                                            impl, impl_len);
         if (st != dnnl_success) {
             snprintf(problem, problem_len,
                      "oneDNN has no bf16 matmul for this CPU's instruction set (%s)",
@@ -150,8 +150,7 @@ static int create_primitives(Bf16Gemm *g, char *problem, size_t problem_len, cha
         }
         if (is_reference(impl)) {
             snprintf(problem, problem_len,
-                     "oneDNN offers only its reference bf16 matmul (%s) here, no JIT kernel",
-                     impl);
+                     "oneDNN offers only its reference bf16 matmul (%s) here, no JIT kernel", impl);
             return -1;
         }
     }
@@ -187,8 +186,7 @@ Bf16Gemm *bf16_gemm_create(char *problem, size_t problem_len) {
     dnnl_memory_desc_t alpha_md;
     char impl[64] = "";
     int ok = dnnl_engine_create(&g->engine, dnnl_cpu, 0) == dnnl_success &&
-             dnnl_stream_create(&g->stream, g->engine, dnnl_stream_default_flags) ==
-                 dnnl_success &&
+             dnnl_stream_create(&g->stream, g->engine, dnnl_stream_default_flags) == dnnl_success &&
              dnnl_memory_desc_init_by_tag(&alpha_md, 1, one, dnnl_f32, dnnl_a) == dnnl_success &&
              dnnl_memory_create(&g->alpha_mem, &alpha_md, g->engine, &g->alpha) == dnnl_success;
     if (!ok) {

@@ -89,8 +89,8 @@ float bf16_round(float x) {
  * input itself, or its bf16-rounded copy for the emulation) or, for the
  * native bf16 GEMM, packed bf16 bit patterns. */
 typedef struct Operand {
-    const float *values;   /* NULL when bits is set */
-    const uint16_t *bits;  /* bf16, for bf16_gemm_run */
+    const float *values;  /* NULL when bits is set */
+    const uint16_t *bits; /* bf16, for bf16_gemm_run */
     int ld;
 } Operand;
 
@@ -135,8 +135,8 @@ static void bf16_rows(uint16_t *dst, const float *src, int rows, int cols, int l
         uint16_t *out = dst + (long)r * cols;
         int c = 0;
         for (; c + VEC_LANES <= cols; c += VEC_LANES) {
-            vec_h bits = __builtin_convertvector((vec_u)bf16_round_vec(vec_load(row + c)) >> 16,
-                                                 vec_h);
+            vec_h bits =
+                __builtin_convertvector((vec_u)bf16_round_vec(vec_load(row + c)) >> 16, vec_h);
             memcpy(out + c, &bits, sizeof bits);
         }
         for (; c < cols; c++) {
@@ -167,8 +167,8 @@ static int linear_runs_native(const Matmul *mm, int in_dim, int out_dim) {
  * for float32; else converted into scratch slot `slot`, packed (leading
  * dimension cols): bf16 bit patterns for the native GEMM (native), bf16-
  * rounded floats for the emulation. The bit patterns take half the slot. */
-static Operand operand(const Matmul *mm, int native, int slot, const float *src, int rows,
-                       int cols, int ld) {
+static Operand operand(const Matmul *mm, int native, int slot, const float *src, int rows, int cols,
+                       int ld) {
     if (!mm || mm->precision == MATMUL_FP32) return (Operand){src, NULL, ld};
     check_capacity(mm, rows, cols);
     if (native) { /* an empty operand's product is empty: bf16_gemm_run returns early */

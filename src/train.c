@@ -533,9 +533,10 @@ static void print_header(const Trainer *t, const RecordLayout *layout) {
     if (cfg->moe_overlap_chunks > 1)
         printf(", expert work overlapping it in %d chunks", cfg->moe_overlap_chunks);
     printf("\n");
-    printf("precision: matmul inputs %s, router %s; accumulation and master weights fp32; "
-           "bf16 GEMM: %s\n",
-           cfg->precision, cfg->moe_router_precision, layout->bf16_gemm ? layout->bf16_gemm : "none");
+    printf(
+        "precision: matmul inputs %s, router %s; accumulation and master weights fp32; "
+        "bf16 GEMM: %s\n",
+        cfg->precision, cfg->moe_router_precision, layout->bf16_gemm ? layout->bf16_gemm : "none");
     if (cfg->freeze[0]) {
         long frozen = frozen_params_total(m);
         printf("frozen: %s, %ld of %ld parameters (no update, Adam moments kept); %ld train\n",

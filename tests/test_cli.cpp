@@ -496,8 +496,7 @@ TEST_F(CliRun, Bf16GemmOnednnWithoutNativeBf16IsRefused) {
     EXPECT_NE(refused.status, 0) << refused.output;
     EXPECT_EQ(CountOccurrences(refused.output, "moesim: error: --bf16-gemm onednn: "), 1u)
         << refused.output;
-    EXPECT_NE(refused.output.find("use --bf16-gemm emulated"), std::string::npos)
-        << refused.output;
+    EXPECT_NE(refused.output.find("use --bf16-gemm emulated"), std::string::npos) << refused.output;
     EXPECT_FALSE(wrote) << "a refused run wrote a record";
     EXPECT_EQ(fallback.status, 0) << fallback.output;
     EXPECT_NE(fallback.output.find("bf16 GEMM: emulated"), std::string::npos) << fallback.output;

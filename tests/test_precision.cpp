@@ -116,9 +116,9 @@ std::string native_bf16_missing() {
     return g ? "" : problem;
 }
 
-#define SKIP_WITHOUT_NATIVE_BF16()                                                 \
-    do {                                                                           \
-        std::string missing = native_bf16_missing();                               \
+#define SKIP_WITHOUT_NATIVE_BF16()                                                \
+    do {                                                                          \
+        std::string missing = native_bf16_missing();                              \
         if (!missing.empty()) GTEST_SKIP() << "no native bf16 GEMM: " << missing; \
     } while (0)
 
@@ -269,8 +269,8 @@ TEST_P(NativeBf16, LinearLayerEqualsTheEmulationBitForBit) {
         dw_e = dw_n;
         matmul_backward_into(dx_n.data(), beta, dw_n.data(), dout.data(), x.data(), w.data(), N, I,
                              O, &b.native.mm);
-        matmul_backward_into(dx_e.data(), beta, dw_e.data(), dout.data(), x.data(), w.data(), N,
-                             I, O, &b.emulated.mm);
+        matmul_backward_into(dx_e.data(), beta, dw_e.data(), dout.data(), x.data(), w.data(), N, I,
+                             O, &b.emulated.mm);
         EXPECT_TRUE(bit_equal(dx_n, dx_e)) << "dinp, beta " << beta;
         EXPECT_TRUE(bit_equal(dw_n, dw_e)) << "dw, beta " << beta;
     }
@@ -407,8 +407,8 @@ struct SmallModel {
     std::vector<int> inputs, targets;
 
     SmallModel(MatmulPrecision precision, MatmulPrecision router_precision,
-               FfnActivation act = FFN_GELU, int shared_F = 0,
-               RouterType router = ROUTER_TOPK, Bf16GemmChoice gemm = BF16_GEMM_EMULATED) {
+               FfnActivation act = FFN_GELU, int shared_F = 0, RouterType router = ROUTER_TOPK,
+               Bf16GemmChoice gemm = BF16_GEMM_EMULATED) {
         s.precision = precision;
         s.bf16_gemm = gemm;
         s.router_precision = router_precision;

@@ -26,13 +26,13 @@ typedef enum MatmulPrecision { MATMUL_FP32, MATMUL_BF16 } MatmulPrecision;
  * incoming gradients) are rounded to bfloat16 (round to nearest even) into a
  * scratch copy: as bf16 bit patterns for oneDNN's native bf16 GEMM
  * (bf16_gemm.h) where the CPU has one and the product is large enough to
- * gain, else as floats that cblas_sgemm multiplies (an exact emulation). Both accumulate in float32 and give the
- * same numbers up to accumulation order. The two scratch buffers hold one
- * operand each, so they are sized for the largest operand of any call
- * (matmul_init); a larger operand aborts with a message. The scratch is
- * written through a const Matmul *, like a Comm's buffers: callers run one
- * matmul at a time. Every function below taking a Matmul * treats NULL as
- * float32. */
+ * gain, else as floats that cblas_sgemm multiplies (an exact emulation).
+ * Both accumulate in float32 and give the same numbers up to accumulation
+ * order. The two scratch buffers hold one operand each, so they are sized
+ * for the largest operand of any call (matmul_init); a larger operand aborts
+ * with a message. The scratch is written through a const Matmul *, like a
+ * Comm's buffers: callers run one matmul at a time. Every function below
+ * taking a Matmul * treats NULL as float32. */
 /* Where a product over token rows splits, and where each split's weight
  * gradient goes. Every layout issues the same call for a split (one grain's
  * rows, or one grain's rows of an expert), so a row's result never depends on
