@@ -1568,6 +1568,9 @@ int record_print_info(const char *path, char *err, size_t errlen) {
     char platform[512];
     string_attr(file, "platform", platform, sizeof platform);
     if (strcmp(platform, "?") != 0) printf("  platform: %s\n", platform);
+    char gemm[160];
+    string_attr(file, "bf16_gemm", gemm, sizeof gemm);
+    if (strcmp(gemm, "?") != 0 && strcmp(gemm, "none") != 0) printf("  bf16 GEMM: %s\n", gemm);
     print_load_cv(file);
     print_phase_breakdown(file);
     print_comm_summary(file);

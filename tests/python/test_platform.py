@@ -220,6 +220,9 @@ def test_auto_takes_the_native_bf16_gemm_where_the_cpu_has_one(tmp_path):
     assert f"bf16 GEMM: {gemm}" in run.stdout
     here = platform()
     assert f"bf16 GEMM (--bf16-gemm auto): {gemm}" in here.stdout, here.stdout
+    info = subprocess.run([str(BUILD / "moesim"), "info", str(out)], env=env_without_kernel(),
+                          capture_output=True, text=True, timeout=60)
+    assert f"  bf16 GEMM: {gemm}\n" in info.stdout, info.stdout
     native = {"avx512_bf16", "amx_bf16"} & set(attrs["cpu_features"].split())
     if not native:
         assert gemm == "emulated"
