@@ -68,8 +68,22 @@ ifeq ($(strip $(INIH_LIBS)),)
   INIH_LIBS   := $(or $(shell pkg-config --libs inih 2>/dev/null),-linih)
 endif
 
-PKG_CFLAGS = $(HDF5_CFLAGS) $(BLAS_CFLAGS) $(INIH_CFLAGS)
-PKG_LIBS   = $(HDF5_LIBS) $(BLAS_LIBS) $(INIH_LIBS) -lm
+# oneDNN (Debian: libdnnl-dev), optional: the native bf16 GEMM (--bf16-gemm).
+# ONEDNN=1 uses it, ONEDNN=0 builds the bf16 emulation only; by default it is
+# used when its header compiles. It runs on OpenMP (libgomp), which moesim
+# limits to one thread per rank.
+ONEDNN_LIBS ?= -ldnnl -lgomp
+ifeq ($(origin ONEDNN),undefined)
+  ONEDNN := $(if $(shell printf '\#include <oneapi/dnnl/dnnl.h>\n' | $(CC) $(ONEDNN_CFLAGS) -E -x c - \
+	>/dev/null 2>&1 && echo yes),1,0)
+endif
+ifeq ($(ONEDNN),1)
+  ONEDNN_FLAGS := -DMOESIM_HAVE_ONEDNN $(ONEDNN_CFLAGS)
+  ONEDNN_LINK  := $(ONEDNN_LIBS)
+endif
+
+PKG_CFLAGS = $(HDF5_CFLAGS) $(BLAS_CFLAGS) $(INIH_CFLAGS) $(ONEDNN_FLAGS)
+PKG_LIBS   = $(HDF5_LIBS) $(BLAS_LIBS) $(INIH_LIBS) $(ONEDNN_LINK) -lm
 WARN     := -Wall -Wextra -Werror
 # AVX2, not -march=native: GCC 12 with AVX-512 (-march=native on these Zen
 # machines, or x86-64-v4) miscompiles `std::vector<int>{1,1,1,1,0,0,0,0}` into
@@ -107,6 +121,10 @@ $(2)/obj/record.o: $(2)/revision
 $(2)/obj/record.o: CFLAGS += -DMOESIM_GIT_REVISION='"$$(GIT_REVISION)"'
 $(2)/revision: FORCE | $(2)/obj
 	@echo '$$(GIT_REVISION)' | cmp -s - $$@ || echo '$$(GIT_REVISION)' > $$@
+# bf16_gemm.o is rebuilt when ONEDNN changes.
+$(2)/obj/bf16_gemm.o: $(2)/onednn
+$(2)/onednn: FORCE | $(2)/obj
+	@echo '$$(ONEDNN)' | cmp -s - $$@ || echo '$$(ONEDNN)' > $$@
 $(2)/obj $(2)/obj/tests:
 	mkdir -p $$@
 endef
@@ -180,6 +198,9 @@ sanitize: $(BUILD)/sanitize/unit_tests $(BUILD)/sanitize/moesim
 	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim train $(SAN_RUN_FLAGS) \
 		--overlap-grad-reduce 1 --moe-overlap-chunks 2 \
 		--out $(BUILD)/sanitize/runs/overlap.h5 --overwrite 1
+	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim train $(SAN_RUN_FLAGS) --precision bf16 \
+		--hidden-size 128 --ffn-hidden-size 128 --moe-ffn-hidden-size 128 \
+		--out $(BUILD)/sanitize/runs/bf16.h5 --overwrite 1
 	$(SAN_ENV) $(BUILD)/sanitize/moesim project $(BUILD)/sanitize/runs/train.h5 \
 		--cluster experiments/clusters/h100_nvlink_ib400.ini --world-size 4 \
 		--moe-token-dispatcher-type hierarchical --ranks-per-node 2 \

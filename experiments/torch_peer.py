@@ -153,14 +153,15 @@ DATA_DEFAULTS = {"data-path": "/usr/share/games/fortunes", "data-format": "auto"
                  "val-fraction": "0.1"}
 # Keys that do not change one rank's training step (evaluation, output,
 # expert parallelism, evaluation-time capacity, the synthetic source, what
-# becomes of a step whose loss is not finite): read and ignored.
+# becomes of a step whose loss is not finite, how bf16 products run when the
+# peer runs float32 only): read and ignored.
 IGNORED_KEYS = {
     "expert-model-parallel-size", "moe-eval-capacity-factor", "eval-interval", "eval-iters",
     "log-interval", "progress-interval", "synthetic-clusters", "synthetic-tokens", "out",
     "record-flush-interval", "save", "save-interval", "save-keep", "load", "finetune",
     "no-load-optim", "overwrite", "skip-nonfinite-steps", "moe-token-dispatcher-type",
     "ranks-per-node", "moe-overlap-chunks", "overlap-grad-reduce",
-    "record-group-counts-interval",
+    "record-group-counts-interval", "bf16-gemm",
 }
 # Settings of moesim the peer does not implement, with the value it needs.
 SUPPORTED_ONLY = {

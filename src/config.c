@@ -125,7 +125,7 @@ static const Option OPTIONS[] = {
      .choices = "fp32|bf16",
      .help = "matmul inputs (activations, weights, gradients) in float32 or bfloat16; "
              "accumulation, gradients and master weights stay float32 (Switch Transformer's "
-             "recipe); bf16 is emulated (inputs rounded to nearest even, then sgemm). The "
+             "recipe); bf16 runs as --bf16-gemm says. The "
              "router follows --moe-router-precision"},
     {.name = "moe-router-precision",
      .group = G_MODEL,
@@ -742,6 +742,16 @@ static const Option OPTIONS[] = {
      .default_text = "1",
      .help = "flush float32 denormals to zero (FTZ+DAZ) on every rank; 0 keeps IEEE denormals, "
              "which are very slow on some CPUs"},
+    {.name = "bf16-gemm",
+     .group = G_PLATFORM,
+     .type = OPT_STRING,
+     FIELD(bf16_gemm),
+     .default_text = "auto",
+     .choices = "auto|onednn|emulated",
+     .help = "how bf16 matmuls run: onednn is oneDNN's native bf16 GEMM (CPUs with avx512_bf16 "
+             "or amx_bf16; refused elsewhere), emulated rounds the inputs to bf16 and runs "
+             "sgemm, auto takes onednn where it runs natively, else emulated. The same numbers "
+             "up to accumulation order"},
 };
 
 #define NUM_OPTIONS (sizeof(OPTIONS) / sizeof(OPTIONS[0]))

@@ -7,6 +7,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "moesim/bf16_gemm.h"
 #include "moesim/checkpoint.h"
 #include "moesim/comm.h"
 #include "moesim/config.h"
@@ -157,6 +158,17 @@ static int print_info(int argc, char **argv, const Comm *comm) {
     return status;
 }
 
+/* What --bf16-gemm auto would run here, and why not oneDNN when not. */
+static void print_bf16_gemm(void) {
+    char problem[384];
+    Bf16Gemm *gemm = bf16_gemm_create(problem, sizeof problem);
+    if (gemm)
+        printf("bf16 GEMM (--bf16-gemm auto): %s\n", bf16_gemm_describe(gemm));
+    else
+        printf("bf16 GEMM (--bf16-gemm auto): emulated (%s)\n", problem);
+    bf16_gemm_free(gemm);
+}
+
 /* `moesim platform`: the start-up facts, and the kernel verdict as status. */
 static int print_platform(Platform *platform, const Comm *comm) {
     /* Show the denormal mode train and bench run in by default. */
@@ -169,6 +181,7 @@ static int print_platform(Platform *platform, const Comm *comm) {
     printf("cpu features: %s\n", features);
     printf("best kernel for these features: %s\n",
            platform->blas_best[0] ? platform->blas_best : "(SSE kernels only)");
+    print_bf16_gemm();
     if (platform->error[0]) fprintf(stderr, "moesim: error: %s\n", platform->error);
     return platform->error[0] ? 1 : 0;
 }

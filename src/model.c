@@ -63,6 +63,7 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->precision = strcmp(cfg->precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
     s->router_precision =
         strcmp(cfg->moe_router_precision, "bf16") == 0 ? MATMUL_BF16 : MATMUL_FP32;
+    s->bf16_gemm = bf16_gemm_choice_from_name(cfg->bf16_gemm);
     s->grain = config_grain_tokens(cfg);
     s->world = 1;
 }
@@ -605,7 +606,8 @@ int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
             m->expert_bias[l] = alloc_floats((size_t)s->E, &failed);
     }
     if (any_moe && moe_scratch_init(&m->moe_scratch, &m->moe_shape) != 0) failed = 1;
-    if (matmul_init(&m->matmul, s->precision, matmul_operand_floats(s, &m->moe_shape)) != 0)
+    if (matmul_init(&m->matmul, s->precision, matmul_operand_floats(s, &m->moe_shape),
+                    s->bf16_gemm) != 0)
         failed = 1;
     if (!failed) m->matmul.split = &m->dense_split;
     m->router_matmul = matmul_view(&m->matmul, s->router_precision);

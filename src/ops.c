@@ -7,9 +7,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "moesim/bf16_gemm.h"
 #include "moesim/vecmath.h"
 
-int matmul_init(Matmul *mm, MatmulPrecision precision, size_t max_operand_floats) {
+int matmul_init(Matmul *mm, MatmulPrecision precision, size_t max_operand_floats,
+                Bf16GemmChoice gemm) {
     memset(mm, 0, sizeof *mm);
     mm->precision = precision;
     if (max_operand_floats == 0) return 0;
@@ -20,6 +22,11 @@ int matmul_init(Matmul *mm, MatmulPrecision precision, size_t max_operand_floats
             matmul_free(mm);
             return -1;
         }
+    char err[512];
+    if (bf16_gemm_choose(gemm, &mm->gemm, err, sizeof err) != 0) {
+        matmul_free(mm);
+        return -1;
+    }
     return 0;
 }
 
@@ -27,6 +34,7 @@ void matmul_free(Matmul *mm) {
     if (mm->owns_scratch) {
         free(mm->rounded[0]);
         free(mm->rounded[1]);
+        bf16_gemm_free(mm->gemm);
     }
     memset(mm, 0, sizeof *mm);
 }
@@ -40,6 +48,11 @@ Matmul matmul_view(const Matmul *mm, MatmulPrecision precision) {
     view.precision = precision;
     view.owns_scratch = 0;
     return view;
+}
+
+const char *matmul_bf16_gemm(const Matmul *mm) {
+    if (mm->capacity == 0) return "none";
+    return mm->gemm ? bf16_gemm_describe(mm->gemm) : "emulated";
 }
 
 /* Round to nearest even on the bit pattern: adding 0x7fff plus the lowest
@@ -72,22 +85,32 @@ float bf16_round(float x) {
     return x;
 }
 
-/* The operand src[rows, cols] (leading dimension ld) as mm wants it: itself
- * for float32, else its bf16-rounded copy in scratch slot `slot`, packed
- * (leading dimension cols, returned in *ld_out). */
-static const float *operand(const Matmul *mm, int slot, const float *src, int rows, int cols,
-                            int ld, int *ld_out) {
-    *ld_out = ld;
-    if (!mm || mm->precision == MATMUL_FP32 || rows == 0 || cols == 0) return src;
-    size_t need = (size_t)rows * cols;
-    if (need > mm->capacity) {
-        fprintf(stderr,
-                "moesim: internal error: a bf16 matmul operand of %d x %d floats exceeds the "
-                "rounding scratch of %zu floats (sized by model_matmul_operand_floats)\n",
-                rows, cols, mm->capacity);
-        abort();
-    }
-    float *dst = mm->rounded[slot];
+/* One input of a product as the GEMM in use reads it: float32 values (the
+ * input itself, or its bf16-rounded copy for the emulation) or, for the
+ * native bf16 GEMM, packed bf16 bit patterns. */
+typedef struct Operand {
+    const float *values;  /* NULL when bits is set */
+    const uint16_t *bits; /* bf16, for bf16_gemm_run */
+    int ld;
+} Operand;
+
+/* The operand from row `first` on (a split's rows). */
+static Operand from_row(Operand o, int first) {
+    long offset = (long)first * o.ld;
+    return (Operand){o.values ? o.values + offset : NULL, o.bits ? o.bits + offset : NULL, o.ld};
+}
+
+static void check_capacity(const Matmul *mm, int rows, int cols) {
+    if ((size_t)rows * cols <= mm->capacity) return;
+    fprintf(stderr,
+            "moesim: internal error: a bf16 matmul operand of %d x %d floats exceeds the "
+            "rounding scratch of %zu floats (sized by model_matmul_operand_floats)\n",
+            rows, cols, mm->capacity);
+    abort();
+}
+
+/* src[rows, cols] (leading dimension ld) rounded to bf16 into dst, packed. */
+static void round_rows(float *dst, const float *src, int rows, int cols, int ld) {
     for (int r = 0; r < rows; r++) {
         const float *row = src + (long)r * ld;
         float *out = dst + (long)r * cols;
@@ -101,8 +124,74 @@ static const float *operand(const Matmul *mm, int slot, const float *src, int ro
             memcpy(&out[c], &u, sizeof u);
         }
     }
-    *ld_out = cols;
-    return mm->rounded[slot];
+}
+
+/* src[rows, cols] (leading dimension ld) as bf16 bit patterns into dst,
+ * packed: the upper halves of round_rows's floats. */
+typedef uint16_t vec_h __attribute__((vector_size(VEC_LANES * sizeof(uint16_t))));
+static void bf16_rows(uint16_t *dst, const float *src, int rows, int cols, int ld) {
+    for (int r = 0; r < rows; r++) {
+        const float *row = src + (long)r * ld;
+        uint16_t *out = dst + (long)r * cols;
+        int c = 0;
+        for (; c + VEC_LANES <= cols; c += VEC_LANES) {
+            vec_h bits =
+                __builtin_convertvector((vec_u)bf16_round_vec(vec_load(row + c)) >> 16, vec_h);
+            memcpy(out + c, &bits, sizeof bits);
+        }
+        for (; c < cols; c++) {
+            uint32_t u;
+            memcpy(&u, &row[c], sizeof u);
+            out[c] = (uint16_t)(bf16_round_bits(u) >> 16);
+        }
+    }
+}
+
+/* A linear layer's products are split over token rows (RowSplit), and their
+ * operands are converted once for all splits, so whether they run natively
+ * is decided from the weight's dimensions at a nominal split of this many
+ * rows (attention's query block): never from the rows a rank holds, so a
+ * call is native on every layout or on none. */
+#define NATIVE_NOMINAL_ROWS 32
+
+/* Whether a bf16 product of `macs` multiply-adds runs on the native GEMM. */
+static int runs_native(const Matmul *mm, long macs) {
+    return mm && mm->precision == MATMUL_BF16 && mm->gemm && macs >= bf16_gemm_min_macs(mm->gemm);
+}
+
+static int linear_runs_native(const Matmul *mm, int in_dim, int out_dim) {
+    return runs_native(mm, (long)NATIVE_NOMINAL_ROWS * in_dim * out_dim);
+}
+
+/* The operand src[rows, cols] (leading dimension ld) as mm wants it: itself
+ * for float32; else converted into scratch slot `slot`, packed (leading
+ * dimension cols): bf16 bit patterns for the native GEMM (native), bf16-
+ * rounded floats for the emulation. The bit patterns take half the slot. */
+static Operand operand(const Matmul *mm, int native, int slot, const float *src, int rows, int cols,
+                       int ld) {
+    if (!mm || mm->precision == MATMUL_FP32) return (Operand){src, NULL, ld};
+    check_capacity(mm, rows, cols);
+    if (native) { /* an empty operand's product is empty: bf16_gemm_run returns early */
+        uint16_t *bits = (uint16_t *)mm->rounded[slot];
+        bf16_rows(bits, src, rows, cols, ld);
+        return (Operand){NULL, bits, cols};
+    }
+    if (rows == 0 || cols == 0) return (Operand){src, NULL, ld}; /* sgemm wants ld >= 1 */
+    round_rows(mm->rounded[slot], src, rows, cols, ld);
+    return (Operand){mm->rounded[slot], NULL, cols};
+}
+
+/* c[M,N] = alpha * op(a) · op(b) + beta * c on the operands' GEMM: oneDNN's
+ * bf16 matmul for bit patterns, else cblas_sgemm. */
+static void product(int transpose_a, int transpose_b, int M, int N, int K, float alpha, Operand a,
+                    Operand b, float beta, float *c, int ldc, const Matmul *mm) {
+    if (a.bits)
+        bf16_gemm_run(mm->gemm, transpose_a, transpose_b, M, N, K, alpha, a.bits, a.ld, b.bits,
+                      b.ld, beta, c, ldc);
+    else
+        cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
+                    transpose_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, a.values, a.ld,
+                    b.values, b.ld, beta, c, ldc);
 }
 
 int row_split_count(const RowSplit *split, int N) {
@@ -127,16 +216,15 @@ static void keep_progress(const Matmul *mm) {
 
 void matmul_forward(float *out, const float *inp, const float *w, int N, int in_dim, int out_dim,
                     const Matmul *mm) {
-    int ld_inp, ld_w;
-    inp = operand(mm, 0, inp, N, in_dim, in_dim, &ld_inp);
-    w = operand(mm, 1, w, out_dim, in_dim, in_dim, &ld_w);
+    int native = linear_runs_native(mm, in_dim, out_dim);
+    Operand x = operand(mm, native, 0, inp, N, in_dim, in_dim);
+    Operand weights = operand(mm, native, 1, w, out_dim, in_dim, in_dim);
     const RowSplit *split = mm ? mm->split : NULL;
     for (int i = 0, count = row_split_count(split, N); i < count; i++) {
         int first = row_split_begin(split, i, N), rows = row_split_begin(split, i + 1, N) - first;
         if (rows == 0) continue;
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, out_dim, in_dim, 1.0f,
-                    inp + (long)first * ld_inp, ld_inp, w, ld_w, 0.0f, out + (long)first * out_dim,
-                    out_dim);
+        product(0, 1, rows, out_dim, in_dim, 1.0f, from_row(x, first), weights, 0.0f,
+                out + (long)first * out_dim, out_dim, mm);
         keep_progress(mm);
     }
 }
@@ -145,29 +233,27 @@ void matmul_backward_into(float *dinp, float dinp_beta, float *dw, const float *
                           const float *inp, const float *w, int N, int in_dim, int out_dim,
                           const Matmul *mm) {
     if (N == 0) return;
-    int ld_dout, ld_w, ld_inp;
-    dout = operand(mm, 0, dout, N, out_dim, out_dim, &ld_dout); /* shared by both products */
+    int native = linear_runs_native(mm, in_dim, out_dim);
+    Operand grad = operand(mm, native, 0, dout, N, out_dim, out_dim); /* shared by both products */
     const RowSplit *split = mm ? mm->split : NULL;
     int count = row_split_count(split, N);
     if (dinp) {
-        w = operand(mm, 1, w, out_dim, in_dim, in_dim, &ld_w);
+        Operand weights = operand(mm, native, 1, w, out_dim, in_dim, in_dim);
         for (int i = 0; i < count; i++) {
             int first = row_split_begin(split, i, N);
             int rows = row_split_begin(split, i + 1, N) - first;
             if (rows == 0) continue;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, in_dim, out_dim, 1.0f,
-                        dout + (long)first * ld_dout, ld_dout, w, ld_w, dinp_beta,
-                        dinp + (long)first * in_dim, in_dim);
+            product(0, 0, rows, in_dim, out_dim, 1.0f, from_row(grad, first), weights, dinp_beta,
+                    dinp + (long)first * in_dim, in_dim, mm);
             keep_progress(mm);
         }
     }
-    inp = operand(mm, 1, inp, N, in_dim, in_dim, &ld_inp);
+    Operand x = operand(mm, native, 1, inp, N, in_dim, in_dim);
     for (int i = 0; i < count; i++) {
         int first = row_split_begin(split, i, N), rows = row_split_begin(split, i + 1, N) - first;
         if (rows == 0) continue;
-        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, out_dim, in_dim, rows, 1.0f,
-                    dout + (long)first * ld_dout, ld_dout, inp + (long)first * ld_inp, ld_inp, 1.0f,
-                    row_split_grad(split, dw, i), in_dim);
+        product(1, 0, out_dim, in_dim, rows, 1.0f, from_row(grad, first), from_row(x, first), 1.0f,
+                row_split_grad(split, dw, i), in_dim, mm);
         keep_progress(mm);
     }
 }
@@ -180,11 +266,10 @@ void matmul_backward(float *dinp, float *dw, const float *dout, const float *inp
 void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc,
                  const Matmul *mm) {
-    a = operand(mm, 0, a, transpose_a ? K : M, transpose_a ? M : K, lda, &lda);
-    b = operand(mm, 1, b, transpose_b ? N : K, transpose_b ? K : N, ldb, &ldb);
-    cblas_sgemm(CblasRowMajor, transpose_a ? CblasTrans : CblasNoTrans,
-                transpose_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, a, lda, b, ldb, beta, c,
-                ldc);
+    int native = runs_native(mm, (long)M * N * K);
+    Operand op_a = operand(mm, native, 0, a, transpose_a ? K : M, transpose_a ? M : K, lda);
+    Operand op_b = operand(mm, native, 1, b, transpose_b ? N : K, transpose_b ? K : N, ldb);
+    product(transpose_a, transpose_b, M, N, K, alpha, op_a, op_b, beta, c, ldc, mm);
     keep_progress(mm);
 }
 

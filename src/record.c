@@ -543,8 +543,7 @@ static int write_root_attributes(hid_t file, const Config *cfg, const RecordLayo
     st |= set_string_array_attr(file, "category_names", (const char *const *)lay->category_names,
                                 lay->num_categories);
     if (lay->platform) st |= write_platform_attributes(file, lay->platform);
-    /* Every CPU runs bf16 the same way today; a native bf16 GEMM would say so here. */
-    st |= set_string_attr(file, "bf16_gemm", config_uses_bf16(cfg) ? "emulated" : "none");
+    st |= set_string_attr(file, "bf16_gemm", lay->bf16_gemm ? lay->bf16_gemm : "none");
     free(hosts);
     free(ini);
     return st;
@@ -1738,6 +1737,9 @@ int record_print_info(const char *path, char *err, size_t errlen) {
     char platform[512];
     string_attr(file, "platform", platform, sizeof platform);
     if (strcmp(platform, "?") != 0) printf("  platform: %s\n", platform);
+    char gemm[160];
+    string_attr(file, "bf16_gemm", gemm, sizeof gemm);
+    if (strcmp(gemm, "?") != 0 && strcmp(gemm, "none") != 0) printf("  bf16 GEMM: %s\n", gemm);
     print_load_cv(file);
     print_phase_breakdown(file);
     print_comm_summary(file);

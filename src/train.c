@@ -72,6 +72,19 @@ static int check_memory_fits(const ModelShape *shape, const Comm *comm, char *er
     return -1;
 }
 
+/* --bf16-gemm onednn where oneDNN cannot run natively fails here, on every
+ * rank with the first failing rank's message, before anything is built. */
+static int check_bf16_gemm(const Config *cfg, const ModelShape *shape, const Comm *comm, char *err,
+                           size_t errlen) {
+    Bf16Gemm *gemm = NULL;
+    int ok = !config_uses_bf16(cfg) || bf16_gemm_choose(shape->bf16_gemm, &gemm, err, errlen) == 0;
+    bf16_gemm_free(gemm);
+    int failed_rank = comm_first_failed_rank(comm, ok);
+    if (failed_rank < 0) return 0;
+    comm_share_error(comm, failed_rank, err, errlen);
+    return -1;
+}
+
 int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *comm, char *err,
                  size_t errlen) {
     memset(t, 0, sizeof *t);
@@ -92,6 +105,7 @@ int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *c
         return -1;
     }
     if (check_memory_fits(&shape, comm, err, errlen) != 0) return -1;
+    if (check_bf16_gemm(cfg, &shape, comm, err, errlen) != 0) return -1;
     t->moe_layers = config_num_moe_layers(cfg);
     t->inputs = malloc(sizeof(int) * N);
     t->targets = malloc(sizeof(int) * N);
@@ -520,9 +534,10 @@ static void print_header(const Trainer *t, const RecordLayout *layout) {
     if (cfg->moe_overlap_chunks > 1)
         printf(", expert work overlapping it in %d chunks", cfg->moe_overlap_chunks);
     printf("\n");
-    printf("precision: matmul inputs %s, router %s%s; accumulation and master weights fp32\n",
-           cfg->precision, cfg->moe_router_precision,
-           config_uses_bf16(cfg) ? " (bf16 emulated: inputs rounded to bf16, then sgemm)" : "");
+    printf(
+        "precision: matmul inputs %s, router %s; accumulation and master weights fp32; "
+        "bf16 GEMM: %s\n",
+        cfg->precision, cfg->moe_router_precision, layout->bf16_gemm ? layout->bf16_gemm : "none");
     if (cfg->freeze[0]) {
         long frozen = frozen_params_total(m);
         printf("frozen: %s, %ld of %ld parameters (no update, Adam moments kept); %ld train\n",
@@ -630,7 +645,8 @@ static int run_state_init(RunState *rs, const Trainer *t, const Platform *platfo
                        .node_of_rank = rs->node_of_rank,
                        .params_total = (long)(m->num_dense_params + expert_params * comm->ep_size),
                        .params_active_per_token = params_active_per_token(t),
-                       .platform = platform};
+                       .platform = platform,
+                       .bf16_gemm = matmul_bf16_gemm(&m->matmul)};
     if (ok && comm->rank == 0) {
         rs->rec = resume_from >= 0
                       ? resume_record(t->cfg, &rs->layout, resume_from, checkpoint, err, errlen)

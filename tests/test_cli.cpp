@@ -481,6 +481,27 @@ TEST_F(CliRun, ConfigLargerThanTheNodesMemoryIsRefused) {
     EXPECT_FALSE(PathExists(out)) << "a refused run wrote a record";
 }
 
+// --bf16-gemm onednn where oneDNN has no native bf16 GEMM is refused before
+// anything is written, naming the problem and the fix; auto falls back to the
+// emulation. oneDNN's own ONEDNN_MAX_CPU_ISA=AVX2 (a oneDNN setting, not a
+// moesim one) hides the CPU's bf16 instructions from it, as on an AVX2 CPU;
+// a build without oneDNN or a CPU without bf16 is refused the same way.
+TEST_F(CliRun, Bf16GemmOnednnWithoutNativeBf16IsRefused) {
+    std::string out = dir_ + "/run.h5";
+    setenv("ONEDNN_MAX_CPU_ISA", "AVX2", 1);
+    RunResult refused = RunMoesim(Train(out, {"--precision", "bf16", "--bf16-gemm", "onednn"}));
+    bool wrote = PathExists(out);
+    RunResult fallback = RunMoesim(Train(out, {"--precision", "bf16"}));
+    unsetenv("ONEDNN_MAX_CPU_ISA");
+    EXPECT_NE(refused.status, 0) << refused.output;
+    EXPECT_EQ(CountOccurrences(refused.output, "moesim: error: --bf16-gemm onednn: "), 1u)
+        << refused.output;
+    EXPECT_NE(refused.output.find("use --bf16-gemm emulated"), std::string::npos) << refused.output;
+    EXPECT_FALSE(wrote) << "a refused run wrote a record";
+    EXPECT_EQ(fallback.status, 0) << fallback.output;
+    EXPECT_NE(fallback.output.find("bf16 GEMM: emulated"), std::string::npos) << fallback.output;
+}
+
 TEST_F(CliRun, SoftRoutingAloneRunsDropless) {
     std::string out = dir_ + "/soft.h5";
     RunResult r = RunMoesim(Train(out, {"--moe-router-type", "soft"}));

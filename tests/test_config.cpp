@@ -259,6 +259,27 @@ TEST(ConfigPrecision, UnknownValueNamesKeyValueAndChoices) {
     ExpectMentions(r.err, {"--precision", "\"float32\"", "fp32|bf16"});
 }
 
+// --bf16-gemm: auto unless asked (onednn where it runs natively); an unknown
+// value names the key, the value and the choices, in a flag and in an INI key.
+TEST(ConfigPrecision, Bf16GemmDefaultsToAutoAndRefusesUnknownValues) {
+    Config cfg;
+    config_defaults(&cfg);
+    EXPECT_STREQ(cfg.bf16_gemm, "auto");
+    for (const char *gemm : {"auto", "onednn", "emulated"}) {
+        ASSERT_EQ(Set(&cfg, "bf16-gemm", gemm).rc, 0) << gemm;
+        EXPECT_STREQ(cfg.bf16_gemm, gemm);
+    }
+    SetResult r = Set(&cfg, "bf16-gemm", "mkl");
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--bf16-gemm", "\"mkl\"", "auto|onednn|emulated"});
+    EXPECT_STREQ(cfg.bf16_gemm, "emulated") << "a refused value must not stick";
+    r = Parse(&cfg, {"train", "--bf16-gemm", "OneDNN"});
+    EXPECT_EQ(r.rc, -1);
+    ExpectMentions(r.err, {"--bf16-gemm", "\"OneDNN\"", "did you mean \"onednn\""});
+    r = Parse(&cfg, {"train", "--bf16-gemm"});
+    EXPECT_EQ(r.rc, -1) << "a flag without its value";
+}
+
 TEST(ConfigDefaults, PassValidation) {
     TempDir dir;
     Config cfg = ValidConfig(dir.path() + "/run.h5");
@@ -942,10 +963,10 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 76u);
+    ASSERT_EQ(keys.size(), 77u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
-    EXPECT_EQ(keys.back(), "flush-denormals");
+    EXPECT_EQ(keys.back(), "bf16-gemm");
     for (size_t i = 0; i < keys.size(); i++)
         for (size_t j = i + 1; j < keys.size(); j++) EXPECT_NE(keys[i], keys[j]) << "twice";
     const std::vector<std::string> routing_keys = {
@@ -1067,6 +1088,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"moe-hierarchical-groups", "4"},
         {"moe-hierarchical-group-topk", "2"},
         {"flush-denormals", "0"},
+        {"bf16-gemm", "emulated"},
     };
     for (auto &change : changes) {
         SetResult r = Set(&cfg, change[0], change[1]);

@@ -1,14 +1,17 @@
-// Mixed precision (--precision, --moe-router-precision): bfloat16 rounding of
-// hand-picked values, bf16 matmuls equal to float32 matmuls of rounded inputs,
-// Switch's selective precision (the router stays float32, bit for bit, while
-// every other product is bf16), and the bf16 model's gradients against the
-// float32 model's.
+// Mixed precision (--precision, --moe-router-precision, --bf16-gemm): bfloat16
+// rounding of hand-picked values, emulated bf16 matmuls equal to float32
+// matmuls of rounded inputs, oneDNN's native bf16 GEMM equal to the emulation
+// up to accumulation order, Switch's selective precision (the router stays
+// float32, bit for bit, while every other product is bf16), and the bf16
+// model's gradients against the float32 model's, on both GEMMs.
 #include <gtest/gtest.h>
 
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <random>
+#include <string>
 #include <vector>
 
 #include "gradcheck.h"
@@ -99,9 +102,25 @@ bool bit_equal(const std::vector<float> &a, const std::vector<float> &b) {
 
 struct Bf16Matmul {
     Matmul mm{};
-    explicit Bf16Matmul(size_t floats) { EXPECT_EQ(matmul_init(&mm, MATMUL_BF16, floats), 0); }
+    explicit Bf16Matmul(size_t floats, Bf16GemmChoice gemm = BF16_GEMM_EMULATED) {
+        EXPECT_EQ(matmul_init(&mm, MATMUL_BF16, floats, gemm), 0);
+    }
     ~Bf16Matmul() { matmul_free(&mm); }
 };
+
+// Empty when oneDNN's native bf16 GEMM runs here, else why not.
+std::string native_bf16_missing() {
+    char problem[512] = "";
+    Bf16Gemm *g = bf16_gemm_create(problem, sizeof problem);
+    bf16_gemm_free(g);
+    return g ? "" : problem;
+}
+
+#define SKIP_WITHOUT_NATIVE_BF16()                                                \
+    do {                                                                          \
+        std::string missing = native_bf16_missing();                              \
+        if (!missing.empty()) GTEST_SKIP() << "no native bf16 GEMM: " << missing; \
+    } while (0)
 
 // bf16 is "round the inputs, multiply in float32": exactly the float32
 // products of the rounded inputs, for every operand including incoming
@@ -166,15 +185,217 @@ TEST(MatmulBf16, VectorAndTailRoundingAgreeWithBf16Round) {
 
 TEST(MatmulBf16, Float32ContextAndViewsShareOneScratch) {
     Matmul fp{};
-    ASSERT_EQ(matmul_init(&fp, MATMUL_FP32, 0), 0);
+    ASSERT_EQ(matmul_init(&fp, MATMUL_FP32, 0, BF16_GEMM_AUTO), 0);
     EXPECT_EQ(fp.rounded[0], nullptr) << "float32 needs no scratch";
+    EXPECT_STREQ(matmul_bf16_gemm(&fp), "none");
     matmul_free(&fp);
     Bf16Matmul bf(100);
+    EXPECT_STREQ(matmul_bf16_gemm(&bf.mm), "emulated");
     Matmul view = matmul_view(&bf.mm, MATMUL_FP32);
     EXPECT_EQ(view.rounded[0], bf.mm.rounded[0]);
     EXPECT_EQ(view.precision, MATMUL_FP32);
     EXPECT_EQ(matmul_bytes(100), 2 * 100 * sizeof(float));
     matmul_free(&view);  // a view releases nothing; bf.mm frees the scratch
+}
+
+// ---- oneDNN's native bf16 GEMM ------------------------------------------------------
+
+// Values of 3 significant bits times 2^-2..2^0 (exact in bf16), each nudged
+// by 10% to 45% of the smaller of the bf16 ulps on either side (a power of
+// two has a finer one below), either way. Rounding to nearest even brings
+// every one back to its grid value; products of grid values are multiples of
+// 2^-4 below 49, so every partial sum over K <= 1024 products is exact in
+// float32 and any accumulation order gives the same bits. An operand left
+// unrounded, or truncated instead of rounded, does not.
+std::vector<float> nudged_grid(size_t n, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::uniform_int_distribution<int> significand(-7, 7), exponent(-2, 0);
+    std::uniform_real_distribution<double> nudge(0.10, 0.45);
+    std::vector<float> v(n);
+    for (float &x : v) {
+        double grid = std::ldexp(significand(rng), exponent(rng));
+        if (grid == 0.0) {
+            x = 0.0f;
+            continue;
+        }
+        double ulp = std::ldexp(1.0, std::ilogb(grid) - 8);
+        x = (float)(grid + (rng() % 2 ? 1 : -1) * nudge(rng) * ulp);
+    }
+    return v;
+}
+
+// The native GEMM for every product, however small, beside the emulation.
+struct Backends {
+    Bf16Matmul native, emulated;
+    explicit Backends(size_t floats)
+        : native(floats, BF16_GEMM_ONEDNN), emulated(floats, BF16_GEMM_EMULATED) {
+        if (native.mm.gemm) bf16_gemm_set_min_macs(native.mm.gemm, 0);
+    }
+};
+
+struct Shape {
+    int rows, in, out;
+};
+
+class NativeBf16 : public ::testing::TestWithParam<Shape> {};
+
+// A linear layer forward and backward (dinp overwritten and accumulated,
+// dw accumulated), over uneven row splits: the oneDNN path and the emulation
+// give the same bits on exactly summable inputs. Row counts are not
+// multiples of any kernel's block.
+TEST_P(NativeBf16, LinearLayerEqualsTheEmulationBitForBit) {
+    SKIP_WITHOUT_NATIVE_BF16();
+    const Shape sh = GetParam();
+    const int N = sh.rows, I = sh.in, O = sh.out;
+    Backends b((size_t)std::max(N, O) * std::max(I, O));
+    ASSERT_NE(b.native.mm.gemm, nullptr);
+    EXPECT_EQ(std::string(matmul_bf16_gemm(&b.native.mm)).rfind("onednn (", 0), 0u)
+        << matmul_bf16_gemm(&b.native.mm);
+    const int begin[] = {0, N / 3, N / 3, N};  // one split empty
+    RowSplit split{3, 0, begin, nullptr, nullptr};
+    b.native.mm.split = b.emulated.mm.split = &split;
+    auto x = nudged_grid((size_t)N * I, 1), w = nudged_grid((size_t)O * I, 2);
+    auto dout = nudged_grid((size_t)N * O, 3);
+    std::vector<float> out_n(N * O), out_e(N * O);
+    matmul_forward(out_n.data(), x.data(), w.data(), N, I, O, &b.native.mm);
+    matmul_forward(out_e.data(), x.data(), w.data(), N, I, O, &b.emulated.mm);
+    EXPECT_TRUE(bit_equal(out_n, out_e)) << "forward";
+    for (float beta : {0.0f, 1.0f}) {
+        auto dx_n = nudged_grid((size_t)N * I, 4), dx_e = dx_n;
+        auto dw_n = nudged_grid((size_t)O * I, 5), dw_e = dw_n;
+        for (float &v : dx_n) v = bf16_round(v);  // summable starting values
+        for (float &v : dw_n) v = bf16_round(v);
+        dx_e = dx_n;
+        dw_e = dw_n;
+        matmul_backward_into(dx_n.data(), beta, dw_n.data(), dout.data(), x.data(), w.data(), N, I,
+                             O, &b.native.mm);
+        matmul_backward_into(dx_e.data(), beta, dw_e.data(), dout.data(), x.data(), w.data(), N, I,
+                             O, &b.emulated.mm);
+        EXPECT_TRUE(bit_equal(dx_n, dx_e)) << "dinp, beta " << beta;
+        EXPECT_TRUE(bit_equal(dw_n, dw_e)) << "dw, beta " << beta;
+    }
+}
+
+// matmul_gemm with every transpose pattern, strided operands and output
+// (attention's heads), alpha a power of two and beta 0 or 1.
+TEST_P(NativeBf16, GemmEqualsTheEmulationBitForBit) {
+    SKIP_WITHOUT_NATIVE_BF16();
+    const Shape sh = GetParam();
+    const int M = sh.rows, N = sh.out, K = sh.in, ld = std::max({M, N, K}) + 3, ldc = N + 2;
+    Backends b((size_t)std::max(M, N) * K + (size_t)M * N);
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++)
+            for (float beta : {0.0f, 1.0f})
+                for (float alpha : {1.0f, 0.25f}) {
+                    auto a = nudged_grid((size_t)(ta ? K : M) * ld, 10 + ta);
+                    auto bm = nudged_grid((size_t)(tb ? N : K) * ld, 20 + tb);
+                    auto c_n = nudged_grid((size_t)M * ldc, 30);
+                    for (float &v : c_n) v = bf16_round(v);
+                    auto c_e = c_n;
+                    matmul_gemm(ta, tb, M, N, K, alpha, a.data(), ld, bm.data(), ld, beta,
+                                c_n.data(), ldc, &b.native.mm);
+                    matmul_gemm(ta, tb, M, N, K, alpha, a.data(), ld, bm.data(), ld, beta,
+                                c_e.data(), ldc, &b.emulated.mm);
+                    EXPECT_TRUE(bit_equal(c_n, c_e)) << "transpose a " << ta << ", b " << tb
+                                                     << ", alpha " << alpha << ", beta " << beta;
+                }
+}
+
+// On random inputs the two differ by accumulation order only: within
+// 2 K 2^-24 of the sum of |products| (each GEMM's float32 summation error
+// bound) per element, with attention's non-power-of-two scale.
+TEST_P(NativeBf16, RandomProductsAgreeUpToAccumulationOrder) {
+    SKIP_WITHOUT_NATIVE_BF16();
+    const Shape sh = GetParam();
+    const int M = sh.rows, N = sh.out, K = sh.in;
+    const float alpha = 1.0f / std::sqrt(8.0f);
+    Backends b((size_t)std::max(M, N) * K);
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            auto a = random_vector((size_t)M * K, 40 + ta), bm = random_vector((size_t)K * N, 50);
+            std::vector<float> c_n(M * N), c_e(M * N);
+            int lda = ta ? M : K, ldb = tb ? K : N;
+            matmul_gemm(ta, tb, M, N, K, alpha, a.data(), lda, bm.data(), ldb, 0.0f, c_n.data(), N,
+                        &b.native.mm);
+            matmul_gemm(ta, tb, M, N, K, alpha, a.data(), lda, bm.data(), ldb, 0.0f, c_e.data(), N,
+                        &b.emulated.mm);
+            for (int i = 0; i < M; i++)
+                for (int j = 0; j < N; j++) {
+                    double magnitude = 0.0;
+                    for (int k = 0; k < K; k++) {
+                        float av = a[ta ? (size_t)k * lda + i : (size_t)i * lda + k];
+                        float bv = bm[tb ? (size_t)j * ldb + k : (size_t)k * ldb + j];
+                        magnitude += std::fabs((double)bf16_round(av) * bf16_round(bv));
+                    }
+                    double bound = 2.0 * K * std::ldexp(1.0, -24) * alpha * magnitude;
+                    ASSERT_LE(std::fabs(c_n[i * N + j] - c_e[i * N + j]), bound)
+                        << "transpose a " << ta << ", b " << tb << " at " << i << "," << j;
+                }
+        }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, NativeBf16,
+                         ::testing::Values(Shape{1, 5, 3}, Shape{37, 67, 33}, Shape{100, 300, 17},
+                                           Shape{33, 1000, 64}),
+                         [](const ::testing::TestParamInfo<Shape> &info) {
+                             const Shape &s = info.param;
+                             return std::to_string(s.rows) + "x" + std::to_string(s.in) + "x" +
+                                    std::to_string(s.out);
+                         });
+
+// Products below BF16_GEMM_MIN_MACS multiply-adds (attention's 32-row blocks
+// at head size 32) run emulated, bit for bit, on the native Matmul too, and
+// the description says so; larger ones do not.
+TEST(NativeBf16Choice, SmallProductsRunEmulated) {
+    SKIP_WITHOUT_NATIVE_BF16();
+    Bf16Matmul native(64 * 64, BF16_GEMM_ONEDNN), emulated(64 * 64, BF16_GEMM_EMULATED);
+    EXPECT_NE(std::string(matmul_bf16_gemm(&native.mm)).find("emulated under 524288"),
+              std::string::npos)
+        << matmul_bf16_gemm(&native.mm);
+    auto a = random_vector(32 * 64, 60), b = random_vector(64 * 64, 61);
+    std::vector<float> c_n(32 * 64), c_e(32 * 64);
+    for (int K : {32, 64}) {  // 2^15, then 2^16 multiply-adds: below the threshold
+        matmul_gemm(0, 1, 32, 32, K, 1.0f, a.data(), K, b.data(), K, 0.0f, c_n.data(), 32,
+                    &native.mm);
+        matmul_gemm(0, 1, 32, 32, K, 1.0f, a.data(), K, b.data(), K, 0.0f, c_e.data(), 32,
+                    &emulated.mm);
+        EXPECT_TRUE(bit_equal(c_n, c_e)) << "K " << K;
+    }
+    // A linear layer of 128 x 128 (2^19 at a nominal 32-row split) runs natively
+    // whatever its rows: one row differs from the emulation somewhere.
+    auto x = random_vector(128 * 128, 62), w = random_vector(128 * 128, 63);
+    Bf16Matmul wide(128 * 128, BF16_GEMM_ONEDNN), wide_e(128 * 128, BF16_GEMM_EMULATED);
+    std::vector<float> y_n(3 * 128), y_e(3 * 128);
+    matmul_forward(y_n.data(), x.data(), w.data(), 3, 128, 128, &wide.mm);
+    matmul_forward(y_e.data(), x.data(), w.data(), 3, 128, 128, &wide_e.mm);
+    EXPECT_FALSE(bit_equal(y_n, y_e)) << "the 128 x 128 layer ran emulated";
+}
+
+// AVX512-BF16's dot products treat denormal inputs and results as zero
+// whatever MXCSR says, as --flush-denormals 1 (the default) makes sgemm do:
+// with --flush-denormals 0 the two GEMMs differ there (README).
+TEST(NativeBf16Choice, DenormalsAreFlushed) {
+    SKIP_WITHOUT_NATIVE_BF16();
+    Bf16Matmul native(4, BF16_GEMM_ONEDNN);
+    bf16_gemm_set_min_macs(native.mm.gemm, 0);
+    const float one = 1.0f, tiny = 1e-20f;
+    const float smallest = from_bits(0x00010000u);  // bf16's smallest denormal
+    float c = -1.0f;
+    matmul_gemm(0, 1, 1, 1, 1, 1.0f, &smallest, 1, &one, 1, 0.0f, &c, 1, &native.mm);
+    EXPECT_EQ(c, 0.0f) << "a denormal input";
+    matmul_gemm(0, 1, 1, 1, 1, 1.0f, &tiny, 1, &tiny, 1, 0.0f, &c, 1, &native.mm);
+    EXPECT_EQ(c, 0.0f) << "a denormal product";
+    matmul_gemm(0, 1, 1, 1, 1, 1.0f, &one, 1, &one, 1, 0.0f, &c, 1, &native.mm);
+    EXPECT_EQ(c, 1.0f);
+}
+
+// --bf16-gemm emulated never builds the native GEMM; auto does where it runs.
+TEST(NativeBf16Choice, EmulatedAndAutoChooseAsAsked) {
+    Bf16Matmul emulated(16, BF16_GEMM_EMULATED), automatic(16, BF16_GEMM_AUTO);
+    EXPECT_EQ(emulated.mm.gemm, nullptr);
+    EXPECT_EQ(automatic.mm.gemm != nullptr, native_bf16_missing().empty());
+    Matmul view = matmul_view(&automatic.mm, MATMUL_FP32);
+    EXPECT_EQ(view.gemm, automatic.mm.gemm) << "views share the owner's GEMM";
 }
 
 // ---- the model ---------------------------------------------------------------------
@@ -186,9 +407,10 @@ struct SmallModel {
     std::vector<int> inputs, targets;
 
     SmallModel(MatmulPrecision precision, MatmulPrecision router_precision,
-               FfnActivation act = FFN_GELU, int shared_F = 0,
-               RouterType router = ROUTER_TOPK) {
+               FfnActivation act = FFN_GELU, int shared_F = 0, RouterType router = ROUTER_TOPK,
+               Bf16GemmChoice gemm = BF16_GEMM_EMULATED) {
         s.precision = precision;
+        s.bf16_gemm = gemm;
         s.router_precision = router_precision;
         s.expert_activation = act;
         s.shared_F = shared_F;
@@ -196,6 +418,9 @@ struct SmallModel {
         tiny_model_shape(&s);
         comm_attach_self(&self);
         EXPECT_EQ(model_init(&m, &s, 7, &self), 0);
+        // This model's products are far below BF16_GEMM_MIN_MACS: run them
+        // all on the native GEMM, or it would not be tested here.
+        if (m.matmul.gemm) bf16_gemm_set_min_macs(m.matmul.gemm, 0);
         m.router_ctx.training = 1;
         tiny_model_amplify_and_batch(&m, &inputs, &targets);
     }
@@ -232,6 +457,7 @@ Recomputed recompute(SmallModel &f, int l, const Matmul *mm) {
 struct PrecisionCase {
     const char *name;
     MatmulPrecision precision, router_precision;
+    Bf16GemmChoice gemm;
 };
 
 class SelectivePrecision : public ::testing::TestWithParam<PrecisionCase> {};
@@ -242,11 +468,13 @@ class SelectivePrecision : public ::testing::TestWithParam<PrecisionCase> {};
 // other precision differing.
 TEST_P(SelectivePrecision, RouterAndOtherMatmulsEachAtTheirOwnPrecision) {
     const PrecisionCase c = GetParam();
-    SmallModel f(c.precision, c.router_precision);
+    if (c.gemm == BF16_GEMM_ONEDNN) SKIP_WITHOUT_NATIVE_BF16();
+    SmallModel f(c.precision, c.router_precision, FFN_GELU, 0, ROUTER_TOPK, c.gemm);
     f.step();
     int l = 1;  // the MoE layer (moe_layer_freq 2)
     ASSERT_TRUE(model_is_moe_layer(&f.s, l));
-    Bf16Matmul bf((size_t)f.N() * 3 * f.s.C);
+    Bf16Matmul bf((size_t)f.N() * 3 * f.s.C, c.gemm);
+    if (bf.mm.gemm) bf16_gemm_set_min_macs(bf.mm.gemm, 0);
     Recomputed fp32 = recompute(f, l, nullptr), bf16 = recompute(f, l, &bf.mm);
     const Routing &r = f.m.moe[l].routing;
     int N = f.N(), C = f.s.C, E = f.s.E;
@@ -267,10 +495,14 @@ TEST_P(SelectivePrecision, RouterAndOtherMatmulsEachAtTheirOwnPrecision) {
 
 INSTANTIATE_TEST_SUITE_P(
     Pairings, SelectivePrecision,
-    ::testing::Values(PrecisionCase{"fp32", MATMUL_FP32, MATMUL_FP32},
-                      PrecisionCase{"bf16_router_fp32", MATMUL_BF16, MATMUL_FP32},
-                      PrecisionCase{"bf16", MATMUL_BF16, MATMUL_BF16},
-                      PrecisionCase{"fp32_router_bf16", MATMUL_FP32, MATMUL_BF16}),
+    ::testing::Values(
+        PrecisionCase{"fp32", MATMUL_FP32, MATMUL_FP32, BF16_GEMM_EMULATED},
+        PrecisionCase{"bf16_router_fp32", MATMUL_BF16, MATMUL_FP32, BF16_GEMM_EMULATED},
+        PrecisionCase{"bf16", MATMUL_BF16, MATMUL_BF16, BF16_GEMM_EMULATED},
+        PrecisionCase{"fp32_router_bf16", MATMUL_FP32, MATMUL_BF16, BF16_GEMM_EMULATED},
+        PrecisionCase{"bf16_router_fp32_onednn", MATMUL_BF16, MATMUL_FP32, BF16_GEMM_ONEDNN},
+        PrecisionCase{"bf16_onednn", MATMUL_BF16, MATMUL_BF16, BF16_GEMM_ONEDNN},
+        PrecisionCase{"fp32_router_bf16_onednn", MATMUL_FP32, MATMUL_BF16, BF16_GEMM_ONEDNN}),
     [](const ::testing::TestParamInfo<PrecisionCase> &info) { return info.param.name; });
 
 TEST(SelectivePrecision, RoundingScratchIsCountedInModelMemory) {
@@ -290,6 +522,7 @@ struct GradVariant {
     int shared_F;
     RouterType router;
     MatmulPrecision router_precision;
+    Bf16GemmChoice gemm;
 };
 
 // The bf16 model's analytic gradient is the gradient of the computation with
@@ -309,8 +542,9 @@ class Bf16Gradients : public ::testing::TestWithParam<GradVariant> {};
 
 TEST_P(Bf16Gradients, CloseToTheFloat32Model) {
     const GradVariant v = GetParam();
+    if (v.gemm == BF16_GEMM_ONEDNN) SKIP_WITHOUT_NATIVE_BF16();
     SmallModel fp(MATMUL_FP32, MATMUL_FP32, v.act, v.shared_F, v.router);
-    SmallModel bf(MATMUL_BF16, v.router_precision, v.act, v.shared_F, v.router);
+    SmallModel bf(MATMUL_BF16, v.router_precision, v.act, v.shared_F, v.router, v.gemm);
     double fp_loss = fp.step(), bf_loss = bf.step();
     const Routing &rf = fp.m.moe[1].routing, &rb = bf.m.moe[1].routing;
     int slots = fp.N() * rf.slots;
@@ -337,10 +571,18 @@ TEST_P(Bf16Gradients, CloseToTheFloat32Model) {
 
 INSTANTIATE_TEST_SUITE_P(
     Variants, Bf16Gradients,
-    ::testing::Values(GradVariant{"gelu", FFN_GELU, 0, ROUTER_TOPK, MATMUL_FP32},
-                      GradVariant{"gelu_router_bf16", FFN_GELU, 0, ROUTER_TOPK, MATMUL_BF16},
-                      GradVariant{"swiglu_shared", FFN_SWIGLU, 5, ROUTER_TOPK, MATMUL_FP32},
-                      GradVariant{"noisy_topk", FFN_GELU, 0, ROUTER_NOISY_TOPK, MATMUL_FP32}),
+    ::testing::Values(
+        GradVariant{"gelu", FFN_GELU, 0, ROUTER_TOPK, MATMUL_FP32, BF16_GEMM_EMULATED},
+        GradVariant{"gelu_router_bf16", FFN_GELU, 0, ROUTER_TOPK, MATMUL_BF16, BF16_GEMM_EMULATED},
+        GradVariant{"swiglu_shared", FFN_SWIGLU, 5, ROUTER_TOPK, MATMUL_FP32, BF16_GEMM_EMULATED},
+        GradVariant{"noisy_topk", FFN_GELU, 0, ROUTER_NOISY_TOPK, MATMUL_FP32, BF16_GEMM_EMULATED},
+        GradVariant{"gelu_onednn", FFN_GELU, 0, ROUTER_TOPK, MATMUL_FP32, BF16_GEMM_ONEDNN},
+        GradVariant{"gelu_router_bf16_onednn", FFN_GELU, 0, ROUTER_TOPK, MATMUL_BF16,
+                    BF16_GEMM_ONEDNN},
+        GradVariant{"swiglu_shared_onednn", FFN_SWIGLU, 5, ROUTER_TOPK, MATMUL_FP32,
+                    BF16_GEMM_ONEDNN},
+        GradVariant{"noisy_topk_onednn", FFN_GELU, 0, ROUTER_NOISY_TOPK, MATMUL_FP32,
+                    BF16_GEMM_ONEDNN}),
     [](const ::testing::TestParamInfo<GradVariant> &info) { return info.param.name; });
 
 }  // namespace

@@ -12,14 +12,14 @@ if [ "${MOESIM_NO_APT:-0}" = 1 ] || ! command -v apt-get >/dev/null 2>&1 ||
   echo "moesim: make deps: skipped ($why); installing nothing."
   echo "moesim: load these instead (names vary by site; see README.md, \"Building on a cluster\"):"
   echo "moesim:   module load openmpi hdf5/parallel openblas   # MPI (mpicc), parallel HDF5, OpenBLAS"
-  echo "moesim:   inih (INI parser), and for the tests GoogleTest and python3 with h5py, numpy,"
+  echo "moesim:   inih (INI parser), optionally oneDNN (native bf16 GEMM), and for the tests GoogleTest and python3 with h5py, numpy,"
   echo "moesim:   pandas, matplotlib, pytest, nbclient, ipykernel, torch"
   echo "moesim: make finds them through mpicc, h5pcc, pkg-config, or HDF5_DIR / BLAS_LIBS / INIH_LIBS."
   exit 0
 fi
 
 packages=(
-  openmpi-bin libopenmpi-dev libhdf5-openmpi-dev hdf5-tools libopenblas-dev
+  openmpi-bin libopenmpi-dev libhdf5-openmpi-dev hdf5-tools libopenblas-dev libdnnl-dev
   libgtest-dev libinih-dev pkg-config fortunes
   iproute2 procps
   python3-h5py python3-numpy python3-pandas python3-matplotlib python3-pytest

@@ -101,6 +101,7 @@ typedef struct Config {
     int record_flush_interval;  /* steps between record flushes */
     /* platform */
     int flush_denormals; /* FTZ+DAZ on every rank */
+    char bf16_gemm[16];  /* auto | onednn | emulated: how bf16 matmuls run */
     /* 1 for each key (in option-table order) set on the command line, in an
      * INI file or by config_set, so a default can give way where an explicit
      * value is an error (see config_key_given). */

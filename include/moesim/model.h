@@ -45,6 +45,7 @@ typedef struct ModelShape {
     double expert_dropout;                /* --moe-expert-dropout */
     MatmulPrecision precision;        /* inputs of every matmul but the router's */
     MatmulPrecision router_precision; /* the router's (Switch's selective precision) */
+    Bf16GemmChoice bf16_gemm;         /* how bf16 products run (0: auto) */
     /* Layout invariance (reduce.h): grain = tokens every layout keeps on one
      * rank in the same order, lcm(G, T); world = micro-batches in the global
      * batch, whose mean the loss is (1 until the trainer sets it). */

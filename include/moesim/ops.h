@@ -1,5 +1,5 @@
 /* ops: the dense building blocks as forward/backward pairs — matmul (every
- * product goes through cblas_sgemm, with float32 or bfloat16 inputs), RMSNorm,
+ * product goes through cblas_sgemm, or oneDNN for native bf16 inputs), RMSNorm,
  * GELU, softmax cross-entropy. Shapes are row-major; weights are stored
  * [out, in] like nn.Linear, so a linear layer computes out = inp · w^T.
  * Backward functions accumulate into weight gradients (+=) so gradients of
@@ -8,6 +8,8 @@
 #define MOESIM_OPS_H
 
 #include <stddef.h>
+
+#include "moesim/bf16_gemm.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -20,15 +22,17 @@ extern "C" {
  * way: bf16 is the mixed-precision recipe of Switch Transformer. */
 typedef enum MatmulPrecision { MATMUL_FP32, MATMUL_BF16 } MatmulPrecision;
 
-/* How one group of matmuls computes. bf16 is emulated on every CPU: each
- * input (activation, weight, incoming gradient) is rounded to bfloat16
- * (round to nearest even) into a float scratch copy, then cblas_sgemm
- * multiplies the copies with float32 accumulation. The two scratch buffers
- * hold one operand each, so they are sized for the largest operand of any
- * call (matmul_init); a larger operand aborts with a message. The scratch is
- * written through a const Matmul *, like a Comm's buffers: callers run one
- * matmul at a time. Every function below taking a Matmul * treats NULL as
- * float32. */
+/* How one group of matmuls computes. bf16 inputs (activations, weights,
+ * incoming gradients) are rounded to bfloat16 (round to nearest even) into a
+ * scratch copy: as bf16 bit patterns for oneDNN's native bf16 GEMM
+ * (bf16_gemm.h) where the CPU has one and the product is large enough to
+ * gain, else as floats that cblas_sgemm multiplies (an exact emulation).
+ * Both accumulate in float32 and give the same numbers up to accumulation
+ * order. The two scratch buffers hold one operand each, so they are sized
+ * for the largest operand of any call (matmul_init); a larger operand aborts
+ * with a message. The scratch is written through a const Matmul *, like a
+ * Comm's buffers: callers run one matmul at a time. Every function below
+ * taking a Matmul * treats NULL as float32. */
 /* Where a product over token rows splits, and where each split's weight
  * gradient goes. Every layout issues the same call for a split (one grain's
  * rows, or one grain's rows of an expert), so a row's result never depends on
@@ -53,7 +57,8 @@ typedef struct Matmul {
     MatmulPrecision precision;
     float *rounded[2];     /* [capacity] each: rounded copies of operand A and B */
     size_t capacity;       /* floats per buffer; 0 for float32 */
-    int owns_scratch;      /* matmul_free releases it (not for matmul_view copies) */
+    Bf16Gemm *gemm;        /* the native bf16 GEMM, shared by views; NULL: emulated */
+    int owns_scratch;      /* matmul_free releases it and gemm (not matmul_view copies) */
     const RowSplit *split; /* of the token rows; NULL: one call, gradients into dw */
     /* Called after each sgemm (of a split, or of matmul_gemm): keeps
      * non-blocking exchanges moving, as Open MPI has no progress thread.
@@ -63,8 +68,11 @@ typedef struct Matmul {
 } Matmul;
 
 /* Allocates the scratch when max_operand_floats > 0 (needed when this
- * Matmul or any view of it is bf16). Returns 0, or -1 when memory runs out. */
-int matmul_init(Matmul *mm, MatmulPrecision precision, size_t max_operand_floats);
+ * Matmul or any view of it is bf16), and then the bf16 GEMM that `gemm`
+ * chooses (bf16_gemm_choose). Returns 0, or -1 when memory runs out or
+ * BF16_GEMM_ONEDNN cannot run here (bf16_gemm_choose says why). */
+int matmul_init(Matmul *mm, MatmulPrecision precision, size_t max_operand_floats,
+                Bf16GemmChoice gemm);
 void matmul_free(Matmul *mm);
 /* Bytes matmul_init allocates. */
 size_t matmul_bytes(size_t max_operand_floats);
@@ -72,6 +80,9 @@ size_t matmul_bytes(size_t max_operand_floats);
  * the router in float32 while everything else is bf16 (or the reverse, for
  * ablations). Never freed on its own. */
 Matmul matmul_view(const Matmul *mm, MatmulPrecision precision);
+/* How bf16 products run: bf16_gemm_describe's "onednn (...)", "emulated",
+ * or "none" when mm has no bf16 scratch (every product float32). */
+const char *matmul_bf16_gemm(const Matmul *mm);
 
 /* x rounded to the nearest bfloat16 (ties to even), as a float: the upper
  * 16 bits of x's float32 pattern after rounding. Infinities stay, NaNs stay
@@ -93,7 +104,10 @@ void matmul_backward_into(float *dinp, float dinp_beta, float *dw, const float *
 /* cblas_sgemm, row-major, at mm's precision: c[M,N] = alpha * op(a) · op(b)
  * + beta * c, op(a)[M,K] = a or a^T (transpose_a), op(b)[K,N] likewise. For
  * the products that are not a linear layer (attention, the router's
- * backward). */
+ * backward). On the native bf16 GEMM beta is 0 or 1, like every beta of
+ * matmul_backward_into. Whether a bf16 product runs natively depends on
+ * M * N * K (bf16_gemm_min_macs; a linear layer's on in_dim * out_dim), so
+ * like every shape here it must not depend on the layout. */
 void matmul_gemm(int transpose_a, int transpose_b, int M, int N, int K, float alpha, const float *a,
                  int lda, const float *b, int ldb, float beta, float *c, int ldc, const Matmul *mm);
 

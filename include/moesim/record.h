@@ -40,6 +40,7 @@ typedef struct RecordLayout {
     long params_total;                /* every expert counted once */
     long params_active_per_token;     /* dense + top_k experts per MoE layer */
     const Platform *platform;         /* rank 0's BLAS, threads, denormals; NULL = unknown */
+    const char *bf16_gemm;            /* rank 0's matmul_bf16_gemm; NULL = "none" */
 } RecordLayout;
 
 typedef struct TrainRow {

@@ -52,6 +52,34 @@ def module_prefix(tmp_path):
     return prefix
 
 
+# oneDNN is optional: ONEDNN=0 (or no oneDNN header) builds the bf16
+# emulation alone, says so in `moesim platform`, and refuses --bf16-gemm onednn.
+def test_builds_without_onednn_and_emulates_bf16(tmp_path):
+    build = tmp_path / "build"
+    result = make(build, "moesim", clean_env(), "-j2", "ONEDNN=0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "MOESIM_HAVE_ONEDNN" not in result.stdout and "-ldnnl" not in result.stdout
+    here = subprocess.run([str(build / "moesim"), "platform"], env=clean_env(),
+                          capture_output=True, text=True, timeout=60)
+    assert "bf16 GEMM (--bf16-gemm auto): emulated (this moesim was built without oneDNN" \
+        in here.stdout, here.stdout + here.stderr
+    tiny = ["--data-format", "synthetic", "--num-layers", "1", "--hidden-size", "16",
+            "--num-attention-heads", "2", "--seq-length", "8", "--num-experts", "2",
+            "--moe-ffn-hidden-size", "8", "--ffn-hidden-size", "8", "--micro-batch-size", "2",
+            "--eval-iters", "1", "--synthetic-tokens", "4000", "--train-iters", "2",
+            "--precision", "bf16"]
+    refused = subprocess.run([str(build / "moesim"), "train", *tiny, "--bf16-gemm", "onednn",
+                              "--out", str(tmp_path / "refused.h5")],
+                             env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0
+    assert "--bf16-gemm onednn: this moesim was built without oneDNN; install libdnnl-dev" \
+        in refused.stderr, refused.stdout + refused.stderr
+    run = subprocess.run([str(build / "moesim"), "train", *tiny, "--out", str(tmp_path / "run.h5")],
+                         env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "bf16 GEMM: emulated" in run.stdout
+
+
 def test_pkg_config_knows_nothing_here(tmp_path):
     env = no_pkg_config_env(tmp_path)
     for name in ("hdf5-openmpi", "hdf5", "openblas", "blas", "inih"):

@@ -167,12 +167,19 @@ def test_parallel_run_matches_one_rank_run(runs, world, ep):
 
 # bf16 (--precision bf16) rounds matmul inputs elementwise and changes no call
 # shape, so each step's forward and backward match the 1-rank run exactly, as
-# float32's do. The weights are frozen (lr 1e-30: every AdamW step is far below
-# an ulp of every weight) as they were when the layouts' float32 master weights
-# differed by an ulp, which a bf16 rounding boundary amplified to 2^-8: this
-# test isolates bf16's steps over 30 different batches (routing, losses and
-# gradient norms all exact); test_layout.py checks trained trajectories.
-FROZEN_BF16 = {"precision": "bf16", "lr": 1e-30, "min-lr": 0}
+# float32's do, on either bf16 GEMM (--bf16-gemm auto: oneDNN's where the CPU
+# has bf16 instructions; its result for a row depends on the call's shape
+# alone, like sgemm's). The model is 128 wide so that its linear layers and
+# experts are large enough for oneDNN (BF16_GEMM_MIN_MACS), while attention's
+# products stay emulated: both paths run. The weights are frozen (lr 1e-30:
+# every AdamW step is far below an ulp of every weight) as they were when the
+# layouts' float32 master weights differed by an ulp, which a bf16 rounding
+# boundary amplified to 2^-8: this test isolates bf16's steps over 30
+# different batches (routing, losses and gradient norms all exact);
+# test_layout.py checks trained trajectories.
+FROZEN_WIDE = {"lr": 1e-30, "min-lr": 0, "hidden-size": 128, "ffn-hidden-size": 128,
+               "moe-ffn-hidden-size": 128}
+FROZEN_BF16 = {"precision": "bf16", **FROZEN_WIDE}
 
 
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)], ids=["world2-ep2", "world4-ep2"])
@@ -181,6 +188,7 @@ def test_bf16_steps_match_one_rank_run(runs, world, ep):
     par = runs.parallel(world, ep, **FROZEN_BF16)
     rec = par["record"]
     assert rec["attrs"]["config.precision"] == ref["attrs"]["config.precision"] == "bf16"
+    assert rec["attrs"]["bf16_gemm"] == ref["attrs"]["bf16_gemm"] != "none"
     for name in ("routing/tokens_per_expert", "routing/dropped_per_expert"):
         where = first_routing_difference(rec[name], ref[name])
         assert where is None, f"{name} differs from the 1-rank run first at step {where[0] + 1}"
@@ -188,7 +196,7 @@ def test_bf16_steps_match_one_rank_run(runs, world, ep):
         assert rec[name].shape == (STEPS,), name
         assert_series_equal(name, rec[name], ref[name], f"bf16 world {world} EP {ep}")
     assert len(np.unique(rec["train/loss"])) == STEPS, "every step must see a new batch"
-    fp32 = runs.reference(world)["record"]["train/loss"]
+    fp32 = runs.reference(world, **FROZEN_WIDE)["record"]["train/loss"]
     assert not np.array_equal(ref["train/loss"][:1], fp32[:1]), "bf16 computed in float32"
 
 

@@ -198,12 +198,47 @@ def test_record_and_header_say_which_precision_ran(tmp_path):
     run, out = train(tmp_path, env_without_kernel())
     assert run.returncode == 0, run.stdout + run.stderr
     assert "precision: matmul inputs fp32, router fp32;" in run.stdout
+    assert "bf16 GEMM: none" in run.stdout
     assert root_attrs(out)["bf16_gemm"] == "none"
     out.unlink()
-    run, out = train(tmp_path, env_without_kernel(), precision="bf16")
+    run, out = train(tmp_path, env_without_kernel(), precision="bf16", **{"bf16-gemm": "emulated"})
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "precision: matmul inputs bf16, router fp32 (bf16 emulated" in run.stdout
+    assert "precision: matmul inputs bf16, router fp32;" in run.stdout
+    assert "bf16 GEMM: emulated" in run.stdout
     attrs = root_attrs(out)
     assert attrs["bf16_gemm"] == "emulated"
     assert attrs["config.precision"] == "bf16"
     assert attrs["config.moe_router_precision"] == "fp32"
+    assert attrs["config.bf16_gemm"] == "emulated"
+
+
+def test_auto_takes_the_native_bf16_gemm_where_the_cpu_has_one(tmp_path):
+    run, out = train(tmp_path, env_without_kernel(), precision="bf16")
+    assert run.returncode == 0, run.stdout + run.stderr
+    attrs = root_attrs(out)
+    gemm = attrs["bf16_gemm"]
+    assert f"bf16 GEMM: {gemm}" in run.stdout
+    here = platform()
+    assert f"bf16 GEMM (--bf16-gemm auto): {gemm}" in here.stdout, here.stdout
+    info = subprocess.run([str(BUILD / "moesim"), "info", str(out)], env=env_without_kernel(),
+                          capture_output=True, text=True, timeout=60)
+    assert f"  bf16 GEMM: {gemm}\n" in info.stdout, info.stdout
+    native = {"avx512_bf16", "amx_bf16"} & set(attrs["cpu_features"].split())
+    if not native:
+        assert gemm == "emulated"
+    elif gemm != "emulated":
+        assert gemm.startswith("onednn (gemm:"), gemm
+        assert gemm[gemm.index(", ") + 2:gemm.index(")")] in native, gemm
+
+
+# ONEDNN_MAX_CPU_ISA=AVX2 is oneDNN's own setting: it hides the bf16
+# instructions from oneDNN as an AVX2 CPU would. Every rank exits non-zero with
+# the one message; nothing is written.
+def test_onednn_asked_where_it_cannot_run_stops_every_rank(tmp_path):
+    run, out = train(tmp_path, env_without_kernel(ONEDNN_MAX_CPU_ISA="AVX2"), ranks=2,
+                     precision="bf16", **{"bf16-gemm": "onednn"})
+    assert run.returncode != 0, run.stdout + run.stderr
+    text = run.stdout + run.stderr
+    assert text.count("moesim: error: --bf16-gemm onednn: ") == 1, text
+    assert "use --bf16-gemm emulated" in text
+    assert not out.exists()
