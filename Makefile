@@ -158,7 +158,7 @@ SAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:fast_unwind_on_malloc=0 
            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 
 .PHONY: all deps run test unit cli pytest sanitize bench sweep validate-projection test-slurm cf-sweep \
-        switch-study scaling specialization test-multinode bench-multinode clean FORCE
+        precision-study switch-study scaling specialization test-multinode bench-multinode clean FORCE
 all: $(BUILD)/moesim
 
 deps:
@@ -286,6 +286,14 @@ switch-study: deps
 	$(PYTHON) experiments/sweep $(SWITCH_STUDY_SPEC) --out $(SWITCH_STUDY_OUT)
 	MOESIM_SWEEP=$(CURDIR)/$(SWITCH_STUDY_OUT) MOESIM_FIGURES=$(CURDIR)/$(SWITCH_STUDY_OUT)/figures \
 		$(EXECUTE_NOTEBOOK) analysis/notebooks/switch_study.ipynb --output-dir $(SWITCH_STUDY_OUT)
+
+# Selective precision on the default run (issue 11): fp32, bf16 (native GEMM
+# where the CPU has one, and emulated), and the router's precision each way;
+# prints validation losses and speed against fp32, about 6 minutes.
+precision-study: deps
+	@$(MAKE) --no-print-directory $(BUILD)/moesim
+	$(PYTHON) experiments/sweep experiments/sweeps/precision.ini --out runs/precision
+	$(PYTHON) experiments/precision_summary runs/precision
 
 scaling: deps
 	@$(MAKE) --no-print-directory $(BUILD)/moesim

@@ -73,16 +73,23 @@ static int check_memory_fits(const ModelShape *shape, const Comm *comm, char *er
 }
 
 /* --bf16-gemm onednn where oneDNN cannot run natively fails here, on every
- * rank with the first failing rank's message, before anything is built. */
-static int check_bf16_gemm(const Config *cfg, const ModelShape *shape, const Comm *comm, char *err,
+ * rank with the first failing rank's message, before anything is built.
+ * auto takes oneDNN only when every rank can: ranks on different CPUs would
+ * otherwise sum the same products in different orders, and the layout would
+ * change the result. */
+static int check_bf16_gemm(const Config *cfg, ModelShape *shape, const Comm *comm, char *err,
                            size_t errlen) {
+    if (!config_uses_bf16(cfg)) return 0;
     Bf16Gemm *gemm = NULL;
-    int ok = !config_uses_bf16(cfg) || bf16_gemm_choose(shape->bf16_gemm, &gemm, err, errlen) == 0;
+    int ok = bf16_gemm_choose(shape->bf16_gemm, &gemm, err, errlen) == 0, native = gemm != NULL;
     bf16_gemm_free(gemm);
     int failed_rank = comm_first_failed_rank(comm, ok);
-    if (failed_rank < 0) return 0;
-    comm_share_error(comm, failed_rank, err, errlen);
-    return -1;
+    if (failed_rank >= 0) {
+        comm_share_error(comm, failed_rank, err, errlen);
+        return -1;
+    }
+    if (!comm_all_ok(comm, native)) shape->bf16_gemm = BF16_GEMM_EMULATED;
+    return 0;
 }
 
 int trainer_init(Trainer *t, const Config *cfg, const Dataset *ds, const Comm *comm, char *err,

@@ -11,6 +11,7 @@ carry no outputs.
 """
 import csv
 import math
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,8 @@ import pytest
 
 from moesim_run import execute_notebook, read_clean_notebook, record_schema_version, train_record
 
-ANALYSIS = Path(__file__).resolve().parents[2] / "analysis"
+REPO = Path(__file__).resolve().parents[2]
+ANALYSIS = REPO / "analysis"
 sys.path.insert(0, str(ANALYSIS))
 from moesim_analysis import (PHASES, SCHEMA_VERSION, experiment_plots, experiments,  # noqa: E402
                              load_run, load_runs)
@@ -438,3 +440,27 @@ def test_mutual_information_figure_names_the_baseline_and_its_band():
     assert labels == ["layer 0", "layer 1", "random router (mean)",
                       "random router (to 95th pct)"]
     np.testing.assert_array_equal(ax.get_xticks(), np.round(ax.get_xticks()))
+
+
+def test_precision_summary_compares_every_pairing_with_fp32(tmp_path):
+    """experiments/precision_summary (make precision-study) on miniature
+    records of three of its points: one row per run with its precisions and
+    evaluations, fp32's own gap 0 and speed ratio 1, a bf16 run whose
+    validation losses differ from fp32's, and the loss-curve figure."""
+    points = {"fp32": {}, "bf16": {"precision": "bf16"},
+              "fp32_router_bf16": {"moe-router-precision": "bf16"}}
+    for name, extra in points.items():
+        train_record({**TINY, **extra, "log-interval": 1, "out": tmp_path / f"{name}.h5"})
+    result = subprocess.run([sys.executable, str(REPO / "experiments" / "precision_summary"),
+                             str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line.split(" | ")[0].strip("| "): [c.strip() for c in line.strip("|").split("|")]
+            for line in result.stdout.splitlines() if line.startswith("| ") and "val@" not in line}
+    assert set(rows) == set(points), result.stdout
+    header = next(line for line in result.stdout.splitlines() if "val@" in line)
+    assert [c.strip() for c in header.strip("|").split("|")][4:8] == \
+        ["val@0", "val@5", "val@10", "val@15"], header
+    assert rows["fp32"][1:3] == ["fp32", "fp32"] and rows["fp32"][-2:] == ["0.0000", "1.00"]
+    assert rows["bf16"][1:3] == ["bf16", "fp32"] and float(rows["bf16"][-2]) > 0
+    assert rows["fp32_router_bf16"][1:3] == ["fp32", "bf16"]
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000

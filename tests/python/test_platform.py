@@ -8,6 +8,7 @@ import re
 import subprocess
 
 import h5py
+import numpy as np
 import pytest
 
 from moesim_run import BUILD, clean_env, flags
@@ -242,3 +243,32 @@ def test_onednn_asked_where_it_cannot_run_stops_every_rank(tmp_path):
     assert text.count("moesim: error: --bf16-gemm onednn: ") == 1, text
     assert "use --bf16-gemm emulated" in text
     assert not out.exists()
+
+
+# Rank 1 sees an AVX2 CPU (oneDNN's own ONEDNN_MAX_CPU_ISA), rank 0 the real
+# one: auto must not let them sum the same products in different orders, so
+# both emulate, and the run equals a --bf16-gemm emulated run bit for bit.
+# Hidden 128 puts the linear layers and experts over oneDNN's size threshold,
+# so the all-native run differs and the comparison means something.
+@pytest.mark.skipif(not {"avx512_bf16", "amx_bf16"} & CPU,
+                    reason="the CPU has no native bf16 GEMM")
+def test_auto_emulates_on_every_rank_when_one_rank_has_no_native_bf16(tmp_path):
+    wide = {**TINY, "hidden-size": 128, "moe-ffn-hidden-size": 128, "ffn-hidden-size": 128,
+            "seq-length": 32, "micro-batch-size": 4, "train-iters": 3, "precision": "bf16"}
+    losses = {}
+    for name, gemm in (("mixed", "auto"), ("emulated", "emulated"), ("native", "auto")):
+        out = tmp_path / f"{name}.h5"
+        opts = flags({**wide, "out": out, "bf16-gemm": gemm})
+        rank = [str(BUILD / "moesim"), "train", *opts]
+        avx2 = ["-x", "ONEDNN_MAX_CPU_ISA=AVX2"] if name == "mixed" else []
+        cmd = ["mpirun", "--oversubscribe", "--bind-to", "none", "-n", "1", *rank, ":",
+               "-n", "1", *avx2, *rank]
+        result = subprocess.run(cmd, env=env_without_kernel(), capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        with h5py.File(out, "r") as f:
+            losses[name] = f["train/loss"][()]
+            gemm_used = f.attrs["bf16_gemm"]
+        assert (gemm_used == "emulated") == (name != "native"), (name, gemm_used)
+    assert np.array_equal(losses["mixed"], losses["emulated"])
+    assert not np.array_equal(losses["native"], losses["emulated"])
