@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <hdf5.h>
+#include <libgen.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -775,32 +776,19 @@ static int write_synced(const char *path, const char *bytes, long len) {
 static void sync_parent_dir(const char *path) {
     char dir[MOESIM_PATH_MAX];
     snprintf(dir, sizeof dir, "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (slash) *slash = '\0';
-    int fd = open(slash ? (dir[0] ? dir : "/") : ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) return;
     fsync(fd);
     close(fd);
 }
 
-/* The identity of the record image written at tmp, or -1 with err when this
- * moesim cannot continue it. */
-static int image_identity(const char *tmp, const char *path, long iteration, char *id, size_t len,
-                          char *err, size_t errlen) {
-    hid_t file = H5Fopen(tmp, H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (file < 0) {
-        snprintf(err, errlen,
-                 "the run record image in checkpoint %ld cannot be read (the checkpoint is "
-                 "damaged); resume from an earlier checkpoint, or start a new record from its "
-                 "parameters (--finetune 1 --out NEW.h5)",
-                 iteration);
-        return -1;
-    }
-    long schema = long_attr_or(file, "schema_version", 0);
+/* The schema and identity of the record at path; -1 when HDF5 cannot open it. */
+static int read_identity(const char *path, long *schema, char *id, size_t len) {
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) return -1;
+    *schema = long_attr_or(file, "schema_version", 0);
     record_identity(file, id, len);
     H5Fclose(file);
-    if (schema != MOESIM_SCHEMA_VERSION)
-        return schema_mismatch(path, schema, iteration, err, errlen);
     return 0;
 }
 
@@ -811,18 +799,11 @@ static int image_identity(const char *tmp, const char *path, long iteration, cha
 static int restore_image(const char *path, const char *image, long len, long iteration, char *err,
                          size_t errlen) {
     char there[80] = "", ours[80], tmp[MOESIM_PATH_MAX + 16], kept[MOESIM_PATH_MAX + 16];
-    int exists = access(path, F_OK) == 0, damaged = 0;
-    if (exists) {
-        hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
-        damaged = file < 0;
-        if (!damaged) {
-            long schema = long_attr_or(file, "schema_version", 0);
-            record_identity(file, there, sizeof there);
-            H5Fclose(file);
-            if (schema != MOESIM_SCHEMA_VERSION)
-                return schema_mismatch(path, schema, iteration, err, errlen);
-        }
-    }
+    long schema = MOESIM_SCHEMA_VERSION;
+    int exists = access(path, F_OK) == 0;
+    int damaged = exists && read_identity(path, &schema, there, sizeof there) != 0;
+    if (schema != MOESIM_SCHEMA_VERSION)
+        return schema_mismatch(path, schema, iteration, err, errlen);
     snprintf(tmp, sizeof tmp, "%s.restore.tmp", path);
     if (write_synced(tmp, image, len) != 0) {
         snprintf(err, errlen,
@@ -832,9 +813,18 @@ static int restore_image(const char *path, const char *image, long len, long ite
         unlink(tmp);
         return -1;
     }
-    if (image_identity(tmp, path, iteration, ours, sizeof ours, err, errlen) != 0) {
+    if (read_identity(tmp, &schema, ours, sizeof ours) != 0) {
+        snprintf(err, errlen,
+                 "the run record image in checkpoint %ld cannot be read (the checkpoint is "
+                 "damaged); resume from an earlier checkpoint, or start a new record from its "
+                 "parameters (--finetune 1 --out NEW.h5)",
+                 iteration);
         unlink(tmp);
         return -1;
+    }
+    if (schema != MOESIM_SCHEMA_VERSION) {
+        unlink(tmp);
+        return schema_mismatch(path, schema, iteration, err, errlen);
     }
     if (exists && !damaged && strcmp(there, ours) != 0) {
         snprintf(err, errlen,
@@ -1653,9 +1643,9 @@ static int print_checkpoint_info(hid_t file, const char *path) {
         printf("  run record: a copy as of this step (%.2f MB), put over --out by a resume\n",
                (double)H5Dget_storage_size(copy) / 1e6);
         H5Dclose(copy);
-    }
-    else
+    } else {
         printf("  run record: no copy (an older moesim); a resume continues --out in place\n");
+    }
     return 0;
 }
 
