@@ -242,12 +242,17 @@ def test_info_reads_a_good_record(good_record):
 # ---- is a running record live? ------------------------------------------------------------
 
 def start_endless_run(out):
-    """A 2-rank run that would take hours, once it has flushed its record
-    (progress line at step 100, flushes every 10). mpirun leads a session of
-    its own, so the caller can kill everything it started."""
+    """A 2-rank run that would take hours, once it has flushed its record.
+    The flush at step 100 comes just before the progress line of step 100,
+    and the next one 100 steps later, so what the caller does on that line
+    (read the live record, SIGKILL the ranks) lands between flushes: HDF5
+    1.10 writes a flush's metadata in no crash-safe order, and a SIGKILL
+    inside one (a flush every 10 steps made that happen in CI) can leave a
+    dataset unreadable (README, "Output: the run record"). mpirun leads a session of its
+    own, so the caller can kill everything it started."""
     cmd = ["mpirun", "-n", "2", "--oversubscribe", str(BUILD / "moesim"), "train",
            *flags({**SMALL, "train-iters": 1_000_000, "progress-interval": 100,
-                   "eval-interval": 500, "out": out})]
+                   "record-flush-interval": 100, "eval-interval": 500, "out": out})]
     proc = subprocess.Popen(cmd, env=clean_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
