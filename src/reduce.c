@@ -147,7 +147,7 @@ static float element_from_fixed(int64_t fixed, int e) {
 }
 
 /* One rank holds every partial: the three steps per vector, in registers. */
-static void sum_local(float *const *partials, int n_partials, size_t n, float *out) {
+static void sum_local_fixed(float *const *partials, int n_partials, size_t n, float *out) {
     size_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         u4 e = lane_exponents(partials, n_partials, i);
@@ -163,6 +163,71 @@ static void sum_local(float *const *partials, int n_partials, size_t n, float *o
         int e = element_exponent(partials, n_partials, i);
         out[i] = element_from_fixed(element_fixed(partials, n_partials, i, e), e);
     }
+}
+
+/* Up to this many terms, each at most 2^FIXED_BITS in fixed point, sum to at
+ * most 2^53: a double holds every partial sum exactly, so the sum can stay in
+ * double, the same integer the int64 path forms, without its conversions. */
+#define DOUBLE_SUM_MAX_TERMS (1 << (53 - FIXED_BITS))
+
+/* Eight elements a step, the largest-exponent search unrolled over the
+ * partials: half the instructions of the int64 path per element. */
+#define WIDE 4
+typedef float fw __attribute__((vector_size(WIDE * sizeof(float))));
+typedef uint32_t uw __attribute__((vector_size(WIDE * sizeof(uint32_t))));
+typedef int32_t iw __attribute__((vector_size(WIDE * sizeof(int32_t))));
+typedef double dw __attribute__((vector_size(WIDE * sizeof(double))));
+typedef uint64_t ulw __attribute__((vector_size(WIDE * sizeof(uint64_t))));
+typedef int64_t lw __attribute__((vector_size(WIDE * sizeof(int64_t))));
+
+static inline fw loadw(const float *p) {
+    fw v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* Elements [i, i + WIDE) of the sum. Inlined with a constant count of
+ * partials, the loops over them unroll. */
+static inline __attribute__((always_inline)) void sum_wide(float *const *partials, int n_partials,
+                                                           size_t i, float *out) {
+    const dw magic = (dw){0} + ROUNDING_MAGIC;
+    uw e = {0};
+    for (int p = 0; p < n_partials; p++) {
+        uw ep = ((uw)loadw(partials[p] + i) >> 23) & 0xffu;
+        uw larger = (uw)(ep > e);
+        e = (larger & ep) | (~larger & e);
+    }
+    uw small = (uw)(e < 1u);
+    lw k = __builtin_convertvector((iw)((small & 1u) | (~small & e)), lw);
+    k = (FIXED_BITS + 126) - k;
+    dw scale = (dw)((ulw)(1023 + k) << 52), inverse = (dw)((ulw)(1023 - k) << 52);
+    dw sum = {0};
+    for (int p = 0; p < n_partials; p++)
+        sum += (__builtin_convertvector(loadw(partials[p] + i), dw) * scale + magic) - magic;
+    fw result = __builtin_convertvector(sum * inverse, fw);
+    uw non_finite = (uw)(e == 0xffu);
+    result = (fw)((non_finite & (uw)((fw){0} + NAN)) | (~non_finite & (uw)result));
+    memcpy(out + i, &result, sizeof result);
+}
+
+static void sum_local_double(float *const *partials, int n_partials, size_t n, float *out) {
+    size_t i = 0;
+    if (n_partials == 2)
+        for (; i + WIDE <= n; i += WIDE) sum_wide(partials, 2, i, out);
+    else
+        for (; i + WIDE <= n; i += WIDE) sum_wide(partials, n_partials, i, out);
+    if (i < n) {
+        float *tail[n_partials];
+        for (int p = 0; p < n_partials; p++) tail[p] = partials[p] + i;
+        sum_local_fixed(tail, n_partials, n - i, out + i);
+    }
+}
+
+static void sum_local(float *const *partials, int n_partials, size_t n, float *out) {
+    if (n_partials <= DOUBLE_SUM_MAX_TERMS)
+        sum_local_double(partials, n_partials, n, out);
+    else
+        sum_local_fixed(partials, n_partials, n, out);
 }
 
 static void max_exponents(uint8_t *exponent, float *const *partials, int n_partials, size_t n) {

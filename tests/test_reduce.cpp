@@ -261,6 +261,37 @@ TEST(ExactSum, WithinFortyEightBitsOfTheLargestTerm) {
     }
 }
 
+// Protects the equivalence of the one-rank sum's three paths: double
+// accumulation, unrolled for two partials and general up to 32, and int64
+// fixed point beyond. A zero partial adds nothing and never raises an
+// exponent, so padding the same terms with zero partials moves the sum from
+// one path to the next without changing a bit. The terms span 26 binary
+// orders (rounded in fixed point), with denormals, zeros, infinities and NaN.
+TEST(ExactSum, EveryPathGivesTheSameBits) {
+    std::mt19937 rng(11);
+    const size_t n = 4099;  // whole vectors and a scalar tail at 4 or 8 lanes
+    for (int terms : {2, 3}) {
+        Partials p = mixed_partials(rng, terms, n);
+        p[0][17] = INFINITY;
+        p[terms - 1][40] = NAN;
+        p[0][41] = -INFINITY;
+        std::vector<float> reference;
+        for (int count : {terms, 3, 32, 33, 40}) {
+            if (count < terms) continue;
+            Partials padded = p;
+            padded.resize(count, std::vector<float>(n, 0.0f));
+            std::vector<float> got = self_sum(pointers(padded), n);
+            if (reference.empty())
+                reference = got;
+            else
+                EXPECT_TRUE(SameBits(got, reference)) << terms << " terms in " << count
+                                                      << " partials";
+        }
+        EXPECT_TRUE(std::isnan(reference[17]) && std::isnan(reference[40]) &&
+                    std::isnan(reference[41]));
+    }
+}
+
 // Protects the lone-partial contract: with total_partials == 1 the partial is
 // the sum, copied bit for bit. A finite float would survive the fixed-point
 // path too (24 bits < 48); the copy is what keeps -0, infinities (not NaN)
