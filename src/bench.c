@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "moesim/ffn.h"
+#include "moesim/placement.h"
 #include "moesim/reduce.h"
 #include "moesim/train.h"
 
@@ -174,7 +175,21 @@ typedef struct LayoutResult {
     double reduce_s, float_allreduce_s; /* exact gradient sums vs a float all-reduce, mean */
     double memory_ratio_min, memory_ratio_max; /* peak RSS growth / analytic bytes, over ranks */
     double analytic_mb;                        /* rank 0 */
+    double exposed_exchange_s; /* dispatch + combine no compute covered, per step, mean */
+    double load_imbalance;     /* busiest EP rank's expert rows / the mean, over layers and steps */
 } LayoutResult;
+
+/* placement_load_imbalance of the last step's kept rows (global counts). */
+static double rank_load_imbalance(const Trainer *t) {
+    int L = t->moe_layers, E = t->cfg->num_experts;
+    long *kept = malloc(sizeof(long) * (size_t)(L > 0 ? L * E : 1));
+    if (!kept) return NAN;
+    for (long i = 0; i < (long)L * E; i++)
+        kept[i] = t->routing.tokens_per_expert[i] - t->routing.dropped_per_expert[i];
+    double imbalance = placement_load_imbalance(kept, L, E, t->comm->ep_size);
+    free(kept);
+    return imbalance;
+}
 
 /* values[n] <- their mean over the ranks (n <= 2). */
 static void mean_over_ranks(const Comm *comm, double *values, int n) {
@@ -266,13 +281,19 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
     if (!comm_all_ok(comm, trainer_init(&t, cfg, ds, comm, err, errlen) == 0)) return -1;
     StepStats stats;
     for (int i = 0; i < BENCH_WARMUP_STEPS; i++) trainer_step(&t, i, &stats);
-    double seconds = 0.0, flops = 0.0, tokens = 0.0;
+    double seconds = 0.0, flops = 0.0, tokens = 0.0, exposed = 0.0, imbalance = 0.0;
     for (int i = 0; i < BENCH_STEPS; i++) {
         trainer_step(&t, BENCH_WARMUP_STEPS + i, &stats);
         seconds += stats.seconds;
         flops += stats.flops;
         tokens += stats.tokens;
+        exposed += stats.comm_times.exposed_s[COMM_KIND_DISPATCH] +
+                   stats.comm_times.exposed_s[COMM_KIND_COMBINE];
+        imbalance += rank_load_imbalance(&t);
     }
+    r->exposed_exchange_s = exposed / BENCH_STEPS;
+    mean_over_ranks(comm, &r->exposed_exchange_s, 1);
+    r->load_imbalance = imbalance / BENCH_STEPS;
     double analytic = (double)model_memory_bytes(&t.model);
     double ratio = (peak_rss_bytes() - rss_before) / analytic;
     double *ratios = calloc((size_t)comm->world_size, sizeof(double));
@@ -387,11 +408,26 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                 "counts %.1f us = %.3fx\n",
                 all.exchange_s * 1e6, all.raw_alltoallv_s * 1e6,
                 all.exchange_s / all.raw_alltoallv_s);
+            /* forward and backward each dispatch and combine once per MoE layer */
+            int pairs = 2 * config_num_moe_layers(cfg);
+            double moving = pairs * all.exchange_s;
+            double waiting = all.exposed_exchange_s > moving ? all.exposed_exchange_s - moving : 0;
+            printf(
+                "bench: load imbalance: the busiest rank's expert rows are %.2fx the mean (per "
+                "MoE layer, mean over the steps); dispatch + combine exposed %.1f ms per step: "
+                "moving rows ~%.1f ms (%d exchanges at the cost above), waiting for the busiest "
+                "rank ~%.1f ms (%.1f%% of a step)\n",
+                all.load_imbalance, all.exposed_exchange_s * 1e3, moving * 1e3, pairs,
+                waiting * 1e3, 100.0 * waiting / all.step_s);
             printf(
                 "bench: weak scaling 1 -> %d ranks (%d experts per rank): %.0f -> %.0f "
-                "tokens/s per rank, efficiency %.3f\n",
+                "tokens/s per rank, efficiency %.3f; in model FLOP/s per rank %.1f -> %.1f "
+                "GFLOP/s, efficiency %.3f (routing drops make a token's expert rows differ "
+                "between the runs)\n",
                 P, cfg->num_experts / comm->ep_size, single.tokens_per_s, all.tokens_per_s / P,
-                all.tokens_per_s / P / single.tokens_per_s);
+                all.tokens_per_s / P / single.tokens_per_s, single.model_gflops_per_rank,
+                all.model_gflops_per_rank,
+                all.model_gflops_per_rank / single.model_gflops_per_rank);
         }
         fflush(stdout);
     }

@@ -34,6 +34,14 @@ int placement_global_expert(const Placement *p, int ep_rank, int j);
 /* This rank's first global expert: it owns first .. first + experts_per_rank - 1. */
 int placement_first_local_expert(const Placement *p);
 
+/* The busiest EP position's rows over the mean rows of the positions, from
+ * the kept rows of every expert of `layers` layers ([layers][E]), averaged
+ * over the layers: how long every rank waits in the combine for the busiest
+ * one, as a factor on the balanced expert time. 1 when ep_size is 1, for a
+ * layer without rows, or with no layers. */
+double placement_load_imbalance(const long *rows_per_expert, int layers, int num_experts,
+                                int ep_size);
+
 #ifdef __cplusplus
 }
 #endif

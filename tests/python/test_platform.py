@@ -195,6 +195,37 @@ def test_bench_warns_loudly_when_a_faster_kernel_exists(tmp_path):
     assert "step's own sgemm shapes" in result.stdout
 
 
+def number(pattern, text):
+    match = re.search(pattern, text)
+    assert match, f"{pattern!r} not in:\n{text}"
+    return [float(g) for g in match.groups()]
+
+
+# The 2-rank bench splits the exposed exchange into moving rows and waiting
+# for the busiest rank, and gives weak scaling in model FLOP/s as well; each
+# figure is consistent with the ones it is made of.
+def test_two_rank_bench_names_the_wait_for_the_busiest_rank(tmp_path):
+    result = subprocess.run(
+        ["mpirun", "-n", "2", "--oversubscribe", "--bind-to", "none", str(BUILD / "moesim"),
+         "bench", *flags({**TINY, "num-experts": 4, "out": tmp_path / "unused.h5"})],
+        env=env_without_kernel(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout
+    imbalance, exposed, moving, pairs, waiting, share = number(
+        r"busiest rank's expert rows are ([\d.]+)x the mean .* exposed ([\d.]+) ms per step: "
+        r"moving rows ~([\d.]+) ms \((\d+) exchanges at the cost above\), waiting for the "
+        r"busiest rank ~([\d.]+) ms \(([\d.]+)% of a step\)", text)
+    assert imbalance >= 1.0
+    assert pairs == 4  # 2 MoE layers, forward and backward
+    assert waiting == pytest.approx(max(exposed - moving, 0.0), abs=0.11)
+    assert 0.0 <= share <= 100.0
+    single, double, efficiency = number(
+        r"in model FLOP/s per rank ([\d.]+) -> ([\d.]+) GFLOP/s, efficiency ([\d.]+)", text)
+    assert efficiency == pytest.approx(double / single, abs=0.002)
+    per_rank, = number(r"model ([\d.]+) GFLOP/s per rank", text)
+    assert double == pytest.approx(per_rank, abs=0.051)
+
+
 def test_record_and_header_say_which_precision_ran(tmp_path):
     run, out = train(tmp_path, env_without_kernel())
     assert run.returncode == 0, run.stdout + run.stderr
