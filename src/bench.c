@@ -25,31 +25,64 @@
 /* Best of a few runs of one large square sgemm: the attainable peak of the
  * kernel in use that the model's FLOP rate is compared against, measured on
  * this machine now. */
-static double measure_sgemm_gflops(void) {
-    const int n = BENCH_MATMUL_SIZE;
-    float *a = malloc(sizeof(float) * n * n), *b = malloc(sizeof(float) * n * n),
-          *c = malloc(sizeof(float) * n * n);
+/* One square product c = a · b, n x n: a and b as floats for the sgemm, as
+ * bf16 bit patterns for the native bf16 GEMM (gemm set). */
+typedef struct SquareProduct {
+    int n;
+    float *a, *b, *c;
+    uint16_t *a_bits, *b_bits;
+    Bf16Gemm *gemm;
+} SquareProduct;
+
+static void run_square_product(const SquareProduct *p) {
+    int n = p->n;
+    if (p->gemm)
+        bf16_gemm_run(p->gemm, 0, 0, n, n, n, 1.0f, p->a_bits, n, p->b_bits, n, 0.0f, p->c, n);
+    else
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, p->a, n, p->b, n,
+                    0.0f, p->c, n);
+}
+
+/* Best of a few runs of the product: the attainable peak, measured on this
+ * machine now. Untimed for SGEMM_WARMUP_S first: the core's clock and the
+ * caches settle, or the first reps read low and the MFU high. 0 when memory
+ * runs out. */
+static double measure_square_gflops(Bf16Gemm *gemm) {
+    const long n = BENCH_MATMUL_SIZE, count = n * n;
+    SquareProduct p = {.n = (int)n, .gemm = gemm};
+    p.a = malloc(sizeof(float) * count);
+    p.b = malloc(sizeof(float) * count);
+    p.c = malloc(sizeof(float) * count);
+    p.a_bits = malloc(sizeof(uint16_t) * count);
+    p.b_bits = malloc(sizeof(uint16_t) * count);
     double best = 0.0;
-    if (a && b && c) {
-        for (long i = 0; i < (long)n * n; i++) a[i] = b[i] = (float)(i % 7) * 0.1f;
-        /* Untimed for SGEMM_WARMUP_S first: the core's clock and the caches
-         * settle, or the first reps read low and the MFU high. */
+    if (p.a && p.b && p.c && p.a_bits && p.b_bits) {
+        for (long i = 0; i < count; i++) {
+            p.a[i] = p.b[i] = (float)(i % 7) * 0.1f;
+            uint32_t bits;
+            memcpy(&bits, &p.a[i], sizeof bits);
+            p.a_bits[i] = p.b_bits[i] = (uint16_t)(bits >> 16); /* speed only: truncation will do */
+        }
         double warm_until = comm_wtime() + SGEMM_WARMUP_S;
-        while (comm_wtime() < warm_until)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f,
-                        c, n);
+        while (comm_wtime() < warm_until) run_square_product(&p);
         for (int rep = 0; rep < SGEMM_REPS; rep++) {
             double start = comm_wtime();
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.0f, a, n, b, n, 0.0f,
-                        c, n);
+            run_square_product(&p);
             double gflops = 2.0 * n * n * n / (comm_wtime() - start) / 1e9;
             if (gflops > best) best = gflops;
         }
     }
-    free(a);
-    free(b);
-    free(c);
+    free(p.a);
+    free(p.b);
+    free(p.c);
+    free(p.a_bits);
+    free(p.b_bits);
     return best;
+}
+
+/* The peak of the kernel in use that the model's FLOP rate is compared against. */
+static double measure_sgemm_gflops(void) {
+    return measure_square_gflops(NULL);
 }
 
 /* ---- the roofline of the model's own matmul shapes ------------------------ */
@@ -177,6 +210,8 @@ typedef struct LayoutResult {
     double analytic_mb;                        /* rank 0 */
     double exposed_exchange_s; /* dispatch + combine no compute covered, per step, mean */
     double load_imbalance;     /* busiest EP rank's expert rows / the mean, over layers and steps */
+    char bf16_gemm[160];       /* matmul_bf16_gemm: "none", "emulated" or "onednn (...)" */
+    double bf16_gflops;        /* the native bf16 GEMM's square product, all ranks at once, mean */
 } LayoutResult;
 
 /* placement_load_imbalance of the last step's kept rows (global counts). */
@@ -312,6 +347,12 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
     comm_barrier(comm);
     r->shapes_gflops = measure_shapes_gflops(&shapes);
     mean_over_ranks(comm, &r->shapes_gflops, 1);
+    snprintf(r->bf16_gemm, sizeof r->bf16_gemm, "%s", matmul_bf16_gemm(&t.model.matmul));
+    if (t.model.matmul.gemm) { /* the same on every rank (train.c agrees on it) */
+        comm_barrier(comm);
+        r->bf16_gflops = measure_square_gflops(t.model.matmul.gemm);
+        mean_over_ranks(comm, &r->bf16_gflops, 1);
+    }
     r->tokens_per_s = tokens / seconds;
     r->step_s = seconds / BENCH_STEPS;
     r->model_gflops_per_rank = flops / seconds / 1e9 / comm->world_size;
@@ -393,6 +434,23 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
             "%dx%d rate): MFU against them %.3f\n",
             all.shapes_gflops, all.shapes_gflops / sgemm_concurrent, BENCH_MATMUL_SIZE,
             BENCH_MATMUL_SIZE, all.model_gflops_per_rank / all.shapes_gflops);
+        if (strcmp(cfg->precision, "bf16") != 0 && strcmp(all.bf16_gemm, "none") != 0)
+            printf(
+                "bench: bf16 GEMM %s, for the router's products only: the MFU above is against "
+                "the sgemm that runs the rest\n",
+                all.bf16_gemm);
+        else if (all.bf16_gflops > 0.0)
+            printf(
+                "bench: bf16 GEMM %s: %dx%d %.1f GFLOP/s%s (%.2fx the sgemm): MFU against it "
+                "%.3f\n",
+                all.bf16_gemm, BENCH_MATMUL_SIZE, BENCH_MATMUL_SIZE, all.bf16_gflops,
+                P > 1 ? " per rank with all ranks at once" : "", all.bf16_gflops / sgemm_concurrent,
+                all.model_gflops_per_rank / all.bf16_gflops);
+        else if (strcmp(all.bf16_gemm, "none") != 0)
+            printf(
+                "bench: bf16 GEMM %s: inputs rounded to bf16, then the sgemm, so the MFU above is "
+                "against the GEMM it runs on\n",
+                all.bf16_gemm);
         printf(
             "bench: memory per rank: peak RSS growth / analytic bytes (%.1f MB: parameters, "
             "gradients, Adam, activations, exchange buffers) = %.3f .. %.3f over ranks\n",

@@ -226,6 +226,35 @@ def test_two_rank_bench_names_the_wait_for_the_busiest_rank(tmp_path):
     assert double == pytest.approx(per_rank, abs=0.051)
 
 
+def bench(tmp_path, **options):
+    result = subprocess.run(
+        [str(BUILD / "moesim"), "bench", *flags({**TINY, "out": tmp_path / "unused.h5",
+                                                 **options})],
+        env=env_without_kernel(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+# bf16 runs are measured against the GEMM that runs them: the native one's own
+# square-product rate, or the sgemm under the emulation and for a bf16 router.
+def test_bench_measures_bf16_against_the_bf16_gemm_it_runs(tmp_path):
+    text = bench(tmp_path, precision="bf16")
+    native = "bf16 GEMM onednn" in text
+    if native:
+        model, = number(r"model ([\d.]+) GFLOP/s per rank", text)
+        bf16, sgemm_ratio, mfu = number(
+            r"bf16 GEMM onednn .*?: \d+x\d+ ([\d.]+) GFLOP/s \(([\d.]+)x the sgemm\): MFU "
+            r"against it ([\d.]+)", text)
+        assert mfu == pytest.approx(model / bf16, abs=0.002)
+        assert sgemm_ratio > 0
+    else:
+        assert "bf16 GEMM emulated: inputs rounded to bf16, then the sgemm" in text
+    assert "MFU against it" not in bench(tmp_path, precision="bf16", **{"bf16-gemm": "emulated"})
+    router_only = bench(tmp_path, **{"moe-router-precision": "bf16"})
+    assert "for the router's products only" in router_only or not native, router_only
+    assert "bf16 GEMM" not in bench(tmp_path)
+
+
 def test_record_and_header_say_which_precision_ran(tmp_path):
     run, out = train(tmp_path, env_without_kernel())
     assert run.returncode == 0, run.stdout + run.stderr
