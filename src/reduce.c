@@ -170,52 +170,76 @@ static void sum_local_fixed(float *const *partials, int n_partials, size_t n, fl
  * double, the same integer the int64 path forms, without its conversions. */
 #define DOUBLE_SUM_MAX_TERMS (1 << (53 - FIXED_BITS))
 
-/* Eight elements a step, the largest-exponent search unrolled over the
- * partials: half the instructions of the int64 path per element. */
-#define WIDE 4
-typedef float fw __attribute__((vector_size(WIDE * sizeof(float))));
-typedef uint32_t uw __attribute__((vector_size(WIDE * sizeof(uint32_t))));
-typedef int32_t iw __attribute__((vector_size(WIDE * sizeof(int32_t))));
-typedef double dw __attribute__((vector_size(WIDE * sizeof(double))));
-typedef uint64_t ulw __attribute__((vector_size(WIDE * sizeof(uint64_t))));
-typedef int64_t lw __attribute__((vector_size(WIDE * sizeof(int64_t))));
+/* Elements [i, i + LANES) of the sum in double. Inlined with a constant
+ * count of partials, the loops over them unroll. */
+static inline __attribute__((always_inline)) void sum_lanes_double(float *const *partials,
+                                                                   int n_partials, size_t i,
+                                                                   float *out) {
+    const d4 magic = (d4){0} + ROUNDING_MAGIC;
+    u4 e = lane_exponents(partials, n_partials, i);
+    d4 scale, inverse;
+    lane_pow2(e, 1, &scale);
+    lane_pow2(e, -1, &inverse);
+    d4 sum = {0};
+    for (int p = 0; p < n_partials; p++)
+        sum += (__builtin_convertvector(load4(partials[p] + i), d4) * scale + magic) - magic;
+    f4 result = __builtin_convertvector(sum * inverse, f4);
+    u4 non_finite = (u4)(e == 0xffu);
+    result = (f4)((non_finite & (u4)((f4){0} + NAN)) | (~non_finite & (u4)result));
+    memcpy(out + i, &result, sizeof result);
+}
 
-static inline fw loadw(const float *p) {
-    fw v;
+/* Two terms, eight elements at a time. Where each term is a normal float or
+ * zero and their exponents are at most 24 apart, both terms are exact in
+ * fixed point, and the one rounding of their exact sum to float is what
+ * IEEE addition gives (flush-to-zero included: both flush a tiny sum with its
+ * sign); two zeros sum to +0 in fixed point, so a float sum's -0 is cleared.
+ * A vector with any other lane (a denormal, infinity or NaN, exponents
+ * further apart, where fixed point rounds a term) takes the double path. */
+#define TWO_LANES 8
+typedef float f8 __attribute__((vector_size(TWO_LANES * sizeof(float))));
+typedef uint32_t u8 __attribute__((vector_size(TWO_LANES * sizeof(uint32_t))));
+typedef int32_t i8 __attribute__((vector_size(TWO_LANES * sizeof(int32_t))));
+
+static inline f8 load8(const float *p) {
+    f8 v;
     memcpy(&v, p, sizeof v);
     return v;
 }
 
-/* Elements [i, i + WIDE) of the sum. Inlined with a constant count of
- * partials, the loops over them unroll. */
-static inline __attribute__((always_inline)) void sum_wide(float *const *partials, int n_partials,
-                                                           size_t i, float *out) {
-    const dw magic = (dw){0} + ROUNDING_MAGIC;
-    uw e = {0};
-    for (int p = 0; p < n_partials; p++) {
-        uw ep = ((uw)loadw(partials[p] + i) >> 23) & 0xffu;
-        uw larger = (uw)(ep > e);
-        e = (larger & ep) | (~larger & e);
+static void sum_two(float *const *partials, size_t n, float *out) {
+    const float *a = partials[0], *b = partials[1];
+    size_t i = 0;
+    for (; i + TWO_LANES <= n; i += TWO_LANES) {
+        f8 x = load8(a + i), y = load8(b + i);
+        u8 ux = (u8)x, uy = (u8)y;
+        i8 ex = (i8)((ux >> 23) & 0xffu), ey = (i8)((uy >> 23) & 0xffu);
+        i8 zero_x = (i8)((ux << 1) == 0), zero_y = (i8)((uy << 1) == 0);
+        i8 normal_x = (ex >= 1) & (ex <= 254), normal_y = (ey >= 1) & (ey <= 254);
+        i8 close = (ex - ey <= 24) & (ey - ex <= 24);
+        i8 exact =
+            (normal_x & normal_y & close) | (zero_x & (normal_y | zero_y)) | (zero_y & normal_x);
+        int all = 1;
+        for (int l = 0; l < TWO_LANES; l++) all &= exact[l] != 0;
+        if (!all) {
+            sum_lanes_double(partials, 2, i, out);
+            sum_lanes_double(partials, 2, i + LANES, out);
+            continue;
+        }
+        f8 sum = x + y;
+        sum = (f8)((u8)sum & ~((u8)(zero_x & zero_y) & 0x80000000u));
+        memcpy(out + i, &sum, sizeof sum);
     }
-    uw small = (uw)(e < 1u);
-    lw k = __builtin_convertvector((iw)((small & 1u) | (~small & e)), lw);
-    k = (FIXED_BITS + 126) - k;
-    dw scale = (dw)((ulw)(1023 + k) << 52), inverse = (dw)((ulw)(1023 - k) << 52);
-    dw sum = {0};
-    for (int p = 0; p < n_partials; p++)
-        sum += (__builtin_convertvector(loadw(partials[p] + i), dw) * scale + magic) - magic;
-    fw result = __builtin_convertvector(sum * inverse, fw);
-    uw non_finite = (uw)(e == 0xffu);
-    result = (fw)((non_finite & (uw)((fw){0} + NAN)) | (~non_finite & (uw)result));
-    memcpy(out + i, &result, sizeof result);
+    for (; i + LANES <= n; i += LANES) sum_lanes_double(partials, 2, i, out);
+    if (i < n) {
+        float *tail[2] = {partials[0] + i, partials[1] + i};
+        sum_local_fixed(tail, 2, n - i, out + i);
+    }
 }
 
 static void sum_local_double(float *const *partials, int n_partials, size_t n, float *out) {
     size_t i = 0;
-    if (n_partials == 2)
-        for (; i + WIDE <= n; i += WIDE) sum_wide(partials, 2, i, out);
-    else
-        for (; i + WIDE <= n; i += WIDE) sum_wide(partials, n_partials, i, out);
+    for (; i + LANES <= n; i += LANES) sum_lanes_double(partials, n_partials, i, out);
     if (i < n) {
         float *tail[n_partials];
         for (int p = 0; p < n_partials; p++) tail[p] = partials[p] + i;
@@ -224,7 +248,9 @@ static void sum_local_double(float *const *partials, int n_partials, size_t n, f
 }
 
 static void sum_local(float *const *partials, int n_partials, size_t n, float *out) {
-    if (n_partials <= DOUBLE_SUM_MAX_TERMS)
+    if (n_partials == 2)
+        sum_two(partials, n, out);
+    else if (n_partials <= DOUBLE_SUM_MAX_TERMS)
         sum_local_double(partials, n_partials, n, out);
     else
         sum_local_fixed(partials, n_partials, n, out);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "moesim/comm.h"
+#include "moesim/platform.h"
 #include "moesim/reduce.h"
 
 namespace {
@@ -290,6 +291,62 @@ TEST(ExactSum, EveryPathGivesTheSameBits) {
         EXPECT_TRUE(std::isnan(reference[17]) && std::isnan(reference[40]) &&
                     std::isnan(reference[41]));
     }
+}
+
+// Protects the two-partial shortcut (a float addition where it is exact in
+// fixed point) against the int64 path, with and without flush-to-zero: every
+// 8-lane block below is either eligible as a whole or holds one lane that is
+// not. The cases: signed zeros alone and beside a term, exact cancellation,
+// a sum below the smallest normal, an overflow, a tie, exponents 24 apart
+// (exact) and 25 apart where fixed point rounds the smaller term onto a
+// float midpoint (1 + 2^-23 and 2^-24 - 2^-48 sum to 1 + 2^-22 there, to
+// 1 + 2^-23 in float), denormals, infinities and a NaN, beside terms of any
+// exponent.
+TEST(ExactSum, TwoPartialsShortcutGivesTheFixedPointBits) {
+    std::mt19937 rng(12);
+    std::uniform_real_distribution<float> u(0.5f, 1.0f);
+    const std::vector<std::pair<float, float>> cases = {
+        {-0.0f, -0.0f},
+        {0.0f, -0.0f},
+        {-0.0f, 3.0f},
+        {-5.0f, 0.0f},
+        {1.5f, -1.5f},
+        {1.5f * FLT_MIN, -1.25f * FLT_MIN},
+        {FLT_MAX, FLT_MAX},
+        {1.0f, std::ldexp(1.0f, -24)},
+        {1.0f + std::ldexp(1.0f, -23), std::ldexp(1.0f, -23) - std::ldexp(1.0f, -47)},
+        {1.0f + std::ldexp(1.0f, -23), std::ldexp(1.0f, -24) - std::ldexp(1.0f, -48)},
+        {1.0f, from_bits(0x00000005u)},
+        {from_bits(0x80000005u), from_bits(0x80000003u)},  // -0 under DAZ in float
+        {1.5f * FLT_MIN, from_bits(0x00000005u)},
+        {INFINITY, 1.0f},
+        {INFINITY, 3e38f},  // exponents one apart
+        {-3e38f, NAN},
+    };
+    const size_t n = 2 * 8 * cases.size() + 5;  // a whole and a split block per case, a tail
+    Partials p(2, std::vector<float>(n));
+    for (size_t i = 0; i < n; i++) {
+        p[0][i] = u(rng) * (rng() & 1 ? -1.0f : 1.0f);
+        p[1][i] = u(rng) * std::ldexp(1.0f, (int)(rng() % 40) - 20);
+    }
+    for (size_t c = 0; c < cases.size(); c++) {
+        p[0][16 * c + 3] = cases[c].first;
+        p[1][16 * c + 3] = cases[c].second;
+        p[0][16 * c + 12] = cases[c].second;  // swapped, in the other block
+        p[1][16 * c + 12] = cases[c].first;
+    }
+    Platform platform{};
+    for (int flush : {0, 1}) {
+        platform_set_flush_denormals(&platform, flush);
+        Partials padded = p;
+        padded.resize(40, std::vector<float>(n, 0.0f));
+        const std::vector<float> fixed = self_sum(pointers(padded), n);
+        EXPECT_TRUE(SameBits(self_sum(pointers(p), n), fixed)) << "flush " << flush;
+        const size_t midpoint = 16 * 9 + 3;
+        EXPECT_EQ(fixed[midpoint], 1.0f + std::ldexp(1.0f, -22));
+        EXPECT_EQ(bits(fixed[3]), 0u);  // -0 + -0 is +0 in fixed point
+    }
+    platform_set_flush_denormals(&platform, 0);
 }
 
 // Protects the lone-partial contract: with total_partials == 1 the partial is
