@@ -148,6 +148,56 @@ void comm_sum_int64(const Comm *c, CommScope scope, int64_t *values, size_t n) {
         allreduce_in_chunks(values, n, sizeof(int64_t), MPI_INT64_T, MPI_SUM, scope_comm(c, scope));
 }
 
+int comm_scope_rank(const Comm *c, CommScope scope) {
+    int rank = 0;
+    if (comm_scope_size(c, scope) > 1) MPI_Comm_rank(scope_comm(c, scope), &rank);
+    return rank;
+}
+
+void comm_allgather_int(const Comm *c, CommScope scope, int mine, int *all) {
+    MPI_Allgather(&mine, 1, MPI_INT, all, 1, MPI_INT, scope_comm(c, scope));
+}
+
+/* One message per (partial, rank): the partials are separate buffers, and
+ * packing them first would copy every slice once more. MPI keeps the
+ * messages between two ranks in order, so the receiver needs no tags. */
+void comm_scatter_slices(const Comm *c, CommScope scope, float *const *partials, int n_partials,
+                         const int *begin, const int *held, float *recv) {
+    MPI_Comm comm = scope_comm(c, scope);
+    int ranks = comm_scope_size(c, scope), me = comm_scope_rank(c, scope), count = 0;
+    for (int r = 0; r < ranks; r++) count += r == me ? 0 : n_partials + held[r];
+    MPI_Request *requests = malloc(sizeof(MPI_Request) * (size_t)(count > 0 ? count : 1));
+    if (!requests) {
+        fprintf(stderr, "moesim: out of memory for %d requests of an exact sum\n", count);
+        MPI_Abort(c->world, 1);
+    }
+    int mine = begin[me + 1] - begin[me], n = 0;
+    float *at = recv;
+    for (int r = 0; r < ranks; r++) {
+        if (r == me) continue;
+        for (int p = 0; p < held[r]; p++, at += mine)
+            MPI_Irecv(at, mine, MPI_FLOAT, r, 0, comm, &requests[n++]);
+        for (int p = 0; p < n_partials; p++)
+            MPI_Isend(partials[p] + begin[r], begin[r + 1] - begin[r], MPI_FLOAT, r, 0, comm,
+                      &requests[n++]);
+    }
+    MPI_Waitall(n, requests, MPI_STATUSES_IGNORE);
+    free(requests);
+}
+
+void comm_allgather_slices(const Comm *c, CommScope scope, float *values, const int *begin) {
+    int ranks = comm_scope_size(c, scope);
+    int *counts = malloc(sizeof(int) * (size_t)ranks);
+    if (!counts) {
+        fprintf(stderr, "moesim: out of memory for an exact sum's counts\n");
+        MPI_Abort(c->world, 1);
+    }
+    for (int r = 0; r < ranks; r++) counts[r] = begin[r + 1] - begin[r];
+    MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, values, counts, begin, MPI_FLOAT,
+                   scope_comm(c, scope));
+    free(counts);
+}
+
 /* A count beyond int is the caller's bug: buckets are capped below it. */
 static int checked_count(const Comm *c, size_t n) {
     if (n > (size_t)INT_MAX) {

@@ -321,10 +321,54 @@ static int sum_without_comm(const Comm *c, CommScope scope, float *const *partia
     return 1;
 }
 
+/* Largest chunk the sliced sum walks: its slice offsets are MPI's int. */
+#define SLICED_CHUNK_MAX ((size_t)1 << 30)
+
+/* The exact sum as a reduce-scatter of the partials themselves: each rank
+ * receives every partial of its 1/R slice of a chunk, sums them locally (the
+ * same function of the same terms, so the same bits as the fixed-point
+ * all-reduce) and the slices are gathered. Floats cross the network once
+ * each way, against a byte and an int64 all-reduce per element. The
+ * received slices use the int64 scratch as floats: a chunk holds as many
+ * elements as the scratch takes of every partial's share. Returns 0 when the
+ * scratch cannot hold one element per rank of every partial. */
+static int sliced_sum(ExactSum *x, const Comm *c, CommScope scope, float *const *partials,
+                      int n_partials, size_t n, float *out) {
+    int ranks = comm_scope_size(c, scope), me = comm_scope_rank(c, scope);
+    int *held = malloc(sizeof(int) * (size_t)(2 * ranks + 1)), *begin = held + ranks, total = 0;
+    if (!held) return 0;
+    comm_allgather_int(c, scope, n_partials, held);
+    for (int r = 0; r < ranks; r++) total += held[r];
+    size_t per_rank = 2 * x->capacity / (size_t)(total > 0 ? total : 1);
+    size_t chunk = per_rank * (size_t)ranks;
+    if (chunk > SLICED_CHUNK_MAX) chunk = SLICED_CHUNK_MAX;
+    if (total == 0 || per_rank == 0 || total > DOUBLE_SUM_MAX_TERMS) { /* every rank alike */
+        free(held);
+        return 0;
+    }
+    float *recv = (float *)x->fixed;
+    float *terms[DOUBLE_SUM_MAX_TERMS];
+    for (size_t off = 0; off < n; off += chunk) {
+        size_t len = n - off < chunk ? n - off : chunk;
+        for (int r = 0; r <= ranks; r++) begin[r] = (int)(len * (size_t)r / (size_t)ranks);
+        float *chunk_partials[n_partials > 0 ? n_partials : 1];
+        for (int p = 0; p < n_partials; p++) chunk_partials[p] = partials[p] + off;
+        comm_scatter_slices(c, scope, chunk_partials, n_partials, begin, held, recv);
+        int mine = begin[me + 1] - begin[me], count = 0;
+        for (int p = 0; p < n_partials; p++) terms[count++] = chunk_partials[p] + begin[me];
+        for (int p = 0; p < total - n_partials; p++) terms[count++] = recv + (size_t)p * mine;
+        if (mine > 0) sum_local(terms, count, (size_t)mine, out + off + begin[me]);
+        comm_allgather_slices(c, scope, out + off, begin);
+    }
+    free(held);
+    return 1;
+}
+
 void exact_sum_floats(ExactSum *x, const Comm *c, CommScope scope, float *const *partials,
                       int n_partials, long total_partials, size_t n, float *out) {
     check_partials(total_partials);
     if (sum_without_comm(c, scope, partials, n_partials, total_partials, n, out)) return;
+    if (sliced_sum(x, c, scope, partials, n_partials, n, out)) return;
     /* Chunks bound the scratch; every rank walks the same chunks. */
     for (size_t off = 0; off < n; off += x->capacity) {
         size_t len = n - off < x->capacity ? n - off : x->capacity;

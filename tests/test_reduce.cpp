@@ -611,6 +611,28 @@ TEST_F(DistributedReduce, SplitOverRanksGivesTheOneRankBits) {
 // Protects the group scopes: the scope spanning both ranks (EP with groups of
 // 2, EDP with groups of 1) sums across them like the world; the one-rank
 // scope sums only this rank's partials.
+// Protects the choice between the two distributed algorithms: up to 32
+// partials in all their slices travel and are summed where they land, beyond
+// that the int64 all-reduce runs; either gives the one-rank bits, also when
+// the scratch holds only a few elements of each partial per chunk.
+TEST_F(DistributedReduce, ManyPartialsGiveTheOneRankBitsToo) {
+    std::mt19937 rng(13);
+    const size_t n = 301;
+    for (int count : {32, 33, 40}) {
+        Partials p = mixed_partials(rng, count, n);
+        const std::vector<float> reference = self_sum(pointers(p), n);
+        for (int k : {count / 2, 5}) {
+            for (size_t capacity : {n, (size_t)20, (size_t)3}) {
+                std::vector<float> got =
+                    exact_sum(&comm, COMM_SCOPE_WORLD, share(p, k), count, n, capacity);
+                EXPECT_TRUE(SameBits(got, reference))
+                    << count << " partials, rank " << comm.rank << " holds "
+                    << (comm.rank == 0 ? k : count - k) << ", capacity " << capacity;
+            }
+        }
+    }
+}
+
 TEST_F(DistributedReduce, GroupScopesAfterSplit) {
     std::mt19937 rng(9);
     const size_t n = 75;

@@ -79,6 +79,20 @@ void comm_sum_longs(const Comm *c, long *values, int n);
 int comm_scope_size(const Comm *c, CommScope scope);
 void comm_max_bytes(const Comm *c, CommScope scope, uint8_t *values, size_t n);
 void comm_sum_int64(const Comm *c, CommScope scope, int64_t *values, size_t n);
+/* This rank's index in the scope. */
+int comm_scope_rank(const Comm *c, CommScope scope);
+/* all[r] <- rank r's `mine`, for every rank r of the scope. */
+void comm_allgather_int(const Comm *c, CommScope scope, int mine, int *all);
+/* The reduce-scatter half of an exact sum: slice r (elements begin[r] ..
+ * begin[r+1]-1) of each of this rank's n_partials partials goes to rank r of
+ * the scope; this rank's slice of every other rank's partials arrives in
+ * recv, packed in rank order, each rank's partials in order (held[r] of
+ * them). Blocking: the partials may be overwritten on return. */
+void comm_scatter_slices(const Comm *c, CommScope scope, float *const *partials, int n_partials,
+                         const int *begin, const int *held, float *recv);
+/* Slice r of values (elements begin[r] .. begin[r+1]-1) from rank r to every
+ * rank of the scope, in place. */
+void comm_allgather_slices(const Comm *c, CommScope scope, float *values, const int *begin);
 /* The same max and sum without blocking (overlapped gradient reduction);
  * n <= INT_MAX, scope of more than one rank; values must live, untouched,
  * until the request completes. */
