@@ -11,7 +11,10 @@
  *   of that element on every rank (one small max-reduction first), and the
  *   integers are summed. Integer addition is associative, so the result is
  *   the same bits however the partials are split over ranks and buffers.
- *   Each term keeps 48 bits below the element's largest term.
+ *   Each term keeps 48 bits below the element's largest term. Up to 32
+ *   partials over the scope, the partials' slices travel instead (a
+ *   reduce-scatter) and each rank sums its slice locally, the same function
+ *   of the same terms; the slices are then gathered.
  * - ordered_sum_doubles, for small vectors (losses, routing statistics):
  *   every rank's per-grain rows are gathered in global grain order and summed
  *   in that order on every rank, the same order a 1-rank run uses.
