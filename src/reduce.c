@@ -330,22 +330,20 @@ static int sum_without_comm(const Comm *c, CommScope scope, float *const *partia
  * all-reduce) and the slices are gathered. Floats cross the network once
  * each way, against a byte and an int64 all-reduce per element. The
  * received slices use the int64 scratch as floats: a chunk holds as many
- * elements as the scratch takes of every partial's share. Returns 0 when the
- * scratch cannot hold one element per rank of every partial. */
+ * elements as the scratch takes of every partial's share. Returns 0, having
+ * summed nothing, beyond DOUBLE_SUM_MAX_TERMS partials or when the scratch
+ * cannot hold one element of every partial per rank. */
 static int sliced_sum(ExactSum *x, const Comm *c, CommScope scope, float *const *partials,
                       int n_partials, size_t n, float *out) {
-    int ranks = comm_scope_size(c, scope), me = comm_scope_rank(c, scope);
-    int *held = malloc(sizeof(int) * (size_t)(2 * ranks + 1)), *begin = held + ranks, total = 0;
-    if (!held) return 0;
+    int ranks = comm_scope_size(c, scope), me = comm_scope_rank(c, scope), total = 0;
+    int held[ranks], begin[ranks + 1]; /* on the stack: a failed malloc would split the ranks */
     comm_allgather_int(c, scope, n_partials, held);
     for (int r = 0; r < ranks; r++) total += held[r];
     size_t per_rank = 2 * x->capacity / (size_t)(total > 0 ? total : 1);
     size_t chunk = per_rank * (size_t)ranks;
     if (chunk > SLICED_CHUNK_MAX) chunk = SLICED_CHUNK_MAX;
-    if (total == 0 || per_rank == 0 || total > DOUBLE_SUM_MAX_TERMS) { /* every rank alike */
-        free(held);
-        return 0;
-    }
+    if (total == 0 || per_rank == 0 || total > DOUBLE_SUM_MAX_TERMS)
+        return 0; /* shared values: every rank decides alike */
     float *recv = (float *)x->fixed;
     float *terms[DOUBLE_SUM_MAX_TERMS];
     for (size_t off = 0; off < n; off += chunk) {
@@ -360,7 +358,6 @@ static int sliced_sum(ExactSum *x, const Comm *c, CommScope scope, float *const 
         if (mine > 0) sum_local(terms, count, (size_t)mine, out + off + begin[me]);
         comm_allgather_slices(c, scope, out + off, begin);
     }
-    free(held);
     return 1;
 }
 
