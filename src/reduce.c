@@ -201,17 +201,13 @@ typedef float f8 __attribute__((vector_size(TWO_LANES * sizeof(float))));
 typedef uint32_t u8 __attribute__((vector_size(TWO_LANES * sizeof(uint32_t))));
 typedef int32_t i8 __attribute__((vector_size(TWO_LANES * sizeof(int32_t))));
 
-static inline f8 load8(const float *p) {
-    f8 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
 static void sum_two(float *const *partials, size_t n, float *out) {
     const float *a = partials[0], *b = partials[1];
     size_t i = 0;
     for (; i + TWO_LANES <= n; i += TWO_LANES) {
-        f8 x = load8(a + i), y = load8(b + i);
+        f8 x, y; /* memcpy, not a helper returning f8: without AVX that changes the ABI */
+        memcpy(&x, a + i, sizeof x);
+        memcpy(&y, b + i, sizeof y);
         u8 ux = (u8)x, uy = (u8)y;
         i8 ex = (i8)((ux >> 23) & 0xffu), ey = (i8)((uy >> 23) & 0xffu);
         i8 zero_x = (i8)((ux << 1) == 0), zero_y = (i8)((uy << 1) == 0);
