@@ -161,41 +161,59 @@ void comm_allgather_int(const Comm *c, CommScope scope, int mine, int *all) {
 /* One message per (partial, rank): the partials are separate buffers, and
  * packing them first would copy every slice once more. MPI keeps the
  * messages between two ranks in order, so the receiver needs no tags. */
-void comm_scatter_slices(const Comm *c, CommScope scope, float *const *partials, int n_partials,
-                         const int *begin, const int *held, float *recv) {
+void comm_iscatter_slices(const Comm *c, CommScope scope, float *const *partials, int n_partials,
+                          const int *begin, const int *held, float *recv, MPI_Request **requests,
+                          int *count) {
     MPI_Comm comm = scope_comm(c, scope);
-    int ranks = comm_scope_size(c, scope), me = comm_scope_rank(c, scope), count = 0;
-    for (int r = 0; r < ranks; r++) count += r == me ? 0 : n_partials + held[r];
-    MPI_Request *requests = malloc(sizeof(MPI_Request) * (size_t)(count > 0 ? count : 1));
-    if (!requests) {
-        fprintf(stderr, "moesim: out of memory for %d requests of an exact sum\n", count);
+    int ranks = comm_scope_size(c, scope), me = comm_scope_rank(c, scope), n = 0;
+    for (int r = 0; r < ranks; r++) n += r == me ? 0 : n_partials + held[r];
+    MPI_Request *req = malloc(sizeof(MPI_Request) * (size_t)(n > 0 ? n : 1));
+    if (!req) {
+        fprintf(stderr, "moesim: out of memory for %d requests of an exact sum\n", n);
         MPI_Abort(c->world, 1);
     }
-    int mine = begin[me + 1] - begin[me], n = 0;
+    int mine = begin[me + 1] - begin[me];
     float *at = recv;
+    n = 0;
     for (int r = 0; r < ranks; r++) {
         if (r == me) continue;
         for (int p = 0; p < held[r]; p++, at += mine)
-            MPI_Irecv(at, mine, MPI_FLOAT, r, 0, comm, &requests[n++]);
+            MPI_Irecv(at, mine, MPI_FLOAT, r, 0, comm, &req[n++]);
         for (int p = 0; p < n_partials; p++)
             MPI_Isend(partials[p] + begin[r], begin[r + 1] - begin[r], MPI_FLOAT, r, 0, comm,
-                      &requests[n++]);
+                      &req[n++]);
     }
-    MPI_Waitall(n, requests, MPI_STATUSES_IGNORE);
+    *requests = req;
+    *count = n;
+}
+
+void comm_scatter_slices(const Comm *c, CommScope scope, float *const *partials, int n_partials,
+                         const int *begin, const int *held, float *recv) {
+    MPI_Request *requests;
+    int count;
+    comm_iscatter_slices(c, scope, partials, n_partials, begin, held, recv, &requests, &count);
+    comm_wait_all(requests, count);
     free(requests);
+}
+
+void comm_iallgather_slices(const Comm *c, CommScope scope, float *values, const int *begin,
+                            int *counts, MPI_Request *request) {
+    int ranks = comm_scope_size(c, scope);
+    for (int r = 0; r < ranks; r++) counts[r] = begin[r + 1] - begin[r];
+    MPI_Iallgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, values, counts, begin, MPI_FLOAT,
+                    scope_comm(c, scope), request);
 }
 
 void comm_allgather_slices(const Comm *c, CommScope scope, float *values, const int *begin) {
     int ranks = comm_scope_size(c, scope);
-    int *counts = malloc(sizeof(int) * (size_t)ranks);
-    if (!counts) {
-        fprintf(stderr, "moesim: out of memory for an exact sum's counts\n");
-        MPI_Abort(c->world, 1);
-    }
+    int counts[ranks];
     for (int r = 0; r < ranks; r++) counts[r] = begin[r + 1] - begin[r];
     MPI_Allgatherv(MPI_IN_PLACE, 0, MPI_DATATYPE_NULL, values, counts, begin, MPI_FLOAT,
                    scope_comm(c, scope));
-    free(counts);
+}
+
+void comm_wait_all(MPI_Request *requests, int n) {
+    MPI_Waitall(n, requests, MPI_STATUSES_IGNORE);
 }
 
 /* A count beyond int is the caller's bug: buckets are capped below it. */

@@ -10,10 +10,16 @@ int grad_overlap_init(GradOverlap *g, const GradSources *src, size_t num_params)
     size_t n = num_params ? num_params : 1;
     g->exponent = malloc(n);
     g->fixed = malloc(sizeof(int64_t) * n);
-    if (!g->exponent || !g->fixed) {
+    int world = comm_scope_size(src->comm, COMM_SCOPE_WORLD);
+    int edp = comm_scope_size(src->comm, COMM_SCOPE_EDP);
+    g->dense_held = malloc(sizeof(int) * (size_t)world);
+    g->expert_held = malloc(sizeof(int) * (size_t)edp);
+    if (!g->exponent || !g->fixed || !g->dense_held || !g->expert_held) {
         grad_overlap_free(g);
         return -1;
     }
+    for (int r = 0; r < world; r++) g->dense_held[r] = src->dense_count;
+    for (int r = 0; r < edp; r++) g->expert_held[r] = src->expert_count;
     return 0;
 }
 
@@ -21,6 +27,8 @@ void grad_overlap_free(GradOverlap *g) {
     free(g->buckets);
     free(g->exponent);
     free(g->fixed);
+    free(g->dense_held);
+    free(g->expert_held);
     memset(g, 0, sizeof *g);
 }
 
@@ -70,17 +78,17 @@ static void start_bucket(GradOverlap *g, GradBucket *b) {
     if (b->is_expert)
         exact_sum_start(&b->sum, s->comm, COMM_SCOPE_EDP, s->expert_partials, s->expert_count,
                         s->total_partials, b->offset - s->num_dense, b->n, s->grads + b->offset,
-                        g->exponent + b->offset, g->fixed + b->offset);
+                        g->exponent + b->offset, g->fixed + b->offset, g->expert_held);
     else
         exact_sum_start(&b->sum, s->comm, COMM_SCOPE_WORLD, s->dense_partials, s->dense_count,
                         s->total_partials, b->offset, b->n, s->grads + b->offset,
-                        g->exponent + b->offset, g->fixed + b->offset);
+                        g->exponent + b->offset, g->fixed + b->offset, g->dense_held);
     if (b->sum.stage == EXACT_SUM_DONE) b->arrived = 1; /* a one-rank scope: summed at once */
 }
 
 /* Marks a bucket whose SUM is seen complete. */
 static void note_arrival(GradBucket *b) {
-    if (b->arrived || b->started_at < 0 || b->sum.stage != EXACT_SUM_FIXED) return;
+    if (b->arrived || b->started_at < 0 || !exact_sum_last_stage(&b->sum)) return;
     if (!exact_sum_test(&b->sum)) return;
     b->arrived = 1;
 }
@@ -90,7 +98,7 @@ void grad_overlap_progress(void *arg) {
     for (int i = 0; i < g->count; i++) {
         GradBucket *b = &g->buckets[i];
         if (b->started_at < 0 || b->sum.stage == EXACT_SUM_DONE) continue;
-        if (b->sum.stage == EXACT_SUM_EXPONENTS)
+        if (!exact_sum_last_stage(&b->sum))
             exact_sum_test(&b->sum);
         else
             note_arrival(b);
@@ -102,7 +110,7 @@ static void convert_arrived(GradOverlap *g) {
     for (int i = 0; i < g->count; i++) {
         GradBucket *b = &g->buckets[i];
         note_arrival(b);
-        if (b->arrived && b->sum.stage == EXACT_SUM_FIXED) exact_sum_complete(&b->sum);
+        if (b->arrived && exact_sum_last_stage(&b->sum)) exact_sum_complete(&b->sum);
     }
 }
 

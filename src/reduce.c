@@ -380,9 +380,31 @@ static void bucket_partials(const ExactSumAsync *a, float **bucket) {
     for (int p = 0; p < a->n_partials; p++) bucket[p] = a->partials[p] + a->offset;
 }
 
+/* The sliced steps for a bucket, when held is given, every partial fits the
+ * double path and the received slices fit the int64 scratch (2n floats):
+ * decided from values every rank shares. Returns 0 when not. */
+static int start_sliced(ExactSumAsync *a, float *const *bucket) {
+    int ranks = comm_scope_size(a->comm, a->scope);
+    if (!a->held) return 0;
+    for (int r = 0; r < ranks; r++) a->total += a->held[r];
+    size_t widest = (a->n + (size_t)ranks - 1) / (size_t)ranks;
+    if (a->total == 0 || a->total > DOUBLE_SUM_MAX_TERMS || (size_t)a->total * widest > 2 * a->n)
+        return 0;
+    a->slices = malloc(sizeof(int) * (size_t)(2 * ranks + 1));
+    if (!a->slices) {
+        fprintf(stderr, "moesim: out of memory for the slices of an exact sum\n");
+        abort(); /* every rank must take the same steps: none may fall back alone */
+    }
+    for (int r = 0; r <= ranks; r++) a->slices[r] = (int)(a->n * (size_t)r / (size_t)ranks);
+    comm_iscatter_slices(a->comm, a->scope, bucket, a->n_partials, a->slices, a->held,
+                         (float *)a->fixed, &a->messages, &a->n_messages);
+    a->stage = EXACT_SUM_SLICES;
+    return 1;
+}
+
 void exact_sum_start(ExactSumAsync *a, const Comm *c, CommScope scope, float *const *partials,
                      int n_partials, long total_partials, size_t offset, size_t n, float *out,
-                     uint8_t *exponent, int64_t *fixed) {
+                     uint8_t *exponent, int64_t *fixed, const int *held) {
     check_partials(total_partials);
     *a = (ExactSumAsync){.comm = c,
                          .scope = scope,
@@ -394,27 +416,64 @@ void exact_sum_start(ExactSumAsync *a, const Comm *c, CommScope scope, float *co
                          .exponent = exponent,
                          .fixed = fixed,
                          .stage = EXACT_SUM_DONE,
-                         .request = MPI_REQUEST_NULL};
+                         .request = MPI_REQUEST_NULL,
+                         .held = held};
     float *bucket[n_partials > 0 ? n_partials : 1];
     bucket_partials(a, bucket);
     if (sum_without_comm(c, scope, bucket, n_partials, total_partials, n, out)) return;
+    if (start_sliced(a, bucket)) return;
     max_exponents(exponent, bucket, n_partials, n);
     comm_imax_bytes(c, scope, exponent, n, &a->request);
     a->stage = EXACT_SUM_EXPONENTS;
 }
 
+static int messages_done(const ExactSumAsync *a) {
+    for (int i = 0; i < a->n_messages; i++)
+        if (a->messages[i] != MPI_REQUEST_NULL) return 0;
+    return 1;
+}
+
 int exact_sum_test(ExactSumAsync *a) {
-    if (!a->arrived && (a->stage == EXACT_SUM_EXPONENTS || a->stage == EXACT_SUM_FIXED))
+    if (!a->arrived && a->stage == EXACT_SUM_SLICES) {
+        comm_test_all(a->messages, a->n_messages);
+        a->arrived = messages_done(a);
+    } else if (!a->arrived && a->stage != EXACT_SUM_DONE) {
         a->arrived = comm_test(&a->request);
+    }
     return a->arrived || a->stage == EXACT_SUM_DONE;
 }
 
 static void wait_for_stage(ExactSumAsync *a) {
-    if (!a->arrived) comm_wait(&a->request);
+    if (a->stage == EXACT_SUM_SLICES)
+        comm_wait_all(a->messages, a->n_messages);
+    else if (!a->arrived)
+        comm_wait(&a->request);
     a->arrived = 0;
 }
 
+/* Every partial of this rank's slice is here: its sum, then the gather. */
+static void continue_sliced(ExactSumAsync *a) {
+    wait_for_stage(a);
+    free(a->messages);
+    a->messages = NULL;
+    a->n_messages = 0;
+    int ranks = comm_scope_size(a->comm, a->scope), me = comm_scope_rank(a->comm, a->scope);
+    int first = a->slices[me], mine = a->slices[me + 1] - first, count = 0;
+    float *terms[DOUBLE_SUM_MAX_TERMS];
+    for (int p = 0; p < a->n_partials; p++) terms[count++] = a->partials[p] + a->offset + first;
+    for (int p = 0; p < a->total - a->n_partials; p++)
+        terms[count++] = (float *)a->fixed + (size_t)p * mine;
+    if (mine > 0) sum_local(terms, count, (size_t)mine, a->out + first);
+    comm_iallgather_slices(a->comm, a->scope, a->out, a->slices, a->slices + ranks + 1,
+                           &a->request);
+    a->stage = EXACT_SUM_GATHER;
+}
+
 void exact_sum_continue(ExactSumAsync *a) {
+    if (a->stage == EXACT_SUM_SLICES) {
+        continue_sliced(a);
+        return;
+    }
     if (a->stage != EXACT_SUM_EXPONENTS) return;
     wait_for_stage(a);
     float *bucket[a->n_partials > 0 ? a->n_partials : 1];
@@ -426,8 +485,10 @@ void exact_sum_continue(ExactSumAsync *a) {
 
 void exact_sum_complete(ExactSumAsync *a) {
     exact_sum_continue(a);
-    if (a->stage == EXACT_SUM_FIXED) wait_for_stage(a);
-    if (a->stage != EXACT_SUM_DONE) from_fixed(a->out, a->fixed, a->exponent, a->n);
+    if (exact_sum_last_stage(a)) wait_for_stage(a);
+    if (a->stage == EXACT_SUM_FIXED) from_fixed(a->out, a->fixed, a->exponent, a->n);
+    free(a->slices);
+    a->slices = NULL;
     a->stage = EXACT_SUM_DONE;
 }
 

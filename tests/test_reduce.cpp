@@ -94,8 +94,9 @@ std::vector<float> self_sum(std::vector<float *> parts, size_t n, size_t capacit
 // the given sizes (summing to n), into `out` (which may be parts[0]): every
 // bucket started before any continues, as the backward pass interleaves them
 // (the first continued while later ones start), tests polled in between.
+// held (partials per rank) takes the sliced steps where they fit.
 void bucketed_sum(const Comm *c, CommScope scope, std::vector<float *> parts, long total,
-                  const std::vector<size_t> &sizes, float *out) {
+                  const std::vector<size_t> &sizes, float *out, const int *held = nullptr) {
     size_t n = 0;
     for (size_t len : sizes) n += len;
     std::vector<uint8_t> exponent(n);
@@ -104,8 +105,8 @@ void bucketed_sum(const Comm *c, CommScope scope, std::vector<float *> parts, lo
     float *const *partials = parts.empty() ? nullptr : parts.data();
     size_t offset = 0;
     for (size_t b = 0; b < sizes.size(); b++) {
-        exact_sum_start(&buckets[b], c, scope, partials, (int)parts.size(), total, offset,
-                        sizes[b], out + offset, exponent.data() + offset, fixed.data() + offset);
+        exact_sum_start(&buckets[b], c, scope, partials, (int)parts.size(), total, offset, sizes[b],
+                        out + offset, exponent.data() + offset, fixed.data() + offset, held);
         offset += sizes[b];
         for (size_t k = 0; k < b; k++) exact_sum_test(&buckets[k]);
         if (b > 0) exact_sum_continue(&buckets[b - 1]);
@@ -117,11 +118,12 @@ void bucketed_sum(const Comm *c, CommScope scope, std::vector<float *> parts, lo
 }
 
 std::vector<float> bucketed_sum(const Comm *c, CommScope scope, std::vector<float *> parts,
-                                long total, const std::vector<size_t> &sizes) {
+                                long total, const std::vector<size_t> &sizes,
+                                const int *held = nullptr) {
     size_t n = 0;
     for (size_t len : sizes) n += len;
     std::vector<float> out(n, from_bits(kUnwritten));
-    bucketed_sum(c, scope, parts, total, sizes, out.data());
+    bucketed_sum(c, scope, parts, total, sizes, out.data(), held);
     return out;
 }
 
@@ -698,6 +700,30 @@ TEST_F(DistributedReduce, BucketsInFlightGiveTheBlockingBits) {
             bucketed_sum(&comm, COMM_SCOPE_WORLD, mine, kPartials, sizes, target);
             EXPECT_TRUE(SameBits(std::vector<float>(target, target + n), blocking))
                 << "in place, rank " << comm.rank << ", split " << k;
+        }
+    }
+    // With every rank's partial count given, buckets of up to 32 partials in
+    // all take the sliced steps (when the received slices fit the scratch):
+    // the same bits, in place too. Even and uneven splits, 2 to 6 partials.
+    for (int count : {2, 4, 6}) {
+        Partials q = mixed_partials(rng, count, n);
+        q[0][2] = INFINITY;
+        q[count - 1][5] = -0.0f;
+        const std::vector<float> one_rank = self_sum(pointers(q), n);
+        for (int k : {count / 2, 1}) {
+            const int held[2] = {k, count - k};
+            for (const auto &sizes : {std::vector<size_t>{n}, ragged_buckets(n)}) {
+                EXPECT_TRUE(
+                    SameBits(bucketed_sum(&comm, COMM_SCOPE_WORLD, share(q, k), count, sizes, held),
+                             one_rank))
+                    << count << " partials, rank " << comm.rank << ", split " << k << ", "
+                    << sizes.size() << " buckets";
+                Partials copy = q;
+                std::vector<float *> mine = share(copy, k);
+                bucketed_sum(&comm, COMM_SCOPE_WORLD, mine, count, sizes, mine[0], held);
+                EXPECT_TRUE(SameBits(std::vector<float>(mine[0], mine[0] + n), one_rank))
+                    << "in place, " << count << " partials, rank " << comm.rank;
+            }
         }
     }
     // a scope of one rank (EDP with EP 2) sums its own partials at once

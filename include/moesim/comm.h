@@ -93,6 +93,16 @@ void comm_scatter_slices(const Comm *c, CommScope scope, float *const *partials,
 /* Slice r of values (elements begin[r] .. begin[r+1]-1) from rank r to every
  * rank of the scope, in place. */
 void comm_allgather_slices(const Comm *c, CommScope scope, float *values, const int *begin);
+/* The same two without blocking (overlapped gradient reduction). The
+ * scatter's messages go into *requests (allocated here, *count of them, freed
+ * by the caller once complete); the gather's counts[ranks] must stay, with
+ * begin, until its request completes. */
+void comm_iscatter_slices(const Comm *c, CommScope scope, float *const *partials, int n_partials,
+                          const int *begin, const int *held, float *recv, MPI_Request **requests,
+                          int *count);
+void comm_iallgather_slices(const Comm *c, CommScope scope, float *values, const int *begin,
+                            int *counts, MPI_Request *request);
+void comm_wait_all(MPI_Request *requests, int n);
 /* The same max and sum without blocking (overlapped gradient reduction);
  * n <= INT_MAX, scope of more than one rank; values must live, untouched,
  * until the request completes. */

@@ -9,9 +9,9 @@
  *
  * Collectives match by order on a communicator, so every collective is
  * issued at the same program point on every rank: a bucket starts at its
- * ready point, and its SUM is issued at the next ready point (waiting for its
- * MAX there if that has not arrived, which is rare: one byte per element).
- * The progress hook only tests. */
+ * ready point, and its last step (the SUM, or the gather of the summed
+ * slices) is issued at the next ready point, waiting for the first there if
+ * that has not arrived. The progress hook only tests. */
 #ifndef MOESIM_GRAD_OVERLAP_H
 #define MOESIM_GRAD_OVERLAP_H
 
@@ -56,6 +56,9 @@ typedef struct GradOverlap {
     uint8_t *exponent; /* [num_params] scratch of every bucket, indexed like grads */
     int64_t *fixed;    /* [num_params] */
     int point;         /* ready points passed in this backward */
+    /* Partials per rank of the world and of the EDP group (exact_sum_start's
+     * held): every rank of a model holds as many as this one. */
+    int *dense_held, *expert_held;
 } GradOverlap;
 
 /* Scratch for num_params gradients; buckets come from grad_overlap_add.

@@ -64,6 +64,10 @@ void exact_sum_floats(ExactSum *x, const Comm *c, CommScope scope, float *const 
  *   exact_sum_continue  (MAX done, waited for if not) fixed point, then a
  *                       non-blocking SUM;
  *   exact_sum_complete  (SUM done, waited for if not) back to floats.
+ * Given every rank's partial count (held) and at most 32
+ * partials in all, the steps are the sliced sum's instead: start sends the
+ * bucket's slices, continue sums this rank's slice and starts gathering the
+ * slices, complete waits for them.
  * exact_sum_test only tests the outstanding collective (cheap; for progress
  * hooks, as Open MPI has no progress thread) and never issues one: every
  * rank must start and continue its buckets in the same order at the same
@@ -73,6 +77,8 @@ typedef enum ExactSumStage {
     EXACT_SUM_DONE,      /* out written (or nothing started) */
     EXACT_SUM_EXPONENTS, /* MAX of the exponents in flight */
     EXACT_SUM_FIXED,     /* SUM of the fixed-point terms in flight */
+    EXACT_SUM_SLICES,    /* sliced: the partials' slices in flight */
+    EXACT_SUM_GATHER,    /* sliced: the summed slices in flight */
 } ExactSumStage;
 
 typedef struct ExactSumAsync {
@@ -87,19 +93,31 @@ typedef struct ExactSumAsync {
     ExactSumStage stage;
     int arrived; /* the stage's collective completed (exact_sum_test saw it) */
     MPI_Request request;
+    const int *held;       /* sliced: [ranks] partials each rank of the scope holds */
+    int total;             /* sliced: their sum */
+    int *slices;           /* sliced: [ranks + 1] slice offsets in the bucket, [ranks] counts */
+    MPI_Request *messages; /* sliced: the slices' sends and receives, n_messages of them */
+    int n_messages;
 } ExactSumAsync;
 
-/* Arguments as exact_sum_floats, plus the bucket and its scratch; n must fit
- * an int (EXACT_SUM_MAX_BUCKET). Collective over scope (non-blocking). */
+/* The last step's collective is in flight (complete would wait for it). */
+static inline int exact_sum_last_stage(const ExactSumAsync *a) {
+    return a->stage == EXACT_SUM_FIXED || a->stage == EXACT_SUM_GATHER;
+}
+
+/* Arguments as exact_sum_floats, plus the bucket, its scratch and held
+ * ([ranks] partials per rank of the scope, the same array on every rank; it
+ * must stay until complete), or NULL for the fixed-point steps; n must fit an
+ * int (EXACT_SUM_MAX_BUCKET). Collective over scope (non-blocking). */
 #define EXACT_SUM_MAX_BUCKET ((size_t)1 << 30)
 void exact_sum_start(ExactSumAsync *a, const Comm *c, CommScope scope, float *const *partials,
                      int n_partials, long total_partials, size_t offset, size_t n, float *out,
-                     uint8_t *exponent, int64_t *fixed);
-/* Returns 1 when the outstanding collective has completed (or none is). */
+                     uint8_t *exponent, int64_t *fixed, const int *held);
+/* Returns 1 when the outstanding step has completed (or none is). */
 int exact_sum_test(ExactSumAsync *a);
-/* Issues the SUM when the bucket is at EXACT_SUM_EXPONENTS; else nothing. */
+/* Issues the last step when the first is in flight; else nothing. */
 void exact_sum_continue(ExactSumAsync *a);
-/* Continues if needed, waits for the SUM and writes out. */
+/* Continues if needed, waits for the last step and writes out. */
 void exact_sum_complete(ExactSumAsync *a);
 
 /* out[j] = sum over the scope's grains g, in global grain order, of
