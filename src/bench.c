@@ -22,9 +22,6 @@
 #define EXCHANGE_REPS 50
 #define REDUCE_REPS 5
 
-/* Best of a few runs of one large square sgemm: the attainable peak of the
- * kernel in use that the model's FLOP rate is compared against, measured on
- * this machine now. */
 /* One square product c = a · b, n x n: a and b as floats for the sgemm, as
  * bf16 bit patterns for the native bf16 GEMM (gemm set). */
 typedef struct SquareProduct {
