@@ -189,6 +189,16 @@ static inline __attribute__((always_inline)) void sum_lanes_double(float *const 
     memcpy(out + i, &result, sizeof result);
 }
 
+static void sum_local_double(float *const *partials, int n_partials, size_t n, float *out) {
+    size_t i = 0;
+    for (; i + LANES <= n; i += LANES) sum_lanes_double(partials, n_partials, i, out);
+    if (i < n) {
+        float *tail[n_partials];
+        for (int p = 0; p < n_partials; p++) tail[p] = partials[p] + i;
+        sum_local_fixed(tail, n_partials, n - i, out + i);
+    }
+}
+
 /* Two terms, eight elements at a time. Where each term is a normal float or
  * zero and their exponents are at most 24 apart, both terms are exact in
  * fixed point, and the one rounding of their exact sum to float is what
@@ -226,21 +236,8 @@ static void sum_two(float *const *partials, size_t n, float *out) {
         sum = (f8)((u8)sum & ~((u8)(zero_x & zero_y) & 0x80000000u));
         memcpy(out + i, &sum, sizeof sum);
     }
-    for (; i + LANES <= n; i += LANES) sum_lanes_double(partials, 2, i, out);
-    if (i < n) {
-        float *tail[2] = {partials[0] + i, partials[1] + i};
-        sum_local_fixed(tail, 2, n - i, out + i);
-    }
-}
-
-static void sum_local_double(float *const *partials, int n_partials, size_t n, float *out) {
-    size_t i = 0;
-    for (; i + LANES <= n; i += LANES) sum_lanes_double(partials, n_partials, i, out);
-    if (i < n) {
-        float *tail[n_partials];
-        for (int p = 0; p < n_partials; p++) tail[p] = partials[p] + i;
-        sum_local_fixed(tail, n_partials, n - i, out + i);
-    }
+    float *rest[2] = {partials[0] + i, partials[1] + i};
+    sum_local_double(rest, 2, n - i, out + i);
 }
 
 static void sum_local(float *const *partials, int n_partials, size_t n, float *out) {
@@ -317,6 +314,22 @@ static int sum_without_comm(const Comm *c, CommScope scope, float *const *partia
     return 1;
 }
 
+/* begin[r] .. begin[r+1]-1: rank r's slice of len elements. */
+static void cut_slices(int *begin, size_t len, int ranks) {
+    for (int r = 0; r <= ranks; r++) begin[r] = (int)(len * (size_t)r / (size_t)ranks);
+}
+
+/* out[first .. first+mine-1] <- the sum of this rank's n_own partials there
+ * and the total - n_own received slices of `mine` elements each in recv. */
+static void sum_slice(float *const *own, int n_own, int total, int first, int mine, float *recv,
+                      float *out) {
+    float *terms[DOUBLE_SUM_MAX_TERMS];
+    int count = 0;
+    for (int p = 0; p < n_own; p++) terms[count++] = own[p] + first;
+    for (int p = 0; p < total - n_own; p++) terms[count++] = recv + (size_t)p * mine;
+    if (mine > 0) sum_local(terms, count, (size_t)mine, out + first);
+}
+
 /* Largest chunk the sliced sum walks: its slice offsets are MPI's int. */
 #define SLICED_CHUNK_MAX ((size_t)1 << 30)
 
@@ -341,17 +354,14 @@ static int sliced_sum(ExactSum *x, const Comm *c, CommScope scope, float *const 
     if (total == 0 || per_rank == 0 || total > DOUBLE_SUM_MAX_TERMS)
         return 0; /* shared values: every rank decides alike */
     float *recv = (float *)x->fixed;
-    float *terms[DOUBLE_SUM_MAX_TERMS];
     for (size_t off = 0; off < n; off += chunk) {
         size_t len = n - off < chunk ? n - off : chunk;
-        for (int r = 0; r <= ranks; r++) begin[r] = (int)(len * (size_t)r / (size_t)ranks);
+        cut_slices(begin, len, ranks);
         float *chunk_partials[n_partials > 0 ? n_partials : 1];
         for (int p = 0; p < n_partials; p++) chunk_partials[p] = partials[p] + off;
         comm_scatter_slices(c, scope, chunk_partials, n_partials, begin, held, recv);
-        int mine = begin[me + 1] - begin[me], count = 0;
-        for (int p = 0; p < n_partials; p++) terms[count++] = chunk_partials[p] + begin[me];
-        for (int p = 0; p < total - n_partials; p++) terms[count++] = recv + (size_t)p * mine;
-        if (mine > 0) sum_local(terms, count, (size_t)mine, out + off + begin[me]);
+        sum_slice(chunk_partials, n_partials, total, begin[me], begin[me + 1] - begin[me], recv,
+                  out + off);
         comm_allgather_slices(c, scope, out + off, begin);
     }
     return 1;
@@ -395,7 +405,7 @@ static int start_sliced(ExactSumAsync *a, float *const *bucket) {
         fprintf(stderr, "moesim: out of memory for the slices of an exact sum\n");
         abort(); /* every rank must take the same steps: none may fall back alone */
     }
-    for (int r = 0; r <= ranks; r++) a->slices[r] = (int)(a->n * (size_t)r / (size_t)ranks);
+    cut_slices(a->slices, a->n, ranks);
     comm_iscatter_slices(a->comm, a->scope, bucket, a->n_partials, a->slices, a->held,
                          (float *)a->fixed, &a->messages, &a->n_messages);
     a->stage = EXACT_SUM_SLICES;
@@ -458,12 +468,10 @@ static void continue_sliced(ExactSumAsync *a) {
     a->messages = NULL;
     a->n_messages = 0;
     int ranks = comm_scope_size(a->comm, a->scope), me = comm_scope_rank(a->comm, a->scope);
-    int first = a->slices[me], mine = a->slices[me + 1] - first, count = 0;
-    float *terms[DOUBLE_SUM_MAX_TERMS];
-    for (int p = 0; p < a->n_partials; p++) terms[count++] = a->partials[p] + a->offset + first;
-    for (int p = 0; p < a->total - a->n_partials; p++)
-        terms[count++] = (float *)a->fixed + (size_t)p * mine;
-    if (mine > 0) sum_local(terms, count, (size_t)mine, a->out + first);
+    float *bucket[a->n_partials > 0 ? a->n_partials : 1];
+    bucket_partials(a, bucket);
+    sum_slice(bucket, a->n_partials, a->total, a->slices[me], a->slices[me + 1] - a->slices[me],
+              (float *)a->fixed, a->out);
     comm_iallgather_slices(a->comm, a->scope, a->out, a->slices, a->slices + ranks + 1,
                            &a->request);
     a->stage = EXACT_SUM_GATHER;
