@@ -160,7 +160,8 @@ IGNORED_KEYS = {
     "log-interval", "progress-interval", "synthetic-clusters", "synthetic-tokens", "out",
     "record-flush-interval", "save", "save-interval", "save-keep", "load", "finetune",
     "no-load-optim", "overwrite", "skip-nonfinite-steps", "moe-token-dispatcher-type",
-    "ranks-per-node", "moe-overlap-chunks", "overlap-grad-reduce",
+    "ranks-per-node", "moe-overlap-chunks", "overlap-grad-reduce", "moe-expert-shadowing",
+    "moe-shadow-min-rows",
     "record-group-counts-interval", "bf16-gemm",
 }
 # Settings of moesim the peer does not implement, with the value it needs.

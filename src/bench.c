@@ -132,7 +132,7 @@ static void model_gemm_shapes(const Model *m, GemmShapes *g) {
         add_gemm(g, CblasTrans, CblasNoTrans, T, hs, T, 2 * heads);
         if (model_is_moe_layer(s, l)) {
             add_linear(g, N, C, s->E, 1);
-            int rows = El ? m->moe[l].dispatch.num_recv_rows / El : 0;
+            int rows = El ? (int)(moe_computed_rows(&m->moe[l]) / El) : 0;
             add_linear(g, rows, C, w1_rows * s->Fe, El);
             add_linear(g, rows, s->Fe, C, El);
             add_linear(g, N, C, w1_rows * s->shared_F, 1);
@@ -207,6 +207,8 @@ typedef struct LayoutResult {
     double analytic_mb;                        /* rank 0 */
     double exposed_exchange_s; /* dispatch + combine no compute covered, per step, mean */
     double load_imbalance;     /* busiest EP rank's expert rows / the mean, over layers and steps */
+    double computed_imbalance; /* the same of the rows each rank computed, shadows included */
+    double shadowed_fraction;  /* of the expert rows, those computed by their source rank */
     char bf16_gemm[160];       /* matmul_bf16_gemm: "none", "emulated" or "onednn (...)" */
     double bf16_gflops;        /* the native bf16 GEMM's square product, all ranks at once, mean */
 } LayoutResult;
@@ -223,6 +225,26 @@ static double rank_load_imbalance(const Trainer *t) {
     return imbalance;
 }
 
+/* The same of the rows each EP rank computed in the last step, after expert
+ * shadowing moved some (dispatch.h: every rank of the group has the plan). */
+static double computed_load_imbalance(const Trainer *t) {
+    const Model *m = &t->model;
+    double sum = 0.0;
+    int layers = 0;
+    for (int l = 0; l < m->shape.L; l++) {
+        if (!model_is_moe_layer(&m->shape, l)) continue;
+        const Dispatch *d = &m->moe[l].dispatch;
+        double busiest = 0.0, total = 0.0;
+        for (int q = 0; q < d->ep_size; q++) {
+            busiest = d->load[q] > busiest ? d->load[q] : busiest;
+            total += d->load[q];
+        }
+        sum += total > 0.0 ? busiest * d->ep_size / total : 1.0;
+        layers++;
+    }
+    return layers ? sum / layers : 1.0;
+}
+
 /* values[n] <- their mean over the ranks (n <= 2). */
 static void mean_over_ranks(const Comm *comm, double *values, int n) {
     double sums[2], *gathered = malloc(sizeof(double) * comm->world_size * n);
@@ -233,8 +255,8 @@ static void mean_over_ranks(const Comm *comm, double *values, int n) {
 }
 
 /* Times dispatch + combine of the first MoE layer's last plan (including the
- * count exchange) against two plain MPI_Alltoallv calls moving the same
- * bytes between the same ranks. */
+ * count exchange and the shadow plan) against two plain MPI_Alltoallv calls
+ * moving the same bytes between the same ranks. */
 static void measure_exchange(Trainer *t, LayoutResult *r) {
     Model *m = &t->model;
     const Comm *comm = t->comm;
@@ -248,7 +270,10 @@ static void measure_exchange(Trainer *t, LayoutResult *r) {
     int *rc = calloc((size_t)P, sizeof(int)), *rd = calloc((size_t)P, sizeof(int));
     if (!sc || !sd || !rc || !rd) goto done;
     for (int s = 0; s < P; s++) {
-        sc[s] = (d->send_row_begin[(s + 1) * El] - d->send_row_begin[s * El]) * C;
+        /* as many rows as go to s (shadowed blocks stay), from its first */
+        for (int e = s * El; e < (s + 1) * El; e++)
+            if (!dispatch_shadowed(d, comm->ep_rank, e))
+                sc[s] += (d->send_row_begin[e + 1] - d->send_row_begin[e]) * C;
         sd[s] = d->send_row_begin[s * El] * C;
         for (int j = 0; j < El; j++) rc[s] += d->recv_counts[s * El + j] * C;
         rd[s] = s ? rd[s - 1] + rc[s - 1] : 0;
@@ -314,6 +339,7 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
     StepStats stats;
     for (int i = 0; i < BENCH_WARMUP_STEPS; i++) trainer_step(&t, i, &stats);
     double seconds = 0.0, flops = 0.0, tokens = 0.0, exposed = 0.0, imbalance = 0.0;
+    double computed = 0.0, rows = 0.0, shadowed = 0.0;
     for (int i = 0; i < BENCH_STEPS; i++) {
         trainer_step(&t, BENCH_WARMUP_STEPS + i, &stats);
         seconds += stats.seconds;
@@ -321,11 +347,17 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
         tokens += stats.tokens;
         exposed += stats.comm_times.exposed_s[COMM_KIND_DISPATCH] +
                    stats.comm_times.exposed_s[COMM_KIND_COMBINE];
-        imbalance += rank_load_imbalance(&t);
+        double kept = rank_load_imbalance(&t);
+        imbalance += kept;
+        computed += stats.shadowed_rows > 0 ? computed_load_imbalance(&t) : kept;
+        rows += stats.expert_rows;
+        shadowed += stats.shadowed_rows;
     }
     r->exposed_exchange_s = exposed / BENCH_STEPS;
     mean_over_ranks(comm, &r->exposed_exchange_s, 1);
     r->load_imbalance = imbalance / BENCH_STEPS;
+    r->computed_imbalance = computed / BENCH_STEPS;
+    r->shadowed_fraction = rows > 0 ? shadowed / rows : 0.0;
     double analytic = (double)model_memory_bytes(&t.model);
     double ratio = (peak_rss_bytes() - rss_before) / analytic;
     double *ratios = calloc((size_t)comm->world_size, sizeof(double));
@@ -469,11 +501,13 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
             double waiting = all.exposed_exchange_s > moving ? all.exposed_exchange_s - moving : 0;
             printf(
                 "bench: load imbalance: the busiest rank's expert rows are %.2fx the mean (per "
-                "MoE layer, mean over the steps); dispatch + combine exposed %.1f ms per step: "
-                "moving rows ~%.1f ms (%d exchanges at the cost above), waiting for the busiest "
-                "rank ~%.1f ms (%.1f%% of a step)\n",
-                all.load_imbalance, all.exposed_exchange_s * 1e3, moving * 1e3, pairs,
-                waiting * 1e3, 100.0 * waiting / all.step_s);
+                "MoE layer, mean over the steps); with %.1f%% of the rows shadowed (computed by "
+                "their source rank) it computes %.2fx; dispatch + combine exposed %.1f ms per "
+                "step: moving rows ~%.1f ms (%d exchanges at the cost above), waiting for the "
+                "busiest rank ~%.1f ms (%.1f%% of a step)\n",
+                all.load_imbalance, 100.0 * all.shadowed_fraction, all.computed_imbalance,
+                all.exposed_exchange_s * 1e3, moving * 1e3, pairs, waiting * 1e3,
+                100.0 * waiting / all.step_s);
             printf(
                 "bench: weak scaling 1 -> %d ranks (%d experts per rank): %.0f -> %.0f "
                 "tokens/s per rank, efficiency %.3f; in model FLOP/s per rank %.1f -> %.1f "

@@ -227,8 +227,11 @@ static int is_compute_phase(int ph) {
  * network. A phase the model already accounts for gets no rate. */
 static int fit_vector_rates(const Config *cfg, const Dataset *ds, const Comm *comm,
                             Calibration *cal, char *err, size_t errlen) {
+    /* project.h models every row on its expert's owner: no shadows here. */
+    Config owners_only = *cfg;
+    owners_only.moe_expert_shadowing = 0;
     Trainer t;
-    if (!comm_all_ok(comm, trainer_init(&t, cfg, ds, comm, err, errlen) == 0)) return -1;
+    if (!comm_all_ok(comm, trainer_init(&t, &owners_only, ds, comm, err, errlen) == 0)) return -1;
     int P = comm->world_size, timed = CALIBRATION_STEPS - CALIBRATION_WARMUP;
     double samples[PHASE_COUNT][CALIBRATION_STEPS];
     double *mine = calloc((size_t)PHASE_COUNT + P, sizeof(double));

@@ -299,6 +299,16 @@ void comm_ep_allgather_ints(const Comm *c, const int *mine, int *all, int n) {
     MPI_Allgather(mine, n, MPI_INT, all, n, MPI_INT, c->ep);
 }
 
+void comm_ep_isend_floats(const Comm *c, const float *values, int n, int peer, int tag,
+                          MPI_Request *request) {
+    MPI_Isend(values, n, MPI_FLOAT, peer, tag, c->ep, request);
+}
+
+void comm_ep_irecv_floats(const Comm *c, float *values, int n, int peer, int tag,
+                          MPI_Request *request) {
+    MPI_Irecv(values, n, MPI_FLOAT, peer, tag, c->ep, request);
+}
+
 void comm_ep_node_gatherv_floats(const Comm *c, const float *send, int count, float *recv,
                                  const int *counts, const int *displs) {
     MPI_Gatherv(send, count, MPI_FLOAT, recv, counts, displs, MPI_FLOAT, 0, c->ep_node);

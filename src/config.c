@@ -197,6 +197,28 @@ static const Option OPTIONS[] = {
      .help = "K > 1: each local expert's rows travel without blocking and expert work on "
              "arrived rows (in K chunks of local experts) hides the rest of the exchange; "
              "bit-identical results; alltoall dispatcher only"},
+    {.name = "moe-expert-shadowing",
+     .group = G_MOE,
+     .type = OPT_BOOL,
+     FIELD(moe_expert_shadowing),
+     .min = 0,
+     .max = 1,
+     .default_text = "1",
+     .help = "1: when a rank's experts get more rows than another's, the sources of some of "
+             "those rows compute them with a copy of the expert's weights and send its "
+             "gradient back, instead of sending the rows (FasterMoE's dynamic shadowing, planned "
+             "per step from the exchanged counts); bit-identical results; alltoall dispatcher "
+             "without --moe-overlap-chunks"},
+    {.name = "moe-shadow-min-rows",
+     .group = G_MOE,
+     .type = OPT_INT,
+     FIELD(moe_shadow_min_rows),
+     .min = 0,
+     .max = 1 << 30,
+     .default_text = "0",
+     .help = "rows a shadow must take off the busiest rank; 0 = 32 x (1 + grains per rank): "
+             "the rows whose compute matches moving the weights there and each grain's "
+             "gradient back at 48 FLOPs per byte"},
     {.name = "overlap-grad-reduce",
      .group = G_MOE,
      .type = OPT_BOOL,

@@ -76,8 +76,30 @@ int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical,
     return 0;
 }
 
+int dispatch_enable_shadowing(Dispatch *d, int min_gain, int max_rows) {
+    if (d->ep_size == 1 || d->hierarchical || d->overlap) return 0;
+    size_t P = (size_t)d->ep_size, E = (size_t)d->E;
+    d->every_count = calloc(P * E * d->grains, sizeof(int));
+    d->source_rows = calloc(P * E, sizeof(int));
+    d->load = calloc(P, sizeof(int));
+    d->shadow = calloc(P * E, 1);
+    if (!d->every_count || !d->source_rows || !d->load || !d->shadow) return -1;
+    d->shadowing = 1;
+    d->shadow_min_gain = min_gain;
+    d->shadow_max_rows = max_rows;
+    return 0;
+}
+
+int dispatch_shadowed(const Dispatch *d, int source, int e) {
+    return d->shadowing && d->shadow[(long)source * d->E + e];
+}
+
 void dispatch_free(Dispatch *d) {
     hierarchy_free(&d->h);
+    free(d->every_count);
+    free(d->source_rows);
+    free(d->load);
+    free(d->shadow);
     free(d->async_args);
     free(d->requests);
     free(d->send_row_begin);
@@ -322,6 +344,33 @@ static void exchange_through_nodes(Dispatch *d, const float *send, float *recv, 
     stage_s[HIER_SCATTER] += t3 - t2;
 }
 
+/* Every rank's counts, the shadow plan, and this rank's received counts
+ * without the shadowed blocks. */
+static void plan_shadows(Dispatch *d, const int *rows_per_expert_grain, const Comm *comm) {
+    int P = d->ep_size, E = d->E, El = d->E_local, grains = d->grains, me = d->ep_rank;
+    comm_ep_allgather_ints(comm, rows_per_expert_grain, d->every_count, E * grains);
+    for (long b = 0; b < (long)P * E; b++) {
+        d->source_rows[b] = 0;
+        for (int g = 0; g < grains; g++) d->source_rows[b] += d->every_count[b * grains + g];
+    }
+    placement_plan_shadows(E, P, d->source_rows, d->shadow_min_gain, d->shadow_max_rows, El,
+                           d->load, d->shadow);
+    Placement place = {.num_experts = E, .ep_size = P};
+    for (int s = 0; s < P; s++)
+        for (int j = 0; j < El; j++) {
+            int e = placement_global_expert(&place, me, j);
+            for (int g = 0; g < grains; g++)
+                d->recv_grain_counts[((long)s * El + j) * grains + g] =
+                    dispatch_shadowed(d, s, e) ? 0 : d->every_count[((long)s * E + e) * grains + g];
+        }
+    d->num_shadows = d->num_shadow_rows = 0;
+    for (int e = 0; e < E; e++)
+        if (dispatch_shadowed(d, me, e)) {
+            d->num_shadows++;
+            d->num_shadow_rows += d->rows_per_expert[e];
+        }
+}
+
 void dispatch_plan(Dispatch *d, const int *rows_per_expert_grain, const Comm *comm) {
     int E = d->E, El = d->E_local, grains = d->grains, splits = d->ep_size * grains;
     for (int e = 0; e < E; e++) {
@@ -335,8 +384,11 @@ void dispatch_plan(Dispatch *d, const int *rows_per_expert_grain, const Comm *co
     d->num_send_rows = d->send_row_begin[E];
     /* [source][local expert][grain], in the order the rows arrive */
     double start = timer_now_s();
+    d->ep_rank = comm->ep_rank;
     if (d->ep_size == 1)
         memcpy(d->recv_grain_counts, rows_per_expert_grain, sizeof(int) * E * grains);
+    else if (d->shadowing)
+        plan_shadows(d, rows_per_expert_grain, comm);
     else if (d->hierarchical)
         learn_every_count(d, rows_per_expert_grain, comm);
     else
@@ -377,7 +429,9 @@ static void exchange_arguments(const Dispatch *d, int j, int width, int *args) {
     Placement place = {.num_experts = d->E, .ep_size = P};
     for (int s = 0; s < P; s++) {
         int e = placement_global_expert(&place, s, j);
-        send_counts[s] = (d->send_row_begin[e + 1] - d->send_row_begin[e]) * width;
+        send_counts[s] = dispatch_shadowed(d, d->ep_rank, e)
+                             ? 0
+                             : (d->send_row_begin[e + 1] - d->send_row_begin[e]) * width;
         send_displs[s] = d->send_row_begin[e] * width;
         recv_counts[s] = d->recv_counts[s * d->E_local + j] * width;
         recv_displs[s] = owner_offset;
@@ -437,9 +491,13 @@ void combine_rows(Dispatch *d, const float *owner, float *back, int width, const
 void dispatch_add_bytes_to_ranks(const Dispatch *d, int width, long *bytes) {
     Placement place = {.num_experts = d->E, .ep_size = d->ep_size};
     for (int s = 0; s < d->ep_size; s++) {
-        int first = d->send_row_begin[placement_global_expert(&place, s, 0)];
-        int last = d->send_row_begin[placement_global_expert(&place, s, 0) + d->E_local];
-        bytes[s] += (long)(last - first) * width * (long)sizeof(float);
+        long rows = 0;
+        for (int j = 0; j < d->E_local; j++) {
+            int e = placement_global_expert(&place, s, j);
+            if (!dispatch_shadowed(d, d->ep_rank, e))
+                rows += d->send_row_begin[e + 1] - d->send_row_begin[e];
+        }
+        bytes[s] += rows * width * (long)sizeof(float);
     }
 }
 

@@ -22,6 +22,8 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
     s->hierarchical_dispatch = strcmp(cfg->moe_token_dispatcher_type, "hierarchical") == 0;
     s->overlap_chunks = cfg->moe_overlap_chunks;
     s->overlap_grad_reduce = cfg->overlap_grad_reduce;
+    s->expert_shadowing = cfg->moe_expert_shadowing;
+    s->shadow_min_rows = cfg->moe_shadow_min_rows;
     s->V = vocab_size;
     s->T = cfg->seq_length;
     s->C = cfg->hidden_size;
@@ -72,6 +74,15 @@ void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, i
  * one micro-batch. */
 int model_grains(const ModelShape *s) {
     return s->grain > 0 ? s->B * s->T / s->grain : 1;
+}
+
+/* Rows a shadow must save (moe.h), 0 when off: by default the rows whose
+ * compute, 6 FLOPs per expert weight each, matches moving the weights out
+ * and every grain's gradient back, 4 bytes per weight each, at 48 FLOPs a
+ * byte: (1 + grains) * 4 * 48 / 6 = 32 (1 + grains). */
+int model_shadow_min_gain(const ModelShape *s) {
+    if (!s->expert_shadowing) return 0;
+    return s->shadow_min_rows > 0 ? s->shadow_min_rows : 32 * (1 + model_grains(s));
 }
 
 static long global_tokens(const ModelShape *s) {
@@ -557,7 +568,8 @@ static void plan_model(Model *m, Layout *lay) {
                               .hierarchical = s->hierarchical_dispatch,
                               .overlap_chunks = s->overlap_chunks,
                               .activation = s->expert_activation,
-                              .expert_dropout = s->expert_dropout};
+                              .expert_dropout = s->expert_dropout,
+                              .shadow_min_gain = model_shadow_min_gain(s)};
 }
 
 int model_init(Model *m, const ModelShape *s, long seed, const Comm *comm) {
@@ -922,7 +934,7 @@ double model_step_flops(const Model *m) {
         macs += 2.0 * N * T * C;         /* scores and weighted values */
         if (model_is_moe_layer(s, l)) {
             double expert_macs = (1.0 + ffn_w1_rows_per_unit(s->expert_activation)) * C;
-            macs += N * C * s->E + m->moe[l].dispatch.num_recv_rows * expert_macs * s->Fe;
+            macs += N * C * s->E + moe_computed_rows(&m->moe[l]) * expert_macs * s->Fe;
             macs += N * expert_macs * s->shared_F;
         } else
             macs += 2.0 * N * C * s->F;

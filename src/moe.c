@@ -34,6 +34,31 @@ long moe_max_recv_rows(const MoeShape *s) {
     return s->ep_size * per_source;
 }
 
+/* Floats of one expert's weights: w1 then w2. */
+static long expert_weight_floats(const MoeShape *s) {
+    return (long)s->F * ffn_w1_rows_per_unit(s->activation) * s->router.C +
+           (long)s->router.C * s->F;
+}
+
+static int shadows_possible(const MoeShape *s) {
+    return s->shadow_min_gain > 0 && s->ep_size > 1 && !s->hierarchical && s->overlap_chunks <= 1;
+}
+
+/* Requests in flight at once: a rank's weights out and in, then its
+ * gradients out and in, two messages (w1, w2) per grain each. */
+static long shadow_request_count(const MoeShape *s) {
+    return 2L * routing_grains(&s->router) * s->E_local * (s->ep_size + 1);
+}
+
+static int shadowing_init(MoeLayer *m, const MoeShape *s) {
+    if (!shadows_possible(s)) return 0;
+    m->shadow_w = malloc(sizeof(float) * (size_t)s->E_local * expert_weight_floats(s));
+    m->shadow_split = malloc(sizeof(int) * (size_t)(routing_grains(&s->router) + 1));
+    m->shadow_requests = malloc(sizeof(MPI_Request) * (size_t)shadow_request_count(s));
+    if (!m->shadow_w || !m->shadow_split || !m->shadow_requests) return -1;
+    return dispatch_enable_shadowing(&m->dispatch, s->shadow_min_gain, (int)moe_max_recv_rows(s));
+}
+
 int moe_layer_init(MoeLayer *m, const MoeShape *s) {
     memset(m, 0, sizeof *m);
     const RouterShape *r = &s->router;
@@ -60,11 +85,15 @@ int moe_layer_init(MoeLayer *m, const MoeShape *s) {
     m->expert_out = malloc(sizeof(float) * (R * C + 1));
     if (!m->rows_per_expert || !m->expert_cursor || !m->row_choice || !m->choice_row ||
         !m->send_x || !m->send_y || !m->expert_in || !m->h_pre || !m->h_act || !m->expert_out ||
-        !m->global_demand) {
+        !m->global_demand || shadowing_init(m, s) != 0) {
         moe_layer_free(m);
         return -1;
     }
     return 0;
+}
+
+long moe_computed_rows(const MoeLayer *m) {
+    return (long)m->dispatch.num_recv_rows + m->dispatch.num_shadow_rows;
 }
 
 size_t moe_layer_bytes(const MoeShape *s) {
@@ -75,15 +104,25 @@ size_t moe_layer_bytes(const MoeShape *s) {
     size_t grains = (size_t)routing_grains(r), splits = (size_t)s->ep_size * grains;
     size_t dispatch = sizeof(int) * (3 * E + s->E_local + 2 + 4 * (size_t)s->ep_size + E * grains +
                                      (size_t)s->E_local * (splits + 1));
-    return routing_bytes(r) + dispatch + sizeof(int) * (E * grains + E + S + NK) +
+    size_t shadowing = 0;
+    if (shadows_possible(s))
+        shadowing = sizeof(int) *
+                        (grains + 1 + (size_t)s->ep_size * E * (grains + 1) + (size_t)s->ep_size) +
+                    (size_t)s->ep_size * E + sizeof(MPI_Request) * (size_t)shadow_request_count(s) +
+                    sizeof(float) * (size_t)s->E_local * expert_weight_floats(s);
+    return routing_bytes(r) + dispatch + shadowing + sizeof(int) * (E * grains + E + S + NK) +
            sizeof(long) * E + sizeof(float) * (2 * S * r->C + 2 * R * r->C + R * FW + R * s->F);
 }
 
 size_t moe_scratch_bytes(const MoeShape *s) {
     size_t S = (size_t)moe_max_send_rows(s), R = (size_t)moe_max_recv_rows(s);
     size_t C = (size_t)s->router.C, FW = (size_t)s->F * ffn_w1_rows_per_unit(s->activation);
-    return sizeof(float) *
-           (2 * S * C + 2 * R * C + R * FW + (size_t)s->router.N * router_slots(&s->router));
+    size_t shadowing = 0, grains = (size_t)routing_grains(&s->router);
+    if (shadows_possible(s))
+        shadowing = sizeof(float) * (size_t)s->E_local * grains * expert_weight_floats(s) +
+                    sizeof(float *) * grains;
+    return shadowing + sizeof(float) * (2 * S * C + 2 * R * C + R * FW +
+                                        (size_t)s->router.N * router_slots(&s->router));
 }
 
 void moe_layer_free(MoeLayer *m) {
@@ -100,6 +139,9 @@ void moe_layer_free(MoeLayer *m) {
     free(m->h_pre);
     free(m->h_act);
     free(m->expert_out);
+    free(m->shadow_w);
+    free(m->shadow_split);
+    free(m->shadow_requests);
     memset(m, 0, sizeof *m);
 }
 
@@ -113,6 +155,15 @@ int moe_scratch_init(MoeScratch *sc, const MoeShape *s) {
     sc->dx_expert = malloc(sizeof(float) * (R * C + 1));
     sc->dx_back = malloc(sizeof(float) * (S * C + 1));
     sc->dgate = malloc(sizeof(float) * (size_t)s->router.N * router_slots(&s->router));
+    if (shadows_possible(s)) {
+        size_t grains = (size_t)routing_grains(&s->router);
+        sc->shadow_grads = malloc(sizeof(float) * s->E_local * grains * expert_weight_floats(s));
+        sc->shadow_partials = malloc(sizeof(float *) * grains);
+        if (!sc->shadow_grads || !sc->shadow_partials) {
+            moe_scratch_free(sc);
+            return -1;
+        }
+    }
     if (!sc->dy_send || !sc->dy_expert || !sc->dh || !sc->dx_expert || !sc->dx_back || !sc->dgate) {
         moe_scratch_free(sc);
         return -1;
@@ -127,6 +178,8 @@ void moe_scratch_free(MoeScratch *sc) {
     free(sc->dx_expert);
     free(sc->dx_back);
     free(sc->dgate);
+    free(sc->shadow_grads);
+    free(sc->shadow_partials);
     memset(sc, 0, sizeof *sc);
 }
 
@@ -216,9 +269,12 @@ static Matmul expert_matmul(const Matmul *mm, Dispatch *d, int j, RowSplit *spli
  * the row. */
 #define DOMAIN_EXPERT_DROPOUT 0x6564726f70ull
 typedef struct ExpertDropout {
-    const MoeLayer *m;
-    const MoeShape *s;
-    int j;
+    const RouterContext *ctx;
+    float rate;
+    uint64_t expert;   /* global */
+    const int *begin;  /* [count + 1] the rows of each (source rank, grain) split */
+    int count, grains; /* splits, and grains per source rank */
+    int first_source;  /* world rank of the first split's source */
 } ExpertDropout;
 
 static uint64_t dropout_row_key(const RouterContext *ctx, uint64_t expert, uint64_t grain,
@@ -242,31 +298,46 @@ void moe_expert_dropout_mask(float *mask, int F, double rate, const RouterContex
 
 static void apply_expert_dropout(void *arg, float *v, int n, int F) {
     const ExpertDropout *d = arg;
-    const RouterContext *ctx = &d->m->ctx;
-    int count, grains = routing_grains(&d->s->router);
-    const int *begin = dispatch_expert_splits(&d->m->dispatch, d->j, &count);
-    float rate = (float)d->s->expert_dropout, scale = 1.0f / (1.0f - rate);
-    uint64_t expert = (uint64_t)(d->m->first_local_expert + d->j);
-    for (int i = 0; i < count; i++) {
-        uint64_t grain = (uint64_t)(d->m->ep_group_first_rank + i / grains) * grains + i % grains;
-        for (int row = begin[i]; row < begin[i + 1] && row < n; row++) {
-            uint64_t row_key = dropout_row_key(ctx, expert, grain, (uint64_t)(row - begin[i]));
+    float scale = 1.0f / (1.0f - d->rate);
+    for (int i = 0; i < d->count; i++) {
+        uint64_t grain =
+            (uint64_t)(d->first_source + i / d->grains) * d->grains + (uint64_t)(i % d->grains);
+        for (int row = d->begin[i]; row < d->begin[i + 1] && row < n; row++) {
+            uint64_t row_key =
+                dropout_row_key(d->ctx, d->expert, grain, (uint64_t)(row - d->begin[i]));
             float *r = v + (long)row * F;
             for (int f = 0; f < F; f++) {
-                float factor = dropout_factor(row_key, f, rate, scale);
+                float factor = dropout_factor(row_key, f, d->rate, scale);
                 r[f] = factor == 0.0f ? 0.0f : r[f] * factor;
             }
         }
     }
 }
 
-/* The dropout of local expert j in training, or NULL. */
-static const FfnDropout *expert_dropout(const MoeLayer *m, const MoeShape *s, int j,
+/* The dropout of global expert `expert` over rows split as begin[0..count],
+ * the first split from world rank first_source, in training; else NULL. */
+static const FfnDropout *expert_dropout(const MoeLayer *m, const MoeShape *s, int expert,
+                                        const int *begin, int count, int first_source,
                                         ExpertDropout *d, FfnDropout *out) {
     if (!m->ctx.training || s->expert_dropout <= 0) return NULL;
-    *d = (ExpertDropout){m, s, j};
+    *d = (ExpertDropout){.ctx = &m->ctx,
+                         .rate = (float)s->expert_dropout,
+                         .expert = (uint64_t)expert,
+                         .begin = begin,
+                         .count = count,
+                         .grains = routing_grains(&s->router),
+                         .first_source = first_source};
     *out = (FfnDropout){apply_expert_dropout, d};
     return out;
+}
+
+/* Local expert j's dropout: its splits come from every rank of the group. */
+static const FfnDropout *local_expert_dropout(const MoeLayer *m, const MoeShape *s, int j,
+                                              ExpertDropout *d, FfnDropout *out) {
+    int count;
+    const int *begin = dispatch_expert_splits(&m->dispatch, j, &count);
+    return expert_dropout(m, s, m->first_local_expert + j, begin, count, m->ep_group_first_rank, d,
+                          out);
 }
 
 static void run_local_expert(MoeLayer *m, const MoeWeights *w, const MoeShape *s, const Matmul *mm,
@@ -280,7 +351,7 @@ static void run_local_expert(MoeLayer *m, const MoeWeights *w, const MoeShape *s
     FfnDropout dropout;
     ffn_forward(m->expert_out + b * C, m->h_pre + b * FW, m->h_act + b * F, m->expert_in + b * C,
                 w->w1 + (long)j * FW * C, w->w2 + (long)j * C * F, begin[j + 1] - begin[j], C, F,
-                s->activation, &em, expert_dropout(m, s, j, &d, &dropout));
+                s->activation, &em, local_expert_dropout(m, s, j, &d, &dropout));
 }
 
 static void expert_backward(MoeLayer *m, const MoeGrads *g, const MoeWeights *w, MoeScratch *sc,
@@ -296,7 +367,143 @@ static void expert_backward(MoeLayer *m, const MoeGrads *g, const MoeWeights *w,
                  sc->dh + b * FW, sc->dy_expert + b * C, m->expert_in + b * C, m->h_pre + b * FW,
                  m->h_act + b * F, w->w1 + (long)j * FW * C, w->w2 + (long)j * C * F,
                  begin[j + 1] - begin[j], C, F, s->activation, &em,
-                 expert_dropout(m, s, j, &d, &dropout));
+                 local_expert_dropout(m, s, j, &d, &dropout));
+}
+
+/* ---- shadowing: a source computes its own rows of a busy rank's expert --- */
+
+enum { TAG_SHADOW_WEIGHTS = 0x5e01, TAG_SHADOW_GRADS = 0x5e02 };
+
+/* This rank's k-th shadowed expert's weights: w1 then w2. */
+static float *shadow_weights(const MoeLayer *m, const MoeShape *s, int k) {
+    return m->shadow_w + (long)k * expert_weight_floats(s);
+}
+
+/* Splits global expert e's block of this rank's rows by grain. */
+static const int *shadow_split_of(MoeLayer *m, const MoeShape *s, int e) {
+    int grains = routing_grains(&s->router);
+    m->shadow_split[0] = 0;
+    for (int g = 0; g < grains; g++)
+        m->shadow_split[g + 1] = m->shadow_split[g] + m->rows_per_expert[e * grains + g];
+    return m->shadow_split;
+}
+
+/* Owners send the weights of every shadowed block of their experts; the
+ * shadowing ranks receive them in expert order. Returns requests started. */
+static int shadow_weights_start(MoeLayer *m, const MoeWeights *w, const MoeShape *s,
+                                const Comm *comm) {
+    const Dispatch *d = &m->dispatch;
+    int C = s->router.C, me = comm->ep_rank, n = 0, k = 0;
+    long w1n = (long)s->F * ffn_w1_rows_per_unit(s->activation) * C, w2n = (long)C * s->F;
+    for (int e = 0; e < s->router.E; e++) {
+        if (!dispatch_shadowed(d, me, e)) continue;
+        float *slot = shadow_weights(m, s, k++);
+        comm_ep_irecv_floats(comm, slot, (int)w1n, e / s->E_local, TAG_SHADOW_WEIGHTS,
+                             &m->shadow_requests[n++]);
+        comm_ep_irecv_floats(comm, slot + w1n, (int)w2n, e / s->E_local, TAG_SHADOW_WEIGHTS,
+                             &m->shadow_requests[n++]);
+    }
+    for (int j = 0; j < s->E_local; j++)
+        for (int q = 0; q < s->ep_size; q++) {
+            if (q == me || !dispatch_shadowed(d, q, m->first_local_expert + j)) continue;
+            comm_ep_isend_floats(comm, w->w1 + j * w1n, (int)w1n, q, TAG_SHADOW_WEIGHTS,
+                                 &m->shadow_requests[n++]);
+            comm_ep_isend_floats(comm, w->w2 + j * w2n, (int)w2n, q, TAG_SHADOW_WEIGHTS,
+                                 &m->shadow_requests[n++]);
+        }
+    return n;
+}
+
+/* The shadowed blocks forward: outputs straight into send_y, where the
+ * combine leaves their rows alone; hidden rows after the received ones. The
+ * calls are the owner's (one per grain), so the bits are its bits. */
+static void run_shadows(MoeLayer *m, const MoeShape *s, const Matmul *mm, int me) {
+    const Dispatch *d = &m->dispatch;
+    int C = s->router.C, F = s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
+    int grains = routing_grains(&s->router);
+    long h_row = d->num_recv_rows, w1n = (long)FW * C;
+    for (int e = 0, k = 0; e < s->router.E; e++) {
+        if (!dispatch_shadowed(d, me, e)) continue;
+        long b = d->send_row_begin[e];
+        int rows = d->rows_per_expert[e];
+        RowSplit split = {.count = grains, .begin = shadow_split_of(m, s, e)};
+        Matmul view = mm ? *mm : (Matmul){0};
+        view.split = &split;
+        ExpertDropout dd;
+        FfnDropout dropout;
+        const FfnDropout *drop = expert_dropout(m, s, e, split.begin, grains,
+                                                m->ep_group_first_rank + me, &dd, &dropout);
+        const float *wk = shadow_weights(m, s, k++);
+        ffn_forward(m->send_y + b * C, m->h_pre + h_row * FW, m->h_act + h_row * F,
+                    m->send_x + b * C, wk, wk + w1n, rows, C, F, s->activation, &view, drop);
+        h_row += rows;
+    }
+}
+
+/* Owners post the receives of the shadowed blocks' weight gradients straight
+ * into the partials of those (source, grain) splits, which their own
+ * backward leaves untouched (no rows). Grains without rows send nothing. */
+static int shadow_grads_receive(MoeLayer *m, const MoeGrads *g, const MoeShape *s, const Comm *comm,
+                                int n) {
+    const Dispatch *d = &m->dispatch;
+    int C = s->router.C, grains = routing_grains(&s->router), me = comm->ep_rank;
+    long w1n = (long)s->F * ffn_w1_rows_per_unit(s->activation) * C, w2n = (long)C * s->F;
+    for (int j = 0; j < s->E_local; j++) {
+        int e = m->first_local_expert + j;
+        for (int q = 0; q < s->ep_size; q++) {
+            if (q == me || !dispatch_shadowed(d, q, e)) continue;
+            for (int gr = 0; gr < grains; gr++) {
+                if (d->every_count[((long)q * s->router.E + e) * grains + gr] == 0) continue;
+                float *partial = g->partials[q * grains + gr];
+                comm_ep_irecv_floats(comm, partial + (g->w1 - g->grads) + j * w1n, (int)w1n, q,
+                                     TAG_SHADOW_GRADS, &m->shadow_requests[n++]);
+                comm_ep_irecv_floats(comm, partial + (g->w2 - g->grads) + j * w2n, (int)w2n, q,
+                                     TAG_SHADOW_GRADS, &m->shadow_requests[n++]);
+            }
+        }
+    }
+    return n;
+}
+
+/* The shadowed blocks backward: input gradients straight into dx_back, weight
+ * gradients per grain into scratch, sent to the owner. Returns requests. */
+static int shadows_backward(MoeLayer *m, MoeScratch *sc, const MoeShape *s, const Matmul *mm,
+                            const Comm *comm, int n) {
+    const Dispatch *d = &m->dispatch;
+    int C = s->router.C, F = s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
+    int grains = routing_grains(&s->router), me = comm->ep_rank;
+    long h_row = d->num_recv_rows, w1n = (long)FW * C, wn = expert_weight_floats(s);
+    for (int e = 0, k = 0; e < s->router.E; e++) {
+        if (!dispatch_shadowed(d, me, e)) continue;
+        long b = d->send_row_begin[e];
+        int rows = d->rows_per_expert[e];
+        float *grads = sc->shadow_grads + (long)k * grains * wn;
+        memset(grads, 0, sizeof(float) * (size_t)grains * wn);
+        for (int gr = 0; gr < grains; gr++) sc->shadow_partials[gr] = grads + gr * wn;
+        RowSplit split = {.count = grains,
+                          .begin = shadow_split_of(m, s, e),
+                          .grads = grads,
+                          .partials = sc->shadow_partials};
+        Matmul view = mm ? *mm : (Matmul){0};
+        view.split = &split;
+        ExpertDropout dd;
+        FfnDropout dropout;
+        const FfnDropout *drop = expert_dropout(m, s, e, split.begin, grains,
+                                                m->ep_group_first_rank + me, &dd, &dropout);
+        const float *wk = shadow_weights(m, s, k++);
+        ffn_backward(sc->dx_back + b * C, grads, grads + w1n, sc->dh + h_row * FW,
+                     sc->dy_send + b * C, m->send_x + b * C, m->h_pre + h_row * FW,
+                     m->h_act + h_row * F, wk, wk + w1n, rows, C, F, s->activation, &view, drop);
+        h_row += rows;
+        for (int gr = 0; gr < grains; gr++) {
+            if (m->rows_per_expert[e * grains + gr] == 0) continue;
+            comm_ep_isend_floats(comm, grads + gr * wn, (int)w1n, e / s->E_local, TAG_SHADOW_GRADS,
+                                 &m->shadow_requests[n++]);
+            comm_ep_isend_floats(comm, grads + gr * wn + w1n, (int)(wn - w1n), e / s->E_local,
+                                 TAG_SHADOW_GRADS, &m->shadow_requests[n++]);
+        }
+    }
+    return n;
 }
 
 /* One direction of an MoE layer with its exchange overlapped: every local
@@ -393,9 +600,16 @@ void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w, c
         ForwardWork work = {m, w, s, mm};
         overlap_pass(m, &pass, s, comm, phase_s, &mark, forward_work, &work);
     } else {
+        /* The weights arrive with the rows: Open MPI moves a large message
+         * only while both ranks are inside MPI, and the owner, the busy one,
+         * would otherwise not be until its own experts are done. The
+         * shadows run before the combine, while the owner works. */
+        int requests = m->dispatch.shadowing ? shadow_weights_start(m, w, s, comm) : 0;
         dispatch_rows(&m->dispatch, m->send_x, m->expert_in, C, comm);
+        comm_wait_all(m->shadow_requests, requests);
         timer_charge(phase_s, PHASE_DISPATCH, &mark);
         for (int j = 0; j < s->E_local; j++) run_local_expert(m, w, s, mm, j);
+        if (m->dispatch.num_shadows > 0) run_shadows(m, s, mm, comm->ep_rank);
         timer_charge(phase_s, PHASE_EXPERTS, &mark);
         combine_rows(&m->dispatch, m->expert_out, m->send_y, C, comm);
     }
@@ -427,11 +641,15 @@ void moe_backward(float *dx, const MoeGrads *g, const float *dout, const float *
         BackwardWork work = {m, g, w, sc, s, mm};
         overlap_pass(m, &pass, s, comm, phase_s, &mark, backward_work, &work);
     } else {
+        int shadowing = m->dispatch.shadowing;
+        int requests = shadowing ? shadow_grads_receive(m, g, s, comm, 0) : 0;
         dispatch_rows(&m->dispatch, sc->dy_send, sc->dy_expert, C, comm);
         timer_charge(phase_s, PHASE_DISPATCH, &mark);
         for (int j = 0; j < s->E_local; j++) expert_backward(m, g, w, sc, s, mm, j);
+        if (shadowing) requests = shadows_backward(m, sc, s, mm, comm, requests);
         timer_charge(phase_s, PHASE_EXPERTS, &mark);
         combine_rows(&m->dispatch, sc->dx_expert, sc->dx_back, C, comm);
+        comm_wait_all(m->shadow_requests, requests);
         timer_charge(phase_s, PHASE_COMBINE, &mark);
     }
 

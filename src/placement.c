@@ -49,3 +49,58 @@ double placement_load_imbalance(const long *rows_per_expert, int layers, int num
     }
     return sum / layers;
 }
+
+static int busiest_position(const int *load, int ep_size) {
+    int busiest = 0;
+    for (int q = 1; q < ep_size; q++)
+        if (load[q] > load[busiest]) busiest = q;
+    return busiest;
+}
+
+static int shadows_of(const unsigned char *shadow, int num_experts, int q) {
+    int n = 0;
+    for (int e = 0; e < num_experts; e++) n += shadow[(long)q * num_experts + e];
+    return n;
+}
+
+/* How much shadowing block (q, e) lowers the busiest position p's rows: 0
+ * when the block is empty, taken, over the row limit, or would not help. */
+static int shadow_gain(const int *rows, const int *load, const unsigned char *shadow, int E, int p,
+                       int q, int e, int max_rows) {
+    int n = rows[(long)q * E + e];
+    if (n == 0 || shadow[(long)q * E + e] || load[q] + n > max_rows) return 0;
+    int after = load[p] - n > load[q] + n ? load[p] - n : load[q] + n;
+    return load[p] - after;
+}
+
+int placement_plan_shadows(int num_experts, int ep_size, const int *rows, int min_gain,
+                           int max_rows, int max_per_rank, int *load, unsigned char *shadow) {
+    int E = num_experts, taken = 0;
+    Placement place = {.num_experts = E, .ep_size = ep_size};
+    for (int p = 0; p < ep_size; p++) {
+        load[p] = 0;
+        for (int q = 0; q < ep_size; q++)
+            for (int j = 0; j < placement_experts_per_rank(&place); j++)
+                load[p] += rows[(long)q * E + placement_global_expert(&place, p, j)];
+    }
+    for (long i = 0; i < (long)ep_size * E; i++) shadow[i] = 0;
+    if (min_gain < 1) min_gain = 1;
+    for (;;) {
+        /* ties: the lowest source, then the lowest expert */
+        int p = busiest_position(load, ep_size), best = 0, best_q = -1, best_e = -1;
+        for (int q = 0; q < ep_size; q++) {
+            if (q == p || shadows_of(shadow, E, q) >= max_per_rank) continue;
+            for (int j = 0; j < placement_experts_per_rank(&place); j++) {
+                int e = placement_global_expert(&place, p, j);
+                int gain = shadow_gain(rows, load, shadow, E, p, q, e, max_rows);
+                if (gain > best) best = gain, best_q = q, best_e = e;
+            }
+        }
+        if (best < min_gain) return taken;
+        int n = rows[(long)best_q * E + best_e];
+        shadow[(long)best_q * E + best_e] = 1;
+        load[p] -= n;
+        load[best_q] += n;
+        taken++;
+    }
+}

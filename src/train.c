@@ -223,9 +223,12 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
     double tokens = (double)m->shape.B * m->shape.T * comm->world_size;
     stats->ce_loss = t->grain_totals[0] / ((double)model_grains(&m->shape) * comm->world_size);
     stats->aux_loss = stats->z_loss = stats->importance_loss = stats->load_loss = 0.0;
+    long rows[2] = {0, 0}; /* expert rows computed here, shadowed ones among them */
     for (int l = 0; l < m->shape.L; l++) {
         if (!model_is_moe_layer(&m->shape, l)) continue;
         const Routing *r = &m->moe[l].routing;
+        rows[0] += moe_computed_rows(&m->moe[l]);
+        rows[1] += m->moe[l].dispatch.num_shadow_rows;
         const double *sums = t->grain_totals + 1 + (long)i * width, *scalars = sums + 2 * E;
         memcpy(rs->tokens_per_expert + (long)i * E, r->tokens_per_expert, sizeof(long) * E);
         memcpy(rs->dropped_per_expert + (long)i * E, r->dropped_per_expert, sizeof(long) * E);
@@ -255,6 +258,9 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
                   stats->load_loss;
     comm_sum_longs(comm, rs->tokens_per_expert, L * E);
     comm_sum_longs(comm, rs->dropped_per_expert, L * E);
+    comm_sum_longs(comm, rows, 2);
+    stats->expert_rows = rows[0];
+    stats->shadowed_rows = rows[1];
     stats->assignments = stats->dropped = 0;
     for (int j = 0; j < L * E; j++) {
         stats->assignments += rs->tokens_per_expert[j];
@@ -893,6 +899,7 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
         ok = record_eval(&rs, &t, 0, val_loss);
     }
     double run_start = comm_wtime(), tokens_total = 0.0;
+    long expert_rows = 0, shadowed_rows = 0;
     StepStats stats = {0};
     long step = start, skipped = 0;
     long steps_done = start; /* steps whose rows the record holds or buffers */
@@ -901,6 +908,8 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     for (; step < cfg->train_iters; step++) {
         trainer_step(&t, step, &stats);
         tokens_total += stats.tokens;
+        expert_rows += stats.expert_rows;
+        shadowed_rows += stats.shadowed_rows;
         long done = step + 1;
         steps_done = done;
         diverged = stats.nonfinite && stop_on_nonfinite(&t, &skipped, done, &stats, err, errlen);
@@ -956,11 +965,17 @@ int train_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                                   sizeof close_err) == 0;
         if (ok && !closed) snprintf(err, errlen, "%s", close_err);
         ok = ok && closed;
-        if (ok)
+        if (ok) {
             printf(
                 "done: %ld steps in %.1fs | final train loss %.4f | val loss %.4f | "
                 "%.0f tok/s | record %s\n",
                 step, elapsed, stats.ce_loss, val_loss, tokens_total / elapsed, cfg->out);
+            if (shadowed_rows > 0)
+                printf(
+                    "shadowing: %.1f%% of the expert rows were computed by their source "
+                    "ranks (%ld of %ld)\n",
+                    100.0 * shadowed_rows / expert_rows, shadowed_rows, expert_rows);
+        }
     }
     ok = all_ok_or_share(comm, ok, err, errlen);
     run_state_free(&rs);

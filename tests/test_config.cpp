@@ -963,7 +963,7 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 77u);
+    ASSERT_EQ(keys.size(), 79u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
     EXPECT_EQ(keys.back(), "bf16-gemm");
@@ -1059,6 +1059,8 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"moe-token-dispatcher-type", "hierarchical"},
         {"ranks-per-node", "2"},
         {"moe-overlap-chunks", "3"},
+        {"moe-expert-shadowing", "0"},
+        {"moe-shadow-min-rows", "17"},
         {"overlap-grad-reduce", "1"},
         {"save", "/tmp/round/checkpoints"},
         {"save-interval", "25"},

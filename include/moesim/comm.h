@@ -145,6 +145,13 @@ int comm_test(MPI_Request *request);
  * on (and scattered from) its leader; and the leaders' exchange. Counts and
  * displacements in floats. */
 void comm_ep_allgather_ints(const Comm *c, const int *mine, int *all, int n);
+/* Point-to-point within the EP group (expert shadowing, moe.c): n floats
+ * to or from EP position `peer` without blocking; messages of one tag
+ * between two ranks match in the order they were started. */
+void comm_ep_isend_floats(const Comm *c, const float *values, int n, int peer, int tag,
+                          MPI_Request *request);
+void comm_ep_irecv_floats(const Comm *c, float *values, int n, int peer, int tag,
+                          MPI_Request *request);
 void comm_ep_node_gatherv_floats(const Comm *c, const float *send, int count, float *recv,
                                  const int *counts, const int *displs);
 void comm_ep_node_scatterv_floats(const Comm *c, const float *send, const int *counts,

@@ -36,6 +36,8 @@ typedef struct Config {
     int ranks_per_node;                 /* 0 = from shared memory; N = emulated nodes of N */
     int moe_overlap_chunks;             /* > 1: expert work overlaps the exchange */
     int overlap_grad_reduce;            /* 1: gradient buckets reduce during backward */
+    int moe_expert_shadowing;           /* 1: sources compute their rows of busy experts */
+    int moe_shadow_min_rows;            /* rows a shadow must save; 0 = automatic */
     int moe_router_norm_topk_prob;  /* renormalise the k selected probabilities */
     double moe_expert_capacity_factor;
     double moe_aux_loss_coeff;

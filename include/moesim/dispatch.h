@@ -7,6 +7,8 @@
  * with one MPI_Alltoallv per local expert, each receiving straight into that
  * expert's block (sources in rank order), so no copy reorders them. Combine
  * is the same exchange in reverse, landing rows back in the sender's order.
+ * With shadowing every rank's counts are all-gathered instead, and the
+ * blocks the plan leaves with their sources travel as zero rows.
  *
  * The hierarchical dispatcher moves the same rows to the same places in
  * three steps, so results are bit-identical: each node's leader (for this EP
@@ -60,6 +62,19 @@ typedef struct Dispatch {
     int *split_begin;       /* [E_local][ep_size * grains + 1] within each local expert's block:
                                first row of each (source rank, grain), the expert's RowSplit */
     int num_send_rows, num_recv_rows;
+    /* Shadowing (placement_plan_shadows; alltoall without overlap only): a
+     * shadowed block stays with its source, which computes it with a copy
+     * of the expert's weights; both layouts keep its place, with no rows. */
+    int shadowing;         /* plan shadows at every dispatch_plan */
+    int shadow_min_gain;   /* rows a shadow must take off the busiest rank */
+    int shadow_max_rows;   /* most rows a rank may compute */
+    int ep_rank;           /* of the last plan */
+    int *every_count;      /* [ep_size][E * grains] every rank's rows per (expert, grain) */
+    int *source_rows;      /* [ep_size][E] every rank's rows per expert */
+    int *load;             /* [ep_size] rows each rank computes, shadows included */
+    unsigned char *shadow; /* [ep_size][E] 1: that source computes its rows of that expert */
+    int num_shadows;       /* blocks this rank shadows */
+    int num_shadow_rows;   /* rows in them */
     /* MPI argument scratch of the blocking exchange, in floats: send counts,
      * send displacements, receive counts, receive displacements, ep_size each */
     int *args;
@@ -76,6 +91,12 @@ typedef struct Dispatch {
 
 int dispatch_init(Dispatch *d, int E, int ep_size, int grains, int hierarchical, int overlap);
 void dispatch_free(Dispatch *d);
+/* Turns shadowing on (ep_size > 1, alltoall, no overlap; else a no-op
+ * returning 0): min_gain rows at least, max_rows per rank at most, E_local
+ * shadows per rank at most. 0, or -1 when out of memory. */
+int dispatch_enable_shadowing(Dispatch *d, int min_gain, int max_rows);
+/* Whether EP position `source` computes its own rows of global expert e. */
+int dispatch_shadowed(const Dispatch *d, int source, int e);
 
 /* From the sender's row counts per (global expert, grain) [E * grains]:
  * exchanges them and fills both layouts and the experts' splits. Collective

@@ -26,6 +26,8 @@ typedef struct ModelShape {
     int ep_size, ep_rank;
     int hierarchical_dispatch; /* --moe-token-dispatcher-type hierarchical */
     int overlap_chunks;        /* --moe-overlap-chunks */
+    int expert_shadowing;      /* --moe-expert-shadowing */
+    int shadow_min_rows;       /* --moe-shadow-min-rows */
     int overlap_grad_reduce;   /* --overlap-grad-reduce: buckets reduce during backward */
     int moe_layer_freq;
     int tied; /* LM head shares the token embedding */
@@ -54,6 +56,8 @@ typedef struct ModelShape {
 
 /* Grains in this rank's micro-batch. */
 int model_grains(const ModelShape *s);
+/* Rows an expert shadow must take off the busiest rank; 0: no shadowing. */
+int model_shadow_min_gain(const ModelShape *s);
 
 /* ep_size/ep_rank place this rank's expert shard (1/0 for the whole model). */
 void model_shape_from_config(ModelShape *s, const Config *cfg, int vocab_size, int ep_size,

@@ -25,6 +25,9 @@ typedef struct MoeShape {
     int overlap_chunks; /* > 1: expert work overlaps the exchange, in this many chunks */
     FfnActivation activation;
     double expert_dropout; /* rate on the experts' hidden units in training (Switch) */
+    /* > 0: shadow blocks that take at least this many rows off the busiest
+     * rank (placement_plan_shadows; alltoall without overlap); 0: never */
+    int shadow_min_gain;
 } MoeShape;
 
 /* Most rows a rank sends and most it receives in one layer: from capacity,
@@ -58,6 +61,11 @@ typedef struct MoeLayer {
     float *h_pre;         /* [recv rows, F * w1 rows per unit] */
     float *h_act;         /* [recv rows, F] */
     float *expert_out;    /* [recv rows, C] */
+    /* Shadowing (NULL when off): h_pre and h_act hold the shadowed rows
+     * after the received ones, which the plan keeps within recv rows. */
+    float *shadow_w;              /* [E_local][w1 | w2] the shadowed experts', in expert order */
+    int *shadow_split;            /* [grains + 1] one shadowed block's rows per grain */
+    MPI_Request *shadow_requests; /* weights in flight, then gradients */
 } MoeLayer;
 
 /* Backward scratch shared by every MoE layer. */
@@ -68,9 +76,14 @@ typedef struct MoeScratch {
     float *dx_expert; /* [recv rows, C] */
     float *dx_back;   /* [send rows, C] */
     float *dgate;     /* [N * slots] */
+    float *shadow_grads;     /* [E_local][grains][w1 | w2] when shadowing: the
+                                shadowed blocks' weight gradients, per grain */
+    float **shadow_partials; /* [grains] pointers into one block's of them */
 } MoeScratch;
 
 int moe_layer_init(MoeLayer *m, const MoeShape *s);
+/* Expert rows this rank computed in the last forward: received and shadowed. */
+long moe_computed_rows(const MoeLayer *m);
 void moe_layer_free(MoeLayer *m);
 int moe_scratch_init(MoeScratch *sc, const MoeShape *s);
 void moe_scratch_free(MoeScratch *sc);

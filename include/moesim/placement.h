@@ -42,6 +42,23 @@ int placement_first_local_expert(const Placement *p);
 double placement_load_imbalance(const long *rows_per_expert, int layers, int num_experts,
                                 int ep_size);
 
+/* Shadowing (FasterMoE's "dynamic shadowing", planned per block): a source
+ * rank may compute its own rows of another rank's expert with a copy of that
+ * expert's weights, instead of sending the rows to the owner. Every rank of
+ * the EP group plans from the same counts and so reaches the same plan.
+ *
+ * rows[q * E + e]: rows EP position q holds for global expert e. Greedy: take
+ * the busiest position (most rows of its own experts, from every source);
+ * among the blocks (q, e) of its experts held elsewhere, shadow the one that
+ * lowers max(busiest, q) the most (ties: the lowest q, then the lowest e);
+ * stop when no block lowers it by at least min_gain rows (at least 1). At
+ * most ep_size * max_per_rank rounds of ep_size * (E + E/ep_size) steps. A position shadows at most max_per_rank
+ * experts and never computes more than max_rows rows. load[ep_size] comes
+ * out with each position's rows to compute, shadow[q * E + e] with 1 where q
+ * computes its own rows of e. Returns the number of shadowed blocks. */
+int placement_plan_shadows(int num_experts, int ep_size, const int *rows, int min_gain,
+                           int max_rows, int max_per_rank, int *load, unsigned char *shadow);
+
 #ifdef __cplusplus
 }
 #endif

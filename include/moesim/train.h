@@ -22,6 +22,9 @@ typedef struct StepStats {
     double importance_loss, load_loss;
     double lr, grad_norm, seconds, flops; /* flops: summed over ranks */
     long tokens, dropped, assignments;    /* global */
+    /* global expert rows computed, and of them those computed by their
+     * source rank with a shadow of the expert (moe.h) */
+    long expert_rows, shadowed_rows;
     double phase_s[PHASE_COUNT];          /* this rank's time per phase */
     CommTimes comm_times;                 /* this rank's communication times */
     /* A NaN/Inf loss or gradient norm on any rank: the step made no update

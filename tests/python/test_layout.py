@@ -81,6 +81,21 @@ BLOCKING_TWIN = {"grad-overlap": "dropped", "grad-overlap-chunks-2": "overlap-2"
 GRAD_OVERLAP = [("grad-overlap", 2, 1), ("grad-overlap", 2, 2), ("grad-overlap", 4, 2),
                 ("grad-overlap", 4, 4), ("grad-overlap-chunks-2", 2, 2),
                 ("grad-overlap-chunks-2", 4, 4), ("grad-overlap-hierarchical", 4, 2)]
+# Expert shadowing (FasterMoE): a shadow taken whenever it saves a row, so
+# these tiny runs shadow often; with expert dropout, with SwiGLU experts (w1
+# twice as tall), and with --overlap-grad-reduce collecting the partials the
+# shadows send. The reference is the variant's own 1-rank run.
+VARIANTS["shadow"] = {"moe-shadow-min-rows": 1}
+VARIANTS["shadow-dropout"] = {"moe-shadow-min-rows": 1, "moe-expert-dropout": 0.3}
+VARIANTS["shadow-swiglu"] = {"moe-shadow-min-rows": 1, "moe-expert-activation": "swiglu"}
+VARIANTS["shadow-grad-overlap"] = {"moe-shadow-min-rows": 1, "overlap-grad-reduce": 1}
+SHADOW = [("shadow", 2, 2), ("shadow", 4, 2), ("shadow", 4, 4), ("shadow", 6, 2),
+          ("shadow-dropout", 2, 2), ("shadow-dropout", 4, 4), ("shadow-swiglu", 2, 2),
+          ("shadow-swiglu", 4, 4), ("shadow-grad-overlap", 4, 2)]
+SHADOW_REFERENCE = {"shadow": "dropped", "shadow-dropout": "expert-dropout",
+                    "shadow-swiglu": "shadow-swiglu", "shadow-grad-overlap": "dropped"}
+SHADOWED = re.compile(r"shadowing: ([0-9.]+)% of the expert rows were computed by their source "
+                      r"ranks \((\d+) of (\d+)\)")
 # (variant, world, EP): EP groups within a node, across nodes, one rank per
 # node, and groups that straddle a node boundary (world 6, nodes of 3, EP 2).
 HIERARCHICAL = [("hierarchical-nodes-of-1", 2, 2), ("hierarchical-nodes-of-2", 2, 2),
@@ -93,7 +108,8 @@ MATRIX = [(p, ep) for p in WORLD_SIZES for ep in (1, 2, 4) if p % ep == 0 and EX
 SUBSET = [(2, 2), (3, 1), (4, 2), (6, 2)]
 CASES = ([("dropped", p, ep) for p, ep in MATRIX] +
          [(v, p, ep) for v in VARIANTS
-          if v != "dropped" and not v.startswith(("hierarchical", "overlap", "grad-overlap"))
+          if v != "dropped" and not v.startswith(("hierarchical", "overlap", "grad-overlap",
+                                                  "shadow"))
           for p, ep in SUBSET])
 
 # The datasets of the contract, by group; /timing/ and /traffic/ depend on the layout by design.
@@ -162,6 +178,7 @@ class Runs:
         if result.returncode != 0:
             return f"{key} failed (status {result.returncode}):\n{result.stdout}{result.stderr}"
         run = load_run(out, save)
+        run["stdout"] = result.stdout
         if run["attrs"].get("status") != "complete":
             return f"{key}: record status {run['attrs'].get('status')!r}"
         return run
@@ -350,6 +367,25 @@ def test_overlapped_gradient_reduction_is_bit_identical(runs, variant, world, ep
     assert twin["attrs"]["config.overlap_grad_reduce"] == 0
     assert_identical(run, twin, f"{variant}: world {world} EP {ep}",
                      reference=f"{BLOCKING_TWIN[variant]} (--overlap-grad-reduce 0)")
+
+
+@pytest.mark.parametrize("variant,world,ep", SHADOW,
+                         ids=[f"{v}-world{p}-ep{e}" for v, p, e in SHADOW])
+def test_shadowed_experts_give_the_one_rank_bits(runs, variant, world, ep):
+    """Sources that compute their own rows of a busy rank's expert, with a
+    copy of its weights, and send the weight gradient back per grain, give
+    the 1-rank run bit for bit; and they did shadow (the run says how many
+    expert rows, and it is not none)."""
+    run = runs.get(variant, world, ep)
+    assert run["attrs"]["config.moe_expert_shadowing"] == 1
+    assert run["attrs"]["config.moe_shadow_min_rows"] == 1
+    shadowed = SHADOWED.search(run["stdout"])
+    assert shadowed, f"{variant} world {world} EP {ep} shadowed nothing:\n{run['stdout']}"
+    assert 0 < int(shadowed.group(2)) < int(shadowed.group(3))
+    ref = runs.get(SHADOW_REFERENCE[variant], 1, 1)
+    assert "shadowing:" not in ref["stdout"]
+    assert_identical(run, ref, f"{variant}: world {world} EP {ep}",
+                     reference=f"{SHADOW_REFERENCE[variant]} on 1 rank")
 
 
 def test_two_sequence_groups_split_across_ranks(runs):

@@ -202,20 +202,26 @@ def number(pattern, text):
 
 
 # The 2-rank bench splits the exposed exchange into moving rows and waiting
-# for the busiest rank, and gives weak scaling in model FLOP/s as well; each
+# for the busiest rank, says how far expert shadowing evened the ranks' rows,
+# and gives weak scaling in model FLOP/s as well; each
 # figure is consistent with the ones it is made of.
 def test_two_rank_bench_names_the_wait_for_the_busiest_rank(tmp_path):
     result = subprocess.run(
         ["mpirun", "-n", "2", "--oversubscribe", "--bind-to", "none", str(BUILD / "moesim"),
-         "bench", *flags({**TINY, "num-experts": 4, "out": tmp_path / "unused.h5"})],
+         "bench", *flags({**TINY, "num-experts": 4, "moe-shadow-min-rows": 1,
+                          "out": tmp_path / "unused.h5"})],
         env=env_without_kernel(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     text = result.stdout
-    imbalance, exposed, moving, pairs, waiting, share = number(
-        r"busiest rank's expert rows are ([\d.]+)x the mean .* exposed ([\d.]+) ms per step: "
+    imbalance, shadowed, computed, exposed, moving, pairs, waiting, share = number(
+        r"busiest rank's expert rows are ([\d.]+)x the mean .* with ([\d.]+)% of the rows "
+        r"shadowed .* it computes ([\d.]+)x; dispatch \+ combine exposed ([\d.]+) ms per step: "
         r"moving rows ~([\d.]+) ms \((\d+) exchanges at the cost above\), waiting for the "
         r"busiest rank ~([\d.]+) ms \(([\d.]+)% of a step\)", text)
     assert imbalance >= 1.0
+    # Shadows are taken only to lighten the busiest rank, here whenever they save a row.
+    assert 0.0 < shadowed < 100.0
+    assert 1.0 <= computed < imbalance
     assert pairs == 4  # 2 MoE layers, forward and backward
     assert waiting == pytest.approx(max(exposed - moving, 0.0), abs=0.11)
     assert 0.0 <= share <= 100.0
