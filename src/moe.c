@@ -600,10 +600,11 @@ void moe_forward(float *out, MoeLayer *m, const float *x, const MoeWeights *w, c
         ForwardWork work = {m, w, s, mm};
         overlap_pass(m, &pass, s, comm, phase_s, &mark, forward_work, &work);
     } else {
-        /* The weights arrive with the rows: Open MPI moves a large message
-         * only while both ranks are inside MPI, and the owner, the busy one,
-         * would otherwise not be until its own experts are done. The
-         * shadows run before the combine, while the owner works. */
+        /* The weights are waited for right after the rows, while both ranks
+         * are inside MPI: Open MPI has no progress thread, so a transfer
+         * left pending could wait for the busy owner's next MPI call, after
+         * its own experts. The shadows run before the combine, while the
+         * owner works. */
         int requests = m->dispatch.shadowing ? shadow_weights_start(m, w, s, comm) : 0;
         dispatch_rows(&m->dispatch, m->send_x, m->expert_in, C, comm);
         comm_wait_all(m->shadow_requests, requests);
