@@ -196,7 +196,7 @@ sanitize: $(BUILD)/sanitize/unit_tests $(BUILD)/sanitize/moesim
 	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim train $(SAN_RUN_FLAGS) \
 		--out $(BUILD)/sanitize/runs/train.h5 --overwrite 1
 	$(SAN_ENV) $(MPIRUN) -n 2 $(BUILD)/sanitize/moesim train $(SAN_RUN_FLAGS) \
-		--moe-shadow-min-rows 1 --moe-expert-dropout 0.1 \
+		--moe-expert-shadowing 1 --moe-shadow-min-rows 1 --moe-expert-dropout 0.1 \
 		--out $(BUILD)/sanitize/runs/shadow.h5 --overwrite 1 > $(BUILD)/sanitize/runs/shadow.log \
 		|| { cat $(BUILD)/sanitize/runs/shadow.log; false; }
 	grep 'shadowing: ' $(BUILD)/sanitize/runs/shadow.log

@@ -203,7 +203,7 @@ static const Option OPTIONS[] = {
      FIELD(moe_expert_shadowing),
      .min = 0,
      .max = 1,
-     .default_text = "1",
+     .default_text = "0",
      .help = "1: when a rank's experts get more rows than another's, the sources of some of "
              "those rows compute them with a copy of the expert's weights and send its "
              "gradient back, instead of sending the rows (FasterMoE's dynamic shadowing, planned "

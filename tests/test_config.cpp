@@ -1059,7 +1059,7 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"moe-token-dispatcher-type", "hierarchical"},
         {"ranks-per-node", "2"},
         {"moe-overlap-chunks", "3"},
-        {"moe-expert-shadowing", "0"},
+        {"moe-expert-shadowing", "1"},
         {"moe-shadow-min-rows", "17"},
         {"overlap-grad-reduce", "1"},
         {"save", "/tmp/round/checkpoints"},

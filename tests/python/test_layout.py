@@ -85,10 +85,11 @@ GRAD_OVERLAP = [("grad-overlap", 2, 1), ("grad-overlap", 2, 2), ("grad-overlap",
 # these tiny runs shadow often; with expert dropout, with SwiGLU experts (w1
 # twice as tall), and with --overlap-grad-reduce collecting the partials the
 # shadows send. The reference is the variant's own 1-rank run.
-VARIANTS["shadow"] = {"moe-shadow-min-rows": 1}
-VARIANTS["shadow-dropout"] = {"moe-shadow-min-rows": 1, "moe-expert-dropout": 0.3}
-VARIANTS["shadow-swiglu"] = {"moe-shadow-min-rows": 1, "moe-expert-activation": "swiglu"}
-VARIANTS["shadow-grad-overlap"] = {"moe-shadow-min-rows": 1, "overlap-grad-reduce": 1}
+SHADOWING = {"moe-expert-shadowing": 1, "moe-shadow-min-rows": 1}
+VARIANTS["shadow"] = SHADOWING
+VARIANTS["shadow-dropout"] = {**SHADOWING, "moe-expert-dropout": 0.3}
+VARIANTS["shadow-swiglu"] = {**SHADOWING, "moe-expert-activation": "swiglu"}
+VARIANTS["shadow-grad-overlap"] = {**SHADOWING, "overlap-grad-reduce": 1}
 SHADOW = [("shadow", 2, 2), ("shadow", 4, 2), ("shadow", 4, 4), ("shadow", 6, 2),
           ("shadow-dropout", 2, 2), ("shadow-dropout", 4, 4), ("shadow-swiglu", 2, 2),
           ("shadow-swiglu", 4, 4), ("shadow-grad-overlap", 4, 2)]

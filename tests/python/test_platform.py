@@ -208,7 +208,8 @@ def number(pattern, text):
 def test_two_rank_bench_names_the_wait_for_the_busiest_rank(tmp_path):
     result = subprocess.run(
         ["mpirun", "-n", "2", "--oversubscribe", "--bind-to", "none", str(BUILD / "moesim"),
-         "bench", *flags({**TINY, "num-experts": 4, "moe-shadow-min-rows": 1,
+         "bench", *flags({**TINY, "num-experts": 4, "moe-expert-shadowing": 1,
+                          "moe-shadow-min-rows": 1,
                           "out": tmp_path / "unused.h5"})],
         env=env_without_kernel(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
