@@ -208,7 +208,7 @@ static const Option OPTIONS[] = {
              "those rows compute them with a copy of the expert's weights and send its "
              "gradient back, instead of sending the rows (FasterMoE's dynamic shadowing, planned "
              "per step from the exchanged counts); bit-identical results; alltoall dispatcher "
-             "without --moe-overlap-chunks"},
+             "without --moe-overlap-chunks only"},
     {.name = "moe-shadow-min-rows",
      .group = G_MOE,
      .type = OPT_INT,
@@ -1794,6 +1794,12 @@ int config_validate_layout(const Config *cfg, int world_size, char *err, size_t 
                     "--moe-overlap-chunks %d overlaps the alltoall dispatcher only; use "
                     "--moe-token-dispatcher-type alltoall or --moe-overlap-chunks 1",
                     cfg->moe_overlap_chunks);
+    if (cfg->moe_expert_shadowing &&
+        (cfg->moe_overlap_chunks > 1 || strcmp(cfg->moe_token_dispatcher_type, "hierarchical") == 0))
+        return fail(err, errlen,
+                    "--moe-expert-shadowing 1 shadows with the alltoall dispatcher without "
+                    "overlap only; use --moe-token-dispatcher-type alltoall and "
+                    "--moe-overlap-chunks 1, or --moe-expert-shadowing 0");
     if (cfg->ranks_per_node > 0 && world_size % cfg->ranks_per_node != 0)
         return fail(err, errlen,
                     "--ranks-per-node %d does not divide the %d ranks of this run into whole "

@@ -1930,6 +1930,25 @@ TEST(ConfigLayout, RanksPerNodeMustMakeWholeNodes) {
     ExpectMentions(err, {"--moe-overlap-chunks 2", "alltoall"});
 }
 
+// Shadowing needs the blocking alltoall exchange: asked for with overlap or
+// the hierarchical dispatcher, it is refused, not silently dropped.
+TEST(ConfigLayout, ShadowingNeedsTheBlockingAlltoall) {
+    Config cfg;
+    config_defaults(&cfg);
+    char err[MOESIM_ERR_MAX] = "";
+    cfg.moe_expert_shadowing = 1;
+    EXPECT_EQ(config_validate_layout(&cfg, 2, err, sizeof err), 0) << err;
+    cfg.moe_overlap_chunks = 2;
+    EXPECT_EQ(config_validate_layout(&cfg, 2, err, sizeof err), -1);
+    ExpectMentions(err, {"--moe-expert-shadowing 1", "--moe-overlap-chunks 1"});
+    cfg.moe_overlap_chunks = 1;
+    strcpy(cfg.moe_token_dispatcher_type, "hierarchical");
+    EXPECT_EQ(config_validate_layout(&cfg, 2, err, sizeof err), -1);
+    ExpectMentions(err, {"--moe-expert-shadowing 1", "alltoall"});
+    cfg.moe_expert_shadowing = 0;
+    EXPECT_EQ(config_validate_layout(&cfg, 2, err, sizeof err), 0) << err;
+}
+
 // With the default --expert-model-parallel-size 0 the EP size is the rank
 // count, a number the user never typed: the message says where it came from
 // and which size would work.
