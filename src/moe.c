@@ -34,10 +34,13 @@ long moe_max_recv_rows(const MoeShape *s) {
     return s->ep_size * per_source;
 }
 
-/* Floats of one expert's weights: w1 then w2. */
+/* Floats of one expert's w1, and of its weights: w1 then w2. */
+static long expert_w1_floats(const MoeShape *s) {
+    return (long)s->F * ffn_w1_rows_per_unit(s->activation) * s->router.C;
+}
+
 static long expert_weight_floats(const MoeShape *s) {
-    return (long)s->F * ffn_w1_rows_per_unit(s->activation) * s->router.C +
-           (long)s->router.C * s->F;
+    return expert_w1_floats(s) + (long)s->router.C * s->F;
 }
 
 static int shadows_possible(const MoeShape *s) {
@@ -388,13 +391,34 @@ static const int *shadow_split_of(MoeLayer *m, const MoeShape *s, int e) {
     return m->shadow_split;
 }
 
+/* The calls of shadowed block e: the owner's, one per grain of this rank's
+ * rows, under the dropout the owner would apply. view points into split and
+ * drop into dd, so a ShadowCall stays where it was filled. */
+typedef struct ShadowCall {
+    RowSplit split;
+    Matmul view;
+    ExpertDropout dd;
+    FfnDropout dropout;
+    const FfnDropout *drop;
+} ShadowCall;
+
+static void shadow_call(ShadowCall *call, MoeLayer *m, const MoeShape *s, const Matmul *mm, int e,
+                        int me) {
+    int grains = routing_grains(&s->router);
+    call->split = (RowSplit){.count = grains, .begin = shadow_split_of(m, s, e)};
+    call->view = mm ? *mm : (Matmul){0};
+    call->view.split = &call->split;
+    call->drop = expert_dropout(m, s, e, call->split.begin, grains, m->ep_group_first_rank + me,
+                                &call->dd, &call->dropout);
+}
+
 /* Owners send the weights of every shadowed block of their experts; the
  * shadowing ranks receive them in expert order. Returns requests started. */
 static int shadow_weights_start(MoeLayer *m, const MoeWeights *w, const MoeShape *s,
                                 const Comm *comm) {
     const Dispatch *d = &m->dispatch;
-    int C = s->router.C, me = comm->ep_rank, n = 0, k = 0;
-    long w1n = (long)s->F * ffn_w1_rows_per_unit(s->activation) * C, w2n = (long)C * s->F;
+    int me = comm->ep_rank, n = 0, k = 0;
+    long w1n = expert_w1_floats(s), w2n = expert_weight_floats(s) - w1n;
     for (int e = 0; e < s->router.E; e++) {
         if (!dispatch_shadowed(d, me, e)) continue;
         float *slot = shadow_weights(m, s, k++);
@@ -420,22 +444,17 @@ static int shadow_weights_start(MoeLayer *m, const MoeWeights *w, const MoeShape
 static void run_shadows(MoeLayer *m, const MoeShape *s, const Matmul *mm, int me) {
     const Dispatch *d = &m->dispatch;
     int C = s->router.C, F = s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
-    int grains = routing_grains(&s->router);
-    long h_row = d->num_recv_rows, w1n = (long)FW * C;
+    long h_row = d->num_recv_rows, w1n = expert_w1_floats(s);
     for (int e = 0, k = 0; e < s->router.E; e++) {
         if (!dispatch_shadowed(d, me, e)) continue;
         long b = d->send_row_begin[e];
         int rows = d->rows_per_expert[e];
-        RowSplit split = {.count = grains, .begin = shadow_split_of(m, s, e)};
-        Matmul view = mm ? *mm : (Matmul){0};
-        view.split = &split;
-        ExpertDropout dd;
-        FfnDropout dropout;
-        const FfnDropout *drop = expert_dropout(m, s, e, split.begin, grains,
-                                                m->ep_group_first_rank + me, &dd, &dropout);
+        ShadowCall call;
+        shadow_call(&call, m, s, mm, e, me);
         const float *wk = shadow_weights(m, s, k++);
         ffn_forward(m->send_y + b * C, m->h_pre + h_row * FW, m->h_act + h_row * F,
-                    m->send_x + b * C, wk, wk + w1n, rows, C, F, s->activation, &view, drop);
+                    m->send_x + b * C, wk, wk + w1n, rows, C, F, s->activation, &call.view,
+                    call.drop);
         h_row += rows;
     }
 }
@@ -446,8 +465,8 @@ static void run_shadows(MoeLayer *m, const MoeShape *s, const Matmul *mm, int me
 static int shadow_grads_receive(MoeLayer *m, const MoeGrads *g, const MoeShape *s, const Comm *comm,
                                 int n) {
     const Dispatch *d = &m->dispatch;
-    int C = s->router.C, grains = routing_grains(&s->router), me = comm->ep_rank;
-    long w1n = (long)s->F * ffn_w1_rows_per_unit(s->activation) * C, w2n = (long)C * s->F;
+    int grains = routing_grains(&s->router), me = comm->ep_rank;
+    long w1n = expert_w1_floats(s), w2n = expert_weight_floats(s) - w1n;
     for (int j = 0; j < s->E_local; j++) {
         int e = m->first_local_expert + j;
         for (int q = 0; q < s->ep_size; q++) {
@@ -472,7 +491,7 @@ static int shadows_backward(MoeLayer *m, MoeScratch *sc, const MoeShape *s, cons
     const Dispatch *d = &m->dispatch;
     int C = s->router.C, F = s->F, FW = F * ffn_w1_rows_per_unit(s->activation);
     int grains = routing_grains(&s->router), me = comm->ep_rank;
-    long h_row = d->num_recv_rows, w1n = (long)FW * C, wn = expert_weight_floats(s);
+    long h_row = d->num_recv_rows, w1n = expert_w1_floats(s), wn = expert_weight_floats(s);
     for (int e = 0, k = 0; e < s->router.E; e++) {
         if (!dispatch_shadowed(d, me, e)) continue;
         long b = d->send_row_begin[e];
@@ -480,20 +499,15 @@ static int shadows_backward(MoeLayer *m, MoeScratch *sc, const MoeShape *s, cons
         float *grads = sc->shadow_grads + (long)k * grains * wn;
         memset(grads, 0, sizeof(float) * (size_t)grains * wn);
         for (int gr = 0; gr < grains; gr++) sc->shadow_partials[gr] = grads + gr * wn;
-        RowSplit split = {.count = grains,
-                          .begin = shadow_split_of(m, s, e),
-                          .grads = grads,
-                          .partials = sc->shadow_partials};
-        Matmul view = mm ? *mm : (Matmul){0};
-        view.split = &split;
-        ExpertDropout dd;
-        FfnDropout dropout;
-        const FfnDropout *drop = expert_dropout(m, s, e, split.begin, grains,
-                                                m->ep_group_first_rank + me, &dd, &dropout);
+        ShadowCall call;
+        shadow_call(&call, m, s, mm, e, me);
+        call.split.grads = grads;
+        call.split.partials = sc->shadow_partials;
         const float *wk = shadow_weights(m, s, k++);
         ffn_backward(sc->dx_back + b * C, grads, grads + w1n, sc->dh + h_row * FW,
                      sc->dy_send + b * C, m->send_x + b * C, m->h_pre + h_row * FW,
-                     m->h_act + h_row * F, wk, wk + w1n, rows, C, F, s->activation, &view, drop);
+                     m->h_act + h_row * F, wk, wk + w1n, rows, C, F, s->activation, &call.view,
+                     call.drop);
         h_row += rows;
         for (int gr = 0; gr < grains; gr++) {
             if (m->rows_per_expert[e * grains + gr] == 0) continue;
