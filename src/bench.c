@@ -270,10 +270,8 @@ static void measure_exchange(Trainer *t, LayoutResult *r) {
     int *rc = calloc((size_t)P, sizeof(int)), *rd = calloc((size_t)P, sizeof(int));
     if (!sc || !sd || !rc || !rd) goto done;
     for (int s = 0; s < P; s++) {
-        /* as many rows as go to s (shadowed blocks stay), from its first */
-        for (int e = s * El; e < (s + 1) * El; e++)
-            if (!dispatch_shadowed(d, comm->ep_rank, e))
-                sc[s] += (d->send_row_begin[e + 1] - d->send_row_begin[e]) * C;
+        /* as many rows as go to s, from its first */
+        sc[s] = dispatch_rows_to(d, s) * C;
         sd[s] = d->send_row_begin[s * El] * C;
         for (int j = 0; j < El; j++) rc[s] += d->recv_counts[s * El + j] * C;
         rd[s] = s ? rd[s - 1] + rc[s - 1] : 0;

@@ -149,6 +149,20 @@ static void learn_nodes(Hierarchy *h, int ep_size, const Comm *comm) {
     h->part_begin[h->parts] = filled;
 }
 
+/* This rank's received counts [source][local expert][grain] from every
+ * rank's counts [source][E * grains]: none from a block its source shadows. */
+static void receive_counts_of(Dispatch *d, const int *every_count) {
+    int P = d->ep_size, E = d->E, El = d->E_local, grains = d->grains;
+    Placement place = {.num_experts = E, .ep_size = P};
+    for (int s = 0; s < P; s++)
+        for (int j = 0; j < El; j++) {
+            int e = placement_global_expert(&place, d->ep_rank, j);
+            for (int g = 0; g < grains; g++)
+                d->recv_grain_counts[((long)s * El + j) * grains + g] =
+                    dispatch_shadowed(d, s, e) ? 0 : every_count[((long)s * E + e) * grains + g];
+        }
+}
+
 /* Every rank's counts, from which this rank's received counts and the place
  * of every block in every buffer follow. */
 static void learn_every_count(Dispatch *d, const int *rows_per_expert_grain, const Comm *comm) {
@@ -156,13 +170,8 @@ static void learn_every_count(Dispatch *d, const int *rows_per_expert_grain, con
     int P = d->ep_size, E = d->E, El = d->E_local, grains = d->grains, me = comm->ep_rank;
     if (h->parts == 0) learn_nodes(h, P, comm);
     comm_ep_allgather_ints(comm, rows_per_expert_grain, h->all_counts, E * grains);
+    receive_counts_of(d, h->all_counts);
     Placement place = {.num_experts = E, .ep_size = P, .ep_rank = me};
-    for (int p = 0; p < P; p++)
-        for (int j = 0; j < El; j++)
-            for (int g = 0; g < grains; g++)
-                d->recv_grain_counts[((long)p * El + j) * grains + g] =
-                    h->all_counts[((long)p * E + placement_global_expert(&place, me, j)) * grains +
-                                  g];
     for (int p = 0; p < P; p++) {
         int offset = 0;
         for (int q = 0; q < P; q++)
@@ -355,14 +364,7 @@ static void plan_shadows(Dispatch *d, const int *rows_per_expert_grain, const Co
     }
     placement_plan_shadows(E, P, d->source_rows, d->shadow_min_gain, d->shadow_max_rows, El,
                            d->load, d->shadow);
-    Placement place = {.num_experts = E, .ep_size = P};
-    for (int s = 0; s < P; s++)
-        for (int j = 0; j < El; j++) {
-            int e = placement_global_expert(&place, me, j);
-            for (int g = 0; g < grains; g++)
-                d->recv_grain_counts[((long)s * El + j) * grains + g] =
-                    dispatch_shadowed(d, s, e) ? 0 : d->every_count[((long)s * E + e) * grains + g];
-        }
+    receive_counts_of(d, d->every_count);
     d->num_shadows = d->num_shadow_rows = 0;
     for (int e = 0; e < E; e++)
         if (dispatch_shadowed(d, me, e)) {
@@ -488,17 +490,20 @@ void combine_rows(Dispatch *d, const float *owner, float *back, int width, const
     charge_blocking(d, COMM_KIND_COMBINE, start);
 }
 
-void dispatch_add_bytes_to_ranks(const Dispatch *d, int width, long *bytes) {
+int dispatch_rows_to(const Dispatch *d, int s) {
     Placement place = {.num_experts = d->E, .ep_size = d->ep_size};
-    for (int s = 0; s < d->ep_size; s++) {
-        long rows = 0;
-        for (int j = 0; j < d->E_local; j++) {
-            int e = placement_global_expert(&place, s, j);
-            if (!dispatch_shadowed(d, d->ep_rank, e))
-                rows += d->send_row_begin[e + 1] - d->send_row_begin[e];
-        }
-        bytes[s] += rows * width * (long)sizeof(float);
+    int rows = 0;
+    for (int j = 0; j < d->E_local; j++) {
+        int e = placement_global_expert(&place, s, j);
+        if (!dispatch_shadowed(d, d->ep_rank, e))
+            rows += d->send_row_begin[e + 1] - d->send_row_begin[e];
     }
+    return rows;
+}
+
+void dispatch_add_bytes_to_ranks(const Dispatch *d, int width, long *bytes) {
+    for (int s = 0; s < d->ep_size; s++)
+        bytes[s] += (long)dispatch_rows_to(d, s) * width * (long)sizeof(float);
 }
 
 /* ---- overlap: one local expert at a time, without blocking ------------------- */

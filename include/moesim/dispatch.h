@@ -128,6 +128,8 @@ void dispatch_progress(void *arg);
 /* Zeroes times and sent_bytes (a step's start). */
 void dispatch_reset_measures(Dispatch *d);
 
+/* Rows this rank sends EP position s in the last plan (shadowed blocks stay). */
+int dispatch_rows_to(const Dispatch *d, int s);
 /* Adds the bytes of `width`-float rows this rank sends to each EP rank to
  * bytes[ep_size]. */
 void dispatch_add_bytes_to_ranks(const Dispatch *d, int width, long *bytes);
