@@ -1649,22 +1649,41 @@ static int print_checkpoint_info(hid_t file, const char *path) {
     return 0;
 }
 
-int record_print_info(const char *path, char *err, size_t errlen) {
+/* The file opened, its schema known and every object read back; -1 with
+ * err otherwise. */
+static hid_t open_readable(const char *path, int *checkpoint, char *err, size_t errlen) {
     hid_t file = open_moesim_file(path, err, errlen);
     if (file < 0) return -1;
-    int checkpoint = is_checkpoint(file);
+    *checkpoint = is_checkpoint(file);
     long schema = long_attr_or(file, "schema_version", 0);
-    if (checkpoint && schema > MOESIM_CHECKPOINT_SCHEMA)
+    if (*checkpoint && schema > MOESIM_CHECKPOINT_SCHEMA)
         snprintf(err, errlen,
                  "%s uses checkpoint schema %ld; this moesim reads schemas up to %d: use a newer "
                  "moesim",
                  path, schema, MOESIM_CHECKPOINT_SCHEMA);
-    if ((checkpoint && schema > MOESIM_CHECKPOINT_SCHEMA) ||
-        (!checkpoint && check_record_schema(file, path, err, errlen) != 0) ||
+    if ((*checkpoint && schema > MOESIM_CHECKPOINT_SCHEMA) ||
+        (!*checkpoint && check_record_schema(file, path, err, errlen) != 0) ||
         check_readable(file, path, err, errlen) != 0) {
         H5Fclose(file);
         return -1;
     }
+    return file;
+}
+
+/* A live run's flush takes milliseconds; reading the record in the middle
+ * of one (info opens it without HDF5's lock) is no corruption, so a failed
+ * read of a record whose writer holds the lock is retried for this long. */
+#define LIVE_READ_RETRIES 20
+#define LIVE_READ_RETRY_S 0.1
+
+int record_print_info(const char *path, char *err, size_t errlen) {
+    int checkpoint = 0;
+    hid_t file = open_readable(path, &checkpoint, err, errlen);
+    for (int retry = 0; file < 0 && retry < LIVE_READ_RETRIES && output_is_locked(path); retry++) {
+        nanosleep(&(struct timespec){.tv_nsec = (long)(LIVE_READ_RETRY_S * 1e9)}, NULL);
+        file = open_readable(path, &checkpoint, err, errlen);
+    }
+    if (file < 0) return -1;
     if (checkpoint) {
         int st = print_checkpoint_info(file, path);
         H5Fclose(file);

@@ -333,6 +333,29 @@ def test_info_says_a_locked_record_without_a_heartbeat_stopped(tmp_path, good_re
     assert "stopped without finishing: no process holds" in released.stdout, released.stdout
 
 
+def test_info_waits_out_a_live_writers_flush(tmp_path, good_record):
+    """A record read while its live writer is mid-flush looks truncated for a
+    moment; info retries while the lock is held instead of calling it corrupt.
+    Without the lock, or when the damage stays, it is corrupt."""
+    path = tmp_path / "flushing.h5"
+    data = good_record.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        stays = moesim_info(path)
+        proc = subprocess.Popen([str(BUILD / "moesim"), "info", str(path)], env=clean_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        path.write_bytes(data)
+        healed_out, healed_err = proc.communicate(timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, healed_out + healed_err
+    assert "status complete" in healed_out, healed_out
+    assert stays.returncode == 1 and f"{path} is corrupt" in stays.stderr, stays.stderr
+    path.write_bytes(data[:len(data) // 2])
+    unlocked = moesim_info(path)
+    assert unlocked.returncode == 1 and f"{path} is corrupt" in unlocked.stderr, unlocked.stderr
+
+
 # ---- defaults that used to get in the way -------------------------------------------------
 
 def test_bare_expert_bias_switch_uses_megatrons_rate(tmp_path):
