@@ -297,11 +297,10 @@ void rmsnorm_backward(float *dinp, float *dw, const float *dout, const float *in
         const float *dy = dout + (long)n * C;
         float *dx = dinp + (long)n * C;
         float r = rstd[n];
-        vec_d lanes = {0}; /* sum_j w_j dy_j x_j */
+        vec_d lanes = {{0}, {0}}; /* sum_j w_j dy_j x_j */
         int c = 0;
         for (; c + VEC_LANES <= C; c += VEC_LANES)
-            lanes += vec_to_double(vec_load(w + c)) * vec_to_double(vec_load(dy + c)) *
-                     vec_to_double(vec_load(x + c));
+            vec_d_add_product3(&lanes, vec_load(w + c), vec_load(dy + c), vec_load(x + c));
         double dot = vec_d_sum(&lanes);
         for (int t = c; t < C; t++) dot += (double)w[t] * dy[t] * x[t];
         float coef = (float)(dot * r * r * r / C);
@@ -361,17 +360,17 @@ static float exp_row_minus_max(float *row, int n, double *sum) {
     for (; i + VEC_LANES <= n; i += VEC_LANES) vmax = vec_max(vmax, vec_load(row + i));
     if (i < n) vmax = vec_max(vmax, vec_load_partial(row + i, n - i, row[0]));
     float max = vec_hmax(vmax);
-    vec_d vsum = {0};
+    vec_d vsum = {{0}, {0}};
     for (i = 0; i + VEC_LANES <= n; i += VEC_LANES) {
         vec_f e = vec_exp(vec_load(row + i) - max);
         vec_store(row + i, e);
-        vsum += vec_to_double(e);
+        vec_d_add(&vsum, e);
     }
     if (i < n) {
         /* -inf pads the tail so its lanes add exp(-inf) = 0 */
         vec_f e = vec_exp(vec_load_partial(row + i, n - i, -__builtin_inff()) - max);
         vec_store_partial(row + i, e, n - i);
-        vsum += vec_to_double(e);
+        vec_d_add(&vsum, e);
     }
     *sum = vec_d_sum(&vsum);
     return max;
