@@ -32,16 +32,12 @@ double trainable_dense_grad_sum_squares(const Model *m) {
     return sum + grad_sum_squares(m->grads + run, m->num_dense_params - run);
 }
 
-void clip_gradients(float *g, size_t n, double norm, double clip) {
-    if (clip <= 0.0 || norm <= clip) return;
-    float scale = (float)(clip / norm);
-    size_t i = 0;
-    for (; i + VEC_LANES <= n; i += VEC_LANES) vec_store(g + i, vec_load(g + i) * scale);
-    for (; i < n; i++) g[i] *= scale;
+float grad_clip_scale(double norm, double clip) {
+    return clip > 0.0 && norm > clip ? (float)(clip / norm) : 1.0f;
 }
 
 typedef struct AdamCoefficients {
-    float b1, b2, eps, bias1, bias2, step, decay;
+    float b1, b2, eps, bias1, bias2, step, decay, grad_scale;
 } AdamCoefficients;
 
 /* The update of n values. Vector lanes and the scalar tail do the same
@@ -51,7 +47,7 @@ static void adamw_update(float *p, float *mo, float *v, const float *g, size_t n
                          const AdamCoefficients *c) {
     size_t j = 0;
     for (; j + VEC_LANES <= n; j += VEC_LANES) {
-        vec_f gj = vec_load(g + j), pj = vec_load(p + j);
+        vec_f gj = vec_load(g + j) * c->grad_scale, pj = vec_load(p + j);
         vec_f mj = c->b1 * vec_load(mo + j) + (1.0f - c->b1) * gj;
         vec_f vj = c->b2 * vec_load(v + j) + (1.0f - c->b2) * gj * gj;
         vec_f m_hat = mj / c->bias1, v_hat = vj / c->bias2;
@@ -60,21 +56,23 @@ static void adamw_update(float *p, float *mo, float *v, const float *g, size_t n
         vec_store(p + j, pj - (c->step * m_hat / (vec_sqrt(v_hat) + c->eps) + c->decay * pj));
     }
     for (; j < n; j++) {
-        mo[j] = c->b1 * mo[j] + (1.0f - c->b1) * g[j];
-        v[j] = c->b2 * v[j] + (1.0f - c->b2) * g[j] * g[j];
+        float gj = g[j] * c->grad_scale;
+        mo[j] = c->b1 * mo[j] + (1.0f - c->b1) * gj;
+        v[j] = c->b2 * v[j] + (1.0f - c->b2) * gj * gj;
         float m_hat = mo[j] / c->bias1, v_hat = v[j] / c->bias2;
         p[j] -= c->step * m_hat / (sqrtf(v_hat) + c->eps) + c->decay * p[j];
     }
 }
 
-void adamw_step(AdamW *opt, Model *m, double lr) {
+void adamw_step(AdamW *opt, Model *m, double lr, float grad_scale) {
     opt->t++;
     AdamCoefficients c = {.b1 = (float)opt->beta1,
                           .b2 = (float)opt->beta2,
                           .eps = (float)opt->eps,
                           .bias1 = (float)(1.0 - pow(opt->beta1, (double)opt->t)),
                           .bias2 = (float)(1.0 - pow(opt->beta2, (double)opt->t)),
-                          .step = (float)lr};
+                          .step = (float)lr,
+                          .grad_scale = grad_scale};
     for (int i = 0; i < m->num_tensors; i++) {
         const ParamTensor *t = &m->tensors[i];
         /* Frozen: no update, no decay, moments as they were (loaded or zero).

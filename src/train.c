@@ -403,8 +403,7 @@ void trainer_step(Trainer *t, long step, StepStats *stats) {
     check_finite(t, grad_norm, stats);
     double lr = lr_at_step(step, cfg->train_iters, cfg->lr_warmup_iters, cfg->lr, cfg->min_lr);
     if (!stats->nonfinite) {
-        clip_gradients(m->grads, m->num_params, grad_norm, cfg->clip_grad);
-        adamw_step(&t->opt, m, lr);
+        adamw_step(&t->opt, m, lr, grad_clip_scale(grad_norm, cfg->clip_grad));
     }
     timer_charge(m->phase_s, PHASE_OPTIMIZER, &mark);
     gather_routing_stats(t, stats);

@@ -25,12 +25,15 @@ double grad_sum_squares(const float *g, size_t n);
  * tensors that train: frozen ones are left out of the clipping norm, as
  * Megatron's norm covers only parameters with requires_grad. */
 double trainable_dense_grad_sum_squares(const Model *m);
-/* Scales every gradient by clip/norm when norm exceeds clip (clip > 0). */
-void clip_gradients(float *g, size_t n, double norm, double clip);
+/* The factor on every gradient that clips their norm: clip/norm when norm
+ * exceeds clip (clip > 0), else 1. */
+float grad_clip_scale(double norm, double clip);
 
-/* One AdamW update of every parameter that is not frozen; weight decay only
- * where the tensor table says so. */
-void adamw_step(AdamW *opt, Model *m, double lr);
+/* One AdamW update of every parameter that is not frozen, on the gradients
+ * times grad_scale (the clipping, applied as they are read: the same float
+ * product as scaling them in place, without a pass over them); weight decay
+ * only where the tensor table says so. */
+void adamw_step(AdamW *opt, Model *m, double lr, float grad_scale);
 
 #ifdef __cplusplus
 }
