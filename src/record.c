@@ -1237,6 +1237,10 @@ static double last_value(hid_t file, const char *path) {
     return last;
 }
 
+/* Why a file could not be read: for good, or corrupt (which a record read
+ * in the middle of its live writer's flush also looks like). */
+enum { OPEN_FAILED = -1, OPEN_CORRUPT = -2 };
+
 /* A file moesim wrote (a run record or a checkpoint), opened read-only. */
 static hid_t open_moesim_file(const char *path, char *err, size_t errlen) {
     FILE *probe = fopen(path, "rb");
@@ -1263,7 +1267,7 @@ static hid_t open_moesim_file(const char *path, char *err, size_t errlen) {
     H5Pclose(fapl);
     if (file < 0) {
         snprintf(err, errlen, "%s is corrupt: HDF5 cannot open it " CORRUPT_ADVICE, path);
-        return -1;
+        return OPEN_CORRUPT;
     }
     long schema;
     htri_t is_moesim = H5Aexists(file, "moesim_version");
@@ -1271,7 +1275,7 @@ static hid_t open_moesim_file(const char *path, char *err, size_t errlen) {
         snprintf(err, errlen, "%s is corrupt: its root attributes cannot be read " CORRUPT_ADVICE,
                  path);
         H5Fclose(file);
-        return -1;
+        return OPEN_CORRUPT;
     }
     if (!is_moesim || read_long_attr(file, "schema_version", &schema) != 0) {
         snprintf(err, errlen,
@@ -1649,11 +1653,11 @@ static int print_checkpoint_info(hid_t file, const char *path) {
     return 0;
 }
 
-/* The file opened, its schema known and every object read back; -1 with
- * err otherwise. */
+/* The file opened, its schema known and every object read back; else
+ * OPEN_FAILED or OPEN_CORRUPT, with err. */
 static hid_t open_readable(const char *path, int *checkpoint, char *err, size_t errlen) {
     hid_t file = open_moesim_file(path, err, errlen);
-    if (file < 0) return -1;
+    if (file < 0) return file;
     *checkpoint = is_checkpoint(file);
     long schema = long_attr_or(file, "schema_version", 0);
     if (*checkpoint && schema > MOESIM_CHECKPOINT_SCHEMA)
@@ -1662,24 +1666,29 @@ static hid_t open_readable(const char *path, int *checkpoint, char *err, size_t 
                  "moesim",
                  path, schema, MOESIM_CHECKPOINT_SCHEMA);
     if ((*checkpoint && schema > MOESIM_CHECKPOINT_SCHEMA) ||
-        (!*checkpoint && check_record_schema(file, path, err, errlen) != 0) ||
-        check_readable(file, path, err, errlen) != 0) {
+        (!*checkpoint && check_record_schema(file, path, err, errlen) != 0)) {
         H5Fclose(file);
-        return -1;
+        return OPEN_FAILED;
+    }
+    if (check_readable(file, path, err, errlen) != 0) {
+        H5Fclose(file);
+        return OPEN_CORRUPT;
     }
     return file;
 }
 
 /* A live run's flush takes milliseconds; reading the record in the middle
- * of one (info opens it without HDF5's lock) is no corruption, so a failed
- * read of a record whose writer holds the lock is retried for this long. */
+ * of one (info opens it without HDF5's lock) is no corruption, so a record
+ * that reads as corrupt while its writer holds the lock is retried for this
+ * long. */
 #define LIVE_READ_RETRIES 20
 #define LIVE_READ_RETRY_S 0.1
 
 int record_print_info(const char *path, char *err, size_t errlen) {
     int checkpoint = 0;
     hid_t file = open_readable(path, &checkpoint, err, errlen);
-    for (int retry = 0; file < 0 && retry < LIVE_READ_RETRIES && output_is_locked(path); retry++) {
+    for (int retry = 0; file == OPEN_CORRUPT && retry < LIVE_READ_RETRIES && output_is_locked(path);
+         retry++) {
         nanosleep(&(struct timespec){.tv_nsec = (long)(LIVE_READ_RETRY_S * 1e9)}, NULL);
         file = open_readable(path, &checkpoint, err, errlen);
     }
