@@ -57,9 +57,11 @@ class TornReadError(RecordError):
     flushes while we read, we see part of two flushes. Retried by load_run."""
 
 
-# A flush takes milliseconds and flushes are many steps apart, so a second or
-# third read lands between two of them.
-READ_ATTEMPTS = 3
+# A flush takes milliseconds, but a small model can flush every fraction of a
+# second while a loaded machine stretches our read of every dataset over
+# several of them: 3 attempts 0.05 s apart once all overlapped a flush. Like
+# `moesim info`, keep trying for 2 s.
+READ_ATTEMPTS = 40
 RETRY_DELAY_S = 0.05
 TORN_READ_ADVICE = ("If the run is still writing this record, a flush came during the read: "
                     "load it again; otherwise the file is damaged (killed mid-flush?).")

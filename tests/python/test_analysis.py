@@ -12,9 +12,11 @@
    writing loads while it flushes, and after SIGKILL.
 """
 import math
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -279,6 +281,24 @@ def test_series_of_unequal_length_are_refused(synthetic):
     with h5py.File(path, "a") as f:
         f["train/loss"].resize((SHAPE["steps"] - 1,))
     assert_record_error(path, str(path), "/train/loss has 4 rows", "has 5")
+
+
+def test_load_run_waits_out_torn_reads_of_a_flushing_run(synthetic, tmp_path):
+    """A record whose series disagree is what a read across a live run's
+    flush sees; load_run keeps reading for a while (once, 3 tries 0.05 s
+    apart all overlapped flushes). Here the record heals after 0.5 s."""
+    path, _ = synthetic
+    healed = tmp_path / "healed.h5"
+    healed.write_bytes(path.read_bytes())
+    with h5py.File(path, "a") as f:
+        f["train/loss"].resize((SHAPE["steps"] - 1,))
+    timer = threading.Timer(0.5, os.replace, (healed, path))
+    timer.start()
+    try:
+        run = load_run(path)
+    finally:
+        timer.join()
+    assert len(run.train) == SHAPE["steps"]
 
 
 def test_glob_matching_nothing_is_named(tmp_path):
