@@ -148,8 +148,8 @@ def _read_run(path: Path) -> Run:
 
 def _run_from_file(f: h5py.File, path: Path) -> Run:
     config, attrs = _root_attributes(f)
-    steps = _dataset(f, "train/step", path)
-    eval_steps = _dataset(f, "eval/step", path)
+    steps = _steps(f, "train/step", path)
+    eval_steps = _steps(f, "eval/step", path)
     return Run(
         path=path, status=str(attrs.get("status", "unknown")), config=config, attrs=attrs,
         train=_train_frame(f, path, steps),
@@ -226,10 +226,21 @@ def _rows(f: h5py.File, name: str, path: Path, steps: np.ndarray, like: str = No
     if name in ADDED_IN_SCHEMA_4 and int(f.attrs["schema_version"]) < 4:
         return np.full(_rows(f, like, path, steps).shape, np.nan)
     values = _dataset(f, name, path)
-    if values.shape[:1] != steps.shape:
+    if values.shape[0] < len(steps):
         raise TornReadError(f"{path}: /{name} has {values.shape[0]} rows but its step dataset "
                             f"has {len(steps)}. {TORN_READ_ADVICE}")
-    return values
+    # Series only grow: rows past the steps read before belong to a flush of
+    # a live run under way, and the rows before them are whole.
+    return values[:len(steps)]
+
+
+def _steps(f: h5py.File, name: str, path: Path) -> np.ndarray:
+    """A step dataset; rows that a live run's flush has allocated but not yet
+    written read as zeros, so steps that do not rise are a torn read."""
+    steps = _dataset(f, name, path)
+    if len(steps) and (steps[0] < 0 or np.any(np.diff(steps) <= 0)):
+        raise TornReadError(f"{path}: /{name} does not rise step by step. {TORN_READ_ADVICE}")
+    return steps
 
 
 def _python_value(value):
@@ -352,7 +363,7 @@ def _category_names(f, path, categories: int) -> list:
 
 
 def _specialization_frame(f, path, eval_steps) -> pd.DataFrame:
-    spec_steps = _dataset(f, "specialization/step", path)
+    spec_steps = _dataset(f, "specialization/step", path)[:len(eval_steps)]
     if not np.array_equal(spec_steps, eval_steps):
         raise TornReadError(f"{path}: /specialization/step {spec_steps.tolist()} differs from "
                             f"/eval/step {eval_steps.tolist()}. {TORN_READ_ADVICE}")

@@ -283,6 +283,25 @@ def test_series_of_unequal_length_are_refused(synthetic):
     assert_record_error(path, str(path), "/train/loss has 4 rows", "has 5")
 
 
+def test_rows_of_a_flush_under_way_are_left_out(synthetic):
+    """Series only grow: read after the step dataset, one may already hold
+    the next flush's rows; the frames keep the steps read."""
+    path, written = synthetic
+    with h5py.File(path, "a") as f:
+        f["train/loss"].resize((SHAPE["steps"] + 1,))
+        f["train/loss"][-1] = 123.0
+    run = load_run(path)
+    assert len(run.train) == SHAPE["steps"]
+    assert 123.0 not in run.train["loss"].to_numpy()
+
+
+def test_steps_allocated_but_not_written_are_a_torn_read(synthetic):
+    path, _ = synthetic
+    with h5py.File(path, "a") as f:
+        f["train/step"].resize((SHAPE["steps"] + 1,))  # the new row reads as 0
+    assert_record_error(path, "/train/step does not rise step by step")
+
+
 def test_load_run_waits_out_torn_reads_of_a_flushing_run(synthetic, tmp_path):
     """A record whose series disagree is what a read across a live run's
     flush sees; load_run keeps reading for a while (once, 3 tries 0.05 s
