@@ -228,7 +228,10 @@ def test_two_rank_bench_names_the_wait_for_the_busiest_rank(tmp_path):
     assert 0.0 <= share <= 100.0
     single, double, efficiency = number(
         r"in model FLOP/s per rank ([\d.]+) -> ([\d.]+) GFLOP/s, efficiency ([\d.]+)", text)
-    assert efficiency == pytest.approx(double / single, abs=0.002)
+    # Printed to 0.1 GFLOP/s and 0.001: the ratio of the unrounded rates lies
+    # within what the rounding allows (the tiny model runs at a few GFLOP/s).
+    assert (double - 0.05) / (single + 0.05) - 0.0005 <= efficiency
+    assert efficiency <= (double + 0.05) / (single - 0.05) + 0.0005
     per_rank, = number(r"model ([\d.]+) GFLOP/s per rank", text)
     assert double == pytest.approx(per_rank, abs=0.051)
 
