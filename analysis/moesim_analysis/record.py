@@ -220,8 +220,8 @@ def _dataset(f: h5py.File, name: str, path: Path) -> np.ndarray:
 
 
 def _rows(f: h5py.File, name: str, path: Path, steps: np.ndarray, like: str = None) -> np.ndarray:
-    """A time-series dataset, checked to have one row per entry of `steps`, so
-    no frame can silently pair a value with the wrong step. A dataset newer
+    """A time-series dataset, checked to have a row for every entry of `steps`
+    and cut to them, so no frame can silently pair a value with the wrong step. A dataset newer
     than the record's schema reads as NaN in the shape of the dataset `like`."""
     if name in ADDED_IN_SCHEMA_4 and int(f.attrs["schema_version"]) < 4:
         return np.full(_rows(f, like, path, steps).shape, np.nan)
