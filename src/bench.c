@@ -17,8 +17,6 @@
 #define BENCH_MATMUL_SIZE 2048
 #define SGEMM_WARMUP_S 0.5
 #define SGEMM_REPS 5
-#define BENCH_WARMUP_STEPS 2
-#define BENCH_STEPS 5
 #define EXCHANGE_REPS 50
 #define REDUCE_REPS 5
 
@@ -209,6 +207,7 @@ typedef struct LayoutResult {
     double load_imbalance;     /* busiest EP rank's expert rows / the mean, over layers and steps */
     double computed_imbalance; /* the same of the rows each rank computed, shadows included */
     double shadowed_fraction;  /* of the expert rows, those computed by their source rank */
+    double dropped_fraction;   /* of the routed assignments, those dropped at capacity */
     char bf16_gemm[160];       /* matmul_bf16_gemm: "none", "emulated" or "onednn (...)" */
     double bf16_gflops;        /* the native bf16 GEMM's square product, all ranks at once, mean */
 } LayoutResult;
@@ -335,11 +334,12 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
     Trainer t;
     if (!comm_all_ok(comm, trainer_init(&t, cfg, ds, comm, err, errlen) == 0)) return -1;
     StepStats stats;
-    for (int i = 0; i < BENCH_WARMUP_STEPS; i++) trainer_step(&t, i, &stats);
+    int warmup = cfg->bench_warmup_iters, steps = cfg->bench_iters;
+    for (int i = 0; i < warmup; i++) trainer_step(&t, i, &stats);
     double seconds = 0.0, flops = 0.0, tokens = 0.0, exposed = 0.0, imbalance = 0.0;
-    double computed = 0.0, rows = 0.0, shadowed = 0.0;
-    for (int i = 0; i < BENCH_STEPS; i++) {
-        trainer_step(&t, BENCH_WARMUP_STEPS + i, &stats);
+    double computed = 0.0, rows = 0.0, shadowed = 0.0, dropped = 0.0, assignments = 0.0;
+    for (int i = 0; i < steps; i++) {
+        trainer_step(&t, warmup + i, &stats);
         seconds += stats.seconds;
         flops += stats.flops;
         tokens += stats.tokens;
@@ -350,12 +350,15 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
         computed += stats.shadowed_rows > 0 ? computed_load_imbalance(&t) : kept;
         rows += stats.expert_rows;
         shadowed += stats.shadowed_rows;
+        dropped += stats.dropped;
+        assignments += stats.assignments;
     }
-    r->exposed_exchange_s = exposed / BENCH_STEPS;
+    r->exposed_exchange_s = exposed / steps;
     mean_over_ranks(comm, &r->exposed_exchange_s, 1);
-    r->load_imbalance = imbalance / BENCH_STEPS;
-    r->computed_imbalance = computed / BENCH_STEPS;
+    r->load_imbalance = imbalance / steps;
+    r->computed_imbalance = computed / steps;
     r->shadowed_fraction = rows > 0 ? shadowed / rows : 0.0;
+    r->dropped_fraction = assignments > 0 ? dropped / assignments : 0.0;
     double analytic = (double)model_memory_bytes(&t.model);
     double ratio = (peak_rss_bytes() - rss_before) / analytic;
     double *ratios = calloc((size_t)comm->world_size, sizeof(double));
@@ -381,7 +384,7 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
         mean_over_ranks(comm, &r->bf16_gflops, 1);
     }
     r->tokens_per_s = tokens / seconds;
-    r->step_s = seconds / BENCH_STEPS;
+    r->step_s = seconds / steps;
     r->model_gflops_per_rank = flops / seconds / 1e9 / comm->world_size;
     trainer_free(&t);
     return 0;
@@ -423,10 +426,11 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
         printf(
             "bench: %d layers, hidden %d, expert ffn %d, %d experts top-%d, seq %d, "
             "micro-batch %d per rank, %d rank(s), expert-parallel size %d, precision %s "
-            "(router %s)\n",
+            "(router %s); measures steps %d-%d, after %d warm-up step(s)\n",
             cfg->num_layers, cfg->hidden_size, cfg->moe_ffn_hidden_size, cfg->num_experts,
             cfg->moe_router_topk, cfg->seq_length, cfg->micro_batch_size, P, comm->ep_size,
-            cfg->precision, cfg->moe_router_precision);
+            cfg->precision, cfg->moe_router_precision, cfg->bench_warmup_iters + 1,
+            cfg->bench_warmup_iters + cfg->bench_iters, cfg->bench_warmup_iters);
     }
 
     /* Weak-scaling reference: rank 0 alone with the experts one rank holds. */
@@ -453,10 +457,10 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
     if (is_root) {
         printf(
             "bench: step %.3f s | %.0f tokens/s | model %.1f GFLOP/s per rank | sgemm %dx%d "
-            "%.1f GFLOP/s (%s) | MFU %.3f\n",
+            "%.1f GFLOP/s (%s) | MFU %.3f | %.1f%% of the routed rows dropped\n",
             all.step_s, all.tokens_per_s, all.model_gflops_per_rank, BENCH_MATMUL_SIZE,
             BENCH_MATMUL_SIZE, sgemm_concurrent, platform->blas_kernel,
-            all.model_gflops_per_rank / sgemm_concurrent);
+            all.model_gflops_per_rank / sgemm_concurrent, 100.0 * all.dropped_fraction);
         if (P > 1)
             printf(
                 "bench: sgemm %dx%d: %.1f GFLOP/s on rank 0 alone, %.1f per rank with all %d at "

@@ -53,6 +53,7 @@ typedef struct Option {
 #define G_DATA "data"
 #define G_OUT "output"
 #define G_PLATFORM "platform"
+#define G_BENCH "moesim bench"
 
 /* Upper bounds are far beyond what this program can run; they exist to turn
  * a typo (an extra zero or two) into an error instead of an allocation of
@@ -774,6 +775,26 @@ static const Option OPTIONS[] = {
              "or amx_bf16; refused elsewhere), emulated rounds the inputs to bf16 and runs "
              "sgemm, auto takes onednn where it runs natively, else emulated. The same numbers "
              "up to accumulation order"},
+
+    {.name = "bench-warmup-iters",
+     .group = G_BENCH,
+     .type = OPT_INT,
+     FIELD(bench_warmup_iters),
+     .min = 0,
+     .max = 1e6,
+     .default_text = "2",
+     .help = "training steps moesim bench runs before it measures. The first steps are "
+             "slow (allocation, cold caches), and an untrained router is far from balanced: "
+             "it drops many rows at capacity and loads one rank more. Some 50 steps give the "
+             "steady state of a training run"},
+    {.name = "bench-iters",
+     .group = G_BENCH,
+     .type = OPT_INT,
+     FIELD(bench_iters),
+     .min = 1,
+     .max = 1e6,
+     .default_text = "5",
+     .help = "training steps moesim bench measures, after --bench-warmup-iters"},
 };
 
 #define NUM_OPTIONS (sizeof(OPTIONS) / sizeof(OPTIONS[0]))

@@ -378,6 +378,8 @@ TEST(ConfigSet, RejectsOutOfRangeNamingTheBound) {
     ExpectMentions(Set(&cfg, "synthetic-tokens", "999").err, {"999", ">= 1000"});
     ExpectMentions(Set(&cfg, "adam-eps", "0").err, {"--adam-eps", "> 0"});
     ExpectMentions(Set(&cfg, "weight-decay", "-0.5").err, {"--weight-decay", ">= 0"});
+    ExpectMentions(Set(&cfg, "bench-iters", "0").err, {"--bench-iters", "0", ">= 1"});
+    ExpectMentions(Set(&cfg, "bench-warmup-iters", "-1").err, {"--bench-warmup-iters", ">= 0"});
     ExpectMentions(Set(&cfg, "seq-length", "99999999999999999999999").err,
                    {"--seq-length", "99999999999999999999999", "out of range"});
     EXPECT_DOUBLE_EQ(cfg.lr, 3e-3);
@@ -963,10 +965,10 @@ TEST(ConfigToIni, ListsEveryKeyOnceInTableOrder) {
     Config cfg;
     config_defaults(&cfg);
     std::vector<std::string> keys = IniKeys(cfg);
-    ASSERT_EQ(keys.size(), 79u);
+    ASSERT_EQ(keys.size(), 81u);
     ASSERT_EQ(static_cast<int>(keys.size()), config_entry_count());
     EXPECT_EQ(keys.front(), "num-layers");
-    EXPECT_EQ(keys.back(), "bf16-gemm");
+    EXPECT_EQ(keys.back(), "bench-iters");
     for (size_t i = 0; i < keys.size(); i++)
         for (size_t j = i + 1; j < keys.size(); j++) EXPECT_NE(keys[i], keys[j]) << "twice";
     const std::vector<std::string> routing_keys = {
@@ -1091,6 +1093,8 @@ TEST(ConfigToIni, RoundTripsEveryFieldThroughAFile) {
         {"moe-hierarchical-group-topk", "2"},
         {"flush-denormals", "0"},
         {"bf16-gemm", "emulated"},
+        {"bench-warmup-iters", "40"},
+        {"bench-iters", "12"},
     };
     for (auto &change : changes) {
         SetResult r = Set(&cfg, change[0], change[1]);

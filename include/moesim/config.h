@@ -104,6 +104,9 @@ typedef struct Config {
     /* platform */
     int flush_denormals; /* FTZ+DAZ on every rank */
     char bf16_gemm[16];  /* auto | onednn | emulated: how bf16 matmuls run */
+    /* moesim bench */
+    int bench_warmup_iters; /* steps run before the measured window */
+    int bench_iters;        /* steps measured */
     /* 1 for each key (in option-table order) set on the command line, in an
      * INI file or by config_set, so a default can give way where an explicit
      * value is an error (see config_key_given). */

@@ -245,6 +245,32 @@ def bench(tmp_path, **options):
     return result.stdout
 
 
+# bench measures the steps its window names: their share of routed rows
+# dropped is the share a training record of the same config holds for those
+# steps (routing is deterministic), for a window at the start and a later one.
+def test_bench_measures_the_steps_its_window_names(tmp_path):
+    same = {"train-iters": 6, "moe-expert-capacity-factor": 1.0}
+    run, out = train(tmp_path, env_without_kernel(), **same, **{"eval-interval": 6})
+    assert run.returncode == 0, run.stdout + run.stderr
+    with h5py.File(out, "r") as f:
+        routed = f["routing/tokens_per_expert"][:]
+        dropped = f["routing/dropped_per_expert"][:]
+    assert len(routed) == 6
+
+    def dropped_percent(first, last):  # steps counted from 1, both included
+        return 100.0 * dropped[first - 1:last].sum() / routed[first - 1:last].sum()
+
+    windows = ((0, 2), (3, 3))
+    expected = [dropped_percent(w + 1, w + n) for w, n in windows]
+    assert abs(expected[0] - expected[1]) > 0.2  # the two windows can be told apart
+    for (warmup, steps), percent in zip(windows, expected):
+        text = bench(tmp_path, **same, **{"bench-warmup-iters": warmup, "bench-iters": steps})
+        assert (f"measures steps {warmup + 1}-{warmup + steps}, after {warmup} warm-up step(s)"
+                in text), text
+        measured, = number(r"\| MFU [\d.]+ \| ([\d.]+)% of the routed rows dropped", text)
+        assert measured == pytest.approx(percent, abs=0.051)
+
+
 # bf16 runs are measured against the GEMM that runs them: the native one's own
 # square-product rate, or the sgemm under the emulation and for a bf16 router.
 def test_bench_measures_bf16_against_the_bf16_gemm_it_runs(tmp_path):
