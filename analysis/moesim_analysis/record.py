@@ -229,9 +229,23 @@ def _rows(f: h5py.File, name: str, path: Path, steps: np.ndarray, like: str = No
     if values.shape[0] < len(steps):
         raise TornReadError(f"{path}: /{name} has {values.shape[0]} rows but its step dataset "
                             f"has {len(steps)}. {TORN_READ_ADVICE}")
+    if values.shape[0] > len(steps) and _run_ended(f):
+        raise TornReadError(f"{path}: /{name} has {values.shape[0]} rows but its step dataset "
+                            f"has {len(steps)}, and the run that wrote it has ended (status "
+                            f"{_python_value(f.attrs['status'])!r}): the file is damaged. Re-run, "
+                            f"or resume it from a checkpoint with --load.")
     # Series only grow: rows past the steps read before belong to a flush of
     # a live run under way, and the rows before them are whole.
     return values[:len(steps)]
+
+
+# A run that closed its record wrote every series and its steps in one final
+# flush, so they agree; a killed run's record still says running.
+ENDED_STATUSES = ("complete", "diverged", "interrupted")
+
+
+def _run_ended(f: h5py.File) -> bool:
+    return _python_value(f.attrs.get("status", "")) in ENDED_STATUSES
 
 
 def _steps(f: h5py.File, name: str, path: Path) -> np.ndarray:

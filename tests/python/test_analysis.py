@@ -288,11 +288,22 @@ def test_rows_of_a_flush_under_way_are_left_out(synthetic):
     the next flush's rows; the frames keep the steps read."""
     path, written = synthetic
     with h5py.File(path, "a") as f:
+        f.attrs["status"] = "running"
         f["train/loss"].resize((SHAPE["steps"] + 1,))
         f["train/loss"][-1] = 123.0
     run = load_run(path)
     assert len(run.train) == SHAPE["steps"]
     assert 123.0 not in run.train["loss"].to_numpy()
+
+
+def test_rows_past_the_steps_of_an_ended_run_are_damage(synthetic):
+    """A closed record's series and steps were written by one final flush:
+    extra rows there come from no flush under way, and are reported."""
+    path, _ = synthetic
+    with h5py.File(path, "a") as f:
+        f["routing/entropy"].resize((SHAPE["steps"] + 1, SHAPE["moe_layers"]))
+    assert_record_error(path, "/routing/entropy has", "the run that wrote it has ended",
+                        "'complete'", "damaged")
 
 
 def test_steps_allocated_but_not_written_are_a_torn_read(synthetic):
