@@ -145,6 +145,7 @@ enum SeriesId {
     ROUTING_LOGSUMEXP_SQ,
     TRAFFIC_DISPATCH,
     TRAFFIC_INTERNODE,
+    TRAFFIC_SHADOWED_ROWS,
     EVAL_STEP,
     EVAL_LOSS,
     SPEC_STEP,
@@ -212,6 +213,7 @@ static const SeriesSpec SERIES[] = {
     {ROUTING_LOGSUMEXP_SQ, "/routing/logsumexp_sq", 0, TAIL_LAYER, "1"},
     {TRAFFIC_DISPATCH, "/traffic/dispatch_bytes", 1, TAIL_RANK_RANK, "bytes"},
     {TRAFFIC_INTERNODE, "/traffic/internode_bytes", 1, TAIL_NODE_NODE, "bytes"},
+    {TRAFFIC_SHADOWED_ROWS, "/traffic/shadowed_rows", 1, TAIL_LAYER, "rows"},
     {EVAL_STEP, "/eval/step", 1, TAIL_NONE, "step"},
     {EVAL_LOSS, "/eval/loss", 0, TAIL_NONE, "nats/token"},
     {SPEC_STEP, "/specialization/step", 1, TAIL_NONE, "step"},
@@ -999,6 +1001,7 @@ int record_append_train(Record *r, const TrainRow *row, const StepDetail *d) {
     }
     st |= series_push(&s[TRAFFIC_DISPATCH], d->dispatch_bytes);
     st |= series_push(&s[TRAFFIC_INTERNODE], d->internode_bytes);
+    st |= series_push(&s[TRAFFIC_SHADOWED_ROWS], d->shadowed_rows);
     return st ? -1 : 0;
 }
 

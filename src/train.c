@@ -23,8 +23,9 @@ static int routing_stats_init(RoutingStats *r, int layers, int experts, int cate
     r->sums = calloc(2 * LE + ROUTING_LAYER_SUMS * L, sizeof(double));
     r->expert_bias = calloc(LE, sizeof(double));
     r->specialization = calloc(LE * categories, sizeof(long));
+    r->shadowed_rows = calloc(L, sizeof(long));
     if (!r->tokens_per_expert || !r->dropped_per_expert || !r->sums || !r->expert_bias ||
-        !r->specialization)
+        !r->specialization || !r->shadowed_rows)
         return -1;
     r->importance = r->sums;
     r->mean_prob = r->importance + LE;
@@ -44,6 +45,7 @@ static void routing_stats_free(RoutingStats *r) {
     free(r->sums);
     free(r->expert_bias);
     free(r->specialization);
+    free(r->shadowed_rows);
     memset(r, 0, sizeof *r);
 }
 
@@ -223,12 +225,12 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
     double tokens = (double)m->shape.B * m->shape.T * comm->world_size;
     stats->ce_loss = t->grain_totals[0] / ((double)model_grains(&m->shape) * comm->world_size);
     stats->aux_loss = stats->z_loss = stats->importance_loss = stats->load_loss = 0.0;
-    long rows[2] = {0, 0}; /* expert rows computed here, shadowed ones among them */
+    long rows = 0; /* expert rows computed here */
     for (int l = 0; l < m->shape.L; l++) {
         if (!model_is_moe_layer(&m->shape, l)) continue;
         const Routing *r = &m->moe[l].routing;
-        rows[0] += moe_computed_rows(&m->moe[l]);
-        rows[1] += m->moe[l].dispatch.num_shadow_rows;
+        rows += moe_computed_rows(&m->moe[l]);
+        rs->shadowed_rows[i] = m->moe[l].dispatch.num_shadow_rows;
         const double *sums = t->grain_totals + 1 + (long)i * width, *scalars = sums + 2 * E;
         memcpy(rs->tokens_per_expert + (long)i * E, r->tokens_per_expert, sizeof(long) * E);
         memcpy(rs->dropped_per_expert + (long)i * E, r->dropped_per_expert, sizeof(long) * E);
@@ -258,9 +260,11 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
                   stats->load_loss;
     comm_sum_longs(comm, rs->tokens_per_expert, L * E);
     comm_sum_longs(comm, rs->dropped_per_expert, L * E);
-    comm_sum_longs(comm, rows, 2);
-    stats->expert_rows = rows[0];
-    stats->shadowed_rows = rows[1];
+    comm_sum_longs(comm, &rows, 1);
+    comm_sum_longs(comm, rs->shadowed_rows, L);
+    stats->expert_rows = rows;
+    stats->shadowed_rows = 0;
+    for (int l = 0; l < L; l++) stats->shadowed_rows += rs->shadowed_rows[l];
     stats->assignments = stats->dropped = 0;
     for (int j = 0; j < L * E; j++) {
         stats->assignments += rs->tokens_per_expert[j];
@@ -729,7 +733,8 @@ static int record_step(RunState *rs, const Trainer *t, long done, const StepStat
                          .phase_s = rs->phase_all,
                          .dispatch_bytes = rs->bytes_all,
                          .comm_times = rs->comm_all,
-                         .internode_bytes = rs->internode};
+                         .internode_bytes = rs->internode,
+                         .shadowed_rows = r->shadowed_rows};
     return record_append_train(rs->rec, &row, &detail) == 0;
 }
 

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 # Oldest schema still read: 4 only added datasets, which read as NaN from a
 # schema-3 record, and 5 only root attributes (the platform: BLAS kernel,
 # threads, denormals), absent from `Run.attrs` of older records, so a sweep
@@ -21,6 +21,9 @@ ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/l
 # Schema 7 added /timing/comm/... and /traffic/internode_bytes: an older
 # record has empty `comm_timing` and `internode` frames.
 FIRST_SCHEMA_WITH_COMM = 7
+# Schema 10 added /traffic/shadowed_rows: an older record has an empty
+# `shadowing` frame.
+FIRST_SCHEMA_WITH_SHADOWED_ROWS = 10
 # The communication kinds of /timing/comm/{exposed,in_flight}/<kind>, and the
 # stages of /timing/comm/hierarchical/<direction>_<stage>.
 COMM_KINDS = ("dispatch", "combine", "grad_reduce")
@@ -94,6 +97,9 @@ class Run:
     traffic:            step, src, dst, bytes (token rows src sent to dst in the forward dispatch)
     internode:          step, src_node, dst_node, bytes (token-row bytes of every MoE exchange
                         of the step, forward and backward, from node to node; empty before 7)
+    shadowing:          step, layer, rows (expert rows their source rank computed with a shadow
+                        of the expert, --moe-expert-shadowing, summed over ranks; 0 without it;
+                        empty before schema 10)
     specialization:     eval_step, layer, expert, category, count
     mutual_information: eval_step, layer, bits
     config:             {key: value} from the `config.<key>` attributes, '-' written as '_'
@@ -112,6 +118,7 @@ class Run:
     comm_timing: pd.DataFrame
     traffic: pd.DataFrame
     internode: pd.DataFrame
+    shadowing: pd.DataFrame
     specialization: pd.DataFrame
     mutual_information: pd.DataFrame
     name: str = field(init=False)
@@ -160,6 +167,7 @@ def _run_from_file(f: h5py.File, path: Path) -> Run:
         comm_timing=_comm_timing_frame(f, path, steps),
         traffic=_traffic_frame(f, path, steps),
         internode=_internode_frame(f, path, steps),
+        shadowing=_shadowing_frame(f, path, steps),
         specialization=_specialization_frame(f, path, eval_steps),
         mutual_information=_long_frame(
             {"eval_step": eval_steps, "layer": None},
@@ -359,6 +367,13 @@ def _internode_frame(f, path, steps) -> pd.DataFrame:
     internode_bytes = _rows(f, "traffic/internode_bytes", path, steps)
     return _long_frame({"step": steps, "src_node": None, "dst_node": None},
                        {"bytes": internode_bytes})
+
+
+def _shadowing_frame(f, path, steps) -> pd.DataFrame:
+    if int(f.attrs["schema_version"]) < FIRST_SCHEMA_WITH_SHADOWED_ROWS:
+        return pd.DataFrame(columns=["step", "layer", "rows"])
+    return _long_frame({"step": steps, "layer": None},
+                       {"rows": _rows(f, "traffic/shadowed_rows", path, steps)})
 
 
 def _traffic_frame(f, path, steps) -> pd.DataFrame:

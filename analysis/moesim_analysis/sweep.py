@@ -14,7 +14,7 @@ import pandas as pd
 from .record import RecordError, Run, load_run
 
 TABLES = ("train", "eval", "routing", "routing_layers", "timing", "comm_timing", "traffic",
-          "internode", "specialization", "mutual_information")
+          "internode", "shadowing", "specialization", "mutual_information")
 # Attributes set by the launch rather than the config, yet what a sweep over
 # rank counts varies; they join the config columns.
 LAUNCH_ATTRIBUTES = ("world_size", "ep_size")
@@ -42,6 +42,7 @@ class RunSet:
     comm_timing: pd.DataFrame
     traffic: pd.DataFrame
     internode: pd.DataFrame
+    shadowing: pd.DataFrame
     specialization: pd.DataFrame
     mutual_information: pd.DataFrame
 

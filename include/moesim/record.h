@@ -20,7 +20,7 @@ extern "C" {
 #endif
 
 #define MOESIM_VERSION "0.1.0"
-#define MOESIM_SCHEMA_VERSION 9
+#define MOESIM_SCHEMA_VERSION 10
 /* Disk space set aside beside the record (PATH.reserve) for its final
  * status when the disk fills up. */
 #define RECORD_RESERVE_BYTES (256L * 1024)
@@ -68,6 +68,7 @@ typedef struct StepDetail {
     const long *dispatch_bytes;     /* [P*P], sender-major */
     const double *comm_times;       /* [P*COMM_TIMES_COUNT], rank-major (timing.h) */
     const long *internode_bytes;    /* [nodes*nodes], sender-major */
+    const long *shadowed_rows;      /* [L] rows computed by their source rank */
 } StepDetail;
 
 typedef struct EvalRow {

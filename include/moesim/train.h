@@ -44,6 +44,9 @@ typedef struct RoutingStats {
     double *sums;                                 /* one block behind the nine above */
     double *expert_bias;  /* [L*E] selection bias of the step (identical on every rank) */
     long *specialization; /* [L*E*categories] assignments at the last evaluation */
+    /* [L] expert rows computed by their source rank with a shadow of the
+     * expert (--moe-expert-shadowing); depends on the layout, like traffic */
+    long *shadowed_rows;
 } RoutingStats;
 
 typedef struct Trainer {

@@ -164,6 +164,8 @@ COMM_TIMING = (tuple(f"timing/comm/{what}/{kind}" for what in ("exposed", "in_fl
 ADDED_IN_SCHEMA_7 = (*COMM_TIMING, "traffic/internode_bytes")
 RECORD_UNITS.update({name: "s" for name in COMM_TIMING})
 RECORD_UNITS["traffic/internode_bytes"] = "bytes"
+# What schema 10 added: expert shadowing's rows per step and MoE layer.
+RECORD_UNITS["traffic/shadowed_rows"] = "rows"
 
 
 # Root attributes schema 5 added to schema 4, as a Zen 3 machine writes them.
@@ -179,9 +181,10 @@ ADDED_IN_SCHEMA_4 = ("routing/expert_bias", "routing/mean_abs_logit", "routing/l
 
 
 def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, evals=3,
-                           categories=3, config=None, status="complete", seed=0, schema=9,
+                           categories=3, config=None, status="complete", seed=0, schema=10,
                            nodes=2):
-    """Writes a run record of `schema` (9; 8 without the group drops 9 added; 7 also without the
+    """Writes a run record of `schema` (10; 9 without the shadowed rows 10 added; 8 also without
+    the group drops 9 added; 7 also without the
     group counts 8 added; 6 also without
     the datasets 7 added (communication times, internode_bytes) and node attributes, read like 5; 4
     without the platform attributes 5 added; 3 also without the datasets 4 added) laid out as
@@ -218,6 +221,8 @@ def write_synthetic_record(path, steps=6, moe_layers=2, experts=4, ranks=2, eval
         drops = np.zeros((S, L, P, E), dtype=np.int64)
         drops[:, :, 0, :] = tokens - processed
         data["routing/group_expert_drops"] = drops
+    if schema >= 10:
+        data["traffic/shadowed_rows"] = rng.integers(0, 64, size=(S, L))
     float_shapes = {"train": (S,), "eval": (V,), "routing": (S, L, E), "timing": (S, P),
                     "specialization": (V, L)}
     for name in ("train/loss", "train/aux_loss", "train/z_loss",

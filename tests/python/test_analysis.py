@@ -149,6 +149,18 @@ def test_internode_frame_holds_every_node_pair(synthetic):
     np.testing.assert_array_equal(run.attrs["node_of_rank"], [0, 1])
 
 
+def test_shadowing_frame_holds_the_rows_of_every_step_and_layer(synthetic, tmp_path):
+    path, written = synthetic
+    run = load_run(path)
+    assert list(run.shadowing.columns) == ["step", "layer", "rows"]
+    np.testing.assert_array_equal(
+        as_array(run.shadowing, ["step", "layer"], "rows", (SHAPE["steps"], SHAPE["moe_layers"])),
+        written["traffic/shadowed_rows"])
+    older = tmp_path / "schema9.h5"
+    write_synthetic_record(older, **SHAPE, schema=9)
+    assert load_run(older).shadowing.empty
+
+
 def test_schema_6_record_loads_without_communication_frames(tmp_path):
     path = tmp_path / "schema6.h5"
     written = write_synthetic_record(path, **SHAPE, schema=6)

@@ -129,10 +129,12 @@ def is_timing(name, units):
 
 def load_run(out, save):
     """The compared datasets of a record, its attributes, the names it left out
-    as timings, and the saved parameters."""
+    as timings, the saved parameters, and the /traffic/ datasets (not compared:
+    they depend on the layout)."""
     data, skipped = {}, []
     with h5py.File(out, "r") as f:
         attrs = dict(f.attrs)
+        traffic = {f"traffic/{name}": ds[()] for name, ds in f["traffic"].items()}
         for group in COMPARED_GROUPS:
             for name, ds in f[group].items():
                 path = f"{group}/{name}"
@@ -144,7 +146,8 @@ def load_run(out, save):
                     data[path] = ds[()]
     with h5py.File(final_checkpoint(save), "r") as f:
         params = {f"params/{name}": ds[()] for name, ds in f["params"].items()}
-    return {"data": data, "params": params, "attrs": attrs, "skipped": sorted(skipped)}
+    return {"data": data, "params": params, "attrs": attrs, "skipped": sorted(skipped),
+            "traffic": traffic}
 
 
 class Runs:
@@ -383,8 +386,20 @@ def test_shadowed_experts_give_the_one_rank_bits(runs, variant, world, ep):
     shadowed = SHADOWED.search(run["stdout"])
     assert shadowed, f"{variant} world {world} EP {ep} shadowed nothing:\n{run['stdout']}"
     assert 0 < int(shadowed.group(2)) < int(shadowed.group(3))
+    # The record has them per step and MoE layer; they were not sent, so the
+    # dispatch bytes and the shadowed rows together are the kept rows.
+    rows = run["traffic"]["traffic/shadowed_rows"]
+    assert rows.shape == (STEPS, TINY["num-layers"])
+    assert rows.sum() == int(shadowed.group(2))
+    routing = run["data"]
+    kept = (routing["routing/tokens_per_expert"] - routing["routing/dropped_per_expert"]).sum(
+        axis=(1, 2))
+    sent = run["traffic"]["traffic/dispatch_bytes"].sum(axis=(1, 2))
+    assert np.array_equal(sent + rows.sum(axis=1) * TINY["hidden-size"] * 4,
+                          kept * TINY["hidden-size"] * 4)
     ref = runs.get(SHADOW_REFERENCE[variant], 1, 1)
     assert "shadowing:" not in ref["stdout"]
+    assert not ref["traffic"]["traffic/shadowed_rows"].any()
     assert_identical(run, ref, f"{variant}: world {world} EP {ep}",
                      reference=f"{SHADOW_REFERENCE[variant]} on 1 rank")
 

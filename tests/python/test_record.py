@@ -94,10 +94,10 @@ def test_info_summarises_a_run(complete_record):
 
 
 def test_record_holds_exactly_the_documented_datasets_with_their_units(complete_record):
-    """Schema 8, as docs/run-record.md lists it (RECORD_UNITS mirrors it)."""
+    """Schema 10, as docs/run-record.md lists it (RECORD_UNITS mirrors it)."""
     found = {}
     with h5py.File(complete_record, "r") as f:
-        assert f.attrs["schema_version"] == 9
+        assert f.attrs["schema_version"] == 10
         assert f.attrs["num_nodes"] == 1
         assert list(f.attrs["node_of_rank"]) == [0]
         f.visititems(lambda name, obj: found.__setitem__(name, obj.attrs["units"])
