@@ -162,7 +162,7 @@ IGNORED_KEYS = {
     "no-load-optim", "overwrite", "skip-nonfinite-steps", "moe-token-dispatcher-type",
     "ranks-per-node", "moe-overlap-chunks", "overlap-grad-reduce", "moe-expert-shadowing",
     "moe-shadow-min-rows",
-    "record-group-counts-interval", "bf16-gemm",
+    "record-group-counts-interval", "bf16-gemm", "bench-warmup-iters", "bench-iters",
 }
 # Settings of moesim the peer does not implement, with the value it needs.
 SUPPORTED_ONLY = {
