@@ -266,7 +266,7 @@ static int fit_vector_rates(const Config *cfg, const Dataset *ds, const Comm *co
                     rows[((long)l * P + s) * P + d] =
                         t.moe_layers > 0 ? all[(long)s * (PHASE_COUNT + P) + PHASE_COUNT + d] / L
                                          : 0.0;
-        project_step_time(&in, &lay, &c, rows, phase_s);
+        project_step_time(&in, &lay, &c, rows, NULL, phase_s);
         double units[PHASE_COUNT], mean_units[PHASE_COUNT] = {0};
         for (int r = 0; r < P; r++) {
             project_vector_units(&in, &lay, rows, r, units);

@@ -1,6 +1,7 @@
 #include "moesim/project.h"
 
 #include <ini.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -196,6 +197,13 @@ int project_resolve_layout(const ProjectRecord *in, const ClusterSpec *c, Projec
                  lay->overlap_chunks);
         return -1;
     }
+    if (lay->shadowing && (lay->hierarchical || lay->overlap_chunks > 1)) {
+        snprintf(err, errlen,
+                 "--moe-expert-shadowing 1 shadows with the alltoall dispatcher without overlap "
+                 "only, as in training; use --moe-token-dispatcher-type alltoall and "
+                 "--moe-overlap-chunks 1, or --moe-expert-shadowing 0");
+        return -1;
+    }
     return 0;
 }
 
@@ -275,6 +283,69 @@ void project_layer_drops(const ProjectRecord *in, const ProjectLayout *lay, int 
     }
 }
 
+static double expert_params(const ProjectRecord *in);
+
+/* The run's default: a shadow must save the rows whose compute matches moving
+ * the weights out and a gradient per grain back (model_shadow_min_gain). */
+static int shadow_min_gain(const ProjectRecord *in, const ProjectLayout *lay) {
+    if (lay->shadow_min_rows > 0) return lay->shadow_min_rows;
+    return 32 * (1 + in->routing_groups / lay->world);
+}
+
+/* EP group `first`..: rows[q * E + e] its position q's groups keep for expert e. */
+static void group_source_rows(const ProjectRecord *in, const ProjectLayout *lay, int row, int layer,
+                              int first, int *rows) {
+    int E = in->experts, per_rank = in->routing_groups / lay->world;
+    const int *counts =
+        in->group_counts + ((size_t)row * in->moe_layers + layer) * in->routing_groups * E;
+    for (int q = 0; q < lay->ep; q++)
+        for (int e = 0; e < E; e++) {
+            long sum = 0;
+            for (int g = (first + q) * per_rank; g < (first + q + 1) * per_rank; g++)
+                sum += counts[(long)g * E + e];
+            rows[(long)q * E + e] = (int)sum;
+        }
+}
+
+long project_plan_shadows(const ProjectRecord *in, const ProjectLayout *lay, int row, int layer,
+                          long *rows, long *own, double *weights) {
+    int P = lay->world, E = in->experts, EP = lay->ep;
+    Placement place = {.num_experts = E, .ep_size = EP};
+    int *source = malloc(sizeof(int) * ((size_t)EP * E + EP));
+    unsigned char *shadow = malloc((size_t)EP * E);
+    if (!source || !shadow) {
+        free(source);
+        free(shadow);
+        return -1;
+    }
+    int *load = source + (long)EP * E;
+    double expert_bytes = expert_params(in) * sizeof(float); /* master weights travel */
+    long shadowed = 0;
+    memset(own, 0, sizeof(long) * P);
+    memset(weights, 0, sizeof(double) * P * P);
+    for (int first = 0; first < P; first += EP) {
+        group_source_rows(in, lay, row, layer, first, source);
+        /* The run caps a rank's rows at its receive buffer; a shadow never
+         * raises a rank above the busiest one, which fits its buffer, so the
+         * cap never binds and INT_MAX plans the same. */
+        placement_plan_shadows(E, EP, source, shadow_min_gain(in, lay), INT_MAX, E / EP, load,
+                               shadow);
+        for (int q = 0; q < EP; q++)
+            for (int e = 0; e < E; e++) {
+                if (!shadow[(long)q * E + e]) continue;
+                int s = first + q, owner = first + placement_owner(&place, e);
+                long n = source[(long)q * E + e];
+                rows[(long)s * P + owner] -= n;
+                own[s] += n;
+                weights[(long)owner * P + s] += expert_bytes;
+                shadowed += n;
+            }
+    }
+    free(source);
+    free(shadow);
+    return shadowed;
+}
+
 void project_dispatch_bytes(const ProjectRecord *in, const ProjectLayout *lay, int row, long *bytes,
                             long *scratch) {
     long P2 = (long)lay->world * lay->world;
@@ -346,6 +417,28 @@ static double flat_exchange_s(const ClusterSpec *c, const ProjectLayout *lay, co
     double intra = (out[0] > in[0] ? out[0] : in[0]) / c->intra_bandwidth + latency[0];
     double inter = (out[1] > in[1] ? out[1] : in[1]) / inter_rank_bandwidth(c, lay) + latency[1];
     return (intra > inter ? intra : inter) + 2.0 * local / c->memory_bandwidth;
+}
+
+/* Seconds rank r spends moving expert shadowing's weights (owner-major
+ * weights[P*P]) out, or, transposed, their gradients back, `scale` times:
+ * one message per pair that has any, each link class and direction bounded
+ * by the busier side, as flat_exchange_s. */
+static double shadow_transfer_s(const ClusterSpec *c, const ProjectLayout *lay,
+                                const double *weights, int transposed, double scale, int r) {
+    int P = lay->world, group = placement_ep_group(lay->ep, r) * lay->ep;
+    double out[2] = {0}, in[2] = {0}, latency[2] = {0};
+    for (int d = group; d < group + lay->ep; d++) {
+        if (d == r) continue;
+        int inter = node_of(lay, d) != node_of(lay, r);
+        double sent = weights[transposed ? (long)d * P + r : (long)r * P + d] * scale;
+        double got = weights[transposed ? (long)r * P + d : (long)d * P + r] * scale;
+        out[inter] += sent;
+        in[inter] += got;
+        if (sent > 0 || got > 0) latency[inter] += inter ? c->inter_latency : c->intra_latency;
+    }
+    double intra = (out[0] > in[0] ? out[0] : in[0]) / c->intra_bandwidth + latency[0];
+    double inter = (out[1] > in[1] ? out[1] : in[1]) / inter_rank_bandwidth(c, lay) + latency[1];
+    return intra > inter ? intra : inter;
 }
 
 /* The hierarchical exchange of rank r's EP group: each node's leader gathers
@@ -491,7 +584,7 @@ static void add_vector_s(const ProjectRecord *in, const ProjectLayout *lay, cons
 }
 
 double project_step_time(const ProjectRecord *in, const ProjectLayout *lay, const ClusterSpec *c,
-                         const double *rows, double *phase_s) {
+                         const double *rows, const double *shadow_weights, double *phase_s) {
     int P = lay->world, L = in->moe_layers;
     long P2 = (long)P * P;
     Machine mc = machine_of(in, c);
@@ -534,6 +627,12 @@ double project_step_time(const ProjectRecord *in, const ProjectLayout *lay, cons
             ph[PHASE_DISPATCH] += 2.0 * exposed + counts;
             ph[PHASE_COMBINE] += 2.0 * exposed + wait[r];
             ph[PHASE_EXPERTS] += expert[r];
+            if (shadow_weights) {
+                const double *w = shadow_weights + (long)l * P2;
+                double grains = (double)in->routing_groups / P;
+                ph[PHASE_DISPATCH] += shadow_transfer_s(c, lay, w, 0, 1.0, r);
+                ph[PHASE_COMBINE] += shadow_transfer_s(c, lay, w, 1, grains, r);
+            }
         }
     }
     free(bytes);
@@ -593,6 +692,14 @@ static int parse_project_args(int argc, char **argv, ProjectArgs *a, char *err, 
             st = parse_int(flag, value, &a->lay.ranks_per_node, err, errlen);
         else if (strcmp(flag, "--moe-overlap-chunks") == 0)
             st = parse_int(flag, value, &a->lay.overlap_chunks, err, errlen);
+        else if (strcmp(flag, "--moe-expert-shadowing") == 0) {
+            st = parse_int(flag, value, &a->lay.shadowing, err, errlen);
+            if (st == 0 && a->lay.shadowing > 1) {
+                snprintf(err, errlen, "--moe-expert-shadowing is 0 or 1, got %s", value);
+                return -1;
+            }
+        } else if (strcmp(flag, "--moe-shadow-min-rows") == 0)
+            st = parse_int(flag, value, &a->lay.shadow_min_rows, err, errlen);
         else if (strcmp(flag, "--moe-expert-capacity-factor") == 0) {
             char *end = NULL;
             a->lay.capacity_factor = value ? strtod(value, &end) : -1.0;
@@ -617,7 +724,8 @@ static int parse_project_args(int argc, char **argv, ProjectArgs *a, char *err, 
                      "unknown option %s; usage: moesim project RUN.h5 --cluster CLUSTER.ini "
                      "--world-size P [--expert-model-parallel-size EP] [--ranks-per-node N] "
                      "[--moe-token-dispatcher-type alltoall|hierarchical] [--moe-overlap-chunks "
-                     "K] [--moe-expert-capacity-factor CF] [--out PRED.h5]",
+                     "K] [--moe-expert-shadowing 0|1] [--moe-shadow-min-rows N] "
+                     "[--moe-expert-capacity-factor CF] [--out PRED.h5]",
                      flag);
             return -1;
         }
@@ -643,6 +751,10 @@ typedef struct Projection {
     int rows, P, L, nodes;
     long *dispatch_bytes, *node_bytes, *expert_rows, *dropped_per_rank, *scratch;
     double *layer_rows, *phase_s, *balanced_phase_s, *step_s, *balanced_s, *mfu;
+    /* with --moe-expert-shadowing: [rows][L] rows shadowed, [P] a layer's
+     * shadowed rows per rank, [L][P*P] weight bytes owner to source */
+    long *shadowed_rows, *own;
+    double *shadow_weights;
 } Projection;
 
 static void projection_free(Projection *p) {
@@ -657,6 +769,9 @@ static void projection_free(Projection *p) {
     free(p->step_s);
     free(p->balanced_s);
     free(p->mfu);
+    free(p->shadowed_rows);
+    free(p->own);
+    free(p->shadow_weights);
 }
 
 static int projection_init(Projection *p, const ProjectRecord *in, const ProjectLayout *lay) {
@@ -675,6 +790,12 @@ static int projection_init(Projection *p, const ProjectRecord *in, const Project
     p->step_s = calloc(R, sizeof(double));
     p->balanced_s = calloc(R, sizeof(double));
     p->mfu = calloc(R, sizeof(double));
+    if (lay->shadowing) {
+        p->shadowed_rows = calloc(R * L, sizeof(long));
+        p->own = calloc((size_t)p->P, sizeof(long));
+        p->shadow_weights = calloc(L * P2, sizeof(double));
+        if (!p->shadowed_rows || !p->own || !p->shadow_weights) return -1;
+    }
     return (p->dispatch_bytes || p->P > PROJECT_RANK_MATRIX_MAX) && p->node_bytes &&
                    p->expert_rows && p->dropped_per_rank && p->scratch && p->layer_rows && p->phase_s &&
                    p->balanced_phase_s && p->step_s && p->balanced_s && p->mfu
@@ -694,19 +815,33 @@ static void balance_rows(const ProjectLayout *lay, double *rows) {
     }
 }
 
-static void project_row(Projection *p, const ProjectRecord *in, const ProjectLayout *lay,
-                        const ClusterSpec *c, int row) {
+/* A shadowed block's rows stay with their source: sent nowhere, computed
+ * there (on the diagonal of the layer's row matrix). */
+static int shadow_layer(Projection *p, const ProjectRecord *in, const ProjectLayout *lay, int row,
+                        int l, long *layer) {
+    long P = p->P, P2 = P * P;
+    long n = project_plan_shadows(in, lay, row, l, layer, p->own, p->shadow_weights + l * P2);
+    if (n < 0) return -1;
+    p->shadowed_rows[(long)row * p->L + l] = n;
+    return 0;
+}
+
+static int project_row(Projection *p, const ProjectRecord *in, const ProjectLayout *lay,
+                       const ClusterSpec *c, int row) {
     long P = p->P, P2 = P * P;
     long *bytes = p->scratch + P2, *layer = p->scratch;
     double total_rows = 0.0;
     memset(bytes, 0, sizeof(long) * P2);
     for (int l = 0; l < p->L; l++) {
         project_layer_rows(in, lay, row, l, layer);
+        if (lay->shadowing && shadow_layer(p, in, lay, row, l, layer) != 0) return -1;
         for (long i = 0; i < P2; i++) {
             bytes[i] += layer[i] * in->hidden * (long)sizeof(float);
-            p->layer_rows[l * P2 + i] = (double)layer[i];
-            total_rows += (double)layer[i];
-            p->expert_rows[((long)row * p->L + l) * P + i % P] += layer[i];
+            int own = lay->shadowing && i / P == i % P;
+            double computed = (double)layer[i] + (own ? (double)p->own[i / P] : 0.0);
+            p->layer_rows[l * P2 + i] = computed;
+            total_rows += computed;
+            p->expert_rows[((long)row * p->L + l) * P + i % P] += (long)computed;
         }
         project_layer_drops(in, lay, row, l, p->dropped_per_rank + ((long)row * p->L + l) * P);
     }
@@ -714,13 +849,14 @@ static void project_row(Projection *p, const ProjectRecord *in, const ProjectLay
     long *nodes = p->node_bytes + (long)row * p->nodes * p->nodes;
     for (long i = 0; i < P2; i++)
         nodes[node_of(lay, (int)(i / P)) * p->nodes + node_of(lay, (int)(i % P))] += bytes[i];
-    p->step_s[row] =
-        project_step_time(in, lay, c, p->layer_rows, p->phase_s + row * P * PHASE_COUNT);
+    p->step_s[row] = project_step_time(in, lay, c, p->layer_rows, p->shadow_weights,
+                                       p->phase_s + row * P * PHASE_COUNT);
     Machine mc = machine_of(in, c);
     p->mfu[row] = project_step_flops(in, total_rows) / (p->step_s[row] * P * mc.peak);
     for (int l = 0; l < p->L; l++) balance_rows(lay, p->layer_rows + l * P2);
-    p->balanced_s[row] =
-        project_step_time(in, lay, c, p->layer_rows, p->balanced_phase_s + row * P * PHASE_COUNT);
+    p->balanced_s[row] = project_step_time(in, lay, c, p->layer_rows, NULL,
+                                           p->balanced_phase_s + row * P * PHASE_COUNT);
+    return 0;
 }
 
 static double mean_of(const double *v, int n) {
@@ -761,6 +897,14 @@ static void print_summary(const Projection *p, const ProjectRecord *in, const Pr
         R, in->routing_groups, c->name, P, lay->ep, lay->ranks_per_node, p->nodes,
         lay->hierarchical ? "hierarchical" : "alltoall",
         lay->overlap_chunks > 1 ? ", overlapped" : "");
+    if (p->shadowed_rows) {
+        double shadowed = 0.0, computed = 0.0;
+        for (long i = 0; i < (long)R * p->L; i++) shadowed += (double)p->shadowed_rows[i];
+        for (long i = 0; i < (long)R * p->L * P; i++) computed += (double)p->expert_rows[i];
+        printf(
+            "shadowing: %.1f%% of the expert rows computed by their source ranks (%.0f of %.0f)\n",
+            computed > 0 ? 100.0 * shadowed / computed : 0.0, shadowed, computed);
+    }
     printf("step time %.6g s (balanced routing %.6g s: imbalance costs %.1f%%) | MFU %.1f%%\n",
            step, balanced, balanced > 0 ? 100.0 * (step - balanced) / balanced : 0.0,
            100.0 * mean_of(p->mfu, R));
@@ -803,7 +947,14 @@ static int run_projection(const ProjectArgs *a, char *err, size_t errlen) {
         project_record_free(&in);
         return -1;
     }
-    for (int row = 0; row < in.rows; row++) project_row(&p, &in, &lay, &cluster, row);
+    for (int row = 0; row < in.rows && st == 0; row++)
+        st = project_row(&p, &in, &lay, &cluster, row);
+    if (st != 0) {
+        snprintf(err, errlen, "out of memory planning expert shadows; project fewer ranks");
+        projection_free(&p);
+        project_record_free(&in);
+        return -1;
+    }
     print_summary(&p, &in, &lay, &cluster);
     if (a->out) {
         ProjectOutput out = {.in = &in,
@@ -815,6 +966,7 @@ static int run_projection(const ProjectArgs *a, char *err, size_t errlen) {
                              .node_bytes = p.node_bytes,
                              .expert_rows = p.expert_rows,
                              .dropped_per_rank = in.group_drops ? p.dropped_per_rank : NULL,
+                             .shadowed_rows = p.shadowed_rows,
                              .phase_s = p.phase_s,
                              .balanced_phase_s = p.balanced_phase_s,
                              .step_time_s = p.step_s,

@@ -2195,6 +2195,7 @@ int record_write_projection(const char *path, const ProjectOutput *o, char *err,
     st |= set_long_attr(file, "nodes", o->nodes);
     st |= set_string_attr(file, "dispatcher", o->lay->hierarchical ? "hierarchical" : "alltoall");
     st |= set_long_attr(file, "overlap_chunks", o->lay->overlap_chunks);
+    st |= set_long_attr(file, "moe_expert_shadowing", o->lay->shadowing);
     st |= set_string_array_attr(file, "phases", phase_names, PHASE_COUNT);
     hsize_t d1[1] = {R}, d3[3], d3p[3] = {R, P, PHASE_COUNT};
     st |= write_projection_array(file, "/projection/step", H5T_NATIVE_LONG, H5T_STD_I64LE, 1, d1, in->steps,
@@ -2217,6 +2218,11 @@ int record_write_projection(const char *path, const ProjectOutput *o, char *err,
     if (o->dropped_per_rank)
         st |= write_projection_array(file, "/projection/dropped_per_rank", H5T_NATIVE_LONG,
                                      H5T_STD_I64LE, 3, d3, o->dropped_per_rank, "assignments");
+    if (o->shadowed_rows) {
+        hsize_t d2[2] = {R, L};
+        st |= write_projection_array(file, "/projection/shadowed_rows", H5T_NATIVE_LONG,
+                                     H5T_STD_I64LE, 2, d2, o->shadowed_rows, "rows");
+    }
     st |= write_projection_array(file, "/projection/phase_s", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 3, d3p,
                       o->phase_s, "s");
     st |= write_projection_array(file, "/projection/balanced_phase_s", H5T_NATIVE_DOUBLE, H5T_IEEE_F64LE, 3,

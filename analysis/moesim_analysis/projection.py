@@ -8,6 +8,7 @@
     p.traffic        # step, src, dst, bytes (rank pairs; empty above 256 ranks)
     p.node_traffic   # step, src_node, dst_node, bytes
     p.expert_rows    # step, layer, rank, rows, dropped (at the rank's experts)
+    p.shadowing      # step, layer, rows (with shadowing=True; else empty)
 
 The model and the traffic are the binary's (build/moesim project), not a
 second implementation, so Python and the command line agree by construction;
@@ -42,6 +43,7 @@ class Projection:
     traffic: pd.DataFrame
     node_traffic: pd.DataFrame
     expert_rows: pd.DataFrame
+    shadowing: pd.DataFrame
     summary: str
 
 
@@ -71,6 +73,7 @@ def read_projection(path) -> Projection:
         node_bytes = g["node_dispatch_bytes"][()]
         rows = g["expert_rows"][()]
         dropped = g["dropped_per_rank"][()] if "dropped_per_rank" in g else None
+        shadowed = g["shadowed_rows"][()] if "shadowed_rows" in g else None
         mfu = g["mfu"][()]
     S, P, _ = phase.shape
     index = pd.MultiIndex.from_product([steps, range(P), PHASES], names=["step", "rank", "phase"])
@@ -88,15 +91,21 @@ def read_projection(path) -> Projection:
     drops = dropped.reshape(-1) if dropped is not None else np.full(rows.size, np.nan)
     expert_rows = pd.DataFrame({"rows": rows.reshape(-1), "dropped": drops},
                                index=index).reset_index()
-    return Projection(attrs, summary, phases, traffic, node_traffic, expert_rows, "")
+    shadowing = pd.DataFrame(columns=["step", "layer", "rows"])
+    if shadowed is not None:
+        index = pd.MultiIndex.from_product([steps, range(L)], names=["step", "layer"])
+        shadowing = pd.DataFrame({"rows": shadowed.reshape(-1)}, index=index).reset_index()
+    return Projection(attrs, summary, phases, traffic, node_traffic, expert_rows, shadowing, "")
 
 
 def project(run, cluster, world_size, ep=0, ranks_per_node=0, dispatcher="alltoall",
-            overlap_chunks=0, capacity_factor=None, out=None, binary=None) -> Projection:
+            overlap_chunks=0, capacity_factor=None, shadowing=False, shadow_min_rows=0,
+            out=None, binary=None) -> Projection:
     """Replays the record `run` (a path, or a `Run` from load_run) on `cluster`
     (a CLUSTER.ini) with `world_size` virtual ranks: see `moesim project`.
     ep=0 means EP = world_size; ranks_per_node=0 the cluster's devices per node;
-    capacity_factor re-applies capacity to a dropless record. Raises
+    capacity_factor re-applies capacity to a dropless record; shadowing plans
+    expert shadows (shadow_min_rows 0 = the run's default). Raises
     ProjectionError with the binary's message on bad input."""
     path = getattr(run, "path", run)
     cmd = [str(_binary(binary)), "project", str(path), "--cluster", str(cluster),
@@ -105,6 +114,8 @@ def project(run, cluster, world_size, ep=0, ranks_per_node=0, dispatcher="alltoa
            "--moe-overlap-chunks", str(overlap_chunks)]
     if capacity_factor is not None:
         cmd += ["--moe-expert-capacity-factor", str(capacity_factor)]
+    if shadowing:
+        cmd += ["--moe-expert-shadowing", "1", "--moe-shadow-min-rows", str(shadow_min_rows)]
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(out) if out else Path(tmp) / "projection.h5"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_"))}

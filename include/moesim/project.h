@@ -47,6 +47,9 @@ void project_record_free(ProjectRecord *in);
 /* The layout to replay on. */
 typedef struct ProjectLayout {
     int world, ep, ranks_per_node, hierarchical, overlap_chunks;
+    /* --moe-expert-shadowing, planned per row and layer as a real run plans
+     * it; shadow_min_rows 0 = the run's default, 32 x (1 + grains per rank) */
+    int shadowing, shadow_min_rows;
     double capacity_factor; /* < 0: as recorded; else re-applied to a dropless record */
 } ProjectLayout;
 
@@ -79,6 +82,7 @@ typedef struct ProjectOutput {
     const long *node_bytes;             /* [rows][nodes][nodes] */
     const long *expert_rows;            /* [rows][L][P] rows each rank's experts compute */
     const long *dropped_per_rank;       /* [rows][L][P] dropped at each rank's experts */
+    const long *shadowed_rows;          /* [rows][L] computed by their source; NULL = none */
     const double *phase_s;              /* [rows][P][PHASE_COUNT] */
     const double *balanced_phase_s;     /* [rows][P][PHASE_COUNT] */
     const double *step_time_s;          /* [rows] */
@@ -120,11 +124,26 @@ void project_layer_drops(const ProjectRecord *in, const ProjectLayout *lay, int 
 void project_dispatch_bytes(const ProjectRecord *in, const ProjectLayout *lay, int row, long *bytes,
                             long *scratch);
 
+/* Expert shadowing of MoE layer `layer` of record row `row`, planned in each
+ * EP group from its sources' rows per expert as a real run plans it
+ * (placement_plan_shadows, at most E/EP shadows per rank): each shadowed
+ * block's rows leave rows[P*P] (from project_layer_rows, which then holds
+ * what a real run's /traffic/dispatch_bytes counts) for own[P], the rows
+ * each rank computes as shadows, and weights[P*P] gets the bytes of expert
+ * weights each owner sends each source (owner-major). Returns the rows
+ * shadowed, or -1 when memory runs out. */
+long project_plan_shadows(const ProjectRecord *in, const ProjectLayout *lay, int row, int layer,
+                          long *rows, long *own, double *weights);
+
 /* Modelled seconds of one step per rank and phase (phase_s[P][PHASE_COUNT])
  * from per-layer row matrices rows[L][P*P] (doubles, so the balanced baseline
- * can spread rows evenly). Returns the step time (the slowest rank). */
+ * can spread rows evenly; a rank's shadowed rows on its diagonal) and, with
+ * shadowing, the weight bytes of project_plan_shadows per layer
+ * (shadow_weights[L][P*P]; NULL = none): the weights go out in the forward
+ * dispatch and a gradient per routing group of the source comes back in the
+ * backward combine. Returns the step time (the slowest rank). */
 double project_step_time(const ProjectRecord *in, const ProjectLayout *lay, const ClusterSpec *c,
-                         const double *rows, double *phase_s);
+                         const double *rows, const double *shadow_weights, double *phase_s);
 
 /* Rank r's work besides matmuls and messages, per phase, in the units of
  * the [vector] rates: elements its norms, softmaxes, selections,

@@ -30,6 +30,11 @@ TINY = {
 LAYOUTS = [(2, 2, "alltoall"), (2, 1, "alltoall"), (4, 4, "alltoall"), (4, 2, "alltoall"),
            (4, 2, "hierarchical")]
 
+# Expert shadowing whenever it saves a row (the runs then shadow often), on
+# one EP group and on two.
+SHADOWING = {"moe-expert-shadowing": 1, "moe-shadow-min-rows": 1}
+SHADOW_LAYOUTS = [(2, 2), (4, 2), (4, 4)]
+
 CLUSTER_INI = """[cluster]
 name = test
 [device]
@@ -76,6 +81,10 @@ def runs(tmp_path_factory):
         if dispatcher == "hierarchical":
             extra["ranks-per-node"] = 2
         real[(world, ep, dispatcher)] = train(tmp, f"p{world}-ep{ep}-{dispatcher}", world, extra)
+    for world, ep in SHADOW_LAYOUTS:
+        real[(world, ep, "shadowing")] = train(
+            tmp, f"p{world}-ep{ep}-shadowing", world,
+            {"expert-model-parallel-size": ep, **SHADOWING})
     return {"tmp": tmp, "cluster": cluster, "one": one, "real": real}
 
 
@@ -104,6 +113,58 @@ def test_projected_traffic_equals_real_runs(runs, world, ep, dispatcher):
     assert phases.shape == (STEPS, world, 8)
     assert (step_time > 0).all() and (balanced > 0).all()
     assert np.allclose(step_time, phases.sum(axis=2).max(axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("world,ep", SHADOW_LAYOUTS)
+def test_projected_shadows_equal_real_runs(runs, world, ep):
+    """Planned from the 1-rank record's routing-group counts, the shadows are
+    the real run's, block for block: the same rows stay with their sources
+    (/traffic/shadowed_rows) and the same rows travel (dispatch_bytes)."""
+    out = runs["tmp"] / f"shadow-{world}-{ep}.h5"
+    result = project(runs["one"], runs["cluster"], "--world-size", world,
+                     "--expert-model-parallel-size", ep, "--moe-expert-shadowing", 1,
+                     "--moe-shadow-min-rows", 1, "--out", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with h5py.File(runs["real"][(world, ep, "shadowing")], "r") as f:
+        real_bytes = f["traffic/dispatch_bytes"][()]
+        real_shadowed = f["traffic/shadowed_rows"][()]
+        processed = f["routing/processed_per_expert"][()]
+    with h5py.File(out, "r") as f:
+        assert f.attrs["moe_expert_shadowing"] == 1
+        predicted_bytes = f["projection/dispatch_bytes"][()]
+        predicted_shadowed = f["projection/shadowed_rows"][()]
+        expert_rows = f["projection/expert_rows"][()]
+    assert real_shadowed.sum() > 0, "the real runs shadowed nothing: the check is vacuous"
+    assert np.array_equal(predicted_shadowed, real_shadowed)
+    assert np.array_equal(predicted_bytes, real_bytes)
+    # shadowed rows are computed by their sources: every kept row still once
+    assert np.array_equal(expert_rows.sum(axis=2), processed.sum(axis=2))
+    computed = 100.0 * real_shadowed.sum() / processed.sum()
+    assert f"shadowing: {computed:.1f}% of the expert rows computed by their source ranks" in \
+        result.stdout, result.stdout
+
+
+def test_projected_shadows_even_out_the_experts_and_cost_their_weights(runs):
+    """Against the same projection without shadowing, the busiest rank's
+    expert rows go down, and the weights sent out and the gradients back add
+    exchange time that the rows' bytes alone do not explain."""
+    def projected(*flags):
+        out = runs["tmp"] / f"even-{len(flags)}.h5"
+        result = project(runs["one"], runs["cluster"], "--world-size", 2, *flags, "--out", out)
+        assert result.returncode == 0, result.stdout + result.stderr
+        with h5py.File(out, "r") as f:
+            phases = [p.decode() if isinstance(p, bytes) else p for p in f.attrs["phases"]]
+            dispatch = f["projection/phase_s"][()][:, :, phases.index("dispatch")]
+            return f["projection/expert_rows"][()], dispatch, f["projection/dispatch_bytes"][()]
+    plain_rows, plain_dispatch, plain_bytes = projected()
+    rows, dispatch, sent = projected("--moe-expert-shadowing", 1, "--moe-shadow-min-rows", 1)
+    assert rows.max(axis=2).sum() < plain_rows.max(axis=2).sum()
+    assert np.array_equal(rows.sum(axis=2), plain_rows.sum(axis=2))
+    moved = sent.sum() - np.trace(sent, axis1=1, axis2=2).sum()
+    plain_moved = plain_bytes.sum() - np.trace(plain_bytes, axis1=1, axis2=2).sum()
+    assert moved < plain_moved
+    # fewer rows cross ranks, yet the dispatch takes longer: the weights went too
+    assert dispatch.sum() > plain_dispatch.sum()
 
 
 @pytest.mark.parametrize("world,ep", [(2, 2), (4, 4), (4, 2)])
@@ -307,6 +368,19 @@ def test_ep_not_dividing_is_refused(runs, world, ep):
             f"--expert-model-parallel-size {ep} must divide")
 
 
+@pytest.mark.parametrize("flags,words", [
+    (("--moe-expert-shadowing", 2), ("--moe-expert-shadowing is 0 or 1", "got 2")),
+    (("--moe-expert-shadowing", 1, "--moe-token-dispatcher-type", "hierarchical"),
+     ("--moe-expert-shadowing 1", "--moe-token-dispatcher-type alltoall",
+      "--moe-expert-shadowing 0")),
+    (("--moe-expert-shadowing", 1, "--moe-overlap-chunks", 2),
+     ("--moe-expert-shadowing 1", "--moe-overlap-chunks 1")),
+    (("--moe-shadow-min-rows", -1), ("--moe-shadow-min-rows needs a whole number >= 0",)),
+])
+def test_bad_shadowing_flags_are_refused(runs, flags, words):
+    refused(project(runs["one"], runs["cluster"], "--world-size", 2, *flags), *words)
+
+
 def test_record_without_group_counts_is_refused(runs, tmp_path):
     record = train(tmp_path, "no-groups", 1, {"record-group-counts-interval": 0})
     refused(project(record, runs["cluster"], "--world-size", 2), "group_expert_counts",
@@ -349,5 +423,13 @@ def test_python_project_returns_the_binarys_traffic(runs):
         dropped = f["routing/dropped_per_expert"][()]
     per_step = p.expert_rows.groupby("step").dropped.sum().to_numpy()
     assert np.array_equal(per_step, dropped.sum(axis=(1, 2)))
+    assert p.shadowing.empty
+    shadowed = project_py(runs["one"], runs["cluster"], world_size=4, ep=2, shadowing=True,
+                          shadow_min_rows=1, binary=BUILD / "moesim").shadowing
+    with h5py.File(runs["real"][(4, 2, "shadowing")], "r") as f:
+        real_shadowed = f["traffic/shadowed_rows"][()]
+    assert np.array_equal(
+        shadowed.sort_values(["step", "layer"]).rows.to_numpy().reshape(real_shadowed.shape),
+        real_shadowed)
     with pytest.raises(ProjectionError, match="splits a sequence"):
         project_py(runs["one"], runs["cluster"], world_size=3, binary=BUILD / "moesim")
