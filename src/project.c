@@ -346,17 +346,6 @@ long project_plan_shadows(const ProjectRecord *in, const ProjectLayout *lay, int
     return shadowed;
 }
 
-void project_dispatch_bytes(const ProjectRecord *in, const ProjectLayout *lay, int row, long *bytes,
-                            long *scratch) {
-    long P2 = (long)lay->world * lay->world;
-    memset(bytes, 0, sizeof(long) * P2);
-    for (int l = 0; l < in->moe_layers; l++) {
-        project_layer_rows(in, lay, row, l, scratch);
-        /* a row is hidden-size floats, whatever the matmul precision */
-        for (long i = 0; i < P2; i++) bytes[i] += scratch[i] * in->hidden * (long)sizeof(float);
-    }
-}
-
 /* ---- time ---------------------------------------------------------------------- */
 
 typedef struct Machine {
@@ -836,6 +825,7 @@ static int project_row(Projection *p, const ProjectRecord *in, const ProjectLayo
         project_layer_rows(in, lay, row, l, layer);
         if (lay->shadowing && shadow_layer(p, in, lay, row, l, layer) != 0) return -1;
         for (long i = 0; i < P2; i++) {
+            /* a row is hidden-size floats, whatever the matmul precision */
             bytes[i] += layer[i] * in->hidden * (long)sizeof(float);
             int own = lay->shadowing && i / P == i % P;
             double computed = (double)layer[i] + (own ? (double)p->own[i / P] : 0.0);

@@ -118,12 +118,6 @@ void project_layer_rows(const ProjectRecord *in, const ProjectLayout *lay, int r
 void project_layer_drops(const ProjectRecord *in, const ProjectLayout *lay, int row, int layer,
                          long *dropped);
 
-/* Bytes of token rows each rank sends to each rank in the forward dispatch of
- * record row `row`, summed over MoE layers, self included: what a real run's
- * /traffic/dispatch_bytes holds. bytes[P*P], scratch[P*P]. */
-void project_dispatch_bytes(const ProjectRecord *in, const ProjectLayout *lay, int row, long *bytes,
-                            long *scratch);
-
 /* Expert shadowing of MoE layer `layer` of record row `row`, planned in each
  * EP group from its sources' rows per expert as a real run plans it
  * (placement_plan_shadows, at most E/EP shadows per rank): each shadowed
