@@ -18,15 +18,16 @@ enum { ROUTING_LAYER_SUMS = 7 };
 static int routing_stats_init(RoutingStats *r, int layers, int experts, int categories) {
     size_t L = (size_t)(layers ? layers : 1), LE = L * experts;
     memset(r, 0, sizeof *r);
-    r->tokens_per_expert = calloc(LE, sizeof(long));
-    r->dropped_per_expert = calloc(LE, sizeof(long));
+    r->num_counts = (long)(2 * LE + L + 1);
+    r->counts = calloc((size_t)r->num_counts, sizeof(long));
     r->sums = calloc(2 * LE + ROUTING_LAYER_SUMS * L, sizeof(double));
     r->expert_bias = calloc(LE, sizeof(double));
     r->specialization = calloc(LE * categories, sizeof(long));
-    r->shadowed_rows = calloc(L, sizeof(long));
-    if (!r->tokens_per_expert || !r->dropped_per_expert || !r->sums || !r->expert_bias ||
-        !r->specialization || !r->shadowed_rows)
-        return -1;
+    if (!r->counts || !r->sums || !r->expert_bias || !r->specialization) return -1;
+    r->tokens_per_expert = r->counts;
+    r->dropped_per_expert = r->tokens_per_expert + LE;
+    r->shadowed_rows = r->dropped_per_expert + LE;
+    r->expert_rows = r->shadowed_rows + L;
     r->importance = r->sums;
     r->mean_prob = r->importance + LE;
     r->entropy = r->mean_prob + LE;
@@ -40,12 +41,10 @@ static int routing_stats_init(RoutingStats *r, int layers, int experts, int cate
 }
 
 static void routing_stats_free(RoutingStats *r) {
-    free(r->tokens_per_expert);
-    free(r->dropped_per_expert);
+    free(r->counts);
     free(r->sums);
     free(r->expert_bias);
     free(r->specialization);
-    free(r->shadowed_rows);
     memset(r, 0, sizeof *r);
 }
 
@@ -225,11 +224,11 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
     double tokens = (double)m->shape.B * m->shape.T * comm->world_size;
     stats->ce_loss = t->grain_totals[0] / ((double)model_grains(&m->shape) * comm->world_size);
     stats->aux_loss = stats->z_loss = stats->importance_loss = stats->load_loss = 0.0;
-    long rows = 0; /* expert rows computed here */
+    *rs->expert_rows = 0; /* here, until the sum below */
     for (int l = 0; l < m->shape.L; l++) {
         if (!model_is_moe_layer(&m->shape, l)) continue;
         const Routing *r = &m->moe[l].routing;
-        rows += moe_computed_rows(&m->moe[l]);
+        *rs->expert_rows += moe_computed_rows(&m->moe[l]);
         rs->shadowed_rows[i] = m->moe[l].dispatch.num_shadow_rows;
         const double *sums = t->grain_totals + 1 + (long)i * width, *scalars = sums + 2 * E;
         memcpy(rs->tokens_per_expert + (long)i * E, r->tokens_per_expert, sizeof(long) * E);
@@ -258,11 +257,8 @@ static void gather_routing_stats(Trainer *t, StepStats *stats) {
     }
     stats->loss = stats->ce_loss + stats->aux_loss + stats->z_loss + stats->importance_loss +
                   stats->load_loss;
-    comm_sum_longs(comm, rs->tokens_per_expert, L * E);
-    comm_sum_longs(comm, rs->dropped_per_expert, L * E);
-    comm_sum_longs(comm, &rows, 1);
-    comm_sum_longs(comm, rs->shadowed_rows, L);
-    stats->expert_rows = rows;
+    comm_sum_longs(comm, rs->counts, (int)rs->num_counts);
+    stats->expert_rows = *rs->expert_rows;
     stats->shadowed_rows = 0;
     for (int l = 0; l < L; l++) stats->shadowed_rows += rs->shadowed_rows[l];
     stats->assignments = stats->dropped = 0;

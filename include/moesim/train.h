@@ -47,6 +47,9 @@ typedef struct RoutingStats {
     /* [L] expert rows computed by their source rank with a shadow of the
      * expert (--moe-expert-shadowing); depends on the layout, like traffic */
     long *shadowed_rows;
+    long *expert_rows; /* [1] expert rows computed, shadows included */
+    long *counts;      /* one block behind the four above, summed over ranks in one call */
+    long num_counts;
 } RoutingStats;
 
 typedef struct Trainer {
