@@ -17,6 +17,7 @@
 #define BENCH_MATMUL_SIZE 2048
 #define SGEMM_WARMUP_S 0.5
 #define SGEMM_REPS 5
+#define PROBE_REPS 2
 #define EXCHANGE_REPS 50
 #define REDUCE_REPS 5
 
@@ -38,46 +39,63 @@ static void run_square_product(const SquareProduct *p) {
                     0.0f, p->c, n);
 }
 
-/* Best of a few runs of the product: the attainable peak, measured on this
- * machine now. Untimed for SGEMM_WARMUP_S first: the core's clock and the
- * caches settle, or the first reps read low and the MFU high. 0 when memory
- * runs out. */
-static double measure_square_gflops(Bf16Gemm *gemm) {
+static int square_product_alloc(SquareProduct *p, Bf16Gemm *gemm) {
     const long n = BENCH_MATMUL_SIZE, count = n * n;
-    SquareProduct p = {.n = (int)n, .gemm = gemm};
-    p.a = malloc(sizeof(float) * count);
-    p.b = malloc(sizeof(float) * count);
-    p.c = malloc(sizeof(float) * count);
-    p.a_bits = malloc(sizeof(uint16_t) * count);
-    p.b_bits = malloc(sizeof(uint16_t) * count);
-    double best = 0.0;
-    if (p.a && p.b && p.c && p.a_bits && p.b_bits) {
-        for (long i = 0; i < count; i++) {
-            p.a[i] = p.b[i] = (float)(i % 7) * 0.1f;
-            uint32_t bits;
-            memcpy(&bits, &p.a[i], sizeof bits);
-            p.a_bits[i] = p.b_bits[i] = (uint16_t)(bits >> 16); /* speed only: truncation will do */
-        }
-        double warm_until = comm_wtime() + SGEMM_WARMUP_S;
-        while (comm_wtime() < warm_until) run_square_product(&p);
-        for (int rep = 0; rep < SGEMM_REPS; rep++) {
-            double start = comm_wtime();
-            run_square_product(&p);
-            double gflops = 2.0 * n * n * n / (comm_wtime() - start) / 1e9;
-            if (gflops > best) best = gflops;
-        }
+    *p = (SquareProduct){.n = (int)n, .gemm = gemm};
+    p->a = malloc(sizeof(float) * count);
+    p->b = malloc(sizeof(float) * count);
+    p->c = malloc(sizeof(float) * count);
+    p->a_bits = malloc(sizeof(uint16_t) * count);
+    p->b_bits = malloc(sizeof(uint16_t) * count);
+    if (!p->a || !p->b || !p->c || !p->a_bits || !p->b_bits) return -1;
+    for (long i = 0; i < count; i++) {
+        p->a[i] = p->b[i] = (float)(i % 7) * 0.1f;
+        uint32_t bits;
+        memcpy(&bits, &p->a[i], sizeof bits);
+        p->a_bits[i] = p->b_bits[i] = (uint16_t)(bits >> 16); /* speed only: truncation will do */
     }
-    free(p.a);
-    free(p.b);
-    free(p.c);
-    free(p.a_bits);
-    free(p.b_bits);
+    return 0;
+}
+
+static void square_product_free(SquareProduct *p) {
+    free(p->a);
+    free(p->b);
+    free(p->c);
+    free(p->a_bits);
+    free(p->b_bits);
+    *p = (SquareProduct){0};
+}
+
+/* Best of `reps` runs of the product, in GFLOP/s. */
+static double best_square_gflops(const SquareProduct *p, int reps) {
+    double best = 0.0, n = p->n;
+    for (int rep = 0; rep < reps; rep++) {
+        double start = comm_wtime();
+        run_square_product(p);
+        double gflops = 2.0 * n * n * n / (comm_wtime() - start) / 1e9;
+        if (gflops > best) best = gflops;
+    }
     return best;
 }
 
-/* The peak of the kernel in use that the model's FLOP rate is compared against. */
-static double measure_sgemm_gflops(void) {
-    return measure_square_gflops(NULL);
+/* Untimed for SGEMM_WARMUP_S: the core's clock and the caches settle, or
+ * the first reps read low and the MFU high. */
+static void warm_square_product(const SquareProduct *p) {
+    double warm_until = comm_wtime() + SGEMM_WARMUP_S;
+    while (comm_wtime() < warm_until) run_square_product(p);
+}
+
+/* Best of a few runs of the product after a warm-up: the attainable peak,
+ * measured on this machine now. 0 when memory runs out. */
+static double measure_square_gflops(Bf16Gemm *gemm) {
+    SquareProduct p;
+    double best = 0.0;
+    if (square_product_alloc(&p, gemm) == 0) {
+        warm_square_product(&p);
+        best = best_square_gflops(&p, SGEMM_REPS);
+    }
+    square_product_free(&p);
+    return best;
 }
 
 /* ---- the roofline of the model's own matmul shapes ------------------------ */
@@ -210,6 +228,9 @@ typedef struct LayoutResult {
     double dropped_fraction;   /* of the routed assignments, those dropped at capacity */
     char bf16_gemm[160];       /* matmul_bf16_gemm: "none", "emulated" or "onednn (...)" */
     double bf16_gflops;        /* the native bf16 GEMM's square product, all ranks at once, mean */
+    double probe_gflops;       /* the 2048^2 sgemm after each measured step, all ranks at once:
+                                  mean over ranks and probes */
+    double probe_min, probe_max; /* the slowest and the fastest probe of any rank */
 } LayoutResult;
 
 /* placement_load_imbalance of the last step's kept rows (global counts). */
@@ -327,40 +348,63 @@ static void measure_reduction(Trainer *t, LayoutResult *r) {
     r->float_allreduce_s = times[1];
 }
 
-static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm, LayoutResult *r,
-                          char *err, size_t errlen) {
-    memset(r, 0, sizeof *r);
-    double rss_before = current_rss_bytes();
+/* One layout's training under measurement. Right after each measured step,
+ * every rank of the layout runs the 2048^2 sgemm at the same moment: the
+ * machine's speed while the steps ran. A shared host's speed drifts within
+ * a minute (the same sgemm read 96 and 184 GFLOP/s three minutes apart), so
+ * a reference taken before or after the steps can miss it either way. */
+typedef struct LayoutRun {
     Trainer t;
-    if (!comm_all_ok(comm, trainer_init(&t, cfg, ds, comm, err, errlen) == 0)) return -1;
+    const Comm *comm;
+    const SquareProduct *probe;
+    double rss_before;
+    int steps; /* measured so far */
+    double seconds, flops, tokens, exposed, imbalance, computed, rows, shadowed, dropped,
+        assignments;
+    double probe_sum, probe_min, probe_max; /* this rank's probes */
+} LayoutRun;
+
+static int layout_start(LayoutRun *run, const Config *cfg, const Dataset *ds, const Comm *comm,
+                        const SquareProduct *probe, char *err, size_t errlen) {
+    memset(run, 0, sizeof *run);
+    run->comm = comm;
+    run->probe = probe;
+    run->probe_min = INFINITY;
+    run->rss_before = current_rss_bytes();
+    return comm_all_ok(comm, trainer_init(&run->t, cfg, ds, comm, err, errlen) == 0) ? 0 : -1;
+}
+
+static void layout_step(LayoutRun *run, int step, int measured) {
     StepStats stats;
-    int warmup = cfg->bench_warmup_iters, steps = cfg->bench_iters;
-    for (int i = 0; i < warmup; i++) trainer_step(&t, i, &stats);
-    double seconds = 0.0, flops = 0.0, tokens = 0.0, exposed = 0.0, imbalance = 0.0;
-    double computed = 0.0, rows = 0.0, shadowed = 0.0, dropped = 0.0, assignments = 0.0;
-    for (int i = 0; i < steps; i++) {
-        trainer_step(&t, warmup + i, &stats);
-        seconds += stats.seconds;
-        flops += stats.flops;
-        tokens += stats.tokens;
-        exposed += stats.comm_times.exposed_s[COMM_KIND_DISPATCH] +
-                   stats.comm_times.exposed_s[COMM_KIND_COMBINE];
-        double kept = rank_load_imbalance(&t);
-        imbalance += kept;
-        computed += stats.shadowed_rows > 0 ? computed_load_imbalance(&t) : kept;
-        rows += stats.expert_rows;
-        shadowed += stats.shadowed_rows;
-        dropped += stats.dropped;
-        assignments += stats.assignments;
-    }
-    r->exposed_exchange_s = exposed / steps;
-    mean_over_ranks(comm, &r->exposed_exchange_s, 1);
-    r->load_imbalance = imbalance / steps;
-    r->computed_imbalance = computed / steps;
-    r->shadowed_fraction = rows > 0 ? shadowed / rows : 0.0;
-    r->dropped_fraction = assignments > 0 ? dropped / assignments : 0.0;
-    double analytic = (double)model_memory_bytes(&t.model);
-    double ratio = (peak_rss_bytes() - rss_before) / analytic;
+    trainer_step(&run->t, step, &stats);
+    if (!measured) return;
+    run->seconds += stats.seconds;
+    run->flops += stats.flops;
+    run->tokens += stats.tokens;
+    run->exposed += stats.comm_times.exposed_s[COMM_KIND_DISPATCH] +
+                    stats.comm_times.exposed_s[COMM_KIND_COMBINE];
+    double kept = rank_load_imbalance(&run->t);
+    run->imbalance += kept;
+    run->computed += stats.shadowed_rows > 0 ? computed_load_imbalance(&run->t) : kept;
+    run->rows += stats.expert_rows;
+    run->shadowed += stats.shadowed_rows;
+    run->dropped += stats.dropped;
+    run->assignments += stats.assignments;
+    run->steps++;
+    comm_barrier(run->comm);
+    double gflops = best_square_gflops(run->probe, PROBE_REPS);
+    run->probe_sum += gflops;
+    run->probe_min = gflops < run->probe_min ? gflops : run->probe_min;
+    run->probe_max = gflops > run->probe_max ? gflops : run->probe_max;
+}
+
+/* Peak RSS growth over the analytic bytes, min and max over the ranks. Taken
+ * after the first step, which touches every buffer, and before the 1-rank
+ * reference shares rank 0's process. */
+static void layout_memory(const LayoutRun *run, LayoutResult *r) {
+    const Comm *comm = run->comm;
+    double analytic = (double)model_memory_bytes(&run->t.model);
+    double ratio = (peak_rss_bytes() - run->rss_before) / analytic;
     double *ratios = calloc((size_t)comm->world_size, sizeof(double));
     if (ratios) comm_gather_doubles(comm, &ratio, ratios, 1);
     r->memory_ratio_min = r->memory_ratio_max = ratio;
@@ -370,49 +414,111 @@ static int measure_layout(const Config *cfg, const Dataset *ds, const Comm *comm
     }
     free(ratios);
     r->analytic_mb = analytic / 1e6;
-    measure_exchange(&t, r);
-    measure_reduction(&t, r);
-    GemmShapes shapes;
-    model_gemm_shapes(&t.model, &shapes);
-    comm_barrier(comm);
-    r->shapes_gflops = measure_shapes_gflops(&shapes);
-    mean_over_ranks(comm, &r->shapes_gflops, 1);
-    snprintf(r->bf16_gemm, sizeof r->bf16_gemm, "%s", matmul_bf16_gemm(&t.model.matmul));
-    if (t.model.matmul.gemm) { /* the same on every rank (train.c agrees on it) */
-        comm_barrier(comm);
-        r->bf16_gflops = measure_square_gflops(t.model.matmul.gemm);
-        mean_over_ranks(comm, &r->bf16_gflops, 1);
-    }
-    r->tokens_per_s = tokens / seconds;
-    r->step_s = seconds / steps;
-    r->model_gflops_per_rank = flops / seconds / 1e9 / comm->world_size;
-    trainer_free(&t);
-    return 0;
 }
 
-/* The 2048^2 sgemm rate of rank 0 alone (the others wait) and, on several
- * ranks, the mean rate when every rank runs it at the same moment: cores
- * sharing caches and memory slow each other, and that is not moesim's
- * overhead. bench takes the better of a window before and one after the
- * measured steps. */
-static void measure_sgemm_peaks(const Comm *comm, double *alone, double *concurrent) {
-    *alone = 0.0;
-    if (comm->rank == 0) *alone = measure_sgemm_gflops();
-    comm_barrier(comm);
-    *concurrent = *alone;
-    if (comm->world_size == 1) return;
-    comm_barrier(comm);
-    *concurrent = measure_sgemm_gflops();
-    mean_over_ranks(comm, concurrent, 1);
+/* The probes' mean over ranks, and the extremes on rank 0. */
+static void layout_probes(const LayoutRun *run, LayoutResult *r) {
+    const Comm *comm = run->comm;
+    r->probe_gflops = run->steps ? run->probe_sum / run->steps : 0.0;
+    mean_over_ranks(comm, &r->probe_gflops, 1);
+    double mine[2] = {run->probe_min, run->probe_max};
+    double *all = calloc((size_t)comm->world_size * 2, sizeof(double));
+    r->probe_min = mine[0];
+    r->probe_max = mine[1];
+    if (all) comm_gather_doubles(comm, mine, all, 2);
+    for (int i = 0; all && comm->rank == 0 && i < comm->world_size; i++) {
+        r->probe_min = all[2 * i] < r->probe_min ? all[2 * i] : r->probe_min;
+        r->probe_max = all[2 * i + 1] > r->probe_max ? all[2 * i + 1] : r->probe_max;
+    }
+    free(all);
+}
+
+/* The window's figures; with `details`, also the exchange, the reduction,
+ * the step's own sgemm shapes and the bf16 GEMM. Frees the trainer. */
+static void layout_finish(LayoutRun *run, LayoutResult *r, int details) {
+    Trainer *t = &run->t;
+    const Comm *comm = run->comm;
+    int steps = run->steps;
+    r->exposed_exchange_s = run->exposed / steps;
+    mean_over_ranks(comm, &r->exposed_exchange_s, 1);
+    r->load_imbalance = run->imbalance / steps;
+    r->computed_imbalance = run->computed / steps;
+    r->shadowed_fraction = run->rows > 0 ? run->shadowed / run->rows : 0.0;
+    r->dropped_fraction = run->assignments > 0 ? run->dropped / run->assignments : 0.0;
+    layout_probes(run, r);
+    if (details) {
+        measure_exchange(t, r);
+        measure_reduction(t, r);
+        GemmShapes shapes;
+        model_gemm_shapes(&t->model, &shapes);
+        comm_barrier(comm);
+        r->shapes_gflops = measure_shapes_gflops(&shapes);
+        mean_over_ranks(comm, &r->shapes_gflops, 1);
+        snprintf(r->bf16_gemm, sizeof r->bf16_gemm, "%s", matmul_bf16_gemm(&t->model.matmul));
+        if (t->model.matmul.gemm) { /* the same on every rank (train.c agrees on it) */
+            comm_barrier(comm);
+            r->bf16_gflops = measure_square_gflops(t->model.matmul.gemm);
+            mean_over_ranks(comm, &r->bf16_gflops, 1);
+        }
+    }
+    r->tokens_per_s = run->tokens / run->seconds;
+    r->step_s = run->seconds / steps;
+    r->model_gflops_per_rank = run->flops / run->seconds / 1e9 / comm->world_size;
+    trainer_free(t);
+}
+
+/* Trains the layout of `comm` over bench's window and, on several ranks,
+ * the weak-scaling reference beside it: rank 0 alone with the experts one
+ * rank holds, its step i run right after the layout's step i, so that both
+ * see the machine at the same moment. */
+static int measure_layouts(const Config *cfg, const Dataset *ds, const Comm *comm,
+                           const SquareProduct *probe, LayoutResult *all, LayoutResult *single,
+                           char *err, size_t errlen) {
+    int is_root = comm->rank == 0, P = comm->world_size;
+    int warmup = cfg->bench_warmup_iters, steps = warmup + cfg->bench_iters;
+    memset(all, 0, sizeof *all);
+    memset(single, 0, sizeof *single);
+    LayoutRun run, alone;
+    if (layout_start(&run, cfg, ds, comm, probe, err, errlen) != 0) return -1;
+    Config one = *cfg;
+    one.num_experts = cfg->num_experts / comm->ep_size;
+    Comm self;
+    comm_attach_self(&self);
+    for (int i = 0; i < steps; i++) {
+        layout_step(&run, i, i >= warmup);
+        if (i == 0) {
+            layout_memory(&run, all);
+            int ok = P == 1 || !is_root ||
+                     layout_start(&alone, &one, ds, &self, probe, err, errlen) == 0;
+            if (!comm_all_ok(comm, ok)) { /* only rank 0 starts one */
+                trainer_free(&run.t);
+                return -1;
+            }
+        }
+        if (P > 1) {
+            if (is_root) layout_step(&alone, i, i >= warmup);
+            comm_barrier(comm);
+        }
+    }
+    if (P > 1 && is_root) layout_finish(&alone, single, 0);
+    layout_finish(&run, all, 1);
+    return 0;
 }
 
 int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Platform *platform,
               char *err, size_t errlen) {
     int is_root = comm->rank == 0, P = comm->world_size;
-    /* OpenBLAS allocates its work buffers at the first call: do that before
-     * any memory baseline is taken. */
-    double sgemm_alone, sgemm_concurrent;
-    measure_sgemm_peaks(comm, &sgemm_alone, &sgemm_concurrent);
+    /* OpenBLAS allocates its work buffers at the first call: do that, and
+     * the probe's matrices, before any memory baseline is taken. */
+    SquareProduct probe;
+    int ok = square_product_alloc(&probe, NULL) == 0;
+    if (!comm_all_ok(comm, ok)) {
+        square_product_free(&probe);
+        snprintf(err, errlen, "out of memory for bench's %dx%d sgemm", BENCH_MATMUL_SIZE,
+                 BENCH_MATMUL_SIZE);
+        return -1;
+    }
+    warm_square_product(&probe);
     if (is_root) {
         char line[512];
         platform_describe(platform, line, sizeof line);
@@ -433,45 +539,36 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
             cfg->bench_warmup_iters + cfg->bench_iters, cfg->bench_warmup_iters);
     }
 
-    /* Weak-scaling reference: rank 0 alone with the experts one rank holds. */
-    LayoutResult single = {0};
-    int ok = 1;
-    if (P > 1) {
-        if (is_root) {
-            Config one = *cfg;
-            one.num_experts = cfg->num_experts / comm->ep_size;
-            Comm self;
-            comm_attach_self(&self);
-            ok = measure_layout(&one, ds, &self, &single, err, errlen) == 0;
-        }
-        if (!comm_all_ok(comm, ok)) return -1;
-    }
-    LayoutResult all;
-    if (measure_layout(cfg, ds, comm, &all, err, errlen) != 0) return -1;
-    /* A second window after the steps: a slow spell of this shared machine
-     * over the first window alone would read as a low peak and a high MFU. */
-    double later_alone, later_concurrent;
-    measure_sgemm_peaks(comm, &later_alone, &later_concurrent);
-    sgemm_alone = later_alone > sgemm_alone ? later_alone : sgemm_alone;
-    sgemm_concurrent = later_concurrent > sgemm_concurrent ? later_concurrent : sgemm_concurrent;
+    LayoutResult all, single;
+    ok = measure_layouts(cfg, ds, comm, &probe, &all, &single, err, errlen) == 0;
+    square_product_free(&probe);
+    if (!ok) return -1;
+    double sgemm = all.probe_gflops;
     if (is_root) {
         printf(
             "bench: step %.3f s | %.0f tokens/s | model %.1f GFLOP/s per rank | sgemm %dx%d "
             "%.1f GFLOP/s (%s) | MFU %.3f | %.1f%% of the routed rows dropped\n",
             all.step_s, all.tokens_per_s, all.model_gflops_per_rank, BENCH_MATMUL_SIZE,
-            BENCH_MATMUL_SIZE, sgemm_concurrent, platform->blas_kernel,
-            all.model_gflops_per_rank / sgemm_concurrent, 100.0 * all.dropped_fraction);
+            BENCH_MATMUL_SIZE, sgemm, platform->blas_kernel, all.model_gflops_per_rank / sgemm,
+            100.0 * all.dropped_fraction);
+        printf(
+            "bench: sgemm %dx%d run right after each measured step%s: %.1f GFLOP/s per rank on "
+            "average (the MFU above is against it), %.1f to %.1f over the %s\n",
+            BENCH_MATMUL_SIZE, BENCH_MATMUL_SIZE, P > 1 ? " on every rank at once" : "", sgemm,
+            all.probe_min, all.probe_max, P > 1 ? "ranks' probes" : "probes");
         if (P > 1)
             printf(
-                "bench: sgemm %dx%d: %.1f GFLOP/s on rank 0 alone, %.1f per rank with all %d at "
-                "once (MFU above is against the latter; %.3f against rank 0 alone)\n",
-                BENCH_MATMUL_SIZE, BENCH_MATMUL_SIZE, sgemm_alone, sgemm_concurrent, P,
-                all.model_gflops_per_rank / sgemm_alone);
+                "bench: the 1-rank reference of the weak scaling below ran its steps between "
+                "these, on rank 0 alone: sgemm %.1f GFLOP/s after them (%.1f to %.1f), MFU "
+                "%.3f; the %d-rank MFU against it: %.3f\n",
+                single.probe_gflops, single.probe_min, single.probe_max,
+                single.model_gflops_per_rank / single.probe_gflops, P,
+                all.model_gflops_per_rank / single.probe_gflops);
         printf(
             "bench: the step's own sgemm shapes run at %.1f GFLOP/s per rank (%.3f of the "
             "%dx%d rate): MFU against them %.3f\n",
-            all.shapes_gflops, all.shapes_gflops / sgemm_concurrent, BENCH_MATMUL_SIZE,
-            BENCH_MATMUL_SIZE, all.model_gflops_per_rank / all.shapes_gflops);
+            all.shapes_gflops, all.shapes_gflops / sgemm, BENCH_MATMUL_SIZE, BENCH_MATMUL_SIZE,
+            all.model_gflops_per_rank / all.shapes_gflops);
         if (strcmp(cfg->precision, "bf16") != 0 && strcmp(all.bf16_gemm, "none") != 0)
             printf(
                 "bench: bf16 GEMM %s, for the router's products only: the MFU above is against "
@@ -482,7 +579,7 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                 "bench: bf16 GEMM %s: %dx%d %.1f GFLOP/s%s (%.2fx the sgemm): MFU against it "
                 "%.3f\n",
                 all.bf16_gemm, BENCH_MATMUL_SIZE, BENCH_MATMUL_SIZE, all.bf16_gflops,
-                P > 1 ? " per rank with all ranks at once" : "", all.bf16_gflops / sgemm_concurrent,
+                P > 1 ? " per rank with all ranks at once" : "", all.bf16_gflops / sgemm,
                 all.model_gflops_per_rank / all.bf16_gflops);
         else if (strcmp(all.bf16_gemm, "none") != 0)
             printf(
@@ -520,8 +617,8 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
             printf(
                 "bench: weak scaling 1 -> %d ranks (%d experts per rank): %.0f -> %.0f "
                 "tokens/s per rank, efficiency %.3f; in model FLOP/s per rank %.1f -> %.1f "
-                "GFLOP/s, efficiency %.3f (routing drops make a token's expert rows differ "
-                "between the runs)\n",
+                "GFLOP/s, efficiency %.3f (the two runs' steps alternate; routing drops make a "
+                "token's expert rows differ between them)\n",
                 P, cfg->num_experts / comm->ep_size, single.tokens_per_s, all.tokens_per_s / P,
                 all.tokens_per_s / P / single.tokens_per_s, single.model_gflops_per_rank,
                 all.model_gflops_per_rank,

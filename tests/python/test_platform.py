@@ -234,6 +234,24 @@ def test_two_rank_bench_names_the_wait_for_the_busiest_rank(tmp_path):
     assert efficiency <= (double + 0.05) / (single - 0.05) + 0.0005
     per_rank, = number(r"model ([\d.]+) GFLOP/s per rank", text)
     assert double == pytest.approx(per_rank, abs=0.051)
+    # The MFU is against the sgemm run on both ranks right after each measured
+    # step, and the 1-rank reference's against rank 0's sgemm after its own
+    # steps, which alternate with the 2-rank run's.
+    sgemm, mfu = number(r"sgemm 2048x2048 ([\d.]+) GFLOP/s \(\w+\) \| MFU ([\d.]+)", text)
+    assert mfu == pytest.approx(per_rank / sgemm, abs=0.001)
+    mean, low, high = number(
+        r"sgemm 2048x2048 run right after each measured step on every rank at once: ([\d.]+) "
+        r"GFLOP/s per rank on average \(the MFU above is against it\), ([\d.]+) to ([\d.]+) "
+        r"over the ranks' probes", text)
+    assert mean == sgemm and low - 0.05 <= mean <= high + 0.05
+    alone, alone_low, alone_high, single_mfu, against_alone = number(
+        r"the 1-rank reference of the weak scaling below ran its steps between these, on rank 0 "
+        r"alone: sgemm ([\d.]+) GFLOP/s after them \(([\d.]+) to ([\d.]+)\), MFU ([\d.]+); the "
+        r"2-rank MFU against it: ([\d.]+)", text)
+    assert alone_low - 0.05 <= alone <= alone_high + 0.05
+    rounding = 0.06 / alone + 0.001  # rates printed to 0.1 GFLOP/s, ratios to 0.001
+    assert abs(single_mfu - single / alone) <= rounding
+    assert abs(against_alone - per_rank / alone) <= rounding
 
 
 def bench(tmp_path, **options):
