@@ -1,4 +1,4 @@
-"""record: reads one moesim run record (HDF5, schema 9 down to 3, docs/run-record.md)
+"""record: reads one moesim run record (HDF5, schema 10 down to 3, docs/run-record.md)
 into a `Run` of pandas DataFrames. `load_run` is the entry point; every problem
 with the file is a `RecordError` that names the path and the fix."""
 from __future__ import annotations
@@ -231,7 +231,7 @@ def _rows(f: h5py.File, name: str, path: Path, steps: np.ndarray, like: str = No
     """A time-series dataset, checked to have a row for every entry of `steps`
     and cut to them, so no frame can silently pair a value with the wrong step. A dataset newer
     than the record's schema reads as NaN in the shape of the dataset `like`."""
-    if name in ADDED_IN_SCHEMA_4 and int(f.attrs["schema_version"]) < 4:
+    if name in ADDED_IN_SCHEMA_4 and not _schema_at_least(f, 4):
         return np.full(_rows(f, like, path, steps).shape, np.nan)
     values = _dataset(f, name, path)
     if values.shape[0] < len(steps):
@@ -344,12 +344,12 @@ def _timing_frame(f, path, steps) -> pd.DataFrame:
                                                             ignore_index=True)
 
 
-def _has_comm_datasets(f) -> bool:
-    return int(f.attrs["schema_version"]) >= FIRST_SCHEMA_WITH_COMM
+def _schema_at_least(f, version: int) -> bool:
+    return int(f.attrs["schema_version"]) >= version
 
 
 def _comm_timing_frame(f, path, steps) -> pd.DataFrame:
-    if not _has_comm_datasets(f):
+    if not _schema_at_least(f, FIRST_SCHEMA_WITH_COMM):
         return pd.DataFrame(columns=["step", "rank", "exposed", "in_flight", "hidden"])
     columns = {name.replace("/", "_"): _rows(f, f"timing/comm/{name}", path, steps)
                for name in COMM_DATASETS}
@@ -362,7 +362,7 @@ def _comm_timing_frame(f, path, steps) -> pd.DataFrame:
 
 
 def _internode_frame(f, path, steps) -> pd.DataFrame:
-    if not _has_comm_datasets(f):
+    if not _schema_at_least(f, FIRST_SCHEMA_WITH_COMM):
         return pd.DataFrame(columns=["step", "src_node", "dst_node", "bytes"])
     internode_bytes = _rows(f, "traffic/internode_bytes", path, steps)
     return _long_frame({"step": steps, "src_node": None, "dst_node": None},
@@ -370,7 +370,7 @@ def _internode_frame(f, path, steps) -> pd.DataFrame:
 
 
 def _shadowing_frame(f, path, steps) -> pd.DataFrame:
-    if int(f.attrs["schema_version"]) < FIRST_SCHEMA_WITH_SHADOWED_ROWS:
+    if not _schema_at_least(f, FIRST_SCHEMA_WITH_SHADOWED_ROWS):
         return pd.DataFrame(columns=["step", "layer", "rows"])
     return _long_frame({"step": steps, "layer": None},
                        {"rows": _rows(f, "traffic/shadowed_rows", path, steps)})
