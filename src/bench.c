@@ -222,6 +222,7 @@ typedef struct LayoutResult {
     double memory_ratio_min, memory_ratio_max; /* peak RSS growth / analytic bytes, over ranks */
     double analytic_mb;                        /* rank 0 */
     double exposed_exchange_s; /* dispatch + combine no compute covered, per step, mean */
+    double exposed_dispatch_s, exposed_combine_s; /* its two parts */
     double load_imbalance;     /* busiest EP rank's expert rows / the mean, over layers and steps */
     double computed_imbalance; /* the same of the rows each rank computed, shadows included */
     double shadowed_fraction;  /* of the expert rows, those computed by their source rank */
@@ -359,7 +360,7 @@ typedef struct LayoutRun {
     const SquareProduct *probe;
     double rss_before;
     int steps; /* measured so far */
-    double seconds, flops, tokens, exposed, imbalance, computed, rows, shadowed, dropped,
+    double seconds, flops, tokens, exposed[2], imbalance, computed, rows, shadowed, dropped,
         assignments;
     double probe_sum, probe_min, probe_max; /* this rank's probes */
 } LayoutRun;
@@ -381,8 +382,8 @@ static void layout_step(LayoutRun *run, int step, int measured) {
     run->seconds += stats.seconds;
     run->flops += stats.flops;
     run->tokens += stats.tokens;
-    run->exposed += stats.comm_times.exposed_s[COMM_KIND_DISPATCH] +
-                    stats.comm_times.exposed_s[COMM_KIND_COMBINE];
+    run->exposed[0] += stats.comm_times.exposed_s[COMM_KIND_DISPATCH];
+    run->exposed[1] += stats.comm_times.exposed_s[COMM_KIND_COMBINE];
     double kept = rank_load_imbalance(&run->t);
     run->imbalance += kept;
     run->computed += stats.shadowed_rows > 0 ? computed_load_imbalance(&run->t) : kept;
@@ -439,8 +440,11 @@ static void layout_finish(LayoutRun *run, LayoutResult *r, int details) {
     Trainer *t = &run->t;
     const Comm *comm = run->comm;
     int steps = run->steps;
-    r->exposed_exchange_s = run->exposed / steps;
-    mean_over_ranks(comm, &r->exposed_exchange_s, 1);
+    double exposed[2] = {run->exposed[0] / steps, run->exposed[1] / steps};
+    mean_over_ranks(comm, exposed, 2);
+    r->exposed_dispatch_s = exposed[0];
+    r->exposed_combine_s = exposed[1];
+    r->exposed_exchange_s = exposed[0] + exposed[1];
     r->load_imbalance = run->imbalance / steps;
     r->computed_imbalance = run->computed / steps;
     r->shadowed_fraction = run->rows > 0 ? run->shadowed / run->rows : 0.0;
@@ -614,6 +618,15 @@ int bench_run(const Config *cfg, const Dataset *ds, const Comm *comm, const Plat
                 all.load_imbalance, 100.0 * all.shadowed_fraction, all.computed_imbalance,
                 all.exposed_exchange_s * 1e3, moving * 1e3, pairs, waiting * 1e3,
                 100.0 * waiting / all.step_s);
+            /* A rank that reaches a dispatch late was slower at what
+             * every rank does alike (attention, router, the step's start);
+             * one late at a combine had more expert rows or a slower core. */
+            printf(
+                "bench: the exposed %.1f ms are %.1f ms at the dispatches (the ranks arrive "
+                "apart: attention, router, the step's start) and %.1f ms at the combines (the "
+                "busiest or slowest rank's experts)\n",
+                all.exposed_exchange_s * 1e3, all.exposed_dispatch_s * 1e3,
+                all.exposed_combine_s * 1e3);
             printf(
                 "bench: weak scaling 1 -> %d ranks (%d experts per rank): %.0f -> %.0f "
                 "tokens/s per rank, efficiency %.3f; in model FLOP/s per rank %.1f -> %.1f "
