@@ -39,20 +39,25 @@ static void run_square_product(const SquareProduct *p) {
                     0.0f, p->c, n);
 }
 
+/* The bf16 bit patterns only with a native bf16 GEMM. -1 when memory runs
+ * out; square_product_free frees what came either way. */
 static int square_product_alloc(SquareProduct *p, Bf16Gemm *gemm) {
     const long n = BENCH_MATMUL_SIZE, count = n * n;
     *p = (SquareProduct){.n = (int)n, .gemm = gemm};
     p->a = malloc(sizeof(float) * count);
     p->b = malloc(sizeof(float) * count);
     p->c = malloc(sizeof(float) * count);
-    p->a_bits = malloc(sizeof(uint16_t) * count);
-    p->b_bits = malloc(sizeof(uint16_t) * count);
-    if (!p->a || !p->b || !p->c || !p->a_bits || !p->b_bits) return -1;
+    if (gemm) {
+        p->a_bits = malloc(sizeof(uint16_t) * count);
+        p->b_bits = malloc(sizeof(uint16_t) * count);
+    }
+    if (!p->a || !p->b || !p->c || (gemm && (!p->a_bits || !p->b_bits))) return -1;
     for (long i = 0; i < count; i++) {
         p->a[i] = p->b[i] = (float)(i % 7) * 0.1f;
         uint32_t bits;
         memcpy(&bits, &p->a[i], sizeof bits);
-        p->a_bits[i] = p->b_bits[i] = (uint16_t)(bits >> 16); /* speed only: truncation will do */
+        if (gemm) /* speed only: truncation will do */
+            p->a_bits[i] = p->b_bits[i] = (uint16_t)(bits >> 16);
     }
     return 0;
 }
