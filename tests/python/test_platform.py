@@ -224,12 +224,13 @@ def test_two_rank_bench_names_the_wait_for_the_busiest_rank(tmp_path):
     assert 0.0 < shadowed < 100.0
     assert 1.0 <= computed < imbalance
     assert pairs == 4  # 2 MoE layers, forward and backward
-    assert waiting == pytest.approx(max(exposed - moving, 0.0), abs=0.11)
+    # Three times each printed to 0.1 ms: their rounding adds up to 0.15.
+    assert waiting == pytest.approx(max(exposed - moving, 0.0), abs=0.151)
     whole, at_dispatch, at_combine = number(
         r"the exposed ([\d.]+) ms are ([\d.]+) ms at the dispatches .* and ([\d.]+) ms at the "
         r"combines", text)
     assert whole == exposed
-    assert at_dispatch + at_combine == pytest.approx(exposed, abs=0.11)
+    assert at_dispatch + at_combine == pytest.approx(exposed, abs=0.151)
     assert 0.0 <= share <= 100.0
     single, double, efficiency = number(
         r"in model FLOP/s per rank ([\d.]+) -> ([\d.]+) GFLOP/s, efficiency ([\d.]+)", text)
