@@ -58,16 +58,16 @@ def test_sigkill_mid_training_leaves_a_readable_record_up_to_the_last_flush(tmp_
         steps_done = int(f.attrs["steps_done"])
         assert steps_done >= 20 and steps_done % FLUSH == 0, steps_done
         # steps_done is written after the rows it counts: a kill between the two
-        # leaves one flush of rows beyond it, never fewer rows than it claims
-        rows = f["train/step"].shape[0]
-        assert rows in (steps_done, steps_done + FLUSH), (rows, steps_done)
-        assert list(f["train/step"][:]) == list(range(1, rows + 1))
+        # leaves one flush of rows beyond it, never fewer rows than it claims.
+        # A flush extends the series one after another, so a kill inside one
+        # (a few ms of every FLUSH steps) leaves some a flush ahead of others.
         for name in step_series(f):
-            assert f[name].shape[0] == rows, (name, f[name].shape)
-        assert np.isfinite(f["train/loss"][:]).all()
-        evals = list(f["eval/step"][:])
-        assert evals == [s for s in range(0, rows + 1, 7)], evals
-        assert f["specialization/counts"].shape[0] == len(evals)
+            assert f[name].shape[0] in (steps_done, steps_done + FLUSH), (name, f[name].shape)
+        assert list(f["train/step"][:steps_done]) == list(range(1, steps_done + 1))
+        assert np.isfinite(f["train/loss"][:steps_done]).all()
+        evals = [int(s) for s in f["eval/step"][:] if s <= steps_done]
+        assert evals == list(range(0, steps_done + 1, 7)), evals
+        assert f["specialization/counts"].shape[0] >= len(evals)
 
 
 @pytest.fixture(scope="module")
