@@ -404,21 +404,26 @@ static void layout_step(LayoutRun *run, int step, int measured) {
     run->probe_max = gflops > run->probe_max ? gflops : run->probe_max;
 }
 
+/* low <- the lowest of every rank's low, high <- the highest of every
+ * rank's high, on rank 0 (the others keep their own). */
+static void extremes_over_ranks(const Comm *comm, double *low, double *high) {
+    double mine[2] = {*low, *high};
+    double *all = calloc((size_t)comm->world_size * 2, sizeof(double));
+    if (all) comm_gather_doubles(comm, mine, all, 2);
+    for (int i = 0; all && comm->rank == 0 && i < comm->world_size; i++) {
+        *low = all[2 * i] < *low ? all[2 * i] : *low;
+        *high = all[2 * i + 1] > *high ? all[2 * i + 1] : *high;
+    }
+    free(all);
+}
+
 /* Peak RSS growth over the analytic bytes, min and max over the ranks. Taken
  * after the first step, which touches every buffer, and before the 1-rank
  * reference shares rank 0's process. */
 static void layout_memory(const LayoutRun *run, LayoutResult *r) {
-    const Comm *comm = run->comm;
     double analytic = (double)model_memory_bytes(&run->t.model);
-    double ratio = (peak_rss_bytes() - run->rss_before) / analytic;
-    double *ratios = calloc((size_t)comm->world_size, sizeof(double));
-    if (ratios) comm_gather_doubles(comm, &ratio, ratios, 1);
-    r->memory_ratio_min = r->memory_ratio_max = ratio;
-    for (int i = 0; ratios && comm->rank == 0 && i < comm->world_size; i++) {
-        if (ratios[i] < r->memory_ratio_min) r->memory_ratio_min = ratios[i];
-        if (ratios[i] > r->memory_ratio_max) r->memory_ratio_max = ratios[i];
-    }
-    free(ratios);
+    r->memory_ratio_min = r->memory_ratio_max = (peak_rss_bytes() - run->rss_before) / analytic;
+    extremes_over_ranks(run->comm, &r->memory_ratio_min, &r->memory_ratio_max);
     r->analytic_mb = analytic / 1e6;
 }
 
@@ -427,16 +432,9 @@ static void layout_probes(const LayoutRun *run, LayoutResult *r) {
     const Comm *comm = run->comm;
     r->probe_gflops = run->steps ? run->probe_sum / run->steps : 0.0;
     mean_over_ranks(comm, &r->probe_gflops, 1);
-    double mine[2] = {run->probe_min, run->probe_max};
-    double *all = calloc((size_t)comm->world_size * 2, sizeof(double));
-    r->probe_min = mine[0];
-    r->probe_max = mine[1];
-    if (all) comm_gather_doubles(comm, mine, all, 2);
-    for (int i = 0; all && comm->rank == 0 && i < comm->world_size; i++) {
-        r->probe_min = all[2 * i] < r->probe_min ? all[2 * i] : r->probe_min;
-        r->probe_max = all[2 * i + 1] > r->probe_max ? all[2 * i + 1] : r->probe_max;
-    }
-    free(all);
+    r->probe_min = run->probe_min;
+    r->probe_max = run->probe_max;
+    extremes_over_ranks(comm, &r->probe_min, &r->probe_max);
 }
 
 /* The window's figures; with `details`, also the exchange, the reduction,
